@@ -1,5 +1,22 @@
-//! Placeholder while the filter is written.
-pub mod config {
-    pub struct Plan { pub experiments: Vec<()> }
-    impl Plan { pub fn from_json(_b: &[u8]) -> Result<Plan, String> { Ok(Plan { experiments: vec![] }) } }
-}
+//! Sluice's proxy-wasm HTTP filter.
+//!
+//! Parts, each plain Rust that also compiles natively (the controller and the tests use the
+//! very same types and functions), except the last:
+//! - [`config`]: the JSON wire format and its validation into a checked [`config::Plan`];
+//! - [`assignment`]: salted FNV-1a hashing into buckets and the monotone bucket layout;
+//! - [`request`]: which experiments apply, the user key, QA overrides, the variant chosen;
+//! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
+//! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
+//! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
+//!
+//! The data plane never panics: unwrap/expect/panic are denied by lint, host errors are
+//! values, and an internal error serves the control variant and is counted.
+
+pub mod assignment;
+pub mod config;
+pub mod metrics;
+pub mod request;
+pub mod response;
+
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod host;

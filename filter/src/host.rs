@@ -1,0 +1,496 @@
+//! The proxy-wasm shim: the only module that talks to the host.
+//!
+//! It calls `proxy_wasm::hostcalls` directly rather than the SDK's context traits' helpers,
+//! because those unwrap host errors and decode header values as UTF-8 with a panic on
+//! failure; here every host error is a [`HostFault`] that serves the control and is counted.
+//!
+//! Per request it makes few host calls: the key header(s), the clock, the routing header and
+//! a counter on the way in; the status, the clock, the outcome and prediction headers and
+//! their metrics on the way out.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+
+use crate::assignment::Rng;
+use crate::config::{Experiment, Plan, Unit};
+use crate::metrics::{Catalog, Kind};
+use crate::request::{self, Assignment, HostFault, RequestView};
+use crate::response;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, active: None })
+    });
+}}
+
+fn log(level: LogLevel, message: &str) {
+    // Logging is best effort: if even the log call fails there is nowhere to report it.
+    let _ = hostcalls::log(level, message);
+}
+
+fn fault<T>(r: Result<T, proxy_wasm::types::Status>) -> Result<T, HostFault> {
+    r.map_err(|_| HostFault)
+}
+
+/// A configured plugin: the plan, its metric ids, and per-worker state.
+struct Active {
+    plan: Plan,
+    catalog: Catalog,
+    /// Host metric ids, parallel to `catalog.specs`.
+    ids: Vec<u32>,
+    /// `(experiment, path)` of every event beacon, checked before assignment.
+    beacon_paths: Vec<(usize, String)>,
+    rng: Cell<Rng>,
+}
+
+impl Active {
+    fn configure(plan: Plan, seed: u64) -> Result<Active, String> {
+        let catalog = Catalog::for_plan(&plan);
+        let mut ids = Vec::with_capacity(catalog.specs.len());
+        for spec in &catalog.specs {
+            let kind = match spec.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let id = hostcalls::define_metric(kind, &spec.name)
+                .map_err(|s| format!("defining metric {}: {s:?}", spec.name))?;
+            ids.push(id);
+        }
+        let beacon_paths = plan
+            .experiments
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.beacon.as_ref().map(|b| (i, b.path.clone())))
+            .collect();
+        Ok(Active {
+            plan,
+            catalog,
+            ids,
+            beacon_paths,
+            rng: Cell::new(Rng::new(seed)),
+        })
+    }
+
+    fn increment(&self, position: usize) {
+        if let Some(&id) = self.ids.get(position) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn record(&self, position: usize, value: u64) {
+        if let Some(&id) = self.ids.get(position) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    fn count_error(&self, experiment: usize) {
+        if let Some(m) = self.catalog.experiments.get(experiment) {
+            self.increment(m.errors);
+        }
+    }
+}
+
+struct Root {
+    context_id: u32,
+    active: Option<Rc<Active>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                log(LogLevel::Error, "sluice: rejected config: plugin configuration is empty");
+                return false;
+            }
+            Err(s) => {
+                log(LogLevel::Error, &format!("sluice: cannot read plugin configuration: {s:?}"));
+                return false;
+            }
+        };
+        let plan = match Plan::from_json(&bytes) {
+            Ok(plan) => plan,
+            Err(e) => {
+                log(LogLevel::Error, &format!("sluice: rejected config: {e}"));
+                return false;
+            }
+        };
+        let seed = now_nanos().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
+        match Active::configure(plan, seed) {
+            Ok(active) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "sluice: configured {} experiment(s), {} metrics",
+                        active.plan.experiments.len(),
+                        active.ids.len()
+                    ),
+                );
+                self.active = Some(Rc::new(active));
+                true
+            }
+            Err(e) => {
+                log(LogLevel::Error, &format!("sluice: rejected config: {e}"));
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // The SDK aborts on None, so an unconfigured plugin still gets a (pass-through) stream.
+        Some(Box::new(Stream {
+            active: self.active.clone(),
+            applied: Vec::new(),
+            start: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn now() -> Result<SystemTime, HostFault> {
+    fault(hostcalls::get_current_time())
+}
+
+fn now_nanos() -> Option<u64> {
+    let d = now().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(d.as_nanos()).ok()
+}
+
+/// Request headers read through the host, each fetched at most once.
+#[derive(Default)]
+struct HostRequest {
+    cache: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RequestView for HostRequest {
+    fn header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostFault> {
+        if let Some((_, v)) = self.cache.iter().find(|(n, _)| n == name) {
+            return Ok(v.clone());
+        }
+        let v = fault(hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name))?;
+        self.cache.push((name.to_string(), v.clone()));
+        Ok(v)
+    }
+}
+
+/// One experiment's decision for the current request.
+struct Applied {
+    experiment: usize,
+    assignment: Assignment,
+}
+
+struct Stream {
+    active: Option<Rc<Active>>,
+    applied: Vec<Applied>,
+    start: Option<SystemTime>,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(active) = self.active.clone() else {
+            return Action::Continue;
+        };
+        let mut view = HostRequest::default();
+        if !active.beacon_paths.is_empty() {
+            if let Ok(Some(path)) = view.path() {
+                let p = request::path_only(&path).to_vec();
+                if active.beacon_paths.iter().any(|(_, b)| b.as_bytes() == p) {
+                    return beacon(&active, &mut view, &path);
+                }
+            }
+        }
+        let now = now();
+        self.start = now.ok();
+        let now_secs = now
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        for (i, exp) in active.plan.experiments.iter().enumerate() {
+            let mut rng = active.rng.get();
+            let decided = match request::applies(exp, &mut view) {
+                Ok(true) => request::assign(exp, &mut view, now_secs, &mut rng).map(Some),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            };
+            active.rng.set(rng);
+            match decided {
+                Ok(Some(a)) => self.route(&active, i, exp, a),
+                Ok(None) => {
+                    // Not in this experiment, but a client still must not pick a variant.
+                    if fault(hostcalls::remove_map_value(MapType::HttpRequestHeaders, &exp.header))
+                        .is_err()
+                    {
+                        active.count_error(i);
+                    }
+                }
+                Err(HostFault) => {
+                    active.count_error(i);
+                    let control = Assignment {
+                        variant: exp.control,
+                        basis: request::Basis::Key,
+                        override_denied: false,
+                    };
+                    self.route(&active, i, exp, control);
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(active) = self.active.clone() else {
+            return Action::Continue;
+        };
+        if self.applied.is_empty() {
+            return Action::Continue;
+        }
+        let counted = self.applied.iter().any(|a| a.assignment.counted());
+        let (class, details, elapsed_ms) = if counted {
+            let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+                .ok()
+                .flatten();
+            let class = status.as_deref().and_then(response::status_class);
+            // Only non-2xx responses are worth a property read to tell Envoy's own replies
+            // (no upstream, reset, timeout) from the upstream's.
+            let details = if class == Some(1) {
+                None
+            } else {
+                hostcalls::get_property(vec!["response", "code_details"])
+                    .ok()
+                    .flatten()
+            };
+            let elapsed_ms = match (self.start, now()) {
+                (Some(start), Ok(end)) => Some(
+                    end.duration_since(start)
+                        .unwrap_or(Duration::ZERO)
+                        .as_millis(),
+                ),
+                _ => None,
+            };
+            (class, details, elapsed_ms)
+        } else {
+            (None, None, None)
+        };
+        for applied in &self.applied {
+            let Some(exp) = active.plan.experiments.get(applied.experiment) else {
+                continue;
+            };
+            let Some(em) = active.catalog.experiments.get(applied.experiment) else {
+                continue;
+            };
+            let Some(vm) = em.variants.get(applied.assignment.variant) else {
+                active.count_error(applied.experiment);
+                continue;
+            };
+            let variant_name = exp
+                .variants
+                .get(applied.assignment.variant)
+                .map_or("", String::as_str);
+            echo(&active, applied.experiment, exp, variant_name);
+            if !applied.assignment.counted() {
+                continue;
+            }
+            if let Some(c) = class.and_then(|c| vm.responses.get(c)) {
+                active.increment(*c);
+            }
+            if let Some(d) = &details {
+                if response::is_local_reply(d) {
+                    active.increment(vm.local_replies);
+                }
+                if response::is_upstream_reset(d) {
+                    active.increment(vm.upstream_resets);
+                }
+            }
+            if let Some(ms) = elapsed_ms {
+                active.record(vm.latency, u64::try_from(ms).unwrap_or(u64::MAX));
+            }
+            if let (Some(o), Some(header)) = (
+                &exp.outcomes,
+                exp.outcomes.as_ref().and_then(|o| o.header.as_ref()),
+            ) {
+                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, header) {
+                    for outcome in response::outcomes(o, &v) {
+                        match outcome {
+                            response::Outcome::Known(k) => {
+                                if let Some(&pos) = vm.outcomes.get(k) {
+                                    active.increment(pos);
+                                }
+                            }
+                            response::Outcome::Unknown => {
+                                if let Some(pos) = em.outcomes_unknown {
+                                    active.increment(pos);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let (Some(p), Some(pos)) = (&exp.prediction, vm.prediction) {
+                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, &p.header) {
+                    match response::prediction(p, &v) {
+                        Some(x) => active.record(pos, x),
+                        None => {
+                            if let Some(bad) = em.prediction_invalid {
+                                active.increment(bad);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Action::Continue
+    }
+}
+
+impl Stream {
+    /// Sets the routing header (replacing any client value) and counts the request.
+    fn route(&mut self, active: &Active, i: usize, exp: &Experiment, a: Assignment) {
+        let Some(em) = active.catalog.experiments.get(i) else {
+            return;
+        };
+        if a.override_denied {
+            active.increment(em.overrides_denied);
+        }
+        let mut a = a;
+        let name = exp.variants.get(a.variant).map_or("", String::as_str);
+        let set = hostcalls::set_map_value_bytes(
+            MapType::HttpRequestHeaders,
+            &exp.header,
+            Some(name.as_bytes()),
+        );
+        if set.is_err() {
+            active.count_error(i);
+            // Fail toward the control; if even that fails the route falls through to its default.
+            let control = exp.variants.get(exp.control).map_or("", String::as_str);
+            let _ = hostcalls::set_map_value_bytes(
+                MapType::HttpRequestHeaders,
+                &exp.header,
+                Some(control.as_bytes()),
+            );
+            a.variant = exp.control;
+        }
+        let Some(vm) = em.variants.get(a.variant) else {
+            active.count_error(i);
+            return;
+        };
+        if a.counted() {
+            active.increment(vm.requests);
+            if a.basis == request::Basis::MissingKey {
+                active.increment(vm.missing_key);
+            }
+        } else {
+            active.increment(vm.overrides);
+        }
+        self.applied.push(Applied {
+            experiment: i,
+            assignment: a,
+        });
+    }
+}
+
+/// Sets the exposure header and cookie, if configured.
+fn echo(active: &Active, i: usize, exp: &Experiment, variant: &str) {
+    let Some(e) = &exp.echo else {
+        return;
+    };
+    let mut ok = true;
+    if let Some(h) = &e.header {
+        ok &= hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, h, Some(variant.as_bytes()))
+            .is_ok();
+    }
+    if let Some(cookie) = response::echo_cookie(e, variant) {
+        ok &= hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie).is_ok();
+    }
+    if !ok {
+        active.count_error(i);
+    }
+}
+
+/// Answers an event beacon itself: attributes the event to the user's variant in every
+/// experiment that listens on this path, then replies 204 (or 4xx naming the problem).
+fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
+    let method = view.header(":method").ok().flatten().unwrap_or_default();
+    let p = request::path_only(path);
+    let mut accepted = false;
+    let mut problem = "";
+    for (i, beacon_path) in &active.beacon_paths {
+        if beacon_path.as_bytes() != p {
+            continue;
+        }
+        let (Some(exp), Some(em)) = (active.plan.experiments.get(*i), active.catalog.experiments.get(*i))
+        else {
+            continue;
+        };
+        let reject = |why: &'static str, problem: &mut &'static str| {
+            if let Some(pos) = em.events_rejected {
+                active.increment(pos);
+            }
+            *problem = why;
+        };
+        if method != b"POST" && method != b"GET" {
+            reject("method not allowed: use POST", &mut problem);
+            continue;
+        }
+        let (Some(b), Some(o), Unit::User { keys, .. }) = (&exp.beacon, &exp.outcomes, &exp.unit)
+        else {
+            continue;
+        };
+        let Some(name) = request::query_value(path, &b.param) else {
+            reject("missing event name parameter", &mut problem);
+            continue;
+        };
+        let response::Outcome::Known(k) = response::outcome(o, &name) else {
+            reject("unknown event name", &mut problem);
+            continue;
+        };
+        let key = match request::user_key(keys, view) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                reject("no user key: the event cannot be attributed", &mut problem);
+                continue;
+            }
+            Err(HostFault) => {
+                active.count_error(*i);
+                problem = "internal error";
+                continue;
+            }
+        };
+        let v = request::variant_of_key(exp, &key);
+        if let Some(vm) = em.variants.get(v) {
+            if let Some(&pos) = vm.outcomes.get(k) {
+                active.increment(pos);
+            }
+            if let Some(pos) = vm.events {
+                active.increment(pos);
+            }
+            accepted = true;
+        }
+    }
+    let sent = if accepted {
+        hostcalls::send_http_response(204, vec![], None)
+    } else {
+        let status = if problem.starts_with("method") { 405 } else { 400 };
+        hostcalls::send_http_response(
+            status,
+            vec![("content-type", "text/plain")],
+            Some(format!("sluice: {problem}\n").as_bytes()),
+        )
+    };
+    if sent.is_err() {
+        log(LogLevel::Warn, "sluice: could not answer an event beacon");
+        return Action::Continue;
+    }
+    Action::Pause
+}

@@ -1,0 +1,216 @@
+//! Every metric the filter exports, named in one place, and the [`Catalog`] of concrete
+//! metrics a plan needs (defined once at configure time, never per request).
+//!
+//! Envoy shows wasm metrics as `wasmcustom.<name>`. Labels are written into the name as
+//! `.<label>.=.<value>;`, which the `stats_tags` in our Envoy bootstrap turn into Prometheus
+//! labels, e.g. `sluice_requests_total{experiment="ranker",variant="canary"}`. Names and
+//! label values are restricted by config validation to `[A-Za-z0-9_-]`, so they cannot break
+//! this encoding.
+
+use crate::config::{Experiment, Plan};
+
+/// Requests assigned to a variant (QA overrides excluded).
+pub const REQUESTS: &str = "sluice_requests_total";
+/// Responses by status class; label `class` = `1xx`..`5xx`.
+pub const RESPONSES: &str = "sluice_responses_total";
+/// Responses Envoy generated itself (no route, upstream unreachable, reset, timeout, ...).
+pub const LOCAL_REPLIES: &str = "sluice_local_replies_total";
+/// Requests whose upstream reset or failed before answering.
+pub const UPSTREAM_RESETS: &str = "sluice_upstream_resets_total";
+/// Histogram: milliseconds from request headers to response headers.
+pub const LATENCY: &str = "sluice_latency_ms";
+/// Business outcomes (response header or beacon); label `outcome`.
+pub const OUTCOMES: &str = "sluice_outcomes_total";
+/// Outcome values not in the configured list, per experiment.
+pub const OUTCOMES_UNKNOWN: &str = "sluice_outcomes_unknown_total";
+/// Histogram: prediction values, `(value + offset) * scale`.
+pub const PREDICTION: &str = "sluice_prediction";
+/// Prediction headers that were not a finite number, or fell below zero after the offset.
+pub const PREDICTION_INVALID: &str = "sluice_prediction_invalid_total";
+/// Requests of a `user` experiment that carried no key (counted in the variant they got).
+pub const MISSING_KEY: &str = "sluice_missing_key_total";
+/// Requests routed by a valid QA override (not counted in [`REQUESTS`]).
+pub const OVERRIDES: &str = "sluice_overrides_total";
+/// Override attempts refused (bad token or unknown variant), per experiment.
+pub const OVERRIDES_DENIED: &str = "sluice_overrides_denied_total";
+/// Beacon events that were accepted (204), per variant.
+pub const EVENTS: &str = "sluice_events_total";
+/// Beacon requests refused (wrong method, no key, unknown event), per experiment.
+pub const EVENTS_REJECTED: &str = "sluice_events_rejected_total";
+/// Internal errors (a host call failed); the request was served the control, per experiment.
+pub const ERRORS: &str = "sluice_errors_total";
+
+/// Status classes in [`RESPONSES`], indexed by `status / 100 - 1`.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Counter or histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Histogram,
+}
+
+/// One concrete metric to define in the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// Positions in [`Catalog::specs`] for one variant's metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantMetrics {
+    pub requests: usize,
+    pub responses: [usize; 5],
+    pub local_replies: usize,
+    pub upstream_resets: usize,
+    pub latency: usize,
+    pub missing_key: usize,
+    pub overrides: usize,
+    /// Parallel to the experiment's outcome names.
+    pub outcomes: Vec<usize>,
+    pub events: Option<usize>,
+    pub prediction: Option<usize>,
+}
+
+/// Positions in [`Catalog::specs`] for one experiment's metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExperimentMetrics {
+    pub errors: usize,
+    pub overrides_denied: usize,
+    pub outcomes_unknown: Option<usize>,
+    pub events_rejected: Option<usize>,
+    pub prediction_invalid: Option<usize>,
+    /// Parallel to the experiment's variants.
+    pub variants: Vec<VariantMetrics>,
+}
+
+/// All metrics of a plan: the host defines `specs` in order and keeps the ids in a parallel
+/// vector; the positions in `experiments` index into both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    pub specs: Vec<Spec>,
+    pub experiments: Vec<ExperimentMetrics>,
+}
+
+/// `base` with `labels` encoded for Envoy's tag extraction.
+pub fn name(base: &str, labels: &[(&str, &str)]) -> String {
+    let mut s = String::from(base);
+    for (k, v) in labels {
+        s.push('.');
+        s.push_str(k);
+        s.push_str(".=.");
+        s.push_str(v);
+        s.push(';');
+    }
+    s
+}
+
+impl Catalog {
+    pub fn for_plan(plan: &Plan) -> Catalog {
+        let mut c = Catalog {
+            specs: Vec::new(),
+            experiments: Vec::new(),
+        };
+        for e in &plan.experiments {
+            let m = c.add_experiment(e);
+            c.experiments.push(m);
+        }
+        c
+    }
+
+    fn add(&mut self, base: &str, kind: Kind, labels: &[(&str, &str)]) -> usize {
+        self.specs.push(Spec {
+            name: name(base, labels),
+            kind,
+        });
+        self.specs.len() - 1
+    }
+
+    fn add_experiment(&mut self, e: &Experiment) -> ExperimentMetrics {
+        let exp = [("experiment", e.name.as_str())];
+        let errors = self.add(ERRORS, Kind::Counter, &exp);
+        let overrides_denied = self.add(OVERRIDES_DENIED, Kind::Counter, &exp);
+        let outcome_names: &[String] = e.outcomes.as_ref().map_or(&[], |o| &o.names);
+        let outcomes_unknown = e
+            .outcomes
+            .as_ref()
+            .map(|_| self.add(OUTCOMES_UNKNOWN, Kind::Counter, &exp));
+        let events_rejected = e
+            .beacon
+            .as_ref()
+            .map(|_| self.add(EVENTS_REJECTED, Kind::Counter, &exp));
+        let prediction_invalid = e
+            .prediction
+            .as_ref()
+            .map(|_| self.add(PREDICTION_INVALID, Kind::Counter, &exp));
+        let mut variants = Vec::with_capacity(e.variants.len());
+        for v in &e.variants {
+            let l = [("experiment", e.name.as_str()), ("variant", v.as_str())];
+            let class = |c: &'static str| {
+                [
+                    ("experiment", e.name.as_str()),
+                    ("variant", v.as_str()),
+                    ("class", c),
+                ]
+            };
+            let responses = [
+                self.add(RESPONSES, Kind::Counter, &class(STATUS_CLASSES[0])),
+                self.add(RESPONSES, Kind::Counter, &class(STATUS_CLASSES[1])),
+                self.add(RESPONSES, Kind::Counter, &class(STATUS_CLASSES[2])),
+                self.add(RESPONSES, Kind::Counter, &class(STATUS_CLASSES[3])),
+                self.add(RESPONSES, Kind::Counter, &class(STATUS_CLASSES[4])),
+            ];
+            let outcomes = outcome_names
+                .iter()
+                .map(|o| {
+                    self.add(
+                        OUTCOMES,
+                        Kind::Counter,
+                        &[
+                            ("experiment", e.name.as_str()),
+                            ("variant", v.as_str()),
+                            ("outcome", o.as_str()),
+                        ],
+                    )
+                })
+                .collect();
+            variants.push(VariantMetrics {
+                requests: self.add(REQUESTS, Kind::Counter, &l),
+                responses,
+                local_replies: self.add(LOCAL_REPLIES, Kind::Counter, &l),
+                upstream_resets: self.add(UPSTREAM_RESETS, Kind::Counter, &l),
+                latency: self.add(LATENCY, Kind::Histogram, &l),
+                missing_key: self.add(MISSING_KEY, Kind::Counter, &l),
+                overrides: self.add(OVERRIDES, Kind::Counter, &l),
+                outcomes,
+                events: e.beacon.as_ref().map(|_| self.add(EVENTS, Kind::Counter, &l)),
+                prediction: e
+                    .prediction
+                    .as_ref()
+                    .map(|_| self.add(PREDICTION, Kind::Histogram, &l)),
+            });
+        }
+        ExperimentMetrics {
+            errors,
+            overrides_denied,
+            outcomes_unknown,
+            events_rejected,
+            prediction_invalid,
+            variants,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_encoded_for_stats_tags() {
+        assert_eq!(
+            name(REQUESTS, &[("experiment", "exp1"), ("variant", "canary")]),
+            "sluice_requests_total.experiment.=.exp1;.variant.=.canary;"
+        );
+    }
+}

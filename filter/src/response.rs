@@ -1,0 +1,146 @@
+//! Response side, pure: status classes, outcome and prediction parsing, Envoy's response
+//! code details, and the exposure cookie.
+
+use crate::config::{EchoConfig, OutcomesConfig, PredictionConfig};
+
+/// Index into [`crate::metrics::STATUS_CLASSES`] for a `:status` value.
+pub fn status_class(status: &[u8]) -> Option<usize> {
+    let s = std::str::from_utf8(status).ok()?.trim().parse::<u16>().ok()?;
+    match s {
+        100..=599 => Some(usize::from(s / 100 - 1)),
+        _ => None,
+    }
+}
+
+/// One entry of an outcome header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Index into the configured outcome names.
+    Known(usize),
+    Unknown,
+}
+
+/// Parses an outcome header value: comma-separated names, blanks ignored.
+pub fn outcomes<'a>(
+    config: &'a OutcomesConfig,
+    value: &'a [u8],
+) -> impl Iterator<Item = Outcome> + 'a {
+    value
+        .split(|&b| b == b',')
+        .map(|v| v.trim_ascii())
+        .filter(|v| !v.is_empty())
+        .map(|v| outcome(config, v))
+}
+
+/// Looks up one outcome (or beacon event) name.
+pub fn outcome(config: &OutcomesConfig, name: &[u8]) -> Outcome {
+    config
+        .names
+        .iter()
+        .position(|n| n.as_bytes() == name)
+        .map_or(Outcome::Unknown, Outcome::Known)
+}
+
+/// The integer recorded for a prediction header, or `None` if it is not a finite number or
+/// is negative after the offset (Envoy histograms hold unsigned integers).
+pub fn prediction(config: &PredictionConfig, value: &[u8]) -> Option<u64> {
+    let v: f64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    let scaled = (v + config.offset) * config.scale;
+    if !scaled.is_finite() || scaled < 0.0 || scaled >= u64::MAX as f64 {
+        return None;
+    }
+    Some(scaled.round() as u64)
+}
+
+/// Envoy's `response.code_details` for a response that came from the upstream.
+const VIA_UPSTREAM: &str = "via_upstream";
+
+/// Whether Envoy generated this response itself rather than relaying the upstream's.
+pub fn is_local_reply(code_details: &[u8]) -> bool {
+    !code_details.is_empty() && code_details != VIA_UPSTREAM.as_bytes()
+}
+
+/// Whether the upstream reset or failed before answering.
+pub fn is_upstream_reset(code_details: &[u8]) -> bool {
+    code_details.starts_with(b"upstream_reset")
+}
+
+/// The `Set-Cookie` value for the exposure echo.
+pub fn echo_cookie(echo: &EchoConfig, variant: &str) -> Option<String> {
+    let name = echo.cookie.as_ref()?;
+    let mut c = format!("{name}={variant}; Path=/; SameSite=Lax");
+    if let Some(age) = echo.cookie_max_age_seconds {
+        c.push_str(&format!("; Max-Age={age}"));
+    }
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes_config() -> OutcomesConfig {
+        OutcomesConfig {
+            header: Some("x-sluice-outcome".into()),
+            names: vec!["click".into(), "purchase".into()],
+        }
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(status_class(b"200"), Some(1));
+        assert_eq!(status_class(b"503"), Some(4));
+        assert_eq!(status_class(b"101"), Some(0));
+        assert_eq!(status_class(b"99"), None);
+        assert_eq!(status_class(b"abc"), None);
+    }
+
+    #[test]
+    fn outcome_lists() {
+        let c = outcomes_config();
+        let got: Vec<_> = outcomes(&c, b" click, ,purchase,bogus").collect();
+        assert_eq!(
+            got,
+            vec![Outcome::Known(0), Outcome::Known(1), Outcome::Unknown]
+        );
+    }
+
+    #[test]
+    fn predictions_are_scaled_and_checked() {
+        let mut p = PredictionConfig {
+            header: "x-model-score".into(),
+            scale: 1000.0,
+            offset: 0.0,
+        };
+        assert_eq!(prediction(&p, b"0.7346"), Some(735));
+        assert_eq!(prediction(&p, b"-0.1"), None);
+        assert_eq!(prediction(&p, b"NaN"), None);
+        assert_eq!(prediction(&p, b"inf"), None);
+        assert_eq!(prediction(&p, b"x"), None);
+        p.offset = 1.0;
+        assert_eq!(prediction(&p, b"-0.1"), Some(900));
+    }
+
+    #[test]
+    fn code_details() {
+        assert!(!is_local_reply(b"via_upstream"));
+        assert!(is_local_reply(b"route_not_found"));
+        assert!(is_upstream_reset(
+            b"upstream_reset_before_response_started{remote_reset}"
+        ));
+        assert!(!is_upstream_reset(b"upstream_response_timeout"));
+    }
+
+    #[test]
+    fn cookie() {
+        let e = EchoConfig {
+            header: None,
+            cookie: Some("sluice_exp".into()),
+            cookie_max_age_seconds: Some(60),
+        };
+        assert_eq!(
+            echo_cookie(&e, "canary").as_deref(),
+            Some("sluice_exp=canary; Path=/; SameSite=Lax; Max-Age=60")
+        );
+    }
+}
