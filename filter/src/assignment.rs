@@ -148,5 +148,6 @@ impl Rng {
     }
 }
 
-#[cfg(test)]
+// Property tests need proptest, which is not built for wasm32.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;

@@ -289,7 +289,10 @@ impl Plan {
             ));
         }
         if config.experiments.is_empty() {
-            return Err(invalid("experiments", "at least one experiment is required"));
+            return Err(invalid(
+                "experiments",
+                "at least one experiment is required",
+            ));
         }
         let mut experiments = Vec::with_capacity(config.experiments.len());
         for (i, e) in config.experiments.iter().enumerate() {
@@ -518,10 +521,16 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
         let field = format!("{path}.prediction");
         check_header_name(&format!("{field}.header"), &p.header)?;
         if !p.scale.is_finite() || p.scale <= 0.0 {
-            return Err(invalid(format!("{field}.scale"), "must be a positive number"));
+            return Err(invalid(
+                format!("{field}.scale"),
+                "must be a positive number",
+            ));
         }
         if !p.offset.is_finite() {
-            return Err(invalid(format!("{field}.offset"), "must be a finite number"));
+            return Err(invalid(
+                format!("{field}.offset"),
+                "must be a finite number",
+            ));
         }
     }
 
@@ -552,7 +561,10 @@ fn check_variants(
 ) -> Result<(Vec<String>, usize, Layout), ConfigError> {
     let field = format!("{path}.variants");
     if variants.len() < 2 {
-        return Err(invalid(field, "at least two variants (a control and a treatment) are required"));
+        return Err(invalid(
+            field,
+            "at least two variants (a control and a treatment) are required",
+        ));
     }
     let mut names = Vec::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
@@ -565,7 +577,9 @@ fn check_variants(
         }
         names.push(v.name.clone());
     }
-    let marked: Vec<usize> = (0..variants.len()).filter(|&i| variants[i].control).collect();
+    let marked: Vec<usize> = (0..variants.len())
+        .filter(|&i| variants[i].control)
+        .collect();
     let control = match marked.as_slice() {
         [] => 0,
         [one] => *one,
@@ -615,7 +629,9 @@ fn check_variants(
         ));
     }
     let implicit_count = reserved.iter().filter(|(_, m)| m.is_none()).count() as u32;
-    let share = (BUCKETS - explicit).checked_div(implicit_count).unwrap_or(0);
+    let share = (BUCKETS - explicit)
+        .checked_div(implicit_count)
+        .unwrap_or(0);
     let caps: Vec<u32> = reserved.iter().map(|(_, m)| m.unwrap_or(share)).collect();
 
     for ((i, w), cap) in weights.iter().zip(&caps) {
@@ -668,7 +684,10 @@ fn check_cross_experiment(experiments: &[Experiment]) -> Result<(), ConfigError>
             if e.header == other.header {
                 return Err(invalid(
                     format!("experiments[{i}].header"),
-                    format!("routing header {:?} is already set by experiments[{j}]", e.header),
+                    format!(
+                        "routing header {:?} is already set by experiments[{j}]",
+                        e.header
+                    ),
                 ));
             }
             let echo_header = |x: &Experiment| x.echo.as_ref().and_then(|c| c.header.clone());
@@ -706,18 +725,18 @@ impl FilterConfig {
             .enumerate()
             .find(|(_, e)| e.name == experiment)
             .ok_or_else(|| invalid("experiments", format!("no experiment named {experiment:?}")))?;
-        let control = exp
-            .variants
-            .iter()
-            .position(|v| v.control)
-            .unwrap_or(0);
+        let control = exp.variants.iter().position(|v| v.control).unwrap_or(0);
         for (name, w) in weights {
-            let pos = exp.variants.iter().position(|v| &v.name == name).ok_or_else(|| {
-                invalid(
-                    format!("experiments[{i}].variants"),
-                    format!("no variant named {name:?}"),
-                )
-            })?;
+            let pos = exp
+                .variants
+                .iter()
+                .position(|v| &v.name == name)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("experiments[{i}].variants"),
+                        format!("no variant named {name:?}"),
+                    )
+                })?;
             if pos == control {
                 return Err(invalid(
                     format!("experiments[{i}].variants[{pos}].weight"),

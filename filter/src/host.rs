@@ -107,11 +107,17 @@ impl RootContext for Root {
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(b)) => b,
             Ok(None) => {
-                log(LogLevel::Error, "sluice: rejected config: plugin configuration is empty");
+                log(
+                    LogLevel::Error,
+                    "sluice: rejected config: plugin configuration is empty",
+                );
                 return false;
             }
             Err(s) => {
-                log(LogLevel::Error, &format!("sluice: cannot read plugin configuration: {s:?}"));
+                log(
+                    LogLevel::Error,
+                    &format!("sluice: cannot read plugin configuration: {s:?}"),
+                );
                 return false;
             }
         };
@@ -177,7 +183,10 @@ impl RequestView for HostRequest {
         if let Some((_, v)) = self.cache.iter().find(|(n, _)| n == name) {
             return Ok(v.clone());
         }
-        let v = fault(hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name))?;
+        let v = fault(hostcalls::get_map_value_bytes(
+            MapType::HttpRequestHeaders,
+            name,
+        ))?;
         self.cache.push((name.to_string(), v.clone()));
         Ok(v)
     }
@@ -229,8 +238,11 @@ impl HttpContext for Stream {
                 Ok(Some(a)) => self.route(&active, i, exp, a),
                 Ok(None) => {
                     // Not in this experiment, but a client still must not pick a variant.
-                    if fault(hostcalls::remove_map_value(MapType::HttpRequestHeaders, &exp.header))
-                        .is_err()
+                    if fault(hostcalls::remove_map_value(
+                        MapType::HttpRequestHeaders,
+                        &exp.header,
+                    ))
+                    .is_err()
                     {
                         active.count_error(i);
                     }
@@ -320,7 +332,9 @@ impl HttpContext for Stream {
                 &exp.outcomes,
                 exp.outcomes.as_ref().and_then(|o| o.header.as_ref()),
             ) {
-                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, header) {
+                if let Ok(Some(v)) =
+                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, header)
+                {
                     for outcome in response::outcomes(o, &v) {
                         match outcome {
                             response::Outcome::Known(k) => {
@@ -338,7 +352,9 @@ impl HttpContext for Stream {
                 }
             }
             if let (Some(p), Some(pos)) = (&exp.prediction, vm.prediction) {
-                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, &p.header) {
+                if let Ok(Some(v)) =
+                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, &p.header)
+                {
                     match response::prediction(p, &v) {
                         Some(x) => active.record(pos, x),
                         None => {
@@ -407,8 +423,12 @@ fn echo(active: &Active, i: usize, exp: &Experiment, variant: &str) {
     };
     let mut ok = true;
     if let Some(h) = &e.header {
-        ok &= hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, h, Some(variant.as_bytes()))
-            .is_ok();
+        ok &= hostcalls::set_map_value_bytes(
+            MapType::HttpResponseHeaders,
+            h,
+            Some(variant.as_bytes()),
+        )
+        .is_ok();
     }
     if let Some(cookie) = response::echo_cookie(e, variant) {
         ok &= hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie).is_ok();
@@ -429,8 +449,10 @@ fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
         if beacon_path.as_bytes() != p {
             continue;
         }
-        let (Some(exp), Some(em)) = (active.plan.experiments.get(*i), active.catalog.experiments.get(*i))
-        else {
+        let (Some(exp), Some(em)) = (
+            active.plan.experiments.get(*i),
+            active.catalog.experiments.get(*i),
+        ) else {
             continue;
         };
         let reject = |why: &'static str, problem: &mut &'static str| {
@@ -481,7 +503,11 @@ fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
     let sent = if accepted {
         hostcalls::send_http_response(204, vec![], None)
     } else {
-        let status = if problem.starts_with("method") { 405 } else { 400 };
+        let status = if problem.starts_with("method") {
+            405
+        } else {
+            400
+        };
         hostcalls::send_http_response(
             status,
             vec![("content-type", "text/plain")],

@@ -184,7 +184,10 @@ impl Catalog {
                 missing_key: self.add(MISSING_KEY, Kind::Counter, &l),
                 overrides: self.add(OVERRIDES, Kind::Counter, &l),
                 outcomes,
-                events: e.beacon.as_ref().map(|_| self.add(EVENTS, Kind::Counter, &l)),
+                events: e
+                    .beacon
+                    .as_ref()
+                    .map(|_| self.add(EVENTS, Kind::Counter, &l)),
                 prediction: e
                     .prediction
                     .as_ref()

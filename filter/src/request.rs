@@ -90,10 +90,7 @@ pub fn assign(
     }
     let (variant, basis) = match &exp.unit {
         Unit::User { keys, missing } => match user_key(keys, view)? {
-            Some(key) => (
-                exp.layout.variant_for(bucket(&exp.salt, &key)),
-                Basis::Key,
-            ),
+            Some(key) => (exp.layout.variant_for(bucket(&exp.salt, &key)), Basis::Key),
             None => match missing {
                 MissingKey::Control => (exp.control, Basis::MissingKey),
                 MissingKey::Random => (exp.layout.variant_for(rng.bucket()), Basis::MissingKey),
@@ -132,9 +129,7 @@ pub fn user_key(
             KeySource::Cookie(name) => view
                 .header("cookie")?
                 .and_then(|c| cookie_value(&c, name).map(<[u8]>::to_vec)),
-            KeySource::Query(name) => view
-                .path()?
-                .and_then(|p| query_value(&p, name)),
+            KeySource::Query(name) => view.path()?.and_then(|p| query_value(&p, name)),
         };
         if let Some(k) = found.filter(|k| !k.is_empty()) {
             return Ok(Some(k));
@@ -152,7 +147,10 @@ pub fn path_only(path: &[u8]) -> &[u8] {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
     let end = v
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())
@@ -200,15 +198,13 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
     while i < s.len() {
         match s[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => {
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;

@@ -5,7 +5,11 @@ use crate::config::{EchoConfig, OutcomesConfig, PredictionConfig};
 
 /// Index into [`crate::metrics::STATUS_CLASSES`] for a `:status` value.
 pub fn status_class(status: &[u8]) -> Option<usize> {
-    let s = std::str::from_utf8(status).ok()?.trim().parse::<u16>().ok()?;
+    let s = std::str::from_utf8(status)
+        .ok()?
+        .trim()
+        .parse::<u16>()
+        .ok()?;
     match s {
         100..=599 => Some(usize::from(s / 100 - 1)),
         _ => None,

@@ -1,1 +1,237 @@
+use super::*;
 
+const VALID: &str = r#"{
+  "version": 1,
+  "experiments": [{
+    "name": "ranker",
+    "unit": {"type": "user", "keys": [{"header": "X-User-Id"}, {"cookie": "uid"}]},
+    "variants": [
+      {"name": "stable", "control": true},
+      {"name": "canary", "weight": 5.25}
+    ],
+    "match": {"path_prefix": "/predict"},
+    "override": {"token": "0123456789abcdef"},
+    "echo": {"header": "x-sluice-variant", "cookie": "sluice_ranker"},
+    "outcomes": {"header": "x-sluice-outcome", "names": ["click", "purchase"]},
+    "beacon": {"path": "/sluice/event"},
+    "prediction": {"header": "x-model-score"}
+  }]
+}"#;
+
+fn error_of(json: &str) -> String {
+    match Plan::from_json(json.as_bytes()) {
+        Ok(_) => String::from("accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// VALID with one substring replaced.
+fn variant_of_valid(from: &str, to: &str) -> String {
+    assert!(VALID.contains(from), "{from}");
+    VALID.replacen(from, to, 1)
+}
+
+#[test]
+fn valid_config_becomes_a_plan() {
+    let plan = Plan::from_json(VALID.as_bytes()).map_err(|e| e.to_string());
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => unreachable!("{e}"),
+    };
+    let e = &plan.experiments[0];
+    assert_eq!(e.salt, "ranker");
+    assert_eq!(e.control, 0);
+    assert_eq!(e.layout.weights(2), vec![9475, 525]);
+    assert_eq!(
+        e.unit,
+        Unit::User {
+            keys: vec![
+                KeySource::Header("x-user-id".into()),
+                KeySource::Cookie("uid".into())
+            ],
+            missing: MissingKey::Control
+        }
+    );
+    assert_eq!(e.header, DEFAULT_VARIANT_HEADER);
+    assert_eq!(e.prediction.as_ref().map(|p| p.scale), Some(1000.0));
+}
+
+#[test]
+fn wire_format_round_trips() {
+    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap_or_else(|e| unreachable!("{e}"));
+    let text = serde_json::to_string(&parsed).unwrap_or_default();
+    let again: FilterConfig = serde_json::from_str(&text).unwrap_or_else(|e| unreachable!("{e}"));
+    assert_eq!(parsed, again);
+}
+
+#[test]
+fn errors_name_the_field() {
+    let cases = [
+        (
+            r#""version": 1"#,
+            r#""version": 2"#,
+            "version: unsupported version 2",
+        ),
+        (
+            r#""name": "ranker""#,
+            r#""name": "rank.er""#,
+            "experiments[0].name:",
+        ),
+        (
+            r#""weight": 5.25"#,
+            r#""weight": 5.255"#,
+            "experiments[0].variants[1].weight: 5.255 is finer",
+        ),
+        (
+            r#""weight": 5.25"#,
+            r#""weight": 101"#,
+            "experiments[0].variants[1].weight: 101 is not a percentage",
+        ),
+        (
+            r#"{"name": "canary", "weight": 5.25}"#,
+            r#"{"name": "stable", "weight": 5.25}"#,
+            "experiments[0].variants[1].name: duplicate",
+        ),
+        (
+            r#""control": true"#,
+            r#""control": true, "weight": 50"#,
+            "experiments[0].variants: weights add up to 55.25, not 100",
+        ),
+        (
+            r#""weight": 5.25}"#,
+            r#""weight": 5.25, "control": true}"#,
+            "experiments[0].variants[1].control: only one",
+        ),
+        (
+            r#""path_prefix": "/predict""#,
+            r#""path_prefix": "predict""#,
+            "experiments[0].match.path_prefix",
+        ),
+        (
+            r#""token": "0123456789abcdef""#,
+            r#""token": "short""#,
+            "experiments[0].override.token",
+        ),
+        (
+            r#""names": ["click", "purchase"]"#,
+            r#""names": ["click", "click"]"#,
+            "experiments[0].outcomes.names[1]: duplicate",
+        ),
+        (
+            r#""beacon": {"path": "/sluice/event"}"#,
+            r#""beacon": {"path": "sluice"}"#,
+            "experiments[0].beacon.path",
+        ),
+        (
+            r#"{"header": "X-User-Id"}"#,
+            r#"{"header": "bad header"}"#,
+            "experiments[0].unit.keys[0]",
+        ),
+        (
+            r#""prediction": {"header": "x-model-score"}"#,
+            r#""prediction": {"header": "x-model-score", "scale": 0}"#,
+            "experiments[0].prediction.scale",
+        ),
+        (
+            r#""echo": {"header": "x-sluice-variant", "cookie": "sluice_ranker"}"#,
+            r#""echo": {}"#,
+            "experiments[0].echo",
+        ),
+        (
+            r#""type": "user","#,
+            r#""type": "switchback", "slot_seconds": 60, "x": 1,"#,
+            "invalid JSON",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let got = error_of(&variant_of_valid(from, to));
+        assert!(
+            got.starts_with(want),
+            "replacing {from} with {to}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_fields_are_rejected() {
+    let got = error_of(&variant_of_valid(
+        r#""version": 1,"#,
+        r#""version": 1, "experimentz": [],"#,
+    ));
+    assert!(got.contains("unknown field `experimentz`"), "{got}");
+}
+
+#[test]
+fn beacon_needs_outcomes_and_a_user_unit() {
+    let no_outcomes = variant_of_valid(
+        r#""outcomes": {"header": "x-sluice-outcome", "names": ["click", "purchase"]},"#,
+        "",
+    );
+    assert!(error_of(&no_outcomes).starts_with("experiments[0].beacon: needs `outcomes.names`"));
+    let request_unit = variant_of_valid(
+        r#"{"type": "user", "keys": [{"header": "X-User-Id"}, {"cookie": "uid"}]}"#,
+        r#"{"type": "request"}"#,
+    );
+    assert!(error_of(&request_unit).starts_with("experiments[0].beacon: needs unit type `user`"));
+}
+
+#[test]
+fn treatments_share_the_space_unless_reserved() {
+    let three = |a: &str, b: &str| {
+        format!(
+            r#"{{"version": 1, "experiments": [{{"name": "e", "unit": {{"type": "request"}},
+              "variants": [{{"name": "c"}}, {{"name": "t1", {a}}}, {{"name": "t2", {b}}}]}}]}}"#
+        )
+    };
+    // Two treatments without reservations get 50 % each.
+    assert_eq!(
+        error_of(&three(r#""weight": 50"#, r#""weight": 50"#)),
+        "accepted"
+    );
+    assert!(
+        error_of(&three(r#""weight": 60"#, r#""weight": 10"#)).starts_with(
+            "experiments[0].variants[1].weight: 60 exceeds this treatment's max_weight 50"
+        )
+    );
+    // An explicit reservation leaves the rest to the other.
+    assert_eq!(
+        error_of(&three(
+            r#""weight": 80, "max_weight": 90"#,
+            r#""weight": 10"#
+        )),
+        "accepted"
+    );
+    assert!(error_of(&three(
+        r#""weight": 1, "max_weight": 90"#,
+        r#""weight": 1, "max_weight": 20"#
+    ))
+    .starts_with(
+        "experiments[0].variants: the treatments' max_weight values add up to more than 100"
+    ));
+}
+
+#[test]
+fn experiments_must_not_collide() {
+    let two = r#"{"version": 1, "experiments": [
+        {"name": "a", "unit": {"type": "request"}, "variants": [{"name": "c"}, {"name": "t", "weight": 1}]},
+        {"name": "b", "unit": {"type": "request"}, "variants": [{"name": "c"}, {"name": "t", "weight": 1}]}]}"#;
+    assert!(error_of(two).starts_with("experiments[1].header: routing header \"x-sluice-variant\""));
+    let fixed = two.replacen(r#""name": "b","#, r#""name": "b", "header": "x-other","#, 1);
+    assert_eq!(error_of(&fixed), "accepted");
+}
+
+#[test]
+fn with_weights_renders_a_valid_config() {
+    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap_or_else(|e| unreachable!("{e}"));
+    let out = parsed.with_weights("ranker", &[("canary".into(), 25.0)]);
+    let out = out.unwrap_or_else(|e| unreachable!("{e}"));
+    let plan = Plan::from_config(&out).unwrap_or_else(|e| unreachable!("{e}"));
+    assert_eq!(plan.experiments[0].layout.weights(2), vec![7500, 2500]);
+    assert!(parsed
+        .with_weights("ranker", &[("stable".into(), 25.0)])
+        .is_err());
+    assert!(parsed.with_weights("nope", &[]).is_err());
+    assert!(parsed
+        .with_weights("ranker", &[("canary".into(), 100.5)])
+        .is_err());
+}
