@@ -109,14 +109,14 @@ impl RootContext for Root {
             Ok(None) => {
                 log(
                     LogLevel::Error,
-                    "sluice: rejected config: plugin configuration is empty",
+                    "rejected config: plugin configuration is empty",
                 );
                 return false;
             }
             Err(s) => {
                 log(
                     LogLevel::Error,
-                    &format!("sluice: cannot read plugin configuration: {s:?}"),
+                    &format!("cannot read plugin configuration: {s:?}"),
                 );
                 return false;
             }
@@ -124,7 +124,7 @@ impl RootContext for Root {
         let plan = match Plan::from_json(&bytes) {
             Ok(plan) => plan,
             Err(e) => {
-                log(LogLevel::Error, &format!("sluice: rejected config: {e}"));
+                log(LogLevel::Error, &format!("rejected config: {e}"));
                 return false;
             }
         };
@@ -134,7 +134,7 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "sluice: configured {} experiment(s), {} metrics",
+                        "configured {} experiment(s), {} metrics",
                         active.plan.experiments.len(),
                         active.ids.len()
                     ),
@@ -143,7 +143,7 @@ impl RootContext for Root {
                 true
             }
             Err(e) => {
-                log(LogLevel::Error, &format!("sluice: rejected config: {e}"));
+                log(LogLevel::Error, &format!("rejected config: {e}"));
                 false
             }
         }
@@ -515,7 +515,7 @@ fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
         )
     };
     if sent.is_err() {
-        log(LogLevel::Warn, "sluice: could not answer an event beacon");
+        log(LogLevel::Warn, "could not answer an event beacon");
         return Action::Continue;
     }
     Action::Pause
