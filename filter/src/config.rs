@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::assignment::{Layout, BUCKETS};
+use crate::shadow::{self, Shadow, ShadowConfig};
 
 /// The only wire-format version this filter understands.
 pub const CONFIG_VERSION: u32 = 1;
@@ -56,6 +57,9 @@ pub struct ExperimentConfig {
     pub beacon: Option<BeaconConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<PredictionConfig>,
+    /// Shadow traffic with response comparison (see `shadow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowConfig>,
 }
 
 fn default_variant_header() -> String {
@@ -247,6 +251,7 @@ pub struct Experiment {
     pub outcomes: Option<OutcomesConfig>,
     pub beacon: Option<BeaconConfig>,
     pub prediction: Option<PredictionConfig>,
+    pub shadow: Option<Shadow>,
 }
 
 /// A checked unit of assignment.
@@ -304,7 +309,7 @@ impl Plan {
 }
 
 /// Names end up inside Envoy stat names, where `.` and `;` delimit tags.
-fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
@@ -344,7 +349,7 @@ fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
 }
 
 /// Converts a percentage to buckets, requiring a multiple of 0.01 %.
-fn percent_to_buckets(field: &str, percent: f64) -> Result<u32, ConfigError> {
+pub(crate) fn percent_to_buckets(field: &str, percent: f64) -> Result<u32, ConfigError> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
         return Err(invalid(
             field,
@@ -534,6 +539,17 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
         }
     }
 
+    let shadow = match &e.shadow {
+        Some(c) => Some(shadow::check(
+            c,
+            &format!("{path}.shadow"),
+            &variants,
+            &salt,
+            matches!(unit, Unit::User { .. }),
+        )?),
+        None => None,
+    };
+
     Ok(Experiment {
         name: e.name.clone(),
         salt,
@@ -551,6 +567,7 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
             header: p.header.to_ascii_lowercase(),
             ..p.clone()
         }),
+        shadow,
     })
 }
 

@@ -16,11 +16,14 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
+mod shadow;
+
 use crate::assignment::Rng;
 use crate::config::{Experiment, Plan, Unit};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
 use crate::response;
+use crate::shadow as shadow_logic;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
@@ -45,7 +48,10 @@ struct Active {
     ids: Vec<u32>,
     /// `(experiment, path)` of every event beacon, checked before assignment.
     beacon_paths: Vec<(usize, String)>,
+    /// Every experiment's routing header: never copied to a shadow.
+    routing_headers: Vec<String>,
     rng: Cell<Rng>,
+    shadow: shadow::Table,
 }
 
 impl Active {
@@ -67,12 +73,15 @@ impl Active {
             .enumerate()
             .filter_map(|(i, e)| e.beacon.as_ref().map(|b| (i, b.path.clone())))
             .collect();
+        let routing_headers = plan.experiments.iter().map(|e| e.header.clone()).collect();
         Ok(Active {
             plan,
             catalog,
             ids,
             beacon_paths,
+            routing_headers,
             rng: Cell::new(Rng::new(seed)),
+            shadow: shadow::Table::default(),
         })
     }
 
@@ -100,7 +109,19 @@ struct Root {
     active: Option<Rc<Active>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Some(active) = &self.active {
+            shadow::on_response(active, token, headers, body_size);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -131,6 +152,15 @@ impl RootContext for Root {
         let seed = now_nanos().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
         match Active::configure(plan, seed) {
             Ok(active) => {
+                if active.plan.experiments.iter().any(|e| e.shadow.is_some())
+                    && hostcalls::set_tick_period(shadow::TICK).is_err()
+                {
+                    log(
+                        LogLevel::Error,
+                        "rejected config: cannot start the shadow timer",
+                    );
+                    return false;
+                }
                 log(
                     LogLevel::Info,
                     &format!(
@@ -155,16 +185,30 @@ impl RootContext for Root {
             active: self.active.clone(),
             applied: Vec::new(),
             start: None,
+            captures: Vec::new(),
+            queued: Vec::new(),
+            primary: None,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+
+    fn on_tick(&mut self) {
+        if let Some(active) = &self.active {
+            shadow::send_queued(active);
+        }
+    }
 }
 
 fn now() -> Result<SystemTime, HostFault> {
     fault(hostcalls::get_current_time())
+}
+
+fn now_millis() -> Option<u64> {
+    let d = now().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(d.as_millis()).ok()
 }
 
 fn now_nanos() -> Option<u64> {
@@ -202,12 +246,18 @@ struct Stream {
     active: Option<Rc<Active>>,
     applied: Vec<Applied>,
     start: Option<SystemTime>,
+    /// Shadow copies still reading the request body.
+    captures: Vec<shadow::Capture>,
+    /// Ids of copies queued or sent, waiting for the primary's answer.
+    queued: Vec<u64>,
+    /// The primary's answer as captured so far, with the body limit that applies.
+    primary: Option<(shadow_logic::Answer, usize, bool)>,
 }
 
 impl Context for Stream {}
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
@@ -258,13 +308,84 @@ impl HttpContext for Stream {
                 }
             }
         }
+        self.start_shadows(&active, &mut view, end_of_stream);
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
+        if self.captures.is_empty() {
+            return Action::Continue;
+        }
+        // The chunk is copied as it passes; the primary request is never held back.
+        if body_size > 0 {
+            match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+                Ok(Some(chunk)) => self
+                    .captures
+                    .retain_mut(|c| shadow::push_body(&active, c, &chunk)),
+                Ok(None) => {}
+                Err(_) => {
+                    for c in self.captures.drain(..) {
+                        active.count_error(c.experiment);
+                        shadow::abandon(&active, &c);
+                    }
+                }
+            }
+        }
+        if end_of_stream {
+            self.queue_captures(&active);
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        if let Some(active) = self.active.clone() {
+            self.queue_captures(&active);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(active) = self.active.clone() else {
+            return Action::Continue;
+        };
+        let Some((answer, limit, needs_body)) = &mut self.primary else {
+            return Action::Continue;
+        };
+        if *needs_body && body_size > 0 && !answer.truncated {
+            match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                Ok(Some(chunk)) => answer.push_body(&chunk, *limit),
+                Ok(None) => {}
+                Err(_) => answer.truncated = true,
+            }
+        }
+        if end_of_stream {
+            self.finish_primary(&active);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(active) = self.active.clone() else {
+            return;
+        };
+        for c in self.captures.drain(..) {
+            shadow::abandon(&active, &c);
+        }
+        for id in self.queued.drain(..) {
+            shadow::primary_gone(&active, id);
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let Some(active) = self.active.clone() else {
+            return Action::Continue;
+        };
+        if !self.queued.is_empty() {
+            self.start_primary(&active, end_of_stream);
+        }
         if self.applied.is_empty() {
             return Action::Continue;
         }
@@ -371,6 +492,90 @@ impl HttpContext for Stream {
 }
 
 impl Stream {
+    /// Starts shadow captures for the experiments that shadow this request.
+    fn start_shadows(&mut self, active: &Active, view: &mut HostRequest, end_of_stream: bool) {
+        let routing: Vec<&str> = active.routing_headers.iter().map(String::as_str).collect();
+        for a in &self.applied {
+            let Some(exp) = active.plan.experiments.get(a.experiment) else {
+                continue;
+            };
+            let Some(cfg) = &exp.shadow else {
+                continue;
+            };
+            if !a.assignment.counted() {
+                continue;
+            }
+            let method = view.header(":method").ok().flatten().unwrap_or_default();
+            let user_bucket = match (&exp.unit, cfg.sample_by) {
+                (Unit::User { keys, .. }, shadow_logic::SampleBy::User) => {
+                    request::user_key(keys, view)
+                        .ok()
+                        .flatten()
+                        .map(|k| crate::assignment::bucket(&cfg.salt, &k))
+                }
+                _ => None,
+            };
+            if let Some(c) = shadow::start(
+                active,
+                a.experiment,
+                a.assignment.variant,
+                &method,
+                user_bucket,
+                &routing,
+            ) {
+                self.captures.push(c);
+            }
+        }
+        if end_of_stream {
+            self.queue_captures(active);
+        }
+    }
+
+    fn queue_captures(&mut self, active: &Active) {
+        for c in self.captures.drain(..) {
+            self.queued.push(c.id);
+            shadow::enqueue(active, c);
+        }
+    }
+
+    /// Begins capturing the primary's answer for the queued copies.
+    fn start_primary(&mut self, active: &Active, end_of_stream: bool) {
+        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse::<u16>().ok())
+            .unwrap_or(0);
+        let configs = self
+            .applied
+            .iter()
+            .filter_map(|a| active.plan.experiments.get(a.experiment)?.shadow.as_ref());
+        let (mut limit, mut needs_body) = (0, false);
+        for c in configs {
+            limit = limit.max(c.max_body_bytes);
+            needs_body |= c.needs_body();
+        }
+        self.primary = Some((
+            shadow_logic::Answer {
+                status,
+                ..Default::default()
+            },
+            limit,
+            needs_body,
+        ));
+        if end_of_stream {
+            self.finish_primary(active);
+        }
+    }
+
+    fn finish_primary(&mut self, active: &Active) {
+        let Some((answer, _, _)) = self.primary.take() else {
+            return;
+        };
+        for id in self.queued.drain(..) {
+            shadow::primary_done(active, id, answer.clone());
+        }
+    }
+
     /// Sets the routing header (replacing any client value) and counts the request.
     fn route(&mut self, active: &Active, i: usize, exp: &Experiment, a: Assignment) {
         let Some(em) = active.catalog.experiments.get(i) else {

@@ -6,6 +6,7 @@
 //! - [`assignment`]: salted FNV-1a hashing into buckets and the monotone bucket layout;
 //! - [`request`]: which experiments apply, the user key, QA overrides, the variant chosen;
 //! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
+//! - [`shadow`]: shadow sampling, the copy's headers, comparison of the two answers;
 //! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
 //! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
 //!
@@ -17,6 +18,7 @@ pub mod config;
 pub mod metrics;
 pub mod request;
 pub mod response;
+pub mod shadow;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod host;

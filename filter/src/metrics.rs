@@ -8,6 +8,7 @@
 //! this encoding.
 
 use crate::config::{Experiment, Plan};
+use crate::shadow::{FieldKind, Shadow};
 
 /// Requests assigned to a variant (QA overrides excluded).
 pub const REQUESTS: &str = "sluice_requests_total";
@@ -39,6 +40,34 @@ pub const EVENTS: &str = "sluice_events_total";
 pub const EVENTS_REJECTED: &str = "sluice_events_rejected_total";
 /// Internal errors (a host call failed); the request was served the control, per experiment.
 pub const ERRORS: &str = "sluice_errors_total";
+/// Shadow copies sent.
+pub const SHADOW_REQUESTS: &str = "sluice_shadow_requests_total";
+/// Shadow copies not sent or not compared; label `reason` (see [`SHADOW_SKIP_REASONS`]).
+pub const SHADOW_SKIPPED: &str = "sluice_shadow_skipped_total";
+/// Shadowed requests whose two answers were compared.
+pub const SHADOW_COMPARED: &str = "sluice_shadow_compared_total";
+/// Comparisons that agreed / disagreed; label `field`: `status`, `body` or a configured field.
+pub const SHADOW_AGREE: &str = "sluice_shadow_agree_total";
+pub const SHADOW_DISAGREE: &str = "sluice_shadow_disagree_total";
+/// A configured field that one of the answers lacked (or a body that was not JSON); label `field`.
+pub const SHADOW_MISSING: &str = "sluice_shadow_missing_total";
+/// Shadow calls that failed (reset, connection failure) or answered 5xx.
+pub const SHADOW_ERRORS: &str = "sluice_shadow_errors_total";
+/// Shadow calls that hit the timeout.
+pub const SHADOW_TIMEOUTS: &str = "sluice_shadow_timeouts_total";
+/// Histogram: shadow call latency in milliseconds.
+pub const SHADOW_LATENCY: &str = "sluice_shadow_latency_ms";
+/// Histogram: `round(|shadow - primary| * scale)` per numeric field; labels `field`, `sign`.
+pub const SHADOW_DELTA: &str = "sluice_shadow_delta";
+
+/// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
+pub const SHADOW_SKIP_REASONS: [&str; 4] =
+    ["in_flight", "body_limit", "dispatch_failed", "no_primary"];
+/// Index of each reason in [`SHADOW_SKIP_REASONS`].
+pub const SKIP_IN_FLIGHT: usize = 0;
+pub const SKIP_BODY_LIMIT: usize = 1;
+pub const SKIP_DISPATCH_FAILED: usize = 2;
+pub const SKIP_NO_PRIMARY: usize = 3;
 
 /// Status classes in [`RESPONSES`], indexed by `status / 100 - 1`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -71,6 +100,26 @@ pub struct VariantMetrics {
     pub outcomes: Vec<usize>,
     pub events: Option<usize>,
     pub prediction: Option<usize>,
+    pub shadow: Option<ShadowMetrics>,
+}
+
+/// Positions of one variant's shadow metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowMetrics {
+    pub requests: usize,
+    pub skipped: [usize; 4],
+    pub compared: usize,
+    /// Index 0: status, 1: body, then the configured fields.
+    pub agree: Vec<usize>,
+    pub disagree: Vec<usize>,
+    /// Parallel to the configured fields.
+    pub missing: Vec<usize>,
+    pub errors: usize,
+    pub timeouts: usize,
+    pub latency: usize,
+    /// Parallel to the configured fields: `[positive, negative]` delta histograms, for
+    /// numeric fields only.
+    pub deltas: Vec<Option<[usize; 2]>>,
 }
 
 /// Positions in [`Catalog::specs`] for one experiment's metrics.
@@ -107,6 +156,46 @@ pub fn name(base: &str, labels: &[(&str, &str)]) -> String {
 }
 
 impl Catalog {
+    fn add_shadow(&mut self, s: &Shadow, experiment: &str, variant: &str) -> ShadowMetrics {
+        let l = [("experiment", experiment), ("variant", variant)];
+        let with = |k: &'static str, v: &'static str| [l[0], l[1], (k, v)];
+        let mut field_names: Vec<&str> = vec!["status", "body"];
+        field_names.extend(s.fields.iter().map(|f| f.name.as_str()));
+        let by_field = |c: &mut Catalog, base: &str, names: &[&str]| -> Vec<usize> {
+            names
+                .iter()
+                .map(|f| c.add(base, Kind::Counter, &[l[0], l[1], ("field", f)]))
+                .collect()
+        };
+        ShadowMetrics {
+            requests: self.add(SHADOW_REQUESTS, Kind::Counter, &l),
+            skipped: SHADOW_SKIP_REASONS
+                .map(|r| self.add(SHADOW_SKIPPED, Kind::Counter, &with("reason", r))),
+            compared: self.add(SHADOW_COMPARED, Kind::Counter, &l),
+            agree: by_field(self, SHADOW_AGREE, &field_names),
+            disagree: by_field(self, SHADOW_DISAGREE, &field_names),
+            missing: by_field(self, SHADOW_MISSING, &field_names[2..]),
+            errors: self.add(SHADOW_ERRORS, Kind::Counter, &l),
+            timeouts: self.add(SHADOW_TIMEOUTS, Kind::Counter, &l),
+            latency: self.add(SHADOW_LATENCY, Kind::Histogram, &l),
+            deltas: s
+                .fields
+                .iter()
+                .map(|f| {
+                    (f.kind == FieldKind::Number).then(|| {
+                        [("pos"), ("neg")].map(|sign| {
+                            self.add(
+                                SHADOW_DELTA,
+                                Kind::Histogram,
+                                &[l[0], l[1], ("field", f.name.as_str()), ("sign", sign)],
+                            )
+                        })
+                    })
+                })
+                .collect(),
+        }
+    }
+
     pub fn for_plan(plan: &Plan) -> Catalog {
         let mut c = Catalog {
             specs: Vec::new(),
@@ -192,6 +281,7 @@ impl Catalog {
                     .prediction
                     .as_ref()
                     .map(|_| self.add(PREDICTION, Kind::Histogram, &l)),
+                shadow: e.shadow.as_ref().map(|s| self.add_shadow(s, &e.name, v)),
             });
         }
         ExperimentMetrics {

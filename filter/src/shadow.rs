@@ -1,0 +1,559 @@
+//! Shadow traffic, pure: its configuration, which requests are copied, how the copy's headers
+//! are built, and how the shadow's answer is compared with the primary's.
+//!
+//! The host shim queues sampled copies and sends them from the root context (so a shadow
+//! call outlives the primary stream and the primary never waits on it); the primary's status
+//! and body are captured as they stream past, and [`compare`] runs once both answers are in.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::assignment::BUCKETS;
+use crate::config::ConfigError;
+
+/// Header added to every shadow request so the shadow service can skip side effects.
+pub const SHADOW_HEADER: &str = "x-sluice-shadow";
+
+/// Methods shadowed unless configured otherwise: the safe ones. A mirrored write would repeat
+/// its side effect, and even idempotent writes (PUT, DELETE) repeat it once more.
+const DEFAULT_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
+
+/// Longest value shown in a disagreement log line.
+pub const LOG_VALUE_CHARS: usize = 64;
+
+/// Shadow traffic for one experiment (wire format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Envoy cluster the copies go to.
+    pub cluster: String,
+    /// `:authority` of the copies; default: the original request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// Percent of eligible requests copied, in steps of 0.01.
+    pub sample_percent: f64,
+    /// `request`: an independent draw per request; `user`: by the user's hash, so a user's
+    /// requests are all shadowed or none (needs a `user` unit).
+    #[serde(default)]
+    pub sample_by: SampleBy,
+    /// Variants whose traffic is shadowed; default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variants: Option<Vec<String>>,
+    /// Shadow call timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Most request or response body bytes buffered; a request body over it is not shadowed,
+    /// a primary response body over it is compared by status only.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// What is compared besides the status.
+    #[serde(default)]
+    pub compare: CompareConfig,
+    /// Most disagreement log lines per minute per worker; 0 disables the log.
+    #[serde(default = "default_log_per_minute")]
+    pub log_per_minute: u32,
+}
+
+fn default_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+
+fn default_max_in_flight() -> u32 {
+    64
+}
+
+fn default_log_per_minute() -> u32 {
+    10
+}
+
+/// How shadowed requests are sampled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleBy {
+    #[default]
+    Request,
+    User,
+}
+
+/// What of the two answers is compared (the status always is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Compare whole bodies by hash.
+    #[serde(default = "default_true")]
+    pub body: bool,
+    /// JSON fields compared one by one.
+    #[serde(default)]
+    pub fields: Vec<FieldConfig>,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            body: true,
+            fields: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One JSON field compared between the answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    /// Metric label for the field (`[A-Za-z0-9_-]`).
+    pub name: String,
+    /// RFC 6901 JSON pointer, e.g. `/predictions/0/score`.
+    pub pointer: String,
+    /// `number`: compared with tolerances, deltas recorded; `string`: exact equality of the
+    /// JSON values (any type).
+    #[serde(default, rename = "type")]
+    pub kind: FieldKind,
+    /// Numbers agree when `|shadow - primary| <= abs_tolerance` ...
+    #[serde(default)]
+    pub abs_tolerance: f64,
+    /// ... or `|shadow - primary| <= rel_tolerance * |primary|`.
+    #[serde(default)]
+    pub rel_tolerance: f64,
+    /// Deltas are recorded as `round(|delta| * scale)` in histograms split by sign.
+    #[serde(default = "default_delta_scale")]
+    pub scale: f64,
+}
+
+fn default_delta_scale() -> f64 {
+    1000.0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldKind {
+    #[default]
+    Number,
+    String,
+}
+
+/// A checked shadow configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shadow {
+    pub cluster: String,
+    pub authority: Option<String>,
+    /// Sample threshold in buckets (`0..=BUCKETS`).
+    pub sample: u32,
+    pub sample_by: SampleBy,
+    /// Per variant index: whether its traffic is shadowed.
+    pub variants: Vec<bool>,
+    pub timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub max_in_flight: u32,
+    pub methods: Vec<String>,
+    pub compare_body: bool,
+    pub fields: Vec<FieldConfig>,
+    pub log_per_minute: u32,
+    /// Salt for per-user sampling, distinct from the assignment salt so that being shadowed
+    /// is independent of the variant.
+    pub salt: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Validates a shadow section. `path` is the field path of the section, `variants` the
+/// experiment's variant names, `user_unit` whether the experiment hashes users.
+pub fn check(
+    c: &ShadowConfig,
+    path: &str,
+    variants: &[String],
+    salt: &str,
+    user_unit: bool,
+) -> Result<Shadow, ConfigError> {
+    if c.cluster.is_empty() {
+        return Err(invalid(format!("{path}.cluster"), "must not be empty"));
+    }
+    let sample =
+        crate::config::percent_to_buckets(&format!("{path}.sample_percent"), c.sample_percent)?;
+    if c.sample_by == SampleBy::User && !user_unit {
+        return Err(invalid(
+            format!("{path}.sample_by"),
+            "`user` sampling needs unit type `user`",
+        ));
+    }
+    let shadowed = match &c.variants {
+        None => vec![true; variants.len()],
+        Some(list) => {
+            let mut v = vec![false; variants.len()];
+            for (i, name) in list.iter().enumerate() {
+                match variants.iter().position(|n| n == name) {
+                    Some(k) => v[k] = true,
+                    None => {
+                        return Err(invalid(
+                            format!("{path}.variants[{i}]"),
+                            format!("no variant named {name:?}"),
+                        ));
+                    }
+                }
+            }
+            v
+        }
+    };
+    if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
+        return Err(invalid(
+            format!("{path}.timeout_ms"),
+            "must be between 1 and 60000",
+        ));
+    }
+    if c.max_in_flight == 0 {
+        return Err(invalid(
+            format!("{path}.max_in_flight"),
+            "must be at least 1",
+        ));
+    }
+    if c.max_body_bytes > 16 * 1024 * 1024 {
+        return Err(invalid(
+            format!("{path}.max_body_bytes"),
+            "must be at most 16 MiB (bodies are buffered in the proxy)",
+        ));
+    }
+    let methods = match &c.methods {
+        None => DEFAULT_METHODS.iter().map(|m| m.to_string()).collect(),
+        Some(list) => {
+            for (i, m) in list.iter().enumerate() {
+                if m.is_empty() || !m.chars().all(|c| c.is_ascii_uppercase()) {
+                    return Err(invalid(
+                        format!("{path}.methods[{i}]"),
+                        format!("{m:?} is not an upper-case HTTP method"),
+                    ));
+                }
+            }
+            list.clone()
+        }
+    };
+    for (i, f) in c.compare.fields.iter().enumerate() {
+        let field = format!("{path}.compare.fields[{i}]");
+        crate::config::check_name(&format!("{field}.name"), &f.name)?;
+        if ["status", "body"].contains(&f.name.as_str()) {
+            return Err(invalid(
+                format!("{field}.name"),
+                "`status` and `body` are reserved",
+            ));
+        }
+        if c.compare.fields[..i].iter().any(|g| g.name == f.name) {
+            return Err(invalid(format!("{field}.name"), "duplicate field name"));
+        }
+        if !(f.pointer.is_empty() || f.pointer.starts_with('/')) {
+            return Err(invalid(
+                format!("{field}.pointer"),
+                format!(
+                    "{:?} is not a JSON pointer: it must be empty or start with '/'",
+                    f.pointer
+                ),
+            ));
+        }
+        if !pointer_escapes_valid(&f.pointer) {
+            return Err(invalid(
+                format!("{field}.pointer"),
+                "'~' must be followed by '0' or '1'",
+            ));
+        }
+        for (name, v) in [
+            ("abs_tolerance", f.abs_tolerance),
+            ("rel_tolerance", f.rel_tolerance),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(format!("{field}.{name}"), "must be a number >= 0"));
+            }
+        }
+        if !f.scale.is_finite() || f.scale <= 0.0 {
+            return Err(invalid(
+                format!("{field}.scale"),
+                "must be a positive number",
+            ));
+        }
+    }
+    Ok(Shadow {
+        cluster: c.cluster.clone(),
+        authority: c.authority.clone(),
+        sample,
+        sample_by: c.sample_by,
+        variants: shadowed,
+        timeout_ms: c.timeout_ms,
+        max_body_bytes: c.max_body_bytes,
+        max_in_flight: c.max_in_flight,
+        methods,
+        compare_body: c.compare.body,
+        fields: c.compare.fields.clone(),
+        log_per_minute: c.log_per_minute,
+        salt: format!("{salt}/shadow"),
+    })
+}
+
+fn pointer_escapes_valid(p: &str) -> bool {
+    let b = p.as_bytes();
+    b.iter()
+        .enumerate()
+        .all(|(i, &c)| c != b'~' || matches!(b.get(i + 1), Some(b'0') | Some(b'1')))
+}
+
+impl Shadow {
+    /// Whether the comparison needs the primary's response body.
+    pub fn needs_body(&self) -> bool {
+        self.compare_body || !self.fields.is_empty()
+    }
+
+    /// Whether a request with this method, in this variant, is eligible before sampling.
+    pub fn eligible(&self, method: &[u8], variant: usize) -> bool {
+        self.variants.get(variant).copied().unwrap_or(false)
+            && self.methods.iter().any(|m| m.as_bytes() == method)
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones Envoy recomputes; never copied.
+const DROPPED_HEADERS: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// The headers of a shadow copy: the original ones minus hop-by-hop headers (including any
+/// the `connection` header names), minus `skip` (routing headers), with the authority
+/// replaced if configured, plus [`SHADOW_HEADER`]. Values that are not UTF-8 are dropped:
+/// the host API takes text.
+pub fn copy_headers(
+    shadow: &Shadow,
+    original: &[(String, Vec<u8>)],
+    skip: &[&str],
+) -> Vec<(String, String)> {
+    let named_by_connection: Vec<String> = original
+        .iter()
+        .filter(|(k, _)| k == "connection")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out: Vec<(String, String)> = original
+        .iter()
+        .filter(|(k, _)| {
+            !DROPPED_HEADERS.contains(&k.as_str())
+                && !named_by_connection.iter().any(|n| n == k)
+                && !skip.contains(&k.as_str())
+                && k != SHADOW_HEADER
+        })
+        .filter_map(|(k, v)| {
+            let v = std::str::from_utf8(v).ok()?;
+            match (&shadow.authority, k.as_str()) {
+                (Some(a), ":authority") => Some((k.clone(), a.clone())),
+                _ => Some((k.clone(), v.to_string())),
+            }
+        })
+        .collect();
+    out.push((SHADOW_HEADER.to_string(), "1".to_string()));
+    out
+}
+
+/// One side's answer as far as the comparison needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// The body exceeded the limit and was cut: it cannot be compared.
+    pub truncated: bool,
+}
+
+impl Answer {
+    /// Appends a body chunk, keeping at most `limit` bytes.
+    pub fn push_body(&mut self, chunk: &[u8], limit: usize) {
+        if self.truncated {
+            return;
+        }
+        if self.body.len() + chunk.len() > limit {
+            self.truncated = true;
+            self.body.clear();
+            self.body.shrink_to_fit();
+        } else {
+            self.body.extend_from_slice(chunk);
+        }
+    }
+}
+
+/// Result of one field's comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldResult {
+    Agree {
+        delta: Option<f64>,
+    },
+    Disagree {
+        delta: Option<f64>,
+        primary: String,
+        shadow: String,
+    },
+    /// Not comparable: a body was not JSON or was truncated, or a side lacked the field.
+    Missing,
+}
+
+/// The comparison of one shadowed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    pub status_agree: bool,
+    /// `None` when body comparison is off or a body was truncated.
+    pub body_agree: Option<bool>,
+    /// Parallel to the configured fields.
+    pub fields: Vec<FieldResult>,
+}
+
+fn body_hash(b: &[u8]) -> u64 {
+    crate::assignment::hash("body", b)
+}
+
+/// Compares the shadow's answer with the primary's.
+pub fn compare(shadow: &Shadow, primary: &Answer, copy: &Answer) -> Comparison {
+    let body_agree = (shadow.compare_body && !primary.truncated && !copy.truncated)
+        .then(|| body_hash(&primary.body) == body_hash(&copy.body));
+    let parse = |a: &Answer| -> Option<Value> {
+        if a.truncated || shadow.fields.is_empty() {
+            return None;
+        }
+        serde_json::from_slice(&a.body).ok()
+    };
+    let (p, s) = (parse(primary), parse(copy));
+    let fields = shadow
+        .fields
+        .iter()
+        .map(|f| match (&p, &s) {
+            (Some(p), Some(s)) => compare_field(f, p.pointer(&f.pointer), s.pointer(&f.pointer)),
+            _ => FieldResult::Missing,
+        })
+        .collect();
+    Comparison {
+        status_agree: primary.status == copy.status,
+        body_agree,
+        fields,
+    }
+}
+
+fn compare_field(f: &FieldConfig, p: Option<&Value>, s: Option<&Value>) -> FieldResult {
+    let (Some(p), Some(s)) = (p, s) else {
+        return FieldResult::Missing;
+    };
+    match f.kind {
+        FieldKind::Number => {
+            let (Some(a), Some(b)) = (p.as_f64(), s.as_f64()) else {
+                return FieldResult::Missing;
+            };
+            let delta = b - a;
+            let ok = delta.abs() <= f.abs_tolerance || delta.abs() <= f.rel_tolerance * a.abs();
+            if ok {
+                FieldResult::Agree { delta: Some(delta) }
+            } else {
+                FieldResult::Disagree {
+                    delta: Some(delta),
+                    primary: truncate(&p.to_string()),
+                    shadow: truncate(&s.to_string()),
+                }
+            }
+        }
+        FieldKind::String => {
+            if p == s {
+                FieldResult::Agree { delta: None }
+            } else {
+                FieldResult::Disagree {
+                    delta: None,
+                    primary: truncate(&p.to_string()),
+                    shadow: truncate(&s.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// Shortens a value for the log, on a character boundary.
+pub fn truncate(s: &str) -> String {
+    match s.char_indices().nth(LOG_VALUE_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// A delta as recorded: `(is_negative, round(|delta| * scale))`.
+pub fn scaled_delta(f: &FieldConfig, delta: f64) -> Option<(bool, u64)> {
+    let v = (delta.abs() * f.scale).round();
+    (v.is_finite() && v < u64::MAX as f64).then_some((delta < 0.0, v as u64))
+}
+
+/// One structured disagreement log line (JSON).
+pub fn disagreement_line(
+    experiment: &str,
+    variant: &str,
+    request_id: &str,
+    field: &str,
+    primary: &str,
+    shadow: &str,
+) -> String {
+    serde_json::json!({
+        "sluice": "shadow_disagreement",
+        "experiment": experiment,
+        "variant": variant,
+        "request_id": truncate(request_id),
+        "field": field,
+        "primary": primary,
+        "shadow": shadow,
+    })
+    .to_string()
+}
+
+/// A per-minute budget of log lines.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogBudget {
+    minute: u64,
+    used: u32,
+}
+
+impl LogBudget {
+    /// Takes one line from the budget of the minute containing `now_secs`.
+    pub fn take(&mut self, now_secs: u64, per_minute: u32) -> bool {
+        let minute = now_secs / 60;
+        if minute != self.minute {
+            self.minute = minute;
+            self.used = 0;
+        }
+        if self.used < per_minute {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether a sample threshold takes a bucket.
+pub fn sampled(sample: u32, bucket: u32) -> bool {
+    sample >= BUCKETS || bucket < sample
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+use super::*;
+use crate::config::Plan;
+
+fn plan(shadow: &str) -> Result<Plan, ConfigError> {
+    let json = format!(
+        r#"{{"version": 1, "experiments": [{{"name": "e",
+            "unit": {{"type": "user", "keys": [{{"header": "x-user-id"}}]}},
+            "variants": [{{"name": "stable"}}, {{"name": "canary", "weight": 10}}],
+            "shadow": {shadow}}}]}}"#
+    );
+    Plan::from_json(json.as_bytes())
+}
+
+fn checked(shadow: &str) -> Shadow {
+    match plan(shadow) {
+        Ok(mut p) => p
+            .experiments
+            .remove(0)
+            .shadow
+            .unwrap_or_else(|| unreachable!()),
+        Err(e) => unreachable!("{e}"),
+    }
+}
+
+fn error(shadow: &str) -> String {
+    plan(shadow)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
+const FIELDS: &str = r#"{"cluster": "shadow", "sample_percent": 100, "methods": ["POST"],
+    "compare": {"fields": [
+        {"name": "score", "pointer": "/score", "abs_tolerance": 0.01, "rel_tolerance": 0.0},
+        {"name": "label", "pointer": "/label", "type": "string"}]}}"#;
+
+#[test]
+fn defaults() {
+    let s = checked(r#"{"cluster": "shadow", "sample_percent": 12.5}"#);
+    assert_eq!(s.sample, 1250);
+    assert_eq!(s.methods, vec!["GET", "HEAD", "OPTIONS"]);
+    assert_eq!(s.variants, vec![true, true]);
+    assert_eq!(
+        (s.timeout_ms, s.max_body_bytes, s.max_in_flight),
+        (1000, 65536, 64)
+    );
+    assert!(s.compare_body && s.fields.is_empty());
+    assert!(s.eligible(b"GET", 1));
+    assert!(
+        !s.eligible(b"POST", 1),
+        "writes are not shadowed by default"
+    );
+}
+
+#[test]
+fn errors_name_the_field() {
+    let cases = [
+        (
+            r#"{"cluster": "", "sample_percent": 1}"#,
+            "experiments[0].shadow.cluster",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 100.5}"#,
+            "experiments[0].shadow.sample_percent",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "variants": ["nope"]}"#,
+            "experiments[0].shadow.variants[0]: no variant named \"nope\"",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "timeout_ms": 0}"#,
+            "experiments[0].shadow.timeout_ms",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "max_in_flight": 0}"#,
+            "experiments[0].shadow.max_in_flight",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "methods": ["post"]}"#,
+            "experiments[0].shadow.methods[0]",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "compare": {"fields": [{"name": "a", "pointer": "score"}]}}"#,
+            "experiments[0].shadow.compare.fields[0].pointer: \"score\" is not a JSON pointer",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "compare": {"fields": [{"name": "a", "pointer": "/a~2"}]}}"#,
+            "experiments[0].shadow.compare.fields[0].pointer",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "compare": {"fields": [{"name": "status", "pointer": "/a"}]}}"#,
+            "experiments[0].shadow.compare.fields[0].name",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "compare": {"fields": [{"name": "a", "pointer": "/a", "abs_tolerance": -1}]}}"#,
+            "experiments[0].shadow.compare.fields[0].abs_tolerance",
+        ),
+        (
+            r#"{"cluster": "s", "sample_percent": 1, "bogus": 1}"#,
+            "invalid JSON",
+        ),
+    ];
+    for (shadow, want) in cases {
+        let got = error(shadow);
+        assert!(
+            got.starts_with(want),
+            "{shadow}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn user_sampling_needs_user_unit() {
+    let json = r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+        "variants": [{"name": "a"}, {"name": "b", "weight": 1}],
+        "shadow": {"cluster": "s", "sample_percent": 1, "sample_by": "user"}}]}"#;
+    let got = Plan::from_json(json.as_bytes())
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        got.as_deref(),
+        Some("experiments[0].shadow.sample_by: `user` sampling needs unit type `user`")
+    );
+}
+
+#[test]
+fn copies_drop_hop_by_hop_and_routing_headers() {
+    let s = checked(r#"{"cluster": "shadow", "sample_percent": 1, "authority": "shadow.local"}"#);
+    let h = |k: &str, v: &[u8]| (k.to_string(), v.to_vec());
+    let original = vec![
+        h(":method", b"GET"),
+        h(":authority", b"api.example"),
+        h(":path", b"/predict"),
+        h("connection", b"keep-alive, x-secret-hop"),
+        h("x-secret-hop", b"1"),
+        h("transfer-encoding", b"chunked"),
+        h("x-sluice-variant", b"canary"),
+        h("x-sluice-shadow", b"0"),
+        h("x-bin", &[0xff, 0xfe]),
+        h("x-request-id", b"abc"),
+    ];
+    let got = copy_headers(&s, &original, &["x-sluice-variant"]);
+    let want: Vec<(String, String)> = [
+        (":method", "GET"),
+        (":authority", "shadow.local"),
+        (":path", "/predict"),
+        ("x-request-id", "abc"),
+        ("x-sluice-shadow", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+fn answer(status: u16, body: &str) -> Answer {
+    Answer {
+        status,
+        body: body.as_bytes().to_vec(),
+        truncated: false,
+    }
+}
+
+#[test]
+fn identical_answers_agree_everywhere() {
+    let s = checked(FIELDS);
+    let a = answer(200, r#"{"score": 0.5, "label": "cat"}"#);
+    let c = compare(&s, &a, &a.clone());
+    assert!(c.status_agree);
+    assert_eq!(c.body_agree, Some(true));
+    assert_eq!(
+        c.fields,
+        vec![
+            FieldResult::Agree { delta: Some(0.0) },
+            FieldResult::Agree { delta: None }
+        ]
+    );
+}
+
+#[test]
+fn numbers_compare_within_tolerance() {
+    let s = checked(FIELDS);
+    let p = answer(200, r#"{"score": 0.50, "label": "cat"}"#);
+    let close = compare(&s, &p, &answer(200, r#"{"score": 0.505, "label": "cat"}"#));
+    assert!(
+        matches!(close.fields[0], FieldResult::Agree { delta: Some(d) } if (d - 0.005).abs() < 1e-12)
+    );
+    assert_eq!(close.body_agree, Some(false));
+    let far = compare(&s, &p, &answer(200, r#"{"score": 0.4, "label": "dog"}"#));
+    match &far.fields[0] {
+        FieldResult::Disagree {
+            delta: Some(d),
+            primary,
+            shadow,
+        } => {
+            assert!((d + 0.1).abs() < 1e-12);
+            assert_eq!((primary.as_str(), shadow.as_str()), ("0.5", "0.4"));
+        }
+        other => unreachable!("{other:?}"),
+    }
+    assert!(matches!(
+        &far.fields[1],
+        FieldResult::Disagree { delta: None, .. }
+    ));
+    // Relative tolerance.
+    let mut rel = s.clone();
+    rel.fields[0].abs_tolerance = 0.0;
+    rel.fields[0].rel_tolerance = 0.25;
+    assert!(matches!(
+        compare(&rel, &p, &answer(200, r#"{"score": 0.6}"#)).fields[0],
+        FieldResult::Agree { .. }
+    ));
+}
+
+#[test]
+fn missing_or_unusable_fields_are_not_verdicts() {
+    let s = checked(FIELDS);
+    let p = answer(200, r#"{"score": 0.5}"#);
+    let c = compare(&s, &p, &answer(500, "oops"));
+    assert!(!c.status_agree);
+    assert_eq!(c.fields, vec![FieldResult::Missing, FieldResult::Missing]);
+    let c = compare(&s, &p, &answer(200, r#"{"score": "high"}"#));
+    assert_eq!(c.fields[0], FieldResult::Missing);
+    let mut big = answer(200, "");
+    big.push_body(&[b'x'; 10], 4);
+    assert!(big.truncated && big.body.is_empty());
+    assert_eq!(compare(&s, &p, &big).body_agree, None);
+}
+
+#[test]
+fn log_budget_resets_each_minute() {
+    let mut b = LogBudget::default();
+    assert!(b.take(60, 2) && b.take(61, 2));
+    assert!(!b.take(119, 2));
+    assert!(b.take(120, 2));
+}
+
+#[test]
+fn log_lines_are_json_with_truncated_values() {
+    let long = "x".repeat(200);
+    let line = disagreement_line("e", "canary", "rid", "score", &truncate(&long), "1");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    assert_eq!(v["field"], "score");
+    assert_eq!(
+        v["primary"].as_str().map(|s| s.chars().count()),
+        Some(LOG_VALUE_CHARS + 1)
+    );
+}
+
+#[test]
+fn deltas_are_scaled_by_sign() {
+    let s = checked(FIELDS);
+    assert_eq!(scaled_delta(&s.fields[0], -0.0125), Some((true, 13)));
+    assert_eq!(scaled_delta(&s.fields[0], 0.2), Some((false, 200)));
+    assert_eq!(scaled_delta(&s.fields[0], f64::NAN), None);
+}
