@@ -1,1 +1,4 @@
 //! Sluice controller library.
+pub mod source;
+pub mod admin;
+pub mod sink;

@@ -1,0 +1,118 @@
+//! A client for Envoy's admin endpoint: the counters a source reads and a sink confirms with.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::source::exposition::{self, Sample};
+
+/// Failure talking to one Envoy admin endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: {source}")]
+    Parse {
+        url: String,
+        #[source]
+        source: exposition::ParseError,
+    },
+    #[error("{url}: line {line:?} is not `name: value`")]
+    Stats { url: String, line: String },
+}
+
+/// One Envoy's admin endpoint, e.g. `http://127.0.0.1:9901`.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(base: &str, timeout: Duration) -> Admin {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Admin {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn get(&self, path_and_query: &str) -> Result<String, AdminError> {
+        let url = format!("{}{path_and_query}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| AdminError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            return Err(AdminError::Status {
+                url,
+                status: resp.status().as_u16(),
+            });
+        }
+        resp.text()
+            .await
+            .map_err(|source| AdminError::Http { url, source })
+    }
+
+    /// Samples from `/stats/prometheus` whose names start with `prefix`.
+    pub async fn prometheus(&self, prefix: &str) -> Result<Vec<Sample>, AdminError> {
+        // `filter` narrows Envoy's work to our metrics (it matches the stat name before the
+        // Prometheus rename, i.e. `wasmcustom.sluice_...`).
+        let text = self.get("/stats/prometheus?filter=sluice_").await?;
+        exposition::parse(&text, prefix).map_err(|source| AdminError::Parse {
+            url: format!("{}/stats/prometheus", self.base),
+            source,
+        })
+    }
+
+    /// Plain `/stats` counters and gauges matching the regex `filter`, by name.
+    pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>, AdminError> {
+        let text = self
+            .get(&format!("/stats?usedonly=false&filter={}", encode(filter)))
+            .await?;
+        let mut out = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let Some((name, value)) = line.rsplit_once(": ") else {
+                return Err(AdminError::Stats {
+                    url: format!("{}/stats", self.base),
+                    line: line.to_string(),
+                });
+            };
+            // Histograms print summaries, not integers; callers only ask for counters.
+            if let Ok(v) = value.trim().parse::<u64>() {
+                out.insert(name.trim().to_string(), v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

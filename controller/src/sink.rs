@@ -1,0 +1,50 @@
+//! Sinks: where the controller pushes the filter configuration with new weights, and how it
+//! learns that every proxy accepted it. A push that is not confirmed is an error, never a
+//! success: the rollout holds instead of assuming traffic moved.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sluice_filter::config::FilterConfig;
+
+pub mod ecds_file;
+
+/// Proof that a push took effect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// From the start of the push until the last proxy confirmed it.
+    pub confirmed_after: Duration,
+}
+
+/// Why a push failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rendering the filter configuration: {0}")]
+    Render(String),
+    #[error("{proxy} rejected configuration version {version} (see its log for the reason)")]
+    Rejected { proxy: String, version: u64 },
+    #[error("{proxy} did not confirm configuration version {version} within {waited:?}")]
+    Unconfirmed {
+        proxy: String,
+        version: u64,
+        waited: Duration,
+    },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+}
+
+/// Pushes filter configurations to proxies.
+pub trait Sink {
+    /// Pushes `config` as version `version` and waits until every proxy accepted it.
+    fn push(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> impl Future<Output = Result<Receipt, SinkError>> + Send;
+}

@@ -1,0 +1,222 @@
+//! The ECDS file sink: Envoy watches a directory and reloads the filter's
+//! `TypedExtensionConfig` from a file in it (see `envoy/ecds.yaml`).
+//!
+//! A push writes the whole file to a temporary name in the same directory, syncs it, and
+//! renames it over the watched file, so Envoy never reads a half-written file. It then polls
+//! each Envoy's admin counters `extension_config_discovery.http_filter.<name>.update_success`
+//! and `update_rejected` until one of them moves past its value from before the write.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sluice_filter::config::FilterConfig;
+
+use super::{Receipt, Sink, SinkError};
+use crate::admin::Admin;
+
+/// How Envoy loads the filter's code; rendered into every pushed file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmCode {
+    /// Path of `sluice_filter.wasm` as Envoy sees it.
+    pub filename: String,
+    #[serde(default = "default_name")]
+    pub vm_id: String,
+    #[serde(default = "default_name")]
+    pub root_id: String,
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+}
+
+fn default_name() -> String {
+    "sluice".to_string()
+}
+
+fn default_runtime() -> String {
+    "envoy.wasm.runtime.v8".to_string()
+}
+
+/// An ECDS file watched by one or more Envoys.
+#[derive(Debug, Clone)]
+pub struct EcdsFile {
+    pub path: PathBuf,
+    /// The `TypedExtensionConfig` name (the filter name in the listener's `config_discovery`).
+    pub resource: String,
+    pub code: WasmCode,
+    /// Admin endpoints of the Envoys that watch `path`.
+    pub proxies: Vec<Admin>,
+    pub confirm_within: Duration,
+}
+
+/// The file's content: a discovery response holding one `TypedExtensionConfig`.
+pub fn render(
+    resource: &str,
+    code: &WasmCode,
+    config: &FilterConfig,
+    version: u64,
+) -> Result<String, SinkError> {
+    let plugin = serde_json::to_string(config).map_err(|e| SinkError::Render(e.to_string()))?;
+    let doc = serde_json::json!({
+        "version_info": version.to_string(),
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": resource,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": resource,
+                    "root_id": code.root_id,
+                    "vm_config": {
+                        "vm_id": code.vm_id,
+                        "runtime": code.runtime,
+                        "code": {"local": {"filename": code.filename}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin,
+                    },
+                },
+            },
+        }],
+    });
+    serde_json::to_string_pretty(&doc).map_err(|e| SinkError::Render(e.to_string()))
+}
+
+/// Replaces `path` with `content` atomically (temp file in the same directory + rename).
+pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A dot-name Envoy ignores until the rename makes it the watched file.
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+impl EcdsFile {
+    fn counter_names(&self) -> (String, String) {
+        let base = format!("extension_config_discovery.http_filter.{}", self.resource);
+        (format!("{base}.update_success"), format!("{base}.update_rejected"))
+    }
+
+    async fn counters(&self, proxy: &Admin) -> Result<(u64, u64), SinkError> {
+        let (ok, rejected) = self.counter_names();
+        let filter = format!(
+            "^extension_config_discovery\\.http_filter\\.{}\\.update_(success|rejected)$",
+            regex_escape(&self.resource)
+        );
+        let stats = proxy.stats(&filter).await?;
+        Ok((
+            stats.get(&ok).copied().unwrap_or(0),
+            stats.get(&rejected).copied().unwrap_or(0),
+        ))
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+impl Sink for EcdsFile {
+    async fn push(&self, config: &FilterConfig, version: u64) -> Result<Receipt, SinkError> {
+        let started = Instant::now();
+        let content = render(&self.resource, &self.code, config, version)?;
+        let mut before = Vec::with_capacity(self.proxies.len());
+        for p in &self.proxies {
+            before.push(self.counters(p).await?);
+        }
+        write_atomically(&self.path, content.as_bytes()).map_err(|source| SinkError::Write {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        for (p, (ok0, rejected0)) in self.proxies.iter().zip(before) {
+            loop {
+                let (ok, rejected) = self.counters(p).await?;
+                if rejected > rejected0 {
+                    return Err(SinkError::Rejected {
+                        proxy: p.base().to_string(),
+                        version,
+                    });
+                }
+                if ok > ok0 {
+                    break;
+                }
+                if started.elapsed() > self.confirm_within {
+                    return Err(SinkError::Unconfirmed {
+                        proxy: p.base().to_string(),
+                        version,
+                        waited: started.elapsed(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        Ok(Receipt {
+            confirmed_after: started.elapsed(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_file_carries_the_config_as_a_string() {
+        let config: FilterConfig = serde_json::from_str(
+            r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+                "variants": [{"name": "a"}, {"name": "b", "weight": 5}]}]}"#,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let code = WasmCode {
+            filename: "/x/sluice_filter.wasm".into(),
+            vm_id: default_name(),
+            root_id: default_name(),
+            runtime: default_runtime(),
+        };
+        let text = render("sluice", &code, &config, 7).unwrap_or_default();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(doc["version_info"], "7");
+        let value = doc["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap_or_default();
+        let back: FilterConfig = serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file() {
+        let dir = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("sluice.yaml");
+        for content in ["one", "two"] {
+            assert!(write_atomically(&path, content.as_bytes()).is_ok());
+            assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some(content));
+        }
+        let leftovers = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn regex_escaping() {
+        assert_eq!(regex_escape("a.b"), "a\\.b");
+    }
+}
