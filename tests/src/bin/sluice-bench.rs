@@ -1,0 +1,431 @@
+//! `sluice-bench`: the filter benchmark driver and its open-loop load generator.
+//!
+//! - `sluice-bench filter`: starts the benchmark upstream (`bench/envoy/upstream.yaml`) and one
+//!   measured Envoy per case — (a) `proxy-none.yaml`, (b) `proxy-noop.yaml`, (c)
+//!   `proxy-sluice.yaml` — each with `--concurrency 1`; then, for several rounds, drives each case
+//!   in turn (rotating the order) at a fixed request rate and records Envoy's CPU per request
+//!   (utime+stime from `/proc/<pid>/stat`) and latency percentiles. Prints the medians and their
+//!   ratios to case (a) as a Markdown table.
+//! - `sluice-bench load`: the load generator alone, against any URL.
+//!
+//! The generator is open loop: request `i` is due at `start + i/rate` whatever happened to the
+//! previous ones, and its latency is counted from when it was due, so a stall shows up in the
+//! percentiles instead of silently lowering the rate (coordinated omission). Every request carries
+//! a distinct user id, because the Sluice filter's work depends on the key it hashes.
+//!
+//! On a machine with two or more cores the measured Envoys are pinned to CPU 1, and the upstream
+//! Envoy and this process to CPU 0, so the generator never competes with what it measures.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use sluice_tests::{noop_filter_wasm, Envoy, EnvoyConfig, HttpClient};
+
+#[derive(Parser)]
+#[command(about = "Sluice filter benchmark and open-loop load generator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compare Envoy CPU/request and latency: no filter, no-op wasm filter, Sluice filter.
+    Filter(FilterArgs),
+    /// Send requests at a fixed rate to one URL and print latency percentiles.
+    Load(LoadArgs),
+}
+
+#[derive(Parser, Clone)]
+struct LoadArgs {
+    /// Target URL.
+    #[arg(long, default_value = "http://127.0.0.1:10000/predict")]
+    url: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Header carrying the user id.
+    #[arg(long, default_value = "x-user-id")]
+    user_header: String,
+}
+
+#[derive(Parser)]
+struct FilterArgs {
+    /// Measured rounds; each round runs every case once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Requests per second, below the saturation of one Envoy worker.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of measured load per case and round.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of unmeasured load before each measured run (connections, JIT, caches).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Cases to run, from: none, noop, sluice.
+    #[arg(long, value_delimiter = ',', default_value = "none,noop,sluice")]
+    cases: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // One thread is plenty for a few thousand requests per second on loopback, and keeps the
+    // generator's own CPU use on the core it is pinned to.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    match cli.command {
+        Cmd::Load(args) => runtime.block_on(async {
+            let client = HttpClient::new().with_timeout(Duration::from_secs(5));
+            let run = open_loop(&client, &args, "load").await?;
+            println!("{}", run.summary());
+            Ok(())
+        }),
+        Cmd::Filter(args) => runtime.block_on(filter_bench(args)),
+    }
+}
+
+/// What one open-loop run observed.
+struct Run {
+    sent: usize,
+    ok: usize,
+    failed: usize,
+    elapsed: Duration,
+    /// Latencies of the 2xx responses, microseconds, sorted.
+    latencies_us: Vec<u64>,
+}
+
+impl Run {
+    fn percentile_ms(&self, q: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * self.latencies_us.len() as f64).ceil() as usize)
+            .clamp(1, self.latencies_us.len());
+        self.latencies_us[rank - 1] as f64 / 1000.0
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "sent {} ok {} failed {} in {:.2}s ({:.0} req/s): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            self.sent,
+            self.ok,
+            self.failed,
+            self.elapsed.as_secs_f64(),
+            self.sent as f64 / self.elapsed.as_secs_f64(),
+            self.percentile_ms(0.5),
+            self.percentile_ms(0.9),
+            self.percentile_ms(0.99),
+            self.percentile_ms(1.0),
+        )
+    }
+}
+
+/// Requests in flight beyond which the target is clearly saturated; further requests are counted
+/// as failed instead of piling up.
+const MAX_IN_FLIGHT: usize = 2000;
+
+async fn open_loop(client: &HttpClient, args: &LoadArgs, tag: &str) -> Result<Run> {
+    let total = (args.rate as f64 * args.duration).round() as usize;
+    let period = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut latencies_us = Vec::with_capacity(total);
+    let mut failed = 0;
+    let mut record =
+        |joined: Result<Option<u64>, tokio::task::JoinError>, failed: &mut usize| match joined {
+            Ok(Some(us)) => latencies_us.push(us),
+            _ => *failed += 1,
+        };
+    let start = tokio::time::Instant::now() + Duration::from_millis(5);
+    for i in 0..total {
+        let due = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            failed += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let client = client.clone();
+        let url = args.url.clone();
+        let header = args.user_header.clone();
+        let user = format!("{tag}-user-{i}");
+        let in_flight = in_flight.clone();
+        tasks.spawn(async move {
+            let result = client
+                .send(Method::GET, &url, &[(header.as_str(), user.as_str())], "")
+                .await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let latency = due.elapsed();
+            match result {
+                Ok(r) if (200..300).contains(&r.status) => Some(latency.as_micros() as u64),
+                _ => None,
+            }
+        });
+        // Reap as we go so the set stays small.
+        while let Some(joined) = tasks.try_join_next() {
+            record(joined, &mut failed);
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        record(joined, &mut failed);
+    }
+    let elapsed = start.elapsed();
+    latencies_us.sort_unstable();
+    Ok(Run {
+        sent: total,
+        ok: latencies_us.len(),
+        failed,
+        elapsed,
+        latencies_us,
+    })
+}
+
+/// Total CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is parenthesised and may contain spaces: split after its ')'.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/pid/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Pins every thread of `pid` to `cpu` (best effort: without taskset, or on one core, nothing).
+fn pin(pid: u32, cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return;
+    }
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// One measured run of one case.
+struct Measurement {
+    cpu_us_per_req: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    achieved_rps: f64,
+    failed: usize,
+}
+
+struct Case {
+    name: &'static str,
+    label: &'static str,
+    envoy: Envoy,
+    results: Vec<Measurement>,
+}
+
+async fn filter_bench(args: FilterArgs) -> Result<()> {
+    let tck = clock_ticks_per_second();
+    pin(std::process::id(), 0);
+
+    let upstream = EnvoyConfig::new("bench/envoy/upstream.yaml")
+        .start()
+        .await?;
+    pin(upstream.pid(), 0);
+    let model_port = upstream.port(18000);
+    eprintln!(
+        "[bench] upstream Envoy (direct_response) on port {model_port}, pid {}",
+        upstream.pid()
+    );
+
+    let mut cases = Vec::new();
+    for name in &args.cases {
+        let (label, file) = match name.as_str() {
+            "none" => ("(a) no filter", "bench/envoy/proxy-none.yaml"),
+            "noop" => ("(b) no-op wasm", "bench/envoy/proxy-noop.yaml"),
+            "sluice" => ("(c) Sluice", "bench/envoy/proxy-sluice.yaml"),
+            other => bail!("unknown case {other:?} (none, noop, sluice)"),
+        };
+        if name == "noop" {
+            noop_filter_wasm()?;
+        }
+        let envoy = match EnvoyConfig::new(file)
+            .port_to(18000, model_port)
+            .start()
+            .await
+        {
+            Ok(e) => e,
+            Err(sluice_tests::Error::WasmMissing { path, build }) if name == "sluice" => {
+                eprintln!(
+                    "[bench] skipping (c): {} not built (`{build}`)",
+                    path.display()
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        pin(envoy.pid(), 1);
+        eprintln!(
+            "[bench] {label}: Envoy pid {} on port {}",
+            envoy.pid(),
+            envoy.port(10000)
+        );
+        cases.push(Case {
+            name: match name.as_str() {
+                "none" => "none",
+                "noop" => "noop",
+                _ => "sluice",
+            },
+            label,
+            envoy,
+            results: Vec::new(),
+        });
+    }
+    if cases.is_empty() {
+        bail!("no case to run");
+    }
+
+    let client = HttpClient::new().with_timeout(Duration::from_secs(5));
+    for round in 0..args.rounds {
+        // Rotate the order so no case always runs right after the same other one.
+        let n = cases.len();
+        for k in 0..n {
+            let case = &mut cases[(k + round) % n];
+            let url = case.envoy.url(10000, "/predict");
+            let warm = LoadArgs {
+                url: url.clone(),
+                rate: args.rate,
+                duration: args.warmup,
+                user_header: "x-user-id".into(),
+            };
+            open_loop(&client, &warm, &format!("warm{round}")).await?;
+            let pid = case.envoy.pid();
+            let before = cpu_ticks(pid)?;
+            let run = open_loop(
+                &client,
+                &LoadArgs {
+                    duration: args.duration,
+                    ..warm
+                },
+                &format!("r{round}"),
+            )
+            .await?;
+            let ticks = cpu_ticks(pid)? - before;
+            let m = Measurement {
+                cpu_us_per_req: ticks as f64 / tck * 1e6 / run.ok.max(1) as f64,
+                p50_ms: run.percentile_ms(0.5),
+                p99_ms: run.percentile_ms(0.99),
+                achieved_rps: run.sent as f64 / run.elapsed.as_secs_f64(),
+                failed: run.failed,
+            };
+            eprintln!(
+                "[bench] round {} {:<15} cpu {:6.1} us/req  p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  failed {}",
+                round + 1,
+                case.label,
+                m.cpu_us_per_req,
+                m.p50_ms,
+                m.p99_ms,
+                m.achieved_rps,
+                m.failed
+            );
+            case.results.push(m);
+        }
+    }
+
+    // Sanity: the Sluice case must really have split traffic, or (c) measured nothing.
+    for case in cases.iter().filter(|c| c.name == "sluice") {
+        let prom = case.envoy.admin().prometheus().await?;
+        let split = prom.by_label("sluice_requests_total", "variant", &[]);
+        eprintln!("[bench] Sluice split over the whole run: {split:?}");
+        if split.values().sum::<f64>() <= 0.0 {
+            bail!(
+                "the Sluice filter counted no requests; is its config accepted?\n{}",
+                case.envoy.log_tail(20)
+            );
+        }
+    }
+
+    print_table(&cases, &args);
+    drop(upstream);
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn print_table(cases: &[Case], args: &FilterArgs) {
+    let medians: BTreeMap<&str, (f64, f64, f64)> = cases
+        .iter()
+        .map(|c| {
+            (
+                c.name,
+                (
+                    median(c.results.iter().map(|m| m.cpu_us_per_req).collect()),
+                    median(c.results.iter().map(|m| m.p50_ms).collect()),
+                    median(c.results.iter().map(|m| m.p99_ms).collect()),
+                ),
+            )
+        })
+        .collect();
+    let base = medians.get("none").copied();
+    println!(
+        "\n{} rounds x {} s at {} req/s per case, Envoy --concurrency 1; medians over rounds.\n",
+        args.rounds, args.duration, args.rate
+    );
+    println!("| case | CPU µs/request | CPU vs (a) | p50 ms | p99 ms | p99 vs (a) | failed |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for c in cases {
+        let (cpu, p50, p99) = medians[c.name];
+        let ratio = |x: f64, b: Option<f64>| match b {
+            Some(b) if b > 0.0 => format!("{:.2}x", x / b),
+            _ => "-".into(),
+        };
+        println!(
+            "| {} | {:.1} | {} | {:.3} | {:.3} | {} | {} |",
+            c.label,
+            cpu,
+            ratio(cpu, base.map(|b| b.0)),
+            p50,
+            p99,
+            ratio(p99, base.map(|b| b.2)),
+            c.results.iter().map(|m| m.failed).sum::<usize>()
+        );
+    }
+    println!("\nPer round (CPU µs/request; p99 ms):\n");
+    for c in cases {
+        let cells: Vec<String> = c
+            .results
+            .iter()
+            .map(|m| format!("{:.1}; {:.3}", m.cpu_us_per_req, m.p99_ms))
+            .collect();
+        println!("- {}: {}", c.label, cells.join(" | "));
+    }
+}
