@@ -1,0 +1,672 @@
+//! The Sluice filter in a real Envoy: split, stickiness, spoofing, overrides, counters,
+//! invalid configuration, and weight changes through the ECDS file.
+//!
+//! Expected assignments are computed with the filter crate's own config and assignment code
+//! (natively), so these tests also prove that the controller side and the wasm filter agree on
+//! who is in which variant.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_filter::config::{FilterConfig, Plan};
+use sluice_filter::request::variant_of_key;
+use sluice_tests::client::count_by_header;
+use sluice_tests::{
+    repo_root, validate, wait_until, Envoy, EnvoyConfig, HttpClient, Load, Reply, Request, Samples,
+    Upstream,
+};
+
+const LISTENER: u16 = 10000;
+const STABLE: u16 = 10001;
+const CANARY: u16 = 10002;
+const SHADOW: u16 = 10003;
+const FIXTURE: &str = "tests/envoy/upstreams.yaml";
+
+/// The one-line filter configuration in the fixture, which tests replace.
+fn fixture_config() -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(repo_root().join(FIXTURE))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("value: '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line `value: '...'` filter config"))?;
+    Ok(line.to_string())
+}
+
+/// The fixture with `config` as the filter configuration and our upstreams behind it.
+pub async fn start_fixture(
+    config: &Value,
+    stable: &Upstream,
+    canary_port: u16,
+    shadow_port: u16,
+) -> anyhow::Result<Envoy> {
+    Ok(EnvoyConfig::new(FIXTURE)
+        .port_to(STABLE, stable.port())
+        .port_to(CANARY, canary_port)
+        .port_to(SHADOW, shadow_port)
+        .replace(&fixture_config()?, &config.to_string())
+        .start()
+        .await?)
+}
+
+/// The filter configuration embedded in a shipped Envoy YAML (`value: |` block).
+fn embedded_config(yaml: &str) -> anyhow::Result<FilterConfig> {
+    let text = std::fs::read_to_string(repo_root().join(yaml))?;
+    let start = text
+        .find("value: |")
+        .ok_or_else(|| anyhow::anyhow!("{yaml}: no `value: |` block"))?;
+    let block: String = text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("- name:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(serde_json::from_str(&block)?)
+}
+
+fn plan_of(config: &FilterConfig) -> anyhow::Result<Plan> {
+    Plan::from_config(config).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Whether `observed` successes out of `n` are within 4.5 standard deviations of weight `p`.
+/// The hash is deterministic, so this never flakes; the bound says what "the split is right"
+/// means for a given sample size.
+fn within_binomial(observed: usize, n: usize, p: f64) -> bool {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (observed as f64 - mean).abs() <= 4.5 * sd.max(1.0)
+}
+
+fn sluice(samples: &Samples, name: &str, experiment: &str, variant: &str) -> f64 {
+    samples.sum(name, &[("experiment", experiment), ("variant", variant)])
+}
+
+fn user_upstream_config(weight: f64, extra: Value) -> Value {
+    let mut exp = json!({
+        "name": "t",
+        "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+        "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": weight}],
+        "echo": {"header": "x-sluice-variant"},
+    });
+    if let (Some(e), Some(x)) = (exp.as_object_mut(), extra.as_object()) {
+        for (k, v) in x {
+            e.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"version": 1, "experiments": [exp]})
+}
+
+async fn named(name: &'static str) -> anyhow::Result<Upstream> {
+    Ok(Upstream::start(name, move |_req: &Request| {
+        Reply::json(json!({ "model": name })).header("x-upstream", name)
+    })
+    .await?)
+}
+
+#[test]
+fn every_shipped_envoy_yaml_validates() -> anyhow::Result<()> {
+    let mut checked = 0;
+    for dir in ["envoy", "tests/envoy"] {
+        for entry in std::fs::read_dir(repo_root().join(dir))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+                let rel = path.strip_prefix(repo_root())?.to_path_buf();
+                let text = std::fs::read_to_string(&path)?;
+                // Configs that watch an ECDS directory are validated with a copy of it.
+                let result = match text.find("watched_directory: { path: ") {
+                    Some(i) => {
+                        let dir = text[i + 27..].split(' ').next().unwrap_or_default();
+                        EnvoyConfig::new(&rel).ecds(dir).validate()
+                    }
+                    None => validate(&rel),
+                };
+                result.map_err(|e| anyhow::anyhow!("{}: {e}", rel.display()))?;
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3, "found only {checked} YAML files");
+    Ok(())
+}
+
+/// The shipped example as a user runs it: split, stickiness, spoofing, echo, missing keys,
+/// event beacons, all checked user by user against the filter crate's assignment.
+#[tokio::test]
+async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::Result<()> {
+    let config = embedded_config("envoy/demo.yaml")?;
+    let plan = plan_of(&config)?;
+    let exp = &plan.experiments[0];
+    let envoy = EnvoyConfig::new("envoy/demo.yaml").start().await?;
+    let url = envoy.url(LISTENER, "/predict");
+
+    // 10,000 distinct users, every one claiming to be in the canary.
+    let n = 10_000;
+    let responses = Load::new(&url)
+        .requests(n)
+        .header("x-sluice-variant", "canary")
+        .run()
+        .await?;
+    let mut canary = 0;
+    for r in &responses {
+        let want = &exp.variants[variant_of_key(exp, r.user.as_bytes())];
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-sluice-variant"),
+            Some(want.as_str()),
+            "echo for {}",
+            r.user
+        );
+        assert_eq!(
+            r.json()?["model"],
+            want.as_str(),
+            "served model for {}",
+            r.user
+        );
+        canary += usize::from(want == "canary");
+    }
+    assert!(
+        within_binomial(canary, n, 0.10),
+        "{canary} of {n} in a 10 % canary"
+    );
+
+    // The same users again, twice: nobody moves.
+    for _ in 0..2 {
+        let again = Load::new(&url).requests(2000).run().await?;
+        for (r, first) in again.iter().zip(&responses) {
+            assert_eq!(
+                r.header("x-sluice-variant"),
+                first.header("x-sluice-variant")
+            );
+        }
+    }
+
+    // No user key: the control, counted as such.
+    let keyless = Load::new(&url)
+        .requests(100)
+        .user_header(None)
+        .run()
+        .await?;
+    assert!(keyless
+        .iter()
+        .all(|r| r.header("x-sluice-variant") == Some("stable")));
+
+    // Event beacons, attributed by re-hashing the key (query parameter here).
+    let client = HttpClient::new();
+    let mut clicks: BTreeMap<String, f64> = BTreeMap::new();
+    for i in 0..300 {
+        let user = format!("user-{i}");
+        let path = format!("/sluice/event?name=click&user={user}");
+        let r = client
+            .send(
+                hyper::Method::POST,
+                &envoy.url(LISTENER, &path),
+                &[],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        assert_eq!(r.status, 204, "beacon for {user}");
+        *clicks
+            .entry(exp.variants[variant_of_key(exp, user.as_bytes())].clone())
+            .or_default() += 1.0;
+    }
+    let bad = [
+        ("POST", "/sluice/event?name=bogus&user=u", 400),
+        ("POST", "/sluice/event?user=u", 400),
+        ("POST", "/sluice/event?name=click", 400),
+        ("PUT", "/sluice/event?name=click&user=u", 405),
+    ];
+    for (method, path, status) in bad {
+        let m = hyper::Method::from_bytes(method.as_bytes())?;
+        let r = client
+            .send(m, &envoy.url(LISTENER, path), &[], Vec::<u8>::new())
+            .await?;
+        assert_eq!(r.status, status, "{method} {path}");
+    }
+
+    let total_requests = n + 2 * 2000 + 100;
+    let stats = envoy.admin().prometheus().await?;
+    let requests = stats.by_label(
+        "sluice_requests_total",
+        "variant",
+        &[("experiment", "demo")],
+    );
+    assert_eq!(requests.values().sum::<f64>(), total_requests as f64);
+    let canary_requests = canary as f64
+        + responses[..2000]
+            .iter()
+            .filter(|r| r.header("x-sluice-variant") == Some("canary"))
+            .count() as f64
+            * 2.0;
+    assert_eq!(requests.get("canary").copied(), Some(canary_requests));
+    assert_eq!(
+        sluice(&stats, "sluice_missing_key_total", "demo", "stable"),
+        100.0
+    );
+    assert_eq!(
+        sluice(&stats, "sluice_missing_key_total", "demo", "canary"),
+        0.0
+    );
+    for (variant, want) in &clicks {
+        let got = stats.sum(
+            "sluice_outcomes_total",
+            &[
+                ("experiment", "demo"),
+                ("variant", variant),
+                ("outcome", "click"),
+            ],
+        );
+        assert_eq!(got, *want, "clicks for {variant}");
+    }
+    assert_eq!(
+        stats.sum("sluice_events_rejected_total", &[("experiment", "demo")]),
+        bad.len() as f64
+    );
+    assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn split_matches_the_weight_at_several_weights() -> anyhow::Result<()> {
+    let (stable, canary) = (named("stable").await?, named("canary").await?);
+    let n = 10_000;
+    for weight in [1.0, 25.0, 50.0] {
+        let config = user_upstream_config(weight, json!({}));
+        let envoy = start_fixture(&config, &stable, canary.port(), canary.port()).await?;
+        let before = canary.count();
+        let responses = Load::new(envoy.url(LISTENER, "/"))
+            .requests(n)
+            .run()
+            .await?;
+        let served = (canary.count() - before) as usize;
+        let echoed = count_by_header(&responses, "x-sluice-variant");
+        assert_eq!(echoed.get("canary").copied().unwrap_or(0), served);
+        assert!(
+            within_binomial(served, n, weight / 100.0),
+            "{served} of {n} users in a {weight} % canary"
+        );
+        // And user by user, as the shared assignment code says.
+        let plan = plan_of(&serde_json::from_value(config)?)?;
+        let exp = &plan.experiments[0];
+        for r in &responses {
+            let want = &exp.variants[variant_of_key(exp, r.user.as_bytes())];
+            assert_eq!(r.header("x-sluice-variant"), Some(want.as_str()));
+        }
+    }
+    Ok(())
+}
+
+/// Status classes, latency, outcomes and predictions in `/stats/prometheus` match what the
+/// clients saw, per variant.
+#[tokio::test]
+async fn counters_match_the_traffic() -> anyhow::Result<()> {
+    fn behaviour(name: &'static str, delay_ms: u64) -> impl Fn(&Request) -> Reply + Send + Sync {
+        move |req: &Request| {
+            let i: u64 = req
+                .user()
+                .and_then(|u| u.strip_prefix("user-"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let status = match i % 20 {
+                1 => 503,
+                2 => 404,
+                3 => 302,
+                _ => 200,
+            };
+            let mut outcomes = Vec::new();
+            if i % 5 == 0 {
+                outcomes.push("click");
+            }
+            if i % 7 == 0 {
+                outcomes.push("purchase");
+            }
+            if i % 11 == 0 {
+                outcomes.push("bogus");
+            }
+            let mut reply = Reply::json(json!({ "model": name }))
+                .with_status(status)
+                .delay(Duration::from_millis(delay_ms))
+                .header("x-model-score", &format!("{}", (i % 100) as f64 / 100.0));
+            if !outcomes.is_empty() {
+                reply = reply.header("x-sluice-outcome", &outcomes.join(","));
+            }
+            reply
+        }
+    }
+    let stable = Upstream::start("stable", behaviour("stable", 0)).await?;
+    let canary = Upstream::start("canary", behaviour("canary", 25)).await?;
+    let config = user_upstream_config(
+        30.0,
+        json!({
+            "outcomes": {"header": "x-sluice-outcome", "names": ["click", "purchase"]},
+            "prediction": {"header": "x-model-score", "scale": 1000},
+        }),
+    );
+    let envoy = start_fixture(&config, &stable, canary.port(), canary.port()).await?;
+    let n = 4000;
+    let responses = Load::new(envoy.url(LISTENER, "/predict"))
+        .requests(n)
+        .run()
+        .await?;
+
+    #[derive(Default, Debug)]
+    struct Seen {
+        requests: f64,
+        classes: BTreeMap<String, f64>,
+        click: f64,
+        purchase: f64,
+        unknown: f64,
+        score_sum: f64,
+    }
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    for r in &responses {
+        let variant = r.header("x-sluice-variant").unwrap_or("?").to_string();
+        let s = seen.entry(variant).or_default();
+        s.requests += 1.0;
+        *s.classes
+            .entry(format!("{}xx", r.status / 100))
+            .or_default() += 1.0;
+        let outcome = r.header("x-sluice-outcome").unwrap_or("");
+        s.click += f64::from(u8::from(outcome.contains("click")));
+        s.purchase += f64::from(u8::from(outcome.contains("purchase")));
+        s.unknown += f64::from(u8::from(outcome.contains("bogus")));
+        s.score_sum += r
+            .header("x-model-score")
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    assert_eq!(seen.len(), 2, "both variants served: {:?}", seen.keys());
+
+    // Histograms arrive at the next stats flush (1 s in the fixture).
+    let admin = envoy.admin();
+    wait_until(
+        Duration::from_secs(10),
+        "latency histograms flushed",
+        || async {
+            let stats = admin.prometheus().await.unwrap_or_default();
+            ["stable", "canary"].iter().all(|v| {
+                stats
+                    .histogram("sluice_latency_ms", &[("experiment", "t"), ("variant", v)])
+                    .is_some_and(|h| h.count == seen[*v].requests)
+            })
+        },
+    )
+    .await?;
+    let stats = admin.prometheus().await?;
+    let mut unknown_total = 0.0;
+    for (variant, s) in &seen {
+        let l = [("experiment", "t"), ("variant", variant.as_str())];
+        assert_eq!(
+            stats.sum("sluice_requests_total", &l),
+            s.requests,
+            "{variant}"
+        );
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            let got = stats.sum("sluice_responses_total", &[l[0], l[1], ("class", class)]);
+            assert_eq!(
+                got,
+                s.classes.get(class).copied().unwrap_or(0.0),
+                "{variant} {class}"
+            );
+        }
+        for (outcome, want) in [("click", s.click), ("purchase", s.purchase)] {
+            let got = stats.sum("sluice_outcomes_total", &[l[0], l[1], ("outcome", outcome)]);
+            assert_eq!(got, want, "{variant} {outcome}");
+        }
+        unknown_total += s.unknown;
+        let prediction = stats
+            .histogram("sluice_prediction", &l)
+            .ok_or_else(|| anyhow::anyhow!("no prediction histogram for {variant}"))?;
+        assert_eq!(prediction.count, s.requests);
+        // Envoy's histogram sums are approximate (log-linear bins): a few percent.
+        let want_sum = s.score_sum * 1000.0;
+        assert!(
+            (prediction.sum - want_sum).abs() <= 0.05 * want_sum,
+            "{variant}: prediction sum {} vs {want_sum}",
+            prediction.sum
+        );
+        assert_eq!(stats.sum("sluice_local_replies_total", &l), 0.0);
+    }
+    assert_eq!(
+        stats.sum("sluice_outcomes_unknown_total", &[("experiment", "t")]),
+        unknown_total
+    );
+    let latency = |v: &str| {
+        stats
+            .histogram("sluice_latency_ms", &[("experiment", "t"), ("variant", v)])
+            .and_then(|h| h.quantile(0.5))
+            .unwrap_or(f64::NAN)
+    };
+    assert!(
+        latency("canary") >= 20.0,
+        "canary p50 {} ms (it sleeps 25 ms)",
+        latency("canary")
+    );
+    assert!(
+        latency("stable") < 10.0,
+        "stable p50 {} ms",
+        latency("stable")
+    );
+    Ok(())
+}
+
+/// An unreachable canary: Envoy answers 503 itself; the filter counts local replies and resets.
+#[tokio::test]
+async fn envoy_local_replies_and_upstream_resets_are_counted() -> anyhow::Result<()> {
+    let stable = named("stable").await?;
+    let closed = sluice_tests::free_port()?; // nothing listens here
+    let config = user_upstream_config(50.0, json!({}));
+    let envoy = start_fixture(&config, &stable, closed, closed).await?;
+    let responses = Load::new(envoy.url(LISTENER, "/"))
+        .requests(400)
+        .run()
+        .await?;
+    let failed: Vec<_> = responses
+        .iter()
+        .filter(|r| r.header("x-sluice-variant") == Some("canary"))
+        .collect();
+    assert!(!failed.is_empty());
+    assert!(failed.iter().all(|r| r.status == 503));
+    let stats = envoy.admin().prometheus().await?;
+    let n = failed.len() as f64;
+    assert_eq!(
+        sluice(&stats, "sluice_local_replies_total", "t", "canary"),
+        n
+    );
+    assert_eq!(
+        sluice(&stats, "sluice_upstream_resets_total", "t", "canary"),
+        n
+    );
+    assert_eq!(
+        sluice(&stats, "sluice_local_replies_total", "t", "stable"),
+        0.0
+    );
+    assert_eq!(
+        stats.sum(
+            "sluice_responses_total",
+            &[("experiment", "t"), ("variant", "canary"), ("class", "5xx")]
+        ),
+        n
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Result<()> {
+    let (stable, canary) = (named("stable").await?, named("canary").await?);
+    let token = "qa-token-0123456789";
+    let config = user_upstream_config(0.0, json!({"override": {"token": token}}));
+    let envoy = start_fixture(&config, &stable, canary.port(), canary.port()).await?;
+    let url = envoy.url(LISTENER, "/");
+    let with = |t: &str| {
+        Load::new(&url)
+            .requests(50)
+            .header("x-sluice-override", "canary")
+            .header("x-sluice-override-token", t)
+    };
+    let granted = with(token).run().await?;
+    assert!(granted
+        .iter()
+        .all(|r| r.json().ok().map(|j| j["model"] == "canary") == Some(true)));
+    let denied = with("wrong-token-000000000").run().await?;
+    assert!(denied
+        .iter()
+        .all(|r| r.json().ok().map(|j| j["model"] == "stable") == Some(true)));
+    let stats = envoy.admin().prometheus().await?;
+    assert_eq!(
+        sluice(&stats, "sluice_overrides_total", "t", "canary"),
+        50.0
+    );
+    assert_eq!(sluice(&stats, "sluice_requests_total", "t", "canary"), 0.0);
+    assert_eq!(sluice(&stats, "sluice_requests_total", "t", "stable"), 50.0);
+    assert_eq!(
+        stats.sum("sluice_overrides_denied_total", &[("experiment", "t")]),
+        50.0
+    );
+    Ok(())
+}
+
+/// A config the filter rejects keeps Envoy from loading it, with the field named in the log.
+#[test]
+fn invalid_static_config_is_rejected_naming_the_field() -> anyhow::Result<()> {
+    let bad = user_upstream_config(150.0, json!({}));
+    let result = EnvoyConfig::new(FIXTURE)
+        .replace(&fixture_config()?, &bad.to_string())
+        .validate();
+    let err = match result {
+        Ok(()) => anyhow::bail!("Envoy accepted a 150 % weight"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("experiments[0].variants[1].weight: 150 is not a percentage"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// ECDS: new weights apply within 2 s without a restart, move users only from control into
+/// the canary, and a rejected config leaves the last good one serving.
+#[tokio::test]
+async fn ecds_weight_changes_are_fast_monotone_and_safe() -> anyhow::Result<()> {
+    let envoy = EnvoyConfig::new("envoy/ecds.yaml")
+        .ecds("envoy/ecds")
+        .start()
+        .await?;
+    let url = envoy.url(LISTENER, "/");
+    let n = 3000;
+    let variants = |rs: &[sluice_tests::Response]| -> Vec<String> {
+        rs.iter()
+            .map(|r| r.header("x-sluice-variant").unwrap_or("?").to_string())
+            .collect()
+    };
+    let before = variants(&Load::new(&url).requests(n).run().await?);
+    let canary_before = before.iter().filter(|v| *v == "canary").count();
+    assert!(
+        within_binomial(canary_before, n, 0.01),
+        "{canary_before} at 1 %"
+    );
+
+    let original = std::fs::read_to_string(repo_root().join("envoy/ecds/sluice.yaml"))?;
+    let raised = original.replace(r#""weight": 1}"#, r#""weight": 25}"#);
+    assert_ne!(raised, original, "the ECDS file's canary weight is 1");
+    let success = "extension_config_discovery.http_filter.sluice.update_success";
+    let rejected = "extension_config_discovery.http_filter.sluice.update_rejected";
+    let ok0 = envoy.admin().stat(success).await?.unwrap_or(0);
+
+    let pushed = Instant::now();
+    envoy.write_ecds("sluice.yaml", &raised)?;
+    // Applied = a user who moves shows up in the canary.
+    let mover = (0..n)
+        .find(|&i| before[i] == "stable" && variant_after_weight(25.0, i))
+        .ok_or_else(|| anyhow::anyhow!("no user moves at 25 %"))?;
+    let client = HttpClient::new();
+    let mover_id = format!("user-{mover}");
+    wait_until(Duration::from_secs(2), "the new weight serves", || async {
+        client
+            .send(
+                hyper::Method::GET,
+                &url,
+                &[("x-user-id", mover_id.as_str())],
+                Vec::<u8>::new(),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.header("x-sluice-variant").map(|v| v == "canary"))
+            .unwrap_or(false)
+    })
+    .await?;
+    let took = pushed.elapsed();
+    eprintln!("ECDS push applied after {took:?}");
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    assert_eq!(envoy.admin().stat(success).await?.unwrap_or(0), ok0 + 1);
+
+    let after = variants(&Load::new(&url).requests(n).run().await?);
+    let mut moved = 0;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(
+            !(b == "canary" && a != "canary"),
+            "user-{i} left the canary"
+        );
+        moved += usize::from(b == "stable" && a == "canary");
+    }
+    assert!(
+        within_binomial(moved, n, 0.24),
+        "{moved} moved from 1 % to 25 %"
+    );
+
+    // An invalid config is rejected and the 25 % config keeps serving.
+    let r0 = envoy.admin().stat(rejected).await?.unwrap_or(0);
+    envoy.write_ecds(
+        "sluice.yaml",
+        &original.replace(r#""weight": 1}"#, r#""weight": 150}"#),
+    )?;
+    let admin = envoy.admin();
+    wait_until(
+        Duration::from_secs(5),
+        "the invalid config is rejected",
+        || async { admin.stat(rejected).await.ok().flatten().unwrap_or(0) > r0 },
+    )
+    .await?;
+    let still = variants(&Load::new(&url).requests(n).run().await?);
+    assert_eq!(still, after, "assignments changed after a rejected push");
+    assert!(envoy
+        .log()
+        .contains("experiments[0].variants[1].weight: 150 is not a percentage"));
+    // Counters survived the reloads.
+    let stats = envoy.admin().prometheus().await?;
+    let total: f64 = stats
+        .by_label(
+            "sluice_requests_total",
+            "variant",
+            &[("experiment", "demo")],
+        )
+        .values()
+        .sum();
+    assert!(
+        total >= (3 * n) as f64,
+        "requests counted across reloads: {total}"
+    );
+    Ok(())
+}
+
+/// Whether `user-{i}` is in the canary of the ECDS example at `weight`.
+fn variant_after_weight(weight: f64, i: usize) -> bool {
+    let text =
+        std::fs::read_to_string(repo_root().join("envoy/ecds/sluice.yaml")).unwrap_or_default();
+    let json: String = text
+        .split("value: |")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let Ok(config) = serde_json::from_str::<FilterConfig>(&json) else {
+        return false;
+    };
+    let Ok(raised) = config.with_weights("demo", &[("canary".into(), weight)]) else {
+        return false;
+    };
+    let Ok(plan) = Plan::from_config(&raised) else {
+        return false;
+    };
+    let exp = &plan.experiments[0];
+    exp.variants[variant_of_key(exp, format!("user-{i}").as_bytes())] == "canary"
+}
