@@ -49,10 +49,19 @@ impl Response {
 
 /// How many responses carried each value of a header (`"<none>"` for responses without it).
 pub fn count_by_header(responses: &[Response], header: &str) -> BTreeMap<String, usize> {
+    count_by(responses, |r| {
+        r.header(header).unwrap_or("<none>").to_string()
+    })
+}
+
+/// How many responses fall in each group named by `key` (e.g. status code, body field).
+pub fn count_by(
+    responses: &[Response],
+    key: impl Fn(&Response) -> String,
+) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for r in responses {
-        let key = r.header(header).unwrap_or("<none>").to_string();
-        *counts.entry(key).or_insert(0) += 1;
+        *counts.entry(key(r)).or_insert(0) += 1;
     }
     counts
 }

@@ -7,6 +7,9 @@
 //!   (utime+stime from `/proc/<pid>/stat`) and latency percentiles. Prints the medians and their
 //!   ratios to case (a) as a Markdown table.
 //! - `sluice-bench load`: the load generator alone, against any URL.
+//! - `sluice-bench burst`: one request from each of N distinct users (closed loop, bounded
+//!   concurrency) and the split of the answers by a response header — what `scripts/demo.sh`
+//!   shows.
 //!
 //! The generator is open loop: request `i` is due at `start + i/rate` whatever happened to the
 //! previous ones, and its latency is counted from when it was due, so a stall shows up in the
@@ -40,6 +43,34 @@ enum Cmd {
     Filter(FilterArgs),
     /// Send requests at a fixed rate to one URL and print latency percentiles.
     Load(LoadArgs),
+    /// One request per distinct user; print how the answers split by a response header.
+    Burst(BurstArgs),
+}
+
+#[derive(Parser)]
+struct BurstArgs {
+    /// Target URL.
+    #[arg(long, default_value = "http://127.0.0.1:10000/predict")]
+    url: String,
+    /// Distinct users (one request each).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Header carrying the user id.
+    #[arg(long, default_value = "x-user-id")]
+    user_header: String,
+    /// Prefix of the user ids (`<prefix>0`, `<prefix>1`, ...).
+    #[arg(long, default_value = "user-")]
+    user_prefix: String,
+    /// Response header to split the answers by.
+    #[arg(long, default_value = "x-sluice-variant")]
+    split_by: String,
+    /// Top-level field of the JSON answer naming who answered (e.g. `model`), shown beside the
+    /// header to check that each variant reached its own upstream.
+    #[arg(long)]
+    body_field: Option<String>,
 }
 
 #[derive(Parser, Clone)]
@@ -93,7 +124,55 @@ fn main() -> Result<()> {
             Ok(())
         }),
         Cmd::Filter(args) => runtime.block_on(filter_bench(args)),
+        Cmd::Burst(args) => runtime.block_on(burst(args)),
     }
+}
+
+async fn burst(args: BurstArgs) -> Result<()> {
+    let prefix = args.user_prefix.clone();
+    let started = std::time::Instant::now();
+    let responses = sluice_tests::Load::new(&args.url)
+        .requests(args.users)
+        .concurrency(args.concurrency)
+        .user_header(Some(&args.user_header))
+        .users(move |i| format!("{prefix}{i}"))
+        .run()
+        .await?;
+    let elapsed = started.elapsed();
+    let split = sluice_tests::client::count_by(&responses, |r| {
+        let header = r.header(&args.split_by).unwrap_or("<none>").to_string();
+        match &args.body_field {
+            None => header,
+            Some(field) => {
+                let body = r.json().ok().and_then(|v| v.get(field).cloned());
+                let body = body.map_or("<none>".into(), |v| {
+                    v.as_str().map_or(v.to_string(), str::to_string)
+                });
+                format!("{header:<10} → {field}={body}")
+            }
+        }
+    });
+    let statuses = sluice_tests::client::count_by(&responses, |r| r.status.to_string());
+    println!(
+        "{} requests from {} distinct users in {:.2}s; status codes {statuses:?}",
+        responses.len(),
+        args.users,
+        elapsed.as_secs_f64()
+    );
+    match &args.body_field {
+        None => println!("split by response header {}:", args.split_by),
+        Some(f) => println!(
+            "split by response header {} (→ answer's {f}):",
+            args.split_by
+        ),
+    }
+    for (value, n) in &split {
+        println!(
+            "  {value:<24} {n:>6}  {:5.1} %",
+            100.0 * *n as f64 / responses.len().max(1) as f64
+        );
+    }
+    Ok(())
 }
 
 /// What one open-loop run observed.
