@@ -281,23 +281,35 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
         let cfg = active.plan.experiments.get(e.experiment)?.shadow.as_ref()?;
         let m = shadow_metrics(active, e.experiment, e.variant)?;
         let elapsed = now.saturating_sub(e.sent_at_ms);
-        if headers == 0 {
-            // No answer: Envoy reports timeouts and failures alike; the clock tells them apart.
-            if elapsed + 2 >= cfg.timeout_ms {
-                active.increment(m.timeouts);
-            } else {
-                active.increment(m.errors);
-            }
+        let status = if headers == 0 {
+            0
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+                .unwrap_or(0)
+        };
+        // Envoy answers a timed-out call with its own 504 (or no headers at all); the clock
+        // tells a timeout from a shadow that really answered 504. The margin is wide because
+        // Envoy arms the timer from its event loop's cached time, which can lag the clock read
+        // here by a few milliseconds under load. A timeout is not an answer, so it is counted
+        // but not compared.
+        if (status == 0 || status == 504) && elapsed * 10 >= cfg.timeout_ms * 9 {
+            active.increment(m.timeouts);
+            e.primary_gone = true;
+            e.shadow = Some(Answer::default());
+            return Some(e.id);
+        }
+        if status == 0 {
+            active.increment(m.errors);
             e.primary_gone = true;
             e.shadow = Some(Answer::default());
             return Some(e.id);
         }
         active.record(m.latency, elapsed);
-        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-            .unwrap_or(0);
+        // Failed connections and resets arrive as Envoy's own 503: an error, and (as the
+        // status a user would have got) a status disagreement.
         if (500..600).contains(&status) {
             active.increment(m.errors);
         }
