@@ -104,8 +104,8 @@ impl Admin {
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
+/// Percent-encodes a query or form value.
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
