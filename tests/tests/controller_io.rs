@@ -1,0 +1,134 @@
+//! The controller's side effects against a real Envoy: the admin source reads what the filter
+//! counted (surviving an Envoy restart), and the ECDS file sink's pushes are confirmed — or
+//! reported as rejected — by Envoy itself.
+
+use std::time::{Duration, SystemTime};
+
+use sluice_controller::admin::Admin;
+use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
+use sluice_controller::sink::{Sink, SinkError};
+use sluice_controller::source::envoy_admin::EnvoyAdmin;
+use sluice_controller::source::{Accumulator, Source};
+use sluice_filter::config::FilterConfig;
+use sluice_tests::{filter_wasm, EnvoyConfig, Load};
+
+const LISTENER: u16 = 10000;
+const ADMIN: u16 = 9901;
+
+fn ecds_config() -> anyhow::Result<FilterConfig> {
+    let text = std::fs::read_to_string(sluice_tests::repo_root().join("envoy/ecds/sluice.yaml"))?;
+    let json = text
+        .split("value: |")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no filter config in envoy/ecds/sluice.yaml"))?;
+    Ok(serde_json::from_str(json)?)
+}
+
+#[tokio::test]
+async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Result<()> {
+    let config = EnvoyConfig::new("envoy/demo.yaml");
+    let envoy = config.clone().start().await?;
+    let source = EnvoyAdmin::new(
+        &[format!("http://{}", envoy.addr(ADMIN))],
+        Duration::from_secs(2),
+        None,
+    );
+    Load::new(envoy.url(LISTENER, "/"))
+        .requests(500)
+        .run()
+        .await?;
+    let mut acc = Accumulator::default();
+    let r = acc.add(SystemTime::now(), &source.scrape("demo").await?);
+    assert_eq!(r.sum("sluice_requests_total", &[]), 500.0);
+    assert!(r.sum("sluice_requests_total", &[("variant", "canary")]) > 0.0);
+    assert_eq!(r.sum("sluice_responses_total", &[("class", "2xx")]), 500.0);
+    assert!(source
+        .scrape("other")
+        .await?
+        .iter()
+        .all(|o| o.samples.is_empty()));
+
+    // The same Envoy restarted (same ports): its counters start again, ours do not.
+    let ports: Vec<(u16, u16)> = [LISTENER, ADMIN, 10001, 10002]
+        .iter()
+        .map(|&p| (p, envoy.port(p)))
+        .collect();
+    drop(envoy);
+    let err = source.scrape("demo").await.err().map(|e| e.to_string());
+    assert!(
+        err.is_some_and(|e| e.contains("unreachable")),
+        "a dead Envoy is an error, not zero traffic"
+    );
+    let mut again = config;
+    for (from, to) in ports {
+        again = again.port_to(from, to);
+    }
+    let envoy = again.start().await?;
+    Load::new(envoy.url(LISTENER, "/"))
+        .requests(100)
+        .run()
+        .await?;
+    let r = acc.add(SystemTime::now(), &source.scrape("demo").await?);
+    assert_eq!(r.sum("sluice_requests_total", &[]), 600.0);
+    assert_eq!(r.restarts.values().sum::<u64>(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ecds_sink_pushes_are_confirmed_or_reported_rejected() -> anyhow::Result<()> {
+    let envoy = EnvoyConfig::new("envoy/ecds.yaml")
+        .ecds("envoy/ecds")
+        .start()
+        .await?;
+    let dir = envoy
+        .ecds_dir()
+        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
+        .to_path_buf();
+    let sink = EcdsFile {
+        path: dir.join("sluice.yaml"),
+        resource: "sluice".into(),
+        code: WasmCode {
+            filename: filter_wasm()?.display().to_string(),
+            vm_id: "sluice".into(),
+            root_id: "sluice".into(),
+            runtime: "envoy.wasm.runtime.v8".into(),
+        },
+        proxies: vec![Admin::new(
+            &format!("http://{}", envoy.addr(ADMIN)),
+            Duration::from_secs(2),
+        )],
+        confirm_within: Duration::from_secs(5),
+    };
+    let base = ecds_config()?;
+    let at_50 = base
+        .with_weights("demo", &[("canary".into(), 50.0)])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let receipt = sink.push(&at_50, 2).await?;
+    eprintln!("push confirmed after {:?}", receipt.confirmed_after);
+    assert!(receipt.confirmed_after < Duration::from_secs(2));
+    let responses = Load::new(envoy.url(LISTENER, "/"))
+        .requests(1000)
+        .run()
+        .await?;
+    let canary = responses
+        .iter()
+        .filter(|r| r.header("x-sluice-variant") == Some("canary"))
+        .count();
+    assert!((400..600).contains(&canary), "{canary} of 1000 at 50 %");
+
+    // A config the filter refuses: the push is an error, and 50 % keeps serving.
+    let mut bad = at_50.clone();
+    bad.experiments[0].variants[1].weight = Some(150.0);
+    match sink.push(&bad, 3).await {
+        Err(SinkError::Rejected { version: 3, .. }) => {}
+        other => anyhow::bail!("expected a rejection, got {other:?}"),
+    }
+    let again = Load::new(envoy.url(LISTENER, "/"))
+        .requests(1000)
+        .run()
+        .await?;
+    for (a, b) in responses.iter().zip(&again) {
+        assert_eq!(a.header("x-sluice-variant"), b.header("x-sluice-variant"));
+    }
+    Ok(())
+}
