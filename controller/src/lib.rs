@@ -1,4 +1,5 @@
 //! Sluice controller library.
-pub mod source;
 pub mod admin;
 pub mod sink;
+pub mod source;
+pub mod spec;

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Progressive delivery of ML models at the Envoy layer")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Progressive delivery of ML models at the Envoy layer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -188,17 +188,29 @@ mod tests {
     #[test]
     fn origins_are_summed_and_origin_labels_dropped() {
         let mut acc = Accumulator::default();
-        let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 10.0, 1.0), scrape("b", 5.0, 0.0)]);
-        assert_eq!(r.sum("sluice_requests_total", &[("variant", "canary")]), 15.0);
+        let r = acc.add(
+            SystemTime::UNIX_EPOCH,
+            &[scrape("a", 10.0, 1.0), scrape("b", 5.0, 0.0)],
+        );
+        assert_eq!(
+            r.sum("sluice_requests_total", &[("variant", "canary")]),
+            15.0
+        );
         assert_eq!(r.series.len(), 2);
     }
 
     #[test]
     fn a_restart_carries_counts_forward() {
         let mut acc = Accumulator::default();
-        acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 100.0, 7.0), scrape("b", 50.0, 0.0)]);
+        acc.add(
+            SystemTime::UNIX_EPOCH,
+            &[scrape("a", 100.0, 7.0), scrape("b", 50.0, 0.0)],
+        );
         // `a` restarted: its counters start again from small values.
-        let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 3.0, 7.0), scrape("b", 60.0, 0.0)]);
+        let r = acc.add(
+            SystemTime::UNIX_EPOCH,
+            &[scrape("a", 3.0, 7.0), scrape("b", 60.0, 0.0)],
+        );
         assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 3.0 + 60.0);
         // Even a counter that happened to be equal is carried once, not twice.
         assert_eq!(r.sum("sluice_errors_total", &[]), 7.0 + 7.0);
@@ -214,7 +226,11 @@ mod tests {
         let mut last = 0.0;
         let mut value = 0.0;
         for step in 0..200u32 {
-            value = if step % 37 == 0 { f64::from(step % 5) } else { value + f64::from(step % 7) };
+            value = if step % 37 == 0 {
+                f64::from(step % 5)
+            } else {
+                value + f64::from(step % 7)
+            };
             let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", value, 0.0)]);
             let total = r.sum("sluice_requests_total", &[]);
             assert!(total >= last, "step {step}: {total} < {last}");

@@ -108,7 +108,10 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 impl EcdsFile {
     fn counter_names(&self) -> (String, String) {
         let base = format!("extension_config_discovery.http_filter.{}", self.resource);
-        (format!("{base}.update_success"), format!("{base}.update_rejected"))
+        (
+            format!("{base}.update_success"),
+            format!("{base}.update_rejected"),
+        )
     }
 
     async fn counters(&self, proxy: &Admin) -> Result<(u64, u64), SinkError> {
@@ -129,7 +132,10 @@ fn regex_escape(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let special = "\\.+*?()|[]{}^$".contains(c);
-            special.then_some('\\').into_iter().chain(std::iter::once(c))
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
         })
         .collect()
 }
@@ -197,7 +203,8 @@ mod tests {
         let value = doc["resources"][0]["typed_config"]["config"]["configuration"]["value"]
             .as_str()
             .unwrap_or_default();
-        let back: FilterConfig = serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
+        let back: FilterConfig =
+            serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(back, config);
     }
 
@@ -208,7 +215,10 @@ mod tests {
         let path = dir.join("sluice.yaml");
         for content in ["one", "two"] {
             assert!(write_atomically(&path, content.as_bytes()).is_ok());
-            assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some(content));
+            assert_eq!(
+                std::fs::read_to_string(&path).ok().as_deref(),
+                Some(content)
+            );
         }
         let leftovers = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(leftovers, 1, "no temporary files left behind");

@@ -16,7 +16,9 @@ pub struct EnvoyAdmin {
 impl EnvoyAdmin {
     pub fn new(endpoints: &[String], timeout: Duration, min_healthy: Option<usize>) -> EnvoyAdmin {
         let proxies: Vec<Admin> = endpoints.iter().map(|e| Admin::new(e, timeout)).collect();
-        let min_healthy = min_healthy.unwrap_or(proxies.len()).clamp(1, proxies.len().max(1));
+        let min_healthy = min_healthy
+            .unwrap_or(proxies.len())
+            .clamp(1, proxies.len().max(1));
         EnvoyAdmin {
             proxies,
             min_healthy,

@@ -38,7 +38,10 @@ pub fn parse(text: &str, prefix: &str) -> Result<Vec<Sample>, ParseError> {
         if line.is_empty() || line.starts_with('#') || !line.starts_with(prefix) {
             continue;
         }
-        out.push(parse_line(line).map_err(|reason| ParseError { line: i + 1, reason })?);
+        out.push(parse_line(line).map_err(|reason| ParseError {
+            line: i + 1,
+            reason,
+        })?);
     }
     Ok(out)
 }

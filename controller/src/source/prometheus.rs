@@ -108,12 +108,16 @@ impl Source for Prometheus {
         if series.is_empty() {
             return Err(SourceError::Invalid {
                 origin: self.base.clone(),
-                reason: format!("no series for experiment {experiment:?} (is Prometheus scraping the Envoys?)"),
+                reason: format!(
+                    "no series for experiment {experiment:?} (is Prometheus scraping the Envoys?)"
+                ),
             });
         }
         // When was each instance last scraped? `timestamp()` gives the sample's own time.
         let stamps = self
-            .query(&format!("timestamp(sluice_requests_total{{experiment=\"{experiment}\"}})"))
+            .query(&format!(
+                "timestamp(sluice_requests_total{{experiment=\"{experiment}\"}})"
+            ))
             .await?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -124,7 +128,11 @@ impl Source for Prometheus {
             let age = Duration::from_secs_f64((now - scraped).max(0.0));
             if age > self.max_age {
                 return Err(SourceError::Stale {
-                    origin: s.metric.get("instance").cloned().unwrap_or_else(|| self.base.clone()),
+                    origin: s
+                        .metric
+                        .get("instance")
+                        .cloned()
+                        .unwrap_or_else(|| self.base.clone()),
                     age,
                     allowed: self.max_age,
                 });
@@ -153,7 +161,11 @@ impl Source for Prometheus {
                 .into_iter()
                 .filter(|(k, _)| k != "__name__")
                 .collect();
-            by_origin.entry(origin).or_default().push(Sample { name, labels, value });
+            by_origin.entry(origin).or_default().push(Sample {
+                name,
+                labels,
+                value,
+            });
         }
         Ok(by_origin
             .into_iter()

@@ -1,0 +1,579 @@
+//! The rollout spec: a YAML document shaped like a Kubernetes resource (so it can become a
+//! CRD), parsed and validated once; every error names its field path.
+//!
+//! ```yaml
+//! apiVersion: sluice.dev/v1alpha1
+//! kind: Rollout
+//! metadata: {name: ranker-v2}
+//! spec:
+//!   experiment: {...}          # the filter's experiment config, verbatim (snake_case)
+//!   treatment: canary
+//!   schedule: {stages: [1, 5, 10, 25, 50, 100], bake: 10m, warmup: 1m, interval: 10s}
+//!   shadow: {duration: 10m}
+//!   guardrails: {...}          # the judge's config
+//!   sources: [{envoyAdmin: {endpoints: [http://127.0.0.1:9901]}}]
+//!   sinks: [{ecdsFile: {path: /etc/envoy/ecds/sluice.yaml, wasm: {filename: /etc/envoy/sluice_filter.wasm}, proxies: [http://127.0.0.1:9901]}}]
+//!   notifications: [{webhook: {url: http://127.0.0.1:8080/hook, format: json}}]
+//! ```
+//!
+//! Field reference: `docs/rollout.md`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use sluice_filter::config::{ExperimentConfig, FilterConfig, Plan, CONFIG_VERSION};
+
+use crate::sink::ecds_file::WasmCode;
+
+pub const API_VERSION: &str = "sluice.dev/v1alpha1";
+pub const KIND: &str = "Rollout";
+
+/// Default ramp, in percent of users.
+pub const DEFAULT_STAGES: [f64; 6] = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0];
+
+/// A rollout document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rollout {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: RolloutSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The filter's experiment configuration. Treatment weights in it are ignored: the
+    /// schedule drives them (a rollout starts at 0 %).
+    pub experiment: ExperimentConfig,
+    /// The variant being rolled out; default: the only treatment.
+    #[serde(default)]
+    pub treatment: Option<String>,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// A shadow stage before any user traffic moves (needs `experiment.shadow`).
+    #[serde(default)]
+    pub shadow: Option<ShadowStage>,
+    /// The judge's configuration (see `docs/statistics.md`).
+    #[serde(default)]
+    pub guardrails: serde_json::Value,
+    pub sources: Vec<SourceSpec>,
+    pub sinks: Vec<SinkSpec>,
+    #[serde(default)]
+    pub notifications: Vec<NotificationSpec>,
+}
+
+/// Stages and their timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Schedule {
+    /// Treatment weights in percent, each a number or `{weight, bake}`.
+    #[serde(default = "default_stages")]
+    pub stages: Vec<StageSpec>,
+    /// Default bake time of a stage: how long it runs (after warm-up) before promotion.
+    #[serde(default = "default_bake", with = "duration")]
+    pub bake: Duration,
+    /// Data ignored after each weight change, while caches and connection pools settle.
+    #[serde(default = "default_warmup", with = "duration")]
+    pub warmup: Duration,
+    /// How often the judge looks.
+    #[serde(default = "default_interval", with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            stages: default_stages(),
+            bake: default_bake(),
+            warmup: default_warmup(),
+            interval: default_interval(),
+        }
+    }
+}
+
+fn default_stages() -> Vec<StageSpec> {
+    DEFAULT_STAGES
+        .iter()
+        .map(|&w| StageSpec::Weight(w))
+        .collect()
+}
+
+fn default_bake() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_warmup() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// One stage: a bare weight, or a weight with its own bake time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StageSpec {
+    Weight(f64),
+    Detailed(DetailedStage),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetailedStage {
+    pub weight: f64,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bake: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowStage {
+    #[serde(with = "duration")]
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum SourceSpec {
+    EnvoyAdmin(EnvoyAdminSpec),
+    Prometheus(PrometheusSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnvoyAdminSpec {
+    pub endpoints: Vec<String>,
+    /// Fewest endpoints that must answer; default all.
+    #[serde(default)]
+    pub min_healthy: Option<usize>,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrometheusSpec {
+    pub url: String,
+    /// Data older than this is stale and holds the rollout.
+    #[serde(default = "default_max_age", with = "duration")]
+    pub max_age: Duration,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum SinkSpec {
+    EcdsFile(EcdsFileSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EcdsFileSpec {
+    /// The watched file Envoy loads the filter config from.
+    pub path: String,
+    /// `TypedExtensionConfig` name (the filter's name in the listener); default `sluice`.
+    #[serde(default = "default_resource")]
+    pub resource: String,
+    pub wasm: WasmCode,
+    /// Admin endpoints of the Envoys watching `path`, which must confirm each push.
+    pub proxies: Vec<String>,
+    #[serde(default = "default_confirm", with = "duration")]
+    pub confirm_within: Duration,
+}
+
+fn default_resource() -> String {
+    "sluice".to_string()
+}
+
+fn default_confirm() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum NotificationSpec {
+    Webhook(WebhookSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebhookSpec {
+    pub url: String,
+    /// `json` (the event object) or `slack` (`{"text": ...}`).
+    #[serde(default)]
+    pub format: WebhookFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+/// A stage after defaults are applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stage {
+    pub weight: f64,
+    pub bake: Duration,
+}
+
+/// Everything wrong with a spec, each with its field path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct SpecError {
+    pub problems: Vec<String>,
+}
+
+impl SpecError {
+    fn one(path: &str, reason: impl std::fmt::Display) -> SpecError {
+        SpecError {
+            problems: vec![format!("{path}: {reason}")],
+        }
+    }
+}
+
+/// A validated rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub rollout: Rollout,
+    pub treatment: String,
+    pub stages: Vec<Stage>,
+}
+
+impl Rollout {
+    /// Reads and validates a spec file.
+    pub fn load(path: &Path) -> Result<Checked, SpecError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SpecError::one(&path.display().to_string(), e))?;
+        Rollout::parse(&text)
+    }
+
+    /// Parses and validates YAML (or JSON) text.
+    pub fn parse(text: &str) -> Result<Checked, SpecError> {
+        // Through a JSON value: the filter's config types use serde's usual one-key maps for
+        // enums (`{header: x-user-id}`), which YAML deserializers read as tags instead.
+        let value: serde_json::Value = serde_yaml::from_str(text)
+            .map_err(|e| SpecError::one("(document)", format!("not valid YAML: {e}")))?;
+        let rollout: Rollout = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                "(document)".to_string()
+            } else {
+                path
+            };
+            SpecError::one(&path, e.into_inner())
+        })?;
+        rollout.check()
+    }
+
+    fn check(self) -> Result<Checked, SpecError> {
+        let mut problems = Vec::new();
+        let mut problem = |path: &str, reason: String| problems.push(format!("{path}: {reason}"));
+        if self.api_version != API_VERSION {
+            problem("apiVersion", format!("must be {API_VERSION:?}"));
+        }
+        if self.kind != KIND {
+            problem("kind", format!("must be {KIND:?}"));
+        }
+        let s = &self.spec;
+        if self.metadata.name != s.experiment.name {
+            // The experiment name is what metrics are labelled with; one name avoids confusion.
+            problem(
+                "spec.experiment.name",
+                format!("must equal metadata.name ({:?})", self.metadata.name),
+            );
+        }
+        // The experiment must be a valid filter experiment at every weight of the schedule.
+        let treatments: Vec<&str> = s
+            .experiment
+            .variants
+            .iter()
+            .filter(|v| !v.control)
+            .map(|v| v.name.as_str())
+            .collect();
+        let control_marked = s.experiment.variants.iter().any(|v| v.control);
+        let treatments: Vec<&str> = if control_marked {
+            treatments
+        } else {
+            s.experiment
+                .variants
+                .iter()
+                .skip(1)
+                .map(|v| v.name.as_str())
+                .collect()
+        };
+        let treatment = match (&s.treatment, treatments.as_slice()) {
+            (Some(t), _) if treatments.contains(&t.as_str()) => t.clone(),
+            (Some(t), _) => {
+                problem(
+                    "spec.treatment",
+                    format!("{t:?} is not a treatment of spec.experiment.variants"),
+                );
+                t.clone()
+            }
+            (None, [one]) => one.to_string(),
+            (None, _) => {
+                problem(
+                    "spec.treatment",
+                    "required when the experiment has several treatments".into(),
+                );
+                String::new()
+            }
+        };
+        let mut stages = Vec::new();
+        let mut last = 0.0;
+        if s.schedule.stages.is_empty() {
+            problem(
+                "spec.schedule.stages",
+                "at least one stage is required".into(),
+            );
+        }
+        for (i, st) in s.schedule.stages.iter().enumerate() {
+            let (weight, bake) = match st {
+                StageSpec::Weight(w) => (*w, s.schedule.bake),
+                StageSpec::Detailed(d) => (d.weight, d.bake.unwrap_or(s.schedule.bake)),
+            };
+            if !(weight > last && weight <= 100.0) {
+                problem(
+                    &format!("spec.schedule.stages[{i}]"),
+                    format!("weight {weight} must be above the previous stage's ({last}) and at most 100"),
+                );
+            }
+            last = weight;
+            stages.push(Stage { weight, bake });
+        }
+        if s.schedule.interval.is_zero() {
+            problem("spec.schedule.interval", "must be positive".into());
+        }
+        if s.shadow.is_some() && s.experiment.shadow.is_none() {
+            problem(
+                "spec.shadow",
+                "a shadow stage needs spec.experiment.shadow (where to send copies)".into(),
+            );
+        }
+        if s.sources.is_empty() {
+            problem("spec.sources", "at least one source is required".into());
+        }
+        for (i, src) in s.sources.iter().enumerate() {
+            match src {
+                SourceSpec::EnvoyAdmin(a) => {
+                    if a.endpoints.is_empty() {
+                        problem(
+                            &format!("spec.sources[{i}].envoyAdmin.endpoints"),
+                            "must not be empty".into(),
+                        );
+                    }
+                    for (j, e) in a.endpoints.iter().enumerate() {
+                        if !e.starts_with("http://") {
+                            problem(
+                                &format!("spec.sources[{i}].envoyAdmin.endpoints[{j}]"),
+                                format!("{e:?} must be an http:// URL"),
+                            );
+                        }
+                    }
+                    if a.min_healthy
+                        .is_some_and(|m| m == 0 || m > a.endpoints.len())
+                    {
+                        problem(
+                            &format!("spec.sources[{i}].envoyAdmin.minHealthy"),
+                            "must be between 1 and the number of endpoints".into(),
+                        );
+                    }
+                }
+                SourceSpec::Prometheus(p) => {
+                    if !p.url.starts_with("http://") {
+                        problem(
+                            &format!("spec.sources[{i}].prometheus.url"),
+                            format!("{:?} must be an http:// URL", p.url),
+                        );
+                    }
+                }
+            }
+        }
+        if s.sinks.is_empty() {
+            problem("spec.sinks", "at least one sink is required".into());
+        }
+        for (i, sink) in s.sinks.iter().enumerate() {
+            match sink {
+                SinkSpec::EcdsFile(f) => {
+                    if f.proxies.is_empty() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsFile.proxies"),
+                            "list the admin endpoints that must confirm each push".into(),
+                        );
+                    }
+                    if f.path.is_empty() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsFile.path"),
+                            "must not be empty".into(),
+                        );
+                    }
+                }
+            }
+        }
+        for (i, n) in s.notifications.iter().enumerate() {
+            let NotificationSpec::Webhook(w) = n;
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                problem(
+                    &format!("spec.notifications[{i}].webhook.url"),
+                    format!("{:?} is not an http(s) URL", w.url),
+                );
+            }
+        }
+        let checked = Checked {
+            treatment,
+            stages,
+            rollout: self,
+        };
+        // Render every weight the rollout can push (0, each stage): the filter must accept all.
+        if problems.is_empty() {
+            for w in std::iter::once(0.0).chain(checked.stages.iter().map(|s| s.weight)) {
+                if let Err(e) = checked.render(w) {
+                    problems.push(format!("spec.experiment: at weight {w}: {e}"));
+                    break;
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(checked)
+        } else {
+            Err(SpecError { problems })
+        }
+    }
+}
+
+impl Checked {
+    pub fn name(&self) -> &str {
+        &self.rollout.metadata.name
+    }
+
+    /// The exact filter configuration pushed with the treatment at `weight` percent (other
+    /// treatments at 0, the control taking the rest).
+    pub fn render(&self, weight: f64) -> Result<FilterConfig, String> {
+        let mut exp = self.rollout.spec.experiment.clone();
+        let control = exp.variants.iter().position(|v| v.control).unwrap_or(0);
+        for (i, v) in exp.variants.iter_mut().enumerate() {
+            v.weight = if i == control {
+                None
+            } else if v.name == self.treatment {
+                Some(weight)
+            } else {
+                Some(0.0)
+            };
+        }
+        let config = FilterConfig {
+            version: CONFIG_VERSION,
+            experiments: vec![exp],
+        };
+        Plan::from_config(&config).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+/// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m, 500ms"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Renders a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(f64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+            Raw::Seconds(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
+            Raw::Seconds(n) => Err(serde::de::Error::custom(format!(
+                "{n} is not a valid duration"
+            ))),
+        }
+    }
+}
+
+mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests;
