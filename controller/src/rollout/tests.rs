@@ -1,0 +1,249 @@
+use super::*;
+use std::time::Duration;
+
+fn plan(shadow: Option<f64>) -> Plan {
+    Plan {
+        stages: [1.0, 10.0, 100.0]
+            .iter()
+            .map(|&weight| Stage {
+                weight,
+                bake: Duration::from_secs(60),
+            })
+            .collect(),
+        shadow_secs: shadow,
+        warmup_secs: 10.0,
+        interval_secs: 5.0,
+    }
+}
+
+/// Confirms whatever push is pending.
+fn confirm(s: &mut State, p: &Plan, now: f64) -> Vec<Effect> {
+    let v = s.pending.as_ref().map(|p| p.version).unwrap_or(0);
+    step(s, p, Input::PushConfirmed { version: v }, now)
+}
+
+fn pass(s: &mut State, p: &Plan, now: f64) -> Vec<Effect> {
+    step(
+        s,
+        p,
+        Input::Judged {
+            judgement: Judgement::Pass,
+            data_at: now,
+        },
+        now,
+    )
+}
+
+fn pushes(fx: &[Effect]) -> Vec<f64> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Push { weight, .. } => Some(*weight),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_passing_rollout_walks_every_stage_after_its_bake() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    let fx = step(&mut s, &p, Input::Tick, 0.0);
+    assert_eq!(pushes(&fx), vec![1.0]);
+    confirm(&mut s, &p, 1.0);
+    assert_eq!(s.weight, 1.0);
+    // Passing judgements during warm-up and bake do not advance.
+    for t in [5.0, 20.0, 60.0] {
+        assert!(pushes(&pass(&mut s, &p, t)).is_empty(), "advanced at {t}");
+    }
+    // Baked: since 1 + warm-up 10 + bake 60 = 71.
+    assert_eq!(pushes(&pass(&mut s, &p, 71.0)), vec![10.0]);
+    assert_eq!(s.phase, Phase::Canary { index: 1 });
+    confirm(&mut s, &p, 72.0);
+    assert_eq!(pushes(&pass(&mut s, &p, 142.0)), vec![100.0]);
+    confirm(&mut s, &p, 143.0);
+    let fx = pass(&mut s, &p, 213.0);
+    assert_eq!(s.phase, Phase::Promoted);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            kind: EventKind::Promoted,
+            ..
+        }
+    )));
+    // Final: nothing moves any more.
+    assert!(step(&mut s, &p, Input::Command(Command::Abort), 300.0).is_empty());
+}
+
+#[test]
+fn stale_or_early_evidence_never_raises_a_weight() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    // Data from before the warm-up ended.
+    let early = Input::Judged {
+        judgement: Judgement::Pass,
+        data_at: 5.0,
+    };
+    assert!(pushes(&step(&mut s, &p, early, 100.0)).is_empty());
+    // Data older than two intervals.
+    let old = Input::Judged {
+        judgement: Judgement::Pass,
+        data_at: 80.0,
+    };
+    assert!(pushes(&step(&mut s, &p, old, 100.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut s, &p, 100.0)), vec![10.0]);
+}
+
+#[test]
+fn a_failing_judgement_rolls_back_at_once_even_when_paused_or_pushing() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    step(&mut s, &p, Input::Command(Command::Pause), 1.0);
+    pass(&mut s, &p, 71.0); // paused: no advance
+    assert_eq!(s.phase, Phase::Canary { index: 0 });
+    let fx = step(
+        &mut s,
+        &p,
+        Input::Judged {
+            judgement: Judgement::Fail {
+                reason: "error rate".into(),
+            },
+            data_at: 72.0,
+        },
+        72.0,
+    );
+    assert_eq!(pushes(&fx), vec![0.0]);
+    assert_eq!(
+        s.phase,
+        Phase::RolledBack {
+            reason: "error rate".into()
+        }
+    );
+}
+
+#[test]
+fn holds_on_bad_data_and_resumes_when_it_is_good() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    let held = step(
+        &mut s,
+        &p,
+        Input::Judged {
+            judgement: Judgement::Hold {
+                reason: "source unreachable".into(),
+            },
+            data_at: 70.0,
+        },
+        80.0,
+    );
+    assert!(held.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            kind: EventKind::Held,
+            ..
+        }
+    )));
+    assert_eq!(s.hold.as_deref(), Some("source unreachable"));
+    assert_eq!(pushes(&pass(&mut s, &p, 90.0)), vec![10.0]);
+    assert_eq!(s.hold, None);
+}
+
+#[test]
+fn a_failed_push_holds_and_keeps_the_target() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    let fx = step(
+        &mut s,
+        &p,
+        Input::PushFailed {
+            version: 1,
+            error: "rejected".into(),
+        },
+        1.0,
+    );
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            kind: EventKind::PushFailed,
+            ..
+        }
+    )));
+    assert_eq!(s.pending.as_ref().map(|p| p.weight), Some(1.0));
+    assert_eq!(s.weight, 0.0);
+    confirm(&mut s, &p, 2.0);
+    assert_eq!((s.weight, s.hold.clone()), (1.0, None));
+}
+
+#[test]
+fn a_restart_never_replays_an_unconfirmed_raise() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    pass(&mut s, &p, 71.0); // decides 10 %, crash before confirmation
+    assert_eq!(s.pending.as_ref().map(|p| p.weight), Some(10.0));
+    let mut restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default())
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let fx = step(&mut restored, &p, Input::Restarted, 100.0);
+    assert!(pushes(&fx).is_empty());
+    assert_eq!(restored.phase, Phase::Canary { index: 0 });
+    assert!(restored.hold.is_some());
+    // Pre-restart evidence does not count; the bake starts over after the restart.
+    let stale = Input::Judged {
+        judgement: Judgement::Pass,
+        data_at: 99.0,
+    };
+    assert!(pushes(&step(&mut restored, &p, stale, 101.0)).is_empty());
+    assert!(pushes(&pass(&mut restored, &p, 150.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut restored, &p, 161.0)), vec![10.0]);
+}
+
+#[test]
+fn a_restart_re_pushes_an_unconfirmed_rollback() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    step(&mut s, &p, Input::Command(Command::Abort), 5.0);
+    let fx = step(&mut s, &p, Input::Restarted, 6.0);
+    assert_eq!(pushes(&fx), vec![0.0]);
+}
+
+#[test]
+fn shadow_stage_comes_first_and_pushes_no_user_traffic() {
+    let p = plan(Some(30.0));
+    let mut s = State::new("r", 0.0);
+    let fx = step(&mut s, &p, Input::Tick, 0.0);
+    assert_eq!(
+        fx.first(),
+        Some(&Effect::Push {
+            version: 1,
+            weight: 0.0,
+            shadow: true
+        })
+    );
+    confirm(&mut s, &p, 0.0);
+    assert!(pushes(&pass(&mut s, &p, 20.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut s, &p, 41.0)), vec![1.0]);
+}
+
+#[test]
+fn manual_promote_ends_the_bake_but_still_needs_a_pass() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    step(&mut s, &p, Input::Command(Command::Promote), 12.0);
+    let cont = Input::Judged {
+        judgement: Judgement::Continue,
+        data_at: 13.0,
+    };
+    assert!(pushes(&step(&mut s, &p, cont, 13.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut s, &p, 13.0)), vec![10.0]);
+}
