@@ -11,10 +11,11 @@
 //!   concurrency) and the split of the answers by a response header — what `scripts/demo.sh`
 //!   shows.
 //!
-//! The generator is open loop: request `i` is due at `start + i/rate` whatever happened to the
-//! previous ones, and its latency is counted from when it was due, so a stall shows up in the
-//! percentiles instead of silently lowering the rate (coordinated omission). Every request carries
-//! a distinct user id, because the Sluice filter's work depends on the key it hashes.
+//! The generator is open loop: request `i` is sent at `start + i/rate` whatever happened to the
+//! previous ones (it never waits for a response before sending the next), so a slow Envoy cannot
+//! slow the offered load down and hide its own stalls. Latency runs from the actual send to the
+//! whole response; the generator's lag behind schedule is reported beside it. Every request
+//! carries a distinct user id, because the Sluice filter's work depends on the key it hashes.
 //!
 //! On a machine with two or more cores the measured Envoys are pinned to CPU 1, and the upstream
 //! Envoy and this process to CPU 0, so the generator never competes with what it measures.
@@ -181,7 +182,9 @@ struct Run {
     ok: usize,
     failed: usize,
     elapsed: Duration,
-    /// Latencies of the 2xx responses, microseconds, sorted.
+    /// Worst delay between a request's due time and its actual send: the generator's own lag.
+    max_lag: Duration,
+    /// Latencies (send → whole response) of the 2xx responses, microseconds, sorted.
     latencies_us: Vec<u64>,
 }
 
@@ -197,7 +200,7 @@ impl Run {
 
     fn summary(&self) -> String {
         format!(
-            "sent {} ok {} failed {} in {:.2}s ({:.0} req/s): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            "sent {} ok {} failed {} in {:.2}s ({:.0} req/s): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms; generator lag max {:.1} ms",
             self.sent,
             self.ok,
             self.failed,
@@ -207,6 +210,7 @@ impl Run {
             self.percentile_ms(0.9),
             self.percentile_ms(0.99),
             self.percentile_ms(1.0),
+            self.max_lag.as_secs_f64() * 1000.0,
         )
     }
 }
@@ -222,11 +226,15 @@ async fn open_loop(client: &HttpClient, args: &LoadArgs, tag: &str) -> Result<Ru
     let mut tasks = tokio::task::JoinSet::new();
     let mut latencies_us = Vec::with_capacity(total);
     let mut failed = 0;
-    let mut record =
-        |joined: Result<Option<u64>, tokio::task::JoinError>, failed: &mut usize| match joined {
-            Ok(Some(us)) => latencies_us.push(us),
-            _ => *failed += 1,
-        };
+    let mut max_lag_us = 0;
+    let mut record = |joined: Result<Option<(u64, u64)>, tokio::task::JoinError>,
+                      failed: &mut usize| match joined {
+        Ok(Some((us, lag))) => {
+            latencies_us.push(us);
+            max_lag_us = max_lag_us.max(lag);
+        }
+        _ => *failed += 1,
+    };
     let start = tokio::time::Instant::now() + Duration::from_millis(5);
     for i in 0..total {
         let due = start + period.mul_f64(i as f64);
@@ -242,13 +250,20 @@ async fn open_loop(client: &HttpClient, args: &LoadArgs, tag: &str) -> Result<Ru
         let user = format!("{tag}-user-{i}");
         let in_flight = in_flight.clone();
         tasks.spawn(async move {
+            // Latency is taken from the actual send, not from `due`: tokio's timer wakes up to a
+            // millisecond late, a lag that would blur the differences between filters. The lag
+            // is tracked separately so a generator that falls behind is noticed.
+            let sent = tokio::time::Instant::now();
+            let lag = sent.saturating_duration_since(due);
             let result = client
                 .send(Method::GET, &url, &[(header.as_str(), user.as_str())], "")
                 .await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            let latency = due.elapsed();
+            let latency = sent.elapsed();
             match result {
-                Ok(r) if (200..300).contains(&r.status) => Some(latency.as_micros() as u64),
+                Ok(r) if (200..300).contains(&r.status) => {
+                    Some((latency.as_micros() as u64, lag.as_micros() as u64))
+                }
                 _ => None,
             }
         });
@@ -263,6 +278,7 @@ async fn open_loop(client: &HttpClient, args: &LoadArgs, tag: &str) -> Result<Ru
     let elapsed = start.elapsed();
     latencies_us.sort_unstable();
     Ok(Run {
+        max_lag: Duration::from_micros(max_lag_us),
         sent: total,
         ok: latencies_us.len(),
         failed,
