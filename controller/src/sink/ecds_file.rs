@@ -6,7 +6,7 @@
 //! each Envoy's admin counters `extension_config_discovery.http_filter.<name>.update_success`
 //! and `update_rejected` until one of them moves past its value from before the write.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -83,28 +83,6 @@ pub fn render(
     serde_json::to_string_pretty(&doc).map_err(|e| SinkError::Render(e.to_string()))
 }
 
-/// Replaces `path` with `content` atomically (temp file in the same directory + rename).
-pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // A dot-name Envoy ignores until the rename makes it the watched file.
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(content)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 impl EcdsFile {
     fn counter_names(&self) -> (String, String) {
         let base = format!("extension_config_discovery.http_filter.{}", self.resource);
@@ -148,9 +126,11 @@ impl Sink for EcdsFile {
         for p in &self.proxies {
             before.push(self.counters(p).await?);
         }
-        write_atomically(&self.path, content.as_bytes()).map_err(|source| SinkError::Write {
-            path: self.path.display().to_string(),
-            source,
+        crate::durable::write_atomically(&self.path, content.as_bytes()).map_err(|source| {
+            SinkError::Write {
+                path: self.path.display().to_string(),
+                source,
+            }
         })?;
         for (p, (ok0, rejected0)) in self.proxies.iter().zip(before) {
             loop {
@@ -206,23 +186,6 @@ mod tests {
         let back: FilterConfig =
             serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(back, config);
-    }
-
-    #[test]
-    fn atomic_write_replaces_the_file() {
-        let dir = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("sluice.yaml");
-        for content in ["one", "two"] {
-            assert!(write_atomically(&path, content.as_bytes()).is_ok());
-            assert_eq!(
-                std::fs::read_to_string(&path).ok().as_deref(),
-                Some(content)
-            );
-        }
-        let leftovers = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(leftovers, 1, "no temporary files left behind");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

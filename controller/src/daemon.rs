@@ -1,0 +1,486 @@
+//! The daemon: one task per rollout that reads counters, asks the judge, steps the state
+//! machine, persists, and carries out the effects (push, notify, audit).
+//!
+//! Side effects sit behind small traits or enums with one real implementation each (source,
+//! sink, judge, clock); shutdown is a future passed in, and time comes from a [`Clock`] so the
+//! loop runs under `tokio::time::pause()` in tests.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::notify::{Notice, Notifier};
+use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
+use crate::sink::ecds_file::EcdsFile;
+use crate::sink::{Sink, SinkError};
+use crate::source::envoy_admin::EnvoyAdmin;
+use crate::source::prometheus::Prometheus;
+use crate::source::{Accumulator, OriginScrape, Reading, Source, SourceError};
+use crate::spec::{Checked, SinkSpec, SourceSpec};
+use crate::store::Store;
+
+/// Wall-clock time in Unix seconds.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> f64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> f64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// Tokio's clock from a fixed origin: follows `tokio::time::pause()` and `advance()`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin: tokio::time::Instant,
+    epoch: f64,
+}
+
+impl TokioClock {
+    pub fn starting_at(epoch: f64) -> TokioClock {
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+            epoch,
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> f64 {
+        self.epoch + self.origin.elapsed().as_secs_f64()
+    }
+}
+
+/// The configured source.
+#[derive(Debug, Clone)]
+pub enum AnySource {
+    EnvoyAdmin(EnvoyAdmin),
+    Prometheus(Prometheus),
+}
+
+impl AnySource {
+    pub fn from_spec(spec: &SourceSpec) -> AnySource {
+        match spec {
+            SourceSpec::EnvoyAdmin(a) => {
+                AnySource::EnvoyAdmin(EnvoyAdmin::new(&a.endpoints, a.timeout, a.min_healthy))
+            }
+            SourceSpec::Prometheus(p) => {
+                AnySource::Prometheus(Prometheus::new(&p.url, p.timeout, p.max_age))
+            }
+        }
+    }
+}
+
+impl Source for AnySource {
+    async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
+        match self {
+            AnySource::EnvoyAdmin(s) => s.scrape(experiment).await,
+            AnySource::Prometheus(s) => s.scrape(experiment).await,
+        }
+    }
+}
+
+/// The configured sink.
+#[derive(Debug, Clone)]
+pub enum AnySink {
+    EcdsFile(EcdsFile),
+}
+
+impl AnySink {
+    pub fn from_spec(spec: &SinkSpec) -> AnySink {
+        match spec {
+            SinkSpec::EcdsFile(f) => AnySink::EcdsFile(EcdsFile {
+                path: f.path.clone().into(),
+                resource: f.resource.clone(),
+                code: f.wasm.clone(),
+                proxies: f
+                    .proxies
+                    .iter()
+                    .map(|p| crate::admin::Admin::new(p, Duration::from_secs(2)))
+                    .collect(),
+                confirm_within: f.confirm_within,
+            }),
+        }
+    }
+}
+
+impl Sink for AnySink {
+    async fn push(
+        &self,
+        config: &sluice_filter::config::FilterConfig,
+        version: u64,
+    ) -> Result<crate::sink::Receipt, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.push(config, version).await,
+        }
+    }
+}
+
+/// What the judge needs to know besides the counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context {
+    pub experiment: String,
+    pub control: String,
+    pub treatment: String,
+    /// Treatment weight in force (percent).
+    pub weight: f64,
+    /// Data before this time (Unix seconds) belongs to an earlier stage or warm-up.
+    pub evidence_from: f64,
+    pub now: f64,
+}
+
+/// The judge's answer for one evaluation, with details for the audit log and `/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assessment {
+    pub judgement: Judgement,
+    pub detail: serde_json::Value,
+}
+
+/// Turns readings into judgements. The judge keeps its own sequential state between calls.
+pub trait Assess: Send {
+    fn assess(&mut self, reading: &Reading, ctx: &Context) -> Assessment;
+}
+
+/// Everything one rollout task needs.
+pub struct Task<A: Assess, C: Clock> {
+    pub checked: Checked,
+    pub source: AnySource,
+    pub sinks: Vec<AnySink>,
+    pub judge: A,
+    pub store: Store,
+    pub notifier: Notifier,
+    pub clock: C,
+}
+
+/// The live view of one rollout, for `/status`, `/metrics` and the terminal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state: State,
+    pub stages: Vec<f64>,
+    pub target_weight: f64,
+    pub bake_left_secs: Option<f64>,
+    pub last_judgement: Option<Judgement>,
+    pub last_detail: serde_json::Value,
+    pub last_evaluated_at: Option<f64>,
+    pub scrape_errors: u64,
+    pub push_errors: u64,
+    /// Seconds from decision to confirmation of the last push.
+    pub last_push_latency_secs: Option<f64>,
+    pub events: Vec<EventRecord>,
+}
+
+/// A notable event, as kept in the status and written to the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    pub at: f64,
+    pub kind: EventKind,
+    pub message: String,
+    pub weight: f64,
+}
+
+/// Most recent events kept in the status.
+const EVENTS_KEPT: usize = 50;
+
+/// Handle to a running rollout.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub name: String,
+    pub commands: mpsc::Sender<Command>,
+    pub status: watch::Receiver<Status>,
+}
+
+fn plan_of(checked: &Checked) -> rollout::Plan {
+    let s = &checked.rollout.spec;
+    rollout::Plan {
+        stages: checked.stages.clone(),
+        shadow_secs: s.shadow.as_ref().map(|x| x.duration.as_secs_f64()),
+        warmup_secs: s.schedule.warmup.as_secs_f64(),
+        interval_secs: s.schedule.interval.as_secs_f64(),
+    }
+}
+
+/// Why a rollout task stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl<A: Assess + 'static, C: Clock + 'static> Task<A, C> {
+    /// Starts the task; it runs until `shutdown` resolves (finishing the current step and
+    /// persisting first) or, with `exit_when_final`, until the rollout ends.
+    pub fn spawn(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        exit_when_final: bool,
+    ) -> Result<(Handle, tokio::task::JoinHandle<Result<State, TaskError>>), TaskError> {
+        let name = self.checked.name().to_string();
+        let now = self.clock.now();
+        let loaded = self.store.load()?;
+        let restarted = loaded.is_some();
+        let state = loaded.unwrap_or_else(|| State::new(&name, now));
+        let plan = plan_of(&self.checked);
+        let status = Status {
+            name: name.clone(),
+            target_weight: state.target_weight(&plan),
+            bake_left_secs: state.bake_left(&plan, now),
+            stages: plan.stages.iter().map(|s| s.weight).collect(),
+            state: state.clone(),
+            last_judgement: None,
+            last_detail: serde_json::Value::Null,
+            last_evaluated_at: None,
+            scrape_errors: 0,
+            push_errors: 0,
+            last_push_latency_secs: None,
+            events: Vec::new(),
+        };
+        let (status_tx, status_rx) = watch::channel(status.clone());
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let runner = Runner {
+            task: self,
+            plan,
+            state,
+            status,
+            status_tx,
+            accumulator: Accumulator::default(),
+        };
+        let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
+        Ok((
+            Handle {
+                name,
+                commands: cmd_tx,
+                status: status_rx,
+            },
+            join,
+        ))
+    }
+}
+
+struct Runner<A: Assess, C: Clock> {
+    task: Task<A, C>,
+    plan: rollout::Plan,
+    state: State,
+    status: Status,
+    status_tx: watch::Sender<Status>,
+    accumulator: Accumulator,
+}
+
+impl<A: Assess, C: Clock> Runner<A, C> {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: impl Future<Output = ()> + Send,
+        restarted: bool,
+        exit_when_final: bool,
+    ) -> Result<State, TaskError> {
+        tokio::pin!(shutdown);
+        if restarted {
+            self.apply(Input::Restarted).await?;
+        }
+        let mut interval = tokio::time::interval(self.task.checked.rollout.spec.schedule.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(c) = commands.recv() => {
+                    self.apply(Input::Command(c)).await?;
+                    continue;
+                }
+                _ = interval.tick() => {}
+            }
+            self.apply(Input::Tick).await?;
+            self.retry_pending_push().await?;
+            if !self.state.phase.is_final() && self.state.phase != Phase::Pending {
+                self.evaluate().await?;
+            }
+            if exit_when_final && self.state.phase.is_final() && self.state.pending.is_none() {
+                break;
+            }
+        }
+        self.task.store.save(&self.state)?;
+        Ok(self.state)
+    }
+
+    /// Steps the machine, persists, then carries out the effects (pushes feed back in).
+    async fn apply(&mut self, input: Input) -> Result<(), TaskError> {
+        let mut queue = vec![input];
+        while let Some(input) = queue.pop() {
+            let now = self.task.clock.now();
+            let effects = rollout::step(&mut self.state, &self.plan, input, now);
+            // Persist before acting: a crash between the two replays the decision safely.
+            self.task.store.save(&self.state)?;
+            for effect in effects {
+                match effect {
+                    Effect::Push {
+                        version,
+                        weight,
+                        shadow,
+                    } => queue.push(self.push(version, weight, shadow).await),
+                    Effect::Event { kind, message } => self.event(kind, message)?,
+                }
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    async fn retry_pending_push(&mut self) -> Result<(), TaskError> {
+        if let Some(p) = self.state.pending.clone() {
+            let shadow = self.state.phase == Phase::Shadow;
+            let result = self.push(p.version, p.weight, shadow).await;
+            self.apply(result).await?;
+        }
+        Ok(())
+    }
+
+    /// Pushes to every sink; the result as a machine input.
+    async fn push(&mut self, version: u64, weight: f64, shadow: bool) -> Input {
+        let config = match self.task.checked.render(weight) {
+            Ok(mut c) => {
+                if !shadow {
+                    for e in &mut c.experiments {
+                        e.shadow = None;
+                    }
+                }
+                c
+            }
+            Err(e) => {
+                return Input::PushFailed {
+                    version,
+                    error: format!("render: {e}"),
+                };
+            }
+        };
+        let decided = self
+            .state
+            .pending
+            .as_ref()
+            .map_or(self.task.clock.now(), |p| p.decided_at);
+        for sink in &self.task.sinks {
+            if let Err(e) = sink.push(&config, version).await {
+                self.status.push_errors += 1;
+                tracing::warn!(rollout = %self.status.name, version, error = %e, "push failed");
+                return Input::PushFailed {
+                    version,
+                    error: e.to_string(),
+                };
+            }
+        }
+        let latency = self.task.clock.now() - decided;
+        self.status.last_push_latency_secs = Some(latency);
+        tracing::info!(rollout = %self.status.name, version, weight, latency_secs = latency, "push confirmed");
+        let _ = self.task.store.audit(&serde_json::json!({
+            "at": self.task.clock.now(), "rollout": self.status.name, "record": "push",
+            "version": version, "weight": weight, "shadow": shadow,
+            "decision_to_confirmation_secs": latency,
+        }));
+        Input::PushConfirmed { version }
+    }
+
+    async fn evaluate(&mut self) -> Result<(), TaskError> {
+        let spec = &self.task.checked.rollout.spec;
+        let experiment = spec.experiment.name.clone();
+        let now = self.task.clock.now();
+        let scraped = self.task.source.scrape(&experiment).await;
+        let (assessment, data_at) = match scraped {
+            Ok(scrapes) => {
+                let reading = self.accumulator.add(SystemTime::now(), &scrapes);
+                let ctx = Context {
+                    experiment,
+                    control: control_of(&self.task.checked),
+                    treatment: self.task.checked.treatment.clone(),
+                    weight: self.state.weight,
+                    evidence_from: self.state.evidence_from(&self.plan),
+                    now,
+                };
+                (self.task.judge.assess(&reading, &ctx), now)
+            }
+            Err(e) => {
+                self.status.scrape_errors += 1;
+                let reason = format!("no data: {e}");
+                (
+                    Assessment {
+                        judgement: Judgement::Hold { reason },
+                        detail: serde_json::Value::Null,
+                    },
+                    now,
+                )
+            }
+        };
+        self.task.store.audit(&serde_json::json!({
+            "at": now, "rollout": self.status.name, "record": "evaluation",
+            "weight": self.state.weight, "phase": self.state.phase,
+            "judgement": assessment.judgement, "detail": assessment.detail,
+        }))?;
+        self.status.last_judgement = Some(assessment.judgement.clone());
+        self.status.last_detail = assessment.detail;
+        self.status.last_evaluated_at = Some(now);
+        self.apply(Input::Judged {
+            judgement: assessment.judgement,
+            data_at,
+        })
+        .await
+    }
+
+    fn event(&mut self, kind: EventKind, message: String) -> Result<(), TaskError> {
+        let at = self.task.clock.now();
+        let record = EventRecord {
+            at,
+            kind,
+            message: message.clone(),
+            weight: self.state.weight,
+        };
+        tracing::info!(rollout = %self.status.name, ?kind, %message, "rollout event");
+        self.task.store.audit(&serde_json::json!({
+            "at": at, "rollout": self.status.name, "record": "decision",
+            "kind": kind, "message": message, "phase": self.state.phase,
+            "weight": self.state.weight,
+        }))?;
+        self.task.notifier.send(Notice {
+            rollout: self.status.name.clone(),
+            kind,
+            message,
+            at,
+            weight: self.state.weight,
+        });
+        self.status.events.push(record);
+        if self.status.events.len() > EVENTS_KEPT {
+            self.status.events.remove(0);
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let now = self.task.clock.now();
+        self.status.state = self.state.clone();
+        self.status.target_weight = self.state.target_weight(&self.plan);
+        self.status.bake_left_secs = self.state.bake_left(&self.plan, now);
+        let _ = self.status_tx.send(self.status.clone());
+    }
+}
+
+fn control_of(checked: &Checked) -> String {
+    let variants = &checked.rollout.spec.experiment.variants;
+    variants
+        .iter()
+        .find(|v| v.control)
+        .or_else(|| variants.first())
+        .map(|v| v.name.clone())
+        .unwrap_or_default()
+}
+
+/// Statuses of several rollouts by name, for the HTTP endpoint.
+pub type Registry = Arc<BTreeMap<String, Handle>>;

@@ -1,0 +1,113 @@
+//! Where a rollout's state and audit trail live: `<dir>/<name>.state.json` (replaced
+//! atomically on every transition and push) and `<dir>/<name>.audit.jsonl` (one JSON object
+//! per evaluation and per decision, appended and synced).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::durable::write_atomically;
+use crate::rollout::State;
+
+/// Failure reading or writing a rollout's files.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a rollout state file: {reason}")]
+    Corrupt { path: String, reason: String },
+}
+
+/// One rollout's files.
+#[derive(Debug, Clone)]
+pub struct Store {
+    state: PathBuf,
+    audit: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Store {
+    pub fn new(dir: &Path, name: &str) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(Store {
+            state: dir.join(format!("{name}.state.json")),
+            audit: dir.join(format!("{name}.audit.jsonl")),
+        })
+    }
+
+    pub fn audit_path(&self) -> &Path {
+        &self.audit
+    }
+
+    /// The saved state, or `None` for a rollout that never ran.
+    pub fn load(&self) -> Result<Option<State>, StoreError> {
+        match std::fs::read_to_string(&self.state) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    path: self.state.display().to_string(),
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&self.state)(e)),
+        }
+    }
+
+    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+        let text = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: self.state.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&self.state, &text).map_err(io(&self.state))
+    }
+
+    /// Appends one audit record and syncs it to disk.
+    pub fn audit(&self, record: &impl Serialize) -> Result<(), StoreError> {
+        let mut line = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+            path: self.audit.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit)
+            .map_err(io(&self.audit))?;
+        f.write_all(&line).map_err(io(&self.audit))?;
+        f.sync_data().map_err(io(&self.audit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_audit_appends() {
+        let dir = std::env::temp_dir().join(format!("sluice-store-{}", std::process::id()));
+        let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(matches!(store.load(), Ok(None)));
+        let state = State::new("r", 5.0);
+        assert!(store.save(&state).is_ok());
+        assert_eq!(store.load().ok().flatten(), Some(state));
+        for i in 0..3 {
+            assert!(store.audit(&serde_json::json!({ "i": i })).is_ok());
+        }
+        let lines = std::fs::read_to_string(store.audit_path()).unwrap_or_default();
+        assert_eq!(lines.lines().count(), 3);
+        std::fs::write(dir.join("r.state.json"), "{").ok();
+        assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
