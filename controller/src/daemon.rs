@@ -153,10 +153,10 @@ pub trait Assess: Send {
 }
 
 /// Everything one rollout task needs.
-pub struct Task<A: Assess, C: Clock> {
+pub struct Task<S: Source, K: Sink, A: Assess, C: Clock> {
     pub checked: Checked,
-    pub source: AnySource,
-    pub sinks: Vec<AnySink>,
+    pub source: S,
+    pub sinks: Vec<K>,
     pub judge: A,
     pub store: Store,
     pub notifier: Notifier,
@@ -218,7 +218,13 @@ pub enum TaskError {
     Store(#[from] crate::store::StoreError),
 }
 
-impl<A: Assess + 'static, C: Clock + 'static> Task<A, C> {
+impl<S, K, A, C> Task<S, K, A, C>
+where
+    S: Source + Send + Sync + 'static,
+    K: Sink + Send + Sync + 'static,
+    A: Assess + 'static,
+    C: Clock + 'static,
+{
     /// Starts the task; it runs until `shutdown` resolves (finishing the current step and
     /// persisting first) or, with `exit_when_final`, until the rollout ends.
     pub fn spawn(
@@ -268,8 +274,8 @@ impl<A: Assess + 'static, C: Clock + 'static> Task<A, C> {
     }
 }
 
-struct Runner<A: Assess, C: Clock> {
-    task: Task<A, C>,
+struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
+    task: Task<S, K, A, C>,
     plan: rollout::Plan,
     state: State,
     status: Status,
@@ -277,7 +283,13 @@ struct Runner<A: Assess, C: Clock> {
     accumulator: Accumulator,
 }
 
-impl<A: Assess, C: Clock> Runner<A, C> {
+impl<S, K, A, C> Runner<S, K, A, C>
+where
+    S: Source + Send + Sync,
+    K: Sink + Send + Sync,
+    A: Assess,
+    C: Clock,
+{
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -484,3 +496,6 @@ fn control_of(checked: &Checked) -> String {
 
 /// Statuses of several rollouts by name, for the HTTP endpoint.
 pub type Registry = Arc<BTreeMap<String, Handle>>;
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! Sluice controller library.
 pub mod admin;
+pub mod api;
 pub mod daemon;
 pub mod durable;
 pub mod notify;

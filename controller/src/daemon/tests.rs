@@ -1,0 +1,261 @@
+use super::*;
+use crate::sink::Receipt;
+use crate::spec::Rollout;
+use sluice_filter::config::FilterConfig;
+use std::sync::Mutex;
+
+const SPEC: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: Rollout
+metadata: {name: r}
+spec:
+  experiment:
+    name: r
+    unit: {type: user, keys: [{header: x-user-id}]}
+    variants: [{name: stable, control: true}, {name: canary, weight: 0}]
+  schedule: {stages: [1, 10, 100], bake: 20s, warmup: 5s, interval: 1s}
+  sources: [{envoyAdmin: {endpoints: ["http://127.0.0.1:1"]}}]
+  sinks: [{ecdsFile: {path: /nonexistent/x.yaml, wasm: {filename: x.wasm}, proxies: ["http://127.0.0.1:1"]}}]
+"#;
+
+#[derive(Clone, Default)]
+struct FakeSource {
+    down: Arc<Mutex<bool>>,
+}
+
+impl Source for FakeSource {
+    async fn scrape(&self, _experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
+        if self.down.lock().map(|d| *d).unwrap_or(true) {
+            return Err(SourceError::Unreachable {
+                origin: "fake".into(),
+                reason: "down".into(),
+            });
+        }
+        Ok(Vec::new())
+    }
+}
+
+#[derive(Clone, Default)]
+struct FakeSink {
+    pushed: Arc<Mutex<Vec<f64>>>,
+    reject: Arc<Mutex<bool>>,
+}
+
+impl Sink for FakeSink {
+    async fn push(&self, config: &FilterConfig, version: u64) -> Result<Receipt, SinkError> {
+        if self.reject.lock().map(|r| *r).unwrap_or(true) {
+            return Err(SinkError::Rejected {
+                proxy: "fake".into(),
+                version,
+            });
+        }
+        let w = config.experiments[0].variants[1].weight.unwrap_or(-1.0);
+        if let Ok(mut p) = self.pushed.lock() {
+            p.push(w);
+        }
+        Ok(Receipt {
+            confirmed_after: Duration::ZERO,
+        })
+    }
+}
+
+impl FakeSink {
+    fn pushed(&self) -> Vec<f64> {
+        self.pushed.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// Passes, except that it fails at and after weight `fail_at`.
+struct FakeJudge {
+    fail_at: Option<f64>,
+}
+
+impl Assess for FakeJudge {
+    fn assess(&mut self, _reading: &Reading, ctx: &Context) -> Assessment {
+        let judgement = match self.fail_at {
+            Some(w) if ctx.weight >= w => Judgement::Fail {
+                reason: "error rate".into(),
+            },
+            _ => Judgement::Pass,
+        };
+        Assessment {
+            judgement,
+            detail: serde_json::Value::Null,
+        }
+    }
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sluice-daemon-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn task(
+    dir: &std::path::Path,
+    source: FakeSource,
+    sink: FakeSink,
+    fail_at: Option<f64>,
+) -> Task<FakeSource, FakeSink, FakeJudge, TokioClock> {
+    task_at(
+        dir,
+        source,
+        sink,
+        fail_at,
+        TokioClock::starting_at(1_000_000.0),
+    )
+}
+
+fn task_at(
+    dir: &std::path::Path,
+    source: FakeSource,
+    sink: FakeSink,
+    fail_at: Option<f64>,
+    clock: TokioClock,
+) -> Task<FakeSource, FakeSink, FakeJudge, TokioClock> {
+    let checked = Rollout::parse(SPEC).unwrap_or_else(|e| unreachable!("{e}"));
+    Task {
+        store: Store::new(dir, "r").unwrap_or_else(|e| unreachable!("{e}")),
+        checked,
+        source,
+        sinks: vec![sink],
+        judge: FakeJudge { fail_at },
+        notifier: Notifier::new(&[]),
+        clock,
+    }
+}
+
+async fn run_to_end(t: Task<FakeSource, FakeSink, FakeJudge, TokioClock>) -> State {
+    let (_h, join) = t
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    match join.await {
+        Ok(Ok(s)) => s,
+        other => unreachable!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_good_canary_is_promoted_through_the_schedule() {
+    let dir = temp_dir("good");
+    let sink = FakeSink::default();
+    let source = FakeSource::default();
+    let start = tokio::time::Instant::now();
+    let end = run_to_end(task(&dir, source, sink.clone(), None)).await;
+    assert_eq!(end.phase, Phase::Promoted);
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 100.0]);
+    // Three stages of warm-up 5 s + bake 20 s, evaluated every second.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(75) && took <= Duration::from_secs(80),
+        "{took:?}"
+    );
+    let audit = std::fs::read_to_string(dir.join("r.audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"evaluation\""))
+            .count()
+            >= 70
+    );
+    assert!(audit.contains("\"promoted\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_canary_is_rolled_back_within_an_interval() {
+    let dir = temp_dir("bad");
+    let sink = FakeSink::default();
+    let end = run_to_end(task(&dir, FakeSource::default(), sink.clone(), Some(10.0))).await;
+    assert!(
+        matches!(end.phase, Phase::RolledBack { .. }),
+        "{:?}",
+        end.phase
+    );
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 0.0]);
+    assert_eq!(end.weight, 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_data_holds_and_a_rejected_push_holds_without_raising() {
+    let dir = temp_dir("hold");
+    let sink = FakeSink::default();
+    let source = FakeSource::default();
+    *source.down.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(sink.pushed(), vec![1.0], "raised without data");
+    assert!(
+        s.state
+            .hold
+            .as_deref()
+            .is_some_and(|r| r.starts_with("no data")),
+        "{:?}",
+        s.state.hold
+    );
+    assert!(s.scrape_errors > 50);
+
+    // Data returns, but the sink rejects: the rollout holds at 1 %.
+    *sink.reject.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    *source.down.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(s.state.weight, 1.0);
+    assert!(
+        s.state
+            .hold
+            .as_deref()
+            .is_some_and(|r| r.starts_with("push failed")),
+        "{:?}",
+        s.state.hold
+    );
+    assert!(s.push_errors > 0);
+    // The sink recovers: the pending 10 % goes through.
+    *sink.reject.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state.weight, 10.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_persists_and_a_restart_resumes_without_raising() {
+    let dir = temp_dir("restart");
+    let sink = FakeSink::default();
+    let clock = TokioClock::starting_at(1_000_000.0);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (_h, join) = task_at(&dir, FakeSource::default(), sink.clone(), None, clock)
+        .spawn(
+            async move {
+                let _ = stop_rx.await;
+            },
+            false,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(30)).await; // stage 2 (10 %) started at ~26 s
+    let _ = stop_tx.send(());
+    let saved = match join.await {
+        Ok(Ok(s)) => s,
+        other => unreachable!("{other:?}"),
+    };
+    assert_eq!(saved.weight, 10.0);
+    // Restart: the stage's bake starts over from the restart; the next raise comes only
+    // after a full warm-up and bake with fresh evidence.
+    let sink2 = FakeSink::default();
+    let (h, _join) = task_at(&dir, FakeSource::default(), sink2.clone(), None, clock)
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        sink2.pushed().is_empty(),
+        "raised {:?} right after restart",
+        sink2.pushed()
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(sink2.pushed(), vec![100.0]);
+    assert_eq!(h.status.borrow().state.weight, 100.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
