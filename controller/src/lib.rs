@@ -1,6 +1,7 @@
 //! Sluice controller library.
 pub mod admin;
 pub mod api;
+pub mod cli;
 pub mod daemon;
 pub mod durable;
 pub mod notify;
