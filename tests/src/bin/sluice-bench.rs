@@ -20,7 +20,6 @@
 //! On a machine with two or more cores the measured Envoys are pinned to CPU 1, and the upstream
 //! Envoy and this process to CPU 0, so the generator never competes with what it measures.
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -477,40 +476,41 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn print_table(cases: &[Case], args: &FilterArgs) {
-    let medians: BTreeMap<&str, (f64, f64, f64)> = cases
-        .iter()
-        .map(|c| {
-            (
-                c.name,
-                (
-                    median(c.results.iter().map(|m| m.cpu_us_per_req).collect()),
-                    median(c.results.iter().map(|m| m.p50_ms).collect()),
-                    median(c.results.iter().map(|m| m.p99_ms).collect()),
-                ),
-            )
-        })
-        .collect();
-    let base = medians.get("none").copied();
+    let baseline = cases.iter().find(|c| c.name == "none");
+    // Two views of "vs (a)": the ratio of the medians, and the median of per-round ratios. The
+    // second pairs each run with the baseline run of the same round (minutes apart at most), so
+    // slow drifts in what else the machine is doing cancel out.
+    let ratios = |c: &Case, f: fn(&Measurement) -> f64| -> String {
+        let Some(base) = baseline else {
+            return "-".into();
+        };
+        let of_medians = median(c.results.iter().map(f).collect())
+            / median(base.results.iter().map(f).collect());
+        let paired = median(
+            c.results
+                .iter()
+                .zip(&base.results)
+                .map(|(m, b)| f(m) / f(b))
+                .collect(),
+        );
+        format!("{of_medians:.2}x ({paired:.2}x)")
+    };
     println!(
-        "\n{} rounds x {} s at {} req/s per case, Envoy --concurrency 1; medians over rounds.\n",
+        "\n{} rounds x {} s at {} req/s per case, Envoy --concurrency 1; medians over rounds; \
+         ratios: of the medians (median of per-round ratios).\n",
         args.rounds, args.duration, args.rate
     );
     println!("| case | CPU µs/request | CPU vs (a) | p50 ms | p99 ms | p99 vs (a) | failed |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for c in cases {
-        let (cpu, p50, p99) = medians[c.name];
-        let ratio = |x: f64, b: Option<f64>| match b {
-            Some(b) if b > 0.0 => format!("{:.2}x", x / b),
-            _ => "-".into(),
-        };
         println!(
             "| {} | {:.1} | {} | {:.3} | {:.3} | {} | {} |",
             c.label,
-            cpu,
-            ratio(cpu, base.map(|b| b.0)),
-            p50,
-            p99,
-            ratio(p99, base.map(|b| b.2)),
+            median(c.results.iter().map(|m| m.cpu_us_per_req).collect()),
+            ratios(c, |m| m.cpu_us_per_req),
+            median(c.results.iter().map(|m| m.p50_ms).collect()),
+            median(c.results.iter().map(|m| m.p99_ms).collect()),
+            ratios(c, |m| m.p99_ms),
             c.results.iter().map(|m| m.failed).sum::<usize>()
         );
     }
