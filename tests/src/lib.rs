@@ -12,6 +12,7 @@
 //! - [`upstream`]: programmable HTTP servers standing in for model servers: per-request
 //!   behaviour chosen by a closure, every received request recorded.
 //! - [`client`]: one request, or thousands from distinct users with bounded concurrency.
+//! - [`prometheus`]: a real Prometheus on loopback scraping given Envoys.
 //! - [`wait`]: poll a condition until it holds or a deadline passes.
 //!
 //! A typical test:
@@ -45,6 +46,7 @@ pub mod client;
 pub mod envoy;
 pub mod error;
 pub mod paths;
+pub mod prometheus;
 pub mod upstream;
 pub mod wait;
 
@@ -53,5 +55,6 @@ pub use client::{HttpClient, Load, Response};
 pub use envoy::{validate, Envoy, EnvoyConfig};
 pub use error::{Error, Result};
 pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root};
+pub use prometheus::Prometheus;
 pub use upstream::{Reply, Request, Upstream};
 pub use wait::{wait_for, wait_until};

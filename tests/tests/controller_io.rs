@@ -132,3 +132,43 @@ async fn ecds_sink_pushes_are_confirmed_or_reported_rejected() -> anyhow::Result
     }
     Ok(())
 }
+
+/// The Prometheus source reads the same counts through a real Prometheus scraping Envoy, and
+/// reports stale data once Envoy is gone.
+#[tokio::test]
+async fn prometheus_source_reads_envoy_counts_and_detects_staleness() -> anyhow::Result<()> {
+    use sluice_controller::source::prometheus::Prometheus as PromSource;
+    let envoy = EnvoyConfig::new("envoy/demo.yaml").start().await?;
+    let prom = sluice_tests::Prometheus::start(&[envoy.addr(ADMIN)]).await?;
+    Load::new(envoy.url(LISTENER, "/"))
+        .requests(300)
+        .run()
+        .await?;
+    let source = PromSource::new(&prom.url(), Duration::from_secs(2), Duration::from_secs(5));
+    let mut acc = Accumulator::default();
+    sluice_tests::wait_until(
+        Duration::from_secs(30),
+        "prometheus has scraped the 300 requests",
+        || async {
+            match source.scrape("demo").await {
+                Ok(s) => {
+                    Accumulator::default()
+                        .add(SystemTime::now(), &s)
+                        .sum("sluice_requests_total", &[])
+                        == 300.0
+                }
+                Err(_) => false,
+            }
+        },
+    )
+    .await?;
+    let r = acc.add(SystemTime::now(), &source.scrape("demo").await?);
+    assert_eq!(r.sum("sluice_responses_total", &[("class", "2xx")]), 300.0);
+    // Envoy goes away: within a few seconds the data is stale, never "zero traffic".
+    drop(envoy);
+    sluice_tests::wait_until(Duration::from_secs(30), "stale data reported", || async {
+        source.scrape("demo").await.is_err()
+    })
+    .await?;
+    Ok(())
+}
