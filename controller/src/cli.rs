@@ -101,11 +101,23 @@ where
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = BTreeMap::new();
     let mut joins = Vec::new();
+    // Each rollout owns its filter instance: two rollouts writing one ECDS file would
+    // overwrite each other's experiments.
+    let mut sink_paths: BTreeMap<String, String> = BTreeMap::new();
     for f in &opts.files {
         let checked = load(f)?;
         let name = checked.name().to_string();
         if handles.contains_key(&name) {
             bail!("{}: a rollout named {name:?} is already given", f.display());
+        }
+        for crate::spec::SinkSpec::EcdsFile(e) in &checked.rollout.spec.sinks {
+            if let Some(other) = sink_paths.insert(e.path.clone(), name.clone()) {
+                bail!(
+                    "{}: spec.sinks: {:?} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
+                    f.display(),
+                    e.path
+                );
+            }
         }
         let spec = &checked.rollout.spec;
         let source = match spec.sources.as_slice() {
