@@ -16,6 +16,10 @@ pub enum Error {
     #[error("wasm module {path} is missing: build it with `{build}`")]
     WasmMissing { path: PathBuf, build: String },
 
+    /// A binary of ours has not been built.
+    #[error("{path} is missing: build it with `{build}`")]
+    BinaryMissing { path: PathBuf, build: String },
+
     /// Envoy exited before it became ready (bad config, port taken, ...).
     #[error("envoy exited with {status} before becoming ready; log tail:\n{log_tail}")]
     EnvoyExited { status: String, log_tail: String },

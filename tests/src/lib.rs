@@ -54,7 +54,7 @@ pub use admin::{Admin, Histogram, Sample, Samples, Stats};
 pub use client::{HttpClient, Load, Response};
 pub use envoy::{validate, Envoy, EnvoyConfig};
 pub use error::{Error, Result};
-pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root};
+pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root, sluice_bin};
 pub use prometheus::Prometheus;
 pub use upstream::{Reply, Request, Upstream};
 pub use wait::{wait_for, wait_until};

@@ -71,6 +71,25 @@ pub fn noop_filter_wasm() -> Result<PathBuf> {
     built_wasm("sluice_noop_filter.wasm", "sluice-noop-filter")
 }
 
+/// The controller binary: `$SLUICE_BIN`, else the debug build `target/debug/sluice`
+/// (`scripts/test.sh` builds it before the tests run).
+pub fn sluice_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = [
+        target_dir().join("debug/sluice"),
+        repo_root().join("target/debug/sluice"),
+    ];
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => Ok(p.clone()),
+        None => Err(Error::BinaryMissing {
+            path: candidates[0].clone(),
+            build: "cargo build -p sluice-controller".into(),
+        }),
+    }
+}
+
 /// A loopback TCP port that was free a moment ago and that this process has not handed out
 /// before.
 ///
