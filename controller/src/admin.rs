@@ -82,6 +82,15 @@ impl Admin {
         })
     }
 
+    /// Names of the clusters this Envoy knows (`/clusters`).
+    pub async fn clusters(&self) -> Result<std::collections::BTreeSet<String>, AdminError> {
+        let text = self.get("/clusters").await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once("::").map(|(name, _)| name.to_string()))
+            .collect())
+    }
+
     /// Plain `/stats` counters and gauges matching the regex `filter`, by name.
     pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>, AdminError> {
         let text = self

@@ -35,6 +35,12 @@ pub enum SinkError {
         version: u64,
         waited: Duration,
     },
+    #[error("{field}: {proxy} has no cluster {cluster:?}")]
+    UnknownCluster {
+        proxy: String,
+        field: String,
+        cluster: String,
+    },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
 }

@@ -122,8 +122,26 @@ impl Sink for EcdsFile {
     async fn push(&self, config: &FilterConfig, version: u64) -> Result<Receipt, SinkError> {
         let started = Instant::now();
         let content = render(&self.resource, &self.code, config, version)?;
+        // The filter cannot see Envoy's clusters, so a shadow cluster is checked here, before
+        // the push, on every proxy that will load the config.
+        let shadow_clusters: Vec<(usize, &str)> = config
+            .experiments
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, e.shadow.as_ref()?.cluster.as_str())))
+            .collect();
         let mut before = Vec::with_capacity(self.proxies.len());
         for p in &self.proxies {
+            if !shadow_clusters.is_empty() {
+                let known = p.clusters().await?;
+                if let Some((i, c)) = shadow_clusters.iter().find(|(_, c)| !known.contains(*c)) {
+                    return Err(SinkError::UnknownCluster {
+                        proxy: p.base().to_string(),
+                        field: format!("experiments[{i}].shadow.cluster"),
+                        cluster: c.to_string(),
+                    });
+                }
+            }
             before.push(self.counters(p).await?);
         }
         crate::durable::write_atomically(&self.path, content.as_bytes()).map_err(|source| {
