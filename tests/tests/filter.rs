@@ -495,7 +495,11 @@ async fn envoy_local_replies_and_upstream_resets_are_counted() -> anyhow::Result
 async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Result<()> {
     let (stable, canary) = (named("stable").await?, named("canary").await?);
     let token = "qa-token-0123456789";
-    let config = user_upstream_config(0.0, json!({"override": {"token": token}}));
+    let config = user_upstream_config(
+        0.0,
+        json!({"override": {"token": token},
+               "echo": {"header": "x-sluice-variant", "cookie": "sluice_t", "cookie_max_age_seconds": 600}}),
+    );
     let envoy = start_fixture(&config, &stable, canary.port(), canary.port()).await?;
     let url = envoy.url(LISTENER, "/");
     let with = |t: &str| {
@@ -508,6 +512,12 @@ async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Resul
     assert!(granted
         .iter()
         .all(|r| r.json().ok().map(|j| j["model"] == "canary") == Some(true)));
+    // The exposure echo reports what served the request, in the header and the cookie.
+    assert!(granted
+        .iter()
+        .all(|r| r.header("x-sluice-variant") == Some("canary")
+            && r.header("set-cookie")
+                == Some("sluice_t=canary; Path=/; SameSite=Lax; Max-Age=600")));
     let denied = with("wrong-token-000000000").run().await?;
     assert!(denied
         .iter()
