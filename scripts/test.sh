@@ -28,7 +28,8 @@ cargo clippy -p sluice-filter --target wasm32-wasip1 -- -D warnings
 
 section "build wasm filters (release, wasm32-wasip1)"
 cargo build -p sluice-filter -p sluice-noop-filter --target wasm32-wasip1 --release
-ls -l target/wasm32-wasip1/release/sluice_filter.wasm target/wasm32-wasip1/release/sluice_noop_filter.wasm
+WASM_DIR="${CARGO_TARGET_DIR:-target}/wasm32-wasip1/release"
+ls -l "$WASM_DIR/sluice_filter.wasm" "$WASM_DIR/sluice_noop_filter.wasm"
 
 section "cargo test --workspace (unit, property, real-Envoy integration)"
 cargo test --workspace
