@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::error::{io, Error, Result};
+use crate::error::{Error, Result};
 
 /// The repository root (the workspace directory holding `Cargo.lock`).
 pub fn repo_root() -> PathBuf {
@@ -90,24 +90,44 @@ pub fn sluice_bin() -> Result<PathBuf> {
     }
 }
 
+/// Ports handed out by [`free_port`]: below Linux's default ephemeral range (32768–60999).
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
 /// A loopback TCP port that was free a moment ago and that this process has not handed out
 /// before.
 ///
-/// The OS may give the same ephemeral port to two quick successive binds once the first socket
-/// is closed; remembering what we handed out keeps parallel tests in one binary from colliding.
+/// Ports come from below the ephemeral range, not from binding port 0: between our check and
+/// Envoy's bind, an ephemeral port can be taken by any outgoing connection on the machine (tests
+/// open thousands), while a port in this range can only be taken by another listener. The scan
+/// starts at a per-process pseudo-random point so concurrent test processes rarely probe the
+/// same ports, and remembers what it handed out so parallel tests in one process never collide.
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    for _ in 0..100 {
-        let listener =
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding 127.0.0.1:0"))?;
-        let port = listener.local_addr().map_err(io("local_addr"))?.port();
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seed = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % span;
+        let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORT_RANGE.start + offset as u16;
         let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if given.get_or_insert_with(HashSet::new).insert(port) {
+        let given = given.get_or_insert_with(HashSet::new);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.insert(port);
             return Ok(port);
         }
     }
     Err(Error::Io {
         context: "finding a free port".into(),
-        source: std::io::Error::other("100 attempts returned ports already handed out"),
+        source: std::io::Error::other(format!("no free port in {PORT_RANGE:?}")),
     })
 }
