@@ -37,7 +37,7 @@
 //! })
 //! .await?;
 //! let prom = envoy.admin().prometheus().await?;
-//! assert!(prom.sum("envoy_cluster_upstream_rq_total", &[("envoy_cluster_name", "upstream")]) >= 1000.0);
+//! assert!(prom.sum("envoy_cluster_upstream_rq_total", &[("envoy_cluster_name", "stable")]) >= 1000.0);
 //! # Ok(()) }
 //! ```
 
