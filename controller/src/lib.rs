@@ -1,12 +1,18 @@
-//! Sluice controller library.
+//! Sluice controller library: sources read the filter's counters, [`snapshot`] models them,
+//! the [`judge`] decides, [`rollout`] and [`daemon`] walk the ramp, sinks push weights;
+//! [`simulate`] and [`plan`] back the judge's promises with numbers.
 pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod durable;
+pub mod judge;
 pub mod notify;
+pub mod plan;
 pub mod rollout;
+pub mod simulate;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod spec;
 pub mod store;

@@ -1,0 +1,546 @@
+//! Counter snapshots: what the judge reads, one per scrape.
+//!
+//! A [`Snapshot`] holds the cumulative counters of every variant of one experiment at one
+//! time, the weights in force, and whether the source trusted its data. One snapshot per line,
+//! as JSON, is the format `sluice judge` replays (field reference: `docs/statistics.md`).
+//! [`Snapshot::from_reading`] builds one from a source's [`Reading`].
+//!
+//! [`interval`] turns two consecutive snapshots into the counts of the time between them; it
+//! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::Reading;
+
+/// Counters of one experiment at one time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// When the counters were read, in Unix seconds (fractions allowed).
+    pub at: f64,
+    pub experiment: String,
+    /// The variant the others are compared with.
+    pub control: String,
+    /// The variant being judged; default: the only other variant in `variants`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+    /// Weights in force (variant → percent of users).
+    pub weights: BTreeMap<String, f64>,
+    /// Cumulative counters per variant.
+    pub variants: BTreeMap<String, Counters>,
+    #[serde(default)]
+    pub health: Health,
+    /// When the current stage started (Unix seconds), when known better than "the snapshot
+    /// where the weights changed".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_started_at: Option<f64>,
+}
+
+/// Whether the source trusted what it read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Health {
+    #[default]
+    Ok,
+    /// The newest data is older than the source allows.
+    Stale { reason: String },
+    /// The source could not read (part of) the data.
+    Error { reason: String },
+}
+
+/// Cumulative counters of one variant. Every field defaults to zero or empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Counters {
+    /// `sluice_requests_total`.
+    pub requests: u64,
+    /// `sluice_responses_total` by `class` (`1xx` … `5xx`).
+    pub responses: BTreeMap<String, u64>,
+    /// `sluice_local_replies_total` (also counted in `responses`).
+    pub local_replies: u64,
+    /// `sluice_upstream_resets_total` (also counted in `responses`, as Envoy's 5xx reply).
+    pub upstream_resets: u64,
+    /// `sluice_missing_key_total`.
+    pub missing_key: u64,
+    /// `sluice_latency_ms`.
+    pub latency: Histogram,
+    /// `sluice_outcomes_total` by `outcome`.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Exposures, when the source counts them (denominator of per-exposure business metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposures: Option<u64>,
+    /// `sluice_prediction` (value × scale).
+    pub prediction: Histogram,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowCounters>,
+}
+
+/// A cumulative histogram as Prometheus exports it. The `+Inf` bucket is `count`; `buckets`
+/// holds the finite bounds in increasing order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Histogram {
+    pub buckets: Vec<Bucket>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+/// Observations at most `le`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    pub le: f64,
+    pub count: u64,
+}
+
+/// Shadow comparison counters of one variant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShadowCounters {
+    pub requests: u64,
+    pub compared: u64,
+    /// By `field` (`status`, `body`, or a configured field).
+    pub agree: BTreeMap<String, u64>,
+    pub disagree: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub latency: Histogram,
+    /// `sluice_shadow_delta` by `field`.
+    pub deltas: BTreeMap<String, Histogram>,
+}
+
+/// A snapshot line that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("line {line}: {reason}")]
+    Invalid { line: usize, reason: String },
+}
+
+impl Snapshot {
+    /// The judged variant: `canary`, or else the only variant besides the control.
+    pub fn canary_name(&self) -> Option<&str> {
+        if let Some(c) = &self.canary {
+            return Some(c);
+        }
+        let mut others = self
+            .variants
+            .keys()
+            .chain(self.weights.keys())
+            .filter(|v| **v != self.control);
+        let first = others.next()?;
+        others.all(|v| v == first).then_some(first.as_str())
+    }
+
+    /// Structural problems the judge cannot work around.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.at.is_finite() {
+            return Err("`at` must be a finite number of Unix seconds".into());
+        }
+        if !self.variants.contains_key(&self.control) && !self.weights.contains_key(&self.control)
+        {
+            return Err(format!("control {:?} is not among the variants", self.control));
+        }
+        if self.canary_name().is_none() {
+            return Err("`canary` is required when there are several treatments".into());
+        }
+        for (v, w) in &self.weights {
+            if !(w.is_finite() && (0.0..=100.0).contains(w)) {
+                return Err(format!("weights.{v}: {w} is not a percentage"));
+            }
+        }
+        for (v, c) in &self.variants {
+            c.latency
+                .check()
+                .map_err(|e| format!("variants.{v}.latency: {e}"))?;
+            c.prediction
+                .check()
+                .map_err(|e| format!("variants.{v}.prediction: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A snapshot from a source's summed counters. `weights` are the ones in force.
+    pub fn from_reading(
+        reading: &Reading,
+        experiment: &str,
+        control: &str,
+        canary: &str,
+        weights: BTreeMap<String, f64>,
+        at: f64,
+    ) -> Snapshot {
+        let mut variants: BTreeMap<String, Counters> = BTreeMap::new();
+        for v in weights.keys().map(String::as_str).chain([control, canary]) {
+            variants.entry(v.to_string()).or_default();
+        }
+        for (key, value) in &reading.series {
+            if key.label("experiment") != Some(experiment) {
+                continue;
+            }
+            let Some(variant) = key.label("variant") else {
+                continue;
+            };
+            let c = variants.entry(variant.to_string()).or_default();
+            // Summed counters are integral; rounding only removes float noise.
+            let n = value.max(0.0).round() as u64;
+            let label = |l: &str| key.label(l).unwrap_or("").to_string();
+            let name = key.name.as_str();
+            match name {
+                "sluice_requests_total" => c.requests += n,
+                "sluice_responses_total" => *c.responses.entry(label("class")).or_default() += n,
+                "sluice_local_replies_total" => c.local_replies += n,
+                "sluice_upstream_resets_total" => c.upstream_resets += n,
+                "sluice_missing_key_total" => c.missing_key += n,
+                "sluice_outcomes_total" => *c.outcomes.entry(label("outcome")).or_default() += n,
+                "sluice_exposures_total" => *c.exposures.get_or_insert(0) += n,
+                _ => {
+                    if let Some(h) = histogram_part(name, "sluice_latency_ms") {
+                        c.latency.add_series(h, key.label("le"), *value);
+                    } else if let Some(h) = histogram_part(name, "sluice_prediction") {
+                        c.prediction.add_series(h, key.label("le"), *value);
+                    } else if let Some(rest) = name.strip_prefix("sluice_shadow_") {
+                        let s = c.shadow.get_or_insert_with(ShadowCounters::default);
+                        match rest {
+                            "requests_total" => s.requests += n,
+                            "compared_total" => s.compared += n,
+                            "agree_total" => *s.agree.entry(label("field")).or_default() += n,
+                            "disagree_total" => {
+                                *s.disagree.entry(label("field")).or_default() += n
+                            }
+                            "errors_total" => s.errors += n,
+                            "timeouts_total" => s.timeouts += n,
+                            _ => {
+                                if let Some(h) = histogram_part(name, "sluice_shadow_latency_ms") {
+                                    s.latency.add_series(h, key.label("le"), *value);
+                                } else if let Some(h) = histogram_part(name, "sluice_shadow_delta")
+                                {
+                                    s.deltas.entry(label("field")).or_default().add_series(
+                                        h,
+                                        key.label("le"),
+                                        *value,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Snapshot {
+            at,
+            experiment: experiment.to_string(),
+            control: control.to_string(),
+            canary: Some(canary.to_string()),
+            weights,
+            variants,
+            health: Health::Ok,
+            stage_started_at: None,
+        }
+    }
+}
+
+/// Which part of histogram `base` a series name is.
+fn histogram_part<'a>(name: &'a str, base: &str) -> Option<&'a str> {
+    name.strip_prefix(base)
+        .filter(|rest| matches!(*rest, "_bucket" | "_sum" | "_count"))
+}
+
+impl Histogram {
+    fn add_series(&mut self, part: &str, le: Option<&str>, value: f64) {
+        let n = value.max(0.0).round() as u64;
+        match (part, le) {
+            ("_sum", _) => self.sum += value,
+            ("_count", _) => self.count += n,
+            ("_bucket", Some(le)) => match le.parse::<f64>() {
+                Ok(b) if b.is_finite() => {
+                    match self.buckets.binary_search_by(|x| x.le.total_cmp(&b)) {
+                        Ok(i) => self.buckets[i].count += n,
+                        Err(i) => self.buckets.insert(i, Bucket { le: b, count: n }),
+                    }
+                }
+                // The +Inf bucket repeats `_count`.
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    /// Bounds increasing, counts cumulative and at most `count`.
+    pub fn check(&self) -> Result<(), String> {
+        for w in self.buckets.windows(2) {
+            if w[1].le <= w[0].le {
+                return Err(format!("bucket bounds must increase ({} after {})", w[1].le, w[0].le));
+            }
+            if w[1].count < w[0].count {
+                return Err(format!("bucket counts must be cumulative (le {})", w[1].le));
+            }
+        }
+        if self.buckets.iter().any(|b| !b.le.is_finite()) {
+            return Err("bucket bounds must be finite (the +Inf bucket is `count`)".into());
+        }
+        if self.buckets.last().is_some_and(|b| b.count > self.count) {
+            return Err("a bucket holds more than `count`".into());
+        }
+        Ok(())
+    }
+
+    /// Counts per bucket (not cumulative), the last entry being the `+Inf` bucket.
+    pub fn per_bucket(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.buckets.len() + 1);
+        let mut below = 0;
+        for b in &self.buckets {
+            out.push(b.count.saturating_sub(below));
+            below = b.count.max(below);
+        }
+        out.push(self.count.saturating_sub(below));
+        out
+    }
+
+    fn same_layout(&self, other: &Histogram) -> bool {
+        self.buckets.len() == other.buckets.len()
+            && self.buckets.iter().zip(&other.buckets).all(|(a, b)| a.le == b.le)
+    }
+
+    /// `self - earlier`, or `None` if anything went down or the bounds changed.
+    fn since(&self, earlier: &Histogram) -> Option<Histogram> {
+        if earlier.buckets.is_empty() && earlier.count == 0 {
+            return Some(self.clone());
+        }
+        if !self.same_layout(earlier) || self.count < earlier.count || self.sum < earlier.sum {
+            return None;
+        }
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for (a, b) in self.buckets.iter().zip(&earlier.buckets) {
+            buckets.push(Bucket {
+                le: a.le,
+                count: a.count.checked_sub(b.count)?,
+            });
+        }
+        Some(Histogram {
+            buckets,
+            sum: self.sum - earlier.sum,
+            count: self.count - earlier.count,
+        })
+    }
+
+    /// Adds counts; a histogram with other bounds replaces an empty one and is otherwise
+    /// ignored (its bounds were reconfigured; mixing layouts would corrupt both).
+    pub fn add(&mut self, other: &Histogram) {
+        if other.count == 0 && other.buckets.iter().all(|b| b.count == 0) {
+            return;
+        }
+        if self.count == 0 && self.buckets.iter().all(|b| b.count == 0) {
+            *self = other.clone();
+            return;
+        }
+        if !self.same_layout(other) {
+            return;
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            a.count += b.count;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+fn map_since(now: &BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>) -> Option<BTreeMap<String, u64>> {
+    if earlier.iter().any(|(k, v)| now.get(k).copied().unwrap_or(0) < *v) {
+        return None;
+    }
+    Some(
+        now.iter()
+            .map(|(k, v)| (k.clone(), v - earlier.get(k).copied().unwrap_or(0)))
+            .collect(),
+    )
+}
+
+fn map_add(into: &mut BTreeMap<String, u64>, other: &BTreeMap<String, u64>) {
+    for (k, v) in other {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+impl ShadowCounters {
+    fn since(&self, earlier: &ShadowCounters) -> Option<ShadowCounters> {
+        let mut deltas = BTreeMap::new();
+        for (k, h) in &self.deltas {
+            let d = match earlier.deltas.get(k) {
+                Some(e) => h.since(e)?,
+                None => h.clone(),
+            };
+            deltas.insert(k.clone(), d);
+        }
+        if earlier.deltas.keys().any(|k| !self.deltas.contains_key(k)) {
+            return None;
+        }
+        Some(ShadowCounters {
+            requests: self.requests.checked_sub(earlier.requests)?,
+            compared: self.compared.checked_sub(earlier.compared)?,
+            agree: map_since(&self.agree, &earlier.agree)?,
+            disagree: map_since(&self.disagree, &earlier.disagree)?,
+            errors: self.errors.checked_sub(earlier.errors)?,
+            timeouts: self.timeouts.checked_sub(earlier.timeouts)?,
+            latency: self.latency.since(&earlier.latency)?,
+            deltas,
+        })
+    }
+
+    fn add(&mut self, other: &ShadowCounters) {
+        self.requests += other.requests;
+        self.compared += other.compared;
+        map_add(&mut self.agree, &other.agree);
+        map_add(&mut self.disagree, &other.disagree);
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.latency.add(&other.latency);
+        for (k, h) in &other.deltas {
+            self.deltas.entry(k.clone()).or_default().add(h);
+        }
+    }
+}
+
+impl Counters {
+    /// Responses of every class.
+    pub fn responses_total(&self) -> u64 {
+        self.responses.values().sum()
+    }
+
+    /// Responses of class `5xx`.
+    pub fn errors(&self) -> u64 {
+        self.responses.get("5xx").copied().unwrap_or(0)
+    }
+
+    /// `self - earlier`, or `None` if any counter went down (a restart).
+    pub fn since(&self, earlier: &Counters) -> Option<Counters> {
+        let shadow = match (&self.shadow, &earlier.shadow) {
+            (Some(a), Some(b)) => Some(a.since(b)?),
+            (Some(a), None) => Some(a.clone()),
+            (None, Some(_)) => return None,
+            (None, None) => None,
+        };
+        let exposures = match (self.exposures, earlier.exposures) {
+            (Some(a), Some(b)) => Some(a.checked_sub(b)?),
+            (a, None) => a,
+            (None, Some(_)) => return None,
+        };
+        Some(Counters {
+            requests: self.requests.checked_sub(earlier.requests)?,
+            responses: map_since(&self.responses, &earlier.responses)?,
+            local_replies: self.local_replies.checked_sub(earlier.local_replies)?,
+            upstream_resets: self.upstream_resets.checked_sub(earlier.upstream_resets)?,
+            missing_key: self.missing_key.checked_sub(earlier.missing_key)?,
+            latency: self.latency.since(&earlier.latency)?,
+            outcomes: map_since(&self.outcomes, &earlier.outcomes)?,
+            exposures,
+            prediction: self.prediction.since(&earlier.prediction)?,
+            shadow,
+        })
+    }
+
+    /// Adds another interval's counts.
+    pub fn add(&mut self, other: &Counters) {
+        self.requests += other.requests;
+        map_add(&mut self.responses, &other.responses);
+        self.local_replies += other.local_replies;
+        self.upstream_resets += other.upstream_resets;
+        self.missing_key += other.missing_key;
+        self.latency.add(&other.latency);
+        map_add(&mut self.outcomes, &other.outcomes);
+        if let Some(e) = other.exposures {
+            *self.exposures.get_or_insert(0) += e;
+        }
+        self.prediction.add(&other.prediction);
+        if let Some(s) = &other.shadow {
+            self.shadow.get_or_insert_with(Default::default).add(s);
+        }
+    }
+}
+
+/// What to do when a variant's counters go down between two snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ResetPolicy {
+    /// The later values are the counts since the restart: that variant's interval counts are
+    /// its later values. Right for one Envoy; with summed Envoys it over-counts the ones that
+    /// did not restart (prefer restart-proof sources, which never go down).
+    #[default]
+    SinceRestart,
+    /// The interval is dropped for every variant and the later values become the baseline:
+    /// loses one interval, never over-counts, and never skews the split between variants.
+    Discard,
+}
+
+/// Counts between two consecutive snapshots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interval {
+    pub from: f64,
+    pub to: f64,
+    pub variants: BTreeMap<String, Counters>,
+    /// Variants whose counters went down in this interval.
+    pub resets: Vec<String>,
+}
+
+/// The counts between `earlier` and `later`, surviving counter resets per `policy`.
+pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> Interval {
+    let empty = Counters::default();
+    let mut variants = BTreeMap::new();
+    let mut resets = Vec::new();
+    for (name, now) in &later.variants {
+        let before = earlier.variants.get(name).unwrap_or(&empty);
+        match now.since(before) {
+            Some(d) => {
+                variants.insert(name.clone(), d);
+            }
+            None => {
+                resets.push(name.clone());
+                variants.insert(name.clone(), now.clone());
+            }
+        }
+    }
+    // A variant that vanished from the later snapshot reset to nothing.
+    for name in earlier.variants.keys() {
+        if !later.variants.contains_key(name) {
+            resets.push(name.clone());
+        }
+    }
+    if !resets.is_empty() && policy == ResetPolicy::Discard {
+        for c in variants.values_mut() {
+            *c = Counters::default();
+        }
+    }
+    Interval {
+        from: earlier.at,
+        to: later.at,
+        variants,
+        resets,
+    }
+}
+
+/// Reads the JSON-lines format: one [`Snapshot`] per non-blank line (lines starting with `#`
+/// are comments).
+pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut de = serde_json::Deserializer::from_str(line);
+        let snap: Snapshot =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| SnapshotError::Line {
+                line: i + 1,
+                reason: format!("{}: {}", e.path(), e.inner()),
+            })?;
+        snap.check()
+            .map_err(|reason| SnapshotError::Invalid { line: i + 1, reason })?;
+        out.push(snap);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
