@@ -487,6 +487,11 @@ async fn print_progress(
         if point.t - last_printed < 5.0 {
             continue;
         }
+        if previous.is_none() && point.rollout.is_none() {
+            // Nothing to say yet: rates need two points.
+            previous = Some(point);
+            continue;
+        }
         let mut line = format!("{:>6.1}s", point.t);
         if let Some(r) = &point.rollout {
             line.push_str(&format!(

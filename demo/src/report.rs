@@ -413,10 +413,13 @@ fn windows(series: &Series) -> Vec<(f64, &Counters, &Counters)> {
     let envoy = points_with_envoy(series);
     let mut out = Vec::new();
     for (i, (p, now)) in envoy.iter().enumerate() {
+        // A full window once there is one; before that the run so far, if at least a few
+        // seconds long, so the first seconds of the run are not blank.
         let earlier = envoy[..i]
             .iter()
             .rev()
-            .find(|(q, _)| q.t <= p.t - WINDOW_SECS + 0.5);
+            .find(|(q, _)| q.t <= p.t - WINDOW_SECS + 0.5)
+            .or_else(|| envoy.first().filter(|(q, _)| p.t - q.t >= 3.0));
         if let Some((_, before)) = earlier {
             out.push((p.t, *now, *before));
         }
@@ -720,7 +723,7 @@ fn time_chart(
         let yy = y(v);
         let _ = write!(
             svg,
-            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" class="grid"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{}</text>"##,
+            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6" class="grid"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{}</text>"##,
             LEFT + pw,
             LEFT - 6.0,
             yy + 4.0,
@@ -888,7 +891,7 @@ fn prediction_chart(series: &Series, hists: &[(String, Histogram)]) -> String {
         let yy = TOP + ph * (1.0 - v / y_max);
         let _ = write!(
             svg,
-            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" class="grid"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{:.0}%</text>"##,
+            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6" class="grid"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{:.0}%</text>"##,
             LEFT + pw,
             LEFT - 6.0,
             yy + 4.0,

@@ -48,7 +48,7 @@ pub struct LoadConfig {
     pub rate: f64,
     /// Stop starting requests after this long.
     pub duration: Duration,
-    /// … or after this many requests.
+    /// … or after this many scheduled requests (sent or skipped).
     pub max_requests: u64,
     /// Requests outstanding at most; beyond that a scheduled request is skipped (and counted),
     /// never queued, so a slow server cannot make the load bunch up.
