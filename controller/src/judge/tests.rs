@@ -1,0 +1,481 @@
+use super::config::{BusinessConfig, ConfigError};
+use super::*;
+use crate::snapshot::{Bucket, Counters, Health, Histogram, ShadowCounters};
+
+/// Latency histogram with `slow` of `n` requests above 100 ms (the rest at 10–20 ms).
+fn latency(n: u64, slow: u64) -> Histogram {
+    Histogram {
+        buckets: vec![
+            Bucket { le: 10.0, count: 0 },
+            Bucket { le: 20.0, count: n - slow },
+            Bucket { le: 100.0, count: n - slow },
+            Bucket { le: 200.0, count: n },
+        ],
+        sum: 15.0 * n as f64,
+        count: n,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Rates {
+    error: f64,
+    slow: f64,
+    click: f64,
+}
+
+const SAME: Rates = Rates {
+    error: 0.01,
+    slow: 0.02,
+    click: 0.05,
+};
+
+fn counters(n: u64, r: Rates) -> Counters {
+    let e = (n as f64 * r.error).round() as u64;
+    Counters {
+        requests: n,
+        responses: BTreeMap::from([("2xx".into(), n - e), ("5xx".into(), e)]),
+        latency: latency(n, (n as f64 * r.slow).round() as u64),
+        outcomes: BTreeMap::from([("click".into(), (n as f64 * r.click).round() as u64)]),
+        ..Counters::default()
+    }
+}
+
+fn snapshot(at: f64, weight: f64, control: u64, canary: u64, r: Rates) -> Snapshot {
+    Snapshot {
+        at,
+        experiment: "e".into(),
+        control: "control".into(),
+        canary: Some("canary".into()),
+        weights: BTreeMap::from([("control".into(), 100.0 - weight), ("canary".into(), weight)]),
+        variants: BTreeMap::from([
+            ("control".into(), counters(control, SAME)),
+            ("canary".into(), counters(canary, r)),
+        ]),
+        health: Health::Ok,
+        stage_started_at: None,
+    }
+}
+
+fn config() -> GuardrailConfig {
+    GuardrailConfig {
+        warmup: 0.0,
+        min_requests: 100,
+        business: vec![BusinessConfig {
+            outcome: "click".into(),
+            ..BusinessConfig::default()
+        }],
+        ..GuardrailConfig::default()
+    }
+}
+
+/// A steady stream at `rps` with weight `w` for `looks` looks of 10 s; returns every evaluation.
+fn stream(cfg: &GuardrailConfig, rps: f64, w: f64, looks: usize, r: Rates) -> Vec<Evaluation> {
+    let snaps: Vec<Snapshot> = (0..=looks)
+        .map(|i| {
+            let total = rps * 10.0 * i as f64;
+            let canary = (total * w / 100.0).round() as u64;
+            snapshot(10.0 * i as f64, w, total as u64 - canary, canary, r)
+        })
+        .collect();
+    replay(cfg, &snaps)
+}
+
+fn verdict<'a>(e: &'a Evaluation, name: &str) -> &'a Verdict {
+    e.verdicts
+        .iter()
+        .find(|v| v.guardrail == name)
+        .unwrap_or_else(|| unreachable!("no verdict {name}: {:?}", e.verdicts))
+}
+
+fn last(evals: &[Evaluation]) -> &Evaluation {
+    evals.last().unwrap_or_else(|| unreachable!())
+}
+
+#[test]
+fn an_identical_canary_passes_and_is_promoted() {
+    let evals = stream(&config(), 1000.0, 50.0, 60, SAME);
+    let e = last(&evals);
+    for name in ["error_rate", "latency_p50", "latency_p95", "latency_p99", "click_per_request"] {
+        assert_eq!(verdict(e, name).label, Label::Pass, "{name}: {}", verdict(e, name).reason);
+    }
+    assert_eq!(e.decision, Decision::Promote, "{}", e.reason);
+    assert!(e.sufficient);
+    assert_eq!(e.score, Some(100.0));
+    assert!(evals.iter().all(|e| e.decision != Decision::RollBack));
+}
+
+#[test]
+fn too_little_data_is_inconclusive_never_a_pass() {
+    let evals = stream(&config(), 5.0, 10.0, 10, SAME);
+    let e = last(&evals);
+    assert_eq!(verdict(e, "error_rate").label, Label::Inconclusive);
+    assert!(verdict(e, "error_rate").reason.contains("insufficient data"));
+    assert_eq!(e.decision, Decision::Continue);
+    assert!(!e.sufficient);
+}
+
+#[test]
+fn a_higher_error_rate_fails_and_rolls_back_after_k_looks() {
+    let bad = Rates {
+        error: 0.03,
+        ..SAME
+    };
+    let evals = stream(&config(), 1000.0, 50.0, 30, bad);
+    let first_fail = evals
+        .iter()
+        .position(|e| verdict(e, "error_rate").label == Label::Fail)
+        .unwrap_or_else(|| unreachable!("never failed"));
+    let first_rollback = evals
+        .iter()
+        .position(|e| e.decision == Decision::RollBack)
+        .unwrap_or_else(|| unreachable!("never rolled back"));
+    // K = 3: the breach must hold for three looks.
+    assert_eq!(first_rollback, first_fail + 2);
+    assert_eq!(evals[first_fail].decision, Decision::Hold);
+    let v = verdict(&evals[first_rollback], "error_rate");
+    assert_eq!(v.streak, 3);
+    assert!(v.p_value.is_some_and(|p| p <= 0.01));
+    assert!(v.interval.is_some_and(|[lo, _]| lo > 0.0));
+    assert!(evals[first_rollback].reason.contains("error_rate"));
+}
+
+#[test]
+fn k_of_one_acts_at_the_first_breach() {
+    let cfg = GuardrailConfig {
+        consecutive: 1,
+        ..config()
+    };
+    let bad = Rates {
+        error: 0.03,
+        ..SAME
+    };
+    let evals = stream(&cfg, 1000.0, 50.0, 30, bad);
+    let f = evals.iter().position(|e| verdict(e, "error_rate").label == Label::Fail);
+    let r = evals.iter().position(|e| e.decision == Decision::RollBack);
+    assert!(f.is_some() && f == r);
+}
+
+#[test]
+fn the_error_ceiling_is_a_hard_gate_acting_at_once() {
+    let cfg = GuardrailConfig {
+        error_rate: config::ErrorRateConfig {
+            ceiling: Some(0.02),
+            ..Default::default()
+        },
+        ..config()
+    };
+    let bad = Rates {
+        error: 0.10,
+        ..SAME
+    };
+    let evals = stream(&cfg, 1000.0, 50.0, 5, bad);
+    let e = &evals[1];
+    assert_eq!(verdict(e, "error_ceiling").label, Label::Fail);
+    assert_eq!(e.decision, Decision::RollBack, "{}", e.reason);
+    assert!(e.reason.contains("hard gate"));
+}
+
+#[test]
+fn a_slow_canary_fails_the_latency_quantile_and_its_slo() {
+    let cfg = GuardrailConfig {
+        latency: config::LatencyConfig {
+            enabled: true,
+            quantiles: vec![config::QuantileConfig {
+                quantile: 0.99,
+                slo_ms: Some(100.0),
+                ..Default::default()
+            }],
+        },
+        ..config()
+    };
+    let slow = Rates {
+        slow: 0.05,
+        ..SAME
+    };
+    let evals = stream(&cfg, 1000.0, 50.0, 30, slow);
+    let e = last(&evals);
+    assert_eq!(verdict(e, "latency_p99").label, Label::Fail);
+    // 5 % of canary requests above 100 ms: its p99 is above the 100 ms SLO.
+    assert_eq!(verdict(e, "latency_p99_slo").label, Label::Fail);
+    assert_eq!(e.decision, Decision::RollBack);
+    let fine = stream(&cfg, 1000.0, 50.0, 30, SAME);
+    assert_eq!(verdict(last(&fine), "latency_p99_slo").label, Label::Fail, "2 % slow is also above");
+}
+
+#[test]
+fn a_conversion_drop_fails_the_business_metric() {
+    let cfg = GuardrailConfig {
+        error_rate: config::ErrorRateConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        ..config()
+    };
+    let drop = Rates {
+        click: 0.04,
+        ..SAME
+    };
+    let evals = stream(&cfg, 1000.0, 50.0, 60, drop);
+    let v = verdict(last(&evals), "click_per_request");
+    assert_eq!(v.label, Label::Fail, "{}", v.reason);
+    assert!(v.estimate.is_some_and(|d| (d + 0.01).abs() < 1e-3));
+    // A rise in conversion is no harm.
+    let rise = Rates {
+        click: 0.06,
+        ..SAME
+    };
+    let evals = stream(&cfg, 1000.0, 50.0, 60, rise);
+    assert_eq!(verdict(last(&evals), "click_per_request").label, Label::Pass);
+}
+
+#[test]
+fn warm_up_intervals_are_not_evidence() {
+    let cfg = GuardrailConfig {
+        warmup: 60.0,
+        ..config()
+    };
+    let evals = stream(&cfg, 100.0, 50.0, 12, SAME);
+    // Looks every 10 s from t = 0: intervals starting before t = 60 are dropped.
+    assert_eq!(evals[6].stage_requests.canary, 0);
+    assert_eq!(evals[7].stage_requests.canary, 500);
+    assert_eq!(last(&evals).stage_requests.canary, 3000);
+    assert!(verdict(&evals[3], "data").reason.contains("warming up"));
+}
+
+#[test]
+fn a_weight_change_starts_a_stage_with_its_own_warm_up() {
+    let cfg = GuardrailConfig {
+        warmup: 20.0,
+        ..config()
+    };
+    let mut snaps = Vec::new();
+    let (mut c, mut t) = (0u64, 0u64);
+    for i in 0..=20u64 {
+        let w = if i <= 10 { 10.0 } else { 50.0 };
+        if i > 0 {
+            t += (w * 10.0) as u64;
+            c += (1000.0 - w * 10.0) as u64;
+        }
+        snaps.push(snapshot(10.0 * i as f64, w, c, t, SAME));
+    }
+    let evals = replay(&cfg, &snaps);
+    assert_eq!(evals[11].stage_started_at, 110.0);
+    assert_eq!(evals[11].stage_requests.canary, 0);
+    // Warm-up 20 s: intervals from 130 s on count.
+    assert_eq!(evals[13].stage_requests.canary, 0);
+    assert_eq!(evals[14].stage_requests.canary, 500);
+    // The whole rollout's evidence keeps the first stage.
+    assert!(evals[14].rollout_requests.canary > evals[14].stage_requests.canary);
+}
+
+#[test]
+fn a_counter_reset_does_not_look_like_negative_traffic() {
+    let mut evals_in = Vec::new();
+    for i in 0..=10u64 {
+        // The proxy restarted after look 5: counts start again from one interval's worth.
+        let k = if i > 5 { i - 5 } else { i };
+        evals_in.push(snapshot(10.0 * i as f64, 50.0, 500 * k, 500 * k, SAME));
+    }
+    let evals = replay(&config(), &evals_in);
+    assert_eq!(last(&evals).stage_requests.canary, 5000);
+    assert!(verdict(&evals[6], "data").reason.contains("counter reset"));
+}
+
+#[test]
+fn stale_data_holds_and_is_skipped() {
+    let mut snaps: Vec<Snapshot> = (0..=5)
+        .map(|i| snapshot(10.0 * i as f64, 50.0, 500 * i, 500 * i, SAME))
+        .collect();
+    snaps[3].health = Health::Stale {
+        reason: "old".into(),
+    };
+    let evals = replay(&config(), &snaps);
+    assert_eq!(evals[3].decision, Decision::Hold);
+    assert!(evals[3].reason.contains("stale"));
+    assert_eq!(last(&evals).stage_requests.canary, 2500);
+}
+
+#[test]
+fn a_skewed_split_halts() {
+    let snaps: Vec<Snapshot> = (0..=10)
+        .map(|i| snapshot(10.0 * i as f64, 50.0, 4_900 * i, 5_100 * i, SAME))
+        .collect();
+    let evals = replay(&config(), &snaps);
+    let e = last(&evals);
+    assert_eq!(verdict(e, "srm").label, Label::Fail);
+    assert_eq!(e.decision, Decision::Halt);
+    let fair: Vec<Snapshot> = (0..=10)
+        .map(|i| snapshot(10.0 * i as f64, 50.0, 5_000 * i, 5_000 * i, SAME))
+        .collect();
+    assert_eq!(verdict(last(&replay(&config(), &fair)), "srm").label, Label::Pass);
+}
+
+#[test]
+fn prediction_drift_is_flagged() {
+    let pred = |n: u64, shift: u64| Histogram {
+        buckets: (1..10)
+            .map(|i| Bucket {
+                le: 100.0 * i as f64,
+                count: (n * (i + shift).min(10) / 10),
+            })
+            .collect(),
+        sum: 450.0 * n as f64,
+        count: n,
+    };
+    let snaps: Vec<Snapshot> = (0..=5)
+        .map(|i| {
+            let mut s = snapshot(10.0 * i as f64, 50.0, 1000 * i, 1000 * i, SAME);
+            if let Some(c) = s.variants.get_mut("control") {
+                c.prediction = pred(1000 * i, 0);
+            }
+            if let Some(c) = s.variants.get_mut("canary") {
+                c.prediction = pred(1000 * i, 2);
+            }
+            s
+        })
+        .collect();
+    let e = last(&replay(&config(), &snaps)).clone();
+    let v = verdict(&e, "prediction_drift");
+    assert_eq!(v.label, Label::Fail, "{}", v.reason);
+    assert!(v.reason.contains("KS"));
+    // Not critical by default: a drifting model is held for a human, not rolled back.
+    assert_ne!(e.decision, Decision::RollBack);
+}
+
+#[test]
+fn shadow_agreement_below_the_floor_fails() {
+    let snaps: Vec<Snapshot> = (0..=10)
+        .map(|i| {
+            let mut s = snapshot(10.0 * i as f64, 0.0, 1000 * i, 0, SAME);
+            if let Some(c) = s.variants.get_mut("control") {
+                c.shadow = Some(ShadowCounters {
+                    compared: 1000 * i,
+                    agree: BTreeMap::from([("status".into(), 950 * i)]),
+                    disagree: BTreeMap::from([("status".into(), 50 * i)]),
+                    ..ShadowCounters::default()
+                });
+            }
+            s
+        })
+        .collect();
+    let evals = replay(&config(), &snaps);
+    let e = last(&evals);
+    assert_eq!(verdict(e, "shadow_status").label, Label::Fail);
+    // In a shadow stage nothing else is judged.
+    assert!(e.verdicts.iter().all(|v| v.guardrail != "error_rate"));
+}
+
+#[test]
+fn holm_corrects_across_the_statistical_guardrails() {
+    let draft = |name: &str, p: f64| Draft {
+        verdict: Verdict {
+            estimate: Some(0.0),
+            ..Verdict::new(name, Kind::Statistical, 1.0, true)
+        },
+        ln_e_harm: -(p.ln()),
+        ln_e_pass: 0.0,
+    };
+    let drafts = vec![draft("a", 0.004), draft("b", 0.006), draft("c", 0.5)];
+    let v = label_statistical(drafts, 0.01, 0.05);
+    // Holm's first threshold is 0.01/3: 0.004 misses it, so nothing is rejected.
+    assert!(v.iter().all(|v| v.label != Label::Fail));
+    let drafts = vec![draft("a", 0.003), draft("b", 0.004), draft("c", 0.5)];
+    let v = label_statistical(drafts, 0.01, 0.05);
+    assert_eq!(v[0].label, Label::Fail);
+    assert_eq!(v[1].label, Label::Fail);
+    assert_eq!(v[2].label, Label::Inconclusive);
+    assert!(v[0].p_value.is_some_and(|p| (p - 0.009).abs() < 1e-9));
+}
+
+#[test]
+fn the_score_weighs_conclusive_guardrails() {
+    let v = |label, weight| Verdict {
+        label,
+        ..Verdict::new("x", Kind::Statistical, weight, false)
+    };
+    let cfg = config::ScoreConfig::default();
+    assert_eq!(score(&[v(Label::Inconclusive, 1.0)], &cfg), None);
+    let s = score(&[v(Label::Pass, 3.0), v(Label::Fail, 1.0), v(Label::Inconclusive, 5.0)], &cfg);
+    assert_eq!(s, Some((75.0, ScoreClass::Marginal)));
+    let s = score(&[v(Label::Pass, 1.0), v(Label::Fail, 1.0)], &cfg);
+    assert_eq!(s, Some((50.0, ScoreClass::Fail)));
+    let s = score(&[v(Label::Pass, 19.0), v(Label::Fail, 1.0)], &cfg);
+    assert_eq!(s, Some((95.0, ScoreClass::Pass)));
+}
+
+#[test]
+fn decisions_follow_their_order() {
+    let cfg = config();
+    let v = |name: &str, kind, label, critical, streak| Verdict {
+        label,
+        streak,
+        ..Verdict::new(name, kind, 1.0, critical)
+    };
+    let at = |verdicts: &[Verdict], score, score_streak| {
+        decide(
+            verdicts,
+            Situation {
+                cfg: &cfg,
+                unusable: None,
+                enough: true,
+                score,
+                score_streak,
+            },
+        )
+        .0
+    };
+    let pass = v("a", Kind::Statistical, Label::Pass, true, 0);
+    assert_eq!(at(&[pass.clone()], Some((100.0, ScoreClass::Pass)), 0), Decision::Promote);
+    let open = v("a", Kind::Statistical, Label::Inconclusive, true, 0);
+    assert_eq!(at(&[open], None, 0), Decision::Continue);
+    let young = v("a", Kind::Statistical, Label::Fail, true, 2);
+    assert_eq!(at(&[young], None, 0), Decision::Hold);
+    let old = v("a", Kind::Statistical, Label::Fail, true, 3);
+    assert_eq!(at(&[old.clone()], None, 0), Decision::RollBack);
+    let minor = v("d", Kind::Threshold, Label::Fail, false, 9);
+    assert_eq!(at(&[pass.clone(), minor.clone()], Some((50.0, ScoreClass::Fail)), 1), Decision::Hold);
+    assert_eq!(at(&[pass.clone(), minor], Some((50.0, ScoreClass::Fail)), 3), Decision::RollBack);
+    let srm = v("srm", Kind::Integrity, Label::Fail, true, 1);
+    assert_eq!(at(&[old, srm], None, 0), Decision::Halt);
+    let d = decide(
+        &[pass],
+        Situation {
+            cfg: &cfg,
+            unusable: Some("stale"),
+            enough: true,
+            score: None,
+            score_streak: 0,
+        },
+    );
+    assert_eq!(d.0, Decision::Hold);
+}
+
+#[test]
+fn no_breach_promotion_passes_an_inconclusive_but_sufficient_stage() {
+    let cfg = GuardrailConfig {
+        promotion: Promotion::NoBreach,
+        ..config()
+    };
+    let evals = stream(&cfg, 20.0, 10.0, 60, SAME);
+    let e = last(&evals);
+    assert_eq!(verdict(e, "click_per_request").label, Label::Inconclusive);
+    assert_eq!(e.decision, Decision::Promote, "{}", e.reason);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let err = |text: &str| {
+        GuardrailConfig::from_text(text)
+            .err()
+            .map(|e: ConfigError| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(err("errorRate: {margin: {relatve: 0.1}}").starts_with("guardrails.errorRate.margin"));
+    assert!(err("alpha: 2").contains("guardrails.alpha"));
+    assert!(err("latency: {quantiles: [{quantile: 1.5}]}").contains("guardrails.latency.quantiles[0].quantile"));
+    let spec = "spec:\n  guardrails:\n    consecutive: 0\n";
+    assert!(err(spec).contains("spec.guardrails.consecutive"));
+    let ok = GuardrailConfig::from_text("spec:\n  guardrails: {warmup: 2m, consecutive: 5}\n");
+    assert!(ok.is_ok_and(|c| c.warmup == 120.0 && c.consecutive == 5));
+    assert_eq!(GuardrailConfig::from_text("{}").ok(), Some(GuardrailConfig::default()));
+}
