@@ -215,7 +215,7 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
     if !(args.power >= 0.5 && args.power < 1.0) {
         return bad("power", "must be in [0.5, 1)");
     }
-    if !(args.rps > 0.0) {
+    if args.rps.is_nan() || args.rps <= 0.0 {
         return bad("rps", "must be positive");
     }
     let weights = match args.weight {
@@ -282,7 +282,11 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
     )?;
     writeln!(
         out,
-        "sequential = the judge's normal-mixture test (final-look bound, conservative); fixed = one z-test at the same level\n"
+        "sequential = the judge's normal-mixture test (final-look bound, conservative); fixed = one z-test at the same level"
+    )?;
+    writeln!(
+        out,
+        "assumes the guardrail's margin equals the MDE (the judge tunes its mixture to the margin)\n"
     )?;
     writeln!(
         out,

@@ -461,6 +461,15 @@ pub fn config() -> GuardrailConfig {
     }
 }
 
+/// [`config`] with the conversion margin at the 2 % the conversion scenario looks for.
+pub fn conversion_config() -> GuardrailConfig {
+    let mut c = config();
+    for b in &mut c.business {
+        b.margin = crate::judge::config::Margin::new(0.02, 0.0);
+    }
+    c
+}
+
 /// The default ramp: 1, 5, 10, 25, 50 %, each 1 minute of warm-up and 10 minutes of bake.
 fn ramp() -> Vec<(f64, f64)> {
     [1.0, 5.0, 10.0, 25.0, 50.0]
@@ -528,13 +537,16 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
             )
         },
         "conversion" => {
-            let seconds = planned_conversion_seconds(&cfg, rps);
+            let seconds = planned_conversion_seconds(&conversion_config(), rps);
             let k = f64::from(cfg.consecutive.saturating_sub(1));
             let interval = 60.0;
             let stage = cfg.warmup + seconds + k * interval;
             Scenario {
                 stages: vec![(50.0, (stage / interval).ceil() * interval)],
                 interval,
+                // As `sluice plan` assumes: the margin is the change worth finding, so the
+                // judge's mixture is tuned to it.
+                config: conversion_config(),
                 ..s(
                     &format!(
                         "conversion 5 % → 4.9 % (−2 % relative) at one 50 % stage lasting what `sluice plan` predicts ({:.0} s + warm-up + {} confirming looks), a look every 60 s",

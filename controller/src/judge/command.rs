@@ -89,7 +89,7 @@ pub fn run(args: &JudgeArgs, out: &mut impl Write) -> Result<Vec<Evaluation>, Re
 fn num(x: Option<f64>) -> String {
     match x {
         None => "-".into(),
-        Some(v) if v == 0.0 => "0".into(),
+        Some(0.0) => "0".into(),
         Some(v) if v.abs() >= 1e4 || v.abs() < 1e-3 => format!("{v:.2e}"),
         Some(v) => format!("{v:.4}"),
     }

@@ -425,13 +425,13 @@ fn decisions_follow_their_order() {
         .0
     };
     let pass = v("a", Kind::Statistical, Label::Pass, true, 0);
-    assert_eq!(at(&[pass.clone()], Some((100.0, ScoreClass::Pass)), 0), Decision::Promote);
+    assert_eq!(at(std::slice::from_ref(&pass), Some((100.0, ScoreClass::Pass)), 0), Decision::Promote);
     let open = v("a", Kind::Statistical, Label::Inconclusive, true, 0);
     assert_eq!(at(&[open], None, 0), Decision::Continue);
     let young = v("a", Kind::Statistical, Label::Fail, true, 2);
     assert_eq!(at(&[young], None, 0), Decision::Hold);
     let old = v("a", Kind::Statistical, Label::Fail, true, 3);
-    assert_eq!(at(&[old.clone()], None, 0), Decision::RollBack);
+    assert_eq!(at(std::slice::from_ref(&old), None, 0), Decision::RollBack);
     let minor = v("d", Kind::Threshold, Label::Fail, false, 9);
     assert_eq!(at(&[pass.clone(), minor.clone()], Some((50.0, ScoreClass::Fail)), 1), Decision::Hold);
     assert_eq!(at(&[pass.clone(), minor], Some((50.0, ScoreClass::Fail)), 3), Decision::RollBack);
