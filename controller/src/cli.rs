@@ -48,18 +48,19 @@ pub fn validate(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sluice render`: the exact filter JSON pushed at a stage (0-based) or weight.
+/// `sluice render`: the exact filter JSON pushed at a stage (counted from 1, as progress
+/// lines show it) or at a weight; neither gives the 0 % configuration.
 pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow::Result<()> {
     let c = load(file)?;
     let w = match (stage, weight) {
         (Some(_), Some(_)) => bail!("give --stage or --weight, not both"),
-        (Some(i), None) => {
-            c.stages
-                .get(i)
+        (Some(n), None) => {
+            n.checked_sub(1)
+                .and_then(|i| c.stages.get(i))
                 .with_context(|| {
                     format!(
-                        "--stage {i}: the schedule has stages 0..={}",
-                        c.stages.len().saturating_sub(1)
+                        "--stage {n}: the schedule has stages 1..={}",
+                        c.stages.len()
                     )
                 })?
                 .weight

@@ -239,7 +239,11 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
         .iter()
         .find(|v| v.kind == Kind::Integrity && v.label == Label::Fail)
     {
-        return (Decision::Halt, format!("{}: {}", v.guardrail, v.reason), false);
+        return (
+            Decision::Halt,
+            format!("{}: {}", v.guardrail, v.reason),
+            false,
+        );
     }
     let k = s.cfg.consecutive;
     let acting = |v: &&Verdict| {
@@ -277,7 +281,10 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
     if !failing.is_empty() {
         return (
             Decision::Hold,
-            format!("breach of {} (not yet sustained or not critical)", failing.join(", ")),
+            format!(
+                "breach of {} (not yet sustained or not critical)",
+                failing.join(", ")
+            ),
             false,
         );
     }
@@ -287,7 +294,10 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
     if !s.enough {
         return (
             Decision::Continue,
-            format!("insufficient data: fewer than {} requests per variant this stage", s.cfg.min_requests),
+            format!(
+                "insufficient data: fewer than {} requests per variant this stage",
+                s.cfg.min_requests
+            ),
             false,
         );
     }
@@ -308,7 +318,9 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
         return (
             Decision::Promote,
             match s.cfg.promotion {
-                Promotion::NonInferiority => "every guardrail non-inferior within its margin".into(),
+                Promotion::NonInferiority => {
+                    "every guardrail non-inferior within its margin".into()
+                }
                 Promotion::NoBreach => "enough data and no breach".into(),
             },
             true,
@@ -316,7 +328,10 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
     }
     (
         Decision::Continue,
-        format!("gathering evidence: {} not yet conclusive", waiting.join(", ")),
+        format!(
+            "gathering evidence: {} not yet conclusive",
+            waiting.join(", ")
+        ),
         false,
     )
 }
@@ -396,10 +411,9 @@ impl Judge {
             (Some(why), _) => (Label::Inconclusive, why.clone()),
             (None, Step::Baseline) => (Label::Inconclusive, "first snapshot: baseline".into()),
             (None, Step::StageStarted) => (Label::Inconclusive, "stage started: warming up".into()),
-            (None, Step::WarmingUp { until }) => (
-                Label::Inconclusive,
-                format!("warming up until {until:.0}"),
-            ),
+            (None, Step::WarmingUp { until }) => {
+                (Label::Inconclusive, format!("warming up until {until:.0}"))
+            }
             (None, _) if !enough => (
                 Label::Inconclusive,
                 format!(
@@ -417,7 +431,11 @@ impl Judge {
         if unusable.is_none() {
             for v in &mut verdicts {
                 let streak = self.streaks.entry(v.guardrail.clone()).or_default();
-                *streak = if v.label == Label::Fail { *streak + 1 } else { 0 };
+                *streak = if v.label == Label::Fail {
+                    *streak + 1
+                } else {
+                    0
+                };
                 v.streak = *streak;
             }
         }

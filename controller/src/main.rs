@@ -1,9 +1,16 @@
 //! `sluice`: the controller's command-line entry point. Each subcommand's code lives in its
-//! module; this file only parses arguments and reports errors.
+//! module; this file only parses arguments, sets up logging and maps results to exit codes.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_controller::cli::{self, RunOptions, DEFAULT_LISTEN};
+use sluice_controller::judge::assess::Assessor;
+use sluice_controller::rollout::{Command as Operator, Phase};
 use sluice_controller::{judge, plan, simulate};
 
 #[derive(Parser)]
@@ -19,11 +26,59 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the filter JSON for a file of experiments after validating it.
+    /// Run rollouts: scrape, judge, ramp, push, until stopped (or until all are done).
+    Run {
+        /// Rollout specs (YAML); one task per file.
+        #[arg(short, long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Where each rollout's state and audit log are kept.
+        #[arg(long, default_value = ".sluice")]
+        state_dir: PathBuf,
+        /// Address of the status / metrics / operator endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Exit once every rollout is promoted or rolled back: 0 if all were promoted,
+        /// 3 if any was rolled back.
+        #[arg(long)]
+        exit_when_done: bool,
+        /// No progress lines on stdout (logs still go to stderr).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check rollout specs without running them; every problem names its field.
+    Validate {
+        #[arg(short, long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the filter configuration a rollout pushes (at a stage or a weight).
+    Render {
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Stage number, counted from 1.
+        #[arg(long, conflicts_with = "weight")]
+        stage: Option<usize>,
+        /// Canary weight in percent.
+        #[arg(long)]
+        weight: Option<f64>,
+    },
+    /// Show every rollout of a running daemon.
+    Status {
+        #[arg(long, default_value_t = endpoint_default())]
+        endpoint: String,
+    },
+    /// Hold a rollout at its current weight (rollbacks still happen).
+    Pause(Target),
+    /// Let a paused rollout advance again.
+    Resume(Target),
+    /// End the current stage's bake early; the next passing judgement advances.
+    Promote(Target),
+    /// Roll a rollout back to 0 % now.
+    Abort(Target),
+    /// Validate a filter configuration (JSON) as the filter would.
     Check {
         /// Path to a filter configuration (JSON).
         #[arg(short, long)]
-        file: std::path::PathBuf,
+        file: PathBuf,
     },
     /// Replay counter snapshots (JSON lines) through the judge and print every evaluation.
     Judge(judge::command::JudgeArgs),
@@ -33,23 +88,102 @@ enum Command {
     Plan(plan::PlanArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+#[derive(clap::Args)]
+struct Target {
+    /// Rollout name (`metadata.name`).
+    name: String,
+    #[arg(long, default_value_t = endpoint_default())]
+    endpoint: String,
+}
+
+fn endpoint_default() -> String {
+    format!("http://{DEFAULT_LISTEN}")
+}
+
+/// Exit status of `sluice run --exit-when-done` when a rollout was rolled back.
+const EXIT_ROLLED_BACK: u8 = 3;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    match cli.command {
+    match command {
+        Command::Run {
+            files,
+            state_dir,
+            listen,
+            exit_when_done,
+            quiet,
+        } => {
+            let opts = RunOptions {
+                files,
+                state_dir,
+                listen,
+                exit_when_done,
+                progress: !quiet,
+            };
+            let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c)?)))?;
+            let rolled_back = finals
+                .iter()
+                .any(|s| matches!(s.state.phase, Phase::RolledBack { .. }));
+            if exit_when_done && rolled_back {
+                return Ok(ExitCode::from(EXIT_ROLLED_BACK));
+            }
+        }
+        Command::Validate { files } => cli::validate(&files)?,
+        Command::Render {
+            file,
+            stage,
+            weight,
+        } => cli::render(&file, stage, weight)?,
+        Command::Status { endpoint } => runtime()?.block_on(cli::status(&endpoint))?,
+        Command::Pause(t) => operator(t, Operator::Pause)?,
+        Command::Resume(t) => operator(t, Operator::Resume)?,
+        Command::Promote(t) => operator(t, Operator::Promote)?,
+        Command::Abort(t) => operator(t, Operator::Abort)?,
         Command::Check { file } => {
-            let text = std::fs::read_to_string(&file)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let plan = sluice_filter::config::Plan::from_json(text.as_bytes())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            writeln!(out, "ok: {} experiment(s)", plan.experiments.len())?;
+            writeln!(
+                stdout.lock(),
+                "ok: {} experiment(s)",
+                plan.experiments.len()
+            )?;
         }
         Command::Judge(args) => {
-            judge::command::run(&args, &mut out)?;
+            judge::command::run(&args, &mut stdout.lock())?;
         }
-        Command::Simulate(args) => simulate::run(&args, &mut out)?,
-        Command::Plan(args) => plan::run(&args, &mut out)?,
+        Command::Simulate(args) => simulate::run(&args, &mut stdout.lock())?,
+        Command::Plan(args) => plan::run(&args, &mut stdout.lock())?,
     }
-    out.flush()?;
-    Ok(())
+    stdout.lock().flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn operator(t: Target, command: Operator) -> anyhow::Result<()> {
+    runtime()?.block_on(cli::control(&t.endpoint, &t.name, command))
 }

@@ -205,7 +205,10 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
         args.mde * args.baseline_rate
     };
     if !(delta > 0.0 && delta < args.baseline_rate.min(1.0 - args.baseline_rate)) {
-        return bad("mde", "must be a positive change that keeps the rate in (0, 1)");
+        return bad(
+            "mde",
+            "must be a positive change that keeps the rate in (0, 1)",
+        );
     }
     for (flag, v) in [("alpha", args.alpha), ("beta", args.beta)] {
         if !(v > 0.0 && v <= 0.5) {
@@ -291,7 +294,15 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
     writeln!(
         out,
         "{:>7}  {:>12} {:>12} {:>10} {:>10} {:>6}   {:>12} {:>12} {:>10}",
-        "canary", "detect: can.", "control", "bake", "fixed", "×", "promote: can.", "control", "bake"
+        "canary",
+        "detect: can.",
+        "control",
+        "bake",
+        "fixed",
+        "×",
+        "promote: can.",
+        "control",
+        "bake"
     )?;
     for r in &rows {
         writeln!(
@@ -330,7 +341,11 @@ mod tests {
             tuning_alpha: 0.01,
         };
         let n = need(&q, 200.0, 50.0);
-        assert!(n.inflation() > 1.1 && n.inflation() < 2.5, "{}", n.inflation());
+        assert!(
+            n.inflation() > 1.1 && n.inflation() < 2.5,
+            "{}",
+            n.inflation()
+        );
         // The textbook two-proportion size: (z_.99 + z_.8)² · 2pq / δ² per arm.
         let textbook = (2.326f64 + 0.842).powi(2) * 2.0 * 0.05 * 0.95 / 1e-6;
         assert!((n.fixed_seconds * 100.0 / textbook - 1.0).abs() < 0.03);

@@ -193,7 +193,12 @@ impl Model {
         rng.multinomial(n, &self.latency, scratch);
         add_counts(&mut c.latency, &LATENCY_BOUNDS, scratch, &self.latency_mid);
         rng.multinomial(n, &self.prediction, scratch);
-        add_counts(&mut c.prediction, &prediction_bounds(), scratch, &self.prediction_mid);
+        add_counts(
+            &mut c.prediction,
+            &prediction_bounds(),
+            scratch,
+            &self.prediction_mid,
+        );
     }
 }
 
@@ -208,7 +213,11 @@ fn add_counts(h: &mut Histogram, bounds: &[f64], counts: &[u64], mid: &[f64]) {
     }
     let n: u64 = counts.iter().sum();
     h.count += n;
-    h.sum += counts.iter().zip(mid).map(|(&k, &m)| k as f64 * m).sum::<f64>();
+    h.sum += counts
+        .iter()
+        .zip(mid)
+        .map(|(&k, &m)| k as f64 * m)
+        .sum::<f64>();
 }
 
 /// One-sided p-value of a two-proportion z-test (pooled variance) that the canary is worse.
@@ -275,7 +284,10 @@ fn naive_srm(judge: &Judge, alpha: f64) -> bool {
         return false;
     }
     let count = |v: &str| l.stage.variants.get(v).map_or(0, |c| c.requests);
-    let (_, p) = chi_square(&[count("canary"), count("control")], &[w_canary, 1.0 - w_canary]);
+    let (_, p) = chi_square(
+        &[count("canary"), count("control")],
+        &[w_canary, 1.0 - w_canary],
+    );
     p < alpha
 }
 
@@ -611,7 +623,11 @@ pub fn run(args: &SimulateArgs, out: &mut impl Write) -> Result<(), SimulateErro
         let ci = |c: [f64; 2]| format!("[{}, {}]", pct(c[0]), pct(c[1]));
         let mins = |x: Option<f64>| x.map_or("-".into(), |s| format!("{:.1} min", s / 60.0));
         writeln!(out, "{} — {}", s.name, s.description)?;
-        let what = if s.regression { "power" } else { "false rollbacks" };
+        let what = if s.regression {
+            "power"
+        } else {
+            "false rollbacks"
+        };
         writeln!(
             out,
             "  judge: {what} {} {} ({} of {}), median time to rollback {}; halts {} {}; last stage promoted {}",

@@ -140,9 +140,11 @@ impl Snapshot {
         if !self.at.is_finite() {
             return Err("`at` must be a finite number of Unix seconds".into());
         }
-        if !self.variants.contains_key(&self.control) && !self.weights.contains_key(&self.control)
-        {
-            return Err(format!("control {:?} is not among the variants", self.control));
+        if !self.variants.contains_key(&self.control) && !self.weights.contains_key(&self.control) {
+            return Err(format!(
+                "control {:?} is not among the variants",
+                self.control
+            ));
         }
         if self.canary_name().is_none() {
             return Err("`canary` is required when there are several treatments".into());
@@ -207,9 +209,7 @@ impl Snapshot {
                             "requests_total" => s.requests += n,
                             "compared_total" => s.compared += n,
                             "agree_total" => *s.agree.entry(label("field")).or_default() += n,
-                            "disagree_total" => {
-                                *s.disagree.entry(label("field")).or_default() += n
-                            }
+                            "disagree_total" => *s.disagree.entry(label("field")).or_default() += n,
                             "errors_total" => s.errors += n,
                             "timeouts_total" => s.timeouts += n,
                             _ => {
@@ -272,7 +272,10 @@ impl Histogram {
     pub fn check(&self) -> Result<(), String> {
         for w in self.buckets.windows(2) {
             if w[1].le <= w[0].le {
-                return Err(format!("bucket bounds must increase ({} after {})", w[1].le, w[0].le));
+                return Err(format!(
+                    "bucket bounds must increase ({} after {})",
+                    w[1].le, w[0].le
+                ));
             }
             if w[1].count < w[0].count {
                 return Err(format!("bucket counts must be cumulative (le {})", w[1].le));
@@ -301,7 +304,11 @@ impl Histogram {
 
     fn same_layout(&self, other: &Histogram) -> bool {
         self.buckets.len() == other.buckets.len()
-            && self.buckets.iter().zip(&other.buckets).all(|(a, b)| a.le == b.le)
+            && self
+                .buckets
+                .iter()
+                .zip(&other.buckets)
+                .all(|(a, b)| a.le == b.le)
     }
 
     /// `self - earlier`, or `None` if anything went down or the bounds changed.
@@ -347,8 +354,14 @@ impl Histogram {
     }
 }
 
-fn map_since(now: &BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>) -> Option<BTreeMap<String, u64>> {
-    if earlier.iter().any(|(k, v)| now.get(k).copied().unwrap_or(0) < *v) {
+fn map_since(
+    now: &BTreeMap<String, u64>,
+    earlier: &BTreeMap<String, u64>,
+) -> Option<BTreeMap<String, u64>> {
+    if earlier
+        .iter()
+        .any(|(k, v)| now.get(k).copied().unwrap_or(0) < *v)
+    {
         return None;
     }
     Some(
@@ -535,8 +548,10 @@ pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
                 line: i + 1,
                 reason: format!("{}: {}", e.path(), e.inner()),
             })?;
-        snap.check()
-            .map_err(|reason| SnapshotError::Invalid { line: i + 1, reason })?;
+        snap.check().map_err(|reason| SnapshotError::Invalid {
+            line: i + 1,
+            reason,
+        })?;
         out.push(snap);
     }
     Ok(out)

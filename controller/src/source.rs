@@ -226,7 +226,7 @@ mod tests {
         let mut last = 0.0;
         let mut value = 0.0;
         for step in 0..200u32 {
-            value = if step % 37 == 0 {
+            value = if step.is_multiple_of(37) {
                 f64::from(step % 5)
             } else {
                 value + f64::from(step % 7)

@@ -57,9 +57,11 @@ fn a_good_rollout_is_promoted_through_a_reset_and_a_stale_scrape() {
     assert!(evals
         .iter()
         .any(|e| e["decision"] == "hold" && e["reason"].as_str().unwrap_or("").contains("stale")));
-    assert!(evals.iter().any(|e| e["verdicts"]
-        .as_array()
-        .is_some_and(|v| v.iter().any(|v| v["reason"].as_str().unwrap_or("").contains("counter reset")))));
+    assert!(evals.iter().any(
+        |e| e["verdicts"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|v| v["reason"].as_str().unwrap_or("").contains("counter reset")))
+    ));
     // Both stages reach a promotion.
     let promoted_at: Vec<f64> = evals
         .iter()
@@ -78,7 +80,10 @@ fn a_bad_rollout_is_rolled_back_on_the_error_rate() {
         .iter()
         .find(|e| e["decision"] == "roll_back")
         .unwrap_or_else(|| unreachable!("never rolled back"));
-    assert!(first["reason"].as_str().unwrap_or("").contains("error_rate"));
+    assert!(first["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("error_rate"));
     assert_eq!(first["weights"]["canary"].as_f64(), Some(10.0));
     assert!(!decisions(&evals).contains(&"promote".to_string()));
 }
@@ -89,7 +94,10 @@ fn the_table_and_a_rollout_spec_work_too() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("RollBack"), "{stdout}");
     assert!(stdout.contains("error_rate*"));
-    assert!(!stdout.contains("latency_p99"), "latency is disabled in rollout.yaml");
+    assert!(
+        !stdout.contains("latency_p99"),
+        "latency is disabled in rollout.yaml"
+    );
 }
 
 #[test]
@@ -107,6 +115,9 @@ fn a_bad_config_is_refused_with_its_field_path() {
         .unwrap_or_else(|e| unreachable!("{e}"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("spec.guardrails.errorRate.ceiling"), "{stderr}");
+    assert!(
+        stderr.contains("spec.guardrails.errorRate.ceiling"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

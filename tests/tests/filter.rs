@@ -314,13 +314,13 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
                 _ => 200,
             };
             let mut outcomes = Vec::new();
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 outcomes.push("click");
             }
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 outcomes.push("purchase");
             }
-            if i % 11 == 0 {
+            if i.is_multiple_of(11) {
                 outcomes.push("bogus");
             }
             let mut reply = Reply::json(json!({ "model": name }))

@@ -138,7 +138,7 @@ async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Resul
     // Every fourth user gets a score 0.1 higher from the shadow.
     let shadow = Upstream::start("shadow", |req: &Request| {
         let i = user_number(req);
-        let s = score(i) + if i % 4 == 0 { 0.1 } else { 0.0 };
+        let s = score(i) + if i.is_multiple_of(4) { 0.1 } else { 0.0 };
         Reply::json(json!({"user": i, "score": s, "label": "cat"}))
     })
     .await?;

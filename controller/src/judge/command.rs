@@ -64,12 +64,11 @@ pub fn run(args: &JudgeArgs, out: &mut impl Write) -> Result<Vec<Evaluation>, Re
             path: args.config.display().to_string(),
             source,
         })?;
-    let snaps = snapshot::read_lines(&read(&args.snapshots)?).map_err(|source| {
-        ReplayError::Snapshots {
+    let snaps =
+        snapshot::read_lines(&read(&args.snapshots)?).map_err(|source| ReplayError::Snapshots {
             path: args.snapshots.display().to_string(),
             source,
-        }
-    })?;
+        })?;
     let mut judge = Judge::new(config);
     let mut all = Vec::with_capacity(snaps.len());
     let start = snaps.first().map_or(0.0, |s| s.at);
@@ -122,9 +121,9 @@ fn table(e: &Evaluation, start: f64, out: &mut impl Write) -> std::io::Result<()
             Label::Fail => "FAIL",
             Label::Inconclusive => "inconclusive",
         };
-        let interval = v
-            .interval
-            .map_or("-".into(), |[a, b]| format!("[{}, {}]", num(Some(a)), num(Some(b))));
+        let interval = v.interval.map_or("-".into(), |[a, b]| {
+            format!("[{}, {}]", num(Some(a)), num(Some(b)))
+        });
         writeln!(
             out,
             "  {:<26} {:<12} {:>10} {:>23} {:>9} {:>9} {:>3}  {}",

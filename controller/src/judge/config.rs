@@ -422,7 +422,10 @@ impl GuardrailConfig {
         }
         for (i, q) in self.latency.quantiles.iter().enumerate() {
             if !prob(q.quantile) {
-                bad(format!("latency.quantiles[{i}].quantile"), "must be in (0, 1)");
+                bad(
+                    format!("latency.quantiles[{i}].quantile"),
+                    "must be in (0, 1)",
+                );
             }
             if q.slo_ms.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
                 bad(format!("latency.quantiles[{i}].sloMs"), "must be > 0");
@@ -438,7 +441,10 @@ impl GuardrailConfig {
             if !weight_ok(b.weight) {
                 bad(format!("business[{i}].weight"), "must be >= 0");
             }
-            if self.business[..i].iter().any(|o| o.outcome == b.outcome && o.per == b.per) {
+            if self.business[..i]
+                .iter()
+                .any(|o| o.outcome == b.outcome && o.per == b.per)
+            {
                 bad(format!("business[{i}].outcome"), "is listed twice");
             }
         }
@@ -449,7 +455,9 @@ impl GuardrailConfig {
         if d.max_ks.is_some_and(|x| !(x > 0.0 && x < 1.0)) {
             bad("drift.maxKs".into(), "must be in (0, 1)");
         }
-        if d.max_mean_shift.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+        if d.max_mean_shift
+            .is_some_and(|x| !(x.is_finite() && x > 0.0))
+        {
             bad("drift.maxMeanShift".into(), "must be > 0");
         }
         if !weight_ok(d.weight) {
@@ -489,9 +497,9 @@ mod seconds {
     use super::*;
 
     pub fn serialize<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::spec::format_duration(std::time::Duration::from_secs_f64(
-            v.max(0.0),
-        )))
+        s.serialize_str(&crate::spec::format_duration(
+            std::time::Duration::from_secs_f64(v.max(0.0)),
+        ))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {

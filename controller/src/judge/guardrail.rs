@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use super::config::{CountModel, Direction, GuardrailConfig, Margin, Per};
 use super::ledger::Ledger;
 use super::sequential::{
-    chi_square, cs_half_width, ln_e_value, ln_srm_e_value, normal_quantile, tuned_precision,
-    wilson,
+    chi_square, cs_half_width, ln_e_value, ln_srm_e_value, normal_quantile, tuned_precision, wilson,
 };
 use super::{Kind, Label, Verdict};
 use crate::snapshot::{Counters, Histogram};
@@ -110,12 +109,7 @@ fn pct(x: f64) -> String {
     }
 }
 
-fn compare(
-    cfg: &GuardrailConfig,
-    frozen: &mut Frozen,
-    cmp: Comparison,
-    detail: String,
-) -> Draft {
+fn compare(cfg: &GuardrailConfig, frozen: &mut Frozen, cmp: Comparison, detail: String) -> Draft {
     let min = cfg.min_requests as f64;
     let (rt, rc) = cmp.rollout;
     let (st, sc) = cmp.stage;
@@ -137,7 +131,11 @@ fn compare(
         // The margin is the effect size the test is tuned to resolve.
         let effect = cmp.margin.relative * rc.rate() + cmp.margin.absolute;
         let (_, var) = contrast(rt, rc, cmp.sign, Margin::default(), cmp.model);
-        let effect = if effect > 0.0 { effect } else { 3.0 * var.sqrt() };
+        let effect = if effect > 0.0 {
+            effect
+        } else {
+            3.0 * var.sqrt()
+        };
         tuned_precision(effect, cfg.alpha, cfg.power)
     });
     let (theta_h, var_h) = contrast(rt, rc, cmp.sign, cmp.tolerance, cmp.model);
@@ -391,10 +389,7 @@ pub fn assess(
                         above / h.count as f64,
                     );
                     v.label = label;
-                    v.reason = format!(
-                        "{why} (SLO p{} ≤ {slo} ms)",
-                        q.quantile * 100.0
-                    );
+                    v.reason = format!("{why} (SLO p{} ≤ {slo} ms)", q.quantile * 100.0);
                 }
                 others.push(v);
             }
@@ -473,10 +468,12 @@ pub fn assess(
                     x: get(&ra),
                     n: get(&ra) + get(&rd),
                 };
-                let s = stage.as_ref().map_or(Share { x: 0.0, n: 0.0 }, |(a, d)| Share {
-                    x: get(a),
-                    n: get(a) + get(d),
-                });
+                let s = stage
+                    .as_ref()
+                    .map_or(Share { x: 0.0, n: 0.0 }, |(a, d)| Share {
+                        x: get(a),
+                        n: get(a) + get(d),
+                    });
                 drafts.push(floor_test(cfg, frozen, field, r, s));
             }
         }
@@ -493,27 +490,54 @@ fn gate(lo: f64, hi: f64, limit: f64, what: &str, estimate: f64) -> (Label, Stri
     if lo > limit {
         (
             Label::Fail,
-            format!("{what} {} is above {} even at its lower bound {}", pct(estimate), pct(limit), pct(lo)),
+            format!(
+                "{what} {} is above {} even at its lower bound {}",
+                pct(estimate),
+                pct(limit),
+                pct(lo)
+            ),
         )
     } else if hi <= limit {
         (
             Label::Pass,
-            format!("{what} {} is below {} even at its upper bound {}", pct(estimate), pct(limit), pct(hi)),
+            format!(
+                "{what} {} is below {} even at its upper bound {}",
+                pct(estimate),
+                pct(limit),
+                pct(hi)
+            ),
         )
     } else {
         (
             Label::Inconclusive,
-            format!("{what} {} is too close to {} to tell ({}..{})", pct(estimate), pct(limit), pct(lo), pct(hi)),
+            format!(
+                "{what} {} is too close to {} to tell ({}..{})",
+                pct(estimate),
+                pct(limit),
+                pct(lo),
+                pct(hi)
+            ),
         )
     }
 }
 
 /// Shadow agreement against a floor: harm when the rate is proven below it, pass when proven
 /// at or above it.
-fn floor_test(cfg: &GuardrailConfig, frozen: &mut Frozen, field: &str, r: Share, s: Share) -> Draft {
+fn floor_test(
+    cfg: &GuardrailConfig,
+    frozen: &mut Frozen,
+    field: &str,
+    r: Share,
+    s: Share,
+) -> Draft {
     let floor = cfg.shadow.min_agreement;
     let name = format!("shadow_{field}");
-    let mut v = Verdict::new(&name, Kind::Statistical, cfg.shadow.weight, cfg.shadow.critical);
+    let mut v = Verdict::new(
+        &name,
+        Kind::Statistical,
+        cfg.shadow.weight,
+        cfg.shadow.critical,
+    );
     let min = cfg.min_requests as f64;
     if r.n < min {
         v.reason = format!(
@@ -566,7 +590,9 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
         );
         return v;
     }
-    if t.buckets.len() != c.buckets.len() || t.buckets.iter().zip(&c.buckets).any(|(a, b)| a.le != b.le) {
+    if t.buckets.len() != c.buckets.len()
+        || t.buckets.iter().zip(&c.buckets).any(|(a, b)| a.le != b.le)
+    {
         v.reason = "canary and control prediction histograms have different buckets".into();
         return v;
     }
@@ -594,7 +620,11 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
     let noise = eps(nt) + eps(nc);
     let mean_t = t.sum / nt;
     let mean_c = c.sum / nc;
-    let shift = if mean_c != 0.0 { mean_t / mean_c - 1.0 } else { 0.0 };
+    let shift = if mean_c != 0.0 {
+        mean_t / mean_c - 1.0
+    } else {
+        0.0
+    };
     let mut fails = Vec::new();
     let mut unsure = Vec::new();
     if let Some(m) = d.max_psi {
@@ -611,7 +641,11 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
     }
     if let Some(m) = d.max_mean_shift {
         if shift.abs() > m {
-            fails.push(format!("mean shift {:+.1} % beyond ±{:.1} %", 100.0 * shift, 100.0 * m));
+            fails.push(format!(
+                "mean shift {:+.1} % beyond ±{:.1} %",
+                100.0 * shift,
+                100.0 * m
+            ));
         }
     }
     v.estimate = Some(psi);
@@ -620,9 +654,15 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
         100.0 * shift
     );
     (v.label, v.reason) = if !fails.is_empty() {
-        (Label::Fail, format!("drift: {}; {summary}", fails.join(", ")))
+        (
+            Label::Fail,
+            format!("drift: {}; {summary}", fails.join(", ")),
+        )
     } else if !unsure.is_empty() {
-        (Label::Inconclusive, format!("{}; {summary}", unsure.join(", ")))
+        (
+            Label::Inconclusive,
+            format!("{}; {summary}", unsure.join(", ")),
+        )
     } else {
         (Label::Pass, format!("no drift: {summary}"))
     };

@@ -64,9 +64,8 @@ pub struct Ledger {
 
 fn same_weights(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> bool {
     let keys = a.keys().chain(b.keys());
-    keys.into_iter().all(|k| {
-        (a.get(k).copied().unwrap_or(0.0) - b.get(k).copied().unwrap_or(0.0)).abs() < 1e-9
-    })
+    keys.into_iter()
+        .all(|k| (a.get(k).copied().unwrap_or(0.0) - b.get(k).copied().unwrap_or(0.0)).abs() < 1e-9)
 }
 
 impl Ledger {

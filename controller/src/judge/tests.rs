@@ -7,9 +7,18 @@ fn latency(n: u64, slow: u64) -> Histogram {
     Histogram {
         buckets: vec![
             Bucket { le: 10.0, count: 0 },
-            Bucket { le: 20.0, count: n - slow },
-            Bucket { le: 100.0, count: n - slow },
-            Bucket { le: 200.0, count: n },
+            Bucket {
+                le: 20.0,
+                count: n - slow,
+            },
+            Bucket {
+                le: 100.0,
+                count: n - slow,
+            },
+            Bucket {
+                le: 200.0,
+                count: n,
+            },
         ],
         sum: 15.0 * n as f64,
         count: n,
@@ -46,7 +55,10 @@ fn snapshot(at: f64, weight: f64, control: u64, canary: u64, r: Rates) -> Snapsh
         experiment: "e".into(),
         control: "control".into(),
         canary: Some("canary".into()),
-        weights: BTreeMap::from([("control".into(), 100.0 - weight), ("canary".into(), weight)]),
+        weights: BTreeMap::from([
+            ("control".into(), 100.0 - weight),
+            ("canary".into(), weight),
+        ]),
         variants: BTreeMap::from([
             ("control".into(), counters(control, SAME)),
             ("canary".into(), counters(canary, r)),
@@ -95,8 +107,19 @@ fn last(evals: &[Evaluation]) -> &Evaluation {
 fn an_identical_canary_passes_and_is_promoted() {
     let evals = stream(&config(), 1000.0, 50.0, 60, SAME);
     let e = last(&evals);
-    for name in ["error_rate", "latency_p50", "latency_p95", "latency_p99", "click_per_request"] {
-        assert_eq!(verdict(e, name).label, Label::Pass, "{name}: {}", verdict(e, name).reason);
+    for name in [
+        "error_rate",
+        "latency_p50",
+        "latency_p95",
+        "latency_p99",
+        "click_per_request",
+    ] {
+        assert_eq!(
+            verdict(e, name).label,
+            Label::Pass,
+            "{name}: {}",
+            verdict(e, name).reason
+        );
     }
     assert_eq!(e.decision, Decision::Promote, "{}", e.reason);
     assert!(e.sufficient);
@@ -109,7 +132,9 @@ fn too_little_data_is_inconclusive_never_a_pass() {
     let evals = stream(&config(), 5.0, 10.0, 10, SAME);
     let e = last(&evals);
     assert_eq!(verdict(e, "error_rate").label, Label::Inconclusive);
-    assert!(verdict(e, "error_rate").reason.contains("insufficient data"));
+    assert!(verdict(e, "error_rate")
+        .reason
+        .contains("insufficient data"));
     assert_eq!(e.decision, Decision::Continue);
     assert!(!e.sufficient);
 }
@@ -150,7 +175,9 @@ fn k_of_one_acts_at_the_first_breach() {
         ..SAME
     };
     let evals = stream(&cfg, 1000.0, 50.0, 30, bad);
-    let f = evals.iter().position(|e| verdict(e, "error_rate").label == Label::Fail);
+    let f = evals
+        .iter()
+        .position(|e| verdict(e, "error_rate").label == Label::Fail);
     let r = evals.iter().position(|e| e.decision == Decision::RollBack);
     assert!(f.is_some() && f == r);
 }
@@ -188,10 +215,7 @@ fn a_slow_canary_fails_the_latency_quantile_and_its_slo() {
         },
         ..config()
     };
-    let slow = Rates {
-        slow: 0.05,
-        ..SAME
-    };
+    let slow = Rates { slow: 0.05, ..SAME };
     let evals = stream(&cfg, 1000.0, 50.0, 30, slow);
     let e = last(&evals);
     assert_eq!(verdict(e, "latency_p99").label, Label::Fail);
@@ -199,7 +223,11 @@ fn a_slow_canary_fails_the_latency_quantile_and_its_slo() {
     assert_eq!(verdict(e, "latency_p99_slo").label, Label::Fail);
     assert_eq!(e.decision, Decision::RollBack);
     let fine = stream(&cfg, 1000.0, 50.0, 30, SAME);
-    assert_eq!(verdict(last(&fine), "latency_p99_slo").label, Label::Fail, "2 % slow is also above");
+    assert_eq!(
+        verdict(last(&fine), "latency_p99_slo").label,
+        Label::Fail,
+        "2 % slow is also above"
+    );
 }
 
 #[test]
@@ -225,7 +253,10 @@ fn a_conversion_drop_fails_the_business_metric() {
         ..SAME
     };
     let evals = stream(&cfg, 1000.0, 50.0, 60, rise);
-    assert_eq!(verdict(last(&evals), "click_per_request").label, Label::Pass);
+    assert_eq!(
+        verdict(last(&evals), "click_per_request").label,
+        Label::Pass
+    );
 }
 
 #[test]
@@ -307,7 +338,10 @@ fn a_skewed_split_halts() {
     let fair: Vec<Snapshot> = (0..=10)
         .map(|i| snapshot(10.0 * i as f64, 50.0, 5_000 * i, 5_000 * i, SAME))
         .collect();
-    assert_eq!(verdict(last(&replay(&config(), &fair)), "srm").label, Label::Pass);
+    assert_eq!(
+        verdict(last(&replay(&config(), &fair)), "srm").label,
+        Label::Pass
+    );
 }
 
 #[test]
@@ -395,7 +429,14 @@ fn the_score_weighs_conclusive_guardrails() {
     };
     let cfg = config::ScoreConfig::default();
     assert_eq!(score(&[v(Label::Inconclusive, 1.0)], &cfg), None);
-    let s = score(&[v(Label::Pass, 3.0), v(Label::Fail, 1.0), v(Label::Inconclusive, 5.0)], &cfg);
+    let s = score(
+        &[
+            v(Label::Pass, 3.0),
+            v(Label::Fail, 1.0),
+            v(Label::Inconclusive, 5.0),
+        ],
+        &cfg,
+    );
     assert_eq!(s, Some((75.0, ScoreClass::Marginal)));
     let s = score(&[v(Label::Pass, 1.0), v(Label::Fail, 1.0)], &cfg);
     assert_eq!(s, Some((50.0, ScoreClass::Fail)));
@@ -425,7 +466,14 @@ fn decisions_follow_their_order() {
         .0
     };
     let pass = v("a", Kind::Statistical, Label::Pass, true, 0);
-    assert_eq!(at(std::slice::from_ref(&pass), Some((100.0, ScoreClass::Pass)), 0), Decision::Promote);
+    assert_eq!(
+        at(
+            std::slice::from_ref(&pass),
+            Some((100.0, ScoreClass::Pass)),
+            0
+        ),
+        Decision::Promote
+    );
     let open = v("a", Kind::Statistical, Label::Inconclusive, true, 0);
     assert_eq!(at(&[open], None, 0), Decision::Continue);
     let young = v("a", Kind::Statistical, Label::Fail, true, 2);
@@ -433,8 +481,18 @@ fn decisions_follow_their_order() {
     let old = v("a", Kind::Statistical, Label::Fail, true, 3);
     assert_eq!(at(std::slice::from_ref(&old), None, 0), Decision::RollBack);
     let minor = v("d", Kind::Threshold, Label::Fail, false, 9);
-    assert_eq!(at(&[pass.clone(), minor.clone()], Some((50.0, ScoreClass::Fail)), 1), Decision::Hold);
-    assert_eq!(at(&[pass.clone(), minor], Some((50.0, ScoreClass::Fail)), 3), Decision::RollBack);
+    assert_eq!(
+        at(
+            &[pass.clone(), minor.clone()],
+            Some((50.0, ScoreClass::Fail)),
+            1
+        ),
+        Decision::Hold
+    );
+    assert_eq!(
+        at(&[pass.clone(), minor], Some((50.0, ScoreClass::Fail)), 3),
+        Decision::RollBack
+    );
     let srm = v("srm", Kind::Integrity, Label::Fail, true, 1);
     assert_eq!(at(&[old, srm], None, 0), Decision::Halt);
     let d = decide(
@@ -472,10 +530,14 @@ fn config_errors_name_the_field() {
     };
     assert!(err("errorRate: {margin: {relatve: 0.1}}").starts_with("guardrails.errorRate.margin"));
     assert!(err("alpha: 2").contains("guardrails.alpha"));
-    assert!(err("latency: {quantiles: [{quantile: 1.5}]}").contains("guardrails.latency.quantiles[0].quantile"));
+    assert!(err("latency: {quantiles: [{quantile: 1.5}]}")
+        .contains("guardrails.latency.quantiles[0].quantile"));
     let spec = "spec:\n  guardrails:\n    consecutive: 0\n";
     assert!(err(spec).contains("spec.guardrails.consecutive"));
     let ok = GuardrailConfig::from_text("spec:\n  guardrails: {warmup: 2m, consecutive: 5}\n");
     assert!(ok.is_ok_and(|c| c.warmup == 120.0 && c.consecutive == 5));
-    assert_eq!(GuardrailConfig::from_text("{}").ok(), Some(GuardrailConfig::default()));
+    assert_eq!(
+        GuardrailConfig::from_text("{}").ok(),
+        Some(GuardrailConfig::default())
+    );
 }

@@ -164,8 +164,14 @@ mod tests {
             let draws: Vec<f64> = (0..20_000).map(|_| rng.binomial(n, p) as f64).collect();
             let (mean, var) = moments(&draws);
             let (m, v) = (n as f64 * p, n as f64 * p * (1.0 - p));
-            assert!((mean - m).abs() < 4.0 * (v / 20_000.0).sqrt() + 1e-9, "n {n} p {p}: mean {mean}");
-            assert!((var / v - 1.0).abs() < 0.06, "n {n} p {p}: var {var} vs {v}");
+            assert!(
+                (mean - m).abs() < 4.0 * (v / 20_000.0).sqrt() + 1e-9,
+                "n {n} p {p}: mean {mean}"
+            );
+            assert!(
+                (var / v - 1.0).abs() < 0.06,
+                "n {n} p {p}: var {var} vs {v}"
+            );
         }
     }
 

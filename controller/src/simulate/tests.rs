@@ -24,7 +24,10 @@ fn a_a_rollouts_rarely_roll_back_while_the_naive_test_often_does() {
     // α = 1 %: allow sampling noise, never a systematic excess.
     assert!(sum.rollback_rate <= 0.03, "{sum:?}");
     assert!(sum.halt_rate <= 0.02, "{sum:?}");
-    assert!(sum.naive_rate > 3.0 * sum.rollback_rate.max(0.01), "{sum:?}");
+    assert!(
+        sum.naive_rate > 3.0 * sum.rollback_rate.max(0.01),
+        "{sum:?}"
+    );
 }
 
 #[test]

@@ -1,12 +1,21 @@
 use super::*;
-use crate::source::{SeriesKey, Reading};
+use crate::source::{Reading, SeriesKey};
 
 fn counters(requests: u64, errors: u64) -> Counters {
     Counters {
         requests,
         responses: BTreeMap::from([("2xx".into(), requests - errors), ("5xx".into(), errors)]),
         latency: Histogram {
-            buckets: vec![Bucket { le: 10.0, count: requests / 2 }, Bucket { le: 100.0, count: requests }],
+            buckets: vec![
+                Bucket {
+                    le: 10.0,
+                    count: requests / 2,
+                },
+                Bucket {
+                    le: 100.0,
+                    count: requests,
+                },
+            ],
             sum: 20.0 * requests as f64,
             count: requests,
         },
@@ -59,7 +68,10 @@ fn a_decrease_in_any_counter_is_a_reset() {
     let mut later = counters(1100, 10);
     later.latency.sum = 1.0;
     let b = snap(10.0, later, counters(130, 1));
-    assert_eq!(interval(&a, &b, ResetPolicy::SinceRestart).resets, vec!["control".to_string()]);
+    assert_eq!(
+        interval(&a, &b, ResetPolicy::SinceRestart).resets,
+        vec!["control".to_string()]
+    );
 }
 
 #[test]
@@ -70,10 +82,16 @@ fn the_json_lines_format_round_trips_and_names_bad_fields() {
     let read = read_lines(&text).unwrap_or_default();
     assert_eq!(read, vec![s.clone(), s]);
     let bad = line.replace("\"requests\"", "\"reqs\"");
-    let err = read_lines(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = read_lines(&bad)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.starts_with("line 1: variants.canary"), "{err}");
     let two_canaries = line.replace("\"canary\":{", "\"b\":{\"requests\":1},\"canary\":{");
-    let err = read_lines(&two_canaries).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = read_lines(&two_canaries)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("canary"), "{err}");
 }
 
@@ -122,7 +140,10 @@ fn a_reading_becomes_a_snapshot() {
         (key("sluice_latency_ms_count", &[]), 10.0),
         (key("sluice_latency_ms_sum", &[]), 40.0),
         (key("sluice_outcomes_total", &[("outcome", "click")]), 4.0),
-        (key("sluice_shadow_agree_total", &[("field", "status")]), 7.0),
+        (
+            key("sluice_shadow_agree_total", &[("field", "status")]),
+            7.0,
+        ),
     ]);
     let reading = Reading {
         at: None,
@@ -134,7 +155,10 @@ fn a_reading_becomes_a_snapshot() {
     let c = &s.variants["canary"];
     assert_eq!(c.requests, 10);
     assert_eq!(c.errors(), 2);
-    assert_eq!(c.latency.buckets.iter().map(|b| b.le).collect::<Vec<_>>(), vec![1.0, 5.0]);
+    assert_eq!(
+        c.latency.buckets.iter().map(|b| b.le).collect::<Vec<_>>(),
+        vec![1.0, 5.0]
+    );
     assert_eq!((c.latency.count, c.latency.sum), (10, 40.0));
     assert_eq!(c.outcomes["click"], 4);
     assert_eq!(c.shadow.as_ref().map(|s| s.agree["status"]), Some(7));
