@@ -228,6 +228,9 @@ pub struct Situation<'a> {
     pub score: Option<(f64, ScoreClass)>,
     /// Consecutive evaluations with a failing score (this one included).
     pub score_streak: u32,
+    /// The control gets no traffic in this stage (the treatment at 100 %): nothing can be
+    /// proven against it, so the stage is promoted on enough canary data and no breach.
+    pub no_control: bool,
 }
 
 /// The decision, its reason, and whether the stage's evidence suffices to pass.
@@ -302,7 +305,12 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
         );
     }
     let judged = verdicts.iter().filter(|v| v.kind != Kind::Integrity);
-    let waiting: Vec<&str> = match s.cfg.promotion {
+    let promotion = if s.no_control {
+        Promotion::NoBreach
+    } else {
+        s.cfg.promotion
+    };
+    let waiting: Vec<&str> = match promotion {
         Promotion::NonInferiority => judged
             .filter(|v| v.label != Label::Pass)
             .map(|v| v.guardrail.as_str())
@@ -317,9 +325,12 @@ pub fn decide(verdicts: &[Verdict], s: Situation) -> (Decision, String, bool) {
     if waiting.is_empty() && score_ok {
         return (
             Decision::Promote,
-            match s.cfg.promotion {
+            match promotion {
                 Promotion::NonInferiority => {
                     "every guardrail non-inferior within its margin".into()
+                }
+                Promotion::NoBreach if s.no_control => {
+                    "enough canary data and no breach (no control traffic this stage)".into()
                 }
                 Promotion::NoBreach => "enough data and no breach".into(),
             },
@@ -392,6 +403,7 @@ impl Judge {
         let stage = requests(&self.ledger.stage);
         let min = cfg.min_requests;
         let shadow_only = self.ledger.weights.get(&canary).copied().unwrap_or(0.0) <= 0.0;
+        let no_control = !shadow_only && guardrail::control_idle(&self.ledger, arms);
         let enough = if shadow_only {
             // A shadow stage: the shadow's comparisons are the sample.
             let compared: u64 = self
@@ -403,6 +415,8 @@ impl Judge {
                 .map(|s| s.compared)
                 .sum();
             compared >= min
+        } else if no_control {
+            stage.canary >= min
         } else {
             stage.control >= min && stage.canary >= min
         };
@@ -454,6 +468,7 @@ impl Judge {
                 enough,
                 score: scored,
                 score_streak: self.score_streak,
+                no_control,
             },
         );
         Evaluation {

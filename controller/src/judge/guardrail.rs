@@ -479,10 +479,20 @@ pub fn assess(
         }
     }
 
-    if cfg.drift.enabled && !shadow_only && (s_t.prediction.count > 0 || s_c.prediction.count > 0) {
+    // Without control traffic this stage there is no distribution to compare with.
+    if cfg.drift.enabled
+        && !shadow_only
+        && !control_idle(ledger, arms)
+        && (s_t.prediction.count > 0 || s_c.prediction.count > 0)
+    {
         others.push(drift(cfg, &s_t.prediction, &s_c.prediction));
     }
     (drafts, others)
+}
+
+/// The control's weight is 0 in the current stage (the treatment takes all traffic).
+pub fn control_idle(ledger: &Ledger, arms: Arms) -> bool {
+    !ledger.weights.is_empty() && ledger.weights.get(arms.control).copied().unwrap_or(0.0) <= 0.0
 }
 
 /// A hard gate from a confidence interval on a share that must stay at most `limit`.

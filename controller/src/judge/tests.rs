@@ -461,6 +461,7 @@ fn decisions_follow_their_order() {
                 enough: true,
                 score,
                 score_streak,
+                no_control: false,
             },
         )
         .0
@@ -503,6 +504,7 @@ fn decisions_follow_their_order() {
             enough: true,
             score: None,
             score_streak: 0,
+            no_control: false,
         },
     );
     assert_eq!(d.0, Decision::Hold);
@@ -540,4 +542,52 @@ fn config_errors_name_the_field() {
         GuardrailConfig::from_text("{}").ok(),
         Some(GuardrailConfig::default())
     );
+}
+
+/// 60 s at 50 %, then 60 s at 100 %: the control gets no traffic in the last stage.
+fn ramp_to_full(cfg: &GuardrailConfig, canary_at_full: Rates) -> Vec<Evaluation> {
+    let rps = 1000.0;
+    let mut snaps = Vec::new();
+    let (mut control, mut canary) = (0u64, 0u64);
+    for i in 0..=12 {
+        let (w, r) = if i <= 6 {
+            (50.0, SAME)
+        } else {
+            (100.0, canary_at_full)
+        };
+        if i > 0 {
+            let n = (rps * 10.0) as u64;
+            let to_canary = (n as f64 * w / 100.0).round() as u64;
+            control += n - to_canary;
+            canary += to_canary;
+        }
+        let mut s = snapshot(10.0 * f64::from(i), w, control, canary, SAME);
+        s.variants.insert("canary".into(), counters(canary, r));
+        snaps.push(s);
+    }
+    replay(cfg, &snaps)
+}
+
+#[test]
+fn a_stage_without_control_traffic_is_promoted_on_the_canary_alone() {
+    for promotion in [Promotion::NoBreach, Promotion::NonInferiority] {
+        let cfg = GuardrailConfig {
+            promotion,
+            ..config()
+        };
+        let evals = ramp_to_full(&cfg, SAME);
+        let e = last(&evals);
+        assert_eq!(e.weights["canary"], 100.0);
+        assert_eq!(e.decision, Decision::Promote, "{promotion:?}: {}", e.reason);
+        assert!(e.sufficient);
+        // A breach at 100 % still rolls back.
+        let bad = Rates { error: 0.2, ..SAME };
+        let evals = ramp_to_full(&cfg, bad);
+        assert_eq!(
+            last(&evals).decision,
+            Decision::RollBack,
+            "{}",
+            last(&evals).reason
+        );
+    }
 }
