@@ -31,6 +31,9 @@ cargo build -p sluice-filter -p sluice-noop-filter --target wasm32-wasip1 --rele
 WASM_DIR="${CARGO_TARGET_DIR:-target}/wasm32-wasip1/release"
 ls -l "$WASM_DIR/sluice_filter.wasm" "$WASM_DIR/sluice_noop_filter.wasm"
 
+section "build the sluice binary (the rollout tests run it as a process)"
+cargo build -p sluice-controller --bin sluice
+
 section "cargo test --workspace (unit, property, real-Envoy integration)"
 cargo test --workspace
 

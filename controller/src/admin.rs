@@ -113,6 +113,21 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// A text readout (e.g. `extension_config_discovery.http_filter.<name>.version_text`),
+    /// unquoted; `None` if Envoy has no such stat.
+    pub async fn text_readout(&self, name: &str) -> Result<Option<String>, AdminError> {
+        let filter = format!("^{}$", name.replace('.', "\\."));
+        let text = self
+            .get(&format!("/stats?usedonly=false&filter={}", encode(&filter)))
+            .await?;
+        Ok(text.lines().find_map(|line| {
+            let (n, v) = line.rsplit_once(": ")?;
+            (n.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+        }))
+    }
+}
+
 /// Percent-encodes a query or form value.
 pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

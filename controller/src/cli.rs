@@ -172,12 +172,17 @@ where
         }
     };
     tokio::pin!(all_done);
-    tokio::select! {
-        _ = signals => tracing::info!("signal received: finishing the current step"),
-        () = &mut all_done => {}
-    }
+    let finished = tokio::select! {
+        _ = signals => {
+            tracing::info!("signal received: finishing the current step");
+            false
+        }
+        () = &mut all_done => true,
+    };
     let _ = stop_tx.send(true);
-    all_done.await;
+    if !finished {
+        all_done.await;
+    }
     let _ = api.await;
     if let Some(p) = progress {
         p.abort();

@@ -29,11 +29,12 @@ pub enum SinkError {
     Render(String),
     #[error("{proxy} rejected configuration version {version} (see its log for the reason)")]
     Rejected { proxy: String, version: u64 },
-    #[error("{proxy} did not confirm configuration version {version} within {waited:?}")]
+    #[error("{proxy} did not confirm configuration version {version} within {waited:?} (version in force: {in_force})")]
     Unconfirmed {
         proxy: String,
         version: u64,
         waited: Duration,
+        in_force: String,
     },
     #[error("{field}: {proxy} has no cluster {cluster:?}")]
     UnknownCluster {

@@ -445,6 +445,13 @@ impl Rollout {
                 );
             }
         }
+        // The judge's configuration: checked here so `sluice validate` reports it too.
+        if let Err(e) = crate::judge::config::GuardrailConfig::from_value(
+            self.spec.guardrails.clone(),
+            "spec.guardrails",
+        ) {
+            problems.extend(e.problems);
+        }
         let checked = Checked {
             treatment,
             stages,
@@ -488,6 +495,7 @@ impl Checked {
         }
         let config = FilterConfig {
             version: CONFIG_VERSION,
+            revision: None,
             experiments: vec![exp],
         };
         Plan::from_config(&config).map_err(|e| e.to_string())?;

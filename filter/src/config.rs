@@ -21,12 +21,20 @@ pub const DEFAULT_VARIANT_HEADER: &str = "x-sluice-variant";
 /// Longest experiment, variant or outcome name: they become parts of metric names.
 const MAX_NAME_LEN: usize = 64;
 
+/// Longest `revision` accepted.
+pub const MAX_REVISION: usize = 128;
+
 /// Root of the filter's JSON configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// Wire-format version; must equal [`CONFIG_VERSION`].
     pub version: u32,
+    /// Free-form label of this configuration (the controller writes its push version and
+    /// attempt), logged when the filter takes it. Two pushes with different revisions are never
+    /// byte-identical, so the proxy evaluates each one afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Experiments applied to each request, independently of one another.
     pub experiments: Vec<ExperimentConfig>,
 }
@@ -230,6 +238,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 /// The checked configuration the data plane runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    pub revision: Option<String>,
     pub experiments: Vec<Experiment>,
 }
 
@@ -293,6 +302,14 @@ impl Plan {
                 ),
             ));
         }
+        if let Some(r) = &config.revision {
+            if r.is_empty() || r.len() > MAX_REVISION || r.chars().any(|c| c.is_control()) {
+                return Err(invalid(
+                    "revision",
+                    format!("must be 1 to {MAX_REVISION} printable characters"),
+                ));
+            }
+        }
         if config.experiments.is_empty() {
             return Err(invalid(
                 "experiments",
@@ -304,7 +321,10 @@ impl Plan {
             experiments.push(check_experiment(e, &format!("experiments[{i}]"))?);
         }
         check_cross_experiment(&experiments)?;
-        Ok(Plan { experiments })
+        Ok(Plan {
+            revision: config.revision.clone(),
+            experiments,
+        })
     }
 }
 

@@ -164,9 +164,15 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "configured {} experiment(s), {} metrics",
+                        "configured {} experiment(s), {} metrics{}",
                         active.plan.experiments.len(),
-                        active.ids.len()
+                        active.ids.len(),
+                        active
+                            .plan
+                            .revision
+                            .as_ref()
+                            .map(|r| format!(", revision {r}"))
+                            .unwrap_or_default()
                     ),
                 );
                 self.active = Some(Rc::new(active));

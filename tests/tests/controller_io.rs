@@ -123,6 +123,13 @@ async fn ecds_sink_pushes_are_confirmed_or_reported_rejected() -> anyhow::Result
         Err(SinkError::Rejected { version: 3, .. }) => {}
         other => anyhow::bail!("expected a rejection, got {other:?}"),
     }
+    // Retrying the same push is judged afresh: Envoy takes a resource identical to the last
+    // one it received as already applied, rejected or not, which each write's fresh revision
+    // prevents.
+    match sink.push(&bad, 3).await {
+        Err(SinkError::Rejected { version: 3, .. }) => {}
+        other => anyhow::bail!("expected the retry to be rejected too, got {other:?}"),
+    }
     let again = Load::new(envoy.url(LISTENER, "/"))
         .requests(1000)
         .run()

@@ -4,7 +4,13 @@
 //! A push writes the whole file to a temporary name in the same directory, syncs it, and
 //! renames it over the watched file, so Envoy never reads a half-written file. It then polls
 //! each Envoy's admin counters `extension_config_discovery.http_filter.<name>.update_success`
-//! and `update_rejected` until one of them moves past its value from before the write.
+//! and `update_rejected` until one of them moves past its value from before the write, and
+//! checks that the version in force (`version_text`) is the one written.
+//!
+//! Envoy counts a write whose resource equals the last one it received as a success without
+//! evaluating it, even when that last one was rejected; so every write carries a fresh
+//! `revision` in the filter configuration (push version and write time), and a retried push is
+//! judged afresh.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -84,16 +90,16 @@ pub fn render(
 }
 
 impl EcdsFile {
-    fn counter_names(&self) -> (String, String) {
-        let base = format!("extension_config_discovery.http_filter.{}", self.resource);
-        (
-            format!("{base}.update_success"),
-            format!("{base}.update_rejected"),
+    /// Envoy's ECDS stat `leaf` for this sink's resource.
+    fn stat(&self, leaf: &str) -> String {
+        format!(
+            "extension_config_discovery.http_filter.{}.{leaf}",
+            self.resource
         )
     }
 
     async fn counters(&self, proxy: &Admin) -> Result<(u64, u64), SinkError> {
-        let (ok, rejected) = self.counter_names();
+        let (ok, rejected) = (self.stat("update_success"), self.stat("update_rejected"));
         let filter = format!(
             "^extension_config_discovery\\.http_filter\\.{}\\.update_(success|rejected)$",
             regex_escape(&self.resource)
@@ -104,6 +110,15 @@ impl EcdsFile {
             stats.get(&rejected).copied().unwrap_or(0),
         ))
     }
+}
+
+/// `<version>@<write time in Unix milliseconds>`: unique per write, also across restarts.
+fn revision(version: u64) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{version}@{ms}")
 }
 
 fn regex_escape(s: &str) -> String {
@@ -121,6 +136,9 @@ fn regex_escape(s: &str) -> String {
 impl Sink for EcdsFile {
     async fn push(&self, config: &FilterConfig, version: u64) -> Result<Receipt, SinkError> {
         let started = Instant::now();
+        let mut config = config.clone();
+        config.revision = Some(revision(version));
+        let config = &config;
         let content = render(&self.resource, &self.code, config, version)?;
         // The filter cannot see Envoy's clusters, so a shadow cluster is checked here, before
         // the push, on every proxy that will load the config.
@@ -151,6 +169,7 @@ impl Sink for EcdsFile {
             }
         })?;
         for (p, (ok0, rejected0)) in self.proxies.iter().zip(before) {
+            let want = version.to_string();
             loop {
                 let (ok, rejected) = self.counters(p).await?;
                 if rejected > rejected0 {
@@ -159,7 +178,13 @@ impl Sink for EcdsFile {
                         version,
                     });
                 }
-                if ok > ok0 {
+                // A success counts only with the version just written in force.
+                let in_force = if ok > ok0 {
+                    p.text_readout(&self.stat("version_text")).await?
+                } else {
+                    None
+                };
+                if in_force.as_deref() == Some(want.as_str()) {
                     break;
                 }
                 if started.elapsed() > self.confirm_within {
@@ -167,6 +192,7 @@ impl Sink for EcdsFile {
                         proxy: p.base().to_string(),
                         version,
                         waited: started.elapsed(),
+                        in_force: in_force.unwrap_or_else(|| "unchanged".into()),
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;

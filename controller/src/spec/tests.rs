@@ -135,3 +135,20 @@ fn durations() {
         assert_eq!(parse_duration(d).map(format_duration).as_deref(), Ok(d));
     }
 }
+
+#[test]
+fn guardrail_errors_are_reported_with_their_field_path() {
+    let bad = GOOD.replace(
+        "  sources:",
+        "  guardrails: {errorRate: {ceiling: 2}, latency: {quantiles: [{quantile: 0.99, margin: {relative: 3}}]}}\n  sources:",
+    );
+    let text = problems(&bad);
+    assert!(
+        text.contains("spec.guardrails.latency.quantiles[0].margin.relative"),
+        "{text}"
+    );
+    let typo = GOOD.replace("  sources:", "  guardrails: {minRequest: 10}\n  sources:");
+    let text = problems(&typo);
+    assert!(text.contains("spec.guardrails"), "{text}");
+    assert!(text.contains("minRequest"), "{text}");
+}

@@ -1,0 +1,340 @@
+//! `sluice run` end to end against a real Envoy: a good treatment is promoted through a
+//! compressed schedule, a bad one is rolled back and Envoy stops routing to it, a rejected
+//! push holds, and `kill -9` mid-rollout followed by a restart resumes without raising a
+//! weight on old evidence.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_tests::{
+    filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request,
+    Upstream,
+};
+
+const LISTENER: u16 = 10000;
+const ADMIN: u16 = 9901;
+
+/// A model that answers 200 with a score, or 500 for a share of users.
+fn model(error_every: u64) -> impl Fn(&Request) -> Reply + Send + Sync {
+    move |req: &Request| {
+        let i: u64 = req
+            .user()
+            .and_then(|u| u.strip_prefix("u-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if error_every > 0 && i.is_multiple_of(error_every) {
+            return Reply::status(500);
+        }
+        Reply::json(json!({"score": 0.5})).header("x-model-score", "0.5")
+    }
+}
+
+async fn envoy(stable: &Upstream, canary: &Upstream) -> anyhow::Result<Envoy> {
+    Ok(EnvoyConfig::new("tests/envoy/rollout.yaml")
+        .port_to(10001, stable.port())
+        .port_to(10002, canary.port())
+        .ecds("tests/envoy/rollout")
+        .start()
+        .await?)
+}
+
+/// Steady traffic from 4,000 users until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(url: String) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = HttpClient::new();
+            let mut i: u64 = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let mut batch = tokio::task::JoinSet::new();
+                for _ in 0..20 {
+                    let (client, url) = (client.clone(), url.clone());
+                    let user = format!("u-{}", i % 4000);
+                    i += 1;
+                    batch.spawn(async move {
+                        let _ = client
+                            .send(
+                                hyper::Method::GET,
+                                &url,
+                                &[("x-user-id", &user)],
+                                Vec::<u8>::new(),
+                            )
+                            .await;
+                    });
+                }
+                while batch.join_next().await.is_some() {}
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Traffic { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+/// The guardrails used by these tests: a few hundred canary requests per 4 s stage prove
+/// nothing at the default margins (see `sluice plan`), so stages promote when enough data shows
+/// no breach; a 25 % error rate is still a breach within seconds. Latency is judged only against
+/// a loose SLO: on a shared 2-core machine two identical loopback upstreams differ by fractions
+/// of a millisecond for seconds at a time, which the default relative margins rightly see, and
+/// which is not what these tests are about.
+fn guardrails() -> Value {
+    json!({
+        "promotion": "noBreach",
+        "minRequests": 100,
+        "latency": {"quantiles": [{"quantile": 0.99, "margin": {"relative": 0.9, "absolute": 0.2}, "sloMs": 1000}]},
+    })
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+    spec: PathBuf,
+    listen: u16,
+}
+
+impl Run {
+    fn new(envoy: &Envoy, stages: Value, wasm: &str) -> anyhow::Result<Run> {
+        let dir = tempfile::tempdir()?;
+        let ecds = envoy
+            .ecds_dir()
+            .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
+            .join("sluice.yaml");
+        let admin = format!("http://{}", envoy.addr(ADMIN));
+        let spec = json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "Rollout",
+            "metadata": {"name": "r"},
+            "spec": {
+                "experiment": {
+                    "name": "r",
+                    "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+                    "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
+                    "echo": {"header": "x-sluice-variant"},
+                    "outcomes": {"header": "x-sluice-outcome", "names": ["click"]},
+                    "prediction": {"header": "x-model-score"},
+                },
+                "schedule": {"stages": stages, "bake": "4s", "warmup": "1s", "interval": "500ms"},
+                "guardrails": guardrails(),
+                "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
+                "sinks": [{"ecdsFile": {
+                    "path": ecds.display().to_string(),
+                    "wasm": {"filename": wasm},
+                    "proxies": [admin],
+                    "confirmWithin": "5s",
+                }}],
+            }
+        });
+        let path = dir.path().join("rollout.yaml");
+        std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
+        Ok(Run {
+            spec: path,
+            listen: free_port()?,
+            dir,
+        })
+    }
+
+    fn start(&self) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sluice.log"))?;
+        Ok(Command::new(sluice_bin()?)
+            .args(["run", "--exit-when-done", "--state-dir"])
+            .arg(self.dir.path().join("state"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.listen))
+            .arg("-f")
+            .arg(&self.spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?)
+    }
+
+    fn state(&self) -> Value {
+        std::fs::read_to_string(self.dir.path().join("state/r.state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("state/r.audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
+    }
+
+    async fn status(&self) -> Option<Value> {
+        let url = format!("http://127.0.0.1:{}/status", self.listen);
+        let r = HttpClient::new().get(&url).await.ok()?;
+        r.json().ok()
+    }
+}
+
+/// `sluice run --exit-when-done`: all promoted.
+const PROMOTED: i32 = 0;
+/// `sluice run --exit-when-done`: a rollout was rolled back.
+const ROLLED_BACK: i32 = 3;
+
+/// Waits for the process to exit by itself with `code`.
+async fn exited(child: &mut Child, code: i32, within: Duration, run: &Run) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::ensure!(
+                status.code() == Some(code),
+                "sluice run exited with {status}, expected {code}:\n{}",
+                run.log()
+            );
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            anyhow::bail!("sluice run still running after {within:?}:\n{}", run.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn wasm() -> anyhow::Result<String> {
+    Ok(filter_wasm()?.display().to_string())
+}
+
+fn pushed_weights(run: &Run) -> Vec<f64> {
+    run.audit()
+        .iter()
+        .filter(|r| r["record"] == "push")
+        .filter_map(|r| r["weight"].as_f64())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_good_treatment_is_promoted_through_the_schedule() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let envoy = envoy(&stable, &canary).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
+    let mut child = run.start()?;
+    exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
+    traffic.stop().await;
+    assert_eq!(run.state()["phase"]["phase"], "promoted", "{}", run.log());
+    assert_eq!(pushed_weights(&run), vec![10.0, 50.0, 100.0]);
+    // Envoy now sends everyone to the canary.
+    let before = canary.count();
+    let responses = sluice_tests::Load::new(envoy.url(LISTENER, "/"))
+        .users(|i| format!("u-{i}"))
+        .requests(200)
+        .run()
+        .await?;
+    assert!(responses
+        .iter()
+        .all(|r| r.header("x-sluice-variant") == Some("canary")));
+    assert_eq!(canary.count() - before, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_treatment_is_rolled_back_and_envoy_stops_routing_to_it() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(4)).await?; // 25 % errors
+    let envoy = envoy(&stable, &canary).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
+    let mut child = run.start()?;
+    exited(&mut child, ROLLED_BACK, Duration::from_secs(120), &run).await?;
+    let state = run.state();
+    assert_eq!(state["phase"]["phase"], "rolled_back", "{}", run.log());
+    assert_eq!(state["weight"], 0.0);
+    assert_eq!(pushed_weights(&run).last(), Some(&0.0));
+    // No request reaches the canary any more.
+    let before = canary.count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    traffic.stop().await;
+    assert_eq!(
+        canary.count(),
+        before,
+        "the canary still gets traffic after the rollback"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rejected_push_holds_the_rollout() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let envoy = envoy(&stable, &canary).await?;
+    // Envoy cannot load this module, so it rejects every push.
+    let run = Run::new(&envoy, json!([10, 100]), "/nonexistent/sluice_filter.wasm")?;
+    let mut child = run.start()?;
+    let result = wait_until(
+        Duration::from_secs(30),
+        "the rollout holds on a failed push",
+        || async {
+            run.status().await.is_some_and(|s| {
+                s[0]["state"]["hold"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("push failed"))
+            })
+        },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+    assert_eq!(run.state()["weight"], 0.0);
+    assert!(
+        canary.count() == 0,
+        "the canary got traffic although no push was accepted"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence(
+) -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let envoy = envoy(&stable, &canary).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
+    let mut child = run.start()?;
+    wait_until(
+        Duration::from_secs(60),
+        "the second stage is confirmed",
+        || async { run.state()["weight"] == 50.0 },
+    )
+    .await?;
+    child.kill()?; // SIGKILL
+    let _ = child.wait();
+    let killed_at = Instant::now();
+    let mut child = run.start()?;
+    exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
+    traffic.stop().await;
+    assert_eq!(run.state()["phase"]["phase"], "promoted", "{}", run.log());
+    let pushes = pushed_weights(&run);
+    assert_eq!(pushes.last(), Some(&100.0));
+    assert!(!pushes.contains(&0.0), "{pushes:?}");
+    // The 100 % push came only after a full warm-up and bake after the restart.
+    assert!(killed_at.elapsed() >= Duration::from_secs(5));
+    Ok(())
+}
