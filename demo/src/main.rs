@@ -11,11 +11,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use sluice_controller::cli::{self, RunOptions};
+use sluice_controller::judge::assess::Assessor;
 use sluice_controller::spec::parse_duration;
 use sluice_demo::models::{ModelServer, Role};
-use sluice_demo::recorder::{Recorder, RecorderConfig, Series};
+use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
 use sluice_demo::report::{self, ReportInput};
 use sluice_demo::scenario::{FaultTrigger, Scenario};
 use sluice_demo::stack::{self, EnvoyProcess, Ports, RunDir, Schedule};
@@ -109,28 +111,73 @@ struct RunArgs {
     /// Move every port by this much (to run beside another Envoy).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
+    /// Every port explicitly: listener,admin,stable,canary,shadow,controller (overrides
+    /// --port-offset).
+    #[arg(long, value_parser = Ports::parse)]
+    ports: Option<Ports>,
+    /// Canary weights of the ramp, percent, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = Schedule::default().stages)]
+    stages: Vec<f64>,
+    /// Bake time per stage (after its warm-up).
+    #[arg(long, value_parser = duration_arg, default_value = "12s")]
+    bake: Duration,
+    /// Data ignored after each weight change.
+    #[arg(long, value_parser = duration_arg, default_value = "3s")]
+    warmup: Duration,
+    /// How often the controller evaluates.
+    #[arg(long, value_parser = duration_arg, default_value = "2s")]
+    interval: Duration,
+    /// Keep the users and the recorder running this long after the rollout ends, so the
+    /// report shows where traffic went afterwards.
+    #[arg(long, value_parser = duration_arg, default_value = "3s")]
+    tail: Duration,
+    /// End the run once a halt (sample-ratio mismatch) has lasted this long: a halt waits for
+    /// a human, so nothing else happens after it.
+    #[arg(long, value_parser = duration_arg, default_value = "6s")]
+    halt_grace: Duration,
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status of `sluice-demo run` when the rollout did not end as its scenario expects.
+const EXIT_UNEXPECTED: u8 = 3;
+
+fn run_cli() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let ok = std::process::ExitCode::SUCCESS;
     rt.block_on(async move {
         match cli.command {
-            Cmd::Run(args) => run_demo(args, Mode::Rollout).await,
-            Cmd::Stack { common, weight } => run_demo(common, Mode::Fixed { weight }).await,
+            Cmd::Run(args) => Ok(match run_demo(args, Mode::Rollout).await? {
+                Some(false) => std::process::ExitCode::from(EXIT_UNEXPECTED),
+                _ => ok,
+            }),
+            Cmd::Stack { common, weight } => {
+                run_demo(common, Mode::Fixed { weight }).await.map(|_| ok)
+            }
             Cmd::Models {
                 scenario,
                 seed,
                 port_offset,
                 fault_after,
-            } => models_only(scenario, seed, port_offset, fault_after).await,
+            } => models_only(scenario, seed, port_offset, fault_after)
+                .await
+                .map(|_| ok),
             Cmd::Users {
                 target,
                 rate,
@@ -159,32 +206,104 @@ fn main() -> anyhow::Result<()> {
                 });
                 let tallies = users::run(config, handle).await?;
                 println!("{}", serde_json::to_string_pretty(&tallies)?);
-                Ok(())
+                Ok(ok)
             }
-            Cmd::Report { out } => rerender(&out),
+            Cmd::Report { out } => rerender(&out).map(|_| ok),
         }
     })
 }
 
+/// How the controller's run ended.
+#[derive(Debug)]
+enum RolloutEnd {
+    /// Every rollout reached a final phase (or the controller was interrupted by a signal).
+    Finished(Vec<sluice_controller::daemon::Status>),
+    /// The rollout halted and stayed halted for the grace period: it waits for a human.
+    Halted,
+    /// `limit` passed first.
+    TimedOut,
+}
+
 /// Runs the controller on the demo's rollout spec (`run.rollout_spec()`, state in
 /// `run.state_dir`, HTTP endpoint on `run.ports.controller` so the recorder can read
-/// `/status`) until the rollout is promoted or rolled back, or `limit` passes. Returns the
-/// final status of the rollout.
+/// `/status`) until the rollout is promoted or rolled back, it halts for `halt_grace`, or
+/// `limit` passes.
 ///
-/// The controller wiring is pending: the lead fills this in once the judge lands, e.g. with
-/// `sluice_controller::cli::run(RunOptions { files: vec![run.rollout_spec()], state_dir:
-/// run.state_dir.clone(), listen: ([127, 0, 0, 1], run.ports.controller).into(),
-/// exit_when_done: true, progress: true }, |checked| <judge for checked>)` inside a timeout.
+/// The controller runs in-process exactly as `sluice run --exit-when-done` does
+/// (`sluice_controller::cli::run` with the judge of `spec.guardrails`), on a runtime of its
+/// own in its own thread: stopping it early (a halt, the time limit) drops that runtime, which
+/// cancels every task of the controller, its HTTP endpoint included, before the report is
+/// written. Ctrl-c reaches it too (it installs its own handler) and ends the run gracefully.
 async fn run_rollout(
     run: &RunDir,
     limit: Duration,
-) -> anyhow::Result<Vec<sluice_controller::daemon::Status>> {
-    let _ = limit;
-    bail!(
-        "controller wiring pending: run_rollout (demo/src/main.rs) does not start the controller yet; \
-         the rollout spec is ready at {}. Use `sluice-demo stack` to run everything else.",
-        run.rollout_spec().display()
-    )
+    halt_grace: Duration,
+    latest: watch::Receiver<Option<sluice_demo::recorder::Point>>,
+) -> anyhow::Result<RolloutEnd> {
+    let opts = RunOptions {
+        files: vec![run.rollout_spec()],
+        state_dir: run.state_dir.clone(),
+        listen: ([127, 0, 0, 1], run.ports.controller).into(),
+        exit_when_done: true,
+        // The demo prints its own lines (decisions as they happen, traffic every 5 s).
+        progress: false,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("controller")
+        .enable_all()
+        .build()
+        .context("starting the controller's runtime")?;
+    std::thread::Builder::new()
+        .name("controller".into())
+        .spawn(move || {
+            let result = runtime.block_on(async move {
+                tokio::select! {
+                    r = cli::run(opts, |c| Ok(Assessor::from_spec(c)?)) => Some(r),
+                    _ = stop_rx => None,
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            let _ = done_tx.send(result);
+        })
+        .context("starting the controller's thread")?;
+    let end = tokio::select! {
+        r = &mut done_rx => return match r {
+            Ok(Some(Ok(finals))) => Ok(RolloutEnd::Finished(finals)),
+            Ok(Some(Err(e))) => Err(e.context("the controller failed")),
+            Ok(None) | Err(_) => Err(anyhow::anyhow!("the controller stopped unexpectedly")),
+        },
+        _ = tokio::time::sleep(limit) => RolloutEnd::TimedOut,
+        () = halt_sustained(latest, halt_grace) => RolloutEnd::Halted,
+    };
+    let _ = stop_tx.send(());
+    let _ = done_rx.await;
+    Ok(end)
+}
+
+/// Resolves once the controller's last judgement has been a halt for `grace`.
+async fn halt_sustained(
+    mut latest: watch::Receiver<Option<sluice_demo::recorder::Point>>,
+    grace: Duration,
+) {
+    let mut since: Option<f64> = None;
+    loop {
+        if latest.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let point = latest.borrow_and_update().clone();
+        let Some(p) = point else { continue };
+        let halted = p
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.judgement.as_deref() == Some("halt"));
+        since = if halted { since.or(Some(p.at)) } else { None };
+        if since.is_some_and(|s| p.at - s >= grace.as_secs_f64()) {
+            return;
+        }
+    }
 }
 
 /// With or without a controller.
@@ -280,12 +399,15 @@ async fn models_only(
     Ok(())
 }
 
-/// The whole demo (or the stack without a controller).
-async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
+/// The whole demo (or the stack without a controller). Returns whether the run ended as the
+/// scenario expects (`None` without a controller).
+async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
     let repo = stack::repo_root();
     let envoy_bin = stack::envoy_bin(&repo)?;
     let wasm = stack::filter_wasm(&repo)?;
-    let ports = Ports::default().offset(args.port_offset);
+    let ports = args
+        .ports
+        .unwrap_or_else(|| Ports::default().offset(args.port_offset));
     ports.check_free()?;
     let weight = match mode {
         Mode::Rollout => 0.0,
@@ -293,8 +415,11 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
     };
     let run = stack::prepare(&repo, &args.out, &wasm, ports, weight)?;
     let schedule = Schedule {
+        stages: args.stages.clone(),
+        bake: args.bake,
+        warmup: args.warmup,
+        interval: args.interval,
         shadow: args.shadow.then(|| Duration::from_secs(15)),
-        ..Schedule::default()
     };
     std::fs::write(run.rollout_spec(), stack::rollout_spec(&run, &schedule))
         .with_context(|| format!("writing {}", run.rollout_spec().display()))?;
@@ -319,6 +444,22 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
         scenario.expected(),
         run.root.display()
     );
+    if mode == Mode::Rollout {
+        println!(
+            "ramp {} %, each stage: warm-up {:?} + bake {:?}; evaluated every {:?}; {} req/s from {} users",
+            schedule
+                .stages
+                .iter()
+                .map(|w| format!("{w}"))
+                .collect::<Vec<_>>()
+                .join(" → "),
+            schedule.warmup,
+            schedule.bake,
+            schedule.interval,
+            args.rate,
+            args.users
+        );
+    }
     let models = start_models(
         scenario,
         args.seed,
@@ -343,13 +484,18 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
         interval: Duration::from_secs(1),
         timeout: Duration::from_millis(800),
     });
+    let probe = RoutingProbe::start(
+        &ports.admin_url(),
+        stack::TREATMENT,
+        Duration::from_millis(50),
+    );
     let load = LoadHandle::default();
     let users_task = tokio::spawn(users::run(
         LoadConfig {
             base_url: ports.listener_url(),
             users: args.users,
             rate: args.rate,
-            duration: args.duration_limit + Duration::from_secs(5),
+            duration: args.duration_limit + args.tail + Duration::from_secs(5),
             seed: args.seed,
             ..LoadConfig::default()
         },
@@ -371,7 +517,42 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
     let progress = tokio::spawn(print_progress(recorder.latest(), done_rx));
 
     let outcome = match mode {
-        Mode::Rollout => run_rollout(&run, args.duration_limit).await.map(|_| ()),
+        Mode::Rollout => {
+            match run_rollout(
+                &run,
+                args.duration_limit,
+                args.halt_grace,
+                recorder.latest(),
+            )
+            .await
+            {
+                Ok(RolloutEnd::Finished(finals)) => {
+                    if finals.iter().any(|s| !s.state.phase.is_final()) {
+                        println!("controller interrupted before the rollout ended");
+                    }
+                    let status = serde_json::to_value(&finals).unwrap_or_default();
+                    if let Some(r) = sluice_demo::recorder::rollout_of(&status, stack::EXPERIMENT) {
+                        recorder.set_final_rollout(r);
+                    }
+                    Ok(())
+                }
+                Ok(RolloutEnd::Halted) => {
+                    println!(
+                        "halted for {:?}: the rollout waits for a human; ending the run",
+                        args.halt_grace
+                    );
+                    Ok(())
+                }
+                Ok(RolloutEnd::TimedOut) => {
+                    println!(
+                        "time limit ({:?}) reached before the rollout ended",
+                        args.duration_limit
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
         Mode::Fixed { .. } => {
             tokio::select! {
                 _ = tokio::time::sleep(args.duration_limit) => {}
@@ -380,25 +561,40 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    if outcome.is_ok() && !args.tail.is_zero() {
+        // Where the traffic goes after the decision, for the report's plots.
+        tokio::time::sleep(args.tail).await;
+    }
 
     load.stop();
     let _ = done_tx.send(true);
     let tallies = users_task.await.ok().and_then(Result::ok);
-    let fault_at = injector.await.ok().flatten();
+    let (fault_at, models) = injector.await.unwrap_or_default();
     if let Some(at) = fault_at {
         recorder.mark_fault(at);
     }
     let _ = progress.await;
+    let routing = probe.finish().await;
+    let canary_last_arrival = models
+        .iter()
+        .find(|m| m.role() == Role::Canary)
+        .and_then(ModelServer::last_request_at);
+    drop(models);
+    recorder.set_routing(Some(routing), canary_last_arrival);
     let series = recorder.finish().await;
     drop(envoy);
-    let written = finish(&run, series, tallies, scenario)?;
+    let written = finish(&run, series, tallies, scenario, mode == Mode::Rollout)?;
     println!("\n{}", report::summary_text(&written.summary));
     println!(
         "report: {}\nsummary: {}",
         written.html.display(),
         written.json.display()
     );
-    outcome
+    outcome?;
+    Ok(match mode {
+        Mode::Rollout => written.summary.as_expected,
+        Mode::Fixed { .. } => None,
+    })
 }
 
 fn now() -> f64 {
@@ -409,7 +605,7 @@ fn now() -> f64 {
 
 /// Waits for the trigger, switches the canary (and shadow) to the faulty behaviour or turns
 /// the SRM fault on, and keeps the SRM plan in step with the weight. Returns when the fault
-/// started, if it did.
+/// started, if it did, and the model servers (still serving) once the run is over.
 async fn inject_fault(
     scenario: Scenario,
     trigger: Option<FaultTrigger>,
@@ -418,7 +614,7 @@ async fn inject_fault(
     models: Vec<ModelServer>,
     load: LoadHandle,
     mut done: watch::Receiver<bool>,
-) -> Option<f64> {
+) -> (Option<f64>, Vec<ModelServer>) {
     let mut fault_at = None;
     let mut srm_weight = None;
     if trigger == Some(FaultTrigger::FromStart) {
@@ -426,7 +622,7 @@ async fn inject_fault(
     }
     let Some(trigger) = trigger else {
         let _ = done.wait_for(|d| *d).await;
-        return None;
+        return (None, models);
     };
     loop {
         tokio::select! {
@@ -464,18 +660,18 @@ async fn inject_fault(
             srm_weight = Some(weight);
         }
     }
-    // Keep the servers alive until the run is over.
-    drop(models);
-    fault_at
+    (fault_at, models)
 }
 
-/// A compact line every five seconds from the recorder's newest point.
+/// A line whenever the rollout's phase, weight or hold changes, and a compact traffic line
+/// every five seconds, from the recorder's newest point.
 async fn print_progress(
     mut latest: watch::Receiver<Option<sluice_demo::recorder::Point>>,
     mut done: watch::Receiver<bool>,
 ) {
     let mut last_printed = -5.0;
     let mut previous: Option<sluice_demo::recorder::Point> = None;
+    let mut last_state: Option<String> = None;
     loop {
         tokio::select! {
             changed = latest.changed() => if changed.is_err() { return },
@@ -484,6 +680,13 @@ async fn print_progress(
         let Some(point) = latest.borrow_and_update().clone() else {
             continue;
         };
+        if let Some(r) = &point.rollout {
+            let state = rollout_state_line(r);
+            if last_state.as_ref() != Some(&state) {
+                println!("{:>6.1}s  ▶ {state}", point.t);
+                last_state = Some(state);
+            }
+        }
         if point.t - last_printed < 5.0 {
             continue;
         }
@@ -495,10 +698,8 @@ async fn print_progress(
         let mut line = format!("{:>6.1}s", point.t);
         if let Some(r) = &point.rollout {
             line.push_str(&format!(
-                "  {} weight {:.1}% → {:.1}%  judge {}",
-                r.phase,
+                "  weight {:.0}%  judge: {}",
                 r.weight,
-                r.target_weight,
                 r.judgement.as_deref().unwrap_or("-")
             ));
         }
@@ -511,10 +712,13 @@ async fn print_progress(
                 let b = before.get(name).cloned().unwrap_or_default();
                 let n = v.requests - b.requests;
                 let errors = v.server_errors() - b.server_errors();
+                let clicks = v.outcomes.get("click").copied().unwrap_or(0.0)
+                    - b.outcomes.get("click").copied().unwrap_or(0.0);
                 line.push_str(&format!(
-                    "  {name}: {:.0} req/s, 5xx {:.1}%",
+                    "  | {name}: {:.0} req/s, 5xx {:.1}%, clicks {:.1}%",
                     n / dt,
-                    if n > 0.0 { 100.0 * errors / n } else { 0.0 }
+                    if n > 0.0 { 100.0 * errors / n } else { 0.0 },
+                    if n > 0.0 { 100.0 * clicks / n } else { 0.0 },
                 ));
             }
         } else if point.variants.is_none() {
@@ -526,12 +730,32 @@ async fn print_progress(
     }
 }
 
+/// The rollout's state in words: phase, stage, weights, and why it holds or ended.
+fn rollout_state_line(r: &sluice_demo::recorder::RolloutPoint) -> String {
+    let mut line = match (r.phase.as_str(), r.stage) {
+        ("canary", Some(i)) => format!("stage {}: canary at {:.0} %", i + 1, r.weight),
+        ("promoted", _) => format!("PROMOTED: canary at {:.0} %", r.weight),
+        ("rolled_back", _) => format!("ROLLED BACK: canary at {:.0} %", r.weight),
+        (phase, _) => format!("{phase}: canary at {:.0} %", r.weight),
+    };
+    if (r.target_weight - r.weight).abs() > 1e-9 {
+        line.push_str(&format!(" (pushing {:.0} %)", r.target_weight));
+    }
+    if let Some(reason) = &r.rolled_back_reason {
+        line.push_str(&format!(" — {reason}"));
+    } else if let Some(h) = &r.held {
+        line.push_str(&format!(" — HELD: {h}"));
+    }
+    line
+}
+
 /// Saves the recordings and writes the report.
 fn finish(
     run: &RunDir,
     series: Series,
     tallies: Option<Tallies>,
     scenario: Scenario,
+    with_controller: bool,
 ) -> anyhow::Result<report::Written> {
     let save = |name: &str, value: &dyn erased::Json| -> anyhow::Result<()> {
         let path = run.root.join(name);
@@ -550,6 +774,8 @@ fn finish(
             audit,
             users: tallies,
             expected: Some(scenario.expected().into()),
+            // Without a controller nothing decides, so there is nothing to check.
+            expectation: with_controller.then(|| scenario.expectation()),
         },
     )?)
 }
@@ -564,11 +790,12 @@ fn rerender(out: &Path) -> anyhow::Result<()> {
     let users: Option<Tallies> = read("users.json")
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    let expected = series
+    let scenario = series
         .scenario
         .as_deref()
-        .and_then(|s| <Scenario as clap::ValueEnum>::from_str(s, false).ok())
-        .map(|s| s.expected().to_string());
+        .and_then(|s| <Scenario as clap::ValueEnum>::from_str(s, false).ok());
+    // A run with a controller left its status in the series.
+    let with_controller = series.points.iter().any(|p| p.rollout.is_some());
     let audit = report::read_audit(
         &out.join("state")
             .join(format!("{}.audit.jsonl", series.experiment)),
@@ -579,7 +806,10 @@ fn rerender(out: &Path) -> anyhow::Result<()> {
             series,
             audit,
             users,
-            expected,
+            expected: scenario.map(|s| s.expected().to_string()),
+            expectation: scenario
+                .filter(|_| with_controller)
+                .map(Scenario::expectation),
         },
     )?;
     println!("{}", report::summary_text(&written.summary));

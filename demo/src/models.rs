@@ -155,6 +155,8 @@ struct Shared {
     behaviour: RwLock<Behaviour>,
     next: AtomicU64,
     errors: AtomicU64,
+    /// Unix time of the last `/predict` request's arrival, in microseconds (0: none yet).
+    last_at_micros: AtomicU64,
 }
 
 /// A running model server; stops when dropped.
@@ -192,6 +194,7 @@ impl ModelServer {
             behaviour: RwLock::new(behaviour),
             next: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_at_micros: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept(listener, shared.clone()));
         Ok(ModelServer { shared, addr, task })
@@ -225,6 +228,13 @@ impl ModelServer {
     /// Requests answered (or being answered) so far.
     pub fn served(&self) -> u64 {
         self.shared.next.load(Ordering::Relaxed)
+    }
+
+    /// Unix seconds when the last `/predict` request arrived, if any did: on the canary, the
+    /// moment Envoy last routed a user to it, as the upstream sees it.
+    pub fn last_request_at(&self) -> Option<f64> {
+        let micros = self.shared.last_at_micros.load(Ordering::Relaxed);
+        (micros > 0).then(|| micros as f64 / 1e6)
     }
 
     /// `500`s sent so far.
@@ -279,6 +289,10 @@ async fn handle(
     if req.method() != Method::GET && req.method() != Method::POST {
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"));
     }
+    let arrived = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    shared.last_at_micros.fetch_max(arrived, Ordering::Relaxed);
     let mut input = Vec::new();
     if let Some(user) = req.headers().get("x-user-id") {
         input.extend_from_slice(user.as_bytes());

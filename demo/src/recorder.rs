@@ -23,6 +23,8 @@ use tokio::sync::watch;
 /// A cumulative histogram: counts of observations `<= le[i]` (the last bound is `+Inf`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
+    /// JSON has no infinity: `+Inf` is written as `null` and read back.
+    #[serde(with = "bounds")]
     pub le: Vec<f64>,
     pub cumulative: Vec<f64>,
     pub sum: f64,
@@ -96,6 +98,25 @@ impl Histogram {
                 (*le, n)
             })
             .collect()
+    }
+}
+
+/// Bucket bounds with `+Inf` as `null`, so a recorded series reads back (`sluice-demo report`).
+mod bounds {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(le: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        le.iter()
+            .map(|b| b.is_finite().then_some(*b))
+            .collect::<Vec<Option<f64>>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Option<f64>>::deserialize(d)?
+            .into_iter()
+            .map(|b| b.unwrap_or(f64::INFINITY))
+            .collect())
     }
 }
 
@@ -182,6 +203,30 @@ pub struct Series {
     /// Unix seconds when the scenario's fault was switched on.
     pub fault_injected_at: Option<f64>,
     pub points: Vec<Point>,
+    /// Envoy's requests to the treatment's cluster, polled every few tens of milliseconds:
+    /// when Envoy last routed a user there, from the proxy's side.
+    #[serde(default)]
+    pub treatment_routing: Option<Routing>,
+    /// Unix seconds when the treatment's upstream last received a request (the same moment
+    /// seen from the upstream; a cross-check).
+    #[serde(default)]
+    pub treatment_last_arrival_at: Option<f64>,
+}
+
+/// What a [`RoutingProbe`] saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Routing {
+    /// Poll period, seconds.
+    pub every_secs: f64,
+    /// The counter's last value.
+    pub requests: f64,
+    /// Unix seconds of the first poll that saw the counter's final value, i.e. within one
+    /// poll period after Envoy sent the cluster its last request; `None` if it never grew.
+    pub last_increase_seen_at: Option<f64>,
+    /// The poll before that one: the last request was sent after this.
+    pub previous_poll_at: Option<f64>,
+    pub polls: u64,
+    pub failed_polls: u64,
 }
 
 /// Turns one `/stats/prometheus` scrape into per-variant counters of `experiment`.
@@ -334,6 +379,7 @@ pub(crate) fn unix_now() -> f64 {
 /// A running recorder.
 pub struct Recorder {
     series: Arc<Mutex<Series>>,
+    final_rollout: Arc<Mutex<Option<RolloutPoint>>>,
     latest: watch::Receiver<Option<Point>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -350,12 +396,22 @@ impl Recorder {
             started_at: unix_now(),
             fault_injected_at: None,
             points: Vec::new(),
+            treatment_routing: None,
+            treatment_last_arrival_at: None,
         }));
         let (latest_tx, latest) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(sample_loop(config, series.clone(), latest_tx, stop_rx));
+        let final_rollout = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(sample_loop(
+            config,
+            series.clone(),
+            final_rollout.clone(),
+            latest_tx,
+            stop_rx,
+        ));
         Recorder {
             series,
+            final_rollout,
             latest,
             stop,
             task,
@@ -367,9 +423,26 @@ impl Recorder {
         self.latest.clone()
     }
 
+    /// The rollout's final status, once the controller has exited (its endpoint with it):
+    /// later points carry it instead of nothing.
+    pub fn set_final_rollout(&self, rollout: RolloutPoint) {
+        match self.final_rollout.lock() {
+            Ok(mut r) => *r = Some(rollout),
+            Err(p) => *p.into_inner() = Some(rollout),
+        }
+    }
+
     /// Notes the moment the scenario's fault was switched on.
     pub fn mark_fault(&self, at: f64) {
         with_series(&self.series, |s| s.fault_injected_at = Some(at));
+    }
+
+    /// Notes what the routing probe and the treatment's upstream saw.
+    pub fn set_routing(&self, routing: Option<Routing>, last_arrival_at: Option<f64>) {
+        with_series(&self.series, |s| {
+            s.treatment_routing = routing;
+            s.treatment_last_arrival_at = last_arrival_at;
+        });
     }
 
     /// A copy of what was recorded so far.
@@ -395,6 +468,7 @@ fn with_series<T>(series: &Mutex<Series>, f: impl FnOnce(&mut Series) -> T) -> T
 async fn sample_loop(
     config: RecorderConfig,
     series: Arc<Mutex<Series>>,
+    final_rollout: Arc<Mutex<Option<RolloutPoint>>>,
     latest: watch::Sender<Option<Point>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -407,7 +481,13 @@ async fn sample_loop(
             _ = every.tick() => false,
             _ = stop.wait_for(|s| *s) => true,
         };
-        let point = sample(&client, &config, started).await;
+        let mut point = sample(&client, &config, started).await;
+        if point.rollout.is_none() {
+            point.rollout = match final_rollout.lock() {
+                Ok(r) => r.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+        }
         with_series(&series, |s| s.points.push(point.clone()));
         let _ = latest.send(Some(point));
         if last {
@@ -447,6 +527,82 @@ async fn sample(client: &HttpClient, config: &RecorderConfig, started: f64) -> P
     }
 }
 
+/// Polls Envoy's counter of requests sent to one cluster (`cluster.<name>.upstream_rq_total`)
+/// and remembers when it last grew: the moment Envoy stopped routing users there, measured at
+/// the proxy and independent of what the controller believes.
+pub struct RoutingProbe {
+    seen: Arc<Mutex<Routing>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoutingProbe {
+    pub fn start(admin_url: &str, cluster: &str, every: Duration) -> RoutingProbe {
+        let stat = format!("cluster.{cluster}.upstream_rq_total");
+        let url = format!(
+            "{}/stats?filter={}",
+            admin_url.trim_end_matches('/'),
+            stat.replace('.', "%5C.")
+        );
+        let seen = Arc::new(Mutex::new(Routing {
+            every_secs: every.as_secs_f64(),
+            ..Routing::default()
+        }));
+        let (stop, mut stop_rx) = watch::channel(false);
+        let shared = seen.clone();
+        let task = tokio::spawn(async move {
+            let client = http_client();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_poll: Option<f64> = None;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.wait_for(|s| *s) => break,
+                }
+                let at = unix_now();
+                let value = get_text(&client, &url, Duration::from_secs(1))
+                    .await
+                    .and_then(|text| stat_value(&text, &stat));
+                let mut r = match shared.lock() {
+                    Ok(r) => r,
+                    Err(p) => p.into_inner(),
+                };
+                r.polls += 1;
+                match value {
+                    Some(v) => {
+                        if v > r.requests {
+                            r.requests = v;
+                            r.last_increase_seen_at = Some(at);
+                            r.previous_poll_at = last_poll;
+                        }
+                        last_poll = Some(at);
+                    }
+                    None => r.failed_polls += 1,
+                }
+            }
+        });
+        RoutingProbe { seen, stop, task }
+    }
+
+    pub async fn finish(self) -> Routing {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        match self.seen.lock() {
+            Ok(r) => *r,
+            Err(p) => *p.into_inner(),
+        }
+    }
+}
+
+/// The value of `name` in admin `/stats` text output (`name: value` lines).
+pub fn stat_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +637,16 @@ envoy_extension_config_discovery_http_filter_update_success{envoy_extension_conf
         // Half the observations are ≤ 10, the rest in (10, 50]: the median is at 10 + ¼·40.
         assert_eq!(c.latency_ms.quantile(0.5), Some(20.0));
         assert_eq!(ecds_counters(&samples), (Some(3.0), None));
+    }
+
+    #[test]
+    fn admin_stat_lines_are_read_by_exact_name() {
+        let text = "cluster.canary.upstream_rq_total: 42\ncluster.canary.upstream_rq_total_x: 7\n";
+        assert_eq!(
+            stat_value(text, "cluster.canary.upstream_rq_total"),
+            Some(42.0)
+        );
+        assert_eq!(stat_value(text, "cluster.stable.upstream_rq_total"), None);
     }
 
     #[test]
@@ -519,5 +685,10 @@ envoy_extension_config_discovery_http_filter_update_success{envoy_extension_conf
         assert_eq!(d.quantile(1.0), Some(100.0));
         assert_eq!(d.buckets()[1], (100.0, 100.0));
         assert_eq!(Histogram::default().quantile(0.5), None);
+        // The +Inf bound survives a JSON round trip (a re-rendered report reads it back).
+        let json = serde_json::to_string(&later).unwrap_or_default();
+        assert!(json.contains("null"), "{json}");
+        let back: Histogram = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(back, later);
     }
 }

@@ -113,6 +113,58 @@ pub struct ReportInput {
     pub users: Option<Tallies>,
     /// What a correct controller does in this scenario, in words.
     pub expected: Option<String>,
+    /// The same, checkable.
+    pub expectation: Option<Expectation>,
+}
+
+/// The end a scenario must reach, checked against the summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Expectation {
+    /// The rollout's final phase: `promoted`, `rolled_back`, or `canary` for a halted stage.
+    pub phase: String,
+    /// The final weight, when it matters (100 for a promotion, 0 after a rollback).
+    pub weight: Option<f64>,
+    /// The final reason must name one of these (guardrail names); empty: any reason.
+    pub reason_mentions: Vec<String>,
+}
+
+impl Expectation {
+    /// Whether the summary's final state meets the expectation.
+    pub fn met_by(&self, s: &Summary) -> bool {
+        let reason = s.final_reason.as_deref().unwrap_or("");
+        s.final_phase == self.phase
+            && self.weight.is_none_or(|w| s.final_weight == Some(w))
+            && (self.reason_mentions.is_empty()
+                || self
+                    .reason_mentions
+                    .iter()
+                    .any(|m| reason.contains(m.as_str())))
+    }
+}
+
+/// Where the time from fault to "no more users on the treatment" went. Unix seconds for
+/// moments, seconds for spans.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RollbackTiming {
+    pub fault_at: f64,
+    /// The controller's rollback decision (audit log).
+    pub decided_at: Option<f64>,
+    /// The controller saw Envoy's ECDS counter confirm weight 0 (audit log).
+    pub confirmed_at: Option<f64>,
+    /// Envoy's counter of requests to the treatment's cluster was last seen growing (polled
+    /// every `probe_every_secs`): Envoy stopped routing users to the treatment.
+    pub envoy_last_routed_at: Option<f64>,
+    pub probe_every_secs: Option<f64>,
+    /// The treatment's upstream received its last request (cross-check of the above).
+    pub upstream_last_request_at: Option<f64>,
+    /// Fault → decision: detection (evidence, the evaluation interval, sustained breach).
+    pub detection_secs: Option<f64>,
+    /// Decision → Envoy's last request to the treatment: render, file write, Envoy's reload.
+    pub decision_to_envoy_secs: Option<f64>,
+    /// Decision → the controller's confirmation (it polls Envoy's ECDS counters).
+    pub decision_to_confirmation_secs: Option<f64>,
+    /// Fault → Envoy's last request to the treatment: the time to rollback.
+    pub fault_to_zero_traffic_secs: Option<f64>,
 }
 
 /// Per-variant figures over the whole run (from Envoy's counters).
@@ -162,6 +214,15 @@ pub struct Summary {
     pub time_to_rollback_decision_secs: Option<f64>,
     /// Fault switched on → Envoy confirms weight 0.
     pub time_to_rollback_secs: Option<f64>,
+    /// Fault switched on → Envoy's last request to the treatment, from the proxy's counters.
+    #[serde(default)]
+    pub time_to_zero_traffic_secs: Option<f64>,
+    /// The parts of the time to rollback, when the run was rolled back after a fault.
+    #[serde(default)]
+    pub rollback: Option<RollbackTiming>,
+    /// Whether the run ended as the scenario expects; `None` without an expectation.
+    #[serde(default)]
+    pub as_expected: Option<bool>,
     pub decisions: Vec<DecisionSummary>,
     pub variants: BTreeMap<String, VariantSummary>,
     pub users: Option<Tallies>,
@@ -194,8 +255,36 @@ pub fn summarize(input: &ReportInput) -> Summary {
     let envoy = points_with_envoy(s);
     let last_rollout = s.points.iter().rev().find_map(|p| p.rollout.as_ref());
     let last_decision = input.audit.iter().rev().find(|a| a.record == "decision");
-    let (final_phase, final_weight, final_reason) = match last_rollout {
-        Some(r) => (
+    // A promotion or rollback is final, and the controller may exit before the recorder
+    // reads its status again: the audit log has the last word then.
+    let final_decision = input.audit.iter().rev().find(|a| {
+        a.record == "decision" && matches!(a.kind.as_deref(), Some("promoted" | "rolled_back"))
+    });
+    let (final_phase, final_weight, final_reason) = match (final_decision, last_rollout) {
+        (Some(d), r)
+            if r.is_none_or(|r| !matches!(r.phase.as_str(), "promoted" | "rolled_back")) =>
+        {
+            // The weight Envoy confirmed last (the daemon records a push when Envoy confirms
+            // it, which for a rollback is before the decision's own record), else the one at
+            // the decision.
+            let confirmed = input
+                .audit
+                .iter()
+                .rev()
+                .find(|a| a.record == "push")
+                .and_then(|p| p.weight);
+            let message = d.message.clone().map(|m| {
+                m.strip_prefix("rolled back: ")
+                    .map(str::to_string)
+                    .unwrap_or(m)
+            });
+            (
+                d.kind.clone().unwrap_or_default(),
+                confirmed.or(d.weight),
+                message,
+            )
+        }
+        (_, Some(r)) => (
             r.phase.clone(),
             Some(r.weight),
             r.rolled_back_reason
@@ -204,7 +293,7 @@ pub fn summarize(input: &ReportInput) -> Summary {
                 .or_else(|| last_decision.and_then(|d| d.message.clone()))
                 .or_else(|| r.reason.clone()),
         ),
-        None => match last_decision {
+        (_, None) => match last_decision {
             Some(d) => (
                 d.kind.clone().unwrap_or_default(),
                 d.weight,
@@ -225,6 +314,35 @@ pub fn summarize(input: &ReportInput) -> Summary {
             a.record == "decision" && a.at >= f && a.kind.as_deref() == Some("rolled_back")
         })
     });
+
+    // The daemon writes a push record when Envoy confirms it, with the time since the decision,
+    // and the decision's own record after the push: the decision moment is the push's.
+    let decided_at = rollback_decision.map(|d| {
+        rollback_push
+            .and_then(|p| Some(p.at - p.decision_to_confirmation_secs?))
+            .map_or(d.at, |at| at.min(d.at))
+    });
+    let rollback = s
+        .fault_injected_at
+        .zip(decided_at)
+        .map(|(fault_at, decided)| {
+            let routing = s.treatment_routing.as_ref();
+            let envoy_last = routing.and_then(|r| r.last_increase_seen_at);
+            let confirmed_at = rollback_push.map(|p| p.at);
+            RollbackTiming {
+                fault_at,
+                decided_at: Some(decided),
+                confirmed_at,
+                envoy_last_routed_at: envoy_last,
+                probe_every_secs: routing.map(|r| r.every_secs),
+                upstream_last_request_at: s.treatment_last_arrival_at,
+                detection_secs: Some(decided - fault_at),
+                decision_to_envoy_secs: envoy_last.map(|e| e - decided),
+                decision_to_confirmation_secs: rollback_push
+                    .and_then(|p| p.decision_to_confirmation_secs),
+                fault_to_zero_traffic_secs: envoy_last.map(|e| e - fault_at),
+            }
+        });
 
     let mut variants = BTreeMap::new();
     if let Some((_, last)) = envoy.last() {
@@ -251,7 +369,7 @@ pub fn summarize(input: &ReportInput) -> Summary {
         }
     }
 
-    Summary {
+    let mut summary = Summary {
         experiment: s.experiment.clone(),
         scenario: s.scenario.clone(),
         expected: input.expected.clone(),
@@ -261,12 +379,13 @@ pub fn summarize(input: &ReportInput) -> Summary {
         started_at: s.started_at,
         duration_secs: s.points.last().map_or(0.0, |p| p.t),
         fault_injected_at: s.fault_injected_at,
-        time_to_rollback_decision_secs: rollback_decision
-            .zip(s.fault_injected_at)
-            .map(|(d, f)| d.at - f),
+        time_to_rollback_decision_secs: decided_at.zip(s.fault_injected_at).map(|(d, f)| d - f),
         time_to_rollback_secs: rollback_push
             .zip(s.fault_injected_at)
             .map(|(p, f)| p.at - f),
+        time_to_zero_traffic_secs: rollback.as_ref().and_then(|r| r.fault_to_zero_traffic_secs),
+        rollback,
+        as_expected: None,
         decisions: input
             .audit
             .iter()
@@ -282,7 +401,9 @@ pub fn summarize(input: &ReportInput) -> Summary {
             .collect(),
         variants,
         users: input.users.clone(),
-    }
+    };
+    summary.as_expected = input.expectation.as_ref().map(|e| e.met_by(&summary));
+    summary
 }
 
 /// The one-screen text summary printed at the end of a run.
@@ -307,9 +428,33 @@ pub fn summary_text(s: &Summary) -> String {
             .unwrap_or_default()
     );
     if let Some(e) = &s.expected {
-        let _ = writeln!(out, "expected: {e}");
+        let check = match s.as_expected {
+            Some(true) => "  ✔ as expected",
+            Some(false) => "  ✘ NOT as expected",
+            None => "",
+        };
+        let _ = writeln!(out, "expected: {e}{check}");
     }
-    if let Some(t) = s.time_to_rollback_secs {
+    if let Some(r) = s
+        .rollback
+        .as_ref()
+        .filter(|r| r.envoy_last_routed_at.is_some())
+    {
+        let secs = |x: Option<f64>| x.map_or("?".to_string(), |x| format!("{x:.2} s"));
+        let _ = writeln!(
+            out,
+            "time to rollback (fault → Envoy's last request to the canary): {}",
+            secs(r.fault_to_zero_traffic_secs)
+        );
+        let _ = writeln!(
+            out,
+            "  = detection {} (fault → rollback decision) + {} (decision → Envoy stops routing); \
+             controller saw the push confirmed {} after deciding",
+            secs(r.detection_secs),
+            secs(r.decision_to_envoy_secs),
+            secs(r.decision_to_confirmation_secs),
+        );
+    } else if let Some(t) = s.time_to_rollback_secs {
         let _ = writeln!(
             out,
             "time from fault to weight 0 confirmed by Envoy: {t:.1} s{}",
@@ -317,6 +462,9 @@ pub fn summary_text(s: &Summary) -> String {
                 .map(|d| format!(" (decision after {d:.1} s)"))
                 .unwrap_or_default()
         );
+    }
+    if srm_halt(s) {
+        let _ = writeln!(out, "{SRM_NOTE}");
     }
     let _ = writeln!(
         out,
@@ -347,7 +495,15 @@ pub fn summary_text(s: &Summary) -> String {
         .collect();
     if !decisions.is_empty() {
         let _ = writeln!(out, "decisions:");
-        for d in decisions {
+        // A hold whose reason carries live numbers is re-announced at every evaluation; one
+        // line per run of the same hold keeps the summary on one screen.
+        let mut i = 0;
+        while i < decisions.len() {
+            let d = decisions[i];
+            let same = decisions[i + 1..]
+                .iter()
+                .take_while(|e| e.kind == d.kind && hold_key(e) == hold_key(d))
+                .count();
             let _ = writeln!(
                 out,
                 "  {:>6.1}s  {:<14} {}",
@@ -355,9 +511,39 @@ pub fn summary_text(s: &Summary) -> String {
                 d.kind.as_deref().unwrap_or("-"),
                 d.message.as_deref().unwrap_or("")
             );
+            if same > 0 && hold_key(d).is_some() {
+                let last = decisions[i + same];
+                let _ = writeln!(
+                    out,
+                    "  {:>6.1}s  {:<14} … the same hold {same} more time(s), numbers updated",
+                    last.t, "held"
+                );
+                i += same;
+            }
+            i += 1;
         }
     }
     out
+}
+
+/// Why the per-variant figures of a run halted on SRM must not be read as a comparison.
+const SRM_NOTE: &str = "note: the split does not match the weights, so the per-variant figures \
+below are biased (in the demo, requests that lost their user id were counted for the control \
+while their users' clicks still count for the canary); that bias is why the rollout halts";
+
+fn srm_halt(s: &Summary) -> bool {
+    s.final_reason
+        .as_deref()
+        .is_some_and(|r| r.contains("sample-ratio mismatch"))
+}
+
+/// For a `held` decision, the guardrail it names (`holding: srm: …` → `srm`).
+fn hold_key(d: &DecisionSummary) -> Option<&str> {
+    if d.kind.as_deref() != Some("held") {
+        return None;
+    }
+    let rest = d.message.as_deref()?.strip_prefix("holding: ")?;
+    rest.split(':').next()
 }
 
 /// Where [`write`] put things.
@@ -1019,7 +1205,37 @@ pub fn render_html(input: &ReportInput, summary: &Summary) -> String {
     if let Some(e) = &summary.expected {
         let _ = write!(h, "<p>Expected: {}.</p>", esc(e));
     }
-    if let Some(t) = summary.time_to_rollback_secs {
+    if srm_halt(summary) {
+        let _ = write!(h, "<p>{}</p>", esc(SRM_NOTE.trim_start_matches("note: ")));
+    }
+    match summary.as_expected {
+        Some(true) => h.push_str(
+            "<p class=\"verdict promoted\">✔ The run ended as this scenario expects.</p>",
+        ),
+        Some(false) => h.push_str(
+            "<p class=\"verdict rolled_back\">✘ The run did not end as this scenario expects.</p>",
+        ),
+        None => {}
+    }
+    if let Some(r) = summary
+        .rollback
+        .as_ref()
+        .filter(|r| r.envoy_last_routed_at.is_some())
+    {
+        let secs = |x: Option<f64>| x.map_or("?".to_string(), |x| format!("{x:.2} s"));
+        let _ = write!(
+            h,
+            "<p>Time to rollback, from fault injection to Envoy's last request to the treatment \
+             (its <code>upstream_rq_total</code> counter, polled every {}): <b>{}</b> = detection \
+             {} (fault → rollback decision) + {} (decision → Envoy stops routing). The controller \
+             saw Envoy confirm the push {} after deciding.</p>",
+            secs(r.probe_every_secs),
+            secs(r.fault_to_zero_traffic_secs),
+            secs(r.detection_secs),
+            secs(r.decision_to_envoy_secs),
+            secs(r.decision_to_confirmation_secs),
+        );
+    } else if let Some(t) = summary.time_to_rollback_secs {
         let _ = write!(
             h,
             "<p>From fault injection to Envoy confirming weight 0: <b>{t:.1} s</b>{}.</p>",
@@ -1214,6 +1430,14 @@ mod tests {
                 }),
                 ..Point::default()
             }],
+            treatment_routing: Some(crate::recorder::Routing {
+                every_secs: 0.05,
+                requests: 500.0,
+                last_increase_seen_at: Some(134.6),
+                previous_poll_at: Some(134.55),
+                polls: 700,
+                failed_polls: 0,
+            }),
             ..Series::default()
         };
         let audit = vec![
@@ -1245,15 +1469,31 @@ mod tests {
                 decision_to_confirmation_secs: Some(1.5),
             },
         ];
+        let expect = |phase: &str, mentions: &[&str]| Expectation {
+            phase: phase.into(),
+            weight: None,
+            reason_mentions: mentions.iter().map(|m| m.to_string()).collect(),
+        };
         let s = summarize(&ReportInput {
             series,
             audit,
             users: None,
             expected: None,
+            expectation: Some(expect("rolled_back", &["latency", "5xx"])),
         });
         assert_eq!(s.final_phase, "rolled_back");
         assert_eq!(s.final_reason.as_deref(), Some("5xx"));
         assert_eq!(s.time_to_rollback_decision_secs, Some(4.0));
         assert_eq!(s.time_to_rollback_secs, Some(5.5));
+        assert_eq!(s.as_expected, Some(true));
+        let r = s.rollback.clone().unwrap_or_default();
+        assert_eq!(r.detection_secs, Some(4.0));
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(r.decision_to_envoy_secs, 0.6), "{r:?}");
+        assert!(close(s.time_to_zero_traffic_secs, 4.6), "{s:?}");
+        assert_eq!(r.decision_to_confirmation_secs, Some(1.5));
+        assert!(!expect("rolled_back", &["latency"]).met_by(&s));
+        assert!(!expect("promoted", &[]).met_by(&s));
+        assert!(summary_text(&s).contains("time to rollback"));
     }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::models::{Behaviour, Role};
+use crate::report::Expectation;
 
 /// A scenario, chosen with `--scenario`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -59,6 +60,44 @@ impl Scenario {
             Scenario::Drift => "rolled back: canary prediction distribution drifted",
             Scenario::Srm => "halted: observed split does not match the weights (SRM)",
         }
+    }
+
+    /// The end state, checkable: final phase, weight, and the guardrails the reason must name.
+    pub fn expectation(self) -> Expectation {
+        let rolled_back = |mentions: &[&str]| Expectation {
+            phase: "rolled_back".into(),
+            weight: Some(0.0),
+            reason_mentions: mentions.iter().map(|m| m.to_string()).collect(),
+        };
+        match self {
+            Scenario::Good => Expectation {
+                phase: "promoted".into(),
+                weight: Some(100.0),
+                reason_mentions: Vec::new(),
+            },
+            Scenario::ErrorSpike => rolled_back(&["error_rate", "error_ceiling"]),
+            Scenario::Latency => rolled_back(&["latency_p"]),
+            Scenario::ConversionDrop => rolled_back(&["click_per_request"]),
+            Scenario::Drift => rolled_back(&["prediction_drift"]),
+            // A halt holds the stage (the rollout stays in `canary`) until someone looks.
+            Scenario::Srm => Expectation {
+                phase: "canary".into(),
+                weight: None,
+                reason_mentions: vec!["sample-ratio mismatch".into()],
+            },
+        }
+    }
+
+    /// Every scenario, in the order the demo lists them.
+    pub fn all() -> [Scenario; 6] {
+        [
+            Scenario::Good,
+            Scenario::ErrorSpike,
+            Scenario::Latency,
+            Scenario::ConversionDrop,
+            Scenario::Drift,
+            Scenario::Srm,
+        ]
     }
 
     /// True if the controller should end with the canary at 100 %.

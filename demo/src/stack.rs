@@ -75,6 +75,29 @@ impl Ports {
         }
     }
 
+    /// Six ports in the order listener, admin, stable, canary, shadow, controller, separated
+    /// by commas (as `--ports` takes them).
+    pub fn parse(text: &str) -> Result<Ports, String> {
+        let ports: Vec<u16> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let [listener, admin, stable, canary, shadow, controller] = ports[..] else {
+            return Err(format!(
+                "give six ports (listener,admin,stable,canary,shadow,controller), got {}",
+                ports.len()
+            ));
+        };
+        Ok(Ports {
+            listener,
+            admin,
+            stable,
+            canary,
+            shadow,
+            controller,
+        })
+    }
+
     pub fn listener_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.listener)
     }
@@ -379,8 +402,54 @@ fn secs(d: Duration) -> String {
     }
 }
 
-/// The rollout spec for the demo (`docs/rollout.md`), as YAML. The experiment is embedded as
-/// JSON, which YAML accepts as a flow mapping. `guardrails` is left to the judge's defaults.
+/// The judge's configuration for the demo (`docs/statistics.md`), tuned to its scale: a few
+/// hundred requests per second and stages of a dozen seconds, where the defaults (tuned for
+/// hours of traffic, see `sluice plan`) could neither promote nor roll back within the run.
+///
+/// - `promotion: noBreach`: a 10-second stage proves nothing within the default margins, so a
+///   stage passes once it has [`MIN_REQUESTS`] per variant and no guardrail is breached. The
+///   harm side is unchanged: always-valid tests at α = 1 % over the whole rollout, Holm across
+///   the statistical guardrails, a breach sustained over 2 consecutive evaluations (the
+///   default is 3; the false-rollback bound holds for any number, more only adds delay).
+/// - Margins are the effects the demo's faults are sized for; they tune each test's mixture
+///   (a mixture tuned for a tiny effect is slow to flag a large one):
+///   errors +1 point, slow shares +20 % (p50) and +1 point (p99), clicks −20 %.
+/// - Hard gates that act at once, on this stage's canary alone: 5xx share at most 2 % (ten
+///   times the models' normal 0.2 %) and a p99 SLO of 400 ms.
+/// - Drift is critical (a drifting model rolls back) and judged on at least [`MIN_REQUESTS`]
+///   predictions per variant. PSI is off: it has no allowance for sampling noise, and with 60
+///   predictions in 20 buckets its value under no drift is already about 0.3. The KS distance
+///   (beyond its DKW noise band) and the mean shift (beyond ±25 %) catch a shifted model.
+/// - SRM halts at e ≥ 1000 (`srm.alpha` 0.001), the default.
+pub fn guardrails_json() -> serde_json::Value {
+    serde_json::json!({
+        "alpha": 0.01,
+        "consecutive": 2,
+        "minRequests": MIN_REQUESTS,
+        "promotion": "noBreach",
+        "errorRate": {"margin": {"relative": 0.5, "absolute": 0.01}, "ceiling": 0.02},
+        "latency": {"quantiles": [
+            {"quantile": 0.5, "margin": {"relative": 0.2}},
+            {"quantile": 0.99, "margin": {"relative": 0.5, "absolute": 0.005}, "sloMs": 400},
+        ]},
+        "business": [{"outcome": "click", "margin": {"relative": 0.2}}],
+        "drift": {
+            "critical": true,
+            "minCount": MIN_REQUESTS,
+            "maxPsi": null,
+            "maxKs": 0.1,
+            "maxMeanShift": 0.25,
+        },
+        "srm": {"alpha": 0.001},
+    })
+}
+
+/// Requests (and predictions) per variant a stage needs before it can pass. At the default
+/// 300 requests per second the 1 % stage gathers them in about 20 s.
+pub const MIN_REQUESTS: u64 = 60;
+
+/// The rollout spec for the demo (`docs/rollout.md`), as YAML. The experiment and the
+/// guardrails ([`guardrails_json`]) are embedded as JSON, which YAML accepts as flow mappings.
 pub fn rollout_spec(run: &RunDir, schedule: &Schedule) -> String {
     let admin = run.ports.admin_url();
     let stages: Vec<String> = schedule.stages.iter().map(|w| format!("{w}")).collect();
@@ -401,9 +470,10 @@ pub fn rollout_spec(run: &RunDir, schedule: &Schedule) -> String {
         spec.push_str(&format!("  shadow: {{duration: {}}}\n", secs(d)));
     }
     spec.push_str(&format!(
-        "  guardrails: {{}}\n\
+        "  guardrails: {guardrails}\n\
          \x20 sources:\n    - envoyAdmin: {{endpoints: [\"{admin}\"], timeout: 2s}}\n\
          \x20 sinks:\n    - ecdsFile:\n        path: {path}\n        resource: sluice\n        wasm: {{filename: {wasm}}}\n        proxies: [\"{admin}\"]\n        confirmWithin: 10s\n",
+        guardrails = guardrails_json(),
         path = serde_json::Value::String(run.ecds_file.display().to_string()),
         wasm = serde_json::Value::String(run.wasm.display().to_string()),
     ));
@@ -494,6 +564,14 @@ impl Drop for EnvoyProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_parse_in_order() {
+        let p = Ports::parse("1,2,3,4,5,6").unwrap_or_default();
+        assert_eq!((p.listener, p.admin, p.canary, p.controller), (1, 2, 4, 6));
+        assert!(Ports::parse("1,2,3").is_err());
+        assert!(Ports::parse("1,2,3,4,5,x").is_err());
+    }
 
     #[test]
     fn ports_are_rewritten_exactly() {

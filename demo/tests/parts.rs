@@ -361,6 +361,7 @@ fn synthetic_series() -> Series {
         started_at: 1000.0,
         fault_injected_at: Some(1004.0),
         points,
+        ..Series::default()
     }
 }
 
@@ -382,6 +383,7 @@ fn report_renders_plots_decisions_and_summary() -> anyhow::Result<()> {
         audit,
         users: None,
         expected: Some("rolled back".into()),
+        expectation: None,
     };
     let written = report::write(dir.path(), &input)?;
     let html = std::fs::read_to_string(&written.html)?;
