@@ -227,6 +227,26 @@ pub fn metrics(all: &[Status]) -> String {
         all.iter().map(|s| (r(s), s.scrape_errors as f64)).collect(),
     );
     family(
+        "sluice_rollout_observed_requests_total",
+        "counter",
+        "Requests per variant the proxies counted since the daemon started.",
+        all.iter()
+            .flat_map(|s| {
+                s.observed_requests
+                    .iter()
+                    .map(move |(v, n)| (format!("{},variant=\"{v}\"", r(s)), *n as f64))
+            })
+            .collect(),
+    );
+    family(
+        "sluice_rollout_proxy_restarts_total",
+        "counter",
+        "Proxy restarts (counters going down) seen since the daemon started.",
+        all.iter()
+            .map(|s| (r(s), s.proxy_restarts as f64))
+            .collect(),
+    );
+    family(
         "sluice_rollout_push_errors_total",
         "counter",
         "Pushes that failed or were rejected.",

@@ -127,6 +127,19 @@ impl Sink for AnySink {
     }
 }
 
+/// `sluice_requests_total` of `experiment` per variant.
+fn observed_requests(reading: &Reading, experiment: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in &reading.series {
+        if k.name == "sluice_requests_total" && k.label("experiment") == Some(experiment) {
+            if let Some(variant) = k.label("variant") {
+                *out.entry(variant.to_string()).or_insert(0) += *v as u64;
+            }
+        }
+    }
+    out
+}
+
 /// What the judge needs to know besides the counters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Context {
@@ -176,6 +189,11 @@ pub struct Status {
     pub last_evaluated_at: Option<f64>,
     pub scrape_errors: u64,
     pub push_errors: u64,
+    /// Requests per variant the proxies counted since this daemon started, summed over
+    /// proxies and across their restarts (the judge's evidence is a subset: after warm-ups).
+    pub observed_requests: BTreeMap<String, u64>,
+    /// Proxy restarts (counters going down) seen since this daemon started.
+    pub proxy_restarts: u64,
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,
     pub events: Vec<EventRecord>,
@@ -249,6 +267,8 @@ where
             last_evaluated_at: None,
             scrape_errors: 0,
             push_errors: 0,
+            observed_requests: BTreeMap::new(),
+            proxy_restarts: 0,
             last_push_latency_secs: None,
             events: Vec::new(),
         };
@@ -323,6 +343,8 @@ where
             }
         }
         self.task.store.save(&self.state)?;
+        // The last notices (promoted, rolled back) must not die with the process.
+        self.task.notifier.flush().await;
         Ok(self.state)
     }
 
@@ -410,6 +432,8 @@ where
         let (assessment, data_at) = match scraped {
             Ok(scrapes) => {
                 let reading = self.accumulator.add(SystemTime::now(), &scrapes);
+                self.status.observed_requests = observed_requests(&reading, &experiment);
+                self.status.proxy_restarts = reading.restarts.values().sum();
                 let ctx = Context {
                     experiment,
                     control: control_of(&self.task.checked),

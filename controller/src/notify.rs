@@ -2,6 +2,7 @@
 //! changes, holds, rollbacks and promotion. Delivery is best effort with a short timeout: a
 //! dead webhook must never slow a rollback down.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -30,11 +31,16 @@ impl Notice {
     }
 }
 
+/// How long a webhook may take; also the bound on [`Notifier::flush`].
+const TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The configured webhooks.
 #[derive(Debug, Clone)]
 pub struct Notifier {
     hooks: Vec<(String, WebhookFormat)>,
     http: reqwest::Client,
+    /// Deliveries still under way.
+    in_flight: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Notifier {
@@ -45,10 +51,25 @@ impl Notifier {
                 .map(|NotificationSpec::Webhook(w)| (w.url.clone(), w.format))
                 .collect(),
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(3))
+                .timeout(TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Waits (at most [`TIMEOUT`]) for deliveries under way, e.g. before the process exits.
+    pub async fn flush(&self) {
+        let pending = match self.in_flight.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => return,
+        };
+        let _ = tokio::time::timeout(TIMEOUT, async {
+            for h in pending {
+                let _ = h.await;
+            }
+        })
+        .await;
     }
 
     /// Sends `notice` to every hook in the background; failures are logged.
@@ -64,7 +85,7 @@ impl Notifier {
                 continue;
             };
             let http = self.http.clone();
-            tokio::spawn(async move {
+            let delivery = tokio::spawn(async move {
                 let sent = http
                     .post(&url)
                     .header("content-type", "application/json")
@@ -79,6 +100,10 @@ impl Notifier {
                     Err(e) => tracing::warn!(%url, error = %e, "webhook unreachable"),
                 }
             });
+            if let Ok(mut v) = self.in_flight.lock() {
+                v.retain(|h| !h.is_finished());
+                v.push(delivery);
+            }
         }
     }
 }

@@ -406,9 +406,14 @@ fn push(state: &mut State, _plan: &Plan, weight: f64, now: f64, fx: &mut Vec<Eff
     });
 }
 
+/// Holds with `reason`. The status always shows the latest reason, but an event (and so a
+/// notification) comes only when the hold starts or its cause — the reason up to the first
+/// `:`, e.g. `no data` — changes: stale data getting a second older is not news.
 fn hold(state: &mut State, reason: &str, fx: &mut Vec<Effect>) {
-    if state.hold.as_deref() != Some(reason) {
-        state.hold = Some(reason.to_string());
+    let cause = |r: &str| r.split(':').next().unwrap_or_default().trim().to_string();
+    let news = state.hold.as_deref().map(cause) != Some(cause(reason));
+    state.hold = Some(reason.to_string());
+    if news {
         fx.push(Effect::Event {
             kind: EventKind::Held,
             message: format!("holding: {reason}"),

@@ -214,32 +214,13 @@ impl EnvoyConfig {
 
     /// Starts Envoy and waits until it is ready.
     pub async fn start(self) -> Result<Envoy> {
-        let envoy = envoy_bin()?;
         let dir = tempfile::Builder::new()
             .prefix("sluice-envoy-")
             .tempdir()
             .map_err(io("creating temp dir"))?;
         let (config, ports, ecds_dir) = self.render_into(dir.path())?;
         let log_path = dir.path().join("envoy.log");
-        let admin_path = dir.path().join("admin-address");
-        let log = fs::File::create(&log_path).map_err(io("creating envoy.log"))?;
-        let log2 = log.try_clone().map_err(io("cloning log handle"))?;
-        let child = Command::new(&envoy)
-            .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", &self.concurrency.to_string()])
-            .args(["-l", &self.log_level])
-            .arg("--disable-hot-restart")
-            .args(["--base-id", &unique_base_id().to_string()])
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .args(&self.args)
-            .current_dir(repo_root())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(io(format!("starting {}", envoy.display())))?;
+        let child = self.spawn(&config, dir.path(), &log_path)?;
         let mut envoy = Envoy {
             child,
             dir,
@@ -248,11 +229,43 @@ impl EnvoyConfig {
             ports,
             ecds_dir,
             admin: None,
+            launch: self,
         };
-        envoy.wait_ready(&admin_path, self.ready_timeout).await?;
+        envoy.wait_ready().await?;
         Ok(envoy)
     }
+
+    /// Spawns Envoy on the rendered `config`; its log is appended to `log_path`.
+    fn spawn(&self, config: &Path, dir: &Path, log_path: &Path) -> Result<Child> {
+        let envoy = envoy_bin()?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(io("opening envoy.log"))?;
+        let log2 = log.try_clone().map_err(io("cloning log handle"))?;
+        let _ = fs::remove_file(dir.join(ADMIN_ADDRESS_FILE));
+        Command::new(&envoy)
+            .arg("-c")
+            .arg(config)
+            .args(["--concurrency", &self.concurrency.to_string()])
+            .args(["-l", &self.log_level])
+            .arg("--disable-hot-restart")
+            .args(["--base-id", &unique_base_id().to_string()])
+            .arg("--admin-address-path")
+            .arg(dir.join(ADMIN_ADDRESS_FILE))
+            .args(&self.args)
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io(format!("starting {}", envoy.display())))
+    }
 }
+
+/// Where Envoy writes its admin address once the admin listener is bound.
+const ADMIN_ADDRESS_FILE: &str = "admin-address";
 
 /// Validates a YAML file (path relative to the repository root) with the standard rewriting.
 pub fn validate(yaml: impl AsRef<Path>) -> Result<()> {
@@ -268,10 +281,27 @@ pub struct Envoy {
     ports: BTreeMap<u16, u16>,
     ecds_dir: Option<PathBuf>,
     admin: Option<Admin>,
+    /// How it was started, for [`Envoy::restart`].
+    launch: EnvoyConfig,
 }
 
 impl Envoy {
-    async fn wait_ready(&mut self, admin_path: &Path, timeout: Duration) -> Result<()> {
+    /// Kills Envoy (SIGKILL) and starts it again with the same config, ports and ECDS
+    /// directory — whatever was last pushed there is what the new process loads. All of its
+    /// counters start from zero.
+    pub async fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.admin = None;
+        self.child = self
+            .launch
+            .spawn(&self.config, self.dir.path(), &self.log_path)?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let admin_path = self.dir.path().join(ADMIN_ADDRESS_FILE);
+        let timeout = self.launch.ready_timeout;
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().map_err(io("polling envoy"))? {
@@ -282,7 +312,7 @@ impl Envoy {
             }
             if self.admin.is_none() {
                 // Envoy writes the file once its admin listener is bound.
-                if let Ok(text) = fs::read_to_string(admin_path) {
+                if let Ok(text) = fs::read_to_string(&admin_path) {
                     if let Ok(addr) = text.trim().parse::<SocketAddr>() {
                         self.admin = Some(Admin::new(addr));
                     }

@@ -38,31 +38,29 @@ impl Prometheus {
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: envoy\n    metrics_path: /stats/prometheus\n    static_configs:\n      - targets: [{list}]\n"
         );
-        let config_path = dir.path().join("prometheus.yml");
-        std::fs::write(&config_path, config).map_err(io("writing prometheus.yml"))?;
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))
-            .map_err(io("creating prometheus.log"))?;
-        let log_err = log.try_clone().map_err(io("cloning the log handle"))?;
-        let child = Command::new(prometheus_bin())
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| Error::Io {
-                context: format!(
-                    "starting {} (install it with scripts/setup.sh)",
-                    prometheus_bin().display()
-                ),
-                source: e,
-            })?;
-        let p = Prometheus { child, port, dir };
-        let url = format!("{}/-/ready", p.url());
+        std::fs::write(dir.path().join("prometheus.yml"), config)
+            .map_err(io("writing prometheus.yml"))?;
+        let child = spawn(dir.path(), port)?;
+        let mut p = Prometheus { child, port, dir };
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    /// Kills Prometheus (SIGKILL): its HTTP API is gone until [`Prometheus::resume`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts Prometheus again after [`Prometheus::kill`], on the same port and data.
+    pub async fn resume(&mut self) -> Result<()> {
+        self.kill();
+        self.child = spawn(self.dir.path(), self.port)?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let url = format!("{}/-/ready", self.url());
         wait_until(Duration::from_secs(30), "prometheus ready", || {
             let url = url.clone();
             async move {
@@ -72,8 +70,7 @@ impl Prometheus {
                     .is_ok_and(|r| r.status == 200)
             }
         })
-        .await?;
-        Ok(p)
+        .await
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -85,6 +82,37 @@ impl Prometheus {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
+}
+
+/// Starts Prometheus on `dir`'s `prometheus.yml`, keeping its data and log in `dir`.
+fn spawn(dir: &std::path::Path, port: u16) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("prometheus.log"))
+        .map_err(io("opening prometheus.log"))?;
+    let log_err = log.try_clone().map_err(io("cloning the log handle"))?;
+    Command::new(prometheus_bin())
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| Error::Io {
+            context: format!(
+                "starting {} (install it with scripts/setup.sh)",
+                prometheus_bin().display()
+            ),
+            source: e,
+        })
 }
 
 impl Drop for Prometheus {

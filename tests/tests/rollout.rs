@@ -88,14 +88,19 @@ impl Traffic {
 /// The guardrails used by these tests: a few hundred canary requests per 4 s stage prove
 /// nothing at the default margins (see `sluice plan`), so stages promote when enough data shows
 /// no breach; a 25 % error rate is still a breach within seconds. Latency is judged only against
-/// a loose SLO: on a shared 2-core machine two identical loopback upstreams differ by fractions
-/// of a millisecond for seconds at a time, which the default relative margins rightly see, and
-/// which is not what these tests are about.
+/// a loose SLO and wide margins: with tests running side by side on a 2-core machine, the p99 of
+/// two identical loopback upstreams was seen to differ by 2x for seconds at a time, which the
+/// default margins rightly flag, and which is not what these tests are about.
 fn guardrails() -> Value {
     json!({
         "promotion": "noBreach",
         "minRequests": 100,
-        "latency": {"quantiles": [{"quantile": 0.99, "margin": {"relative": 0.9, "absolute": 0.2}, "sloMs": 1000}]},
+        "latency": {"quantiles": [{
+            "quantile": 0.99,
+            "margin": {"relative": 0.9, "absolute": 0.2},
+            "tolerance": {"relative": 0.9, "absolute": 0.2},
+            "sloMs": 1000,
+        }]},
     })
 }
 
@@ -107,13 +112,23 @@ struct Run {
 
 impl Run {
     fn new(envoy: &Envoy, stages: Value, wasm: &str) -> anyhow::Result<Run> {
+        Run::with(envoy, stages, wasm, |_| {})
+    }
+
+    /// A rollout spec with the admin source and ECDS sink of `envoy`, changed by `tweak`.
+    fn with(
+        envoy: &Envoy,
+        stages: Value,
+        wasm: &str,
+        tweak: impl FnOnce(&mut Value),
+    ) -> anyhow::Result<Run> {
         let dir = tempfile::tempdir()?;
         let ecds = envoy
             .ecds_dir()
             .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
             .join("sluice.yaml");
         let admin = format!("http://{}", envoy.addr(ADMIN));
-        let spec = json!({
+        let mut spec = json!({
             "apiVersion": "sluice.dev/v1alpha1",
             "kind": "Rollout",
             "metadata": {"name": "r"},
@@ -137,6 +152,7 @@ impl Run {
                 }}],
             }
         });
+        tweak(&mut spec);
         let path = dir.path().join("rollout.yaml");
         std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
         Ok(Run {
@@ -181,6 +197,27 @@ impl Run {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
+    }
+
+    /// `sluice pause|resume|... r` through the daemon's endpoint.
+    async fn command(&self, action: &str) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}/rollouts/r/{action}", self.listen);
+        let r = HttpClient::new()
+            .send(hyper::Method::POST, &url, &[], Vec::<u8>::new())
+            .await?;
+        anyhow::ensure!((200..300).contains(&r.status), "{action}: {}", r.status);
+        Ok(())
+    }
+
+    /// Requests the daemon has seen counted, all variants, and proxy restarts it noticed.
+    async fn observed(&self) -> Option<(u64, u64)> {
+        let s = self.status().await?;
+        let total = s[0]["observed_requests"]
+            .as_object()?
+            .values()
+            .filter_map(Value::as_u64)
+            .sum();
+        Some((total, s[0]["proxy_restarts"].as_u64()?))
     }
 
     async fn status(&self) -> Option<Value> {
@@ -336,5 +373,165 @@ async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence
     assert!(!pushes.contains(&0.0), "{pushes:?}");
     // The 100 % push came only after a full warm-up and bake after the restart.
     assert!(killed_at.elapsed() >= Duration::from_secs(5));
+    Ok(())
+}
+
+/// Waits until the daemon's count of requests matches what the upstreams answered (to within
+/// a few requests lost to connection races) and it has seen `restarts` proxy restarts.
+async fn counts_agree(run: &Run, upstreams: impl Fn() -> u64, restarts: u64) -> anyhow::Result<()> {
+    let agrees = |(observed, seen): (u64, u64)| {
+        let sent = upstreams();
+        seen == restarts && observed.abs_diff(sent) <= 2 + sent / 500
+    };
+    let start = Instant::now();
+    loop {
+        let observed = run.observed().await;
+        if observed.is_some_and(&agrees) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            anyhow::bail!(
+                "the daemon saw (requests, restarts) = {observed:?}; the upstreams answered {} with {restarts} restart(s)\n{}",
+                upstreams(),
+                run.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let mut envoy = envoy(&stable, &canary).await?;
+    let url = envoy.url(LISTENER, "/predict");
+    let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
+    let mut child = run.start()?;
+    let traffic = Traffic::start(url.clone());
+    wait_until(Duration::from_secs(60), "the second stage", || async {
+        run.state()["weight"] == 50.0
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+    run.command("pause").await?;
+    traffic.stop().await;
+
+    // Every request the upstreams answered is in the daemon's count, before and after a
+    // restart that sets all of Envoy's counters back to zero.
+    let upstreams = || stable.count() + canary.count();
+    counts_agree(&run, upstreams, 0).await?;
+
+    envoy.restart().await?;
+    let canary_before = canary.count();
+    let total_before = upstreams();
+    let traffic = Traffic::start(url.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    traffic.stop().await;
+    counts_agree(&run, upstreams, 1).await?;
+    // The restarted Envoy loaded the last pushed configuration: still 50 %.
+    let share = (canary.count() - canary_before) as f64 / (upstreams() - total_before) as f64;
+    assert!(
+        (0.4..0.6).contains(&share),
+        "canary share {share} after the restart"
+    );
+
+    run.command("resume").await?;
+    let traffic = Traffic::start(url);
+    exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
+    traffic.stop().await;
+    assert_eq!(pushed_weights(&run), vec![10.0, 50.0, 100.0]);
+    Ok(())
+}
+
+/// Read through a real Prometheus that goes away mid-stage: the rollout holds on "no data"
+/// without moving the weight, and continues to promotion once Prometheus is back. Every event
+/// reaches the JSON and the Slack-form webhooks.
+#[tokio::test]
+async fn prometheus_down_holds_then_the_rollout_continues_and_webhooks_hear_of_it(
+) -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let hooks = Upstream::start("hooks", |_: &Request| Reply::ok()).await?;
+    let envoy = envoy(&stable, &canary).await?;
+    let mut prometheus = sluice_tests::Prometheus::start(&[envoy.addr(ADMIN)]).await?;
+    let hook = |path: &str| format!("http://{}{path}", hooks.addr());
+    let run = Run::with(&envoy, json!([10, 100]), &wasm()?, |spec| {
+        spec["spec"]["sources"] =
+            json!([{"prometheus": {"url": prometheus.url(), "maxAge": "4s"}}]);
+        spec["spec"]["notifications"] = json!([
+            {"webhook": {"url": hook("/json")}},
+            {"webhook": {"url": hook("/slack"), "format": "slack"}},
+        ]);
+    })?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let mut child = run.start()?;
+    wait_until(
+        Duration::from_secs(60),
+        "the first stage is judged on data",
+        || async {
+            run.status().await.is_some_and(|s| {
+                s[0]["state"]["weight"] == 10.0
+                    && s[0]["last_detail"]["stage_requests"]["canary"].as_u64() > Some(0)
+            })
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+
+    prometheus.kill();
+    wait_until(
+        Duration::from_secs(20),
+        "a hold on missing data",
+        || async {
+            run.status().await.is_some_and(|s| {
+                s[0]["state"]["hold"]
+                    .as_str()
+                    .is_some_and(|h| h.contains("no data"))
+            })
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+    // Held past the bake's end: no advance without fresh evidence.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(run.state()["weight"], 10.0, "{}", run.log());
+
+    prometheus.resume().await?;
+    exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
+    traffic.stop().await;
+    assert_eq!(pushed_weights(&run), vec![10.0, 100.0]);
+
+    // Notifications are sent in the background: give the last ones a moment.
+    let bodies = |path: &str, field: &str| -> Vec<String> {
+        hooks
+            .requests()
+            .iter()
+            .filter(|r| r.path == path)
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter_map(|v| v[field].as_str().map(str::to_string))
+            .collect()
+    };
+    let (mut kinds, mut texts) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        (kinds, texts) = (bodies("/json", "kind"), bodies("/slack", "text"));
+        if kinds.iter().any(|k| k == "promoted") && texts.len() == kinds.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for want in ["started", "held", "stage_changed", "promoted"] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "no {want} notice in {kinds:?}"
+        );
+    }
+    assert_eq!(texts.len(), kinds.len(), "{texts:?}");
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("rollout r") && t.contains("no data")),
+        "{texts:?}"
+    );
     Ok(())
 }

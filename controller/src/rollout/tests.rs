@@ -154,6 +154,53 @@ fn holds_on_bad_data_and_resumes_when_it_is_good() {
 }
 
 #[test]
+fn a_hold_is_announced_once_per_cause() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    let mut held_events = 0;
+    let reasons = [
+        "no data: newest data is 6.2s old",
+        "no data: newest data is 6.7s old",
+        "no data: source unreachable",
+        "SRM: canary share 12 % of 10 % expected",
+        "SRM: canary share 13 % of 10 % expected",
+    ];
+    for (i, reason) in reasons.iter().enumerate() {
+        let fx = step(
+            &mut s,
+            &p,
+            Input::Judged {
+                judgement: Judgement::Hold {
+                    reason: reason.to_string(),
+                },
+                data_at: 70.0 + i as f64,
+            },
+            80.0 + i as f64,
+        );
+        held_events += fx
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Event {
+                        kind: EventKind::Held,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(
+            s.hold.as_deref(),
+            Some(*reason),
+            "the status shows the latest reason"
+        );
+    }
+    assert_eq!(held_events, 2, "one for no data, one for SRM");
+}
+
+#[test]
 fn a_failed_push_holds_and_keeps_the_target() {
     let p = plan(None);
     let mut s = State::new("r", 0.0);

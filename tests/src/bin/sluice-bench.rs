@@ -2,11 +2,17 @@
 //!
 //! - `sluice-bench filter`: starts the benchmark upstream (`bench/envoy/upstream.yaml`) and one
 //!   measured Envoy per case — (a) `proxy-none.yaml`, (b) `proxy-noop.yaml`, (c)
-//!   `proxy-sluice.yaml` — each with `--concurrency 1`; then, for several rounds, drives each case
-//!   in turn (rotating the order) at a fixed request rate and records Envoy's CPU per request
-//!   (utime+stime from `/proc/<pid>/stat`) and latency percentiles. Prints the medians and their
-//!   ratios to case (a) as a Markdown table.
+//!   `proxy-sluice.yaml`, (d) `proxy-lua.yaml` (the same assignment in a Lua filter), (e)
+//!   `proxy-weighted.yaml` (Envoy's own `weighted_clusters` 90/10) — each with
+//!   `--concurrency 1`; then, for several rounds, drives each case in turn (rotating the order)
+//!   at a fixed request rate and records Envoy's CPU per request (schedstat, and utime+stime
+//!   from `/proc/<pid>/stat`) and latency percentiles. Prints the medians and their ratios to
+//!   case (a) as a Markdown table.
 //! - `sluice-bench load`: the load generator alone, against any URL.
+//! - `sluice-bench shadow`: the cost of shadowing every request, Sluice's shadow against Envoy's
+//!   native mirroring, and the primary's latency with a slow shadow (see [`shadow`]).
+//! - `sluice-bench controller`: the controller's CPU per tick and peak RSS with many simulated
+//!   Envoy admin endpoints and rollouts (see [`controller`]).
 //! - `sluice-bench burst`: one request from each of N distinct users (closed loop, bounded
 //!   concurrency) and the split of the answers by a response header — what `scripts/demo.sh`
 //!   shows.
@@ -30,6 +36,13 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 use sluice_tests::{noop_filter_wasm, Envoy, EnvoyConfig, HttpClient};
 
+// The modes beyond the filter benchmark live beside this file (a binary's root resolves plain
+// `mod` paths in src/bin/ itself, where Cargo would take every file for a binary of its own).
+#[path = "sluice-bench/controller.rs"]
+mod controller;
+#[path = "sluice-bench/shadow.rs"]
+mod shadow;
+
 #[derive(Parser)]
 #[command(about = "Sluice filter benchmark and open-loop load generator")]
 struct Cli {
@@ -39,12 +52,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compare Envoy CPU/request and latency: no filter, no-op wasm filter, Sluice filter.
+    /// Compare Envoy CPU/request and latency: no filter, no-op wasm filter, Sluice filter, the
+    /// same assignment in Lua, Envoy's weighted_clusters.
     Filter(FilterArgs),
     /// Send requests at a fixed rate to one URL and print latency percentiles.
     Load(LoadArgs),
     /// One request per distinct user; print how the answers split by a response header.
     Burst(BurstArgs),
+    /// Shadow every request: Sluice's shadow against Envoy's native mirroring (CPU, saturation
+    /// throughput) and the primary's latency with a 10x slower shadow.
+    Shadow(shadow::ShadowArgs),
+    /// Controller cost: CPU per tick and peak RSS with many simulated Envoys and rollouts.
+    Controller(controller::ControllerArgs),
+    /// (internal) The simulated Envoy admin endpoints of `controller`.
+    #[command(hide = true)]
+    ServeStats(controller::ServeArgs),
+    /// (internal) The controller side of `controller`, in its own process.
+    #[command(hide = true)]
+    ControllerRun(controller::RunArgs),
 }
 
 #[derive(Parser)]
@@ -103,28 +128,38 @@ struct FilterArgs {
     /// Seconds of unmeasured load before each measured run (connections, JIT, caches).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Cases to run, from: none, noop, sluice.
-    #[arg(long, value_delimiter = ',', default_value = "none,noop,sluice")]
+    /// Cases to run, from: none, noop, sluice, lua, weighted.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,noop,sluice,lua,weighted"
+    )]
     cases: Vec<String>,
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
     // One thread is plenty for a few thousand requests per second on loopback, and keeps the
     // generator's own CPU use on the core it is pinned to.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
-    match cli.command {
-        Cmd::Load(args) => runtime.block_on(async {
+    let current_thread = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the tokio runtime")
+    };
+    match Cli::parse().command {
+        Cmd::Load(args) => current_thread()?.block_on(async {
             let client = HttpClient::new().with_timeout(Duration::from_secs(5));
             let run = open_loop(&client, &args, "load").await?;
             println!("{}", run.summary());
             Ok(())
         }),
-        Cmd::Filter(args) => runtime.block_on(filter_bench(args)),
-        Cmd::Burst(args) => runtime.block_on(burst(args)),
+        Cmd::Filter(args) => current_thread()?.block_on(filter_bench(args)),
+        Cmd::Burst(args) => current_thread()?.block_on(burst(args)),
+        Cmd::Shadow(args) => current_thread()?.block_on(shadow::run(args)),
+        Cmd::Controller(args) => current_thread()?.block_on(controller::run(args)),
+        // These two build their own (multi-threaded) runtimes.
+        Cmd::ServeStats(args) => controller::serve(args),
+        Cmd::ControllerRun(args) => controller::controller_run(args),
     }
 }
 
@@ -381,11 +416,17 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
 
     let mut cases = Vec::new();
     for name in &args.cases {
-        let (label, file) = match name.as_str() {
-            "none" => ("(a) no filter", "bench/envoy/proxy-none.yaml"),
-            "noop" => ("(b) no-op wasm", "bench/envoy/proxy-noop.yaml"),
-            "sluice" => ("(c) Sluice", "bench/envoy/proxy-sluice.yaml"),
-            other => bail!("unknown case {other:?} (none, noop, sluice)"),
+        let (name, label, file): (&'static str, _, _) = match name.as_str() {
+            "none" => ("none", "(a) no filter", "bench/envoy/proxy-none.yaml"),
+            "noop" => ("noop", "(b) no-op wasm", "bench/envoy/proxy-noop.yaml"),
+            "sluice" => ("sluice", "(c) Sluice", "bench/envoy/proxy-sluice.yaml"),
+            "lua" => ("lua", "(d) Lua hash", "bench/envoy/proxy-lua.yaml"),
+            "weighted" => (
+                "weighted",
+                "(e) weighted_clusters",
+                "bench/envoy/proxy-weighted.yaml",
+            ),
+            other => bail!("unknown case {other:?} (none, noop, sluice, lua, weighted)"),
         };
         if name == "noop" {
             noop_filter_wasm()?;
@@ -412,11 +453,7 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
             envoy.port(10000)
         );
         cases.push(Case {
-            name: match name.as_str() {
-                "none" => "none",
-                "noop" => "noop",
-                _ => "sluice",
-            },
+            name,
             label,
             envoy,
             results: Vec::new(),
@@ -477,15 +514,33 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
         }
     }
 
-    // Sanity: the Sluice case must really have split traffic, or (c) measured nothing.
-    for case in cases.iter().filter(|c| c.name == "sluice") {
+    // Sanity: the Sluice case must really have split traffic, or (c) measured nothing; and every
+    // splitting case must have sent about 10 % to the canary cluster.
+    for case in &cases {
         let prom = case.envoy.admin().prometheus().await?;
-        let split = prom.by_label("sluice_requests_total", "variant", &[]);
-        eprintln!("[bench] Sluice split over the whole run: {split:?}");
-        if split.values().sum::<f64>() <= 0.0 {
+        if case.name == "sluice" {
+            let split = prom.by_label("sluice_requests_total", "variant", &[]);
+            eprintln!("[bench] Sluice split over the whole run: {split:?}");
+            if split.values().sum::<f64>() <= 0.0 {
+                bail!(
+                    "the Sluice filter counted no requests; is its config accepted?\n{}",
+                    case.envoy.log_tail(20)
+                );
+            }
+        }
+        let routed = prom.by_label("envoy_cluster_upstream_rq_total", "envoy_cluster_name", &[]);
+        let canary = routed.get("canary").copied().unwrap_or(0.0);
+        let share = canary / routed.values().sum::<f64>().max(1.0);
+        eprintln!(
+            "[bench] {}: routed {routed:?} ({:.1} % canary)",
+            case.label,
+            share * 100.0
+        );
+        if case.name != "none" && case.name != "noop" && !(0.08..0.12).contains(&share) {
             bail!(
-                "the Sluice filter counted no requests; is its config accepted?\n{}",
-                case.envoy.log_tail(20)
+                "{}: {:.1} % canary, expected 10 %",
+                case.label,
+                share * 100.0
             );
         }
     }
