@@ -199,14 +199,21 @@ impl Run {
         std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
     }
 
-    /// `sluice pause|resume|... r` through the daemon's endpoint.
-    async fn command(&self, action: &str) -> anyhow::Result<()> {
-        let url = format!("http://127.0.0.1:{}/rollouts/r/{action}", self.listen);
-        let r = HttpClient::new()
-            .send(hyper::Method::POST, &url, &[], Vec::<u8>::new())
-            .await?;
-        anyhow::ensure!((200..300).contains(&r.status), "{action}: {}", r.status);
-        Ok(())
+    /// Runs `sluice <args> --endpoint <this daemon>` and returns its stdout.
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(sluice_bin()?)
+            .args(args)
+            .arg("--endpoint")
+            .arg(format!("http://127.0.0.1:{}", self.listen))
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "sluice {args:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
     }
 
     /// Requests the daemon has seen counted, all variants, and proxy restarts it noticed.
@@ -229,6 +236,8 @@ impl Run {
 
 /// `sluice run --exit-when-done`: all promoted.
 const PROMOTED: i32 = 0;
+/// `sluice run`: stopped by SIGTERM.
+const STOPPED: i32 = 0;
 /// `sluice run --exit-when-done`: a rollout was rolled back.
 const ROLLED_BACK: i32 = 3;
 
@@ -363,7 +372,19 @@ async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence
     .await?;
     child.kill()?; // SIGKILL
     let _ = child.wait();
-    let killed_at = Instant::now();
+
+    // Restarted, then stopped by SIGTERM mid-stage: it persists and exits 0, still at 50 %.
+    let mut child = run.start()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    anyhow::ensure!(term.success(), "kill -TERM failed");
+    exited(&mut child, STOPPED, Duration::from_secs(10), &run).await?;
+    assert_eq!(run.state()["weight"], 50.0, "{}", run.log());
+    assert_eq!(run.state()["phase"]["phase"], "canary", "{}", run.log());
+
+    let started_last = unix_now();
     let mut child = run.start()?;
     exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
     traffic.stop().await;
@@ -371,9 +392,40 @@ async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence
     let pushes = pushed_weights(&run);
     assert_eq!(pushes.last(), Some(&100.0));
     assert!(!pushes.contains(&0.0), "{pushes:?}");
-    // The 100 % push came only after a full warm-up and bake after the restart.
-    assert!(killed_at.elapsed() >= Duration::from_secs(5));
+    // The 100 % push followed a passing evaluation on evidence the last process gathered
+    // itself (its counters start empty): at least `minRequests` canary requests since it
+    // started, none from before.
+    let audit = run.audit();
+    let raised_at = audit
+        .iter()
+        .filter(|r| r["record"] == "push" && r["weight"] == 100.0)
+        .find_map(|r| r["at"].as_f64())
+        .ok_or_else(|| anyhow::anyhow!("no 100 % push in the audit log"))?;
+    let deciding = audit
+        .iter()
+        .rfind(|r| r["record"] == "evaluation" && r["at"].as_f64() <= Some(raised_at))
+        .ok_or_else(|| anyhow::anyhow!("no evaluation before the 100 % push"))?;
+    assert!(deciding["at"].as_f64() >= Some(started_last), "{deciding}");
+    assert!(
+        deciding["detail"]["stage_requests"]["canary"].as_u64() >= Some(100),
+        "{deciding}"
+    );
+    // The judge counts evidence from `stage_started_at` + warm-up (1 s).
+    let evidence_from = deciding["detail"]["stage_started_at"]
+        .as_f64()
+        .unwrap_or(0.0)
+        + 1.0;
+    assert!(
+        evidence_from >= started_last,
+        "the evidence reaches back before the last start at {started_last}: {deciding}"
+    );
     Ok(())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Waits until the daemon's count of requests matches what the upstreams answered (to within
@@ -414,7 +466,12 @@ async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Res
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
-    run.command("pause").await?;
+    run.cli(&["pause", "r"])?;
+    let table = run.cli(&["status"])?;
+    assert!(
+        table.contains("r ") && table.contains("paused"),
+        "sluice status printed:\n{table}"
+    );
     traffic.stop().await;
 
     // Every request the upstreams answered is in the daemon's count, before and after a
@@ -436,7 +493,7 @@ async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Res
         "canary share {share} after the restart"
     );
 
-    run.command("resume").await?;
+    run.cli(&["resume", "r"])?;
     let traffic = Traffic::start(url);
     exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
     traffic.stop().await;
