@@ -106,7 +106,12 @@ fn guardrails() -> Value {
 
 struct Run {
     dir: tempfile::TempDir,
-    spec: PathBuf,
+    /// `metadata.name` of the first spec.
+    name: String,
+    /// The first spec, as written.
+    base: Value,
+    /// Every spec file given to `sluice run`.
+    specs: Vec<PathBuf>,
     listen: u16,
 }
 
@@ -156,10 +161,21 @@ impl Run {
         let path = dir.path().join("rollout.yaml");
         std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
         Ok(Run {
-            spec: path,
+            name: spec["metadata"]["name"].as_str().unwrap_or("r").to_string(),
+            base: spec,
+            specs: vec![path],
             listen: free_port()?,
             dir,
         })
+    }
+
+    /// Adds another rollout to the same daemon.
+    fn also(&mut self, spec: &Value) -> anyhow::Result<()> {
+        let name = spec["metadata"]["name"].as_str().unwrap_or("other");
+        let path = self.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, serde_json::to_string_pretty(spec)?)?;
+        self.specs.push(path);
+        Ok(())
     }
 
     fn start(&self) -> anyhow::Result<Child> {
@@ -172,8 +188,11 @@ impl Run {
             .arg(self.dir.path().join("state"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.listen))
-            .arg("-f")
-            .arg(&self.spec)
+            .args(
+                self.specs
+                    .iter()
+                    .flat_map(|f| [PathBuf::from("-f"), f.clone()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -181,18 +200,26 @@ impl Run {
     }
 
     fn state(&self) -> Value {
-        std::fs::read_to_string(self.dir.path().join("state/r.state.json"))
+        self.state_of(&self.name)
+    }
+
+    fn state_of(&self, name: &str) -> Value {
+        std::fs::read_to_string(self.dir.path().join(format!("state/{name}.state.json")))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(Value::Null)
     }
 
     fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("state/r.audit.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("state/{}.audit.jsonl", self.name)),
+        )
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
     }
 
     fn log(&self) -> String {
@@ -590,5 +617,85 @@ async fn prometheus_down_holds_then_the_rollout_continues_and_webhooks_hear_of_i
             .any(|t| t.contains("rollout r") && t.contains("no data")),
         "{texts:?}"
     );
+    Ok(())
+}
+
+/// One daemon, two rollouts on one Envoy, each with its own filter (ECDS resource and file in
+/// a shared watched directory), experiment, salt and routing header: the good one is promoted,
+/// the bad one rolled back, and neither disturbs the other.
+#[tokio::test]
+async fn one_daemon_runs_two_rollouts_independently() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    // The canary fails every request of experiment b (paths /b), none of experiment a.
+    let canary = Upstream::start("canary", |req: &Request| {
+        if req.path.starts_with("/b") {
+            Reply::status(500)
+        } else {
+            Reply::json(json!({"score": 0.5}))
+        }
+    })
+    .await?;
+    let envoy = EnvoyConfig::new("tests/envoy/two-rollouts.yaml")
+        .port_to(10001, stable.port())
+        .port_to(10002, canary.port())
+        .ecds("tests/envoy/two-rollouts")
+        .start()
+        .await?;
+    let dir = envoy
+        .ecds_dir()
+        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
+        .to_path_buf();
+    let rollout = |x: &str, spec: &mut Value| {
+        spec["metadata"]["name"] = json!(x);
+        let e = &mut spec["spec"]["experiment"];
+        e["name"] = json!(x);
+        e["match"] = json!({"path_prefix": format!("/{x}")});
+        e["header"] = json!(format!("x-variant-{x}"));
+        e["echo"] = json!({"header": format!("x-variant-{x}")});
+        if let Some(o) = e.as_object_mut() {
+            o.remove("outcomes");
+            o.remove("prediction");
+        }
+        let sink = &mut spec["spec"]["sinks"][0]["ecdsFile"];
+        sink["path"] = json!(dir.join(format!("sluice-{x}.yaml")).display().to_string());
+        sink["resource"] = json!(format!("sluice-{x}"));
+    };
+    let mut run = Run::with(&envoy, json!([20, 100]), &wasm()?, |s| rollout("a", s))?;
+    let mut b = run.base.clone();
+    rollout("b", &mut b);
+    run.also(&b)?;
+    let traffic_a = Traffic::start(envoy.url(LISTENER, "/a/predict"));
+    let traffic_b = Traffic::start(envoy.url(LISTENER, "/b/predict"));
+    let mut child = run.start()?;
+    exited(&mut child, ROLLED_BACK, Duration::from_secs(120), &run).await?;
+    traffic_a.stop().await;
+    traffic_b.stop().await;
+    assert_eq!(
+        run.state_of("a")["phase"]["phase"],
+        "promoted",
+        "{}",
+        run.log()
+    );
+    assert_eq!(
+        run.state_of("b")["phase"]["phase"],
+        "rolled_back",
+        "{}",
+        run.log()
+    );
+    // Envoy now sends every /a user to the canary and every /b user to the stable.
+    for (path, header, want) in [
+        ("/a/x", "x-variant-a", "canary"),
+        ("/b/x", "x-variant-b", "stable"),
+    ] {
+        let responses = sluice_tests::Load::new(envoy.url(LISTENER, path))
+            .users(|i| format!("u-{i}"))
+            .requests(100)
+            .run()
+            .await?;
+        assert!(
+            responses.iter().all(|r| r.header(header) == Some(want)),
+            "{path}: not all {want}"
+        );
+    }
     Ok(())
 }
