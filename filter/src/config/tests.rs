@@ -235,3 +235,24 @@ fn with_weights_renders_a_valid_config() {
         .with_weights("ranker", &[("canary".into(), 100.5)])
         .is_err());
 }
+
+#[test]
+fn revision_is_optional_bounded_and_kept() {
+    let with = |r: &str| {
+        variant_of_valid(
+            r#""version": 1,"#,
+            &format!(r#""version": 1, "revision": {r},"#),
+        )
+    };
+    match Plan::from_json(with(r#""7@1795450000000""#).as_bytes()) {
+        Ok(p) => assert_eq!(p.revision.as_deref(), Some("7@1795450000000")),
+        Err(e) => unreachable!("{e}"),
+    }
+    assert!(error_of(&with(r#""""#)).contains("revision"));
+    assert!(error_of(&with(&format!("{:?}", "x".repeat(MAX_REVISION + 1)))).contains("revision"));
+    assert!(error_of(&with(r#""a\nb""#)).contains("revision"));
+    match Plan::from_json(VALID.as_bytes()) {
+        Ok(p) => assert_eq!(p.revision, None),
+        Err(e) => unreachable!("{e}"),
+    }
+}
