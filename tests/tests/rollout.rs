@@ -699,3 +699,92 @@ async fn one_daemon_runs_two_rollouts_independently() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A rollout that starts with a shadow stage, against a shadow model 500 ms slow (over 100x the
+/// primary): users never wait for it, the copies are compared and judged, and the rollout
+/// goes on through its stages.
+#[tokio::test]
+async fn a_slow_shadow_stage_leaves_users_unaffected_and_the_rollout_continues(
+) -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(0)).await?;
+    let shadow = Upstream::start("shadow", |_: &Request| {
+        Reply::json(json!({"score": 0.5}))
+            .header("x-model-score", "0.5")
+            .delay(Duration::from_millis(500))
+    })
+    .await?;
+    let envoy = EnvoyConfig::new("tests/envoy/rollout.yaml")
+        .port_to(10001, stable.port())
+        .port_to(10002, canary.port())
+        .port_to(10003, shadow.port())
+        .ecds("tests/envoy/rollout")
+        .start()
+        .await?;
+    let run = Run::with(&envoy, json!([50, 100]), &wasm()?, |spec| {
+        spec["spec"]["shadow"] = json!({"duration": "4s"});
+        spec["spec"]["experiment"]["shadow"] = json!({
+            "cluster": "shadow",
+            "sample_percent": 100,
+            "timeout_ms": 2000,
+            "max_in_flight": 1000,
+            "compare": {"fields": [{"name": "score", "pointer": "/score", "type": "number"}]},
+        });
+        spec["spec"]["guardrails"]["shadow"] =
+            json!({"minAgreement": 0.95, "fields": ["status", "score"]});
+    })?;
+    let mut child = run.start()?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    wait_until(Duration::from_secs(30), "the shadow stage", || async {
+        run.state()["phase"]["phase"] == "shadow"
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+    // Requests during the shadow stage: answered by the stable model at its own speed.
+    let responses = sluice_tests::Load::new(envoy.url(LISTENER, "/predict"))
+        .users(|i| format!("probe-{i}"))
+        .requests(200)
+        .concurrency(4)
+        .run()
+        .await?;
+    let phase = run.state()["phase"]["phase"].clone();
+    let mut latencies: Vec<Duration> = responses.iter().map(|r| r.latency).collect();
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    assert!(
+        responses.iter().all(|r| r.status == 200),
+        "primary failures during the shadow stage"
+    );
+    assert!(
+        median < Duration::from_millis(100),
+        "median {median:?} with a 500 ms shadow (phase now {phase})"
+    );
+    assert!(shadow.count() > 0, "no copies reached the shadow");
+    exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
+    traffic.stop().await;
+    assert_eq!(
+        pushed_weights(&run),
+        vec![0.0, 50.0, 100.0],
+        "{}",
+        run.log()
+    );
+    // The shadow stage was judged on the copies' agreement.
+    let judged_shadow = run.audit().iter().any(|r| {
+        r["record"] == "evaluation"
+            && r["phase"]["phase"] == "shadow"
+            && r["detail"]["verdicts"].as_array().is_some_and(|v| {
+                v.iter().any(|g| {
+                    g["guardrail"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("shadow"))
+                        && g["label"] == "pass"
+                })
+            })
+    });
+    assert!(
+        judged_shadow,
+        "no passing shadow verdict in the audit log\n{}",
+        run.log()
+    );
+    Ok(())
+}
