@@ -768,6 +768,13 @@ async fn a_slow_shadow_stage_leaves_users_unaffected_and_the_rollout_continues(
         "{}",
         run.log()
     );
+    // Copies go out only during the shadow stage: the configuration in force has none.
+    let ecds = envoy
+        .ecds_dir()
+        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
+        .join("sluice.yaml");
+    let in_force = std::fs::read_to_string(ecds)?;
+    assert!(!in_force.contains("shadow"), "{in_force}");
     // The shadow stage was judged on the copies' agreement.
     let judged_shadow = run.audit().iter().any(|r| {
         r["record"] == "evaluation"
