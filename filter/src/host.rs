@@ -152,15 +152,6 @@ impl RootContext for Root {
         let seed = now_nanos().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
         match Active::configure(plan, seed) {
             Ok(active) => {
-                if active.plan.experiments.iter().any(|e| e.shadow.is_some())
-                    && hostcalls::set_tick_period(shadow::TICK).is_err()
-                {
-                    log(
-                        LogLevel::Error,
-                        "rejected config: cannot start the shadow timer",
-                    );
-                    return false;
-                }
                 log(
                     LogLevel::Info,
                     &format!(
@@ -202,8 +193,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(active) = &self.active {
-            shadow::send_queued(active);
+        match &self.active {
+            Some(active) => shadow::send_queued(active),
+            None => shadow::stop_tick(None),
         }
     }
 }

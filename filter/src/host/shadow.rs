@@ -2,7 +2,10 @@
 //!
 //! A copy's life: the stream captures headers (and body chunks as they pass, without holding
 //! them back) → at the end of the request it is queued → the root context's tick sends it
-//! with `dispatch_http_call`. Sending from the root context is deliberate: Envoy cancels a
+//! with `dispatch_http_call`. The tick runs only while there is something to send: the first
+//! queued copy starts it, a tick that finds nothing queued stops it, because an idle timer is
+//! not free — every tick wakes the worker and enters the VM (docs/benchmarks.md, "What
+//! shadowing costs"). Sending from the root context is deliberate: Envoy cancels a
 //! context's outstanding calls when that context ends, and a stream context ends as soon as
 //! the client has its answer, which must never wait for the shadow. The root context lives
 //! as long as the plugin, so the shadow's answer always comes back, to the root. The
@@ -57,6 +60,9 @@ pub struct Table {
     /// Outstanding copies per experiment (queued or sent).
     in_flight: Cell<Vec<u32>>,
     log_budget: Cell<LogBudget>,
+    /// Whether the root context's tick is running (set by the first queued copy, cleared by a
+    /// tick with nothing to send).
+    ticking: Cell<bool>,
 }
 
 impl Table {
@@ -186,7 +192,7 @@ pub fn abandon(active: &Active, c: &Capture) {
     active.shadow.adjust_in_flight(c.experiment, false);
 }
 
-/// Queues a complete copy for the next tick.
+/// Queues a complete copy for the next tick, starting the tick if it is not running.
 pub fn enqueue(active: &Active, c: Capture) {
     let request_id = c
         .headers
@@ -208,17 +214,43 @@ pub fn enqueue(active: &Active, c: Capture) {
             shadow: None,
         })
     });
+    if active.shadow.ticking.get() {
+        return;
+    }
+    // From a stream context this sets the tick of the stream's root context.
+    if hostcalls::set_tick_period(TICK).is_ok() {
+        active.shadow.ticking.set(true);
+    } else {
+        log(
+            LogLevel::Warn,
+            "cannot start the shadow timer; copy dropped",
+        );
+        if let Some(e) = remove(active, |e| e.id == c.id) {
+            skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
+        }
+    }
 }
 
-/// Root tick: sends every queued copy.
+/// Stops the root context's tick (also when no plan is active any more).
+pub fn stop_tick(table: Option<&Table>) {
+    if hostcalls::set_tick_period(Duration::ZERO).is_ok() {
+        if let Some(t) = table {
+            t.ticking.set(false);
+        }
+    }
+}
+
+/// Root tick: sends every queued copy; stops the tick if there was none.
 pub fn send_queued(active: &Active) {
     let mut failed = Vec::new();
+    let mut queued = 0;
     let now = now_millis().unwrap_or(0);
     active.shadow.with(|entries| {
         for e in entries.iter_mut() {
             let Some((headers, body)) = e.request.take() else {
                 continue;
             };
+            queued += 1;
             let Some(cfg) = active
                 .plan
                 .experiments
@@ -261,6 +293,11 @@ pub fn send_queued(active: &Active) {
         if let Some(e) = remove(active, |e| e.id == id) {
             skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
         }
+    }
+    // Stopping one tick late, not as soon as the queue is empty, keeps the timer running
+    // under steady traffic instead of re-arming it for every copy.
+    if queued == 0 {
+        stop_tick(Some(&active.shadow));
     }
 }
 
