@@ -108,6 +108,10 @@ struct RunArgs {
     /// Inject the fault once the canary's confirmed weight reaches this percent.
     #[arg(long)]
     fault_at_weight: Option<f64>,
+    /// Wait this long after the trigger before injecting the fault (e.g. past a stage's
+    /// warm-up, so the stage holds healthy evidence first, as the rollback benchmark does).
+    #[arg(long, value_parser = duration_arg, default_value = "0s")]
+    fault_delay: Duration,
     /// Move every port by this much (to run beside another Envoy).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
@@ -506,9 +510,12 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
     }
     let (done_tx, done_rx) = watch::channel(false);
     let injector = tokio::spawn(inject_fault(
-        scenario,
-        trigger,
-        weight,
+        FaultPlan {
+            scenario,
+            trigger,
+            fixed_weight: weight,
+            delay: args.fault_delay,
+        },
         recorder.latest(),
         models,
         load.clone(),
@@ -606,15 +613,29 @@ fn now() -> f64 {
 /// Waits for the trigger, switches the canary (and shadow) to the faulty behaviour or turns
 /// the SRM fault on, and keeps the SRM plan in step with the weight. Returns when the fault
 /// started, if it did, and the model servers (still serving) once the run is over.
-async fn inject_fault(
+/// What to inject and when.
+struct FaultPlan {
     scenario: Scenario,
     trigger: Option<FaultTrigger>,
+    /// The weight in force without a controller.
     fixed_weight: f64,
+    /// Wait after the trigger.
+    delay: Duration,
+}
+
+async fn inject_fault(
+    plan: FaultPlan,
     mut latest: watch::Receiver<Option<sluice_demo::recorder::Point>>,
     models: Vec<ModelServer>,
     load: LoadHandle,
     mut done: watch::Receiver<bool>,
 ) -> (Option<f64>, Vec<ModelServer>) {
+    let FaultPlan {
+        scenario,
+        trigger,
+        fixed_weight,
+        delay,
+    } = plan;
     let mut fault_at = None;
     let mut srm_weight = None;
     if trigger == Some(FaultTrigger::FromStart) {
@@ -639,13 +660,19 @@ async fn inject_fault(
                 FaultTrigger::AfterSecs { secs } => point.t >= secs,
             };
             if fire {
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = done.wait_for(|d| *d) => break,
+                    }
+                }
                 for m in &models {
                     m.set_behaviour(scenario.faulty(m.role()));
                 }
                 fault_at = Some(now());
                 println!(
                     "{:>6.1}s  FAULT INJECTED: {} ({})",
-                    point.t,
+                    point.t + delay.as_secs_f64(),
                     scenario.name(),
                     scenario.expected()
                 );

@@ -72,6 +72,19 @@ fn run(scenario: &str, dir: &Path) -> anyhow::Result<(Value, String)> {
         summary["final_weight"],
         summary["final_reason"]
     );
+    // Envoy answered every user request itself or from a model: no 503 (an upstream reset),
+    // no request without an answer. Model servers stay up until the users' last requests are
+    // answered, so the end of a run loses none.
+    if let Some(variants) = summary["users"]["variants"].as_object() {
+        for (name, v) in variants {
+            anyhow::ensure!(
+                v["statuses"]["503"].is_null() && v["transport_errors"] == 0,
+                "{scenario}: {name}: users saw {} and {} transport errors\n{output}",
+                v["statuses"],
+                v["transport_errors"]
+            );
+        }
+    }
     // `sluice-demo run` says the same with its exit status.
     anyhow::ensure!(status.success(), "{scenario}: exit {status}\n{output}");
     Ok((summary, output))
