@@ -19,7 +19,7 @@
 # and the median and max of each over the repetitions. Not a timed test: run it by hand and
 # copy the table into docs/benchmarks.md.
 #
-#   scripts/bench-rollback.sh                     # 7 repetitions at 1 s and at 5 s (~7 min)
+#   scripts/bench-rollback.sh                     # 7 repetitions at 1 s and at 5 s (~11 min)
 #   REPS=3 INTERVALS="1s" scripts/bench-rollback.sh
 #   SCENARIO=latency WEIGHT=10 scripts/bench-rollback.sh    # another fault, another stage
 #
