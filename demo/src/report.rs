@@ -464,7 +464,7 @@ pub fn summary_text(s: &Summary) -> String {
         );
     }
     if srm_halt(s) {
-        let _ = writeln!(out, "{SRM_NOTE}");
+        let _ = writeln!(out, "note: {SRM_NOTE}");
     }
     let _ = writeln!(
         out,
@@ -527,7 +527,7 @@ pub fn summary_text(s: &Summary) -> String {
 }
 
 /// Why the per-variant figures of a run halted on SRM must not be read as a comparison.
-const SRM_NOTE: &str = "note: the split does not match the weights, so the per-variant figures \
+const SRM_NOTE: &str = "The split does not match the weights, so the per-variant figures \
 below are biased (in the demo, requests that lost their user id were counted for the control \
 while their users' clicks still count for the canary); that bias is why the rollout halts";
 
@@ -1206,7 +1206,7 @@ pub fn render_html(input: &ReportInput, summary: &Summary) -> String {
         let _ = write!(h, "<p>Expected: {}.</p>", esc(e));
     }
     if srm_halt(summary) {
-        let _ = write!(h, "<p>{}</p>", esc(SRM_NOTE.trim_start_matches("note: ")));
+        let _ = write!(h, "<p>{}.</p>", esc(SRM_NOTE));
     }
     match summary.as_expected {
         Some(true) => h.push_str(
