@@ -55,7 +55,7 @@ impl Scenario {
         match self {
             Scenario::Good => "promoted to 100 %",
             Scenario::ErrorSpike => "rolled back: canary error rate above stable's",
-            Scenario::Latency => "rolled back: canary p99 latency above stable's",
+            Scenario::Latency => "rolled back: canary latency (p50 or p99) above stable's",
             Scenario::ConversionDrop => "rolled back: canary conversion below stable's",
             Scenario::Drift => "rolled back: canary prediction distribution drifted",
             Scenario::Srm => "halted: observed split does not match the weights (SRM)",
