@@ -152,3 +152,19 @@ fn guardrail_errors_are_reported_with_their_field_path() {
     assert!(text.contains("spec.guardrails"), "{text}");
     assert!(text.contains("minRequest"), "{text}");
 }
+
+#[test]
+fn the_documented_example_is_a_valid_spec() {
+    let doc = include_str!("../../../docs/rollout.md");
+    let start = doc
+        .find("```yaml\n")
+        .map(|i| i + "```yaml\n".len())
+        .unwrap_or_else(|| unreachable!("docs/rollout.md has no yaml block"));
+    let len = doc[start..]
+        .find("```")
+        .unwrap_or_else(|| unreachable!("unterminated yaml block"));
+    match Rollout::parse(&doc[start..start + len]) {
+        Ok(c) => assert_eq!(c.stages.len(), 6),
+        Err(e) => unreachable!("docs/rollout.md example: {e}"),
+    }
+}
