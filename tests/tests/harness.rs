@@ -210,13 +210,14 @@ async fn wait_until_times_out_with_the_condition_named() {
 
 #[test]
 fn every_benchmark_config_is_valid() -> anyhow::Result<()> {
-    for yaml in [
-        "bench/envoy/upstream.yaml",
-        "bench/envoy/proxy-none.yaml",
-        "bench/envoy/proxy-noop.yaml",
-        "bench/envoy/proxy-sluice.yaml",
-    ] {
-        validate(yaml)?;
+    let dir = sluice_tests::repo_root().join("bench/envoy");
+    let mut yamls: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    yamls.retain(|p| p.extension().is_some_and(|x| x == "yaml"));
+    assert!(yamls.len() >= 4, "{yamls:?}");
+    for yaml in yamls {
+        validate(&yaml)?;
     }
     Ok(())
 }
