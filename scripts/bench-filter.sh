@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Filter benchmark: Envoy CPU per request and latency percentiles at a fixed request rate for
-# (a) no filter, (b) the no-op proxy-wasm filter, (c) the Sluice filter, alternated over several
-# rounds in one run; medians and ratios against (a). Not a timed test: run it by hand on an
+# (a) no filter, (b) the no-op proxy-wasm filter, (c) the Sluice filter, (d) the same assignment
+# in a Lua filter, (e) Envoy's weighted_clusters 90/10, alternated over several rounds in one
+# run; medians and ratios against (a). Not a timed test: run it by hand on an
 # otherwise idle machine and copy the table into docs/benchmarks.md.
 #
 #   scripts/bench-filter.sh                       # 5 rounds x 10 s at 1000 req/s per case
