@@ -2,8 +2,10 @@
 //!
 //! 1. **A real exposition.** A real Envoy (`bench/envoy/proxy-sluice.yaml` behind
 //!    `bench/envoy/upstream.yaml`) runs the Sluice filter with one experiment per rollout, takes
-//!    traffic, and its `/stats/prometheus?filter=sluice_` — exactly what the controller's Envoy
-//!    admin source asks for — becomes the template every simulated endpoint serves.
+//!    traffic from users of whom exactly 1 % are canary, and its
+//!    `/stats/prometheus?filter=sluice_` — exactly what the controller's Envoy admin source asks
+//!    for — becomes the template every simulated endpoint serves (with one histogram shape for
+//!    both variants, so that every rollout keeps passing and being judged: [`healthy_canary`]).
 //! 2. **Simulated Envoys** (`serve-stats`, a child process): one HTTP server on one loopback
 //!    port stands for N Envoy admin endpoints, told apart by a path prefix
 //!    (`http://127.0.0.1:P/e17` is endpoint 17; the controller appends
@@ -39,7 +41,8 @@ use sluice_controller::sink::{Receipt, Sink, SinkError};
 use sluice_controller::source::{OriginScrape, Source, SourceError};
 use sluice_controller::spec::Rollout;
 use sluice_controller::store::Store;
-use sluice_filter::config::FilterConfig;
+use sluice_filter::config::{FilterConfig, Plan};
+use sluice_filter::request::variant_of_key;
 use sluice_tests::{EnvoyConfig, Load};
 
 use super::cpu_ns;
@@ -52,17 +55,21 @@ pub struct ControllerArgs {
     /// Rollouts run by the one controller; every endpoint carries all their experiments.
     #[arg(long, default_value_t = 10)]
     rollouts: usize,
-    /// Seconds between evaluations (the rollouts' `schedule.interval`).
-    #[arg(long, default_value_t = 2.0)]
+    /// Experiments in every endpoint's exposition (default and minimum: one per rollout); more
+    /// shows what other filters' metrics on the same Envoys cost each scrape.
+    #[arg(long)]
+    body_experiments: Option<usize>,
+    /// Seconds between evaluations (the rollouts' `schedule.interval`; 10 s is its default).
+    #[arg(long, default_value_t = 10.0)]
     interval: f64,
     /// Ticks before measuring (the first one also pushes stage 1).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     warmup_ticks: u32,
     /// Measured ticks.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 6)]
     ticks: u32,
     /// Requests sent through the real Envoy to fill the template's counters and histograms.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 10000)]
     requests: usize,
 }
 
@@ -99,10 +106,12 @@ fn rollout_name(i: usize) -> String {
     format!("r{i}")
 }
 
-/// The filter experiment of rollout `i` at stage 1 (1 % canary).
+/// The filter experiment of rollout `i` at stage 1 (1 % canary); each has its own routing
+/// header, as experiments sharing a filter must.
 fn experiment_json(i: usize) -> serde_json::Value {
     serde_json::json!({
         "name": rollout_name(i),
+        "header": format!("x-sluice-{}", rollout_name(i)),
         "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
         "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 1}],
         "outcomes": {"header": "x-sluice-outcome", "names": ["click", "purchase"]},
@@ -142,6 +151,8 @@ struct RunReport {
     ticks: f64,
     cpu_ms_per_tick: f64,
     cpu_ms_per_evaluation: f64,
+    /// CPU time over wall time in the measured window (cores).
+    cpu_cores: f64,
     wall_secs: f64,
     peak_rss_mib: f64,
     rss_mib: f64,
@@ -168,7 +179,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     eprintln!(
         "[controller] template: {} bytes, {samples} samples ({} experiments); Envoy's unfiltered /stats/prometheus was {full_bytes} bytes",
         template.len(),
-        args.rollouts
+        args.body_experiments.unwrap_or(args.rollouts).max(args.rollouts)
     );
 
     let exe = std::env::current_exe()?;
@@ -215,7 +226,14 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             .last()
             .context("controller-run printed nothing")?,
     )?;
-    print_report(&args, &report, template.len(), samples, full_bytes, server_cpu / wall);
+    print_report(
+        &args,
+        &report,
+        template.len(),
+        samples,
+        full_bytes,
+        server_cpu / wall,
+    );
     Ok(())
 }
 
@@ -233,21 +251,29 @@ fn read_port(server: &mut std::process::Child) -> Result<u16> {
 /// (and a beacon per ten requests) and returns its `/stats/prometheus?filter=sluice_` and the
 /// size of its unfiltered `/stats/prometheus`.
 async fn capture_template(args: &ControllerArgs) -> Result<(String, usize)> {
-    let upstream = EnvoyConfig::new("bench/envoy/upstream.yaml").start().await?;
+    let upstream = EnvoyConfig::new("bench/envoy/upstream.yaml")
+        .start()
+        .await?;
     let yaml = "bench/envoy/proxy-sluice.yaml";
     let text = std::fs::read_to_string(sluice_tests::repo_root().join(yaml))?;
     let block = embedded_block(&text).with_context(|| format!("{yaml}: no `value: |` block"))?;
     let indent = " ".repeat(block.len() - block.trim_start().len());
-    let experiments: Vec<serde_json::Value> = (0..args.rollouts).map(experiment_json).collect();
+    let n = args
+        .body_experiments
+        .unwrap_or(args.rollouts)
+        .max(args.rollouts);
+    let experiments: Vec<serde_json::Value> = (0..n).map(experiment_json).collect();
     let config = serde_json::json!({"version": 1, "experiments": experiments});
     let envoy = EnvoyConfig::new(yaml)
         .port_to(18000, upstream.port(18000))
         .replace(&block, &format!("{indent}{config}"))
         .start()
         .await?;
+    let users = exact_split_users(&config, args.requests)?;
     Load::new(envoy.url(10000, "/predict"))
-        .requests(args.requests)
+        .requests(users.len())
         .concurrency(16)
+        .users(move |i| users[i].clone())
         .run()
         .await?;
     // Histograms reach the admin output at the stats flush (1 s in this config).
@@ -255,13 +281,117 @@ async fn capture_template(args: &ControllerArgs) -> Result<(String, usize)> {
     let admin = envoy.admin();
     let filtered = admin.get("/stats/prometheus?filter=sluice_").await?;
     let full = admin.get("/stats/prometheus").await?;
-    if !filtered.contains(&format!("experiment=\"{}\"", rollout_name(args.rollouts - 1))) {
+    if !filtered.contains(&format!("experiment=\"{}\"", rollout_name(n - 1))) {
         bail!(
             "the Envoy exposition lacks the experiments:\n{}",
             envoy.log_tail(20)
         );
     }
-    Ok((filtered, full.len()))
+    Ok((healthy_canary(&filtered), full.len()))
+}
+
+/// `n` user ids of which exactly 1 % are canary in every experiment of `config` (stage 1).
+///
+/// The template's counts are multiplied into the millions, where the judge's sample-ratio test
+/// would flag the few-per-mille deviation any random set of users has from 1 %; real traffic
+/// converges to the configured split, so the template must start from it.
+fn exact_split_users(config: &serde_json::Value, n: usize) -> Result<Vec<String>> {
+    let plan = Plan::from_json(config.to_string().as_bytes())?;
+    let target = n / 100;
+    let mut canary = vec![0usize; plan.experiments.len()];
+    let mut chosen = Vec::with_capacity(n);
+    let mut stable_only = Vec::new();
+    for k in 0..n * 1000 {
+        if chosen.len() + stable_only.len() >= n && canary.iter().all(|c| *c == target) {
+            break;
+        }
+        let user = format!("user-{k}");
+        let treated: Vec<usize> = plan
+            .experiments
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                e.variants[variant_of_key(e, user.as_bytes())] != e.variants[e.control]
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if treated.is_empty() {
+            stable_only.push(user);
+        } else if treated.iter().all(|i| canary[*i] < target) {
+            for i in treated {
+                canary[i] += 1;
+            }
+            chosen.push(user);
+        }
+    }
+    if canary.iter().any(|c| *c != target) || chosen.len() > n {
+        bail!("could not pick {n} users with exactly 1 % canary per experiment");
+    }
+    let fill = n - chosen.len();
+    chosen.extend(stable_only.into_iter().take(fill));
+    Ok(chosen)
+}
+
+/// The exposition with every control histogram (`_bucket`, `_sum`, `_count`) replaced by the
+/// canary's, scaled to the control's request count (an exact integer factor, the split being
+/// exact). A hundred measured canary requests differ from the control by chance; multiplied
+/// into the millions, the judge rightly calls that a regression and rolls back, after which a
+/// rollout is no longer evaluated. With one shape for both, every guardrail passes and each
+/// rollout keeps being judged, tick after tick.
+fn healthy_canary(text: &str) -> String {
+    const CANARY: &str = "variant=\"canary\"";
+    const STABLE: &str = "variant=\"stable\"";
+    let value_of = |line: &str| -> Option<(String, f64)> {
+        let (head, v) = line.rsplit_once(' ')?;
+        Some((head.to_string(), v.parse().ok()?))
+    };
+    let experiment_of = |head: &str| -> Option<String> {
+        Some(
+            head.split("experiment=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .to_string(),
+        )
+    };
+    let mut canary = std::collections::HashMap::new();
+    let mut requests: std::collections::HashMap<(String, bool), f64> = Default::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((head, v)) = value_of(line) else {
+            continue;
+        };
+        if head.starts_with("sluice_requests_total{") {
+            if let Some(exp) = experiment_of(&head) {
+                requests.insert((exp, head.contains(CANARY)), v);
+            }
+        }
+        if head.contains(CANARY) {
+            canary.insert(head, v);
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let histogram = ["_bucket{", "_sum{", "_count{"]
+            .iter()
+            .any(|h| line.contains(h));
+        let replaced = (histogram && line.contains(STABLE))
+            .then(|| value_of(line))
+            .flatten()
+            .and_then(|(head, _)| {
+                let treated = canary.get(&head.replace(STABLE, CANARY))?;
+                let exp = experiment_of(&head)?;
+                let ratio = requests.get(&(exp.clone(), false))? / requests.get(&(exp, true))?;
+                let scaled = treated * ratio;
+                Some(if head.contains("_sum{") {
+                    format!("{head} {scaled:.3}")
+                } else {
+                    format!("{head} {}", scaled.round())
+                })
+            });
+        out.push_str(replaced.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// The lines of the first `value: |` block scalar, joined (the embedded filter config).
@@ -284,8 +414,13 @@ fn print_report(
     server_cores: f64,
 ) {
     println!(
-        "\nsluice-bench controller: {} endpoints x {} rollouts, interval {} s, {} measured ticks after {} warm-up ticks\n",
-        args.endpoints, args.rollouts, args.interval, args.ticks, args.warmup_ticks
+        "\nsluice-bench controller: {} endpoints x {} rollouts ({} experiments per exposition), interval {} s, {} measured ticks after {} warm-up ticks\n",
+        args.endpoints,
+        args.rollouts,
+        args.body_experiments.unwrap_or(args.rollouts).max(args.rollouts),
+        args.interval,
+        args.ticks,
+        args.warmup_ticks
     );
     println!("| measure | value |");
     println!("|---|---:|");
@@ -302,15 +437,21 @@ fn print_report(
         args.endpoints * args.rollouts,
         (args.endpoints * args.rollouts * template_bytes) as f64 / 1048576.0
     );
-    println!("| ticks measured (evaluations / rollouts) | {:.1} |", r.ticks);
-    println!("| **controller CPU per tick** | **{:.0} ms** |", r.cpu_ms_per_tick);
+    println!(
+        "| ticks measured (evaluations / rollouts) | {:.1} |",
+        r.ticks
+    );
+    println!(
+        "| **controller CPU per tick** | **{:.0} ms** |",
+        r.cpu_ms_per_tick
+    );
     println!(
         "| CPU per evaluation (one rollout, all endpoints) | {:.1} ms |",
         r.cpu_ms_per_evaluation
     );
     println!(
-        "| controller CPU use | {:.2} cores |",
-        r.cpu_ms_per_tick / 1000.0 / args.interval
+        "| controller CPU use while measured | {:.2} cores ({:.0} s) |",
+        r.cpu_cores, r.wall_secs
     );
     println!("| **peak RSS** (VmHWM) | **{:.0} MiB** |", r.peak_rss_mib);
     println!("| RSS at the end | {:.0} MiB |", r.rss_mib);
@@ -320,9 +461,7 @@ fn print_report(
         r.scrape_ms_p50, r.scrape_ms_max
     );
     println!("| scrape errors | {} |", r.scrape_errors);
-    println!(
-        "| simulated endpoints' CPU use (other process) | {server_cores:.2} cores |"
-    );
+    println!("| simulated endpoints' CPU use (other process) | {server_cores:.2} cores |");
     println!(
         "\nRollouts at the end: phases {:?}; last judgements {:?}; requests seen {:?}",
         r.phases, r.judgements, r.observed_requests
@@ -405,8 +544,10 @@ impl Bodies {
                 return b.clone();
             }
         }
-        // Counts grow as under steady traffic; endpoints differ by up to 35 %.
-        let factor = (1.0 + class as f64 * 0.05) * (60.0 + second as f64) / 60.0;
+        // Every second each endpoint counts the template's traffic 20–27 times more (so
+        // increments between ticks are whole multiples of the template, with its proportions
+        // exactly); endpoints differ by up to 35 %.
+        let factor = ((20 + class as u64) * (1 + second)) as f64;
         let body = render(&self.lines, factor);
         if cache.len() <= class {
             cache.resize(self.classes, (u64::MAX, Bytes::new()));
@@ -590,24 +731,25 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
         ticks,
         cpu_ms_per_tick: cpu / ticks,
         cpu_ms_per_evaluation: cpu / evals,
+        cpu_cores: cpu / 1e3 / wall,
         wall_secs: wall,
         peak_rss_mib: peak,
         rss_mib: rss,
         threads: std::fs::read_dir(format!("/proc/{pid}/task"))?.count(),
-        scrape_ms_p50: w.get(w.len() / 2).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        scrape_ms_p50: w
+            .get(w.len() / 2)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
         scrape_ms_max: w.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
         scrape_errors: statuses.iter().map(|s| s.scrape_errors).sum(),
         phases: statuses
             .iter()
-            .map(|s| serde_json::to_value(&s.state.phase).map_or_else(|_| "?".into(), |v| v.to_string()))
+            .map(|s| field_of(serde_json::to_value(&s.state.phase).ok(), "phase"))
             .collect(),
         judgements: statuses
             .iter()
             .map(|s| {
-                s.last_judgement
-                    .as_ref()
-                    .and_then(|j| serde_json::to_value(j).ok())
-                    .map_or_else(|| "-".into(), |v| v.to_string())
+                let j = s.last_judgement.as_ref();
+                field_of(j.and_then(|j| serde_json::to_value(j).ok()), "kind")
             })
             .collect(),
         observed_requests: statuses
@@ -616,6 +758,18 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
             .map(|s| format!("{}: {:?}", s.name, s.observed_requests))
             .collect(),
     })
+}
+
+/// `value[key]` as text (e.g. a phase's or judgement's name), else the whole value.
+fn field_of(value: Option<serde_json::Value>, key: &str) -> String {
+    match value {
+        None => "-".into(),
+        Some(v) => match (v.get(key).and_then(|k| k.as_str()), v.get("reason")) {
+            (Some(k), Some(r)) => format!("{k}: {}", r.as_str().unwrap_or_default()),
+            (Some(k), None) => k.to_string(),
+            (None, _) => v.to_string(),
+        },
+    }
 }
 
 /// Evaluation records in the audit logs so far.
