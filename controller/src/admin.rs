@@ -71,12 +71,20 @@ impl Admin {
             .map_err(|source| AdminError::Http { url, source })
     }
 
-    /// Samples from `/stats/prometheus` whose names start with `prefix`.
-    pub async fn prometheus(&self, prefix: &str) -> Result<Vec<Sample>, AdminError> {
-        // `filter` narrows Envoy's work to our metrics (it matches the stat name before the
-        // Prometheus rename, i.e. `wasmcustom.sluice_...`).
-        let text = self.get("/stats/prometheus?filter=sluice_").await?;
-        exposition::parse(&text, prefix).map_err(|source| AdminError::Parse {
+    /// Sluice's samples from `/stats/prometheus`, only those of `experiment` if given.
+    pub async fn prometheus(&self, experiment: Option<&str>) -> Result<Vec<Sample>, AdminError> {
+        // `filter` is matched against the stat's name before tag extraction
+        // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
+        // itself leaves out other experiments' series: a proxy serving many experiments answers
+        // each rollout with its own share only.
+        let filter = match experiment {
+            Some(e) => format!("sluice_[a-z_]+\\.experiment\\.=\\.{};", regex_escape(e)),
+            None => "sluice_".to_string(),
+        };
+        let text = self
+            .get(&format!("/stats/prometheus?filter={}", encode(&filter)))
+            .await?;
+        exposition::parse(&text, "sluice_").map_err(|source| AdminError::Parse {
             url: format!("{}/stats/prometheus", self.base),
             source,
         })
@@ -117,7 +125,7 @@ impl Admin {
     /// A text readout (e.g. `extension_config_discovery.http_filter.<name>.version_text`),
     /// unquoted; `None` if Envoy has no such stat.
     pub async fn text_readout(&self, name: &str) -> Result<Option<String>, AdminError> {
-        let filter = format!("^{}$", name.replace('.', "\\."));
+        let filter = format!("^{}$", regex_escape(name));
         let text = self
             .get(&format!("/stats?usedonly=false&filter={}", encode(&filter)))
             .await?;
@@ -126,6 +134,19 @@ impl Admin {
             (n.trim() == name).then(|| v.trim().trim_matches('"').to_string())
         }))
     }
+}
+
+/// `s` with the characters special in Envoy's (RE2) regular expressions escaped.
+pub(crate) fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
 }
 
 /// Percent-encodes a query or form value.

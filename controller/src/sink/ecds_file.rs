@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sluice_filter::config::FilterConfig;
 
 use super::{Receipt, Sink, SinkError};
-use crate::admin::Admin;
+use crate::admin::{regex_escape, Admin};
 
 /// How Envoy loads the filter's code; rendered into every pushed file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,18 +119,6 @@ fn revision(version: u64) -> String {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     format!("{version}@{ms}")
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 impl Sink for EcdsFile {

@@ -30,7 +30,8 @@ impl Source for EnvoyAdmin {
     async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, proxy) in self.proxies.iter().cloned().enumerate() {
-            tasks.spawn(async move { (i, proxy.prometheus("sluice_").await) });
+            let experiment = experiment.to_string();
+            tasks.spawn(async move { (i, proxy.prometheus(Some(&experiment)).await) });
         }
         let mut answered = Vec::new();
         let mut failures = Vec::new();

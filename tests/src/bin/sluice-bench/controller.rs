@@ -24,6 +24,7 @@
 //!
 //! The parent prints the results as Markdown.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -226,12 +227,22 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             .last()
             .context("controller-run printed nothing")?,
     )?;
+    // What one scrape carries: the controller asks each endpoint for its own experiment only.
+    let scrape_bytes = render(
+        &parse_template(&template),
+        1.0,
+        Some(&format!("experiment=\"{}\"", rollout_name(0))),
+    )
+    .len();
     print_report(
         &args,
         &report,
-        template.len(),
-        samples,
-        full_bytes,
+        Sizes {
+            template: template.len(),
+            scrape: scrape_bytes,
+            samples,
+            full: full_bytes,
+        },
         server_cpu / wall,
     );
     Ok(())
@@ -405,14 +416,18 @@ fn embedded_block(yaml: &str) -> Option<String> {
     (!block.is_empty()).then(|| block.join("\n"))
 }
 
-fn print_report(
-    args: &ControllerArgs,
-    r: &RunReport,
-    template_bytes: usize,
+/// Sizes of the expositions, in bytes (and samples of the whole one).
+struct Sizes {
+    /// Every Sluice sample of an endpoint (`filter=sluice_`).
+    template: usize,
+    /// One experiment's share, as the controller's source asks for it.
+    scrape: usize,
     samples: usize,
-    full_bytes: usize,
-    server_cores: f64,
-) {
+    /// The Envoy's unfiltered `/stats/prometheus`.
+    full: usize,
+}
+
+fn print_report(args: &ControllerArgs, r: &RunReport, size: Sizes, server_cores: f64) {
     println!(
         "\nsluice-bench controller: {} endpoints x {} rollouts ({} experiments per exposition), interval {} s, {} measured ticks after {} warm-up ticks\n",
         args.endpoints,
@@ -425,17 +440,22 @@ fn print_report(
     println!("| measure | value |");
     println!("|---|---:|");
     println!(
-        "| body per endpoint (`/stats/prometheus?filter=sluice_`) | {:.1} KiB, {samples} samples |",
-        template_bytes as f64 / 1024.0
+        "| Sluice's metrics per endpoint (`/stats/prometheus?filter=sluice_`) | {:.1} KiB, {} samples |",
+        size.template as f64 / 1024.0,
+        size.samples
     );
     println!(
         "| the same Envoy's unfiltered `/stats/prometheus` | {:.1} KiB |",
-        full_bytes as f64 / 1024.0
+        size.full as f64 / 1024.0
+    );
+    println!(
+        "| one scrape (one experiment's series, Envoy-side `filter`) | {:.1} KiB |",
+        size.scrape as f64 / 1024.0
     );
     println!(
         "| scrapes per tick | {} ({:.1} MiB) |",
         args.endpoints * args.rollouts,
-        (args.endpoints * args.rollouts * template_bytes) as f64 / 1048576.0
+        (args.endpoints * args.rollouts * size.scrape) as f64 / 1048576.0
     );
     println!(
         "| ticks measured (evaluations / rollouts) | {:.1} |",
@@ -502,12 +522,13 @@ fn parse_template(text: &str) -> Vec<Line> {
 
 /// The template with every value times `factor` (counters and buckets stay integers, so
 /// cumulative buckets stay ordered).
-fn render(lines: &[Line], factor: f64) -> Bytes {
+fn render(lines: &[Line], factor: f64, only: Option<&str>) -> Bytes {
     use std::fmt::Write;
     let mut out = String::new();
     for l in lines {
         match l {
             Line::Text(t) => out.push_str(t),
+            Line::Sample { head, .. } if only.is_some_and(|o| !head.contains(o)) => continue,
             Line::Sample {
                 head,
                 value,
@@ -530,16 +551,21 @@ struct Bodies {
     lines: Vec<Line>,
     classes: usize,
     started: Instant,
-    /// Per class: (second, body).
-    cache: Mutex<Vec<(u64, Bytes)>>,
+    cache: Mutex<HashMap<BodyKey, (u64, Bytes)>>,
 }
 
+/// A cached body: endpoint class and the experiment asked for; the value is (second, body).
+type BodyKey = (usize, Option<String>);
+
 impl Bodies {
-    fn body(&self, endpoint: usize) -> Bytes {
+    /// The body endpoint `endpoint` serves now; with `experiment`, only that experiment's
+    /// samples, as Envoy answers a `filter` naming it.
+    fn body(&self, endpoint: usize, experiment: Option<&str>) -> Bytes {
         let class = endpoint % self.classes;
         let second = self.started.elapsed().as_secs();
+        let key = (class, experiment.map(str::to_string));
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((s, b)) = cache.get(class) {
+        if let Some((s, b)) = cache.get(&key) {
             if *s == second {
                 return b.clone();
             }
@@ -548,13 +574,35 @@ impl Bodies {
         // increments between ticks are whole multiples of the template, with its proportions
         // exactly); endpoints differ by up to 35 %.
         let factor = ((20 + class as u64) * (1 + second)) as f64;
-        let body = render(&self.lines, factor);
-        if cache.len() <= class {
-            cache.resize(self.classes, (u64::MAX, Bytes::new()));
-        }
-        cache[class] = (second, body.clone());
+        let label = experiment.map(|e| format!("experiment=\"{e}\""));
+        let body = render(&self.lines, factor, label.as_deref());
+        cache.insert(key, (second, body.clone()));
         body
     }
+}
+
+/// The experiment a `filter=` query parameter selects, if it has the form the controller's
+/// admin source sends (`sluice_[a-z_]+\.experiment\.=\.<name>;`, percent-encoded).
+fn filtered_experiment(query: &str) -> Option<String> {
+    let raw = query.split('&').find_map(|kv| kv.strip_prefix("filter="))?;
+    let mut decoded = Vec::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&raw[i + 1..i + 3], 16) {
+                decoded.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let filter = String::from_utf8(decoded).ok()?;
+    let rest = filter.split_once("\\.experiment\\.=\\.")?.1;
+    let name = rest.split_once(';')?.0;
+    Some(name.replace('\\', ""))
 }
 
 /// `serve-stats`: the simulated endpoints (prints `port N`, serves until killed).
@@ -564,7 +612,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         lines: parse_template(&text),
         classes: args.classes.max(1),
         started: Instant::now(),
-        cache: Mutex::new(Vec::new()),
+        cache: Mutex::new(HashMap::new()),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -608,7 +656,8 @@ fn answer<B>(bodies: &Bodies, req: &hyper::Request<B>) -> hyper::Response<Full<B
         .and_then(|i| i.parse::<usize>().ok());
     match endpoint {
         Some(i) => {
-            let mut r = hyper::Response::new(Full::new(bodies.body(i)));
+            let experiment = req.uri().query().and_then(filtered_experiment);
+            let mut r = hyper::Response::new(Full::new(bodies.body(i, experiment.as_deref())));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; charset=UTF-8"),
