@@ -10,33 +10,16 @@
 #
 # Arguments go to `sluice-bench controller` (see `--help`). Output is also saved under
 # target/bench/.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
 
-section() { printf '\n==> %s\n' "$*" >&2; }
-
-section "setup"
-scripts/setup.sh
-
-section "build the Sluice filter (release; the template exposition comes from a real Envoy)"
-cargo build -p sluice-filter --target wasm32-wasip1 --release
-
-section "build the driver (release, without LTO)"
-CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-  cargo build --release -p sluice-tests --bin sluice-bench
-BIN="${CARGO_TARGET_DIR:-target}/release/sluice-bench"
+# The filter is built because the template exposition comes from a real Envoy running it.
+bench_build sluice-filter -- sluice-tests sluice-bench
 
 # Every rollout keeps one connection per endpoint, and the simulated endpoints one per
 # rollout and endpoint: 10,000 each at the defaults.
 ulimit -n "$(ulimit -Hn)"
 
-out_dir="${CARGO_TARGET_DIR:-target}/bench"
-mkdir -p "$out_dir"
-out="$out_dir/controller-$(date -u +%Y%m%dT%H%M%SZ).md"
-section "run (results also in $out)"
-{
-  echo "# sluice-bench controller $*"
-  echo "# $(date -u +%FT%TZ) on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), open files limit $(ulimit -n)"
-} | tee "$out"
-"$BIN" controller "$@" | tee -a "$out"
+bench_out controller
+section "run (results also in $OUT)"
+bench_header "sluice-bench controller $*" "open files limit $(ulimit -n)"
+"$BIN" controller "$@" | tee -a "$OUT"

@@ -24,37 +24,18 @@
 #   SCENARIO=latency WEIGHT=10 scripts/bench-rollback.sh    # another fault, another stage
 #
 # Output is also saved under target/bench/.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
 REPS="${REPS:-7}"
 INTERVALS="${INTERVALS:-1s 5s}"
 SCENARIO="${SCENARIO:-error-spike}"
 WEIGHT="${WEIGHT:-50}"
-TARGET="${CARGO_TARGET_DIR:-target}"
 
-section() { printf '\n==> %s\n' "$*" >&2; }
-
-section "setup"
-scripts/setup.sh
-
-section "build the filter (wasm32-wasip1, release) and sluice-demo (release, without LTO)"
-cargo build -p sluice-filter --target wasm32-wasip1 --release
-CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-  cargo build --release -p sluice-demo
-BIN="$TARGET/release/sluice-demo"
-
-out_dir="$TARGET/bench"
-mkdir -p "$out_dir"
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-out="$out_dir/rollback-$stamp.md"
-runs="$out_dir/rollback-$stamp"
+bench_build sluice-filter -- sluice-demo sluice-demo
+bench_out rollback
+runs="$TARGET/bench/rollback-$STAMP"
 mkdir -p "$runs"
-section "run (results in $out, runs in $runs/)"
-{
-  echo "# scripts/bench-rollback.sh: scenario $SCENARIO, fault 5 s + (rep-1)/$REPS interval into the $WEIGHT % stage, $REPS repetitions per interval"
-  echo "# $(date -u +%FT%TZ) on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-} | tee "$out"
+section "run (results in $OUT, runs in $runs/)"
+bench_header "scripts/bench-rollback.sh: scenario $SCENARIO, fault 5 s + (rep-1)/$REPS interval into the $WEIGHT % stage, $REPS repetitions per interval"
 
 free_ports() {
   python3 - <<'EOF'
@@ -86,7 +67,7 @@ print(round(5000 + 1000 * secs * (int(sys.argv[2]) - 1) / int(sys.argv[3])))' "$
   done
 done
 
-python3 - "$runs" "$INTERVALS" <<'EOF' | tee -a "$out"
+python3 - "$runs" "$INTERVALS" <<'EOF' | tee -a "$OUT"
 import json, os, statistics, sys
 runs, intervals = sys.argv[1], sys.argv[2].split()
 cols = [("detection_secs", "detection"), ("decision_to_envoy_secs", "→ envoy"),

@@ -9,29 +9,10 @@
 #   scripts/bench-shadow.sh --rounds 3 --parts cost --saturate 0
 #
 # Arguments go to `sluice-bench shadow` (see `--help`). Output is also saved under target/bench/.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
 
-section() { printf '\n==> %s\n' "$*" >&2; }
-
-section "setup"
-scripts/setup.sh
-
-section "build the Sluice filter (release)"
-cargo build -p sluice-filter --target wasm32-wasip1 --release
-
-section "build the load generator (release, without LTO: it only has to be fast, not small)"
-CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-  cargo build --release -p sluice-tests --bin sluice-bench
-BIN="${CARGO_TARGET_DIR:-target}/release/sluice-bench"
-
-out_dir="${CARGO_TARGET_DIR:-target}/bench"
-mkdir -p "$out_dir"
-out="$out_dir/shadow-$(date -u +%Y%m%dT%H%M%SZ).md"
-section "run (results also in $out)"
-{
-  echo "# sluice-bench shadow $*"
-  echo "# $(date -u +%FT%TZ) on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), envoy $(.venv/bin/envoy --version 2>/dev/null | sed -n "s/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p")"
-} | tee "$out"
-"$BIN" shadow "$@" | tee -a "$out"
+bench_build sluice-filter -- sluice-tests sluice-bench
+bench_out shadow
+section "run (results also in $OUT)"
+bench_header "sluice-bench shadow $*" "envoy $(envoy_version)"
+"$BIN" shadow "$@" | tee -a "$OUT"
