@@ -387,16 +387,22 @@ impl Envoy {
     /// Replaces `name` in the ECDS directory atomically (write a temp file, rename over) — the
     /// way Envoy's watched-directory reload expects. Relative `.wasm` paths are made absolute.
     pub fn write_ecds(&self, name: &str, contents: &str) -> Result<()> {
-        let Some(dir) = &self.ecds_dir else {
-            return Err(Error::Config {
-                path: self.config.clone(),
-                reason: "write_ecds without EnvoyConfig::ecds".into(),
-            });
-        };
+        let path = self.ecds_file(name)?;
         let contents = rewrite_wasm_paths(contents, &repo_root(), None)?;
-        let tmp = dir.join(format!(".{name}.tmp"));
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
         fs::write(&tmp, contents).map_err(io(format!("writing {}", tmp.display())))?;
-        fs::rename(&tmp, dir.join(name)).map_err(io(format!("renaming onto {name}")))
+        fs::rename(&tmp, &path).map_err(io(format!("renaming onto {name}")))
+    }
+
+    /// The path of `name` in the copied ECDS directory; an error without [`EnvoyConfig::ecds`].
+    pub fn ecds_file(&self, name: &str) -> Result<PathBuf> {
+        match &self.ecds_dir {
+            Some(dir) => Ok(dir.join(name)),
+            None => Err(Error::Config {
+                path: self.config.clone(),
+                reason: "no ECDS directory: start it with EnvoyConfig::ecds".into(),
+            }),
+        }
     }
 
     /// Envoy's whole log so far.

@@ -100,12 +100,9 @@ async fn ecds_sink_pushes_are_confirmed_or_reported_rejected() -> anyhow::Result
         .ecds("envoy/ecds")
         .start()
         .await?;
-    let dir = envoy
-        .ecds_dir()
-        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
-        .to_path_buf();
+    let ecds = envoy.ecds_file("sluice.yaml")?;
     let sink = EcdsFile {
-        path: dir.join("sluice.yaml"),
+        path: ecds,
         resource: "sluice".into(),
         code: WasmCode {
             filename: filter_wasm()?.display().to_string(),

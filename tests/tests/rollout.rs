@@ -33,6 +33,15 @@ fn model(error_every: u64) -> impl Fn(&Request) -> Reply + Send + Sync {
     }
 }
 
+/// A stable model, a canary model failing every `canary_error_every`-th user (0: never), and
+/// Envoy in front of them.
+async fn stack(canary_error_every: u64) -> anyhow::Result<(Upstream, Upstream, Envoy)> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(canary_error_every)).await?;
+    let envoy = envoy(&stable, &canary).await?;
+    Ok((stable, canary, envoy))
+}
+
 async fn envoy(stable: &Upstream, canary: &Upstream) -> anyhow::Result<Envoy> {
     Ok(EnvoyConfig::new("tests/envoy/rollout.yaml")
         .port_to(10001, stable.port())
@@ -117,7 +126,7 @@ struct Run {
 
 impl Run {
     fn new(envoy: &Envoy, stages: Value, wasm: &str) -> anyhow::Result<Run> {
-        Run::with(envoy, stages, wasm, |_| {})
+        Run::with(envoy, stages, wasm, |_| Ok(()))
     }
 
     /// A rollout spec with the admin source and ECDS sink of `envoy`, changed by `tweak`.
@@ -125,13 +134,10 @@ impl Run {
         envoy: &Envoy,
         stages: Value,
         wasm: &str,
-        tweak: impl FnOnce(&mut Value),
+        tweak: impl FnOnce(&mut Value) -> anyhow::Result<()>,
     ) -> anyhow::Result<Run> {
         let dir = tempfile::tempdir()?;
-        let ecds = envoy
-            .ecds_dir()
-            .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
-            .join("sluice.yaml");
+        let ecds = envoy.ecds_file("sluice.yaml")?;
         let admin = format!("http://{}", envoy.addr(ADMIN));
         let mut spec = json!({
             "apiVersion": "sluice.dev/v1alpha1",
@@ -157,7 +163,7 @@ impl Run {
                 }}],
             }
         });
-        tweak(&mut spec);
+        tweak(&mut spec)?;
         let path = dir.path().join("rollout.yaml");
         std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
         Ok(Run {
@@ -302,9 +308,7 @@ fn pushed_weights(run: &Run) -> Vec<f64> {
 
 #[tokio::test]
 async fn a_good_treatment_is_promoted_through_the_schedule() -> anyhow::Result<()> {
-    let stable = Upstream::start("stable", model(0)).await?;
-    let canary = Upstream::start("canary", model(0)).await?;
-    let envoy = envoy(&stable, &canary).await?;
+    let (_stable, canary, envoy) = stack(0).await?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
     let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
     let mut child = run.start()?;
@@ -328,9 +332,7 @@ async fn a_good_treatment_is_promoted_through_the_schedule() -> anyhow::Result<(
 
 #[tokio::test]
 async fn a_bad_treatment_is_rolled_back_and_envoy_stops_routing_to_it() -> anyhow::Result<()> {
-    let stable = Upstream::start("stable", model(0)).await?;
-    let canary = Upstream::start("canary", model(4)).await?; // 25 % errors
-    let envoy = envoy(&stable, &canary).await?;
+    let (_stable, canary, envoy) = stack(4).await?; // 25 % errors
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
     let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
     let mut child = run.start()?;
@@ -353,9 +355,7 @@ async fn a_bad_treatment_is_rolled_back_and_envoy_stops_routing_to_it() -> anyho
 
 #[tokio::test]
 async fn a_rejected_push_holds_the_rollout() -> anyhow::Result<()> {
-    let stable = Upstream::start("stable", model(0)).await?;
-    let canary = Upstream::start("canary", model(0)).await?;
-    let envoy = envoy(&stable, &canary).await?;
+    let (_stable, canary, envoy) = stack(0).await?;
     // Envoy cannot load this module, so it rejects every push.
     let run = Run::new(&envoy, json!([10, 100]), "/nonexistent/sluice_filter.wasm")?;
     let mut child = run.start()?;
@@ -385,9 +385,7 @@ async fn a_rejected_push_holds_the_rollout() -> anyhow::Result<()> {
 #[tokio::test]
 async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence(
 ) -> anyhow::Result<()> {
-    let stable = Upstream::start("stable", model(0)).await?;
-    let canary = Upstream::start("canary", model(0)).await?;
-    let envoy = envoy(&stable, &canary).await?;
+    let (_stable, _canary, envoy) = stack(0).await?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
     let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
     let mut child = run.start()?;
@@ -481,9 +479,7 @@ async fn counts_agree(run: &Run, upstreams: impl Fn() -> u64, restarts: u64) -> 
 
 #[tokio::test]
 async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Result<()> {
-    let stable = Upstream::start("stable", model(0)).await?;
-    let canary = Upstream::start("canary", model(0)).await?;
-    let mut envoy = envoy(&stable, &canary).await?;
+    let (stable, canary, mut envoy) = stack(0).await?;
     let url = envoy.url(LISTENER, "/predict");
     let run = Run::new(&envoy, json!([10, 50, 100]), &wasm()?)?;
     let mut child = run.start()?;
@@ -547,6 +543,7 @@ async fn prometheus_down_holds_then_the_rollout_continues_and_webhooks_hear_of_i
             {"webhook": {"url": hook("/json")}},
             {"webhook": {"url": hook("/slack"), "format": "slack"}},
         ]);
+        Ok(())
     })?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
     let mut child = run.start()?;
@@ -641,11 +638,7 @@ async fn one_daemon_runs_two_rollouts_independently() -> anyhow::Result<()> {
         .ecds("tests/envoy/two-rollouts")
         .start()
         .await?;
-    let dir = envoy
-        .ecds_dir()
-        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
-        .to_path_buf();
-    let rollout = |x: &str, spec: &mut Value| {
+    let rollout = |x: &str, spec: &mut Value| -> anyhow::Result<()> {
         spec["metadata"]["name"] = json!(x);
         let e = &mut spec["spec"]["experiment"];
         e["name"] = json!(x);
@@ -657,12 +650,14 @@ async fn one_daemon_runs_two_rollouts_independently() -> anyhow::Result<()> {
             o.remove("prediction");
         }
         let sink = &mut spec["spec"]["sinks"][0]["ecdsFile"];
-        sink["path"] = json!(dir.join(format!("sluice-{x}.yaml")).display().to_string());
+        let file = envoy.ecds_file(&format!("sluice-{x}.yaml"))?;
+        sink["path"] = json!(file.display().to_string());
         sink["resource"] = json!(format!("sluice-{x}"));
+        Ok(())
     };
     let mut run = Run::with(&envoy, json!([20, 100]), &wasm()?, |s| rollout("a", s))?;
     let mut b = run.base.clone();
-    rollout("b", &mut b);
+    rollout("b", &mut b)?;
     run.also(&b)?;
     let traffic_a = Traffic::start(envoy.url(LISTENER, "/a/predict"));
     let traffic_b = Traffic::start(envoy.url(LISTENER, "/b/predict"));
@@ -732,6 +727,7 @@ async fn a_slow_shadow_stage_leaves_users_unaffected_and_the_rollout_continues(
         });
         spec["spec"]["guardrails"]["shadow"] =
             json!({"minAgreement": 0.95, "fields": ["status", "score"]});
+        Ok(())
     })?;
     let mut child = run.start()?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
@@ -769,11 +765,7 @@ async fn a_slow_shadow_stage_leaves_users_unaffected_and_the_rollout_continues(
         run.log()
     );
     // Copies go out only during the shadow stage: the configuration in force has none.
-    let ecds = envoy
-        .ecds_dir()
-        .ok_or_else(|| anyhow::anyhow!("no ECDS dir"))?
-        .join("sluice.yaml");
-    let in_force = std::fs::read_to_string(ecds)?;
+    let in_force = std::fs::read_to_string(envoy.ecds_file("sluice.yaml")?)?;
     assert!(!in_force.contains("shadow"), "{in_force}");
     // The shadow stage was judged on the copies' agreement.
     let judged_shadow = run.audit().iter().any(|r| {
