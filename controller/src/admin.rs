@@ -71,16 +71,16 @@ impl Admin {
             .map_err(|source| AdminError::Http { url, source })
     }
 
-    /// Sluice's samples from `/stats/prometheus`, only those of `experiment` if given.
-    pub async fn prometheus(&self, experiment: Option<&str>) -> Result<Vec<Sample>, AdminError> {
+    /// Sluice's samples of `experiment` from `/stats/prometheus`.
+    pub async fn prometheus(&self, experiment: &str) -> Result<Vec<Sample>, AdminError> {
         // `filter` is matched against the stat's name before tag extraction
         // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
         // itself leaves out other experiments' series: a proxy serving many experiments answers
         // each rollout with its own share only.
-        let filter = match experiment {
-            Some(e) => format!("sluice_[a-z_]+\\.experiment\\.=\\.{};", regex_escape(e)),
-            None => "sluice_".to_string(),
-        };
+        let filter = format!(
+            "sluice_[a-z_]+\\.experiment\\.=\\.{};",
+            regex_escape(experiment)
+        );
         let text = self
             .get(&format!("/stats/prometheus?filter={}", encode(&filter)))
             .await?;

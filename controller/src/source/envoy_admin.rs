@@ -31,7 +31,7 @@ impl Source for EnvoyAdmin {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, proxy) in self.proxies.iter().cloned().enumerate() {
             let experiment = experiment.to_string();
-            tasks.spawn(async move { (i, proxy.prometheus(Some(&experiment)).await) });
+            tasks.spawn(async move { (i, proxy.prometheus(&experiment).await) });
         }
         let mut answered = Vec::new();
         let mut failures = Vec::new();
