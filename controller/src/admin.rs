@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::source::exposition::{self, Sample};
+use crate::source::exposition;
 
 /// Failure talking to one Envoy admin endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -31,17 +31,21 @@ pub enum AdminError {
 pub struct Admin {
     base: String,
     http: reqwest::Client,
+    timeout: Duration,
 }
 
 impl Admin {
     pub fn new(base: &str, timeout: Duration) -> Admin {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
+        Admin::sharing(base, timeout, &reqwest::Client::new())
+    }
+
+    /// An endpoint whose requests go through `http` (its connection pools), as when one
+    /// process talks to many Envoys.
+    pub fn sharing(base: &str, timeout: Duration, http: &reqwest::Client) -> Admin {
         Admin {
             base: base.trim_end_matches('/').to_string(),
-            http,
+            http: http.clone(),
+            timeout,
         }
     }
 
@@ -49,11 +53,13 @@ impl Admin {
         &self.base
     }
 
-    async fn get(&self, path_and_query: &str) -> Result<String, AdminError> {
+    /// `GET` with the status checked; the body is the caller's to read.
+    async fn send(&self, path_and_query: &str) -> Result<reqwest::Response, AdminError> {
         let url = format!("{}{path_and_query}", self.base);
         let resp = self
             .http
             .get(&url)
+            .timeout(self.timeout)
             .send()
             .await
             .map_err(|source| AdminError::Http {
@@ -66,28 +72,38 @@ impl Admin {
                 status: resp.status().as_u16(),
             });
         }
-        resp.text()
-            .await
-            .map_err(|source| AdminError::Http { url, source })
+        Ok(resp)
     }
 
-    /// Sluice's samples of `experiment` from `/stats/prometheus`.
-    pub async fn prometheus(&self, experiment: &str) -> Result<Vec<Sample>, AdminError> {
+    async fn get(&self, path_and_query: &str) -> Result<String, AdminError> {
+        let resp = self.send(path_and_query).await?;
+        let url = resp.url().to_string();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| AdminError::Http { url, source })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Sluice's series of `experiments` from `/stats/prometheus`; the caller reads the body
+    /// (as it arrives: one Envoy's answer can be large).
+    pub async fn sluice_exposition(
+        &self,
+        experiments: &[&str],
+    ) -> Result<reqwest::Response, AdminError> {
         // `filter` is matched against the stat's name before tag extraction
         // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
-        // itself leaves out other experiments' series: a proxy serving many experiments answers
-        // each rollout with its own share only.
-        let filter = format!(
-            "sluice_[a-z_]+\\.experiment\\.=\\.{};",
-            regex_escape(experiment)
-        );
-        let text = self
-            .get(&format!("/stats/prometheus?filter={}", encode(&filter)))
-            .await?;
-        exposition::parse(&text, "sluice_").map_err(|source| AdminError::Parse {
-            url: format!("{}/stats/prometheus", self.base),
-            source,
-        })
+        // itself leaves out other experiments' series: a proxy serving many experiments
+        // answers with the asked-for share only.
+        let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
+        let filter = format!("sluice_[a-z_]+\\.experiment\\.=\\.({});", names.join("|"));
+        self.send(&format!("/stats/prometheus?filter={}", encode(&filter)))
+            .await
+    }
+
+    /// The URL `sluice_exposition` reads, for messages.
+    pub fn exposition_url(&self) -> String {
+        format!("{}/stats/prometheus", self.base)
     }
 
     /// Names of the clusters this Envoy knows (`/clusters`).

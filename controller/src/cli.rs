@@ -105,6 +105,8 @@ where
     // Each rollout owns its filter instance: two rollouts writing one ECDS file would
     // overwrite each other's experiments.
     let mut sink_paths: BTreeMap<String, String> = BTreeMap::new();
+    // Rollouts reading the same Envoys share their scrapes.
+    let hub = crate::source::envoy_admin::AdminHub::new();
     for f in &opts.files {
         let checked = load(f)?;
         let name = checked.name().to_string();
@@ -122,7 +124,7 @@ where
         }
         let spec = &checked.rollout.spec;
         let source = match spec.sources.as_slice() {
-            [one] => AnySource::from_spec(one),
+            [one] => AnySource::from_spec(one, &hub, spec.schedule.interval),
             _ => bail!(
                 "{}: spec.sources: exactly one source is supported for now",
                 f.display()

@@ -17,7 +17,7 @@ use crate::notify::{Notice, Notifier};
 use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
 use crate::sink::ecds_file::EcdsFile;
 use crate::sink::{Sink, SinkError};
-use crate::source::envoy_admin::EnvoyAdmin;
+use crate::source::envoy_admin::{AdminHub, EnvoyAdmin};
 use crate::source::prometheus::Prometheus;
 use crate::source::{Accumulator, OriginScrape, Reading, Source, SourceError};
 use crate::spec::{Checked, SinkSpec, SourceSpec};
@@ -70,11 +70,17 @@ pub enum AnySource {
 }
 
 impl AnySource {
-    pub fn from_spec(spec: &SourceSpec) -> AnySource {
+    /// The source of `spec` for a rollout evaluated every `interval`; Envoy admin sources
+    /// share their requests through `hub` (one per controller).
+    pub fn from_spec(spec: &SourceSpec, hub: &Arc<AdminHub>, interval: Duration) -> AnySource {
         match spec {
-            SourceSpec::EnvoyAdmin(a) => {
-                AnySource::EnvoyAdmin(EnvoyAdmin::new(&a.endpoints, a.timeout, a.min_healthy))
-            }
+            SourceSpec::EnvoyAdmin(a) => AnySource::EnvoyAdmin(EnvoyAdmin::shared(
+                hub,
+                &a.endpoints,
+                a.timeout,
+                a.min_healthy,
+                interval,
+            )),
             SourceSpec::Prometheus(p) => {
                 AnySource::Prometheus(Prometheus::new(&p.url, p.timeout, p.max_age))
             }
@@ -229,6 +235,19 @@ fn plan_of(checked: &Checked) -> rollout::Plan {
     }
 }
 
+/// How long after a tick that started at `started` (Unix seconds) the next one starts: at the
+/// first multiple of `period` since the epoch at least half a period later. Rollouts with the
+/// same interval tick together, so their sources can share one scrape of each Envoy (see
+/// [`crate::source::envoy_admin`]); a tick that overran skips to the next multiple.
+fn after_tick(started: f64, period: Duration) -> Duration {
+    let p = period.as_secs_f64();
+    if !(p > 0.0 && started.is_finite()) {
+        return period;
+    }
+    let next = ((started + p / 2.0) / p).floor() * p + p;
+    Duration::from_secs_f64((next - started).max(0.0))
+}
+
 /// Why a rollout task stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -321,8 +340,9 @@ where
         if restarted {
             self.apply(Input::Restarted).await?;
         }
-        let mut interval = tokio::time::interval(self.task.checked.rollout.spec.schedule.interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = self.task.checked.rollout.spec.schedule.interval;
+        // The first tick at once, the next ones on multiples of the interval.
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
@@ -331,8 +351,10 @@ where
                     self.apply(Input::Command(c)).await?;
                     continue;
                 }
-                _ = interval.tick() => {}
+                () = tokio::time::sleep_until(next) => {}
             }
+            let started = self.task.clock.now();
+            next = tokio::time::Instant::now() + after_tick(started, period);
             self.apply(Input::Tick).await?;
             self.retry_pending_push().await?;
             if !self.state.phase.is_final() && self.state.phase != Phase::Pending {
@@ -433,7 +455,7 @@ where
             Ok(scrapes) => {
                 let reading = self.accumulator.add(SystemTime::now(), &scrapes);
                 self.status.observed_requests = observed_requests(&reading, &experiment);
-                self.status.proxy_restarts = reading.restarts.values().sum();
+                self.status.proxy_restarts = reading.restarts;
                 let ctx = Context {
                     experiment,
                     control: control_of(&self.task.checked),

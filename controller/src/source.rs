@@ -1,61 +1,48 @@
 //! Sources of per-variant counters: where the controller reads what the filter counted.
 //!
-//! A source returns raw series (name + labels → value) per origin (one Envoy, or one
-//! Prometheus target). The [`Accumulator`] turns those into counters that never go down: when
-//! any counter of an origin decreases, that origin restarted, so everything it had counted
-//! before is carried forward instead of being read as negative traffic. The sum over origins is
-//! a [`Reading`]: what the judge works on. A source that cannot answer, or whose data is stale,
-//! returns an error; the rollout then sees "no data" and holds.
+//! A source returns series values per origin (one Envoy, or one Prometheus target), the series
+//! named by [`SeriesId`]s (see [`series`]). The [`Accumulator`] turns those into counters that
+//! never go down: when any counter of an origin decreases, that origin restarted, so
+//! everything it had counted before is carried forward instead of being read as negative
+//! traffic. The sum over origins is a [`Reading`]: what the judge works on. A source that
+//! cannot answer, or whose data is stale, returns an error; the rollout then sees "no data"
+//! and holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub mod envoy_admin;
 pub mod exposition;
 pub mod prometheus;
+pub mod series;
 
 pub use exposition::Sample;
+pub use series::{SeriesId, SeriesKey};
 
-/// Labels that identify where a series came from rather than what it counts; dropped when
-/// series from different origins are summed.
-const ORIGIN_LABELS: [&str; 4] = ["instance", "job", "pod", "envoy"];
-
-/// One series' identity after origin labels are dropped: name and sorted labels.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SeriesKey {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-}
-
-impl SeriesKey {
-    pub fn of(sample: &Sample) -> SeriesKey {
-        SeriesKey {
-            name: sample.name.clone(),
-            labels: sample
-                .labels
-                .iter()
-                .filter(|(k, _)| !ORIGIN_LABELS.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
-    }
-
-    pub fn label(&self, name: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// The series of one origin at one scrape.
+/// The series values of one origin at one scrape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginScrape {
-    /// Stable name of the origin (admin URL, or Prometheus `instance`).
-    pub origin: String,
-    pub samples: Vec<Sample>,
+    /// Stable name of the origin (admin URL, or Prometheus `job/instance`).
+    pub origin: Arc<str>,
+    /// Shared: one Envoy answer serves every rollout reading it.
+    pub values: Arc<Vec<(SeriesId, f64)>>,
+}
+
+impl OriginScrape {
+    /// An origin's scrape from parsed samples (interning their series).
+    pub fn from_samples(origin: &str, samples: Vec<Sample>) -> OriginScrape {
+        OriginScrape {
+            origin: Arc::from(origin),
+            values: Arc::new(
+                samples
+                    .iter()
+                    .map(|s| (series::intern(SeriesKey::of(s)), s.value))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Why a source has no usable data.
@@ -94,8 +81,8 @@ pub trait Source {
 pub struct Reading {
     pub at: Option<SystemTime>,
     pub series: BTreeMap<SeriesKey, f64>,
-    /// Restarts detected so far, per origin.
-    pub restarts: BTreeMap<String, u64>,
+    /// Origin restarts detected so far, all origins together.
+    pub restarts: u64,
 }
 
 impl Reading {
@@ -109,8 +96,8 @@ impl Reading {
     }
 }
 
-/// One origin's counters, indexed by series id (see [`Accumulator`]); a series the origin has
-/// not reported counts as 0.
+/// One origin's counters, by local series index (see [`Accumulator`]); a series the origin
+/// has not reported counts as 0.
 #[derive(Debug, Default)]
 struct OriginState {
     last: Vec<f64>,
@@ -120,80 +107,72 @@ struct OriginState {
 
 /// Restart-proof accumulation of counters per origin.
 ///
-/// Series keys are interned: each distinct series gets an id once, and per-origin state is a
-/// vector of values by id, so a tick with many origins clones each series key once, not once
-/// per origin, and sums origins without map lookups.
+/// The series this accumulator has seen get local indexes 0, 1, …; per-origin state is a
+/// vector of values by local index, so a tick sums origins without map lookups.
 #[derive(Debug, Default)]
 pub struct Accumulator {
-    /// Series ids by a hash of the series' identity (collisions resolved by comparing).
-    index: HashMap<u64, Vec<usize>>,
-    keys: Vec<SeriesKey>,
-    origins: BTreeMap<String, OriginState>,
-}
-
-/// Hash of a sample's series identity (name and non-origin labels), without allocating.
-fn identity_hash(s: &Sample) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    s.name.hash(&mut h);
-    for (k, v) in identity_labels(s) {
-        k.hash(&mut h);
-        v.hash(&mut h);
-    }
-    h.finish()
-}
-
-fn identity_labels(s: &Sample) -> impl Iterator<Item = (&str, &str)> {
-    s.labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .filter(|(k, _)| !ORIGIN_LABELS.contains(k))
-}
-
-impl SeriesKey {
-    /// Whether `s` belongs to this series.
-    fn matches(&self, s: &Sample) -> bool {
-        self.name == s.name
-            && self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .eq(identity_labels(s))
-    }
+    /// Local index by series id (`u32::MAX`: not seen).
+    local: Vec<u32>,
+    keys: Vec<Arc<SeriesKey>>,
+    origin_index: HashMap<Arc<str>, usize>,
+    origins: Vec<OriginState>,
+    current: Vec<f64>,
 }
 
 impl Accumulator {
+    /// The local index of series `id`, given one if new.
+    fn local(&mut self, id: SeriesId) -> Option<usize> {
+        let i = id as usize;
+        if let Some(&l) = self.local.get(i) {
+            if l != u32::MAX {
+                return Some(l as usize);
+            }
+        }
+        let key = series::key(id)?;
+        if self.local.len() <= i {
+            self.local.resize(i + 1, u32::MAX);
+        }
+        let l = self.keys.len();
+        self.local[i] = u32::try_from(l).ok()?;
+        self.keys.push(key);
+        Some(l)
+    }
+
     /// Folds in one scrape and returns the summed, monotone reading. Origins absent from
     /// `scrapes` keep contributing their last values (the source decides whether too many
     /// are missing).
     pub fn add(&mut self, at: SystemTime, scrapes: &[OriginScrape]) -> Reading {
-        let mut current: Vec<f64> = Vec::new();
         for scrape in scrapes {
+            let mut current = std::mem::take(&mut self.current);
             current.clear();
             current.resize(self.keys.len(), 0.0);
-            for s in &scrape.samples {
-                if !s.value.is_finite() {
+            for &(id, value) in scrape.values.iter() {
+                if !value.is_finite() {
                     continue;
                 }
-                let bucket = self.index.entry(identity_hash(s)).or_default();
-                let id = match bucket.iter().find(|&&id| self.keys[id].matches(s)) {
-                    Some(&id) => id,
-                    None => {
-                        let id = self.keys.len();
-                        bucket.push(id);
-                        self.keys.push(SeriesKey::of(s));
-                        current.push(0.0);
-                        id
+                if let Some(l) = self.local(id) {
+                    if l >= current.len() {
+                        current.resize(l + 1, 0.0);
                     }
-                };
-                current[id] += s.value;
+                    current[l] += value;
+                }
             }
-            let state = self.origins.entry(scrape.origin.clone()).or_default();
+            let o = match self.origin_index.get(&scrape.origin) {
+                Some(&o) => o,
+                None => {
+                    self.origins.push(OriginState::default());
+                    self.origin_index
+                        .insert(scrape.origin.clone(), self.origins.len() - 1);
+                    self.origins.len() - 1
+                }
+            };
+            let state = &mut self.origins[o];
             // A series that went down, or vanished, means the origin restarted.
             let restarted = state
                 .last
                 .iter()
                 .enumerate()
-                .any(|(id, old)| current.get(id).copied().unwrap_or(0.0) < *old);
+                .any(|(l, old)| current.get(l).copied().unwrap_or(0.0) < *old);
             if restarted {
                 state.restarts += 1;
                 state
@@ -203,24 +182,37 @@ impl Accumulator {
                     *c += old;
                 }
             }
-            state.last.clone_from(&current);
+            std::mem::swap(&mut state.last, &mut current);
+            self.current = current;
         }
         let mut totals = vec![0.0; self.keys.len()];
-        let mut reading = Reading {
-            at: Some(at),
-            ..Reading::default()
-        };
-        for (origin, state) in &self.origins {
+        let mut restarts = 0;
+        for state in &self.origins {
             for (t, v) in totals.iter_mut().zip(&state.last) {
                 *t += v;
             }
             for (t, v) in totals.iter_mut().zip(&state.carried) {
                 *t += v;
             }
-            reading.restarts.insert(origin.clone(), state.restarts);
+            restarts += state.restarts;
         }
-        reading.series = self.keys.iter().cloned().zip(totals).collect();
-        reading
+        Reading {
+            at: Some(at),
+            series: self
+                .keys
+                .iter()
+                .map(|k| (**k).clone())
+                .zip(totals)
+                .collect(),
+            restarts,
+        }
+    }
+
+    /// Restarts detected so far of origin `origin`.
+    pub fn restarts_of(&self, origin: &str) -> u64 {
+        self.origin_index
+            .get(origin)
+            .map_or(0, |&o| self.origins[o].restarts)
     }
 }
 
@@ -240,13 +232,13 @@ mod tests {
     }
 
     fn scrape(origin: &str, requests: f64, errors: f64) -> OriginScrape {
-        OriginScrape {
-            origin: origin.into(),
-            samples: vec![
+        OriginScrape::from_samples(
+            origin,
+            vec![
                 sample("sluice_requests_total", "canary", requests),
                 sample("sluice_errors_total", "canary", errors),
             ],
-        }
+        )
     }
 
     #[test]
@@ -278,8 +270,9 @@ mod tests {
         assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 3.0 + 60.0);
         // Even a counter that happened to be equal is carried once, not twice.
         assert_eq!(r.sum("sluice_errors_total", &[]), 7.0 + 7.0);
-        assert_eq!(r.restarts.get("a"), Some(&1));
-        assert_eq!(r.restarts.get("b"), Some(&0));
+        assert_eq!(acc.restarts_of("a"), 1);
+        assert_eq!(acc.restarts_of("b"), 0);
+        assert_eq!(r.restarts, 1);
         let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 10.0, 8.0)]);
         assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 10.0 + 60.0);
     }

@@ -259,3 +259,14 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
     assert_eq!(h.status.borrow().state.weight, 100.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn ticks_fall_on_multiples_of_the_interval() {
+    let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
+    let ten = Duration::from_secs(10);
+    assert_eq!(secs(after_tick(100.0, ten)), 10.0);
+    assert_eq!(secs(after_tick(103.0, ten)), 7.0);
+    // Less than half an interval to the next multiple: the one after.
+    assert_eq!(secs(after_tick(106.0, ten)), 14.0);
+    assert_eq!(secs(after_tick(1.25, Duration::from_millis(500))), 0.75);
+}

@@ -148,7 +148,7 @@ fn a_reading_becomes_a_snapshot() {
     let reading = Reading {
         at: None,
         series,
-        restarts: BTreeMap::new(),
+        restarts: 0,
     };
     let weights = BTreeMap::from([("control".into(), 95.0), ("canary".into(), 5.0)]);
     let s = Snapshot::from_reading(&reading, "e", "control", "canary", weights, 100.0);

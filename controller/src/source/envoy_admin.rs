@@ -1,26 +1,257 @@
 //! The Envoy admin source: `/stats/prometheus` of every listed Envoy, scraped concurrently.
+//!
+//! Rollouts of one controller often read the same Envoys. They share an [`AdminHub`]: one
+//! request per Envoy and tick asks for every experiment read there lately (Envoy filters by
+//! stat name), the answer is parsed once and split by experiment, and a rollout asking within
+//! the sharing window of an earlier request gets its part of that answer instead of a new
+//! request. Rollout ticks fall on multiples of their interval (see the daemon), so rollouts
+//! with the same interval ask at the same moments.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use super::exposition;
+use super::series::{self, ExperimentId, SeriesId, Slot};
 use super::{OriginScrape, Source, SourceError};
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminError};
+
+/// Longest a scrape is shared: a rollout is never handed data older than this.
+const SHARE_AT_MOST: Duration = Duration::from_secs(1);
+
+/// The Envoy admin endpoints one controller reads, shared by its rollouts.
+#[derive(Debug, Default)]
+pub struct AdminHub {
+    http: reqwest::Client,
+    endpoints: Mutex<HashMap<Arc<str>, Arc<Endpoint>>>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    base: Arc<str>,
+    state: tokio::sync::Mutex<EndpointState>,
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    /// Experiments read here lately, and until when they are asked for.
+    wanted: BTreeMap<String, Instant>,
+    last: Option<Fetched>,
+    /// Series slots of the last answer, in order (see [`exposition::read`]).
+    slots: Vec<Slot>,
+}
+
+/// One answer's values, by experiment.
+type Parts = Vec<(ExperimentId, Values)>;
+
+/// One origin's values of one experiment.
+type Values = Arc<Vec<(SeriesId, f64)>>;
+
+/// One request's outcome: values by experiment, or why there are none.
+#[derive(Debug)]
+struct Fetched {
+    started: Instant,
+    covers: Vec<ExperimentId>,
+    result: Result<Parts, String>,
+}
+
+impl Fetched {
+    fn part(&self, experiment: ExperimentId) -> Result<Values, String> {
+        match &self.result {
+            Ok(parts) => Ok(parts
+                .iter()
+                .find(|(e, _)| *e == experiment)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// How many values experiment `e` had in this answer (to size the next one).
+    fn len_of(&self, e: ExperimentId) -> usize {
+        self.result
+            .as_ref()
+            .ok()
+            .and_then(|parts| parts.iter().find(|(x, _)| *x == e))
+            .map_or(0, |(_, v)| v.len())
+    }
+}
+
+/// How a rollout reads through the hub.
+#[derive(Debug, Clone, Copy)]
+struct Reader {
+    timeout: Duration,
+    /// An answer whose request started at most this long ago is reused.
+    share_within: Duration,
+    /// How long the experiment stays in the requests after this read.
+    keep: Duration,
+}
+
+impl AdminHub {
+    pub fn new() -> Arc<AdminHub> {
+        Arc::new(AdminHub::default())
+    }
+
+    fn endpoint(&self, base: &Arc<str>) -> Arc<Endpoint> {
+        let mut all = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(base.clone())
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    base: base.clone(),
+                    state: tokio::sync::Mutex::new(EndpointState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// `experiment`'s series at `base`, from a fresh enough shared answer or a new request.
+    async fn read(
+        &self,
+        base: &Arc<str>,
+        experiment: &str,
+        reader: Reader,
+    ) -> Result<Values, String> {
+        let endpoint = self.endpoint(base);
+        let id = series::experiment(experiment);
+        // Readers of one endpoint queue here: the first one's request serves those behind it.
+        let mut guard = endpoint.state.lock().await;
+        let state = &mut *guard;
+        let now = Instant::now();
+        let until = now + reader.keep;
+        match state.wanted.get_mut(experiment) {
+            Some(u) => *u = (*u).max(until),
+            None => {
+                state.wanted.insert(experiment.to_string(), until);
+            }
+        }
+        if let Some(last) = &state.last {
+            if now.duration_since(last.started) <= reader.share_within && last.covers.contains(&id)
+            {
+                return last.part(id);
+            }
+        }
+        state.wanted.retain(|_, u| *u >= now);
+        let names: Vec<&str> = state.wanted.keys().map(String::as_str).collect();
+        let covers: Vec<ExperimentId> = names.iter().map(|n| series::experiment(n)).collect();
+        let mut parts: Vec<(ExperimentId, Vec<(SeriesId, f64)>)> = covers
+            .iter()
+            .map(|&e| {
+                let hint = state.last.as_ref().map_or(0, |l| l.len_of(e));
+                (e, Vec::with_capacity(hint))
+            })
+            .collect();
+        let admin = Admin::sharing(&endpoint.base, reader.timeout, &self.http);
+        let result = read_answer(&admin, &names, &mut state.slots, &mut parts)
+            .await
+            .map(|()| {
+                parts
+                    .into_iter()
+                    .map(|(e, values)| (e, Arc::new(values)))
+                    .collect()
+            })
+            .map_err(|e| e.to_string());
+        let fetched = Fetched {
+            started: now,
+            covers,
+            result,
+        };
+        let part = fetched.part(id);
+        state.last = Some(fetched);
+        part
+    }
+}
+
+/// Asks for `names` and reads the answer, as it arrives, into `parts` (one entry per
+/// experiment asked for).
+async fn read_answer(
+    admin: &Admin,
+    names: &[&str],
+    slots: &mut Vec<Slot>,
+    parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
+) -> Result<(), AdminError> {
+    let mut resp = admin.sluice_exposition(names).await?;
+    let parse_error = |source| AdminError::Parse {
+        url: admin.exposition_url(),
+        source,
+    };
+    let mut reader = exposition::Reader::new("sluice_", slots);
+    let mut current = 0;
+    let mut each = |slot: &Slot, value: f64| {
+        if parts
+            .get(current)
+            .is_none_or(|(e, _)| *e != slot.experiment)
+        {
+            match parts.iter().position(|(e, _)| *e == slot.experiment) {
+                Some(i) => current = i,
+                // Not asked for (Envoy's filter let it through): not ours to count.
+                None => return,
+            }
+        }
+        parts[current].1.push((slot.id, value));
+    };
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => reader.feed(&chunk, &mut each).map_err(parse_error)?,
+            Ok(None) => break,
+            Err(source) => {
+                return Err(AdminError::Http {
+                    url: admin.exposition_url(),
+                    source,
+                })
+            }
+        }
+    }
+    reader.finish(&mut each).map_err(parse_error)
+}
 
 /// Scrapes a fixed list of Envoy admin endpoints.
 #[derive(Debug, Clone)]
 pub struct EnvoyAdmin {
-    proxies: Vec<Admin>,
+    hub: Arc<AdminHub>,
+    endpoints: Vec<Arc<str>>,
+    reader: Reader,
     /// Fewest endpoints that must answer for the data to count (default: all of them).
     min_healthy: usize,
 }
 
 impl EnvoyAdmin {
+    /// A source with its own connections that never reuses an answer.
     pub fn new(endpoints: &[String], timeout: Duration, min_healthy: Option<usize>) -> EnvoyAdmin {
-        let proxies: Vec<Admin> = endpoints.iter().map(|e| Admin::new(e, timeout)).collect();
+        EnvoyAdmin::shared(
+            &AdminHub::new(),
+            endpoints,
+            timeout,
+            min_healthy,
+            Duration::ZERO,
+        )
+    }
+
+    /// A source reading through `hub`, for a rollout evaluated every `interval`: answers are
+    /// shared with other rollouts for up to half an interval (at most a second).
+    pub fn shared(
+        hub: &Arc<AdminHub>,
+        endpoints: &[String],
+        timeout: Duration,
+        min_healthy: Option<usize>,
+        interval: Duration,
+    ) -> EnvoyAdmin {
+        let endpoints: Vec<Arc<str>> = endpoints
+            .iter()
+            .map(|e| Arc::from(e.trim_end_matches('/')))
+            .collect();
         let min_healthy = min_healthy
-            .unwrap_or(proxies.len())
-            .clamp(1, proxies.len().max(1));
+            .unwrap_or(endpoints.len())
+            .clamp(1, endpoints.len().max(1));
         EnvoyAdmin {
-            proxies,
+            hub: hub.clone(),
+            endpoints,
+            reader: Reader {
+                timeout,
+                share_within: (interval / 2).min(SHARE_AT_MOST),
+                keep: interval * 3 + Duration::from_secs(10),
+            },
             min_healthy,
         }
     }
@@ -28,43 +259,161 @@ impl EnvoyAdmin {
 
 impl Source for EnvoyAdmin {
     async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, proxy) in self.proxies.iter().cloned().enumerate() {
-            let experiment = experiment.to_string();
-            tasks.spawn(async move { (i, proxy.prometheus(&experiment).await) });
-        }
-        let mut answered = Vec::new();
+        // One future per endpoint, polled together in this task: most of them only wait
+        // for another rollout's request to the same endpoint.
+        let reads = self
+            .endpoints
+            .iter()
+            .map(|base| self.hub.read(base, experiment, self.reader));
+        let mut answered = Vec::with_capacity(self.endpoints.len());
         let mut failures = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((i, Ok(samples))) => answered.push((i, samples)),
-                Ok((i, Err(e))) => failures.push((i, e.to_string())),
-                Err(e) => failures.push((usize::MAX, e.to_string())),
+        for (i, result) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match result {
+                Ok(values) => answered.push((i, values)),
+                Err(e) => failures.push((i, e)),
             }
         }
         if answered.len() < self.min_healthy {
-            if let ([(i, reason)], 1) = (failures.as_slice(), self.proxies.len()) {
+            if let ([(i, reason)], 1) = (failures.as_slice(), self.endpoints.len()) {
                 return Err(SourceError::Unreachable {
-                    origin: self.proxies[*i].base().to_string(),
+                    origin: self.endpoints[*i].to_string(),
                     reason: reason.clone(),
                 });
             }
             return Err(SourceError::TooFewOrigins {
                 healthy: answered.len(),
-                total: self.proxies.len(),
+                total: self.endpoints.len(),
                 needed: self.min_healthy,
             });
         }
-        answered.sort_by_key(|(i, _)| *i);
         Ok(answered
             .into_iter()
-            .map(|(i, samples)| OriginScrape {
-                origin: self.proxies[i].base().to_string(),
-                samples: samples
-                    .into_iter()
-                    .filter(|s| s.label("experiment") == Some(experiment))
-                    .collect(),
+            .map(|(i, values)| OriginScrape {
+                origin: self.endpoints[i].clone(),
+                values,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    /// A stand-in admin endpoint that answers each `filter=…(a|b);` with one requests counter
+    /// per named experiment, valued with its own request number, and records the filters.
+    async fn endpoint() -> (String, Arc<Mutex<Vec<Vec<String>>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok();
+        let Some(listener) = listener else {
+            panic!("no loopback listener");
+        };
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let query = req.uri().query().unwrap_or_default().replace("%7C", "|");
+                        let names: Vec<String> = query
+                            .split_once("%5C.%3D%5C.%28")
+                            .and_then(|(_, rest)| rest.split_once("%29%3B"))
+                            .map(|(names, _)| names.split('|').map(str::to_string).collect())
+                            .unwrap_or_default();
+                        let mut seen = log.lock().unwrap_or_else(|p| p.into_inner());
+                        seen.push(names.clone());
+                        let n = seen.len();
+                        let body: String = names
+                            .iter()
+                            .map(|e| format!("sluice_requests_total{{experiment=\"{e}\",variant=\"canary\"}} {n}\n"))
+                            .collect();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from(body),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    /// (experiment of the only series, its value) of a one-origin scrape.
+    fn only(scrape: Result<Vec<OriginScrape>, SourceError>) -> Option<(String, f64)> {
+        let scrape = scrape.ok()?;
+        let [origin] = scrape.as_slice() else {
+            return None;
+        };
+        let [(id, value)] = origin.values.as_slice() else {
+            return None;
+        };
+        Some((series::key(*id)?.label("experiment")?.to_string(), *value))
+    }
+
+    #[tokio::test]
+    async fn rollouts_reading_one_envoy_share_its_scrape() {
+        let (url, seen) = endpoint().await;
+        let requests = || seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let hub = AdminHub::new();
+        // Shared for up to 100 ms.
+        let interval = Duration::from_millis(200);
+        let a = EnvoyAdmin::shared(
+            &hub,
+            std::slice::from_ref(&url),
+            Duration::from_secs(2),
+            None,
+            interval,
+        );
+        let b = EnvoyAdmin::shared(
+            &hub,
+            std::slice::from_ref(&url),
+            Duration::from_secs(2),
+            None,
+            interval,
+        );
+
+        // A new experiment is not in the last answer: it is asked for, with the others.
+        assert_eq!(only(a.scrape("hub-a").await), Some(("hub-a".into(), 1.0)));
+        assert_eq!(only(b.scrape("hub-b").await), Some(("hub-b".into(), 2.0)));
+        assert_eq!(requests(), [vec!["hub-a"], vec!["hub-a", "hub-b"]]);
+        // Within the window both are in the last answer.
+        assert_eq!(only(a.scrape("hub-a").await), Some(("hub-a".into(), 2.0)));
+        assert_eq!(requests().len(), 2);
+
+        // Past the window, two rollouts asking at once make one request between them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (ra, rb) = tokio::join!(a.scrape("hub-a"), b.scrape("hub-b"));
+        assert_eq!(only(ra), Some(("hub-a".into(), 3.0)));
+        assert_eq!(only(rb), Some(("hub-b".into(), 3.0)));
+        assert_eq!(requests().len(), 3);
+
+        // A source of its own never reuses an answer.
+        let alone = EnvoyAdmin::new(&[url], Duration::from_secs(2), None);
+        assert_eq!(
+            only(alone.scrape("hub-a").await),
+            Some(("hub-a".into(), 4.0))
+        );
+        assert_eq!(
+            only(alone.scrape("hub-a").await),
+            Some(("hub-a".into(), 5.0))
+        );
+        assert_eq!(requests()[4], ["hub-a"]);
     }
 }

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use super::series::{self, Slot};
+
 /// One sample: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -33,46 +35,210 @@ pub struct ParseError {
 /// for all), which keeps scrapes of a busy Envoy cheap.
 pub fn parse(text: &str, prefix: &str) -> Result<Vec<Sample>, ParseError> {
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') || !line.starts_with(prefix) {
-            continue;
-        }
-        out.push(parse_line(line).map_err(|reason| ParseError {
+    for (i, line) in sample_lines(text, prefix) {
+        let at = |reason| ParseError {
             line: i + 1,
             reason,
-        })?);
+        };
+        let end = series_end(line).map_err(at)?;
+        let mut sample = parse_series(&line[..end]).map_err(at)?;
+        sample.value = value_after(&sample.name, &line.as_bytes()[end..]).map_err(at)?;
+        out.push(sample);
     }
     Ok(out)
 }
 
-fn parse_line(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_whitespace())
+/// Reads the samples of `text` whose name starts with `prefix`, handing each one's series
+/// slot and value to `each`; see [`Reader`].
+pub fn read(
+    text: &str,
+    prefix: &str,
+    slots: &mut Vec<Slot>,
+    mut each: impl FnMut(&Slot, f64),
+) -> Result<(), ParseError> {
+    let mut reader = Reader::new(prefix, slots);
+    reader.feed(text.as_bytes(), &mut each)?;
+    reader.finish(&mut each)
+}
+
+/// Reads an exposition as it arrives, in chunks cut anywhere, handing each sample's series
+/// slot and value on, without allocating for series seen before.
+///
+/// `slots` is what the previous reading of the same origin left (start with an empty vector):
+/// the slots of that exposition's samples in order. A proxy writes its series in the same
+/// order every time, so a line is first compared with the slot at its position; only a line
+/// that differs (a new series, or one that moved) is looked up in the process-wide table, and
+/// only text never seen before is parsed. After [`Reader::finish`], `slots` describes this
+/// exposition.
+pub struct Reader<'a> {
+    prefix: &'a [u8],
+    slots: &'a mut Vec<Slot>,
+    /// Samples read so far (the next slot position).
+    n: usize,
+    /// Lines read so far.
+    line: usize,
+    /// The start of a line cut by the end of the last chunk.
+    carry: Vec<u8>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(prefix: &'a str, slots: &'a mut Vec<Slot>) -> Reader<'a> {
+        Reader {
+            prefix: prefix.as_bytes(),
+            slots,
+            n: 0,
+            line: 0,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Reads the next chunk.
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        each: &mut impl FnMut(&Slot, f64),
+    ) -> Result<(), ParseError> {
+        if !self.carry.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', chunk) else {
+                self.carry.extend_from_slice(chunk);
+                return Ok(());
+            };
+            let mut line = std::mem::take(&mut self.carry);
+            line.extend_from_slice(&chunk[..end]);
+            self.line(&line, each)?;
+            line.clear();
+            self.carry = line;
+            chunk = &chunk[end + 1..];
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', chunk) {
+            self.line(&chunk[start..end], each)?;
+            start = end + 1;
+        }
+        self.carry.extend_from_slice(&chunk[start..]);
+        Ok(())
+    }
+
+    /// Reads what is left (a last line without a newline).
+    pub fn finish(mut self, each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
+        let line = std::mem::take(&mut self.carry);
+        self.line(&line, each)?;
+        self.slots.truncate(self.n);
+        Ok(())
+    }
+
+    fn line(&mut self, raw: &[u8], each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
+        self.line += 1;
+        let line = raw.trim_ascii();
+        if line.is_empty() || line[0] == b'#' || !line.starts_with(self.prefix) {
+            return Ok(());
+        }
+        let at = |reason| ParseError {
+            line: self.line,
+            reason,
+        };
+        let known = self.slots.get(self.n).is_some_and(|s| {
+            let t = s.text.as_bytes();
+            line.len() > t.len() && line[t.len()].is_ascii_whitespace() && line.starts_with(t)
+        });
+        if !known {
+            let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
+            let end = series_end(line).map_err(at)?;
+            let slot = series::slot(&line[..end]).map_err(at)?;
+            match self.slots.get_mut(self.n) {
+                Some(s) => *s = slot,
+                None => self.slots.push(slot),
+            }
+        }
+        let slot = &self.slots[self.n];
+        let value = value_after(&slot.text, &line[slot.text.len()..]).map_err(at)?;
+        each(slot, value);
+        self.n += 1;
+        Ok(())
+    }
+}
+
+/// Sample lines (numbered from 0, trimmed) whose name starts with `prefix`; `# HELP` / `# TYPE`
+/// and blank lines are skipped.
+fn sample_lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (usize, &'a str)> {
+    text.split('\n')
+        .enumerate()
+        .map(|(i, raw)| (i, raw.trim()))
+        .filter(move |(_, l)| !l.is_empty() && !l.starts_with('#') && l.starts_with(prefix))
+}
+
+/// The value token after a series text: `value [timestamp]`.
+fn value_after(name: &str, rest: &[u8]) -> Result<f64, String> {
+    let rest = rest.trim_ascii_start();
+    let end = rest
+        .iter()
+        .position(u8::is_ascii_whitespace)
+        .unwrap_or(rest.len());
+    let token = &rest[..end];
+    if token.is_empty() {
+        return Err(format!("{name}: missing value"));
+    }
+    // Counters are integers: read them without the general float parser (exact up to 15
+    // digits, below 2^53).
+    if token.len() <= 15 && token.iter().all(u8::is_ascii_digit) {
+        return Ok(token.iter().fold(0u64, |n, c| n * 10 + u64::from(c - b'0')) as f64);
+    }
+    let v = String::from_utf8_lossy(token);
+    parse_value(&v).ok_or_else(|| format!("{name}: invalid value {v:?}"))
+}
+
+/// Where a line's series text (`name` or `name{labels}`) ends. Label values are quoted
+/// strings and may hold `}` or spaces.
+fn series_end(line: &str) -> Result<usize, String> {
+    let b = line.as_bytes();
+    let name_end = b
+        .iter()
+        .position(|&c| c == b'{' || c.is_ascii_whitespace())
         .ok_or_else(|| "sample has no value".to_string())?;
-    let name = &line[..name_end];
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    if b[name_end] != b'{' {
+        return Ok(name_end);
+    }
+    let mut quoted = false;
+    let mut i = name_end + 1;
+    while i < b.len() {
+        match (quoted, b[i]) {
+            (true, b'\\') => i += 1,
+            (_, b'"') => quoted = !quoted,
+            (false, b'}') => return Ok(i + 1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Err(if quoted {
+        "unterminated label value".into()
+    } else {
+        "expected `name=\"value\"` or `}` in the label set".into()
+    })
+}
+
+/// Parses series text, `name` or `name{label="value",...}`, into a sample with value 0.
+pub fn parse_series(text: &str) -> Result<Sample, String> {
+    let name_end = text.find('{').unwrap_or(text.len());
+    let name = &text[..name_end];
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     {
         return Err(format!("invalid metric name {name:?}"));
     }
-    let mut rest = &line[name_end..];
     let mut labels = BTreeMap::new();
-    if let Some(after) = rest.strip_prefix('{') {
-        let (parsed, remainder) = parse_labels(after)?;
+    if name_end < text.len() {
+        let (parsed, rest) = parse_labels(&text[name_end + 1..])?;
+        if !rest.trim().is_empty() {
+            return Err(format!("{name}: unexpected {rest:?} after the label set"));
+        }
         labels = parsed;
-        rest = remainder;
     }
-    let mut fields = rest.split_whitespace();
-    let value = fields
-        .next()
-        .ok_or_else(|| format!("{name}: missing value"))?;
-    let value = parse_value(value).ok_or_else(|| format!("{name}: invalid value {value:?}"))?;
     Ok(Sample {
         name: name.to_string(),
         labels,
-        value,
+        value: 0.0,
     })
 }
 
@@ -183,7 +349,7 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
     fn malformed_lines_are_errors_with_line_numbers() {
         for (text, want) in [
             ("a{x=\"1\" 3", "line 1: expected `name=\"value\"` or `}`"),
-            ("a{x=\"1", "line 1: label \"x\": unterminated"),
+            ("a{x=\"1", "line 1: unterminated label value"),
             ("\nb{x=1} 3", "line 2: label \"x\": value is not quoted"),
             ("c 1 2\nc", "line 2: sample has no value"),
             ("d{} abc", "line 1: d: invalid value \"abc\""),
@@ -194,5 +360,91 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
                 "{text:?}: {got:?}"
             );
         }
+    }
+
+    /// (name, variant label, value) of every sample `read` hands over.
+    fn read_all(
+        text: &str,
+        slots: &mut Vec<Slot>,
+    ) -> Result<Vec<(String, String, f64)>, ParseError> {
+        let mut out = Vec::new();
+        read(text, "", slots, |slot, v| {
+            let key = series::key(slot.id);
+            let name = key.as_ref().map_or(String::new(), |k| k.name.clone());
+            let variant = key.and_then(|k| k.label("variant").map(str::to_string));
+            out.push((name, variant.unwrap_or_default(), v));
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn read_agrees_with_parse_and_follows_changes() {
+        let mut slots = Vec::new();
+        let first = read_all(ENVOY, &mut slots);
+        let parsed: Vec<_> = parse(ENVOY, "")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.label("variant").unwrap_or("").to_string(),
+                    s.value,
+                )
+            })
+            .collect();
+        assert_eq!(first.as_ref().ok(), Some(&parsed));
+        assert_eq!(slots.len(), 7);
+        // Chunks cut anywhere read the same.
+        for cut in 0..ENVOY.len() {
+            let (mut got, mut fresh) = (Vec::new(), Vec::new());
+            let mut reader = Reader::new("", &mut fresh);
+            let mut each = |slot: &Slot, v: f64| got.push((slot.id, v));
+            let (head, tail) = ENVOY.as_bytes().split_at(cut);
+            let done = reader
+                .feed(head, &mut each)
+                .and_then(|()| reader.feed(tail, &mut each))
+                .and_then(|()| reader.finish(&mut each));
+            assert!(done.is_ok(), "cut at {cut}: {done:?}");
+            let want: Vec<_> = slots
+                .iter()
+                .map(|s| s.id)
+                .zip(parsed.iter().map(|p| p.2))
+                .collect();
+            assert_eq!(got, want, "cut at {cut}");
+        }
+        let again = ENVOY.replace("} 17", "} 18");
+        let second = read_all(&again, &mut slots).unwrap_or_default();
+        assert_eq!(
+            second[1],
+            ("sluice_requests_total".into(), "stable".into(), 18.0)
+        );
+        // A series added in front moves every line: each is still named right.
+        let moved = format!("read_test_new{{variant=\"v\"}} 1\n{again}");
+        let third = read_all(&moved, &mut slots).unwrap_or_default();
+        assert_eq!(third.len(), 8);
+        assert_eq!(third[0], ("read_test_new".into(), "v".into(), 1.0));
+        assert_eq!(
+            third[2],
+            ("sluice_requests_total".into(), "stable".into(), 18.0)
+        );
+        // Fewer lines: the slots shrink with them; timestamps and `}` or spaces in values.
+        let odd = "read_test_odd{variant=\"} x\"} 4 1700000000000\nread_test_odd 5\n";
+        let fourth = read_all(odd, &mut slots).unwrap_or_default();
+        assert_eq!(
+            fourth,
+            [
+                ("read_test_odd".into(), "} x".into(), 4.0),
+                ("read_test_odd".into(), String::new(), 5.0)
+            ]
+        );
+        assert_eq!(slots.len(), 2);
+        let bad = read_all(
+            "read_test_odd 5\nread_test_odd{variant=\"v} 1\n",
+            &mut slots,
+        );
+        assert_eq!(
+            bad.map_err(|e| e.to_string()),
+            Err("line 2: unterminated label value".into())
+        );
     }
 }

@@ -169,7 +169,7 @@ impl Source for Prometheus {
         }
         Ok(by_origin
             .into_iter()
-            .map(|(origin, samples)| OriginScrape { origin, samples })
+            .map(|(origin, samples)| OriginScrape::from_samples(&origin, samples))
             .collect())
     }
 }

@@ -14,8 +14,8 @@
 //!    little between endpoints. Bodies are rebuilt once a second, so serving is cheap.
 //! 3. **The controller** (`controller-run`, another child process, so its CPU time and peak RSS
 //!    are its own): R rollouts, each a real daemon `Task` as `sluice run` builds it — the real
-//!    Envoy admin source over all N endpoints (one admin client per endpoint, scraped
-//!    concurrently), the accumulator, the real judge (`Assessor`, every guardrail on), the state
+//!    Envoy admin source over all N endpoints (through one `AdminHub`, so rollouts ticking
+//!    together share one request per endpoint), the accumulator, the real judge (`Assessor`, every guardrail on), the state
 //!    machine, the state file and audit log on disk — except the sink, which confirms every push
 //!    at once (a push happens once per stage, not per tick). After a warm-up it measures its own
 //!    CPU time (schedstat of all its threads) over a number of ticks, counts the evaluations in
@@ -39,6 +39,7 @@ use sluice_controller::daemon::{AnySource, SystemClock, Task};
 use sluice_controller::judge::assess::Assessor;
 use sluice_controller::notify::Notifier;
 use sluice_controller::sink::{Receipt, Sink, SinkError};
+use sluice_controller::source::envoy_admin::AdminHub;
 use sluice_controller::source::{OriginScrape, Source, SourceError};
 use sluice_controller::spec::Rollout;
 use sluice_controller::store::Store;
@@ -161,6 +162,8 @@ struct RunReport {
     scrape_ms_p50: f64,
     scrape_ms_max: f64,
     scrape_errors: u64,
+    /// Exposition requests the simulated endpoints answered per tick.
+    requests_per_tick: f64,
     phases: Vec<String>,
     judgements: Vec<String>,
     observed_requests: Vec<String>,
@@ -227,13 +230,12 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             .last()
             .context("controller-run printed nothing")?,
     )?;
-    // What one scrape carries: the controller asks each endpoint for its own experiment only.
-    let scrape_bytes = render(
-        &parse_template(&template),
-        1.0,
-        Some(&format!("experiment=\"{}\"", rollout_name(0))),
-    )
-    .len();
+    // What one scrape carries: the rollouts share one request per endpoint, asking for all
+    // their experiments (not other experiments on the same Envoys).
+    let asked: Vec<String> = (0..args.rollouts)
+        .map(|i| format!("experiment=\"{}\"", rollout_name(i)))
+        .collect();
+    let scrape_bytes = render(&parse_template(&template), 1.0, Some(&asked)).len();
     print_report(
         &args,
         &report,
@@ -449,13 +451,13 @@ fn print_report(args: &ControllerArgs, r: &RunReport, size: Sizes, server_cores:
         size.full as f64 / 1024.0
     );
     println!(
-        "| one scrape (one experiment's series, Envoy-side `filter`) | {:.1} KiB |",
+        "| one scrape (the rollouts' experiments, Envoy-side `filter`) | {:.1} KiB |",
         size.scrape as f64 / 1024.0
     );
     println!(
-        "| scrapes per tick | {} ({:.1} MiB) |",
-        args.endpoints * args.rollouts,
-        (args.endpoints * args.rollouts * size.scrape) as f64 / 1048576.0
+        "| scrapes per tick (answered by the endpoints) | {:.0} ({:.1} MiB) |",
+        r.requests_per_tick,
+        r.requests_per_tick * size.scrape as f64 / 1048576.0
     );
     println!(
         "| ticks measured (evaluations / rollouts) | {:.1} |",
@@ -522,13 +524,17 @@ fn parse_template(text: &str) -> Vec<Line> {
 
 /// The template with every value times `factor` (counters and buckets stay integers, so
 /// cumulative buckets stay ordered).
-fn render(lines: &[Line], factor: f64, only: Option<&str>) -> Bytes {
+fn render(lines: &[Line], factor: f64, only: Option<&[String]>) -> Bytes {
     use std::fmt::Write;
     let mut out = String::new();
     for l in lines {
         match l {
             Line::Text(t) => out.push_str(t),
-            Line::Sample { head, .. } if only.is_some_and(|o| !head.contains(o)) => continue,
+            Line::Sample { head, .. }
+                if only.is_some_and(|o| !o.iter().any(|l| head.contains(l))) =>
+            {
+                continue
+            }
             Line::Sample {
                 head,
                 value,
@@ -549,21 +555,23 @@ fn render(lines: &[Line], factor: f64, only: Option<&str>) -> Bytes {
 
 struct Bodies {
     lines: Vec<Line>,
+    /// Exposition requests answered so far (`GET /requests`).
+    served: std::sync::atomic::AtomicU64,
     classes: usize,
     started: Instant,
     cache: Mutex<HashMap<BodyKey, (u64, Bytes)>>,
 }
 
-/// A cached body: endpoint class and the experiment asked for; the value is (second, body).
-type BodyKey = (usize, Option<String>);
+/// A cached body: endpoint class and the experiments asked for; the value is (second, body).
+type BodyKey = (usize, Option<Vec<String>>);
 
 impl Bodies {
-    /// The body endpoint `endpoint` serves now; with `experiment`, only that experiment's
-    /// samples, as Envoy answers a `filter` naming it.
-    fn body(&self, endpoint: usize, experiment: Option<&str>) -> Bytes {
+    /// The body endpoint `endpoint` serves now; with `experiments`, only their samples, as
+    /// Envoy answers a `filter` naming them.
+    fn body(&self, endpoint: usize, experiments: Option<Vec<String>>) -> Bytes {
         let class = endpoint % self.classes;
         let second = self.started.elapsed().as_secs();
-        let key = (class, experiment.map(str::to_string));
+        let key = (class, experiments);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((s, b)) = cache.get(&key) {
             if *s == second {
@@ -574,16 +582,19 @@ impl Bodies {
         // increments between ticks are whole multiples of the template, with its proportions
         // exactly); endpoints differ by up to 35 %.
         let factor = ((20 + class as u64) * (1 + second)) as f64;
-        let label = experiment.map(|e| format!("experiment=\"{e}\""));
-        let body = render(&self.lines, factor, label.as_deref());
+        let labels: Option<Vec<String>> = key
+            .1
+            .as_ref()
+            .map(|es| es.iter().map(|e| format!("experiment=\"{e}\"")).collect());
+        let body = render(&self.lines, factor, labels.as_deref());
         cache.insert(key, (second, body.clone()));
         body
     }
 }
 
-/// The experiment a `filter=` query parameter selects, if it has the form the controller's
-/// admin source sends (`sluice_[a-z_]+\.experiment\.=\.<name>;`, percent-encoded).
-fn filtered_experiment(query: &str) -> Option<String> {
+/// The experiments a `filter=` query parameter selects, if it has the form the controller's
+/// admin source sends (`sluice_[a-z_]+\.experiment\.=\.(<name>|<name>…);`, percent-encoded).
+fn filtered_experiments(query: &str) -> Option<Vec<String>> {
     let raw = query.split('&').find_map(|kv| kv.strip_prefix("filter="))?;
     let mut decoded = Vec::with_capacity(raw.len());
     let bytes = raw.as_bytes();
@@ -600,9 +611,9 @@ fn filtered_experiment(query: &str) -> Option<String> {
         i += 1;
     }
     let filter = String::from_utf8(decoded).ok()?;
-    let rest = filter.split_once("\\.experiment\\.=\\.")?.1;
-    let name = rest.split_once(';')?.0;
-    Some(name.replace('\\', ""))
+    let rest = filter.split_once("\\.experiment\\.=\\.(")?.1;
+    let names = rest.split_once(");")?.0;
+    Some(names.split('|').map(|n| n.replace('\\', "")).collect())
 }
 
 /// `serve-stats`: the simulated endpoints (prints `port N`, serves until killed).
@@ -610,6 +621,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.template)?;
     let bodies = Arc::new(Bodies {
         lines: parse_template(&text),
+        served: Default::default(),
         classes: args.classes.max(1),
         started: Instant::now(),
         cache: Mutex::new(HashMap::new()),
@@ -654,10 +666,17 @@ fn answer<B>(bodies: &Bodies, req: &hyper::Request<B>) -> hyper::Response<Full<B
         .strip_suffix("/stats/prometheus")
         .and_then(|p| p.strip_prefix("/e"))
         .and_then(|i| i.parse::<usize>().ok());
+    if req.uri().path() == "/requests" {
+        let n = bodies.served.load(std::sync::atomic::Ordering::Relaxed);
+        return hyper::Response::new(Full::new(Bytes::from(n.to_string())));
+    }
     match endpoint {
         Some(i) => {
-            let experiment = req.uri().query().and_then(filtered_experiment);
-            let mut r = hyper::Response::new(Full::new(bodies.body(i, experiment.as_deref())));
+            bodies
+                .served
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let experiments = req.uri().query().and_then(filtered_experiments);
+            let mut r = hyper::Response::new(Full::new(bodies.body(i, experiments)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; charset=UTF-8"),
@@ -724,6 +743,7 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
     let mut handles = Vec::new();
     let mut joins = Vec::new();
     let mut audits = Vec::new();
+    let hub = AdminHub::new();
     for i in 0..args.rollouts {
         let checked = Rollout::parse(&rollout_spec(i, &endpoints, args.interval))
             .map_err(|e| anyhow::anyhow!("rollout spec {i}: {}", e.problems.join("; ")))?;
@@ -731,7 +751,11 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
         audits.push(store.audit_path().to_path_buf());
         let task = Task {
             source: Timed {
-                inner: AnySource::from_spec(&checked.rollout.spec.sources[0]),
+                inner: AnySource::from_spec(
+                    &checked.rollout.spec.sources[0],
+                    &hub,
+                    checked.rollout.spec.schedule.interval,
+                ),
                 walls: walls.clone(),
             },
             sinks: vec![ConfirmingSink],
@@ -755,6 +779,12 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
     tokio::time::sleep(interval * args.warmup_ticks + interval / 2).await;
 
     let pid = std::process::id();
+    let served = sluice_tests::Admin::new(([127, 0, 0, 1], args.port).into());
+    let requests = || async {
+        let n = served.get("/requests").await?;
+        anyhow::Ok(n.trim().parse::<f64>()?)
+    };
+    let requests0 = requests().await?;
     let evals0 = evaluations(&audits)?;
     let cpu0 = cpu_ns(pid)?;
     walls.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -763,6 +793,7 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
     let cpu = (cpu_ns(pid)? - cpu0) as f64 / 1e6;
     let wall = t0.elapsed().as_secs_f64();
     let evals = (evaluations(&audits)? - evals0) as f64;
+    let requests = requests().await? - requests0;
     let mut w: Vec<Duration> = walls.lock().unwrap_or_else(|p| p.into_inner()).clone();
     w.sort();
 
@@ -790,6 +821,7 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
         scrape_ms_max: w.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
         scrape_errors: statuses.iter().map(|s| s.scrape_errors).sum(),
+        requests_per_tick: requests / ticks,
         phases: statuses
             .iter()
             .map(|s| field_of(serde_json::to_value(&s.state.phase).ok(), "phase"))

@@ -1,0 +1,178 @@
+//! Series identities, interned once per process.
+//!
+//! Every distinct series (name and labels, origin labels dropped) gets a small number, a
+//! [`SeriesId`], the first time any source sees it; after that sources and accumulators carry
+//! numbers, not strings. Envoys running the same filter write the same series text
+//! (`name{label="value",...}`), so the table stays as small as the set of series of the
+//! experiments being read (a few hundred per experiment), however many Envoys report them.
+//!
+//! The table also remembers each series' experiment (its `experiment` label) as a number, so
+//! one scrape of an Envoy can be split among the rollouts that read it without looking at
+//! labels again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use super::exposition;
+
+/// A series' number in this process.
+pub type SeriesId = u32;
+
+/// An experiment name's number in this process.
+pub type ExperimentId = u32;
+
+/// Series that carry no `experiment` label.
+pub const NO_EXPERIMENT: ExperimentId = ExperimentId::MAX;
+
+/// Labels that identify where a series came from rather than what it counts; dropped when
+/// series from different origins are summed.
+const ORIGIN_LABELS: [&str; 4] = ["instance", "job", "pod", "envoy"];
+
+/// One series' identity after origin labels are dropped: name and sorted labels.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeriesKey {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl SeriesKey {
+    /// The identity of a parsed sample (its labels are already sorted by name).
+    pub fn of(sample: &exposition::Sample) -> SeriesKey {
+        SeriesKey {
+            name: sample.name.clone(),
+            labels: sample
+                .labels
+                .iter()
+                .filter(|(k, _)| !ORIGIN_LABELS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A series as one exposition wrote it: the text before the value, its id and experiment.
+/// Sources keep the slots of an endpoint's last scrape in order and compare each new line with
+/// the slot at the same position first, which is all the work an unchanged line needs.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub text: Arc<str>,
+    pub id: SeriesId,
+    pub experiment: ExperimentId,
+}
+
+#[derive(Default)]
+struct Table {
+    keys: Vec<Arc<SeriesKey>>,
+    experiment_of: Vec<ExperimentId>,
+    by_key: HashMap<Arc<SeriesKey>, SeriesId>,
+    by_text: HashMap<Arc<str>, Slot>,
+    experiments: HashMap<Arc<str>, ExperimentId>,
+}
+
+static TABLE: LazyLock<RwLock<Table>> = LazyLock::new(|| RwLock::new(Table::default()));
+
+fn read() -> std::sync::RwLockReadGuard<'static, Table> {
+    TABLE.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write() -> std::sync::RwLockWriteGuard<'static, Table> {
+    TABLE.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Table {
+    fn experiment(&mut self, name: &str) -> ExperimentId {
+        if let Some(&e) = self.experiments.get(name) {
+            return e;
+        }
+        let e = ExperimentId::try_from(self.experiments.len()).unwrap_or(NO_EXPERIMENT - 1);
+        self.experiments.insert(Arc::from(name), e);
+        e
+    }
+
+    fn key(&mut self, key: SeriesKey) -> SeriesId {
+        if let Some(&id) = self.by_key.get(&key) {
+            return id;
+        }
+        let experiment = key
+            .label("experiment")
+            .map_or(NO_EXPERIMENT, |e| self.experiment(e));
+        let id = SeriesId::try_from(self.keys.len()).unwrap_or(SeriesId::MAX);
+        let key = Arc::new(key);
+        self.keys.push(key.clone());
+        self.experiment_of.push(experiment);
+        self.by_key.insert(key, id);
+        id
+    }
+}
+
+/// The id of `key`, given one if new.
+pub fn intern(key: SeriesKey) -> SeriesId {
+    if let Some(&id) = read().by_key.get(&key) {
+        return id;
+    }
+    write().key(key)
+}
+
+/// The slot of series text `text` (`name` or `name{labels}`, exactly as written before the
+/// value). Text seen before is a hash lookup; new text is parsed (an error says what is
+/// wrong with it) and interned.
+pub fn slot(text: &str) -> Result<Slot, String> {
+    if let Some(s) = read().by_text.get(text) {
+        return Ok(s.clone());
+    }
+    let sample = exposition::parse_series(text)?;
+    let mut table = write();
+    let id = table.key(SeriesKey::of(&sample));
+    let slot = Slot {
+        text: Arc::from(text),
+        id,
+        experiment: table.experiment_of[id as usize],
+    };
+    table.by_text.insert(slot.text.clone(), slot.clone());
+    Ok(slot)
+}
+
+/// The number of experiment `name`.
+pub fn experiment(name: &str) -> ExperimentId {
+    if let Some(&e) = read().experiments.get(name) {
+        return e;
+    }
+    write().experiment(name)
+}
+
+/// The identity of series `id` (`None` for an id this process never gave out).
+pub fn key(id: SeriesId) -> Option<Arc<SeriesKey>> {
+    read().keys.get(id as usize).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_series_written_differently_is_one_id() {
+        let a = slot(r#"series_test_a{experiment="st",variant="x",instance="i1"}"#);
+        let b = slot(r#"series_test_a{variant="x",instance="i2",experiment="st"}"#);
+        let (Ok(a), Ok(b)) = (a, b) else {
+            panic!("valid series text rejected");
+        };
+        assert_eq!(a.id, b.id, "origin labels and label order do not matter");
+        assert_eq!(a.experiment, experiment("st"));
+        let other = slot(r#"series_test_a{experiment="st",variant="y"}"#).map(|s| s.id);
+        assert!(matches!(other, Ok(id) if id != a.id));
+        let k = key(a.id).map(|k| (k.name.clone(), k.labels.len()));
+        assert_eq!(k, Some(("series_test_a".to_string(), 2)));
+        assert_eq!(
+            slot("series_test_b").map(|s| s.experiment).ok(),
+            Some(NO_EXPERIMENT)
+        );
+        assert!(slot(r#"bad{x=1}"#).is_err());
+    }
+}
