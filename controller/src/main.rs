@@ -10,6 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_controller::cli::{self, RunOptions, DEFAULT_LISTEN};
 use sluice_controller::judge::assess::Assessor;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sluice_controller::rollout::{Command as Operator, Phase};
 use sluice_controller::{judge, plan, simulate};
 

@@ -1,9 +1,10 @@
 //! Where a rollout's state and audit trail live: `<dir>/<name>.state.json` (replaced
-//! atomically on every transition and push) and `<dir>/<name>.audit.jsonl` (one JSON object
+//! atomically whenever it changes) and `<dir>/<name>.audit.jsonl` (one JSON object
 //! per evaluation and per decision, appended and synced).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -28,6 +29,9 @@ pub enum StoreError {
 pub struct Store {
     state: PathBuf,
     audit: PathBuf,
+    /// What this store last wrote to `state`: an unchanged state is not written again (a
+    /// rollout saves at every tick).
+    saved: Arc<Mutex<Vec<u8>>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -43,6 +47,7 @@ impl Store {
         Ok(Store {
             state: dir.join(format!("{name}.state.json")),
             audit: dir.join(format!("{name}.audit.jsonl")),
+            saved: Arc::default(),
         })
     }
 
@@ -69,7 +74,13 @@ impl Store {
             path: self.state.display().to_string(),
             reason: e.to_string(),
         })?;
-        write_atomically(&self.state, &text).map_err(io(&self.state))
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        if *saved == text {
+            return Ok(());
+        }
+        write_atomically(&self.state, &text).map_err(io(&self.state))?;
+        *saved = text;
+        Ok(())
     }
 
     /// Appends one audit record and syncs it to disk.

@@ -18,6 +18,10 @@ use sluice_controller::judge::assess::Assessor;
 use sluice_controller::spec::parse_duration;
 use sluice_demo::models::{ModelServer, Role};
 use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
+
+// The controller runs in this process, with the allocator `sluice` uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sluice_demo::report::{self, ReportInput};
 use sluice_demo::scenario::{FaultTrigger, Scenario};
 use sluice_demo::stack::{self, EnvoyProcess, Ports, RunDir, Schedule};

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exposition;
@@ -26,6 +27,9 @@ const SHARE_AT_MOST: Duration = Duration::from_secs(1);
 pub struct AdminHub {
     http: reqwest::Client,
     endpoints: Mutex<HashMap<Arc<str>, Arc<Endpoint>>>,
+    /// Sweeps in flight, by endpoint list: a rollout reading the same list as a sweep in
+    /// progress waits for it as a whole, then takes its parts (see [`EnvoyAdmin::scrape`]).
+    sweeps: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
 }
 
 #[derive(Debug)]
@@ -48,6 +52,29 @@ type Parts = Vec<(ExperimentId, Values)>;
 
 /// One origin's values of one experiment.
 type Values = Arc<Vec<(SeriesId, f64)>>;
+
+impl EndpointState {
+    /// Notes that `experiment` is read here; its part of the last answer if that is fresh
+    /// enough and has it.
+    fn shared(
+        &mut self,
+        experiment: &str,
+        id: ExperimentId,
+        reader: Reader,
+        now: Instant,
+    ) -> Option<Result<Values, String>> {
+        let until = now + reader.keep;
+        match self.wanted.get_mut(experiment) {
+            Some(u) => *u = (*u).max(until),
+            None => {
+                self.wanted.insert(experiment.to_string(), until);
+            }
+        }
+        let last = self.last.as_ref()?;
+        (now.duration_since(last.started) <= reader.share_within && last.covers.contains(&id))
+            .then(|| last.part(id))
+    }
+}
 
 /// One request's outcome: values by experiment, or why there are none.
 #[derive(Debug)]
@@ -106,31 +133,21 @@ impl AdminHub {
             .clone()
     }
 
-    /// `experiment`'s series at `base`, from a fresh enough shared answer or a new request.
+    /// `experiment`'s series (`id` is its number) at `endpoint`, from a fresh enough shared
+    /// answer or a new request.
     async fn read(
         &self,
-        base: &Arc<str>,
+        endpoint: &Endpoint,
         experiment: &str,
+        id: ExperimentId,
         reader: Reader,
     ) -> Result<Values, String> {
-        let endpoint = self.endpoint(base);
-        let id = series::experiment(experiment);
         // Readers of one endpoint queue here: the first one's request serves those behind it.
         let mut guard = endpoint.state.lock().await;
         let state = &mut *guard;
         let now = Instant::now();
-        let until = now + reader.keep;
-        match state.wanted.get_mut(experiment) {
-            Some(u) => *u = (*u).max(until),
-            None => {
-                state.wanted.insert(experiment.to_string(), until);
-            }
-        }
-        if let Some(last) = &state.last {
-            if now.duration_since(last.started) <= reader.share_within && last.covers.contains(&id)
-            {
-                return last.part(id);
-            }
+        if let Some(part) = state.shared(experiment, id, reader, now) {
+            return part;
         }
         state.wanted.retain(|_, u| *u >= now);
         let names: Vec<&str> = state.wanted.keys().map(String::as_str).collect();
@@ -210,7 +227,9 @@ async fn read_answer(
 #[derive(Debug, Clone)]
 pub struct EnvoyAdmin {
     hub: Arc<AdminHub>,
-    endpoints: Vec<Arc<str>>,
+    endpoints: Vec<Arc<Endpoint>>,
+    /// The endpoint list, as one key.
+    list: Arc<str>,
     reader: Reader,
     /// Fewest endpoints that must answer for the data to count (default: all of them).
     min_healthy: usize,
@@ -237,16 +256,22 @@ impl EnvoyAdmin {
         min_healthy: Option<usize>,
         interval: Duration,
     ) -> EnvoyAdmin {
-        let endpoints: Vec<Arc<str>> = endpoints
+        let endpoints: Vec<Arc<Endpoint>> = endpoints
             .iter()
-            .map(|e| Arc::from(e.trim_end_matches('/')))
+            .map(|e| hub.endpoint(&Arc::from(e.trim_end_matches('/'))))
             .collect();
+        let list = endpoints
+            .iter()
+            .map(|e| &*e.base)
+            .collect::<Vec<_>>()
+            .join("\n");
         let min_healthy = min_healthy
             .unwrap_or(endpoints.len())
             .clamp(1, endpoints.len().max(1));
         EnvoyAdmin {
             hub: hub.clone(),
             endpoints,
+            list: Arc::from(list),
             reader: Reader {
                 timeout,
                 share_within: (interval / 2).min(SHARE_AT_MOST),
@@ -259,28 +284,68 @@ impl EnvoyAdmin {
 
 impl Source for EnvoyAdmin {
     async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
-        // One future per endpoint, polled together in this task: most of them only wait
-        // for another rollout's request to the same endpoint.
-        let reads = self
+        let id = series::experiment(experiment);
+        // Rollouts tick together: if another one is sweeping the same endpoints, wait for
+        // it once, instead of once per endpoint.
+        let sweeping = {
+            let mut sweeps = self.hub.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+            match sweeps.get(&self.list) {
+                Some(done) if !*done.borrow() => Err(done.clone()),
+                _ => {
+                    let (tx, rx) = watch::channel(false);
+                    sweeps.insert(self.list.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let sweeping = match sweeping {
+            Ok(tx) => Some(tx),
+            Err(mut done) => {
+                // Closed (the sweep was dropped) counts as done.
+                let _ = done.wait_for(|d| *d).await;
+                None
+            }
+        };
+        // Fresh answers that have this experiment are taken as they are; the other
+        // endpoints are asked, concurrently, in this task.
+        let now = Instant::now();
+        let mut results: Vec<Option<Result<Values, String>>> = self
             .endpoints
             .iter()
-            .map(|base| self.hub.read(base, experiment, self.reader));
+            .map(|e| {
+                let mut state = e.state.try_lock().ok()?;
+                state.shared(experiment, id, self.reader, now)
+            })
+            .collect();
+        let missing: Vec<usize> = (0..results.len())
+            .filter(|&i| results[i].is_none())
+            .collect();
+        let reads = missing.iter().map(|&i| {
+            self.hub
+                .read(&self.endpoints[i], experiment, id, self.reader)
+        });
+        for (i, r) in missing
+            .iter()
+            .zip(futures_util::future::join_all(reads).await)
+        {
+            results[*i] = Some(r);
+        }
+        if let Some(done) = sweeping {
+            let _ = done.send(true);
+        }
         let mut answered = Vec::with_capacity(self.endpoints.len());
         let mut failures = Vec::new();
-        for (i, result) in futures_util::future::join_all(reads)
-            .await
-            .into_iter()
-            .enumerate()
-        {
+        for (i, result) in results.into_iter().enumerate() {
             match result {
-                Ok(values) => answered.push((i, values)),
-                Err(e) => failures.push((i, e)),
+                Some(Ok(values)) => answered.push((i, values)),
+                Some(Err(e)) => failures.push((i, e)),
+                None => failures.push((i, "not read".to_string())),
             }
         }
         if answered.len() < self.min_healthy {
             if let ([(i, reason)], 1) = (failures.as_slice(), self.endpoints.len()) {
                 return Err(SourceError::Unreachable {
-                    origin: self.endpoints[*i].to_string(),
+                    origin: self.endpoints[*i].base.to_string(),
                     reason: reason.clone(),
                 });
             }
@@ -293,7 +358,7 @@ impl Source for EnvoyAdmin {
         Ok(answered
             .into_iter()
             .map(|(i, values)| OriginScrape {
-                origin: self.endpoints[i].clone(),
+                origin: self.endpoints[i].base.clone(),
                 values,
             })
             .collect())

@@ -38,6 +38,10 @@ use sluice_tests::{noop_filter_wasm, Envoy, EnvoyConfig, HttpClient};
 
 // The modes beyond the filter benchmark live beside this file (a binary's root resolves plain
 // `mod` paths in src/bin/ itself, where Cargo would take every file for a binary of its own).
+// The controller runs here as in `sluice`, with its allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "sluice-bench/controller.rs"]
 mod controller;
 #[path = "sluice-bench/shadow.rs"]
