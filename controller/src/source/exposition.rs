@@ -170,6 +170,17 @@ fn sample_lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (usi
 /// The value token after a series text: `value [timestamp]`.
 fn value_after(name: &str, rest: &[u8]) -> Result<f64, String> {
     let rest = rest.trim_ascii_start();
+    // Counters are integers: read them in the same pass that finds the token's end (exact up
+    // to 15 digits, below 2^53), and leave anything else to the general parser.
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < rest.len() && i < 16 && rest[i].is_ascii_digit() {
+        n = n * 10 + u64::from(rest[i] - b'0');
+        i += 1;
+    }
+    if i > 0 && i <= 15 && rest.get(i).is_none_or(u8::is_ascii_whitespace) {
+        return Ok(n as f64);
+    }
     let end = rest
         .iter()
         .position(u8::is_ascii_whitespace)
@@ -177,11 +188,6 @@ fn value_after(name: &str, rest: &[u8]) -> Result<f64, String> {
     let token = &rest[..end];
     if token.is_empty() {
         return Err(format!("{name}: missing value"));
-    }
-    // Counters are integers: read them without the general float parser (exact up to 15
-    // digits, below 2^53).
-    if token.len() <= 15 && token.iter().all(u8::is_ascii_digit) {
-        return Ok(token.iter().fold(0u64, |n, c| n * 10 + u64::from(c - b'0')) as f64);
     }
     let v = String::from_utf8_lossy(token);
     parse_value(&v).ok_or_else(|| format!("{name}: invalid value {v:?}"))
