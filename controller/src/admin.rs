@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::source::exposition;
+use crate::source::exposition::{self, Format};
 
 /// Failure talking to one Envoy admin endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +54,16 @@ impl Admin {
     }
 
     /// `GET` with the status checked; the body is the caller's to read.
-    async fn send(&self, path_and_query: &str) -> Result<reqwest::Response, AdminError> {
+    async fn send(
+        &self,
+        path_and_query: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, AdminError> {
         let url = format!("{}{path_and_query}", self.base);
         let resp = self
             .http
             .get(&url)
+            .header(reqwest::header::ACCEPT, accept)
             .timeout(self.timeout)
             .send()
             .await
@@ -76,7 +81,7 @@ impl Admin {
     }
 
     async fn get(&self, path_and_query: &str) -> Result<String, AdminError> {
-        let resp = self.send(path_and_query).await?;
+        let resp = self.send(path_and_query, "*/*").await?;
         let url = resp.url().to_string();
         let bytes = resp
             .bytes()
@@ -85,11 +90,13 @@ impl Admin {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Sluice's series of `experiments` from `/stats/prometheus`; the caller reads the body
-    /// (as it arrives: one Envoy's answer can be large).
+    /// Sluice's series of `experiments` from `/stats/prometheus`, asked for in `format`; the
+    /// caller reads the body (as it arrives: one Envoy's answer can be large) in the format
+    /// its `Content-Type` names, since an Envoy may answer in another one.
     pub async fn sluice_exposition(
         &self,
         experiments: &[&str],
+        format: Format,
     ) -> Result<reqwest::Response, AdminError> {
         // `filter` is matched against the stat's name before tag extraction
         // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
@@ -97,8 +104,11 @@ impl Admin {
         // answers with the asked-for share only.
         let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
         let filter = format!("sluice_[a-z_]+\\.experiment\\.=\\.({});", names.join("|"));
-        self.send(&format!("/stats/prometheus?filter={}", encode(&filter)))
-            .await
+        self.send(
+            &format!("/stats/prometheus?filter={}", encode(&filter)),
+            format.accept(),
+        )
+        .await
     }
 
     /// The URL `sluice_exposition` reads, for messages.

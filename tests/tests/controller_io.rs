@@ -8,7 +8,8 @@ use sluice_controller::admin::Admin;
 use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
 use sluice_controller::sink::{Sink, SinkError};
 use sluice_controller::source::envoy_admin::EnvoyAdmin;
-use sluice_controller::source::{Accumulator, Source};
+use sluice_controller::source::exposition::{AnyReader, Format};
+use sluice_controller::source::{series, Accumulator, Source};
 use sluice_filter::config::FilterConfig;
 use sluice_tests::{filter_wasm, EnvoyConfig, Load};
 
@@ -31,6 +32,28 @@ async fn envoy_requests(envoy: &sluice_tests::Envoy) -> anyhow::Result<u64> {
         .stat("http.ingress.downstream_rq_total")
         .await?
         .ok_or_else(|| anyhow::anyhow!("no http.ingress.downstream_rq_total"))
+}
+
+/// Envoy's answer to `/stats/prometheus` for experiment `demo` asked for in `format`: the
+/// format it came in and its samples as (series, value), in order.
+async fn exposition(admin: &Admin, format: Format) -> anyhow::Result<(Format, Vec<(String, f64)>)> {
+    let resp = admin.sluice_exposition(&["demo"], format).await?;
+    let answered = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map_or(Format::Text, Format::of_content_type);
+    let body = resp.bytes().await?;
+    let mut slots = Vec::new();
+    let mut reader = AnyReader::new(answered, "sluice_", &mut slots);
+    let mut samples = Vec::new();
+    let mut each = |slot: &series::Slot, v: f64| {
+        let key = series::key(slot.id).map(|k| format!("{k:?}"));
+        samples.push((key.unwrap_or_default(), v));
+    };
+    reader.feed(&body, &mut each)?;
+    reader.finish(&mut each)?;
+    Ok((answered, samples))
 }
 
 #[tokio::test]
@@ -63,6 +86,23 @@ async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Resul
         .await?
         .iter()
         .all(|o| o.values.is_empty()));
+
+    // The source asks for the protobuf format; Envoy's text format holds the same samples
+    // (and the `+Inf` buckets, which repeat `_count`). Histograms change at the stats flush
+    // (every second here), so the two are read after one with no traffic in between.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let admin = Admin::new(
+        &format!("http://{}", envoy.addr(ADMIN)),
+        Duration::from_secs(2),
+    );
+    let (pb_format, mut pb) = exposition(&admin, Format::Protobuf).await?;
+    let (text_format, mut text) = exposition(&admin, Format::Text).await?;
+    assert_eq!((pb_format, text_format), (Format::Protobuf, Format::Text));
+    text.retain(|(k, _)| !k.contains(r#"("le", "+Inf")"#));
+    pb.sort_by(|a, b| a.0.cmp(&b.0));
+    text.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(pb.len() > 50 && pb.iter().any(|(k, _)| k.contains("_bucket")));
+    assert_eq!(pb, text);
 
     // The same Envoy restarted (same ports): its counters start again, ours do not.
     let ports: Vec<(u16, u16)> = [LISTENER, ADMIN, 10001, 10002]

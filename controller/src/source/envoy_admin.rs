@@ -1,4 +1,6 @@
-//! The Envoy admin source: `/stats/prometheus` of every listed Envoy, scraped concurrently.
+//! The Envoy admin source: `/stats/prometheus` of every listed Envoy, scraped concurrently, in
+//! Prometheus' protobuf format (Envoy 1.40 writes it when asked; an Envoy answering in text is
+//! read as well).
 //!
 //! Rollouts of one controller often read the same Envoys. They share an [`AdminHub`]: one
 //! request per Envoy and tick asks for every experiment read there lately (Envoy filters by
@@ -14,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::exposition;
+use super::exposition::{self, Format};
 use super::series::{self, ExperimentId, SeriesId, Slot};
 use super::{OriginScrape, Source, SourceError};
 use crate::admin::{Admin, AdminError};
@@ -43,7 +45,7 @@ struct EndpointState {
     /// Experiments read here lately, and until when they are asked for.
     wanted: BTreeMap<String, Instant>,
     last: Option<Fetched>,
-    /// Series slots of the last answer, in order (see [`exposition::read`]).
+    /// Series slots of the last answer, in order (see [`exposition::Reader`]).
     slots: Vec<Slot>,
 }
 
@@ -188,12 +190,17 @@ async fn read_answer(
     slots: &mut Vec<Slot>,
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
 ) -> Result<(), AdminError> {
-    let mut resp = admin.sluice_exposition(names).await?;
+    let mut resp = admin.sluice_exposition(names, Format::Protobuf).await?;
     let parse_error = |source| AdminError::Parse {
         url: admin.exposition_url(),
         source,
     };
-    let mut reader = exposition::Reader::new("sluice_", slots);
+    let format = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map_or(Format::Text, Format::of_content_type);
+    let mut reader = exposition::AnyReader::new(format, "sluice_", slots);
     let mut current = 0;
     let mut each = |slot: &Slot, value: f64| {
         if parts

@@ -36,17 +36,23 @@ pub struct SeriesKey {
 }
 
 impl SeriesKey {
-    /// The identity of a parsed sample (its labels are already sorted by name).
+    /// The identity of a series named `name` with `labels` in any order; origin labels are
+    /// dropped.
+    pub fn new(name: String, labels: impl IntoIterator<Item = (String, String)>) -> SeriesKey {
+        let mut labels: Vec<(String, String)> = labels
+            .into_iter()
+            .filter(|(k, _)| !ORIGIN_LABELS.contains(&k.as_str()))
+            .collect();
+        labels.sort();
+        SeriesKey { name, labels }
+    }
+
+    /// The identity of a parsed sample.
     pub fn of(sample: &exposition::Sample) -> SeriesKey {
-        SeriesKey {
-            name: sample.name.clone(),
-            labels: sample
-                .labels
-                .iter()
-                .filter(|(k, _)| !ORIGIN_LABELS.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
+        SeriesKey::new(
+            sample.name.clone(),
+            sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())),
+        )
     }
 
     pub fn label(&self, name: &str) -> Option<&str> {
@@ -57,12 +63,15 @@ impl SeriesKey {
     }
 }
 
-/// A series as one exposition wrote it: the text before the value, its id and experiment.
-/// Sources keep the slots of an endpoint's last scrape in order and compare each new line with
-/// the slot at the same position first, which is all the work an unchanged line needs.
+/// A series as one exposition wrote it, its id and experiment. `text` is what identifies the
+/// series in that exposition's format: in the text format the bytes before the value, in the
+/// protobuf format the family name and the metric's encoded labels (see
+/// [`exposition::protobuf`]). Sources keep the slots of an endpoint's last scrape in order and
+/// compare each new sample with the slot at the same position first, which is all the work an
+/// unchanged sample needs.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    pub text: Arc<str>,
+    pub text: Arc<[u8]>,
     pub id: SeriesId,
     pub experiment: ExperimentId,
 }
@@ -72,7 +81,7 @@ struct Table {
     keys: Vec<Arc<SeriesKey>>,
     experiment_of: Vec<ExperimentId>,
     by_key: HashMap<Arc<SeriesKey>, SeriesId>,
-    by_text: HashMap<Arc<str>, Slot>,
+    by_text: HashMap<Arc<[u8]>, Slot>,
     experiments: HashMap<Arc<str>, ExperimentId>,
 }
 
@@ -124,12 +133,23 @@ pub fn intern(key: SeriesKey) -> SeriesId {
 /// value). Text seen before is a hash lookup; new text is parsed (an error says what is
 /// wrong with it) and interned.
 pub fn slot(text: &str) -> Result<Slot, String> {
+    slot_of(text.as_bytes(), || {
+        exposition::parse_series(text).map(|s| SeriesKey::of(&s))
+    })
+}
+
+/// The slot of a series written as `text` in some exposition format; `key` says which series
+/// that is, and is only called for text never seen before.
+pub fn slot_of(
+    text: &[u8],
+    key: impl FnOnce() -> Result<SeriesKey, String>,
+) -> Result<Slot, String> {
     if let Some(s) = read().by_text.get(text) {
         return Ok(s.clone());
     }
-    let sample = exposition::parse_series(text)?;
+    let key = key()?;
     let mut table = write();
-    let id = table.key(SeriesKey::of(&sample));
+    let id = table.key(key);
     let slot = Slot {
         text: Arc::from(text),
         id,

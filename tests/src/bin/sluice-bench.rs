@@ -44,6 +44,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "sluice-bench/controller.rs"]
 mod controller;
+#[path = "sluice-bench/promproto.rs"]
+mod promproto;
 #[path = "sluice-bench/shadow.rs"]
 mod shadow;
 

@@ -11,7 +11,10 @@
 //!    (`http://127.0.0.1:P/e17` is endpoint 17; the controller appends
 //!    `/stats/prometheus?...` to it). It serves the template with every value scaled by a factor
 //!    that grows with time (so counters rise between ticks, as under traffic) and differs a
-//!    little between endpoints. Bodies are rebuilt once a second, so serving is cheap.
+//!    little between endpoints. Like Envoy 1.40 it answers in Prometheus' protobuf format
+//!    when that is the first type the request accepts (the controller's source asks so), in
+//!    text otherwise or with `--text-only` (Envoy versions without it). Bodies are rebuilt
+//!    once a second, so serving is cheap.
 //! 3. **The controller** (`controller-run`, another child process, so its CPU time and peak RSS
 //!    are its own): R rollouts, each a real daemon `Task` as `sluice run` builds it — the real
 //!    Envoy admin source over all N endpoints (through one `AdminHub`, so rollouts ticking
@@ -40,6 +43,7 @@ use sluice_controller::judge::assess::Assessor;
 use sluice_controller::notify::Notifier;
 use sluice_controller::sink::{Receipt, Sink, SinkError};
 use sluice_controller::source::envoy_admin::AdminHub;
+use sluice_controller::source::exposition::Format;
 use sluice_controller::source::{OriginScrape, Source, SourceError};
 use sluice_controller::spec::Rollout;
 use sluice_controller::store::Store;
@@ -47,7 +51,7 @@ use sluice_filter::config::{FilterConfig, Plan};
 use sluice_filter::request::variant_of_key;
 use sluice_tests::{EnvoyConfig, Load};
 
-use super::cpu_ns;
+use super::{cpu_ns, promproto};
 
 #[derive(Parser)]
 pub struct ControllerArgs {
@@ -73,6 +77,10 @@ pub struct ControllerArgs {
     /// Requests sent through the real Envoy to fill the template's counters and histograms.
     #[arg(long, default_value_t = 10000)]
     requests: usize,
+    /// The simulated Envoys answer in the text format only, as Envoy versions without the
+    /// protobuf exposition do (by default they answer in the format asked for, as Envoy 1.40).
+    #[arg(long)]
+    text_only: bool,
 }
 
 #[derive(Parser)]
@@ -83,6 +91,9 @@ pub struct ServeArgs {
     /// Distinct endpoint classes (endpoint i serves class i mod this), each scaled differently.
     #[arg(long, default_value_t = 8)]
     classes: usize,
+    /// Answer in the text format whatever is asked for.
+    #[arg(long)]
+    text_only: bool,
 }
 
 #[derive(Parser)]
@@ -173,7 +184,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("sluice-bench-controller-")
         .tempdir()?;
-    let (template, full_bytes) = capture_template(&args).await?;
+    let (template, envoy_sizes) = capture_template(&args).await?;
     let template_path = dir.path().join("template.prom");
     std::fs::write(&template_path, &template)?;
     let samples = template
@@ -181,9 +192,10 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .count();
     eprintln!(
-        "[controller] template: {} bytes, {samples} samples ({} experiments); Envoy's unfiltered /stats/prometheus was {full_bytes} bytes",
+        "[controller] template: {} bytes, {samples} samples ({} experiments); Envoy's unfiltered /stats/prometheus was {} bytes",
         template.len(),
-        args.body_experiments.unwrap_or(args.rollouts).max(args.rollouts)
+        args.body_experiments.unwrap_or(args.rollouts).max(args.rollouts),
+        envoy_sizes.full
     );
 
     let exe = std::env::current_exe()?;
@@ -191,6 +203,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         .arg("serve-stats")
         .arg("--template")
         .arg(&template_path)
+        .args(args.text_only.then_some("--text-only"))
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -235,7 +248,15 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let asked: Vec<String> = (0..args.rollouts)
         .map(|i| format!("experiment=\"{}\"", rollout_name(i)))
         .collect();
-    let scrape_bytes = render(&parse_template(&template), 1.0, Some(&asked)).len();
+    let scrape = render(&parse_template(&template), 1.0, Some(&asked));
+    let scrape_bytes = if args.text_only {
+        scrape.len()
+    } else {
+        let names: Vec<String> = (0..args.rollouts).map(rollout_name).collect();
+        promproto::Template::from_text(&template)?
+            .render(1.0, Some(&names))
+            .len()
+    };
     print_report(
         &args,
         &report,
@@ -243,7 +264,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             template: template.len(),
             scrape: scrape_bytes,
             samples,
-            full: full_bytes,
+            envoy: envoy_sizes,
         },
         server_cpu / wall,
     );
@@ -262,8 +283,8 @@ fn read_port(server: &mut std::process::Child) -> Result<u16> {
 
 /// Runs a real Envoy with the Sluice filter carrying one experiment per rollout, sends traffic
 /// (and a beacon per ten requests) and returns its `/stats/prometheus?filter=sluice_` and the
-/// size of its unfiltered `/stats/prometheus`.
-async fn capture_template(args: &ControllerArgs) -> Result<(String, usize)> {
+/// sizes of its answers.
+async fn capture_template(args: &ControllerArgs) -> Result<(String, EnvoySizes)> {
     let upstream = EnvoyConfig::new("bench/envoy/upstream.yaml")
         .start()
         .await?;
@@ -294,13 +315,52 @@ async fn capture_template(args: &ControllerArgs) -> Result<(String, usize)> {
     let admin = envoy.admin();
     let filtered = admin.get("/stats/prometheus?filter=sluice_").await?;
     let full = admin.get("/stats/prometheus").await?;
+    let url = envoy.url(9901, "/stats/prometheus?filter=sluice_");
+    let client = sluice_tests::HttpClient::new();
+    let get = |format: Format| {
+        let (client, url) = (&client, &url);
+        async move {
+            let accept = [("accept", format.accept())];
+            client
+                .send(hyper::Method::GET, url, &accept, Bytes::new())
+                .await
+        }
+    };
+    let protobuf = get(Format::Protobuf).await?;
+    if protobuf.header("content-type") != Some(PROTOBUF) {
+        bail!(
+            "Envoy did not answer in the protobuf format: {:?}",
+            protobuf.header("content-type")
+        );
+    }
+    // Envoy's own CPU per answer in each format: alternating batches of one-by-one requests.
+    let mut cpu_us = [0.0; 2];
+    for _ in 0..SCRAPE_ROUNDS {
+        for (i, format) in [Format::Text, Format::Protobuf].into_iter().enumerate() {
+            let before = cpu_ns(envoy.pid())?;
+            for _ in 0..SCRAPES_PER_ROUND {
+                get(format).await?;
+            }
+            cpu_us[i] += (cpu_ns(envoy.pid())? - before) as f64 / 1e3;
+        }
+    }
+    let per_answer = (SCRAPE_ROUNDS * SCRAPES_PER_ROUND) as f64;
+    let sizes = EnvoySizes {
+        full: full.len(),
+        protobuf: protobuf.body.len(),
+        simulated_protobuf: promproto::Template::from_text(&filtered)?
+            .render(1.0, None)
+            .len(),
+        text_cpu_us: cpu_us[0] / per_answer,
+        protobuf_cpu_us: cpu_us[1] / per_answer,
+    };
     if !filtered.contains(&format!("experiment=\"{}\"", rollout_name(n - 1))) {
         bail!(
             "the Envoy exposition lacks the experiments:\n{}",
             envoy.log_tail(20)
         );
     }
-    Ok((healthy_canary(&filtered), full.len()))
+    Ok((healthy_canary(&filtered), sizes))
 }
 
 /// `n` user ids of which exactly 1 % are canary in every experiment of `config` (stage 1).
@@ -420,14 +480,34 @@ fn embedded_block(yaml: &str) -> Option<String> {
 
 /// Sizes of the expositions, in bytes (and samples of the whole one).
 struct Sizes {
-    /// Every Sluice sample of an endpoint (`filter=sluice_`).
+    /// Every Sluice sample of an endpoint (`filter=sluice_`, text format).
     template: usize,
-    /// One experiment's share, as the controller's source asks for it.
+    /// What one scrape carries, in the format served.
     scrape: usize,
     samples: usize,
-    /// The Envoy's unfiltered `/stats/prometheus`.
-    full: usize,
+    envoy: EnvoySizes,
 }
+
+/// The real Envoy's answers: sizes in bytes, and what they cost it.
+struct EnvoySizes {
+    /// Unfiltered `/stats/prometheus` (text).
+    full: usize,
+    /// `/stats/prometheus?filter=sluice_` in the protobuf format.
+    protobuf: usize,
+    /// The simulated endpoints' protobuf form of the same samples.
+    simulated_protobuf: usize,
+    /// Envoy's CPU time per `/stats/prometheus?filter=sluice_` answer, in microseconds.
+    text_cpu_us: f64,
+    protobuf_cpu_us: f64,
+}
+
+/// Envoy's CPU per answer is measured over this many batches of each format, alternating.
+const SCRAPE_ROUNDS: usize = 3;
+const SCRAPES_PER_ROUND: usize = 100;
+
+/// The `Content-Type` of Envoy's protobuf exposition.
+const PROTOBUF: &str =
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
 
 fn print_report(args: &ControllerArgs, r: &RunReport, size: Sizes, server_cores: f64) {
     println!(
@@ -447,11 +527,27 @@ fn print_report(args: &ControllerArgs, r: &RunReport, size: Sizes, server_cores:
         size.samples
     );
     println!(
-        "| the same Envoy's unfiltered `/stats/prometheus` | {:.1} KiB |",
-        size.full as f64 / 1024.0
+        "| the same in the protobuf format: Envoy's answer / the simulated endpoints' | {:.1} KiB / {:.1} KiB |",
+        size.envoy.protobuf as f64 / 1024.0,
+        size.envoy.simulated_protobuf as f64 / 1024.0
     );
     println!(
-        "| one scrape (the rollouts' experiments, Envoy-side `filter`) | {:.1} KiB |",
+        "| the Envoy's CPU per answer of `?filter=sluice_`: text / protobuf ({} requests each) | {:.0} µs / {:.0} µs |",
+        SCRAPE_ROUNDS * SCRAPES_PER_ROUND,
+        size.envoy.text_cpu_us,
+        size.envoy.protobuf_cpu_us
+    );
+    println!(
+        "| the same Envoy's unfiltered `/stats/prometheus` | {:.1} KiB |",
+        size.envoy.full as f64 / 1024.0
+    );
+    println!(
+        "| one scrape (the rollouts' experiments, Envoy-side `filter`; {}) | {:.1} KiB |",
+        if args.text_only {
+            "text format"
+        } else {
+            "protobuf format"
+        },
         size.scrape as f64 / 1024.0
     );
     println!(
@@ -555,6 +651,8 @@ fn render(lines: &[Line], factor: f64, only: Option<&[String]>) -> Bytes {
 
 struct Bodies {
     lines: Vec<Line>,
+    /// The template as protobuf messages (`None` with `--text-only`).
+    protobuf: Option<promproto::Template>,
     /// Exposition requests answered so far (`GET /requests`).
     served: std::sync::atomic::AtomicU64,
     classes: usize,
@@ -562,16 +660,17 @@ struct Bodies {
     cache: Mutex<HashMap<BodyKey, (u64, Bytes)>>,
 }
 
-/// A cached body: endpoint class and the experiments asked for; the value is (second, body).
-type BodyKey = (usize, Option<Vec<String>>);
+/// A cached body: endpoint class, the experiments asked for and the format (protobuf or not);
+/// the value is (second, body).
+type BodyKey = (usize, Option<Vec<String>>, bool);
 
 impl Bodies {
     /// The body endpoint `endpoint` serves now; with `experiments`, only their samples, as
     /// Envoy answers a `filter` naming them.
-    fn body(&self, endpoint: usize, experiments: Option<Vec<String>>) -> Bytes {
+    fn body(&self, endpoint: usize, experiments: Option<Vec<String>>, protobuf: bool) -> Bytes {
         let class = endpoint % self.classes;
         let second = self.started.elapsed().as_secs();
-        let key = (class, experiments);
+        let key = (class, experiments, protobuf);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((s, b)) = cache.get(&key) {
             if *s == second {
@@ -586,7 +685,10 @@ impl Bodies {
             .1
             .as_ref()
             .map(|es| es.iter().map(|e| format!("experiment=\"{e}\"")).collect());
-        let body = render(&self.lines, factor, labels.as_deref());
+        let body = match (&self.protobuf, protobuf) {
+            (Some(t), true) => Bytes::from(t.render(factor, key.1.as_deref())),
+            _ => render(&self.lines, factor, labels.as_deref()),
+        };
         cache.insert(key, (second, body.clone()));
         body
     }
@@ -621,6 +723,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.template)?;
     let bodies = Arc::new(Bodies {
         lines: parse_template(&text),
+        protobuf: if args.text_only {
+            None
+        } else {
+            Some(promproto::Template::from_text(&text)?)
+        },
         served: Default::default(),
         classes: args.classes.max(1),
         started: Instant::now(),
@@ -676,10 +783,21 @@ fn answer<B>(bodies: &Bodies, req: &hyper::Request<B>) -> hyper::Response<Full<B
                 .served
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let experiments = req.uri().query().and_then(filtered_experiments);
-            let mut r = hyper::Response::new(Full::new(bodies.body(i, experiments)));
+            // Like Envoy: the protobuf format if it is the first type the client accepts.
+            let protobuf = bodies.protobuf.is_some()
+                && req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|a| a.starts_with("application/vnd.google.protobuf"));
+            let mut r = hyper::Response::new(Full::new(bodies.body(i, experiments, protobuf)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; charset=UTF-8"),
+                hyper::header::HeaderValue::from_static(if protobuf {
+                    PROTOBUF
+                } else {
+                    "text/plain; charset=UTF-8"
+                }),
             );
             r
         }
