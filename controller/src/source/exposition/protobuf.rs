@@ -514,6 +514,21 @@ mod tests {
         m
     }
 
+    fn summary(pairs: &[(&str, &str)], quantiles: &[(f64, f64)], sum: f64, count: u64) -> Vec<u8> {
+        let mut m = labels(pairs);
+        let mut q = Vec::new();
+        put_uint(1, count, &mut q);
+        put_double(2, sum, &mut q);
+        for (quantile, v) in quantiles {
+            let mut b = Vec::new();
+            put_double(1, *quantile, &mut b);
+            put_double(2, *v, &mut b);
+            put_bytes(3, &b, &mut q);
+        }
+        put_bytes(4, &q, &mut m);
+        m
+    }
+
     /// The same samples in both formats (the protobuf one with an `+Inf` bucket, which the
     /// text format also has and which is not handed on).
     fn fixture(canary: f64) -> (Vec<u8>, String) {
@@ -538,6 +553,17 @@ mod tests {
             )],
             &mut pb,
         );
+        family(
+            "sluice_pbt_rtt",
+            2,
+            &[summary(
+                &[("experiment", "pbt")],
+                &[(0.5, 1.5), (0.99, 7.0)],
+                9.0,
+                4,
+            )],
+            &mut pb,
+        );
         let text = format!(
             r#"# TYPE sluice_pbt_requests_total counter
 sluice_pbt_requests_total{{experiment="pbt",variant="canary"}} {canary}
@@ -548,6 +574,11 @@ sluice_pbt_latency_ms_bucket{{experiment="pbt",variant="canary",le="0.5"}} 1
 sluice_pbt_latency_ms_bucket{{experiment="pbt",variant="canary",le="10000"}} 2
 sluice_pbt_latency_ms_sum{{experiment="pbt",variant="canary"}} 3.25
 sluice_pbt_latency_ms_count{{experiment="pbt",variant="canary"}} 3
+# TYPE sluice_pbt_rtt summary
+sluice_pbt_rtt{{experiment="pbt",quantile="0.5"}} 1.5
+sluice_pbt_rtt{{experiment="pbt",quantile="0.99"}} 7
+sluice_pbt_rtt_sum{{experiment="pbt"}} 9
+sluice_pbt_rtt_count{{experiment="pbt"}} 4
 "#
         );
         (pb, text)
@@ -577,10 +608,10 @@ sluice_pbt_latency_ms_count{{experiment="pbt",variant="canary"}} 3
             want.push((s.id, v))
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(want.len(), 6);
+        assert_eq!(want.len(), 10);
         let mut slots = Vec::new();
         assert_eq!(read_pb(&pb, 0, &mut slots), Ok(want.clone()));
-        assert_eq!(slots.len(), 6);
+        assert_eq!(slots.len(), 10);
         // Chunks cut anywhere read the same.
         for cut in 0..=pb.len() {
             let mut fresh = Vec::new();
@@ -613,7 +644,7 @@ sluice_pbt_latency_ms_count{{experiment="pbt",variant="canary"}} 3
         assert_eq!(
             cut,
             Err(format!(
-                "metric family 3: the answer ends inside it ({} bytes of it arrived)",
+                "metric family 4: the answer ends inside it ({} bytes of it arrived)",
                 pb.len() - 1 - last_family_start(&pb)
             ))
         );
