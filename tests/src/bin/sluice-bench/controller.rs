@@ -248,9 +248,8 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let asked: Vec<String> = (0..args.rollouts)
         .map(|i| format!("experiment=\"{}\"", rollout_name(i)))
         .collect();
-    let scrape = render(&parse_template(&template), 1.0, Some(&asked));
     let scrape_bytes = if args.text_only {
-        scrape.len()
+        render(&parse_template(&template), 1.0, Some(&asked)).len()
     } else {
         let names: Vec<String> = (0..args.rollouts).map(rollout_name).collect();
         promproto::Template::from_text(&template)?
