@@ -23,6 +23,19 @@ use crate::source::{Accumulator, OriginScrape, Reading, Source, SourceError};
 use crate::spec::{Checked, SinkSpec, SourceSpec};
 use crate::store::Store;
 
+/// The runtime the daemon runs on: one thread for every rollout (file writes that wait for
+/// the disk go to blocking threads, see [`crate::durable::off_thread`]).
+///
+/// The work is waiting on sockets: a tick of 10 rollouts over 1000 Envoys is ~0.1 s of CPU
+/// every 10 s. On one thread no task is handed between threads, which measured about a
+/// fifth less CPU per tick than tokio's multi-threaded scheduler (docs/benchmarks.md,
+/// "Controller cost").
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Wall-clock time in Unix seconds.
 pub trait Clock: Send + Sync {
     fn now(&self) -> f64;
@@ -364,7 +377,7 @@ where
                 break;
             }
         }
-        self.task.store.save(&self.state)?;
+        self.task.store.save(&self.state).await?;
         // The last notices (promoted, rolled back) must not die with the process.
         self.task.notifier.flush().await;
         Ok(self.state)
@@ -377,7 +390,7 @@ where
             let now = self.task.clock.now();
             let effects = rollout::step(&mut self.state, &self.plan, input, now);
             // Persist before acting: a crash between the two replays the decision safely.
-            self.task.store.save(&self.state)?;
+            self.task.store.save(&self.state).await?;
             for effect in effects {
                 match effect {
                     Effect::Push {
@@ -385,7 +398,7 @@ where
                         weight,
                         shadow,
                     } => queue.push(self.push(version, weight, shadow).await),
-                    Effect::Event { kind, message } => self.event(kind, message)?,
+                    Effect::Event { kind, message } => self.event(kind, message).await?,
                 }
             }
         }
@@ -442,7 +455,7 @@ where
             "at": self.task.clock.now(), "rollout": self.status.name, "record": "push",
             "version": version, "weight": weight, "shadow": shadow,
             "decision_to_confirmation_secs": latency,
-        }));
+        })).await;
         Input::PushConfirmed { version }
     }
 
@@ -482,7 +495,7 @@ where
             "at": now, "rollout": self.status.name, "record": "evaluation",
             "weight": self.state.weight, "phase": self.state.phase,
             "judgement": assessment.judgement, "detail": assessment.detail,
-        }))?;
+        })).await?;
         self.status.last_judgement = Some(assessment.judgement.clone());
         self.status.last_detail = assessment.detail;
         self.status.last_evaluated_at = Some(now);
@@ -493,7 +506,7 @@ where
         .await
     }
 
-    fn event(&mut self, kind: EventKind, message: String) -> Result<(), TaskError> {
+    async fn event(&mut self, kind: EventKind, message: String) -> Result<(), TaskError> {
         let at = self.task.clock.now();
         let record = EventRecord {
             at,
@@ -506,7 +519,7 @@ where
             "at": at, "rollout": self.status.name, "record": "decision",
             "kind": kind, "message": message, "phase": self.state.phase,
             "weight": self.state.weight,
-        }))?;
+        })).await?;
         self.task.notifier.send(Notice {
             rollout: self.status.name.clone(),
             kind,

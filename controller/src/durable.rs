@@ -1,5 +1,9 @@
 //! Durable files: state and pushed configs are replaced atomically, so a reader (Envoy, or
 //! the controller after a crash) sees the old content or the new, never a torn write.
+//!
+//! Writing them waits for the disk (`fsync`). The daemon runs every rollout on one thread, so
+//! its writes go through [`off_thread`]: a slow disk delays the rollout that writes, never
+//! the others' scrapes.
 
 use std::path::Path;
 
@@ -23,6 +27,15 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Runs file work that waits for the disk on tokio's blocking threads, and waits for it.
+pub async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 #[cfg(test)]

@@ -124,10 +124,7 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    sluice_controller::daemon::runtime().context("starting the async runtime")
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::durable::write_atomically;
+use crate::durable::{off_thread, write_atomically};
 use crate::rollout::State;
 
 /// Failure reading or writing a rollout's files.
@@ -69,34 +69,40 @@ impl Store {
         }
     }
 
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+    pub async fn save(&self, state: &State) -> Result<(), StoreError> {
         let text = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: self.state.display().to_string(),
             reason: e.to_string(),
         })?;
-        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
-        if *saved == text {
+        if *self.saved.lock().unwrap_or_else(|p| p.into_inner()) == text {
             return Ok(());
         }
-        write_atomically(&self.state, &text).map_err(io(&self.state))?;
-        *saved = text;
+        let path = self.state.clone();
+        let text = off_thread(move || write_atomically(&path, &text).map(|()| text))
+            .await
+            .map_err(io(&self.state))?;
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = text;
         Ok(())
     }
 
     /// Appends one audit record and syncs it to disk.
-    pub fn audit(&self, record: &impl Serialize) -> Result<(), StoreError> {
+    pub async fn audit(&self, record: &impl Serialize) -> Result<(), StoreError> {
         let mut line = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
             path: self.audit.display().to_string(),
             reason: e.to_string(),
         })?;
         line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.audit)
-            .map_err(io(&self.audit))?;
-        f.write_all(&line).map_err(io(&self.audit))?;
-        f.sync_data().map_err(io(&self.audit))
+        let path = self.audit.clone();
+        off_thread(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(&line)?;
+            f.sync_data()
+        })
+        .await
+        .map_err(io(&self.audit))
     }
 }
 
@@ -104,16 +110,16 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn state_round_trips_and_audit_appends() {
+    #[tokio::test]
+    async fn state_round_trips_and_audit_appends() {
         let dir = std::env::temp_dir().join(format!("sluice-store-{}", std::process::id()));
         let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
         assert!(matches!(store.load(), Ok(None)));
         let state = State::new("r", 5.0);
-        assert!(store.save(&state).is_ok());
+        assert!(store.save(&state).await.is_ok());
         assert_eq!(store.load().ok().flatten(), Some(state));
         for i in 0..3 {
-            assert!(store.audit(&serde_json::json!({ "i": i })).is_ok());
+            assert!(store.audit(&serde_json::json!({ "i": i })).await.is_ok());
         }
         let lines = std::fs::read_to_string(store.audit_path()).unwrap_or_default();
         assert_eq!(lines.lines().count(), 3);

@@ -258,12 +258,8 @@ async fn run_rollout(
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("controller")
-        .enable_all()
-        .build()
-        .context("starting the controller's runtime")?;
+    let runtime =
+        sluice_controller::daemon::runtime().context("starting the controller's runtime")?;
     std::thread::Builder::new()
         .name("controller".into())
         .spawn(move || {

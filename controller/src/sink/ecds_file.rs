@@ -150,12 +150,13 @@ impl Sink for EcdsFile {
             }
             before.push(self.counters(p).await?);
         }
-        crate::durable::write_atomically(&self.path, content.as_bytes()).map_err(|source| {
-            SinkError::Write {
+        let (path, bytes) = (self.path.clone(), content.into_bytes());
+        crate::durable::off_thread(move || crate::durable::write_atomically(&path, &bytes))
+            .await
+            .map_err(|source| SinkError::Write {
                 path: self.path.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         for (p, (ok0, rejected0)) in self.proxies.iter().zip(before) {
             let want = version.to_string();
             loop {

@@ -24,6 +24,14 @@ pub type ExperimentId = u32;
 /// Series that carry no `experiment` label.
 pub const NO_EXPERIMENT: ExperimentId = ExperimentId::MAX;
 
+/// A number for the part of series text that several series of one exposition share (in
+/// the protobuf format: a metric's family name and labels, which its buckets, sum and count
+/// have in common); equal numbers mean equal bytes.
+pub type GroupId = u32;
+
+/// The group of series text that shares nothing with other series (the text format).
+pub const NO_GROUP: GroupId = GroupId::MAX;
+
 /// Labels that identify where a series came from rather than what it counts; dropped when
 /// series from different origins are summed.
 const ORIGIN_LABELS: [&str; 4] = ["instance", "job", "pod", "envoy"];
@@ -68,12 +76,15 @@ impl SeriesKey {
 /// protobuf format the family name and the metric's encoded labels (see
 /// [`exposition::protobuf`]). Sources keep the slots of an endpoint's last scrape in order and
 /// compare each new sample with the slot at the same position first, which is all the work an
-/// unchanged sample needs.
+/// unchanged sample needs. `group` numbers the first `group_len` bytes of `text` (see
+/// [`GroupId`]): once one sample of a metric matched its slot, the metric's next samples only
+/// compare the group number and what follows it.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub text: Arc<[u8]>,
     pub id: SeriesId,
     pub experiment: ExperimentId,
+    pub group: GroupId,
 }
 
 #[derive(Default)]
@@ -82,6 +93,7 @@ struct Table {
     experiment_of: Vec<ExperimentId>,
     by_key: HashMap<Arc<SeriesKey>, SeriesId>,
     by_text: HashMap<Arc<[u8]>, Slot>,
+    groups: HashMap<Box<[u8]>, GroupId>,
     experiments: HashMap<Arc<str>, ExperimentId>,
 }
 
@@ -119,6 +131,15 @@ impl Table {
         self.by_key.insert(key, id);
         id
     }
+
+    fn group(&mut self, shared: &[u8]) -> GroupId {
+        if let Some(&g) = self.groups.get(shared) {
+            return g;
+        }
+        let g = GroupId::try_from(self.groups.len()).unwrap_or(NO_GROUP - 1);
+        self.groups.insert(shared.into(), g);
+        g
+    }
 }
 
 /// The id of `key`, given one if new.
@@ -133,15 +154,17 @@ pub fn intern(key: SeriesKey) -> SeriesId {
 /// value). Text seen before is a hash lookup; new text is parsed (an error says what is
 /// wrong with it) and interned.
 pub fn slot(text: &str) -> Result<Slot, String> {
-    slot_of(text.as_bytes(), || {
+    slot_of(text.as_bytes(), 0, || {
         exposition::parse_series(text).map(|s| SeriesKey::of(&s))
     })
 }
 
-/// The slot of a series written as `text` in some exposition format; `key` says which series
-/// that is, and is only called for text never seen before.
+/// The slot of a series written as `text` in some exposition format, whose first
+/// `group_len` bytes it shares with other series (0: none); `key` says which series that is,
+/// and is only called for text never seen before.
 pub fn slot_of(
     text: &[u8],
+    group_len: usize,
     key: impl FnOnce() -> Result<SeriesKey, String>,
 ) -> Result<Slot, String> {
     if let Some(s) = read().by_text.get(text) {
@@ -150,10 +173,15 @@ pub fn slot_of(
     let key = key()?;
     let mut table = write();
     let id = table.key(key);
+    let group = match text.get(..group_len) {
+        Some(shared) if group_len > 0 => table.group(shared),
+        _ => NO_GROUP,
+    };
     let slot = Slot {
         text: Arc::from(text),
         id,
         experiment: table.experiment_of[id as usize],
+        group,
     };
     table.by_text.insert(slot.text.clone(), slot.clone());
     Ok(slot)

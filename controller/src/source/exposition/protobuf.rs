@@ -21,7 +21,7 @@
 //! summary. A malformed message is an error naming its family, never skipped.
 
 use super::ParseError;
-use crate::source::series::{self, SeriesKey, Slot};
+use crate::source::series::{self, GroupId, SeriesKey, Slot, NO_GROUP};
 
 /// Largest metric family read: a bound on what one answer can make the reader hold.
 const MAX_FAMILY: usize = 64 << 20;
@@ -41,6 +41,9 @@ pub struct Reader<'a> {
     carry: Vec<u8>,
     /// The slot text of the sample being read: see [`Reader::metric`].
     key: Vec<u8>,
+    /// The group of the metric being read (its family name and labels), once one of its
+    /// samples matched a slot.
+    group: Option<GroupId>,
 }
 
 /// How a metric's value fields become samples.
@@ -68,6 +71,7 @@ impl<'a> Reader<'a> {
             families: 0,
             carry: Vec::new(),
             key: Vec::new(),
+            group: None,
         }
     }
 
@@ -183,7 +187,8 @@ impl<'a> Reader<'a> {
     /// A sample's slot text is `0, name, 0, the metric's label fields as encoded, 0, which
     /// sample (a byte), and for a bucket or quantile its bound (8 bytes)`: equal for the same
     /// series in every answer of a proxy, and never equal to text-format series text (which
-    /// cannot start with a zero byte).
+    /// cannot start with a zero byte). The part up to which sample is the slot's group, shared
+    /// by the metric's samples: it is compared once per metric, not once per bucket.
     fn metric(
         &mut self,
         name: &[u8],
@@ -207,6 +212,7 @@ impl<'a> Reader<'a> {
         }
         self.key.push(0);
         let base = self.key.len();
+        self.group = None;
         match kind {
             Kind::Single => {
                 let mut v = 0.0;
@@ -255,19 +261,44 @@ impl<'a> Reader<'a> {
         value: f64,
         each: &mut impl FnMut(&Slot, f64),
     ) -> Result<(), String> {
-        self.key.truncate(base);
-        self.key.push(which);
-        if let Some(b) = bound {
-            self.key.extend_from_slice(&b.to_bits().to_le_bytes());
-        }
-        let known = self.slots.get(self.n).is_some_and(|s| *s.text == *self.key);
+        let bound = bound.map(|b| b.to_bits().to_le_bytes());
+        let known = match (self.slots.get(self.n), self.group) {
+            // The same group is the same bytes up to `base`.
+            (Some(s), Some(group)) => s.group == group && ends_with(&s.text, base, which, bound),
+            (Some(s), None) => {
+                let same = s.text.get(..base) == Some(&self.key[..base])
+                    && ends_with(&s.text, base, which, bound);
+                if same && s.group != NO_GROUP {
+                    self.group = Some(s.group);
+                }
+                same
+            }
+            (None, _) => false,
+        };
         if !known {
-            let slot = series::slot_of(&self.key, || series_key(&self.key, base))?;
+            self.key.truncate(base);
+            self.key.push(which);
+            if let Some(b) = bound {
+                self.key.extend_from_slice(&b);
+            }
+            let slot = series::slot_of(&self.key, base, || series_key(&self.key, base))?;
+            if slot.group != NO_GROUP {
+                self.group = Some(slot.group);
+            }
             super::put_slot(self.slots, self.n, slot);
         }
         each(&self.slots[self.n], value);
         self.n += 1;
         Ok(())
+    }
+}
+
+/// Whether slot text `text` is `which` (and `bound`) after its first `base` bytes.
+#[inline]
+fn ends_with(text: &[u8], base: usize, which: u8, bound: Option<[u8; 8]>) -> bool {
+    match bound {
+        None => text.len() == base + 1 && text[base] == which,
+        Some(b) => text.len() == base + 9 && text[base] == which && text[base + 1..] == b,
     }
 }
 
@@ -634,6 +665,55 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
                 Some(("variant".to_string(), "canary".to_string()))
             ))
         );
+    }
+
+    /// Each sample of `pb` read fresh (no earlier answer): the truth a reader with slots
+    /// from another answer must agree with.
+    fn fresh(pb: &[u8]) -> Vec<(u32, f64)> {
+        read_pb(pb, 0, &mut Vec::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn an_answer_that_changed_is_read_as_it_is_not_as_the_last_one_was() {
+        let hist = |variant, buckets: &[(f64, u64)]| {
+            histogram(
+                &[("experiment", "pbg"), ("variant", variant)],
+                buckets,
+                1.0,
+                9,
+            )
+        };
+        let answer = |metrics: &[Vec<u8>]| {
+            let mut pb = Vec::new();
+            family("sluice_pbg_latency_ms", 4, metrics, &mut pb);
+            pb
+        };
+        let two = [(1.0, 1), (2.0, 2)];
+        let three = [(1.0, 1), (2.0, 2), (4.0, 3)];
+        let answers = [
+            answer(&[hist("a", &two), hist("b", &two)]),
+            // The other variant first: same buckets, other labels at every position.
+            answer(&[hist("b", &two), hist("a", &two)]),
+            // A bucket more in the first metric, so the second one starts a slot later.
+            answer(&[hist("b", &three), hist("a", &two)]),
+            // Same labels, a bound changed.
+            answer(&[hist("b", &[(1.0, 1), (3.0, 2), (4.0, 3)]), hist("a", &two)]),
+            answer(&[hist("a", &two)]),
+            answer(&[hist("a", &two), hist("b", &two)]),
+        ];
+        let mut slots = Vec::new();
+        for (i, pb) in answers.iter().enumerate() {
+            let got = read_pb(pb, 0, &mut slots).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got, fresh(pb), "answer {i}");
+            assert_eq!(slots.len(), got.len());
+        }
+        let ids: std::collections::BTreeSet<u32> = answers
+            .iter()
+            .flat_map(|pb| fresh(pb))
+            .map(|(id, _)| id)
+            .collect();
+        // a: 2 buckets, sum, count; b: 4 bounds, sum, count.
+        assert_eq!(ids.len(), 4 + 6);
     }
 
     #[test]

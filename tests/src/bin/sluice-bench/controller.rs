@@ -843,9 +843,7 @@ impl Source for Timed {
 /// `controller-run`: the controller side, in its own process (prints one JSON line).
 pub fn controller_run(args: RunArgs) -> Result<()> {
     // As `sluice run` does.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = sluice_controller::daemon::runtime()?;
     let report = runtime.block_on(drive(args))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
