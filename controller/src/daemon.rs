@@ -451,11 +451,15 @@ where
         let latency = self.task.clock.now() - decided;
         self.status.last_push_latency_secs = Some(latency);
         tracing::info!(rollout = %self.status.name, version, weight, latency_secs = latency, "push confirmed");
-        let _ = self.task.store.audit(&serde_json::json!({
-            "at": self.task.clock.now(), "rollout": self.status.name, "record": "push",
-            "version": version, "weight": weight, "shadow": shadow,
-            "decision_to_confirmation_secs": latency,
-        })).await;
+        let _ = self
+            .task
+            .store
+            .audit(&serde_json::json!({
+                "at": self.task.clock.now(), "rollout": self.status.name, "record": "push",
+                "version": version, "weight": weight, "shadow": shadow,
+                "decision_to_confirmation_secs": latency,
+            }))
+            .await;
         Input::PushConfirmed { version }
     }
 
@@ -491,11 +495,14 @@ where
                 )
             }
         };
-        self.task.store.audit(&serde_json::json!({
-            "at": now, "rollout": self.status.name, "record": "evaluation",
-            "weight": self.state.weight, "phase": self.state.phase,
-            "judgement": assessment.judgement, "detail": assessment.detail,
-        })).await?;
+        self.task
+            .store
+            .audit(&serde_json::json!({
+                "at": now, "rollout": self.status.name, "record": "evaluation",
+                "weight": self.state.weight, "phase": self.state.phase,
+                "judgement": assessment.judgement, "detail": assessment.detail,
+            }))
+            .await?;
         self.status.last_judgement = Some(assessment.judgement.clone());
         self.status.last_detail = assessment.detail;
         self.status.last_evaluated_at = Some(now);
@@ -515,11 +522,14 @@ where
             weight: self.state.weight,
         };
         tracing::info!(rollout = %self.status.name, ?kind, %message, "rollout event");
-        self.task.store.audit(&serde_json::json!({
-            "at": at, "rollout": self.status.name, "record": "decision",
-            "kind": kind, "message": message, "phase": self.state.phase,
-            "weight": self.state.weight,
-        })).await?;
+        self.task
+            .store
+            .audit(&serde_json::json!({
+                "at": at, "rollout": self.status.name, "record": "decision",
+                "kind": kind, "message": message, "phase": self.state.phase,
+                "weight": self.state.weight,
+            }))
+            .await?;
         self.task.notifier.send(Notice {
             rollout: self.status.name.clone(),
             kind,
