@@ -98,17 +98,29 @@ impl Admin {
         experiments: &[&str],
         format: Format,
     ) -> Result<reqwest::Response, AdminError> {
+        self.exposition(&Admin::exposition_query(experiments), format)
+            .await
+    }
+
+    /// The path and query that ask for Sluice's series of `experiments` (the same for every
+    /// Envoy: a source keeps it while the experiments stay the same).
+    pub fn exposition_query(experiments: &[&str]) -> String {
         // `filter` is matched against the stat's name before tag extraction
         // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
         // itself leaves out other experiments' series: a proxy serving many experiments
         // answers with the asked-for share only.
         let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
         let filter = format!("sluice_[a-z_]+\\.experiment\\.=\\.({});", names.join("|"));
-        self.send(
-            &format!("/stats/prometheus?filter={}", encode(&filter)),
-            format.accept(),
-        )
-        .await
+        format!("/stats/prometheus?filter={}", encode(&filter))
+    }
+
+    /// [`Admin::sluice_exposition`] with the query made by [`Admin::exposition_query`].
+    pub async fn exposition(
+        &self,
+        query: &str,
+        format: Format,
+    ) -> Result<reqwest::Response, AdminError> {
+        self.send(query, format.accept()).await
     }
 
     /// The URL `sluice_exposition` reads, for messages.

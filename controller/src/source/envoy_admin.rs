@@ -9,7 +9,7 @@
 //! request. Rollout ticks fall on multiples of their interval (see the daemon), so rollouts
 //! with the same interval ask at the same moments.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,11 +42,21 @@ struct Endpoint {
 
 #[derive(Debug, Default)]
 struct EndpointState {
-    /// Experiments read here lately, and until when they are asked for.
-    wanted: BTreeMap<String, Instant>,
+    /// Experiments read here lately, by name.
+    wanted: Vec<Wanted>,
+    /// The experiments the last request asked for, and its path and query.
+    asked: (Vec<ExperimentId>, String),
     last: Option<Fetched>,
     /// Series slots of the last answer, in order (see [`exposition::Reader`]).
     slots: Vec<Slot>,
+}
+
+/// An experiment read at an endpoint lately, and until when it is asked for.
+#[derive(Debug)]
+struct Wanted {
+    id: ExperimentId,
+    name: Arc<str>,
+    until: Instant,
 }
 
 /// One answer's values, by experiment.
@@ -66,10 +76,12 @@ impl EndpointState {
         now: Instant,
     ) -> Option<Result<Values, String>> {
         let until = now + reader.keep;
-        match self.wanted.get_mut(experiment) {
-            Some(u) => *u = (*u).max(until),
+        match self.wanted.iter_mut().find(|w| w.id == id) {
+            Some(w) => w.until = w.until.max(until),
             None => {
-                self.wanted.insert(experiment.to_string(), until);
+                let at = self.wanted.partition_point(|w| &*w.name < experiment);
+                let name = Arc::from(experiment);
+                self.wanted.insert(at, Wanted { id, name, until });
             }
         }
         let last = self.last.as_ref()?;
@@ -98,13 +110,14 @@ impl Fetched {
         }
     }
 
-    /// How many values experiment `e` had in this answer (to size the next one).
-    fn len_of(&self, e: ExperimentId) -> usize {
-        self.result
-            .as_ref()
-            .ok()
-            .and_then(|parts| parts.iter().find(|(x, _)| *x == e))
-            .map_or(0, |(_, v)| v.len())
+    /// How many values each experiment of `covers` had in this answer (to size the next one).
+    fn sizes(&self, covers: &[ExperimentId]) -> Vec<usize> {
+        match &self.result {
+            Ok(parts) if parts.iter().map(|(e, _)| e).eq(covers) => {
+                parts.iter().map(|(_, v)| v.len()).collect()
+            }
+            _ => vec![0; covers.len()],
+        }
     }
 }
 
@@ -151,18 +164,23 @@ impl AdminHub {
         if let Some(part) = state.shared(experiment, id, reader, now) {
             return part;
         }
-        state.wanted.retain(|_, u| *u >= now);
-        let names: Vec<&str> = state.wanted.keys().map(String::as_str).collect();
-        let covers: Vec<ExperimentId> = names.iter().map(|n| series::experiment(n)).collect();
+        state.wanted.retain(|w| w.until >= now);
+        let covers: Vec<ExperimentId> = state.wanted.iter().map(|w| w.id).collect();
+        if state.asked.0 != covers {
+            let names: Vec<&str> = state.wanted.iter().map(|w| &*w.name).collect();
+            state.asked = (covers.clone(), Admin::exposition_query(&names));
+        }
+        let sizes = state
+            .last
+            .as_ref()
+            .map_or_else(|| vec![0; covers.len()], |l| l.sizes(&covers));
         let mut parts: Vec<(ExperimentId, Vec<(SeriesId, f64)>)> = covers
             .iter()
-            .map(|&e| {
-                let hint = state.last.as_ref().map_or(0, |l| l.len_of(e));
-                (e, Vec::with_capacity(hint))
-            })
+            .zip(sizes)
+            .map(|(&e, n)| (e, Vec::with_capacity(n)))
             .collect();
         let admin = Admin::sharing(&endpoint.base, reader.timeout, &self.http);
-        let result = read_answer(&admin, &names, &mut state.slots, &mut parts)
+        let result = read_answer(&admin, &state.asked.1, &mut state.slots, &mut parts)
             .await
             .map(|()| {
                 parts
@@ -182,15 +200,15 @@ impl AdminHub {
     }
 }
 
-/// Asks for `names` and reads the answer, as it arrives, into `parts` (one entry per
-/// experiment asked for).
+/// Sends `query` (see [`Admin::exposition_query`]) and reads the answer, as it arrives, into
+/// `parts` (one entry per experiment asked for).
 async fn read_answer(
     admin: &Admin,
-    names: &[&str],
+    query: &str,
     slots: &mut Vec<Slot>,
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
 ) -> Result<(), AdminError> {
-    let mut resp = admin.sluice_exposition(names, Format::Protobuf).await?;
+    let mut resp = admin.exposition(query, Format::Protobuf).await?;
     let parse_error = |source| AdminError::Parse {
         url: admin.exposition_url(),
         source,

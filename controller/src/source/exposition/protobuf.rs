@@ -303,7 +303,8 @@ fn ends_with(text: &[u8], base: usize, which: u8, bound: Option<[u8; 8]>) -> boo
 }
 
 /// A bucket's (upper bound, cumulative count) or a quantile's (quantile, value).
-fn point_of(kind: Kind, msg: &[u8]) -> Result<(f64, f64), String> {
+#[inline(always)]
+fn point_of(kind: Kind, msg: &[u8]) -> Result<(f64, f64), WireError> {
     let (mut bound, mut v) = (f64::NAN, 0.0);
     for field in Fields::new(msg) {
         match (kind, field?) {
@@ -316,7 +317,7 @@ fn point_of(kind: Kind, msg: &[u8]) -> Result<(f64, f64), String> {
         }
     }
     if bound.is_nan() {
-        return Err("a bucket or quantile without its bound".into());
+        return Err("a bucket or quantile without its bound");
     }
     Ok((bound, v))
 }
