@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use super::exposition::{self, Format};
 use super::series::{self, ExperimentId, SeriesId, Slot};
 use super::{OriginScrape, Source, SourceError};
-use crate::admin::{Admin, AdminError};
+use crate::admin::Admin;
+
+mod conn;
 
 /// Longest a scrape is shared: a rollout is never handed data older than this.
 const SHARE_AT_MOST: Duration = Duration::from_secs(1);
@@ -27,7 +29,6 @@ const SHARE_AT_MOST: Duration = Duration::from_secs(1);
 /// The Envoy admin endpoints one controller reads, shared by its rollouts.
 #[derive(Debug, Default)]
 pub struct AdminHub {
-    http: reqwest::Client,
     endpoints: Mutex<HashMap<Arc<str>, Arc<Endpoint>>>,
     /// Sweeps in flight, by endpoint list: a rollout reading the same list as a sweep in
     /// progress waits for it as a whole, then takes its parts (see [`EnvoyAdmin::scrape`]).
@@ -37,6 +38,8 @@ pub struct AdminHub {
 #[derive(Debug)]
 struct Endpoint {
     base: Arc<str>,
+    /// Where `base` points, or why it cannot be read.
+    target: Result<conn::Target, String>,
     state: tokio::sync::Mutex<EndpointState>,
 }
 
@@ -47,6 +50,7 @@ struct EndpointState {
     /// The experiments the last request asked for, and its path and query.
     asked: (Vec<ExperimentId>, String),
     last: Option<Fetched>,
+    conn: conn::Conn,
     /// Series slots of the last answer, in order (see [`exposition::Reader`]).
     slots: Vec<Slot>,
 }
@@ -142,6 +146,7 @@ impl AdminHub {
             .or_insert_with(|| {
                 Arc::new(Endpoint {
                     base: base.clone(),
+                    target: conn::Target::parse(base),
                     state: tokio::sync::Mutex::new(EndpointState::default()),
                 })
             })
@@ -179,16 +184,33 @@ impl AdminHub {
             .zip(sizes)
             .map(|(&e, n)| (e, Vec::with_capacity(n)))
             .collect();
-        let admin = Admin::sharing(&endpoint.base, reader.timeout, &self.http);
-        let result = read_answer(&admin, &state.asked.1, &mut state.slots, &mut parts)
-            .await
-            .map(|()| {
-                parts
-                    .into_iter()
-                    .map(|(e, values)| (e, Arc::new(values)))
-                    .collect()
-            })
-            .map_err(|e| e.to_string());
+        let read = match &endpoint.target {
+            Ok(target) => {
+                let answer = read_answer(
+                    &mut state.conn,
+                    target,
+                    &state.asked.1,
+                    &mut state.slots,
+                    &mut parts,
+                    reader.timeout,
+                );
+                match tokio::time::timeout(reader.timeout, answer).await {
+                    Ok(read) => read,
+                    Err(_) => Err(format!("no answer within {:?}", reader.timeout)),
+                }
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let result = match read {
+            Ok(()) => Ok(parts
+                .into_iter()
+                .map(|(e, values)| (e, Arc::new(values)))
+                .collect()),
+            Err(e) => {
+                state.conn.drop_connection();
+                Err(format!("{}/stats/prometheus: {e}", endpoint.base))
+            }
+        };
         let fetched = Fetched {
             started: now,
             covers,
@@ -203,19 +225,23 @@ impl AdminHub {
 /// Sends `query` (see [`Admin::exposition_query`]) and reads the answer, as it arrives, into
 /// `parts` (one entry per experiment asked for).
 async fn read_answer(
-    admin: &Admin,
+    conn: &mut conn::Conn,
+    target: &conn::Target,
     query: &str,
     slots: &mut Vec<Slot>,
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
-) -> Result<(), AdminError> {
-    let mut resp = admin.exposition(query, Format::Protobuf).await?;
-    let parse_error = |source| AdminError::Parse {
-        url: admin.exposition_url(),
-        source,
-    };
+    timeout: Duration,
+) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let mut resp = conn
+        .get(target, query, Format::Protobuf.accept(), timeout)
+        .await?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP status {}", resp.status().as_u16()));
+    }
     let format = resp
         .headers()
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map_or(Format::Text, Format::of_content_type);
     let mut reader = exposition::AnyReader::new(format, "sluice_", slots);
@@ -233,19 +259,13 @@ async fn read_answer(
         }
         parts[current].1.push((slot.id, value));
     };
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => reader.feed(&chunk, &mut each).map_err(parse_error)?,
-            Ok(None) => break,
-            Err(source) => {
-                return Err(AdminError::Http {
-                    url: admin.exposition_url(),
-                    source,
-                })
-            }
+    while let Some(frame) = resp.body_mut().frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(chunk) = frame.into_data() {
+            reader.feed(&chunk, &mut each).map_err(|e| e.to_string())?;
         }
     }
-    reader.finish(&mut each).map_err(parse_error)
+    reader.finish(&mut each).map_err(|e| e.to_string())
 }
 
 /// Scrapes a fixed list of Envoy admin endpoints.
