@@ -1,6 +1,6 @@
-//! The Envoy admin source: `/stats/prometheus` of every listed Envoy, scraped concurrently, in
-//! Prometheus' protobuf format (Envoy 1.40 writes it when asked; an Envoy answering in text is
-//! read as well).
+//! The Envoy admin source: `/stats/prometheus` of every listed Envoy, scraped concurrently
+//! over one kept-alive connection per Envoy ([`conn`]), in Prometheus' protobuf format (Envoy
+//! 1.40 writes it when asked; an Envoy answering in text is read as well).
 //!
 //! Rollouts of one controller often read the same Envoys. They share an [`AdminHub`]: one
 //! request per Envoy and tick asks for every experiment read there lately (Envoy filters by
