@@ -5,12 +5,13 @@
 //! | `GET /healthz` | `ok` while the daemon runs |
 //! | `GET /status` | JSON array: every rollout's [`Status`] |
 //! | `GET /metrics` | Prometheus text: stage, weight, holds, verdicts, scrape and push errors, push latency |
-//! | `POST /rollouts/<name>/pause`, `resume`, `promote`, `abort` | operator commands (202) |
+//! | `POST /rollouts/<name>/pause`, `resume`, `promote`, `abort` | operator commands: 200 once applied and persisted, 202 if still queued after 30 s |
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,8 +21,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::daemon::{Registry, Status};
-use crate::rollout::{Command, Judgement, Phase};
+use crate::daemon::{Ordered, Registry, Status};
+use crate::rollout::{Command, Judgement, Phase, State};
 
 /// Serves the endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -106,13 +107,20 @@ async fn route<B>(req: Request<B>, registry: &Registry) -> Response<Full<Bytes>>
                     format!("no rollout named {name:?}\n"),
                 );
             };
-            match handle.commands.send(command).await {
-                Ok(()) => reply(
+            match handle.order(command, COMMAND_WAIT).await {
+                Ordered::Applied(state) => reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("{action}: applied; {}\n", summary(&state)),
+                ),
+                Ordered::Queued => reply(
                     StatusCode::ACCEPTED,
                     "text/plain",
-                    format!("{action}: accepted\n"),
+                    format!(
+                        "{action}: queued; applied when the current evaluation ends (check `sluice status`)\n"
+                    ),
                 ),
-                Err(_) => reply(
+                Ordered::Gone => reply(
                     StatusCode::CONFLICT,
                     "text/plain",
                     format!("rollout {name:?} is no longer running\n"),
@@ -121,6 +129,31 @@ async fn route<B>(req: Request<B>, registry: &Registry) -> Response<Full<Bytes>>
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// How long an operator command waits for the rollout to apply it: commands are taken between
+/// steps, and a step is one evaluation (its reads are bounded by the source timeouts).
+const COMMAND_WAIT: Duration = Duration::from_secs(30);
+
+/// One line on where a rollout stands, for the reply to an operator command.
+fn summary(state: &State) -> String {
+    let mut line = format!("{} at {:.2}%", phase_name(&state.phase), state.weight);
+    if let Phase::Canary { index } = state.phase {
+        let _ = write!(line, " (stage {})", index + 1);
+    }
+    if let Phase::RolledBack { reason } = &state.phase {
+        let _ = write!(line, ": {reason}");
+    }
+    if let Some(p) = &state.pending {
+        let _ = write!(line, ", pushing {:.2}%", p.weight);
+    }
+    if state.paused {
+        line.push_str(", paused");
+    }
+    if let Some(h) = &state.hold {
+        let _ = write!(line, ", held: {h}");
+    }
+    line
 }
 
 fn phase_name(p: &Phase) -> &'static str {

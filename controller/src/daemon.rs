@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::notify::{Notice, Notifier};
 use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
@@ -234,8 +234,48 @@ const EVENTS_KEPT: usize = 50;
 #[derive(Debug, Clone)]
 pub struct Handle {
     pub name: String,
-    pub commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Order>,
     pub status: watch::Receiver<Status>,
+}
+
+/// An operator command and where to report once it is applied.
+#[derive(Debug)]
+struct Order {
+    command: Command,
+    applied: oneshot::Sender<State>,
+}
+
+/// What became of an operator command.
+#[derive(Debug)]
+pub enum Ordered {
+    /// Applied and persisted; the state after it.
+    Applied(State),
+    /// Queued, but the rollout was still busy with a step when the wait ended; it is applied
+    /// right after that step.
+    Queued,
+    /// The rollout is no longer running.
+    Gone,
+}
+
+impl Handle {
+    /// Gives the rollout an operator command and waits up to `wait` for it to be applied and
+    /// persisted. Commands are applied between steps, so the wait is at most one evaluation.
+    pub async fn order(&self, command: Command, wait: Duration) -> Ordered {
+        let (applied, done) = oneshot::channel();
+        if self
+            .commands
+            .send(Order { command, applied })
+            .await
+            .is_err()
+        {
+            return Ordered::Gone;
+        }
+        match tokio::time::timeout(wait, done).await {
+            Ok(Ok(state)) => Ordered::Applied(state),
+            Ok(Err(_)) => Ordered::Gone,
+            Err(_) => Ordered::Queued,
+        }
+    }
 }
 
 fn plan_of(checked: &Checked) -> rollout::Plan {
@@ -344,7 +384,7 @@ where
 {
     async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        mut commands: mpsc::Receiver<Order>,
         shutdown: impl Future<Output = ()> + Send,
         restarted: bool,
         exit_when_final: bool,
@@ -360,8 +400,9 @@ where
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(c) = commands.recv() => {
-                    self.apply(Input::Command(c)).await?;
+                Some(order) = commands.recv() => {
+                    self.apply(Input::Command(order.command)).await?;
+                    let _ = order.applied.send(self.state.clone());
                     continue;
                 }
                 () = tokio::time::sleep_until(next) => {}

@@ -21,10 +21,14 @@ spec:
 #[derive(Clone, Default)]
 struct FakeSource {
     down: Arc<Mutex<bool>>,
+    /// How long each read takes.
+    delay: Arc<Mutex<Duration>>,
 }
 
 impl Source for FakeSource {
     async fn scrape(&self, _experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
+        let delay = self.delay.lock().map(|d| *d).unwrap_or_default();
+        tokio::time::sleep(delay).await;
         if self.down.lock().map(|d| *d).unwrap_or(true) {
             return Err(SourceError::Unreachable {
                 origin: "fake".into(),
@@ -218,6 +222,52 @@ async fn no_data_holds_and_a_rejected_push_holds_without_raising() {
     *sink.reject.lock().unwrap_or_else(|e| e.into_inner()) = false;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(h.status.borrow().state.weight, 10.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_command_is_answered_once_applied_or_said_to_be_queued() {
+    let dir = temp_dir("order");
+    let source = FakeSource::default();
+    let sink = FakeSink::default();
+    let (h, join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Reads now take 5 s; a command that arrives mid-read is applied once the step ends.
+    *source.delay.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_secs(5);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = tokio::time::Instant::now();
+    match h.order(Command::Pause, Duration::from_secs(10)).await {
+        Ordered::Applied(state) => assert!(state.paused, "{state:?}"),
+        other => unreachable!("{other:?}"),
+    }
+    let waited = asked.elapsed();
+    assert!(
+        waited > Duration::from_secs(1) && waited <= Duration::from_secs(5),
+        "answered after {waited:?}: not after the step in progress"
+    );
+    assert!(h.status.borrow().state.paused, "the status lags the answer");
+    // A wait shorter than the step in progress: queued, then applied all the same.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(matches!(
+        h.order(Command::Resume, Duration::from_millis(100)).await,
+        Ordered::Queued
+    ));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!h.status.borrow().state.paused);
+    // Once the rollout has ended, commands are refused.
+    *source.delay.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
+    assert!(matches!(
+        h.order(Command::Abort, Duration::from_secs(10)).await,
+        Ordered::Applied(_)
+    ));
+    let _ = join.await;
+    assert!(matches!(
+        h.order(Command::Pause, Duration::from_secs(10)).await,
+        Ordered::Gone
+    ));
+    assert_eq!(sink.pushed(), vec![1.0, 0.0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
