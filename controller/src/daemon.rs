@@ -30,10 +30,32 @@ use crate::store::Store;
 /// every 10 s. On one thread no task is handed between threads, which measured about a
 /// fifth less CPU per tick than tokio's multi-threaded scheduler (docs/benchmarks.md,
 /// "Controller cost").
+///
+/// It also keeps memory freed at the end of a tick for the next one ([`keep_freed_memory`]).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    keep_freed_memory();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+}
+
+/// mimalloc's `purge_delay` option (`mi_option_purge_delay` in mimalloc.h; the Rust binding
+/// leaves it unnamed). The test `the_allocator_option_is_the_purge_delay` checks the number.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// How long mimalloc (the binaries' allocator) keeps freed memory before returning it to the
+/// system.
+///
+/// A tick allocates the same ~30 MiB every time (answers' values, one read per Envoy) and frees
+/// it at the end. With mimalloc's default of 1 s, those pages went back to the system between
+/// ticks and the next tick faulted in fresh zeroed ones: a third of a tick's CPU, in the kernel
+/// (docs/benchmarks.md, "Controller cost"). Kept for a minute, every interval up to a minute
+/// reuses them; memory a shrinking workload no longer needs still goes back.
+const FREED_MEMORY_KEPT_MS: std::os::raw::c_long = 60_000;
+
+fn keep_freed_memory() {
+    // SAFETY: sets one integer option; mimalloc reads it when it next purges.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, FREED_MEMORY_KEPT_MS) };
 }
 
 /// Wall-clock time in Unix seconds.

@@ -311,6 +311,23 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
 }
 
 #[test]
+fn the_allocator_option_is_the_purge_delay() {
+    // SAFETY: reads one integer option.
+    let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+    // mimalloc 3's default purge delay (1 s), unless this process was started with it set.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        assert_eq!(
+            before, 1000,
+            "option {MI_OPTION_PURGE_DELAY} is not mimalloc's purge_delay"
+        );
+    }
+    keep_freed_memory();
+    // SAFETY: as above.
+    let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+    assert_eq!(after, FREED_MEMORY_KEPT_MS);
+}
+
+#[test]
 fn ticks_fall_on_multiples_of_the_interval() {
     let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
     let ten = Duration::from_secs(10);
