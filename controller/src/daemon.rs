@@ -48,8 +48,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 ///
 /// A tick allocates the same ~30 MiB every time (answers' values, one read per Envoy) and frees
 /// it at the end. With mimalloc's default of 1 s, those pages went back to the system between
-/// ticks and the next tick faulted in fresh zeroed ones: a third of a tick's CPU, in the kernel
-/// (docs/benchmarks.md, "Controller cost"). Kept for a minute, every interval up to a minute
+/// ticks and the next tick faulted in fresh zeroed ones: about a quarter of a tick's CPU, in
+/// the kernel (docs/benchmarks.md, "Controller cost"). Kept for a minute, every interval up to a minute
 /// reuses them; memory a shrinking workload no longer needs still goes back.
 const FREED_MEMORY_KEPT_MS: std::os::raw::c_long = 60_000;
 
