@@ -298,7 +298,13 @@ impl<'a> Reader<'a> {
 fn ends_with(text: &[u8], base: usize, which: u8, bound: Option<[u8; 8]>) -> bool {
     match bound {
         None => text.len() == base + 1 && text[base] == which,
-        Some(b) => text.len() == base + 9 && text[base] == which && text[base + 1..] == b,
+        // The bound as one 8-byte load and compare, not a call to `memcmp`.
+        Some(b) => {
+            text.len() == base + 9
+                && text[base] == which
+                && <[u8; 8]>::try_from(&text[base + 1..])
+                    .is_ok_and(|t| u64::from_ne_bytes(t) == u64::from_ne_bytes(b))
+        }
     }
 }
 
@@ -465,6 +471,7 @@ impl<'b> Iterator for Fields<'b> {
 }
 
 /// The varint at the start of `buf` and its size, or `None` if `buf` ends inside it.
+#[inline]
 fn varint(buf: &[u8]) -> Result<Option<(u64, usize)>, WireError> {
     let mut v = 0u64;
     for (i, &b) in buf.iter().enumerate().take(10) {
