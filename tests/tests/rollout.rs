@@ -489,7 +489,12 @@ async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Res
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
-    run.cli(&["pause", "r"])?;
+    // The command returns once the pause is applied and persisted, with where the rollout stands.
+    let said = run.cli(&["pause", "r"])?;
+    assert!(
+        said.contains("pause: applied; canary at 50.00% (stage 2), paused"),
+        "sluice pause printed: {said}"
+    );
     let table = run.cli(&["status"])?;
     assert!(
         table.contains("r ") && table.contains("paused"),
