@@ -114,14 +114,31 @@ impl Fetched {
         }
     }
 
-    /// How many values each experiment of `covers` had in this answer (to size the next one).
-    fn sizes(&self, covers: &[ExperimentId]) -> Vec<usize> {
-        match &self.result {
-            Ok(parts) if parts.iter().map(|(e, _)| e).eq(covers) => {
-                parts.iter().map(|(_, v)| v.len()).collect()
-            }
-            _ => vec![0; covers.len()],
-        }
+    /// Empty buffers for the next answer's parts, one per experiment of `covers`: this
+    /// answer's own buffers where no rollout holds them any more (rollouts drop their parts
+    /// once counted, so in a steady state a tick allocates none), sized as this answer's
+    /// part otherwise.
+    fn into_buffers(self, covers: &[ExperimentId]) -> Vec<(ExperimentId, Vec<(SeriesId, f64)>)> {
+        let mut old = match self.result {
+            Ok(parts) => parts,
+            Err(_) => Vec::new(),
+        };
+        covers
+            .iter()
+            .map(|&e| {
+                let buffer = match old.iter().position(|(o, _)| *o == e) {
+                    Some(i) => match Arc::try_unwrap(old.swap_remove(i).1) {
+                        Ok(mut values) => {
+                            values.clear();
+                            values
+                        }
+                        Err(held) => Vec::with_capacity(held.len()),
+                    },
+                    None => Vec::new(),
+                };
+                (e, buffer)
+            })
+            .collect()
     }
 }
 
@@ -175,15 +192,10 @@ impl AdminHub {
             let names: Vec<&str> = state.wanted.iter().map(|w| &*w.name).collect();
             state.asked = (covers.clone(), Admin::exposition_query(&names));
         }
-        let sizes = state
-            .last
-            .as_ref()
-            .map_or_else(|| vec![0; covers.len()], |l| l.sizes(&covers));
-        let mut parts: Vec<(ExperimentId, Vec<(SeriesId, f64)>)> = covers
-            .iter()
-            .zip(sizes)
-            .map(|(&e, n)| (e, Vec::with_capacity(n)))
-            .collect();
+        let mut parts = match state.last.take() {
+            Some(last) => last.into_buffers(&covers),
+            None => covers.iter().map(|&e| (e, Vec::new())).collect(),
+        };
         let read = match &endpoint.target {
             Ok(target) => {
                 let answer = read_answer(
@@ -525,5 +537,32 @@ mod tests {
             Some(("hub-a".into(), 5.0))
         );
         assert_eq!(requests()[4], ["hub-a"]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_reuses_the_buffers_of_the_last_one_unless_a_rollout_holds_them() {
+        let (url, _) = endpoint().await;
+        let source = EnvoyAdmin::new(&[url], Duration::from_secs(2), None);
+        let values = |scrape: &[OriginScrape]| scrape.first().map(|o| o.values.clone());
+
+        // Held: the next answer gets a buffer of its own and leaves the held one as it was.
+        let first = source.scrape("reuse").await.ok().and_then(|s| values(&s));
+        let second = source.scrape("reuse").await.ok().and_then(|s| values(&s));
+        let (Some(first), Some(second)) = (first, second) else {
+            panic!("no answers");
+        };
+        assert_eq!(first.first().map(|v| v.1), Some(1.0));
+        assert_eq!(second.first().map(|v| v.1), Some(2.0));
+        assert_ne!(first.as_ptr(), second.as_ptr());
+
+        // Dropped once counted: the next answer is read into the same buffer.
+        let at = second.as_ptr();
+        drop(second);
+        let third = source.scrape("reuse").await.ok().and_then(|s| values(&s));
+        assert_eq!(
+            third.as_ref().and_then(|v| v.first()).map(|v| v.1),
+            Some(3.0)
+        );
+        assert_eq!(third.map(|v| v.as_ptr()), Some(at));
     }
 }
