@@ -119,10 +119,7 @@ impl Fetched {
     /// once counted, so in a steady state a tick allocates none), sized as this answer's
     /// part otherwise.
     fn into_buffers(self, covers: &[ExperimentId]) -> Vec<(ExperimentId, Vec<(SeriesId, f64)>)> {
-        let mut old = match self.result {
-            Ok(parts) => parts,
-            Err(_) => Vec::new(),
-        };
+        let mut old = self.result.unwrap_or_default();
         covers
             .iter()
             .map(|&e| {
