@@ -96,16 +96,23 @@ impl Conn {
     }
 }
 
+/// Bytes read from the socket at a time. hyper's adaptive buffer grows to hundreds of KiB on
+/// a large answer and, while a chunk of it is still being read, takes a fresh one; a fixed
+/// 16 KiB, reused once its chunks are read, costs less CPU and memory over a big fleet
+/// (docs/benchmarks.md, "Controller cost").
+const READ_BUFFER: usize = 16 << 10;
+
 async fn connect(target: &Target, within: Duration) -> Result<SendRequest<Empty<Bytes>>, String> {
     let stream = tokio::time::timeout(within, tokio::net::TcpStream::connect(&target.authority))
         .await
         .map_err(|_| format!("no connection within {within:?}"))?
         .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (tx, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (tx, connection) = hyper::client::conn::http1::Builder::new()
+        .read_buf_exact_size(Some(READ_BUFFER))
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
     // Ends when `tx` is dropped or the Envoy closes the connection.
     tokio::spawn(async move {
         let _ = connection.await;
