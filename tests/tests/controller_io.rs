@@ -44,7 +44,7 @@ async fn exposition(admin: &Admin, format: Format) -> anyhow::Result<(Format, Ve
         .and_then(|v| v.to_str().ok())
         .map_or(Format::Text, Format::of_content_type);
     let body = resp.bytes().await?;
-    let mut slots = Vec::new();
+    let mut slots = series::Slots::default();
     let mut reader = AnyReader::new(answered, "sluice_", &mut slots);
     let mut samples = Vec::new();
     let mut each = |slot: &series::Slot, v: f64| {

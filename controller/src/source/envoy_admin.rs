@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exposition::{self, Format};
-use super::series::{self, ExperimentId, SeriesId, Slot};
+use super::series::{self, ExperimentId, SeriesId, Slot, SlotTables, Slots};
 use super::{OriginScrape, Source, SourceError};
 use crate::admin::Admin;
 
@@ -33,6 +33,8 @@ pub struct AdminHub {
     /// Sweeps in flight, by endpoint list: a rollout reading the same list as a sweep in
     /// progress waits for it as a whole, then takes its parts (see [`EnvoyAdmin::scrape`]).
     sweeps: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
+    /// The endpoints' slot tables, shared among endpoints that write the same series.
+    slot_tables: Mutex<SlotTables>,
 }
 
 #[derive(Debug)]
@@ -52,7 +54,7 @@ struct EndpointState {
     last: Option<Fetched>,
     conn: conn::Conn,
     /// Series slots of the last answer, in order (see [`exposition::Reader`]).
-    slots: Vec<Slot>,
+    slots: Slots,
 }
 
 /// An experiment read at an endpoint lately, and until when it is asked for.
@@ -210,6 +212,10 @@ impl AdminHub {
             }
             Err(e) => Err(e.clone()),
         };
+        self.slot_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .share(&mut state.slots);
         let result = match read {
             Ok(()) => Ok(parts
                 .into_iter()
@@ -237,7 +243,7 @@ async fn read_answer(
     conn: &mut conn::Conn,
     target: &conn::Target,
     query: &str,
-    slots: &mut Vec<Slot>,
+    slots: &mut Slots,
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
     timeout: Duration,
 ) -> Result<(), String> {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::series::{self, Slot};
+use super::series::{self, Slot, Slots};
 
 pub mod protobuf;
 
@@ -49,7 +49,7 @@ pub enum AnyReader<'a> {
 }
 
 impl<'a> AnyReader<'a> {
-    pub fn new(format: Format, prefix: &'a str, slots: &'a mut Vec<Slot>) -> AnyReader<'a> {
+    pub fn new(format: Format, prefix: &'a str, slots: &'a mut Slots) -> AnyReader<'a> {
         match format {
             Format::Text => AnyReader::Text(Reader::new(prefix, slots)),
             Format::Protobuf => AnyReader::Protobuf(protobuf::Reader::new(prefix, slots)),
@@ -119,7 +119,7 @@ pub fn parse(text: &str, prefix: &str) -> Result<Vec<Sample>, ParseError> {
 pub fn read(
     text: &str,
     prefix: &str,
-    slots: &mut Vec<Slot>,
+    slots: &mut Slots,
     mut each: impl FnMut(&Slot, f64),
 ) -> Result<(), ParseError> {
     let mut reader = Reader::new(prefix, slots);
@@ -138,7 +138,7 @@ pub fn read(
 /// exposition.
 pub struct Reader<'a> {
     prefix: &'a [u8],
-    slots: &'a mut Vec<Slot>,
+    slots: &'a mut Slots,
     /// Samples read so far (the next slot position).
     n: usize,
     /// Lines read so far.
@@ -148,7 +148,7 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub fn new(prefix: &'a str, slots: &'a mut Vec<Slot>) -> Reader<'a> {
+    pub fn new(prefix: &'a str, slots: &'a mut Slots) -> Reader<'a> {
         Reader {
             prefix: prefix.as_bytes(),
             slots,
@@ -211,7 +211,7 @@ impl<'a> Reader<'a> {
             let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
             let end = series_end(line).map_err(at)?;
             let slot = series::slot(&line[..end]).map_err(at)?;
-            put_slot(self.slots, self.n, slot);
+            self.slots.put(self.n, slot);
         }
         let slot = &self.slots[self.n];
         let value = value_after(&slot.text, &line[slot.text.len()..]).map_err(at)?;
@@ -221,13 +221,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Makes `slot` the `n`th of `slots` (which hold at least `n`).
-fn put_slot(slots: &mut Vec<Slot>, n: usize, slot: Slot) {
-    match slots.get_mut(n) {
-        Some(s) => *s = slot,
-        None => slots.push(slot),
-    }
-}
 
 /// Sample lines (numbered from 0, trimmed) whose name starts with `prefix`; `# HELP` / `# TYPE`
 /// and blank lines are skipped.
@@ -443,7 +436,7 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
     /// (name, variant label, value) of every sample `read` hands over.
     fn read_all(
         text: &str,
-        slots: &mut Vec<Slot>,
+        slots: &mut Slots,
     ) -> Result<Vec<(String, String, f64)>, ParseError> {
         let mut out = Vec::new();
         read(text, "", slots, |slot, v| {
@@ -457,7 +450,7 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
 
     #[test]
     fn read_agrees_with_parse_and_follows_changes() {
-        let mut slots = Vec::new();
+        let mut slots = Slots::default();
         let first = read_all(ENVOY, &mut slots);
         let parsed: Vec<_> = parse(ENVOY, "")
             .unwrap_or_default()
@@ -474,7 +467,7 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
         assert_eq!(slots.len(), 7);
         // Chunks cut anywhere read the same.
         for cut in 0..ENVOY.len() {
-            let (mut got, mut fresh) = (Vec::new(), Vec::new());
+            let (mut got, mut fresh) = (Vec::new(), Slots::default());
             let mut reader = Reader::new("", &mut fresh);
             let mut each = |slot: &Slot, v: f64| got.push((slot.id, v));
             let (head, tail) = ENVOY.as_bytes().split_at(cut);
@@ -524,5 +517,35 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
             bad.map_err(|e| e.to_string()),
             Err("line 2: unterminated label value".into())
         );
+    }
+
+    #[test]
+    fn origins_writing_the_same_series_share_one_slot_table() {
+        let mut tables = series::SlotTables::default();
+        let (mut a, mut b) = (Slots::default(), Slots::default());
+        let mut read_into = |text: &str, slots: &mut Slots| {
+            let values = read_all(text, slots).map(|v| v.iter().map(|s| s.2).collect::<Vec<_>>());
+            tables.share(slots);
+            values.unwrap_or_default()
+        };
+        let again = ENVOY.replace("} 17", "} 18");
+        read_into(ENVOY, &mut a);
+        read_into(&again, &mut b);
+        assert!(a.shares(&b), "same series, other values: one table");
+        assert_eq!(a.len(), 7);
+
+        // One origin's series move: it reads them right into a table of its own, and the
+        // other origin's table is as it was.
+        let moved = format!("read_test_share{{variant=\"v\"}} 1\n{again}");
+        let values = read_into(&moved, &mut b);
+        assert_eq!((values.len(), values[0], values[2]), (8, 1.0, 18.0));
+        assert!(!a.shares(&b));
+        assert_eq!((a.len(), b.len()), (7, 8));
+        let values = read_into(ENVOY, &mut a);
+        assert_eq!((values.len(), values[1]), (7, 17.0));
+
+        // Back to the same series: shared again.
+        read_into(&again, &mut b);
+        assert!(a.shares(&b));
     }
 }

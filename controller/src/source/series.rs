@@ -87,6 +87,95 @@ pub struct Slot {
     pub group: GroupId,
 }
 
+/// The slots of one origin's last answer, in order (see [`Slot`]), read through `Deref`.
+///
+/// Origins whose answers have the same series in the same order (a fleet of Envoys running
+/// the same filters) share one table through [`SlotTables`]: reading a big fleet's answers
+/// walks one table that stays in cache rather than one per origin. A reader that finds a
+/// sample differing from its slot gets a table of its own ([`Slots::put`] copies a shared
+/// table first).
+#[derive(Debug, Clone, Default)]
+pub struct Slots {
+    table: Arc<Vec<Slot>>,
+    /// Whether the table changed since it was last offered to [`SlotTables::share`].
+    changed: bool,
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+
+    fn deref(&self) -> &[Slot] {
+        &self.table
+    }
+}
+
+impl Slots {
+    /// Makes `slot` the `n`th (there are at least `n`).
+    pub fn put(&mut self, n: usize, slot: Slot) {
+        self.changed = true;
+        let table = Arc::make_mut(&mut self.table);
+        match table.get_mut(n) {
+            Some(s) => *s = slot,
+            None => table.push(slot),
+        }
+    }
+
+    /// Keeps the first `n` slots.
+    pub fn truncate(&mut self, n: usize) {
+        if self.table.len() > n {
+            self.changed = true;
+            Arc::make_mut(&mut self.table).truncate(n);
+        }
+    }
+
+    /// Whether `self` and `other` are one shared table.
+    pub fn shares(&self, other: &Slots) -> bool {
+        Arc::ptr_eq(&self.table, &other.table)
+    }
+}
+
+/// The slot tables origins use, by content, so that origins with equal tables share one.
+#[derive(Debug, Default)]
+pub struct SlotTables {
+    by_print: HashMap<u64, Vec<Arc<Vec<Slot>>>>,
+}
+
+impl SlotTables {
+    /// After a read changed `slots`: a table in use with the same slots replaces it, or it
+    /// becomes a table others can share. Tables no origin uses any more are forgotten.
+    pub fn share(&mut self, slots: &mut Slots) {
+        if !std::mem::take(&mut slots.changed) {
+            return;
+        }
+        self.by_print.retain(|_, tables| {
+            tables.retain(|t| Arc::strong_count(t) > 1);
+            !tables.is_empty()
+        });
+        let print = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for s in slots.table.iter() {
+                (s.id, s.group).hash(&mut h);
+            }
+            slots.table.len().hash(&mut h);
+            h.finish()
+        };
+        let same = |a: &Slot, b: &Slot| {
+            a.id == b.id
+                && a.group == b.group
+                && a.experiment == b.experiment
+                && (Arc::ptr_eq(&a.text, &b.text) || a.text == b.text)
+        };
+        let tables = self.by_print.entry(print).or_default();
+        match tables.iter().find(|t| {
+            t.len() == slots.table.len() && t.iter().zip(slots.table.iter()).all(|(a, b)| same(a, b))
+        }) {
+            Some(t) => slots.table = t.clone(),
+            None => tables.push(slots.table.clone()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Table {
     keys: Vec<Arc<SeriesKey>>,

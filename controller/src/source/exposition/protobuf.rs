@@ -21,7 +21,7 @@
 //! summary. A malformed message is an error naming its family, never skipped.
 
 use super::ParseError;
-use crate::source::series::{self, GroupId, SeriesKey, Slot, NO_GROUP};
+use crate::source::series::{self, GroupId, SeriesKey, Slot, Slots, NO_GROUP};
 
 /// Largest metric family read: a bound on what one answer can make the reader hold.
 const MAX_FAMILY: usize = 64 << 20;
@@ -32,7 +32,7 @@ const MAX_FAMILY: usize = 64 << 20;
 /// is decoded into a series identity.
 pub struct Reader<'a> {
     prefix: &'a [u8],
-    slots: &'a mut Vec<Slot>,
+    slots: &'a mut Slots,
     /// Samples read so far (the next slot position).
     n: usize,
     /// Metric families read so far.
@@ -63,7 +63,7 @@ const SUM: u8 = b's';
 const COUNT: u8 = b'c';
 
 impl<'a> Reader<'a> {
-    pub fn new(prefix: &'a str, slots: &'a mut Vec<Slot>) -> Reader<'a> {
+    pub fn new(prefix: &'a str, slots: &'a mut Slots) -> Reader<'a> {
         Reader {
             prefix: prefix.as_bytes(),
             slots,
@@ -285,7 +285,7 @@ impl<'a> Reader<'a> {
             if slot.group != NO_GROUP {
                 self.group = Some(slot.group);
             }
-            super::put_slot(self.slots, self.n, slot);
+            self.slots.put(self.n, slot);
         }
         each(&self.slots[self.n], value);
         self.n += 1;
@@ -626,7 +626,7 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
     fn read_pb(
         pb: &[u8],
         cut: usize,
-        slots: &mut Vec<Slot>,
+        slots: &mut Slots,
     ) -> Result<Vec<(u32, f64)>, ParseError> {
         let mut out = Vec::new();
         let mut reader = Reader::new("sluice_", slots);
@@ -641,19 +641,19 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
     #[test]
     fn reads_the_series_the_text_format_has() {
         let (pb, text) = fixture(3.0);
-        let mut text_slots = Vec::new();
+        let mut text_slots = Slots::default();
         let mut want = Vec::new();
         super::super::read(&text, "sluice_", &mut text_slots, |s, v| {
             want.push((s.id, v))
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(want.len(), 10);
-        let mut slots = Vec::new();
+        let mut slots = Slots::default();
         assert_eq!(read_pb(&pb, 0, &mut slots), Ok(want.clone()));
         assert_eq!(slots.len(), 10);
         // Chunks cut anywhere read the same.
         for cut in 0..=pb.len() {
-            let mut fresh = Vec::new();
+            let mut fresh = Slots::default();
             assert_eq!(read_pb(&pb, cut, &mut fresh), Ok(want.clone()), "cut {cut}");
         }
         // The next answer reuses the slots: same series, new value.
@@ -678,7 +678,7 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
     /// Each sample of `pb` read fresh (no earlier answer): the truth a reader with slots
     /// from another answer must agree with.
     fn fresh(pb: &[u8]) -> Vec<(u32, f64)> {
-        read_pb(pb, 0, &mut Vec::new()).unwrap_or_else(|e| panic!("{e}"))
+        read_pb(pb, 0, &mut Slots::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -709,7 +709,7 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
             answer(&[hist("a", &two)]),
             answer(&[hist("a", &two), hist("b", &two)]),
         ];
-        let mut slots = Vec::new();
+        let mut slots = Slots::default();
         for (i, pb) in answers.iter().enumerate() {
             let got = read_pb(pb, 0, &mut slots).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(got, fresh(pb), "answer {i}");
@@ -727,7 +727,7 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
     #[test]
     fn malformed_answers_are_errors_naming_the_family() {
         let (pb, _) = fixture(3.0);
-        let mut slots = Vec::new();
+        let mut slots = Slots::default();
         let cut = read_pb(&pb[..pb.len() - 1], 0, &mut slots).map_err(|e| e.to_string());
         assert_eq!(
             cut,

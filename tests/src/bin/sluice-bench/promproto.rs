@@ -209,13 +209,13 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use sluice_controller::source::exposition::{AnyReader, Format};
-    use sluice_controller::source::series::{self, Slot};
+    use sluice_controller::source::series::{self, Slot, Slots};
 
     use super::*;
 
     /// (series, value) of every sample a controller reader hands on.
     fn read(format: Format, body: &[u8]) -> Vec<(String, f64)> {
-        let mut slots = Vec::new();
+        let mut slots = Slots::default();
         let mut reader = AnyReader::new(format, "sluice_", &mut slots);
         let mut out = Vec::new();
         let mut each = |s: &Slot, v: f64| {
