@@ -8,6 +8,10 @@
 //! the sharing window of an earlier request gets its part of that answer instead of a new
 //! request. Rollout ticks fall on multiples of their interval (see the daemon), so rollouts
 //! with the same interval ask at the same moments.
+//!
+//! A steady tick allocates little however large the fleet: an answer is read into the value
+//! buffers of the endpoint's last answer once no rollout holds them, and against a slot table
+//! (see [`series::Slots`]) shared by every endpoint that writes the same series.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
