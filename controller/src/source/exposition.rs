@@ -221,7 +221,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-
 /// Sample lines (numbered from 0, trimmed) whose name starts with `prefix`; `# HELP` / `# TYPE`
 /// and blank lines are skipped.
 fn sample_lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (usize, &'a str)> {
@@ -434,10 +433,7 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
     }
 
     /// (name, variant label, value) of every sample `read` hands over.
-    fn read_all(
-        text: &str,
-        slots: &mut Slots,
-    ) -> Result<Vec<(String, String, f64)>, ParseError> {
+    fn read_all(text: &str, slots: &mut Slots) -> Result<Vec<(String, String, f64)>, ParseError> {
         let mut out = Vec::new();
         read(text, "", slots, |slot, v| {
             let key = series::key(slot.id);

@@ -168,7 +168,8 @@ impl SlotTables {
         };
         let tables = self.by_print.entry(print).or_default();
         match tables.iter().find(|t| {
-            t.len() == slots.table.len() && t.iter().zip(slots.table.iter()).all(|(a, b)| same(a, b))
+            t.len() == slots.table.len()
+                && t.iter().zip(slots.table.iter()).all(|(a, b)| same(a, b))
         }) {
             Some(t) => slots.table = t.clone(),
             None => tables.push(slots.table.clone()),

@@ -623,11 +623,7 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
         (pb, text)
     }
 
-    fn read_pb(
-        pb: &[u8],
-        cut: usize,
-        slots: &mut Slots,
-    ) -> Result<Vec<(u32, f64)>, ParseError> {
+    fn read_pb(pb: &[u8], cut: usize, slots: &mut Slots) -> Result<Vec<(u32, f64)>, ParseError> {
         let mut out = Vec::new();
         let mut reader = Reader::new("sluice_", slots);
         let mut each = |s: &Slot, v: f64| out.push((s.id, v));
