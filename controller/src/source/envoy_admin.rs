@@ -251,8 +251,7 @@ async fn read_answer(
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
     timeout: Duration,
 ) -> Result<(), String> {
-    use http_body_util::BodyExt;
-    let mut resp = conn
+    let resp = conn
         .get(target, query, Format::Protobuf.accept(), timeout)
         .await?;
     if !resp.status().is_success() {
@@ -278,8 +277,9 @@ async fn read_answer(
         }
         parts[current].1.push((slot.id, value));
     };
-    while let Some(frame) = resp.body_mut().frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
+    let mut body = resp.into_body();
+    while let Some(frame) = conn.frame(&mut body).await {
+        let frame = frame?;
         if let Ok(chunk) = frame.into_data() {
             reader.feed(&chunk, &mut each).map_err(|e| e.to_string())?;
         }
