@@ -1,5 +1,5 @@
 //! The scrapes' HTTP/1.1 connection to one Envoy admin endpoint, kept alive from tick to tick
-//! and driven on the reading task's thread.
+//! and driven by the task that reads its answers.
 //!
 //! A scrape is one request per Envoy and tick, so per-request overhead is a large share of a
 //! big fleet's tick. On hyper's connection API a request costs about half the CPU it costs
