@@ -226,7 +226,9 @@ pub struct Status {
     pub target_weight: f64,
     pub bake_left_secs: Option<f64>,
     pub last_judgement: Option<Judgement>,
-    pub last_detail: serde_json::Value,
+    /// Shared with the published copies: a status is cloned into the watch channel at every
+    /// evaluation, and the detail and events are its bulk.
+    pub last_detail: Arc<serde_json::Value>,
     pub last_evaluated_at: Option<f64>,
     pub scrape_errors: u64,
     pub push_errors: u64,
@@ -237,7 +239,7 @@ pub struct Status {
     pub proxy_restarts: u64,
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,
-    pub events: Vec<EventRecord>,
+    pub events: Arc<Vec<EventRecord>>,
 }
 
 /// A notable event, as kept in the status and written to the audit log.
@@ -357,14 +359,14 @@ where
             stages: plan.stages.iter().map(|s| s.weight).collect(),
             state: state.clone(),
             last_judgement: None,
-            last_detail: serde_json::Value::Null,
+            last_detail: Arc::new(serde_json::Value::Null),
             last_evaluated_at: None,
             scrape_errors: 0,
             push_errors: 0,
             observed_requests: BTreeMap::new(),
             proxy_restarts: 0,
             last_push_latency_secs: None,
-            events: Vec::new(),
+            events: Arc::default(),
         };
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -567,7 +569,7 @@ where
             }))
             .await?;
         self.status.last_judgement = Some(assessment.judgement.clone());
-        self.status.last_detail = assessment.detail;
+        self.status.last_detail = Arc::new(assessment.detail);
         self.status.last_evaluated_at = Some(now);
         self.apply(Input::Judged {
             judgement: assessment.judgement,
@@ -600,9 +602,10 @@ where
             at,
             weight: self.state.weight,
         });
-        self.status.events.push(record);
-        if self.status.events.len() > EVENTS_KEPT {
-            self.status.events.remove(0);
+        let events = Arc::make_mut(&mut self.status.events);
+        events.push(record);
+        if events.len() > EVENTS_KEPT {
+            events.remove(0);
         }
         Ok(())
     }

@@ -29,9 +29,9 @@ pub enum StoreError {
 pub struct Store {
     state: PathBuf,
     audit: PathBuf,
-    /// What this store last wrote to `state`: an unchanged state is not written again (a
-    /// rollout saves at every tick).
-    saved: Arc<Mutex<Vec<u8>>>,
+    /// The state this store last wrote: an unchanged state is neither serialized nor written
+    /// again (a rollout saves at every tick).
+    saved: Arc<Mutex<Option<State>>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -70,18 +70,24 @@ impl Store {
     }
 
     pub async fn save(&self, state: &State) -> Result<(), StoreError> {
+        if self
+            .saved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            == Some(state)
+        {
+            return Ok(());
+        }
         let text = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: self.state.display().to_string(),
             reason: e.to_string(),
         })?;
-        if *self.saved.lock().unwrap_or_else(|p| p.into_inner()) == text {
-            return Ok(());
-        }
         let path = self.state.clone();
-        let text = off_thread(move || write_atomically(&path, &text).map(|()| text))
+        off_thread(move || write_atomically(&path, &text))
             .await
             .map_err(io(&self.state))?;
-        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = text;
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
         Ok(())
     }
 

@@ -251,16 +251,15 @@ async fn read_answer(
     parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
     timeout: Duration,
 ) -> Result<(), String> {
-    let resp = conn
+    let head = conn
         .get(target, query, Format::Protobuf.accept(), timeout)
         .await?;
-    if !resp.status().is_success() {
-        return Err(format!("HTTP status {}", resp.status().as_u16()));
+    if !(200..300).contains(&head.status) {
+        return Err(format!("HTTP status {}", head.status));
     }
-    let format = resp
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    let format = head
+        .content_type
+        .as_deref()
         .map_or(Format::Text, Format::of_content_type);
     let mut reader = exposition::AnyReader::new(format, "sluice_", slots);
     let mut current = 0;
@@ -277,13 +276,8 @@ async fn read_answer(
         }
         parts[current].1.push((slot.id, value));
     };
-    let mut body = resp.into_body();
-    while let Some(frame) = conn.frame(&mut body).await {
-        let frame = frame?;
-        if let Ok(chunk) = frame.into_data() {
-            reader.feed(&chunk, &mut each).map_err(|e| e.to_string())?;
-        }
-    }
+    conn.read_body(&mut |chunk: &[u8]| reader.feed(chunk, &mut each).map_err(|e| e.to_string()))
+        .await?;
     reader.finish(&mut each).map_err(|e| e.to_string())
 }
 

@@ -1,20 +1,22 @@
-//! The scrapes' HTTP/1.1 connection to one Envoy admin endpoint, kept alive from tick to tick
-//! and driven by the task that reads its answers.
+//! The scrapes' HTTP/1.1 client: one connection per Envoy admin endpoint, kept alive from
+//! tick to tick and read by the task that parses its answers.
 //!
-//! A scrape is one request per Envoy and tick, so per-request overhead is a large share of a
-//! big fleet's tick. On hyper's connection API a request costs about half the CPU it costs
-//! through reqwest's pooled client (no pool lookup, no redirect, retry and timeout layers:
-//! docs/benchmarks.md, "Controller cost"); other admin calls keep using [`crate::admin`].
+//! A scrape is one `GET` per Envoy and tick, so what a request costs besides its bytes is a
+//! large share of a big fleet's tick. This client does only what that `GET` needs: the
+//! request is written with one `write`; the answer's head is parsed with `httparse` (the
+//! parser hyper uses); the body — by `Content-Length`, chunked, or up to the close — is
+//! handed to the caller as slices of one fixed read buffer per connection, so an answer
+//! costs no allocation, no copy and no task or channel hand-off (docs/benchmarks.md,
+//! "Controller cost"). Other admin calls keep using [`crate::admin`].
+//!
+//! A connection is reused only when the last answer was read to its end and nothing
+//! followed it; one the Envoy closed while idle is noticed when the next request gets no
+//! answer at all, and that request is sent once more on a new connection (a `GET` of
+//! counters is safe to repeat).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Frame, Incoming};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Where an admin endpoint's base URL points.
@@ -45,63 +47,125 @@ impl Target {
     }
 }
 
-/// hyper's side of one connection: polling it reads the socket and writes requests.
-type Connection = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>;
+/// An answer's status line and the one header the caller reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub status: u16,
+    pub content_type: Option<String>,
+}
+
+/// Bytes read from the socket at a time, and the most an answer's head may take. A fixed
+/// 16 KiB per connection measured cheaper in CPU and memory over a big fleet than hyper's
+/// adaptive buffer, which grows towards hundreds of KiB on a 29 KiB answer
+/// (docs/benchmarks.md, "Controller cost").
+const READ_BUFFER: usize = 16 << 10;
+
+/// Header lines read in an answer's head (Envoy's admin writes about six).
+const MAX_HEADERS: usize = 32;
+
+/// How the rest of the current answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// No answer is being read: the last one was read to its end.
+    Idle,
+    /// A request was sent and its answer not read to the end (yet, or ever: a connection
+    /// left so is not reused).
+    Unread,
+    /// Bytes left of a `Content-Length` body.
+    Length(u64),
+    Chunked(Chunked),
+    /// Everything up to the close (no length, not chunked).
+    UntilClose,
+}
 
 /// A kept-alive connection, opened when first needed and again after it broke.
-///
-/// The connection is driven by the task that reads its answer, not by a task of its own: a
-/// chunk read from the socket is parsed in the same poll, while it is still in the CPU's
-/// cache, instead of waiting in a channel while the runtime reads other Envoys' sockets.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Conn {
-    tx: Option<SendRequest<Empty<Bytes>>>,
-    /// `None` once hyper has closed it (or before the first request).
-    connection: Option<Pin<Box<Connection>>>,
+    stream: Option<TcpStream>,
+    /// Read buffer; `buf[start..end]` is read from the socket and not yet used.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    body: Body,
+    /// Whether the connection may carry another request once this answer is read.
+    keep_alive: bool,
+    /// The request being sent, rebuilt in place for every request.
+    request: Vec<u8>,
+}
+
+impl Default for Conn {
+    fn default() -> Conn {
+        Conn {
+            stream: None,
+            buf: Box::default(),
+            start: 0,
+            end: 0,
+            body: Body::Idle,
+            keep_alive: false,
+            request: Vec::new(),
+        }
+    }
+}
+
+/// Why an exchange failed: `Stale` if a reused connection gave no answer at all (the Envoy
+/// closed it while idle), so the request may be sent again on a new one.
+enum Failure {
+    Stale,
+    Error(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Error(e)
+    }
 }
 
 impl Conn {
-    /// Sends `GET <prefix><path_and_query>` asking for `accept`; the caller reads the body.
-    /// A kept-alive connection the Envoy closed meanwhile is replaced once.
+    /// Sends `GET <prefix><path_and_query>` asking for `accept` and reads the answer's head;
+    /// the caller then reads the body with [`Conn::read_body`]. `connect_within` bounds
+    /// opening a connection.
     pub async fn get(
         &mut self,
         target: &Target,
         path_and_query: &str,
-        accept: &'static str,
+        accept: &str,
         connect_within: Duration,
-    ) -> Result<hyper::Response<Incoming>, String> {
+    ) -> Result<Head, String> {
+        if self.body != Body::Idle || !self.keep_alive || self.start != self.end {
+            self.drop_connection();
+        }
+        self.request.clear();
+        for part in [
+            "GET ",
+            &target.prefix,
+            path_and_query,
+            " HTTP/1.1\r\nHost: ",
+            &target.authority,
+            "\r\nAccept: ",
+            accept,
+            "\r\nUser-Agent: sluice\r\n\r\n",
+        ] {
+            self.request.extend_from_slice(part.as_bytes());
+        }
         loop {
-            let reused = match &self.tx {
-                Some(tx) if !tx.is_closed() && self.connection.is_some() => true,
-                _ => {
-                    let (tx, connection) = connect(target, connect_within).await?;
-                    self.tx = Some(tx);
-                    self.connection = Some(Box::pin(connection));
-                    false
+            let reused = self.stream.is_some();
+            if !reused {
+                self.stream = Some(connect(target, connect_within).await?);
+                if self.buf.is_empty() {
+                    self.buf = vec![0; READ_BUFFER].into_boxed_slice();
                 }
-            };
-            let Some(tx) = self.tx.as_mut() else {
-                return Err("no connection".into());
-            };
-            let request = hyper::Request::get(format!("{}{path_and_query}", target.prefix))
-                .header(hyper::header::HOST, &target.authority)
-                .header(hyper::header::ACCEPT, accept)
-                .body(Empty::new())
-                .map_err(|e| e.to_string())?;
-            let send = async {
-                match tx.ready().await {
-                    Ok(()) => tx.send_request(request).await,
-                    Err(e) => Err(e),
+            }
+            self.body = Body::Unread;
+            match self.exchange().await {
+                Ok(head) => return Ok(head),
+                Err(Failure::Stale) if reused => self.drop_connection(),
+                Err(Failure::Stale) => {
+                    self.drop_connection();
+                    return Err("the connection closed before any answer".into());
                 }
-            };
-            let sent = drive(&mut self.connection, send).await;
-            match sent {
-                Ok(response) => return Ok(response),
-                Err(e) => {
-                    self.tx = None;
-                    if !reused {
-                        return Err(e.to_string());
-                    }
+                Err(Failure::Error(e)) => {
+                    self.drop_connection();
+                    return Err(e);
                 }
             }
         }
@@ -110,143 +174,334 @@ impl Conn {
     /// Forgets the connection (after a failed or abandoned answer: what is left on it is
     /// unknown).
     pub fn drop_connection(&mut self) {
-        self.tx = None;
-        self.connection = None;
+        self.stream = None;
+        self.start = 0;
+        self.end = 0;
+        self.body = Body::Idle;
+        self.keep_alive = false;
     }
 
-    /// The next frame of `body` (an answer on this connection), reading the socket as needed.
-    pub async fn frame(&mut self, body: &mut Incoming) -> Option<Result<Frame<Bytes>, String>> {
-        let frame = drive(&mut self.connection, body.frame()).await;
-        frame.map(|f| f.map_err(|e| e.to_string()))
-    }
-}
-
-/// Polls `work` until it is done, polling the connection (if still open) first each time, so
-/// that what it reads is handed to `work` at once.
-async fn drive<T>(
-    connection: &mut Option<Pin<Box<Connection>>>,
-    work: impl Future<Output = T>,
-) -> T {
-    let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|cx| {
-        if let Some(c) = connection.as_mut() {
-            // Done: closed by either side or failed; `work` then sees the end of its answer.
-            if c.as_mut().poll(cx).is_ready() {
-                *connection = None;
+    /// Writes the request and reads the answer's head.
+    async fn exchange(&mut self) -> Result<Head, Failure> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Failure::Error("no connection".into()));
+        };
+        if let Err(e) = stream.write_all(&self.request).await {
+            return Err(if is_reset(&e) {
+                Failure::Stale
+            } else {
+                Failure::Error(format!("cannot send the request: {e}"))
+            });
+        }
+        let mut received = false;
+        loop {
+            if let Some(head) = self.parse_head()? {
+                return Ok(head);
+            }
+            if self.end == self.buf.len() {
+                if self.start == 0 {
+                    return Err(Failure::Error(format!(
+                        "the answer's head is over {READ_BUFFER} bytes"
+                    )));
+                }
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(Failure::Error("no connection".into()));
+            };
+            match stream.read(&mut self.buf[self.end..]).await {
+                Ok(0) if !received => return Err(Failure::Stale),
+                Ok(0) => {
+                    return Err(Failure::Error(
+                        "the connection closed inside the answer's head".into(),
+                    ))
+                }
+                Ok(n) => {
+                    received = true;
+                    self.end += n;
+                }
+                Err(e) if !received && is_reset(&e) => return Err(Failure::Stale),
+                Err(e) => return Err(Failure::Error(format!("cannot read the answer: {e}"))),
             }
         }
-        work.as_mut().poll(cx)
-    })
-    .await
+    }
+
+    /// Parses the head at `buf[start..end]` if it is complete, setting how the body is
+    /// delimited and consuming the head; interim (1xx) heads are skipped.
+    fn parse_head(&mut self) -> Result<Option<Head>, String> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut answer = httparse::Response::new(&mut headers);
+            let used = match answer.parse(&self.buf[self.start..self.end]) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(format!("the answer has over {MAX_HEADERS} header lines"))
+                }
+                Err(e) => return Err(format!("not an HTTP/1.1 answer ({e})")),
+            };
+            let status = answer.code.unwrap_or(0);
+            let mut length: Option<u64> = None;
+            let mut chunked = false;
+            let mut close = answer.version != Some(1);
+            let mut content_type = None;
+            for h in answer.headers.iter() {
+                let value = || String::from_utf8_lossy(h.value);
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    let n = value()
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("Content-Length {:?} is not a length", value()))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err("the answer has two different Content-Lengths".into());
+                    }
+                    length = Some(n);
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    // Only the last coding delimits the body.
+                    chunked = value()
+                        .rsplit(',')
+                        .next()
+                        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+                    if !chunked {
+                        close = true;
+                    }
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    let v = value();
+                    if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                        close = true;
+                    } else if v
+                        .split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+                    {
+                        close = false;
+                    }
+                } else if h.name.eq_ignore_ascii_case("content-type") {
+                    content_type = Some(value().into_owned());
+                }
+            }
+            self.start += used;
+            if (100..200).contains(&status) {
+                continue;
+            }
+            self.body = if status == 204 || status == 304 {
+                Body::Length(0)
+            } else if chunked {
+                Body::Chunked(Chunked::START)
+            } else if let Some(n) = length {
+                Body::Length(n)
+            } else {
+                close = true;
+                Body::UntilClose
+            };
+            self.keep_alive = !close;
+            return Ok(Some(Head {
+                status,
+                content_type,
+            }));
+        }
+    }
+
+    /// Reads the body of the answer whose head [`Conn::get`] returned, handing each run of
+    /// its bytes to `data` as it arrives.
+    pub async fn read_body(
+        &mut self,
+        data: &mut impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        loop {
+            let input = &self.buf[self.start..self.end];
+            let (used, done) = match &mut self.body {
+                Body::Idle => return Ok(()),
+                Body::Unread => return Err("no answer's head was read".into()),
+                Body::Length(left) => {
+                    let take = input
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    data(&input[..take])?;
+                    *left -= take as u64;
+                    (take, *left == 0)
+                }
+                Body::Chunked(state) => {
+                    let used = state.decode(input, data)?;
+                    (used, *state == Chunked::Done)
+                }
+                Body::UntilClose => {
+                    data(input)?;
+                    (input.len(), false)
+                }
+            };
+            self.start += used;
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            if done {
+                self.body = Body::Idle;
+                if !self.keep_alive || self.start != self.end {
+                    // Nothing may follow an answer on a connection this client reuses.
+                    self.drop_connection();
+                }
+                return Ok(());
+            }
+            // Every byte buffered was used (a body never leaves a partial run), so the
+            // whole buffer is free.
+            let Some(stream) = self.stream.as_mut() else {
+                return Err("no connection".into());
+            };
+            match stream.read(&mut self.buf[self.end..]).await {
+                Ok(0) if self.body == Body::UntilClose => {
+                    self.drop_connection();
+                    return Ok(());
+                }
+                Ok(0) => return Err("the connection closed inside the answer".into()),
+                Ok(n) => self.end += n,
+                Err(e) => return Err(format!("cannot read the answer: {e}")),
+            }
+        }
+    }
 }
 
-/// Bytes read from the socket at a time. hyper's adaptive buffer grows to hundreds of KiB on
-/// a large answer and, while a chunk of it is still being read, takes a fresh one; a fixed
-/// 16 KiB, reused once its chunks are read, costs less CPU and memory over a big fleet
-/// (docs/benchmarks.md, "Controller cost").
-const READ_BUFFER: usize = 16 << 10;
+/// Whether a failed write or read means the peer had closed the connection.
+fn is_reset(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+}
 
-async fn connect(
-    target: &Target,
-    within: Duration,
-) -> Result<(SendRequest<Empty<Bytes>>, Connection), String> {
+async fn connect(target: &Target, within: Duration) -> Result<TcpStream, String> {
     let stream = tokio::time::timeout(within, TcpStream::connect(&target.authority))
         .await
         .map_err(|_| format!("no connection within {within:?}"))?
         .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    hyper::client::conn::http1::Builder::new()
-        .read_buf_exact_size(Some(READ_BUFFER))
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())
+    Ok(stream)
+}
+
+/// Where a chunked body's decoder is (RFC 9112, section 7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// In a chunk's size line: the size so far and its digits; `ext` once past them (an
+    /// extension follows, skipped).
+    Size {
+        size: u64,
+        digits: u8,
+        ext: bool,
+    },
+    /// The `\n` ending a size line.
+    SizeLf {
+        size: u64,
+    },
+    /// Bytes left of the current chunk's data.
+    Data(u64),
+    /// The `\r\n` after a chunk's data.
+    DataCr,
+    DataLf,
+    /// In the trailer section after the last chunk; `empty` while the current line is.
+    Trailer {
+        empty: bool,
+    },
+    TrailerLf {
+        empty: bool,
+    },
+    Done,
+}
+
+impl Chunked {
+    const START: Chunked = Chunked::Size {
+        size: 0,
+        digits: 0,
+        ext: false,
+    };
+
+    /// Decodes `input`, handing each run of data to `data`; returns the bytes used, which are
+    /// all of `input` unless the body ends inside it.
+    fn decode(
+        &mut self,
+        input: &[u8],
+        data: &mut impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<usize, String> {
+        let mut i = 0;
+        while i < input.len() {
+            if let Chunked::Data(left) = *self {
+                let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                data(&input[i..i + take])?;
+                i += take;
+                *self = if left == take as u64 {
+                    Chunked::DataCr
+                } else {
+                    Chunked::Data(left - take as u64)
+                };
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            let expect = |want: u8, what: &str| {
+                if b == want {
+                    Ok(())
+                } else {
+                    Err(format!("chunked body: expected {what}, got byte {b:#04x}"))
+                }
+            };
+            *self = match *self {
+                Chunked::Size { size, digits, ext } => match b {
+                    b'\r' if digits > 0 => Chunked::SizeLf { size },
+                    _ if ext => Chunked::Size { size, digits, ext },
+                    b';' | b' ' | b'\t' if digits > 0 => Chunked::Size {
+                        size,
+                        digits,
+                        ext: true,
+                    },
+                    _ => {
+                        let v = (b as char)
+                            .to_digit(16)
+                            .ok_or_else(|| format!("chunked body: bad chunk size byte {b:#04x}"))?;
+                        if digits >= 15 {
+                            return Err("chunked body: a chunk size over 15 hex digits".into());
+                        }
+                        Chunked::Size {
+                            size: size << 4 | u64::from(v),
+                            digits: digits + 1,
+                            ext,
+                        }
+                    }
+                },
+                Chunked::SizeLf { size } => {
+                    expect(b'\n', "the end of a chunk size line")?;
+                    if size == 0 {
+                        Chunked::Trailer { empty: true }
+                    } else {
+                        Chunked::Data(size)
+                    }
+                }
+                Chunked::DataCr => {
+                    expect(b'\r', "the end of a chunk")?;
+                    Chunked::DataLf
+                }
+                Chunked::DataLf => {
+                    expect(b'\n', "the end of a chunk")?;
+                    Chunked::START
+                }
+                Chunked::Trailer { empty } => {
+                    if b == b'\r' {
+                        Chunked::TrailerLf { empty }
+                    } else {
+                        Chunked::Trailer { empty: false }
+                    }
+                }
+                Chunked::TrailerLf { empty } => {
+                    expect(b'\n', "the end of a trailer line")?;
+                    if empty {
+                        *self = Chunked::Done;
+                        return Ok(i);
+                    }
+                    Chunked::Trailer { empty: true }
+                }
+                Chunked::Data(_) | Chunked::Done => return Ok(i - 1),
+            };
+        }
+        Ok(i)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_urls_are_read_or_refused_with_a_reason() {
-        let t = Target::parse("http://127.0.0.1:9901").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (t.authority.as_str(), t.prefix.as_str()),
-            ("127.0.0.1:9901", "")
-        );
-        let t = Target::parse("http://envoy/e17/").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (t.authority.as_str(), t.prefix.as_str()),
-            ("envoy:80", "/e17")
-        );
-        assert_eq!(
-            Target::parse("https://envoy:9901").err().as_deref(),
-            Some("only http:// admin endpoints can be read")
-        );
-        assert!(Target::parse("not a url").is_err());
-    }
-
-    /// An endpoint that closes the connection after every answer, answering with the
-    /// request's path.
-    async fn closing_endpoint() -> String {
-        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
-            panic!("no loopback listener");
-        };
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|req: hyper::Request<_>| {
-                        let path = req.uri().to_string();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(Bytes::from(path)),
-                            ))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        format!("http://{addr}/e3")
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_endpoint_closed_is_opened_again() {
-        let base = closing_endpoint().await;
-        let target = Target::parse(&base).unwrap_or_else(|e| panic!("{e}"));
-        let mut conn = Conn::default();
-        for i in 0..3 {
-            let query = format!("/stats/prometheus?n={i}");
-            let resp = conn
-                .get(&target, &query, "text/plain", Duration::from_secs(5))
-                .await;
-            let mut body = match resp {
-                Ok(r) => r.into_body(),
-                Err(e) => panic!("request {i}: {e}"),
-            };
-            let mut got = Vec::new();
-            while let Some(frame) = conn.frame(&mut body).await {
-                match frame.map(Frame::into_data) {
-                    Ok(Ok(data)) => got.extend_from_slice(&data),
-                    Ok(Err(_)) => {}
-                    Err(e) => panic!("request {i}: {e}"),
-                }
-            }
-            assert_eq!(got, format!("/e3{query}").as_bytes());
-        }
-        let gone = Target::parse("http://127.0.0.1:1").unwrap_or_else(|e| panic!("{e}"));
-        let err = Conn::default()
-            .get(&gone, "/", "text/plain", Duration::from_secs(5))
-            .await;
-        assert!(
-            matches!(&err, Err(e) if e.starts_with("cannot connect")),
-            "{err:?}"
-        );
-    }
-}
+mod tests;
