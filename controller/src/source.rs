@@ -26,8 +26,12 @@ pub use series::{SeriesId, SeriesKey};
 pub struct OriginScrape {
     /// Stable name of the origin (admin URL, or Prometheus `job/instance`).
     pub origin: Arc<str>,
+    /// The series of `values`, position by position. Shared: origins that wrote the same
+    /// series in the same order hand over one list, so the accumulator maps it to its own
+    /// indexes once, not once per origin.
+    pub ids: Arc<[SeriesId]>,
     /// Shared: one Envoy answer serves every rollout reading it.
-    pub values: Arc<Vec<(SeriesId, f64)>>,
+    pub values: Arc<Vec<f64>>,
 }
 
 impl OriginScrape {
@@ -35,12 +39,11 @@ impl OriginScrape {
     pub fn from_samples(origin: &str, samples: Vec<Sample>) -> OriginScrape {
         OriginScrape {
             origin: Arc::from(origin),
-            values: Arc::new(
-                samples
-                    .iter()
-                    .map(|s| (series::intern(SeriesKey::of(s)), s.value))
-                    .collect(),
-            ),
+            ids: samples
+                .iter()
+                .map(|s| series::intern(SeriesKey::of(s)))
+                .collect(),
+            values: Arc::new(samples.iter().map(|s| s.value).collect()),
         }
     }
 }
@@ -80,7 +83,7 @@ pub trait Source {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Reading {
     pub at: Option<SystemTime>,
-    pub series: BTreeMap<SeriesKey, f64>,
+    pub series: BTreeMap<Arc<SeriesKey>, f64>,
     /// Origin restarts detected so far, all origins together.
     pub restarts: u64,
 }
@@ -117,7 +120,12 @@ pub struct Accumulator {
     origin_index: HashMap<Arc<str>, usize>,
     origins: Vec<OriginState>,
     current: Vec<f64>,
+    /// The local indexes of the last id list seen (`NOT_LOCAL` for an unknown id).
+    locals: (Arc<[SeriesId]>, Vec<usize>),
 }
+
+/// In [`Accumulator::locals`]: a series id this process never gave out.
+const NOT_LOCAL: usize = usize::MAX;
 
 impl Accumulator {
     /// The local index of series `id`, given one if new.
@@ -143,20 +151,23 @@ impl Accumulator {
     /// are missing).
     pub fn add(&mut self, at: SystemTime, scrapes: &[OriginScrape]) -> Reading {
         for scrape in scrapes {
+            let (mut ids, mut locals) = std::mem::take(&mut self.locals);
+            if !Arc::ptr_eq(&ids, &scrape.ids) {
+                ids = scrape.ids.clone();
+                locals.clear();
+                for &id in ids.iter() {
+                    locals.push(self.local(id).unwrap_or(NOT_LOCAL));
+                }
+            }
             let mut current = std::mem::take(&mut self.current);
             current.clear();
             current.resize(self.keys.len(), 0.0);
-            for &(id, value) in scrape.values.iter() {
-                if !value.is_finite() {
-                    continue;
-                }
-                if let Some(l) = self.local(id) {
-                    if l >= current.len() {
-                        current.resize(l + 1, 0.0);
-                    }
+            for (&l, &value) in locals.iter().zip(scrape.values.iter()) {
+                if l != NOT_LOCAL && value.is_finite() {
                     current[l] += value;
                 }
             }
+            self.locals = (ids, locals);
             let o = match self.origin_index.get(&scrape.origin) {
                 Some(&o) => o,
                 None => {
@@ -198,12 +209,7 @@ impl Accumulator {
         }
         Reading {
             at: Some(at),
-            series: self
-                .keys
-                .iter()
-                .map(|k| (**k).clone())
-                .zip(totals)
-                .collect(),
+            series: self.keys.iter().cloned().zip(totals).collect(),
             restarts,
         }
     }
@@ -275,6 +281,34 @@ mod tests {
         assert_eq!(r.restarts, 1);
         let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 10.0, 8.0)]);
         assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 10.0 + 60.0);
+    }
+
+    #[test]
+    fn origins_sharing_an_id_list_add_up_as_origins_with_lists_of_their_own() {
+        let a = scrape("a", 10.0, 1.0);
+        let shared = OriginScrape {
+            origin: Arc::from("b"),
+            ids: a.ids.clone(),
+            values: Arc::new(vec![5.0, 2.0]),
+        };
+        // The same series in the other order, in a list of its own.
+        let reversed = OriginScrape {
+            origin: Arc::from("c"),
+            ids: a.ids.iter().rev().copied().collect(),
+            values: Arc::new(vec![3.0, 20.0]),
+        };
+        let own = |o: &OriginScrape| OriginScrape {
+            ids: o.ids.iter().copied().collect(),
+            ..o.clone()
+        };
+        let scrapes = [a, shared, reversed.clone(), reversed];
+        let mut acc = Accumulator::default();
+        let r = acc.add(SystemTime::UNIX_EPOCH, &scrapes);
+        let mut separate = Accumulator::default();
+        let own: Vec<OriginScrape> = scrapes.iter().map(own).collect();
+        assert_eq!(r, separate.add(SystemTime::UNIX_EPOCH, &own));
+        assert_eq!(r.sum("sluice_requests_total", &[]), 10.0 + 5.0 + 20.0);
+        assert_eq!(r.sum("sluice_errors_total", &[]), 1.0 + 2.0 + 3.0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 use super::*;
 use crate::source::{Reading, SeriesKey};
+use std::sync::Arc;
 
 fn counters(requests: u64, errors: u64) -> Counters {
     Counters {
@@ -126,10 +127,10 @@ fn a_reading_becomes_a_snapshot() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         labels.sort();
-        SeriesKey {
+        Arc::new(SeriesKey {
             name: name.into(),
             labels,
-        }
+        })
     };
     let series = BTreeMap::from([
         (key("sluice_requests_total", &[]), 10.0),

@@ -39,7 +39,13 @@ pub struct AdminHub {
     sweeps: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
     /// The endpoints' slot tables, shared among endpoints that write the same series.
     slot_tables: Mutex<SlotTables>,
+    /// Id lists of answers' parts lately, by experiment, shared among endpoints that write
+    /// the same series in the same order (see [`OriginScrape::ids`]).
+    id_lists: Mutex<HashMap<ExperimentId, Vec<Arc<[SeriesId]>>>>,
 }
+
+/// Different id lists kept per experiment for sharing (Envoys of a few kinds).
+const ID_LISTS_KEPT: usize = 4;
 
 #[derive(Debug)]
 struct Endpoint {
@@ -59,6 +65,8 @@ struct EndpointState {
     conn: conn::Conn,
     /// Series slots of the last answer, in order (see [`exposition::Reader`]).
     slots: Slots,
+    /// Where a read writes each part's ids, before they are shared.
+    ids: Vec<Vec<SeriesId>>,
 }
 
 /// An experiment read at an endpoint lately, and until when it is asked for.
@@ -72,8 +80,15 @@ struct Wanted {
 /// One answer's values, by experiment.
 type Parts = Vec<(ExperimentId, Values)>;
 
-/// One origin's values of one experiment.
-type Values = Arc<Vec<(SeriesId, f64)>>;
+/// One origin's values of one experiment, and their series.
+#[derive(Debug, Clone, Default)]
+struct Values {
+    ids: Arc<[SeriesId]>,
+    values: Arc<Vec<f64>>,
+}
+
+/// A part being read: its experiment, ids and values.
+type Buffer = (ExperimentId, Vec<SeriesId>, Vec<f64>);
 
 impl EndpointState {
     /// Notes that `experiment` is read here; its part of the last answer if that is fresh
@@ -124,13 +139,13 @@ impl Fetched {
     /// answer's own buffers where no rollout holds them any more (rollouts drop their parts
     /// once counted, so in a steady state a tick allocates none), sized as this answer's
     /// part otherwise.
-    fn into_buffers(self, covers: &[ExperimentId]) -> Vec<(ExperimentId, Vec<(SeriesId, f64)>)> {
+    fn into_buffers(self, covers: &[ExperimentId], ids: &mut Vec<Vec<SeriesId>>) -> Vec<Buffer> {
         let mut old = self.result.unwrap_or_default();
         covers
             .iter()
             .map(|&e| {
                 let buffer = match old.iter().position(|(o, _)| *o == e) {
-                    Some(i) => match Arc::try_unwrap(old.swap_remove(i).1) {
+                    Some(i) => match Arc::try_unwrap(old.swap_remove(i).1.values) {
                         Ok(mut values) => {
                             values.clear();
                             values
@@ -139,7 +154,9 @@ impl Fetched {
                     },
                     None => Vec::new(),
                 };
-                (e, buffer)
+                let mut part_ids = ids.pop().unwrap_or_default();
+                part_ids.clear();
+                (e, part_ids, buffer)
             })
             .collect()
     }
@@ -173,6 +190,38 @@ impl AdminHub {
             .clone()
     }
 
+    /// The parts of an answer read into `parts`, each with an id list shared with other
+    /// endpoints' answers where equal; the emptied id buffers go back to `spare`.
+    fn share_ids(&self, parts: Vec<Buffer>, spare: &mut Vec<Vec<SeriesId>>) -> Parts {
+        let mut lists = self.id_lists.lock().unwrap_or_else(|p| p.into_inner());
+        parts
+            .into_iter()
+            .map(|(e, mut ids, values)| {
+                let kept = lists.entry(e).or_default();
+                let shared = match kept.iter().position(|l| **l == *ids) {
+                    Some(i) => kept[i].clone(),
+                    None => {
+                        if kept.len() == ID_LISTS_KEPT {
+                            kept.remove(0);
+                        }
+                        kept.push(Arc::from(ids.as_slice()));
+                        kept[kept.len() - 1].clone()
+                    }
+                };
+                ids.clear();
+                spare.push(ids);
+                let values = Arc::new(values);
+                (
+                    e,
+                    Values {
+                        ids: shared,
+                        values,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// `experiment`'s series (`id` is its number) at `endpoint`, from a fresh enough shared
     /// answer or a new request.
     async fn read(
@@ -196,8 +245,11 @@ impl AdminHub {
             state.asked = (covers.clone(), Admin::exposition_query(&names));
         }
         let mut parts = match state.last.take() {
-            Some(last) => last.into_buffers(&covers),
-            None => covers.iter().map(|&e| (e, Vec::new())).collect(),
+            Some(last) => last.into_buffers(&covers, &mut state.ids),
+            None => covers
+                .iter()
+                .map(|&e| (e, Vec::new(), Vec::new()))
+                .collect(),
         };
         let read = match &endpoint.target {
             Ok(target) => {
@@ -221,10 +273,7 @@ impl AdminHub {
             .unwrap_or_else(|p| p.into_inner())
             .share(&mut state.slots);
         let result = match read {
-            Ok(()) => Ok(parts
-                .into_iter()
-                .map(|(e, values)| (e, Arc::new(values)))
-                .collect()),
+            Ok(()) => Ok(self.share_ids(parts, &mut state.ids)),
             Err(e) => {
                 state.conn.drop_connection();
                 Err(format!("{}/stats/prometheus: {e}", endpoint.base))
@@ -248,7 +297,7 @@ async fn read_answer(
     target: &conn::Target,
     query: &str,
     slots: &mut Slots,
-    parts: &mut [(ExperimentId, Vec<(SeriesId, f64)>)],
+    parts: &mut [Buffer],
     timeout: Duration,
 ) -> Result<(), String> {
     let head = conn
@@ -266,15 +315,17 @@ async fn read_answer(
     let mut each = |slot: &Slot, value: f64| {
         if parts
             .get(current)
-            .is_none_or(|(e, _)| *e != slot.experiment)
+            .is_none_or(|(e, _, _)| *e != slot.experiment)
         {
-            match parts.iter().position(|(e, _)| *e == slot.experiment) {
+            match parts.iter().position(|(e, _, _)| *e == slot.experiment) {
                 Some(i) => current = i,
                 // Not asked for (Envoy's filter let it through): not ours to count.
                 None => return,
             }
         }
-        parts[current].1.push((slot.id, value));
+        let (_, ids, values) = &mut parts[current];
+        ids.push(slot.id);
+        values.push(value);
     };
     conn.read_body(&mut |chunk: &[u8]| reader.feed(chunk, &mut each).map_err(|e| e.to_string()))
         .await?;
@@ -415,9 +466,10 @@ impl Source for EnvoyAdmin {
         }
         Ok(answered
             .into_iter()
-            .map(|(i, values)| OriginScrape {
+            .map(|(i, part)| OriginScrape {
                 origin: self.endpoints[i].base.clone(),
-                values,
+                ids: part.ids,
+                values: part.values,
             })
             .collect())
     }
@@ -484,7 +536,7 @@ mod tests {
         let [origin] = scrape.as_slice() else {
             return None;
         };
-        let [(id, value)] = origin.values.as_slice() else {
+        let ([id], [value]) = (&origin.ids[..], origin.values.as_slice()) else {
             return None;
         };
         Some((series::key(*id)?.label("experiment")?.to_string(), *value))
@@ -552,18 +604,33 @@ mod tests {
         let (Some(first), Some(second)) = (first, second) else {
             panic!("no answers");
         };
-        assert_eq!(first.first().map(|v| v.1), Some(1.0));
-        assert_eq!(second.first().map(|v| v.1), Some(2.0));
+        assert_eq!(first.first(), Some(&1.0));
+        assert_eq!(second.first(), Some(&2.0));
         assert_ne!(first.as_ptr(), second.as_ptr());
 
         // Dropped once counted: the next answer is read into the same buffer.
         let at = second.as_ptr();
         drop(second);
         let third = source.scrape("reuse").await.ok().and_then(|s| values(&s));
-        assert_eq!(
-            third.as_ref().and_then(|v| v.first()).map(|v| v.1),
-            Some(3.0)
-        );
+        assert_eq!(third.as_ref().and_then(|v| v.first()).copied(), Some(3.0));
         assert_eq!(third.map(|v| v.as_ptr()), Some(at));
+    }
+
+    #[tokio::test]
+    async fn endpoints_writing_the_same_series_share_one_id_list() {
+        let (one, _) = endpoint().await;
+        let (two, _) = endpoint().await;
+        let source = EnvoyAdmin::new(&[one, two], Duration::from_secs(2), None);
+        let scrape = source.scrape("ids").await.unwrap_or_default();
+        let [a, b] = scrape.as_slice() else {
+            panic!("two origins expected: {scrape:?}");
+        };
+        assert!(Arc::ptr_eq(&a.ids, &b.ids));
+        assert_eq!(a.ids.len(), 1);
+        // Another experiment's series are another list.
+        let other = source.scrape("ids-other").await.unwrap_or_default();
+        assert!(other
+            .iter()
+            .all(|o| o.ids.len() == 1 && o.ids[0] != a.ids[0]));
     }
 }
