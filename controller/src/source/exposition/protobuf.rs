@@ -311,6 +311,21 @@ fn ends_with(text: &[u8], base: usize, which: u8, bound: Option<[u8; 8]>) -> boo
 /// A bucket's (upper bound, cumulative count) or a quantile's (quantile, value).
 #[inline(always)]
 fn point_of(kind: Kind, msg: &[u8]) -> Result<(f64, f64), WireError> {
+    // A bucket as Envoy writes it — `cumulative_count` (field 1, varint), then `upper_bound`
+    // (field 2, double), nothing else — is read without walking its fields one by one;
+    // anything else takes the general walk below, which reads the same values.
+    if let (Kind::Histogram, [0x08, rest @ ..]) = (kind, msg) {
+        if let Ok(Some((count, n))) = varint(rest) {
+            if let [0x11, bits @ ..] = &rest[n..] {
+                if let Ok(bits) = <[u8; 8]>::try_from(bits) {
+                    let bound = f64::from_bits(u64::from_le_bytes(bits));
+                    if !bound.is_nan() {
+                        return Ok((bound, count as f64));
+                    }
+                }
+            }
+        }
+    }
     let (mut bound, mut v) = (f64::NAN, 0.0);
     for field in Fields::new(msg) {
         match (kind, field?) {
@@ -718,6 +733,63 @@ sluice_pbt_rtt_count{{experiment="pbt"}} 4
             .collect();
         // a: 2 buckets, sum, count; b: 4 bounds, sum, count.
         assert_eq!(ids.len(), 4 + 6);
+    }
+
+    #[test]
+    fn a_bucket_reads_the_same_whichever_way_it_is_encoded() {
+        let bucket = |fields: &[(u64, Option<u64>, Option<f64>)]| {
+            let mut b = Vec::new();
+            for &(field, n, x) in fields {
+                match (n, x) {
+                    (Some(n), _) => put_uint(field, n, &mut b),
+                    (_, Some(x)) => put_double(field, x, &mut b),
+                    _ => {}
+                }
+            }
+            b
+        };
+        let big = (1u64 << 40) + 3;
+        for (fields, want) in [
+            // As Envoy writes it (the short path), with one- and six-byte counts.
+            (
+                vec![(1, Some(7), None), (2, None, Some(2.5))],
+                Ok((2.5, 7.0)),
+            ),
+            (
+                vec![(1, Some(big), None), (2, None, Some(1e9))],
+                Ok((1e9, big as f64)),
+            ),
+            // Other orders and forms (the general walk).
+            (
+                vec![(2, None, Some(2.5)), (1, Some(7), None)],
+                Ok((2.5, 7.0)),
+            ),
+            (
+                vec![(4, None, Some(7.5)), (2, None, Some(2.5))],
+                Ok((2.5, 7.5)),
+            ),
+            (
+                vec![(1, Some(7), None), (2, None, Some(2.5)), (9, Some(1), None)],
+                Ok((2.5, 7.0)),
+            ),
+            (
+                vec![(1, Some(7), None), (2, None, Some(f64::NAN))],
+                Err("a bucket or quantile without its bound"),
+            ),
+            (
+                vec![(1, Some(7), None)],
+                Err("a bucket or quantile without its bound"),
+            ),
+        ] {
+            let msg = bucket(&fields);
+            assert_eq!(point_of(Kind::Histogram, &msg), want, "{fields:?}");
+        }
+        // A quantile is never taken for a bucket.
+        let q = bucket(&[(1, Some(7), None), (2, None, Some(2.5))]);
+        assert_eq!(
+            point_of(Kind::Summary, &q),
+            Err("a bucket or quantile without its bound")
+        );
     }
 
     #[test]
