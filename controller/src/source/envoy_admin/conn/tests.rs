@@ -108,7 +108,8 @@ struct Scripted {
 
 type Answer = (Vec<Vec<u8>>, bool);
 
-async fn scripted(answers: Vec<Answer>) -> Scripted {
+/// A listener on a free loopback port, and its address.
+async fn listener() -> (tokio::net::TcpListener, String) {
     let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
         panic!("no loopback listener");
     };
@@ -116,6 +117,11 @@ async fn scripted(answers: Vec<Answer>) -> Scripted {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    (listener, addr)
+}
+
+async fn scripted(answers: Vec<Answer>) -> Scripted {
+    let (listener, addr) = listener().await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
     let count = accepted.clone();
@@ -326,13 +332,7 @@ async fn broken_answers_are_errors_naming_what_is_wrong() {
 /// request's path (hyper's server, as a second, independent implementation).
 async fn closing_endpoint() -> String {
     use bytes::Bytes;
-    let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
-        panic!("no loopback listener");
-    };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (listener, addr) = listener().await;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
