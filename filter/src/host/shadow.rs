@@ -15,6 +15,7 @@
 use std::cell::Cell;
 use std::time::Duration;
 
+use fnv::FnvHashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
@@ -52,10 +53,31 @@ struct Entry {
     shadow: Option<Answer>,
 }
 
+/// Every outstanding copy, reachable by its id and (once sent) by its call's token, so that
+/// each step of a copy costs the same however many are outstanding.
+#[derive(Default)]
+struct Entries {
+    by_id: FnvHashMap<u64, Entry>,
+    /// Ids of sent copies by token.
+    by_token: FnvHashMap<u32, u64>,
+    /// Ids of copies waiting to be sent, oldest first.
+    queued: Vec<u64>,
+}
+
+impl Entries {
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.by_id.remove(&id)?;
+        if let Some(token) = e.token {
+            self.by_token.remove(&token);
+        }
+        Some(e)
+    }
+}
+
 /// Per-worker shadow state, shared by the root context and the streams.
 #[derive(Default)]
 pub struct Table {
-    entries: Cell<Vec<Entry>>,
+    entries: Cell<Entries>,
     next_id: Cell<u64>,
     /// Outstanding copies per experiment (queued or sent).
     in_flight: Cell<Vec<u32>>,
@@ -66,7 +88,7 @@ pub struct Table {
 }
 
 impl Table {
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<Entry>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut Entries) -> R) -> R {
         let mut entries = self.entries.take();
         let r = f(&mut entries);
         self.entries.set(entries);
@@ -201,18 +223,22 @@ pub fn enqueue(active: &Active, c: Capture) {
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     active.shadow.with(|entries| {
-        entries.push(Entry {
-            id: c.id,
-            experiment: c.experiment,
-            variant: c.variant,
-            request_id,
-            request: Some((c.headers, c.body.body)),
-            token: None,
-            sent_at_ms: 0,
-            primary: None,
-            primary_gone: false,
-            shadow: None,
-        })
+        entries.queued.push(c.id);
+        entries.by_id.insert(
+            c.id,
+            Entry {
+                id: c.id,
+                experiment: c.experiment,
+                variant: c.variant,
+                request_id,
+                request: Some((c.headers, c.body.body)),
+                token: None,
+                sent_at_ms: 0,
+                primary: None,
+                primary_gone: false,
+                shadow: None,
+            },
+        );
     });
     if active.shadow.ticking.get() {
         return;
@@ -225,7 +251,7 @@ pub fn enqueue(active: &Active, c: Capture) {
             LogLevel::Warn,
             "cannot start the shadow timer; copy dropped",
         );
-        if let Some(e) = remove(active, |e| e.id == c.id) {
+        if let Some(e) = remove(active, c.id) {
             skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
         }
     }
@@ -246,7 +272,11 @@ pub fn send_queued(active: &Active) {
     let mut queued = 0;
     let now = now_millis().unwrap_or(0);
     active.shadow.with(|entries| {
-        for e in entries.iter_mut() {
+        let mut ids = std::mem::take(&mut entries.queued);
+        for &id in &ids {
+            let Some(e) = entries.by_id.get_mut(&id) else {
+                continue;
+            };
             let Some((headers, body)) = e.request.take() else {
                 continue;
             };
@@ -272,6 +302,7 @@ pub fn send_queued(active: &Active) {
                 Ok(token) => {
                     e.token = Some(token);
                     e.sent_at_ms = now;
+                    entries.by_token.insert(token, id);
                     if let Some(m) = shadow_metrics(active, e.experiment, e.variant) {
                         active.increment(m.requests);
                     }
@@ -288,9 +319,12 @@ pub fn send_queued(active: &Active) {
                 }
             }
         }
+        // Keeps the allocation; nothing is queued while copies are being sent.
+        ids.clear();
+        entries.queued = ids;
     });
     for id in failed {
-        if let Some(e) = remove(active, |e| e.id == id) {
+        if let Some(e) = remove(active, id) {
             skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
         }
     }
@@ -301,11 +335,8 @@ pub fn send_queued(active: &Active) {
     }
 }
 
-fn remove(active: &Active, pred: impl Fn(&Entry) -> bool) -> Option<Entry> {
-    let e = active.shadow.with(|entries| {
-        let i = entries.iter().position(pred)?;
-        Some(entries.swap_remove(i))
-    })?;
+fn remove(active: &Active, id: u64) -> Option<Entry> {
+    let e = active.shadow.with(|entries| entries.remove(id))?;
     active.shadow.adjust_in_flight(e.experiment, false);
     Some(e)
 }
@@ -314,7 +345,8 @@ fn remove(active: &Active, pred: impl Fn(&Entry) -> bool) -> Option<Entry> {
 pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize) {
     let now = now_millis().unwrap_or(0);
     let finished = active.shadow.with(|entries| {
-        let e = entries.iter_mut().find(|e| e.token == Some(token))?;
+        let id = *entries.by_token.get(&token)?;
+        let e = entries.by_id.get_mut(&id)?;
         let cfg = active.plan.experiments.get(e.experiment)?.shadow.as_ref()?;
         let m = shadow_metrics(active, e.experiment, e.variant)?;
         let elapsed = now.saturating_sub(e.sent_at_ms);
@@ -373,8 +405,8 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
 pub fn primary_done(active: &Active, id: u64, answer: Answer) {
     let found = active.shadow.with(|entries| {
         entries
-            .iter_mut()
-            .find(|e| e.id == id)
+            .by_id
+            .get_mut(&id)
             .map(|e| e.primary = Some(answer))
             .is_some()
     });
@@ -386,7 +418,7 @@ pub fn primary_done(active: &Active, id: u64, answer: Answer) {
 /// Stream callback: the primary ended without a complete answer.
 pub fn primary_gone(active: &Active, id: u64) {
     active.shadow.with(|entries| {
-        if let Some(e) = entries.iter_mut().find(|e| e.id == id) {
+        if let Some(e) = entries.by_id.get_mut(&id) {
             if e.primary.is_none() {
                 e.primary_gone = true;
             }
@@ -399,13 +431,14 @@ pub fn primary_gone(active: &Active, id: u64) {
 fn settle(active: &Active, id: u64) {
     let ready = active.shadow.with(|entries| {
         entries
-            .iter()
-            .any(|e| e.id == id && e.shadow.is_some() && (e.primary.is_some() || e.primary_gone))
+            .by_id
+            .get(&id)
+            .is_some_and(|e| e.shadow.is_some() && (e.primary.is_some() || e.primary_gone))
     });
     if !ready {
         return;
     }
-    let Some(e) = remove(active, |e| e.id == id) else {
+    let Some(e) = remove(active, id) else {
         return;
     };
     let (Some(primary), Some(copy)) = (&e.primary, &e.shadow) else {

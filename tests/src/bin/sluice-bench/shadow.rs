@@ -19,7 +19,10 @@
 //!   the bottleneck rather than the generator or the upstreams).
 //! - `latency`: the primary answers after 2 ms and the shadow after 20 ms (fault filter on the
 //!   upstream Envoys). Per case and round: an open-loop run at a fixed rate; the primary's p50 and
-//!   p99 as the client sees them.
+//!   p99 as the client sees them. One more case here, `off-loaded`: `off` while the driver sends
+//!   the shadow upstream the load the shadowing cases give it. The shadow service shares a core
+//!   with the client and the primary on a small machine, and this baseline holds that equal, so
+//!   that only the measured Envoy's work for the copies differs.
 //!
 //! After each part the driver reads every measured Envoy's cluster stats and checks that the
 //! shadowing cases really copied (nearly) every request, and that `off` copied none.
@@ -59,9 +62,14 @@ pub struct ShadowArgs {
     /// previous one is answered.
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Cases, from: off, native, sluice, sluice-status (the shadow comparing statuses only),
-    /// sluice-b (see `--wasm-b`).
-    #[arg(long, value_delimiter = ',', default_value = "off,native,sluice")]
+    /// Cases, from: off, off-loaded (off while the driver loads the shadow upstream directly at
+    /// the same rate; latency part only), native, sluice, sluice-status (the shadow comparing
+    /// statuses only), sluice-b (see `--wasm-b`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "off,off-loaded,native,sluice"
+    )]
     cases: Vec<String>,
     /// Parts, from: cost, latency.
     #[arg(long, value_delimiter = ',', default_value = "cost,latency")]
@@ -72,12 +80,14 @@ pub struct ShadowArgs {
     wasm_b: Option<std::path::PathBuf>,
 }
 
-/// A measured case: name, label, config file, and an optional literal replacement in it.
+/// A measured case: name, label, config file, an optional literal replacement in it, and
+/// whether the driver itself sends the shadow upstream as many requests as the primary gets.
 struct CaseSpec {
     name: &'static str,
     label: &'static str,
     file: &'static str,
     replace: Option<(&'static str, &'static str)>,
+    side_load: bool,
 }
 
 /// The comparison block of `shadow-sluice.yaml`, replaced in the `sluice-status` case.
@@ -86,24 +96,38 @@ const COMPARE: &str = r#""compare": {
                                     "fields": [{"name": "score", "pointer": "/score", "type": "number", "abs_tolerance": 0.01}]
                                   }"#;
 
-const CASES: [CaseSpec; 5] = [
+const CASES: [CaseSpec; 6] = [
     CaseSpec {
         name: "off",
         label: "off (no shadow)",
         file: "bench/envoy/shadow-off.yaml",
         replace: None,
+        side_load: false,
     },
     CaseSpec {
         name: "native",
         label: "native mirror 100 %",
         file: "bench/envoy/shadow-native.yaml",
         replace: None,
+        side_load: false,
     },
     CaseSpec {
         name: "sluice",
         label: "Sluice shadow 100 %",
         file: "bench/envoy/shadow-sluice.yaml",
         replace: None,
+        side_load: false,
+    },
+    // Not run by default: `off` while the driver sends the shadow upstream the same load the
+    // shadowing cases make it answer. On a machine where the shadow service shares cores with
+    // the client and the primary, this is the baseline that holds everything equal but the
+    // measured Envoy's own work for the copies.
+    CaseSpec {
+        name: "off-loaded",
+        label: "off, shadow loaded directly",
+        file: "bench/envoy/shadow-off.yaml",
+        replace: None,
+        side_load: true,
     },
     // Not run by default: the same shadow comparing the status only, which spares reading both
     // bodies and parsing JSON; the difference to `sluice` is what the comparison costs.
@@ -112,6 +136,7 @@ const CASES: [CaseSpec; 5] = [
         label: "Sluice shadow, status only",
         file: "bench/envoy/shadow-sluice.yaml",
         replace: Some((COMPARE, r#""compare": {"body": false}"#)),
+        side_load: false,
     },
     // Added by `--wasm-b`.
     CaseSpec {
@@ -119,6 +144,7 @@ const CASES: [CaseSpec; 5] = [
         label: "Sluice shadow 100 %, build B",
         file: "bench/envoy/shadow-sluice.yaml",
         replace: None,
+        side_load: false,
     },
 ];
 
@@ -152,6 +178,7 @@ struct Sample {
 struct Case {
     name: &'static str,
     label: &'static str,
+    side_load: bool,
     envoy: Envoy,
     samples: Vec<Sample>,
 }
@@ -164,7 +191,9 @@ pub async fn run(args: ShadowArgs) -> Result<()> {
     }
     for name in &args.cases {
         if !CASES.iter().any(|c| c.name == name) {
-            bail!("unknown case {name:?} (off, native, sluice, sluice-status, sluice-b)");
+            bail!(
+                "unknown case {name:?} (off, off-loaded, native, sluice, sluice-status, sluice-b)"
+            );
         }
         if name == "sluice-b" && args.wasm_b.is_none() {
             bail!("case sluice-b needs --wasm-b");
@@ -194,9 +223,19 @@ pub async fn run(args: ShadowArgs) -> Result<()> {
             "latency" => (SLOW, vec![args.latency_rate], 0.0),
             other => bail!("unknown part {other:?} (cost, latency)"),
         };
-        let mut cases = start_cases(&args, upstreams, ports).await?;
+        let mut cases = start_cases(&args, upstreams, ports, part == "latency").await?;
         let upstream_pids = [upstreams.0.pid(), upstreams.1.pid()];
-        run_rounds(&args, part, &mut cases, &rates, saturate, upstream_pids).await?;
+        let shadow_url = upstreams.1.url(ports.1, "/predict");
+        run_rounds(
+            &args,
+            part,
+            &mut cases,
+            &rates,
+            saturate,
+            upstream_pids,
+            &shadow_url,
+        )
+        .await?;
         let copies = check_copies(&cases).await?;
         match part.as_str() {
             "cost" => print_cost(&cases, &copies, &rates, saturate > 0.0),
@@ -210,10 +249,12 @@ async fn start_cases(
     args: &ShadowArgs,
     upstreams: (&Envoy, &Envoy),
     ports: (u16, u16),
+    side_loads: bool,
 ) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for spec in &CASES {
-        if !args.cases.iter().any(|c| c == spec.name) {
+        // A side load changes nothing the cost part measures (the measured Envoy's CPU).
+        if !args.cases.iter().any(|c| c == spec.name) || (spec.side_load && !side_loads) {
             continue;
         }
         let mut config = EnvoyConfig::new(spec.file)
@@ -234,6 +275,7 @@ async fn start_cases(
         cases.push(Case {
             name,
             label,
+            side_load: spec.side_load,
             envoy,
             samples: Vec::new(),
         });
@@ -248,6 +290,7 @@ async fn run_rounds(
     rates: &[u32],
     saturate: f64,
     upstream_pids: [u32; 2],
+    shadow_url: &str,
 ) -> Result<()> {
     let client = HttpClient::new().with_timeout(Duration::from_secs(5));
     let n = cases.len();
@@ -256,6 +299,7 @@ async fn run_rounds(
             let case = &mut cases[(k + round) % n];
             let url = case.envoy.url(10000, "/predict");
             let pid = case.envoy.pid();
+            let side = case.side_load.then_some(shadow_url);
             let mut s = Sample::default();
             for &rate in rates {
                 let load = LoadArgs {
@@ -264,17 +308,19 @@ async fn run_rounds(
                     duration: args.warmup,
                     user_header: "x-user-id".into(),
                 };
-                open_loop(&client, &load, &format!("{part}-w{round}-{rate}")).await?;
+                loaded(&client, &load, side, &format!("{part}-w{round}-{rate}")).await?;
                 let before = cpu_ns(pid)?;
-                let run = open_loop(
+                let (run, side_failed) = loaded(
                     &client,
                     &LoadArgs {
                         duration: args.duration,
                         ..load
                     },
+                    side,
                     &format!("{part}-r{round}-{rate}"),
                 )
                 .await?;
+                s.failed += side_failed;
                 let ns = cpu_ns(pid)? - before;
                 let o = Open {
                     cpu_us_per_req: ns as f64 / 1e3 / run.ok.max(1) as f64,
@@ -332,6 +378,31 @@ async fn run_rounds(
         }
     }
     Ok(())
+}
+
+/// An open-loop run of `load`; with `side`, the same load goes to that URL at the same time.
+/// Returns the run against `load.url`, and how many of the side requests failed.
+async fn loaded(
+    client: &HttpClient,
+    load: &LoadArgs,
+    side: Option<&str>,
+    tag: &str,
+) -> Result<(super::Run, usize)> {
+    let Some(url) = side else {
+        return Ok((open_loop(client, load, tag).await?, 0));
+    };
+    let side_load = LoadArgs {
+        url: url.to_string(),
+        rate: load.rate,
+        duration: load.duration,
+        user_header: load.user_header.clone(),
+    };
+    let side_tag = format!("{tag}-side");
+    let (run, side_run) = tokio::join!(
+        open_loop(client, load, tag),
+        open_loop(client, &side_load, &side_tag)
+    );
+    Ok((run?, side_run?.failed))
 }
 
 struct Closed {
@@ -410,6 +481,10 @@ async fn check_copies(cases: &[Case]) -> Result<Vec<Copies>> {
         };
         let primary = rq("stable") + rq("canary");
         let shadow = rq("shadow");
+        let shadow_cx = prom.sum(
+            "envoy_cluster_upstream_cx_total",
+            &[("envoy_cluster_name", "shadow")],
+        );
         let mut note = String::new();
         if case.name.starts_with("sluice") {
             let exp = [("experiment", "bench")];
@@ -429,11 +504,15 @@ async fn check_copies(cases: &[Case]) -> Result<Vec<Copies>> {
         }
         let share = shadow / primary.max(1.0);
         eprintln!(
-            "[shadow] {}: {primary} primary requests, {shadow} copies ({:.2} %) {note}",
+            "[shadow] {}: {primary} primary requests, {shadow} copies ({:.2} %) over {shadow_cx} connections {note}",
             case.label,
             share * 100.0
         );
-        let expected_share = if case.name == "off" { 0.0 } else { 1.0 };
+        let expected_share = if case.name.starts_with("off") {
+            0.0
+        } else {
+            1.0
+        };
         if (share - expected_share).abs() > 0.01 {
             bail!(
                 "{}: copied {:.2} % of the requests, expected {:.0} %",
@@ -584,18 +663,22 @@ fn print_cost(cases: &[Case], copies: &[Copies], rates: &[u32], saturated: bool)
 
 fn print_latency(cases: &[Case], copies: &[Copies], rate: u32) {
     let off = find(cases, "off");
+    let loaded = find(cases, "off-loaded");
     println!(
         "\n### latency: primary answers after 2 ms, shadow after 20 ms; {rate} req/s open loop\n"
     );
-    println!("| case | p50 ms | p99 ms | p99 vs off | p50 vs off | CPU µs/request | failed |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| case | p50 ms | p99 ms | p99 vs off | p99 vs off, shadow loaded directly | p50 vs off | CPU µs/request | failed |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in cases {
         println!(
-            "| {} | {:.3} | {:.3} | {} | {} | {:.1} | {} |",
+            "| {} | {:.3} | {:.3} | {} | {} | {} | {:.1} | {} |",
             c.label,
             med(c, at(0, p50)),
             med(c, at(0, p99)),
             ratio(c, off, at(0, p99)),
+            ratio(c, loaded, at(0, p99)),
             ratio(c, off, at(0, p50)),
             med(c, at(0, cpu)),
             c.samples.iter().map(|s| s.failed).sum::<usize>(),
