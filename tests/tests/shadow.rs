@@ -152,12 +152,20 @@ async fn identical_shadow_agrees_fully_and_gets_a_clean_copy() -> anyhow::Result
 
 #[tokio::test]
 async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Result<()> {
-    let primary = Upstream::start("primary", model).await?;
+    // Both services answer after a delay that varies by user, so that with 32 requests at a
+    // time the answers come back in another order than the copies went out, and sometimes the
+    // shadow's before the primary's: each shadow answer must still meet its own request's
+    // primary answer (scores differ between users, so a mix-up would show as disagreement).
+    let primary = Upstream::start("primary", |req: &Request| {
+        model(req).delay(Duration::from_millis(user_number(req) * 3 % 7))
+    })
+    .await?;
     // Every fourth user gets a score 0.1 higher from the shadow.
     let shadow = Upstream::start("shadow", |req: &Request| {
         let i = user_number(req);
         let s = score(i) + if i.is_multiple_of(4) { 0.1 } else { 0.0 };
         Reply::json(json!({"user": i, "score": s, "label": "cat"}))
+            .delay(Duration::from_millis(i * 7 % 11))
     })
     .await?;
     let field: Value = serde_json::from_str(SCORE_FIELD)?;
