@@ -118,7 +118,7 @@ const CASES: [CaseSpec; 6] = [
         replace: None,
         side_load: false,
     },
-    // Not run by default: `off` while the driver sends the shadow upstream the same load the
+    // Latency part only: `off` while the driver sends the shadow upstream the same load the
     // shadowing cases make it answer. On a machine where the shadow service shares cores with
     // the client and the primary, this is the baseline that holds everything equal but the
     // measured Envoy's own work for the copies.
