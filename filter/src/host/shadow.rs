@@ -38,9 +38,8 @@ pub struct Capture {
 /// A copy's headers and body, ready to send.
 type Request = (Vec<(String, String)>, Vec<u8>);
 
-/// A copy from queueing to comparison.
+/// A copy from queueing to comparison (kept under its id in [`Entries`]).
 struct Entry {
-    id: u64,
     experiment: usize,
     variant: usize,
     request_id: String,
@@ -227,7 +226,6 @@ pub fn enqueue(active: &Active, c: Capture) {
         entries.by_id.insert(
             c.id,
             Entry {
-                id: c.id,
                 experiment: c.experiment,
                 variant: c.variant,
                 request_id,
@@ -287,7 +285,7 @@ pub fn send_queued(active: &Active) {
                 .get(e.experiment)
                 .and_then(|x| x.shadow.as_ref())
             else {
-                failed.push(e.id);
+                failed.push(id);
                 continue;
             };
             let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -315,7 +313,7 @@ pub fn send_queued(active: &Active) {
                             cfg.cluster
                         ),
                     );
-                    failed.push(e.id);
+                    failed.push(id);
                 }
             }
         }
@@ -368,13 +366,13 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
             active.increment(m.timeouts);
             e.primary_gone = true;
             e.shadow = Some(Answer::default());
-            return Some(e.id);
+            return Some(id);
         }
         if status == 0 {
             active.increment(m.errors);
             e.primary_gone = true;
             e.shadow = Some(Answer::default());
-            return Some(e.id);
+            return Some(id);
         }
         active.record(m.latency, elapsed);
         // Failed connections and resets arrive as Envoy's own 503: an error, and (as the
@@ -394,7 +392,7 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
             }
         }
         e.shadow = Some(answer);
-        Some(e.id)
+        Some(id)
     });
     if let Some(id) = finished {
         settle(active, id);
