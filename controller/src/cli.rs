@@ -108,7 +108,10 @@ where
     // Rollouts reading the same Envoys share their scrapes.
     let hub = crate::source::envoy_admin::AdminHub::new();
     for f in &opts.files {
-        let checked = load(f)?;
+        let mut checked = load(f)?;
+        checked
+            .use_state_secret(&opts.state_dir)
+            .map_err(|e| anyhow::anyhow!("{}: spec.secretFile: {e}", f.display()))?;
         let name = checked.name().to_string();
         if handles.contains_key(&name) {
             bail!("{}: a rollout named {name:?} is already given", f.display());

@@ -323,7 +323,8 @@ enum Mode {
 fn srm_at(weight: f64, share: f64) -> anyhow::Result<Srm> {
     let mut exp = stack::experiment_json(false);
     exp["variants"][1]["weight"] = serde_json::json!(weight);
-    let config = serde_json::json!({"version": 1, "experiments": [exp]});
+    // The plan is only read for its assignment; the beacon needs some secret to validate.
+    let config = serde_json::json!({"version": 1, "secret": "srm-plan-only-0123456789", "experiments": [exp]});
     let plan = sluice_filter::config::Plan::from_json(config.to_string().as_bytes())
         .map_err(|e| anyhow::anyhow!("experiment at weight {weight}: {e}"))?;
     let experiment = plan

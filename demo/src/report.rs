@@ -528,8 +528,9 @@ pub fn summary_text(s: &Summary) -> String {
 
 /// Why the per-variant figures of a run halted on SRM must not be read as a comparison.
 const SRM_NOTE: &str = "The split does not match the weights, so the per-variant figures \
-below are biased (in the demo, requests that lost their user id were counted for the control \
-while their users' clicks still count for the canary); that bias is why the rollout halts";
+below are biased (in the demo, requests that lost their user id were counted for the control, \
+and their users' clicks, carrying no exposure token, are not counted at all); that bias is why \
+the rollout halts";
 
 fn srm_halt(s: &Summary) -> bool {
     s.final_reason

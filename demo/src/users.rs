@@ -3,9 +3,10 @@
 //!
 //! After an answer the user "looks" at it: with probability equal to the answer's `relevance`
 //! (the served model's quality) it sends the click beacon `POST /sluice/event?name=click` with
-//! the same user id, and after a click, less often, `name=purchase`. The filter answers beacons
-//! itself and attributes them to the user's variant, so conversion per variant is measured the
-//! way a real product would measure it.
+//! the same user id and the exposure token the answer carried (`x-sluice-exposure`), and after
+//! a click, less often, `name=purchase`. The filter answers beacons itself, checks the token
+//! and attributes the event to the variant that served the answer, so conversion per variant
+//! is measured the way a real product would measure it.
 //!
 //! The SRM fault: a buggy client that drops `x-user-id` on a share of the requests of users in
 //! the treatment. Whether a user is in the treatment is decided by
@@ -56,6 +57,8 @@ pub struct LoadConfig {
     pub seed: u64,
     /// The filter's beacon path.
     pub beacon_path: String,
+    /// The header carrying the exposure token from the answer to the beacon.
+    pub token_header: String,
     /// Probability of a purchase after a click.
     pub purchase_given_click: f64,
     /// Per-request timeout.
@@ -73,6 +76,7 @@ impl Default for LoadConfig {
             max_in_flight: 512,
             seed: 1,
             beacon_path: "/sluice/event".into(),
+            token_header: "x-sluice-exposure".into(),
             purchase_given_click: 0.25,
             timeout: Duration::from_secs(5),
         }
@@ -294,6 +298,8 @@ struct Seen {
     variant: String,
     score: Option<f64>,
     relevance: Option<f64>,
+    /// The exposure token the answer carried.
+    exposure: Option<String>,
     latency: Duration,
 }
 
@@ -322,13 +328,17 @@ async fn one_user_request(
     let mut beacons_failed = 0;
     if let Some(relevance) = seen.as_ref().ok().and_then(|s| s.relevance) {
         // Users react to what they were shown, even if their id got lost on the way in; the
-        // beacon comes from another part of the app and still carries the id.
+        // beacon comes from another part of the app and still carries the id, and whatever
+        // exposure token the answer carried (none when the id was lost: such a beacon is
+        // refused, as the filter cannot tell it from a forged one).
+        let exposure = seen.as_ref().ok().and_then(|s| s.exposure.as_deref());
         if draws.chance(relevance) {
             clicked = true;
-            beacons_failed += u64::from(!beacon(client, config, &user, "click").await);
+            beacons_failed += u64::from(!beacon(client, config, &user, "click", exposure).await);
             if draws.chance(config.purchase_given_click) {
                 purchased = true;
-                beacons_failed += u64::from(!beacon(client, config, &user, "purchase").await);
+                beacons_failed +=
+                    u64::from(!beacon(client, config, &user, "purchase", exposure).await);
             }
         }
     }
@@ -361,17 +371,20 @@ async fn one_user_request(
     }
 }
 
-async fn beacon(client: &HttpClient, config: &LoadConfig, user: &str, name: &str) -> bool {
+async fn beacon(
+    client: &HttpClient,
+    config: &LoadConfig,
+    user: &str,
+    name: &str,
+    exposure: Option<&str>,
+) -> bool {
     let url = format!("{}{}?name={name}", config.base_url, config.beacon_path);
+    let mut headers = vec![("x-user-id", user)];
+    if let Some(token) = exposure {
+        headers.push((config.token_header.as_str(), token));
+    }
     matches!(
-        send(
-            client,
-            config.timeout,
-            Method::POST,
-            &url,
-            &[("x-user-id", user)]
-        )
-        .await,
+        send(client, config.timeout, Method::POST, &url, &headers).await,
         Ok(Seen { status: 204, .. })
     )
 }
@@ -400,6 +413,7 @@ async fn send(
         };
         let variant = header("x-sluice-variant").unwrap_or_else(|| UNKNOWN_VARIANT.into());
         let score = header("x-model-score").and_then(|s| s.parse().ok());
+        let exposure = header("x-sluice-exposure");
         let body = resp.into_body().collect().await.map_err(|_| ())?.to_bytes();
         let relevance = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -409,6 +423,7 @@ async fn send(
             variant,
             score,
             relevance,
+            exposure,
             latency: started.elapsed(),
         })
     };

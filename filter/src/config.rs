@@ -24,6 +24,80 @@ const MAX_NAME_LEN: usize = 64;
 /// Longest `revision` accepted.
 pub const MAX_REVISION: usize = 128;
 
+/// Most experiments in one configuration: each sets a routing header on every request it
+/// applies to, and Envoy refuses requests with more than 100 headers (431) by default.
+pub const MAX_EXPERIMENTS: usize = 32;
+/// Most variants of an experiment.
+pub const MAX_VARIANTS: usize = 16;
+/// Most outcome names of an experiment.
+pub const MAX_OUTCOMES: usize = 32;
+/// Most user key sources of an experiment.
+pub const MAX_KEYS: usize = 8;
+/// Longest salt, in bytes: it is hashed on every request.
+pub const MAX_SALT: usize = 256;
+/// Longest header, cookie or query parameter name.
+pub const MAX_FIELD_NAME: usize = 128;
+/// Longest path (`match.path_prefix`, `beacon.path`).
+pub const MAX_PATH: usize = 1024;
+/// Longest QA override token.
+pub const MAX_OVERRIDE_TOKEN: usize = 256;
+/// Most metrics one configuration may define. Envoy never deletes a stat once defined, so
+/// every configuration's metrics stay until Envoy restarts.
+pub const MAX_METRICS: usize = 4096;
+
+/// Request headers the routing header must never replace: the request's framing, identity
+/// and what Envoy or the filter itself rely on.
+const RESERVED_REQUEST_HEADERS: [&str; 20] = [
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "cookie",
+    "authorization",
+    "proxy-authorization",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    crate::shadow::SHADOW_HEADER,
+];
+
+/// Response headers the filter must never overwrite with a variant name or token.
+const RESERVED_RESPONSE_HEADERS: [&str; 24] = [
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "content-location",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "set-cookie",
+    "location",
+    "date",
+    "server",
+    "www-authenticate",
+    "proxy-authenticate",
+    "cache-control",
+    "vary",
+    "etag",
+    "last-modified",
+    "expires",
+    "retry-after",
+];
+
 /// Shortest `secret` accepted, in bytes: 128 bits if it is random bytes, as the MAC key is.
 pub const MIN_SECRET: usize = 16;
 /// Longest `secret` accepted, in bytes (a generated secret is 32 to 64 characters).
@@ -198,7 +272,8 @@ pub struct OutcomesConfig {
     pub names: Vec<String>,
 }
 
-/// Event beacon answered by the filter itself.
+/// Event beacon answered by the filter itself. An event counts only with the exposure token
+/// the filter issued on the user's exposed response (see `beacon`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BeaconConfig {
@@ -207,11 +282,88 @@ pub struct BeaconConfig {
     /// Query parameter holding the event (outcome) name.
     #[serde(default = "default_beacon_param")]
     pub param: String,
+    /// Response header carrying the exposure token on exposed responses, and request header
+    /// carrying it back on beacons.
+    #[serde(default = "default_token_header")]
+    pub token_header: String,
+    /// Query parameter of the beacon that may carry the token instead (e.g. from
+    /// `navigator.sendBeacon`, which cannot set headers).
+    #[serde(default = "default_token_param")]
+    pub token_param: String,
+    /// Cookie also carrying the token (scoped to the beacon path, `HttpOnly`,
+    /// `SameSite=Strict`); absent: no cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_cookie: Option<String>,
+    /// How long after the exposure an event still counts.
+    #[serde(default = "default_token_max_age")]
+    pub max_age_seconds: u64,
+    /// Also accept `GET` beacons (an `<img>` can send those cross-site; POST only by default).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_get: bool,
+    /// Per-user event limit, per Envoy worker.
+    #[serde(default)]
+    pub limit: BeaconLimit,
+}
+
+/// At most `events_per_user` events per user key per `window_seconds`, tracked for about
+/// `users` user keys per worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeaconLimit {
+    #[serde(default = "default_limit_events")]
+    pub events_per_user: u32,
+    #[serde(default = "default_limit_window")]
+    pub window_seconds: u64,
+    #[serde(default = "default_limit_users")]
+    pub users: usize,
+}
+
+impl Default for BeaconLimit {
+    fn default() -> Self {
+        BeaconLimit {
+            events_per_user: default_limit_events(),
+            window_seconds: default_limit_window(),
+            users: default_limit_users(),
+        }
+    }
 }
 
 fn default_beacon_param() -> String {
     "name".to_string()
 }
+
+fn default_token_header() -> String {
+    "x-sluice-exposure".to_string()
+}
+
+fn default_token_param() -> String {
+    "exposure".to_string()
+}
+
+fn default_token_max_age() -> u64 {
+    86_400
+}
+
+fn default_limit_events() -> u32 {
+    30
+}
+
+fn default_limit_window() -> u64 {
+    3600
+}
+
+fn default_limit_users() -> usize {
+    4096
+}
+
+/// Longest accepted `beacon.max_age_seconds`: 30 days.
+pub const MAX_TOKEN_AGE: u64 = 30 * 86_400;
+/// Most events per user per window.
+pub const MAX_EVENTS_PER_USER: u32 = 10_000;
+/// Longest per-user window: one day.
+pub const MAX_LIMIT_WINDOW: u64 = 86_400;
+/// Most user keys tracked per worker and experiment (24 bytes each: 1.5 MiB).
+pub const MAX_LIMIT_USERS: usize = 65_536;
 
 /// A numeric prediction read from a response header and recorded as a histogram.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,16 +521,42 @@ impl Plan {
                 "at least one experiment is required",
             ));
         }
+        if config.experiments.len() > MAX_EXPERIMENTS {
+            return Err(invalid(
+                "experiments",
+                format!(
+                    "{} experiments, more than {MAX_EXPERIMENTS} (each sets a request header)",
+                    config.experiments.len()
+                ),
+            ));
+        }
         let mut experiments = Vec::with_capacity(config.experiments.len());
         for (i, e) in config.experiments.iter().enumerate() {
-            experiments.push(check_experiment(e, &format!("experiments[{i}]"))?);
+            let exp = check_experiment(e, &format!("experiments[{i}]"))?;
+            if exp.beacon.is_some() && secret.is_none() {
+                return Err(invalid(
+                    format!("experiments[{i}].beacon"),
+                    "needs the top-level `secret`: events count only with an exposure token the filter signs with it",
+                ));
+            }
+            experiments.push(exp);
         }
         check_cross_experiment(&experiments)?;
-        Ok(Plan {
+        let plan = Plan {
             revision: config.revision.clone(),
             secret,
             experiments,
-        })
+        };
+        let metrics = crate::metrics::Catalog::for_plan(&plan).specs.len();
+        if metrics > MAX_METRICS {
+            return Err(invalid(
+                "experiments",
+                format!(
+                    "would define {metrics} metrics, more than {MAX_METRICS} (Envoy keeps every stat until it restarts): use fewer experiments, variants, outcomes or shadow fields"
+                ),
+            ));
+        }
+        Ok(plan)
     }
 }
 
@@ -409,6 +587,12 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
 fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     if name.is_empty() {
         return Err(invalid(field, "header name must not be empty"));
+    }
+    if name.len() > MAX_FIELD_NAME {
+        return Err(invalid(
+            field,
+            format!("header name longer than {MAX_FIELD_NAME} characters"),
+        ));
     }
     let valid = name
         .chars()
@@ -442,11 +626,59 @@ pub(crate) fn percent_to_buckets(field: &str, percent: f64) -> Result<u32, Confi
     Ok(rounded as u32)
 }
 
+/// A cookie or query parameter name: non-empty, bounded, no control characters.
+fn check_param_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(field, "name must not be empty"));
+    }
+    if name.len() > MAX_FIELD_NAME || name.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("must be at most {MAX_FIELD_NAME} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_path(field: &str, p: &str) -> Result<(), ConfigError> {
+    if !p.starts_with('/') || p.contains('?') || p.contains('#') {
+        return Err(invalid(field, "must start with '/' and contain no query"));
+    }
+    if p.len() > MAX_PATH || p.chars().any(|c| c.is_control() || c == ' ' || c == ';') {
+        return Err(invalid(
+            field,
+            format!(
+                "must be at most {MAX_PATH} characters without spaces, ';' or control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_not_reserved(field: &str, header: &str, reserved: &[&str]) -> Result<(), ConfigError> {
+    if reserved.contains(&header) || header.starts_with("x-envoy-") {
+        return Err(invalid(
+            field,
+            format!("{header:?} is reserved: the filter must not overwrite it"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, ConfigError> {
     check_name(&format!("{path}.name"), &e.name)?;
     let salt = e.salt.clone().unwrap_or_else(|| e.name.clone());
     if salt.is_empty() {
         return Err(invalid(format!("{path}.salt"), "must not be empty"));
+    }
+    if salt.len() > MAX_SALT {
+        return Err(invalid(
+            format!("{path}.salt"),
+            format!(
+                "{} bytes, longer than {MAX_SALT} (it is hashed on every request)",
+                salt.len()
+            ),
+        ));
     }
 
     let unit = match &e.unit {
@@ -457,15 +689,21 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                     "a user unit needs at least one key source",
                 ));
             }
+            if keys.len() > MAX_KEYS {
+                return Err(invalid(
+                    format!("{path}.unit.keys"),
+                    format!("more than {MAX_KEYS} key sources"),
+                ));
+            }
             let mut checked = Vec::with_capacity(keys.len());
             for (k, key) in keys.iter().enumerate() {
                 let field = format!("{path}.unit.keys[{k}]");
                 checked.push(match key {
                     KeySource::Header(h) => KeySource::Header(check_header_name(&field, h)?),
-                    KeySource::Cookie(c) | KeySource::Query(c) if c.is_empty() => {
-                        return Err(invalid(field, "name must not be empty"));
+                    KeySource::Cookie(c) | KeySource::Query(c) => {
+                        check_param_name(&field, c)?;
+                        key.clone()
                     }
-                    other => other.clone(),
                 });
             }
             Unit::User {
@@ -496,11 +734,22 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 "must start with '/'",
             ));
         }
+        Some(m) if m.path_prefix.len() > MAX_PATH => {
+            return Err(invalid(
+                format!("{path}.match.path_prefix"),
+                format!("longer than {MAX_PATH} characters"),
+            ));
+        }
         Some(m) => Some(m.path_prefix.clone()),
         None => None,
     };
 
     let header = check_header_name(&format!("{path}.header"), &e.header)?;
+    check_not_reserved(
+        &format!("{path}.header"),
+        &header,
+        &RESERVED_REQUEST_HEADERS,
+    )?;
 
     let qa_override = match &e.qa_override {
         Some(o) => {
@@ -509,6 +758,12 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 return Err(invalid(
                     format!("{field}.token"),
                     "must be at least 16 characters (it is the only thing keeping users out of variants they were not assigned)",
+                ));
+            }
+            if o.token.len() > MAX_OVERRIDE_TOKEN || o.token.chars().any(char::is_control) {
+                return Err(invalid(
+                    format!("{field}.token"),
+                    format!("must be at most {MAX_OVERRIDE_TOKEN} printable characters"),
                 ));
             }
             Some(OverrideConfig {
@@ -527,7 +782,11 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 return Err(invalid(field, "set `header`, `cookie` or both"));
             }
             let header = match &echo.header {
-                Some(h) => Some(check_header_name(&format!("{field}.header"), h)?),
+                Some(h) => {
+                    let h = check_header_name(&format!("{field}.header"), h)?;
+                    check_not_reserved(&format!("{field}.header"), &h, &RESERVED_RESPONSE_HEADERS)?;
+                    Some(h)
+                }
                 None => None,
             };
             if let Some(c) = &echo.cookie {
@@ -548,6 +807,12 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 Some(h) => Some(check_header_name(&format!("{field}.header"), h)?),
                 None => None,
             };
+            if o.names.len() > MAX_OUTCOMES {
+                return Err(invalid(
+                    format!("{field}.names"),
+                    format!("more than {MAX_OUTCOMES} outcome names"),
+                ));
+            }
             for (n, name) in o.names.iter().enumerate() {
                 check_name(&format!("{field}.names[{n}]"), name)?;
                 if o.names[..n].contains(name) {
@@ -571,17 +836,12 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
         None => None,
     };
 
+    let beacon = match &e.beacon {
+        Some(b) => Some(check_beacon(b, &format!("{path}.beacon"))?),
+        None => None,
+    };
     if let Some(b) = &e.beacon {
         let field = format!("{path}.beacon");
-        if !b.path.starts_with('/') || b.path.contains('?') {
-            return Err(invalid(
-                format!("{field}.path"),
-                "must start with '/' and contain no query",
-            ));
-        }
-        if b.param.is_empty() {
-            return Err(invalid(format!("{field}.param"), "must not be empty"));
-        }
         if outcomes.is_none() {
             return Err(invalid(
                 field,
@@ -593,6 +853,16 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 field,
                 "needs unit type `user`: events are attributed by re-hashing the user key",
             ));
+        }
+        if let Unit::User { keys, .. } = &unit {
+            if let Some(k) = keys.iter().position(
+                |k| matches!(k, KeySource::Query(q) if *q == b.param || *q == b.token_param),
+            ) {
+                return Err(invalid(
+                    format!("{path}.unit.keys[{k}]"),
+                    "is also a query parameter of the beacon (`param` or `token_param`)",
+                ));
+            }
         }
     }
 
@@ -636,12 +906,67 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
         qa_override,
         echo,
         outcomes,
-        beacon: e.beacon.clone(),
+        beacon,
         prediction: e.prediction.as_ref().map(|p| PredictionConfig {
             header: p.header.to_ascii_lowercase(),
             ..p.clone()
         }),
         shadow,
+    })
+}
+
+fn check_beacon(b: &BeaconConfig, field: &str) -> Result<BeaconConfig, ConfigError> {
+    check_path(&format!("{field}.path"), &b.path)?;
+    check_param_name(&format!("{field}.param"), &b.param)?;
+    check_param_name(&format!("{field}.token_param"), &b.token_param)?;
+    if b.token_param == b.param {
+        return Err(invalid(
+            format!("{field}.token_param"),
+            "must differ from `param`",
+        ));
+    }
+    let token_header = check_header_name(&format!("{field}.token_header"), &b.token_header)?;
+    check_not_reserved(
+        &format!("{field}.token_header"),
+        &token_header,
+        &RESERVED_RESPONSE_HEADERS,
+    )?;
+    check_not_reserved(
+        &format!("{field}.token_header"),
+        &token_header,
+        &RESERVED_REQUEST_HEADERS,
+    )?;
+    if let Some(c) = &b.token_cookie {
+        check_name(&format!("{field}.token_cookie"), c)?;
+    }
+    if !(1..=MAX_TOKEN_AGE).contains(&b.max_age_seconds) {
+        return Err(invalid(
+            format!("{field}.max_age_seconds"),
+            format!("must be 1 to {MAX_TOKEN_AGE} (30 days)"),
+        ));
+    }
+    let l = &b.limit;
+    if !(1..=MAX_EVENTS_PER_USER).contains(&l.events_per_user) {
+        return Err(invalid(
+            format!("{field}.limit.events_per_user"),
+            format!("must be 1 to {MAX_EVENTS_PER_USER}"),
+        ));
+    }
+    if !(1..=MAX_LIMIT_WINDOW).contains(&l.window_seconds) {
+        return Err(invalid(
+            format!("{field}.limit.window_seconds"),
+            format!("must be 1 to {MAX_LIMIT_WINDOW}"),
+        ));
+    }
+    if !(1..=MAX_LIMIT_USERS).contains(&l.users) {
+        return Err(invalid(
+            format!("{field}.limit.users"),
+            format!("must be 1 to {MAX_LIMIT_USERS}"),
+        ));
+    }
+    Ok(BeaconConfig {
+        token_header,
+        ..b.clone()
     })
 }
 
@@ -656,6 +981,9 @@ fn check_variants(
             field,
             "at least two variants (a control and a treatment) are required",
         ));
+    }
+    if variants.len() > MAX_VARIANTS {
+        return Err(invalid(field, format!("more than {MAX_VARIANTS} variants")));
     }
     let mut names = Vec::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
@@ -762,9 +1090,96 @@ fn check_variants(
     Ok((names, control, Layout::new(control, &slots)))
 }
 
-/// Experiments that apply to the same request must not fight over headers or names.
+/// Request headers an experiment reads (user keys, the override's two headers).
+fn headers_read(e: &Experiment) -> Vec<&str> {
+    let mut read = Vec::new();
+    if let Unit::User { keys, .. } = &e.unit {
+        for k in keys {
+            if let KeySource::Header(h) = k {
+                read.push(h.as_str());
+            }
+        }
+    }
+    if let Some(o) = &e.qa_override {
+        read.push(o.header.as_str());
+        read.push(o.token_header.as_str());
+    }
+    read
+}
+
+/// Response headers an experiment reads (outcomes, prediction) or writes besides the echo.
+fn response_headers_used(e: &Experiment) -> Vec<&str> {
+    let mut used = Vec::new();
+    if let Some(h) = e.outcomes.as_ref().and_then(|o| o.header.as_deref()) {
+        used.push(h);
+    }
+    if let Some(p) = &e.prediction {
+        used.push(p.header.as_str());
+    }
+    if let Some(b) = &e.beacon {
+        used.push(b.token_header.as_str());
+    }
+    used
+}
+
+/// Experiments that apply to the same request must not fight over headers, cookies, paths or
+/// names; one experiment's routing header must not overwrite what any experiment reads.
 fn check_cross_experiment(experiments: &[Experiment]) -> Result<(), ConfigError> {
     for (i, e) in experiments.iter().enumerate() {
+        for (j, other) in experiments.iter().enumerate() {
+            let which = if i == j {
+                "this experiment".to_string()
+            } else {
+                format!("experiments[{j}]")
+            };
+            if headers_read(other).contains(&e.header.as_str()) {
+                return Err(invalid(
+                    format!("experiments[{i}].header"),
+                    format!(
+                        "routing header {:?} is a header {which} reads (user key or override): setting it would overwrite the client's value",
+                        e.header
+                    ),
+                ));
+            }
+            let echo = e.echo.as_ref().and_then(|c| c.header.as_deref());
+            if let Some(h) = echo.filter(|h| response_headers_used(other).contains(h)) {
+                return Err(invalid(
+                    format!("experiments[{i}].echo.header"),
+                    format!("{h:?} is a response header {which} reads or sets (outcomes, prediction or exposure token)"),
+                ));
+            }
+            if let (Some(b), Some(prefix)) = (&e.beacon, &other.path_prefix) {
+                if b.path.starts_with(prefix.as_str()) {
+                    return Err(invalid(
+                        format!("experiments[{i}].beacon.path"),
+                        format!(
+                            "{:?} is inside {which}'s match.path_prefix {prefix:?}: the filter would answer that traffic as beacons",
+                            b.path
+                        ),
+                    ));
+                }
+            }
+            let token_cookie = e.beacon.as_ref().and_then(|b| b.token_cookie.as_deref());
+            let other_cookie = other.echo.as_ref().and_then(|c| c.cookie.as_deref());
+            if token_cookie.is_some() && token_cookie == other_cookie {
+                return Err(invalid(
+                    format!("experiments[{i}].beacon.token_cookie"),
+                    format!("is also the echo cookie of {which}"),
+                ));
+            }
+            if i != j {
+                let other_token_cookie = other
+                    .beacon
+                    .as_ref()
+                    .and_then(|b| b.token_cookie.as_deref());
+                if j < i && token_cookie.is_some() && token_cookie == other_token_cookie {
+                    return Err(invalid(
+                        format!("experiments[{i}].beacon.token_cookie"),
+                        format!("already set by {which}"),
+                    ));
+                }
+            }
+        }
         for (j, other) in experiments[..i].iter().enumerate() {
             if e.name == other.name {
                 return Err(invalid(

@@ -8,7 +8,7 @@
 //! a counter on the way in; the status, the clock, the outcome and prediction headers and
 //! their metrics on the way out.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +19,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 mod shadow;
 
 use crate::assignment::Rng;
+use crate::beacon::{self as beacon_logic, Rejection, UserLimit};
 use crate::config::{Experiment, Plan, Unit};
+use crate::mac::{self, Key};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
 use crate::response;
@@ -52,6 +54,12 @@ struct Active {
     routing_headers: Vec<String>,
     rng: Cell<Rng>,
     shadow: shadow::Table,
+    /// Signs and checks exposure tokens; present whenever a beacon is configured.
+    exposure_key: Option<Key>,
+    /// Hashes user keys into the per-user event limit tables.
+    table_key: Option<Key>,
+    /// Per experiment with a beacon: events per user key in this worker.
+    limits: RefCell<Vec<Option<UserLimit>>>,
 }
 
 impl Active {
@@ -74,6 +82,21 @@ impl Active {
             .filter_map(|(i, e)| e.beacon.as_ref().map(|b| (i, b.path.clone())))
             .collect();
         let routing_headers = plan.experiments.iter().map(|e| e.header.clone()).collect();
+        let exposure_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_EXPOSURE));
+        let table_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_USER_TABLE));
+        let limits = plan
+            .experiments
+            .iter()
+            .map(|e| {
+                e.beacon.as_ref().map(|b| {
+                    UserLimit::new(
+                        b.limit.users,
+                        b.limit.events_per_user,
+                        b.limit.window_seconds,
+                    )
+                })
+            })
+            .collect();
         Ok(Active {
             plan,
             catalog,
@@ -82,6 +105,9 @@ impl Active {
             routing_headers,
             rng: Cell::new(Rng::new(seed)),
             shadow: shadow::Table::default(),
+            exposure_key,
+            table_key,
+            limits: RefCell::new(limits),
         })
     }
 
@@ -238,6 +264,8 @@ impl RequestView for HostRequest {
 struct Applied {
     experiment: usize,
     assignment: Assignment,
+    /// The exposure token sent back with the response, for experiments with a beacon.
+    token: Option<String>,
 }
 
 struct Stream {
@@ -283,7 +311,10 @@ impl HttpContext for Stream {
             };
             active.rng.set(rng);
             match decided {
-                Ok(Some(a)) => self.route(&active, i, exp, a),
+                Ok(Some(a)) => {
+                    let token = exposure_token(&active, i, exp, &mut view, a, now_secs);
+                    self.route(&active, i, exp, a, token);
+                }
                 Ok(None) => {
                     // Not in this experiment, but a client still must not pick a variant.
                     if fault(hostcalls::remove_map_value(
@@ -302,7 +333,7 @@ impl HttpContext for Stream {
                         basis: request::Basis::Key,
                         override_denied: false,
                     };
-                    self.route(&active, i, exp, control);
+                    self.route(&active, i, exp, control, None);
                 }
             }
         }
@@ -414,6 +445,8 @@ impl HttpContext for Stream {
         } else {
             (None, None, None)
         };
+        // Token headers already set by this filter on this response: later tokens are added.
+        let mut token_headers: Vec<&str> = Vec::new();
         for applied in &self.applied {
             let Some(exp) = active.plan.experiments.get(applied.experiment) else {
                 continue;
@@ -430,6 +463,9 @@ impl HttpContext for Stream {
                 .get(applied.assignment.variant)
                 .map_or("", String::as_str);
             echo(&active, applied.experiment, exp, variant_name);
+            if let Some(t) = &applied.token {
+                send_token(&active, applied.experiment, exp, t, &mut token_headers);
+            }
             if !applied.assignment.counted() {
                 continue;
             }
@@ -575,7 +611,14 @@ impl Stream {
     }
 
     /// Sets the routing header (replacing any client value) and counts the request.
-    fn route(&mut self, active: &Active, i: usize, exp: &Experiment, a: Assignment) {
+    fn route(
+        &mut self,
+        active: &Active,
+        i: usize,
+        exp: &Experiment,
+        a: Assignment,
+        token: Option<String>,
+    ) {
         let Some(em) = active.catalog.experiments.get(i) else {
             return;
         };
@@ -583,6 +626,7 @@ impl Stream {
             active.increment(em.overrides_denied);
         }
         let mut a = a;
+        let mut token = token;
         let name = exp.variants.get(a.variant).map_or("", String::as_str);
         let set = hostcalls::set_map_value_bytes(
             MapType::HttpRequestHeaders,
@@ -599,6 +643,8 @@ impl Stream {
                 Some(control.as_bytes()),
             );
             a.variant = exp.control;
+            // The token named the variant that could not be set; no exposure, no token.
+            token = None;
         }
         let Some(vm) = em.variants.get(a.variant) else {
             active.count_error(i);
@@ -615,6 +661,7 @@ impl Stream {
         self.applied.push(Applied {
             experiment: i,
             assignment: a,
+            token,
         });
     }
 }
@@ -641,13 +688,92 @@ fn echo(active: &Active, i: usize, exp: &Experiment, variant: &str) {
     }
 }
 
-/// Answers an event beacon itself: attributes the event to the user's variant in every
-/// experiment that listens on this path, then replies 204 (or 4xx naming the problem).
+/// The exposure token of a request counted in an experiment with a beacon: only a user whose
+/// key chose the variant is exposed (not a QA override, not a keyless request).
+fn exposure_token(
+    active: &Active,
+    i: usize,
+    exp: &Experiment,
+    view: &mut HostRequest,
+    a: Assignment,
+    now_secs: u64,
+) -> Option<String> {
+    let (Some(_), Some(key), Unit::User { keys, .. }) =
+        (&exp.beacon, &active.exposure_key, &exp.unit)
+    else {
+        return None;
+    };
+    if a.basis != request::Basis::Key || now_secs == 0 {
+        return None;
+    }
+    let user = match request::user_key(keys, view) {
+        Ok(Some(u)) => u,
+        Ok(None) => return None,
+        Err(HostFault) => {
+            active.count_error(i);
+            return None;
+        }
+    };
+    let variant = exp.variants.get(a.variant)?;
+    Some(beacon_logic::issue(
+        key, &exp.name, &user, variant, now_secs,
+    ))
+}
+
+/// Sends an exposure token in the response header (several experiments' tokens as several
+/// values) and, if configured, the token cookie.
+fn send_token<'a>(
+    active: &Active,
+    i: usize,
+    exp: &'a Experiment,
+    token: &str,
+    set: &mut Vec<&'a str>,
+) {
+    let Some(b) = &exp.beacon else {
+        return;
+    };
+    let header = b.token_header.as_str();
+    // The first token replaces whatever the upstream sent under that name.
+    let mut ok = if set.contains(&header) {
+        hostcalls::add_map_value(MapType::HttpResponseHeaders, header, token).is_ok()
+    } else {
+        set.push(header);
+        hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, header, Some(token.as_bytes()))
+            .is_ok()
+    };
+    if let Some(cookie) = beacon_logic::token_cookie(b, token) {
+        ok &= hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie).is_ok();
+    }
+    if !ok {
+        active.count_error(i);
+    }
+}
+
+/// Why one experiment did not count a beacon.
+enum Refusal {
+    Rejected(Rejection),
+    /// A host call failed (counted in `sluice_errors_total`).
+    Fault,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        Refusal::Rejected(r)
+    }
+}
+
+/// Answers an event beacon itself: for every experiment that listens on this path, checks
+/// the event and its exposure token and counts it for the token's variant; then replies 204
+/// if any experiment counted it, else the status of the first refusal.
 fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
     let method = view.header(":method").ok().flatten().unwrap_or_default();
+    let now_secs = now()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
     let p = request::path_only(path);
     let mut accepted = false;
-    let mut problem = "";
+    let mut refused: Option<Rejection> = None;
     for (i, beacon_path) in &active.beacon_paths {
         if beacon_path.as_bytes() != p {
             continue;
@@ -658,68 +784,137 @@ fn beacon(active: &Active, view: &mut HostRequest, path: &[u8]) -> Action {
         ) else {
             continue;
         };
-        let reject = |why: &'static str, problem: &mut &'static str| {
-            if let Some(pos) = em.events_rejected {
-                active.increment(pos);
-            }
-            *problem = why;
+        let result = match now_secs {
+            Some(now) => one_beacon(active, *i, exp, view, path, &method, now),
+            None => Err(Refusal::Fault),
         };
-        if method != b"POST" && method != b"GET" {
-            reject("method not allowed: use POST", &mut problem);
-            continue;
-        }
-        let (Some(b), Some(o), Unit::User { keys, .. }) = (&exp.beacon, &exp.outcomes, &exp.unit)
-        else {
-            continue;
-        };
-        let Some(name) = request::query_value(path, &b.param) else {
-            reject("missing event name parameter", &mut problem);
-            continue;
-        };
-        let response::Outcome::Known(k) = response::outcome(o, &name) else {
-            reject("unknown event name", &mut problem);
-            continue;
-        };
-        let key = match request::user_key(keys, view) {
-            Ok(Some(k)) => k,
-            Ok(None) => {
-                reject("no user key: the event cannot be attributed", &mut problem);
-                continue;
+        match result {
+            Ok((variant, outcome)) => {
+                if let Some(vm) = em.variants.get(variant) {
+                    if let Some(&pos) = vm.outcomes.get(outcome) {
+                        active.increment(pos);
+                    }
+                    if let Some(pos) = vm.events {
+                        active.increment(pos);
+                    }
+                    accepted = true;
+                }
             }
-            Err(HostFault) => {
-                active.count_error(*i);
-                problem = "internal error";
-                continue;
+            Err(Refusal::Rejected(r)) => {
+                if let Some(&pos) = em.events_rejected.as_ref().and_then(|v| v.get(r.index())) {
+                    active.increment(pos);
+                }
+                refused.get_or_insert(r);
             }
-        };
-        let v = request::variant_of_key(exp, &key);
-        if let Some(vm) = em.variants.get(v) {
-            if let Some(&pos) = vm.outcomes.get(k) {
-                active.increment(pos);
-            }
-            if let Some(pos) = vm.events {
-                active.increment(pos);
-            }
-            accepted = true;
+            Err(Refusal::Fault) => active.count_error(*i),
         }
     }
-    let sent = if accepted {
-        hostcalls::send_http_response(204, vec![], None)
-    } else {
-        let status = if problem.starts_with("method") {
-            405
-        } else {
-            400
-        };
-        hostcalls::send_http_response(
-            status,
+    let sent = match (accepted, refused) {
+        (true, _) => hostcalls::send_http_response(204, vec![], None),
+        (false, Some(r)) => hostcalls::send_http_response(
+            r.status(),
             vec![("content-type", "text/plain")],
-            Some(format!("sluice: {problem}\n").as_bytes()),
-        )
+            Some(format!("sluice: {}\n", r.message()).as_bytes()),
+        ),
+        (false, None) => hostcalls::send_http_response(
+            500,
+            vec![("content-type", "text/plain")],
+            Some(b"sluice: internal error\n"),
+        ),
     };
     if sent.is_err() {
         log(LogLevel::Warn, "could not answer an event beacon");
         return Action::Continue;
     }
     Action::Pause
+}
+
+/// One experiment's verdict on a beacon: the variant and outcome to count.
+fn one_beacon(
+    active: &Active,
+    i: usize,
+    exp: &Experiment,
+    view: &mut HostRequest,
+    path: &[u8],
+    method: &[u8],
+    now_secs: u64,
+) -> Result<(usize, usize), Refusal> {
+    let (Some(b), Some(o), Unit::User { keys, .. }) = (&exp.beacon, &exp.outcomes, &exp.unit)
+    else {
+        return Err(Refusal::Fault);
+    };
+    let (Some(exposure_key), Some(table_key)) = (&active.exposure_key, &active.table_key) else {
+        return Err(Refusal::Fault);
+    };
+    if !beacon_logic::method_allowed(b, method) {
+        return Err(Rejection::Method.into());
+    }
+    let name = request::query_value(path, &b.param).ok_or(Rejection::NoName)?;
+    let response::Outcome::Known(outcome) = response::outcome(o, &name) else {
+        return Err(Rejection::UnknownName.into());
+    };
+    let user = request::user_key(keys, view)
+        .map_err(|HostFault| Refusal::Fault)?
+        .ok_or(Rejection::NoKey)?;
+    let token = find_token(b, exp, view, path)?;
+    let current = request::variant_of_key(exp, &user);
+    let variant = beacon_logic::verify(
+        exposure_key,
+        exp,
+        b.max_age_seconds,
+        &token,
+        &user,
+        current,
+        now_secs,
+    )?;
+    let Ok(mut limits) = active.limits.try_borrow_mut() else {
+        return Err(Refusal::Fault);
+    };
+    let Some(Some(limit)) = limits.get_mut(i) else {
+        return Err(Refusal::Fault);
+    };
+    if !limit.admit(table_key.hash64(&user), now_secs) {
+        return Err(Rejection::OverLimit.into());
+    }
+    Ok((variant, outcome))
+}
+
+/// The beacon's token for `exp`: from the token header (comma-separated values), the query
+/// parameter or the token cookie, the first that names this experiment.
+fn find_token(
+    b: &crate::config::BeaconConfig,
+    exp: &Experiment,
+    view: &mut HostRequest,
+    path: &[u8],
+) -> Result<Vec<u8>, Refusal> {
+    let mut candidates: Vec<Vec<u8>> = Vec::new();
+    if let Some(h) = view
+        .header(&b.token_header)
+        .map_err(|HostFault| Refusal::Fault)?
+    {
+        candidates.extend(beacon_logic::split_tokens(&h).map(<[u8]>::to_vec));
+    }
+    if let Some(q) = request::query_value(path, &b.token_param) {
+        candidates.push(q);
+    }
+    if let Some(name) = &b.token_cookie {
+        if let Some(c) = view.header("cookie").map_err(|HostFault| Refusal::Fault)? {
+            if let Some(v) = request::cookie_value(&c, name) {
+                candidates.push(v.to_vec());
+            }
+        }
+    }
+    if let Some(t) = candidates
+        .iter()
+        .find(|t| beacon_logic::token_experiment(t) == Some(exp.name.as_bytes()))
+    {
+        return Ok(t.clone());
+    }
+    if candidates
+        .iter()
+        .any(|t| beacon_logic::token_experiment(t).is_none())
+    {
+        return Err(Rejection::Malformed.into());
+    }
+    Err(Rejection::NoToken.into())
 }

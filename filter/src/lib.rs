@@ -5,6 +5,7 @@
 //! - [`config`]: the JSON wire format and its validation into a checked [`config::Plan`];
 //! - [`assignment`]: salted FNV-1a hashing into buckets and the monotone bucket layout;
 //! - [`request`]: which experiments apply, the user key, QA overrides, the variant chosen;
+//! - [`beacon`]: exposure tokens, why a beacon is refused, the per-user event limit;
 //! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
 //! - [`shadow`]: shadow sampling, the copy's headers, comparison of the two answers;
 //! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
@@ -15,6 +16,7 @@
 //! values, and an internal error serves the control variant and is counted.
 
 pub mod assignment;
+pub mod beacon;
 pub mod config;
 pub mod mac;
 pub mod metrics;

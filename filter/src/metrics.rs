@@ -36,7 +36,7 @@ pub const OVERRIDES: &str = "sluice_overrides_total";
 pub const OVERRIDES_DENIED: &str = "sluice_overrides_denied_total";
 /// Beacon events that were accepted (204), per variant.
 pub const EVENTS: &str = "sluice_events_total";
-/// Beacon requests refused (wrong method, no key, unknown event), per experiment.
+/// Beacon requests refused, per experiment; label `reason` (see [`crate::beacon::Rejection`]).
 pub const EVENTS_REJECTED: &str = "sluice_events_rejected_total";
 /// Internal errors (a host call failed); the request was served the control, per experiment.
 pub const ERRORS: &str = "sluice_errors_total";
@@ -128,7 +128,8 @@ pub struct ExperimentMetrics {
     pub errors: usize,
     pub overrides_denied: usize,
     pub outcomes_unknown: Option<usize>,
-    pub events_rejected: Option<usize>,
+    /// Parallel to [`crate::beacon::Rejection::ALL`].
+    pub events_rejected: Option<Vec<usize>>,
     pub prediction_invalid: Option<usize>,
     /// Parallel to the experiment's variants.
     pub variants: Vec<VariantMetrics>,
@@ -225,10 +226,18 @@ impl Catalog {
             .outcomes
             .as_ref()
             .map(|_| self.add(OUTCOMES_UNKNOWN, Kind::Counter, &exp));
-        let events_rejected = e
-            .beacon
-            .as_ref()
-            .map(|_| self.add(EVENTS_REJECTED, Kind::Counter, &exp));
+        let events_rejected = e.beacon.as_ref().map(|_| {
+            crate::beacon::Rejection::ALL
+                .iter()
+                .map(|r| {
+                    self.add(
+                        EVENTS_REJECTED,
+                        Kind::Counter,
+                        &[exp[0], ("reason", r.label())],
+                    )
+                })
+                .collect()
+        });
         let prediction_invalid = e
             .prediction
             .as_ref()

@@ -191,21 +191,30 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         .iter()
         .all(|r| r.header("x-sluice-variant") == Some("stable")));
 
-    // Event beacons, attributed by re-hashing the key (query parameter here).
+    // Event beacons: each carries back the exposure token of the user's answer and is
+    // attributed to the variant that served it (the key as a query parameter here).
     let client = HttpClient::new();
     let mut clicks: BTreeMap<String, f64> = BTreeMap::new();
-    for i in 0..300 {
+    let beacon_users = 300;
+    for i in 0..beacon_users {
         let user = format!("user-{i}");
+        let exposed = client
+            .get(&envoy.url(LISTENER, &format!("/predict?user={user}")))
+            .await?;
+        let token = exposed
+            .header("x-sluice-exposure")
+            .ok_or_else(|| anyhow::anyhow!("no exposure token for {user}"))?
+            .to_string();
         let path = format!("/sluice/event?name=click&user={user}");
         let r = client
             .send(
                 hyper::Method::POST,
                 &envoy.url(LISTENER, &path),
-                &[],
+                &[("x-sluice-exposure", token.as_str())],
                 Vec::<u8>::new(),
             )
             .await?;
-        assert_eq!(r.status, 204, "beacon for {user}");
+        assert_eq!(r.status, 204, "beacon for {user}: {}", r.text());
         *clicks
             .entry(exp.variants[variant_of_key(exp, user.as_bytes())].clone())
             .or_default() += 1.0;
@@ -214,6 +223,8 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         ("POST", "/sluice/event?name=bogus&user=u", 400),
         ("POST", "/sluice/event?user=u", 400),
         ("POST", "/sluice/event?name=click", 400),
+        ("POST", "/sluice/event?name=click&user=u", 403),
+        ("GET", "/sluice/event?name=click&user=u", 405),
         ("PUT", "/sluice/event?name=click&user=u", 405),
     ];
     for (method, path, status) in bad {
@@ -224,7 +235,7 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         assert_eq!(r.status, status, "{method} {path}");
     }
 
-    let total_requests = n + 2 * 2000 + 100;
+    let total_requests = n + 2 * 2000 + 100 + beacon_users;
     let stats = envoy.admin().prometheus().await?;
     let requests = stats.by_label(
         "sluice_requests_total",
@@ -237,7 +248,8 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
             .iter()
             .filter(|r| r.header("x-sluice-variant") == Some("canary"))
             .count() as f64
-            * 2.0;
+            * 2.0
+        + clicks.get("canary").copied().unwrap_or(0.0);
     assert_eq!(requests.get("canary").copied(), Some(canary_requests));
     assert_eq!(
         sluice(&stats, "sluice_missing_key_total", "demo", "stable"),
@@ -262,6 +274,264 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         stats.sum("sluice_events_rejected_total", &[("experiment", "demo")]),
         bad.len() as f64
     );
+    assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
+    Ok(())
+}
+
+const SECRET: &str = "beacon-test-secret-0123456789abcdef";
+
+/// Forged beacons are refused and counted by reason; a beacon with the token of a real
+/// exposure counts once per event, up to the per-user limit.
+#[tokio::test]
+async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()> {
+    let stable = named("stable").await?;
+    let canary = named("canary").await?;
+    let mut config = user_upstream_config(
+        50.0,
+        json!({
+            "outcomes": {"names": ["click", "purchase"]},
+            "beacon": {"path": "/sluice/event", "max_age_seconds": 600, "token_cookie": "sluice_exposure",
+                       "limit": {"events_per_user": 3, "window_seconds": 3600}},
+        }),
+    );
+    config["secret"] = json!(SECRET);
+    let plan =
+        Plan::from_json(config.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let exp = &plan.experiments[0];
+    let envoy = start_fixture(&config, &stable, canary.port(), SHADOW).await?;
+    let client = HttpClient::new();
+    let user_in = |variant: usize, skip: usize| -> String {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .filter(|u| variant_of_key(exp, u.as_bytes()) == variant)
+            .nth(skip)
+            .unwrap_or_default()
+    };
+    let expose = |user: String| {
+        let (client, url) = (client.clone(), envoy.url(LISTENER, "/predict"));
+        async move {
+            let r = client
+                .send(
+                    hyper::Method::GET,
+                    &url,
+                    &[("x-user-id", user.as_str())],
+                    Vec::<u8>::new(),
+                )
+                .await?;
+            let token = r.header("x-sluice-exposure").map(str::to_string);
+            let cookie = r.header("set-cookie").map(str::to_string);
+            anyhow::Ok((r, token.unwrap_or_default(), cookie.unwrap_or_default()))
+        }
+    };
+    let beacon =
+        |method: &'static str, query: &'static str, headers: Vec<(&'static str, String)>| {
+            let (client, url) = (
+                client.clone(),
+                envoy.url(LISTENER, &format!("/sluice/event?{query}")),
+            );
+            async move {
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let r = client
+                    .send(
+                        hyper::Method::from_bytes(method.as_bytes())?,
+                        &url,
+                        &h,
+                        Vec::<u8>::new(),
+                    )
+                    .await?;
+                anyhow::Ok(r.status)
+            }
+        };
+
+    let alice = user_in(1, 0);
+    let (r, token, cookie) = expose(alice.clone()).await?;
+    assert_eq!(r.header("x-sluice-variant"), Some("canary"));
+    assert!(token.starts_with("1.t.canary."), "token {token:?}");
+    assert!(
+        cookie.starts_with(&format!(
+            "sluice_exposure={token}; Path=/sluice/event; Max-Age=600; HttpOnly; SameSite=Strict"
+        )),
+        "cookie {cookie:?}"
+    );
+    let bob = user_in(1, 1);
+    let (_, bob_token, _) = expose(bob.clone()).await?;
+    let carol = user_in(0, 0);
+    let (_, carol_token, _) = expose(carol.clone()).await?;
+    assert!(carol_token.starts_with("1.t.stable."), "{carol_token}");
+
+    let key =
+        sluice_filter::mac::Key::derive(SECRET.as_bytes(), sluice_filter::mac::PURPOSE_EXPOSURE);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let issue = |exp: &str, user: &str, variant: &str, at: u64| {
+        sluice_filter::beacon::issue(&key, exp, user.as_bytes(), variant, at)
+    };
+    let mut flipped = token.clone().into_bytes();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+    let flipped = String::from_utf8(flipped)?;
+    let user = |u: &str| ("x-user-id", u.to_string());
+    let tok = |t: &str| ("x-sluice-exposure", t.to_string());
+
+    let refused = [
+        ("no token", "POST", vec![user(&alice)], 403, "no_token"),
+        (
+            "bad MAC",
+            "POST",
+            vec![user(&alice), tok(&flipped)],
+            403,
+            "bad_mac",
+        ),
+        (
+            "another user's token",
+            "POST",
+            vec![user(&alice), tok(&bob_token)],
+            403,
+            "bad_mac",
+        ),
+        (
+            "the variant edited",
+            "POST",
+            vec![
+                user(&carol),
+                tok(&carol_token.replacen(".stable.", ".canary.", 1)),
+            ],
+            403,
+            "bad_mac",
+        ),
+        (
+            "another experiment's token",
+            "POST",
+            vec![user(&alice), tok(&issue("other", &alice, "canary", now))],
+            403,
+            "no_token",
+        ),
+        (
+            "the experiment edited",
+            "POST",
+            vec![
+                user(&alice),
+                tok(&issue("other", &alice, "canary", now).replacen(".other.", ".t.", 1)),
+            ],
+            403,
+            "bad_mac",
+        ),
+        (
+            "another secret",
+            "POST",
+            vec![
+                user(&alice),
+                tok(&sluice_filter::beacon::issue(
+                    &sluice_filter::mac::Key::derive(b"some-other-secret-0123456789", "exposure"),
+                    "t",
+                    alice.as_bytes(),
+                    "canary",
+                    now,
+                )),
+            ],
+            403,
+            "bad_mac",
+        ),
+        (
+            "expired",
+            "POST",
+            vec![user(&alice), tok(&issue("t", &alice, "canary", now - 601))],
+            403,
+            "expired",
+        ),
+        (
+            "not a token",
+            "POST",
+            vec![user(&alice), tok("garbage")],
+            403,
+            "malformed",
+        ),
+        (
+            "a variant the user is not in",
+            "POST",
+            vec![user(&carol), tok(&issue("t", &carol, "canary", now))],
+            409,
+            "reassigned",
+        ),
+        (
+            "GET when POST only",
+            "GET",
+            vec![user(&alice), tok(&token)],
+            405,
+            "method",
+        ),
+    ];
+    for (what, method, headers, status, _) in &refused {
+        let got = beacon(method, "name=purchase", headers.clone()).await?;
+        assert_eq!(got, *status, "{what}");
+    }
+
+    // The real token counts, by header, by query parameter and by cookie, up to the limit.
+    assert_eq!(
+        beacon("POST", "name=click", vec![user(&alice), tok(&token)]).await?,
+        204
+    );
+    let by_query: &'static str = Box::leak(format!("name=click&exposure={token}").into_boxed_str());
+    assert_eq!(beacon("POST", by_query, vec![user(&alice)]).await?, 204);
+    assert_eq!(
+        beacon(
+            "POST",
+            "name=purchase",
+            vec![user(&alice), ("cookie", format!("sluice_exposure={token}"))]
+        )
+        .await?,
+        204
+    );
+    assert_eq!(
+        beacon("POST", "name=click", vec![user(&alice), tok(&token)]).await?,
+        429,
+        "over the limit"
+    );
+    // Another user has their own budget; a control user's events count for the control.
+    assert_eq!(
+        beacon("POST", "name=click", vec![user(&bob), tok(&bob_token)]).await?,
+        204
+    );
+    assert_eq!(
+        beacon("POST", "name=click", vec![user(&carol), tok(&carol_token)]).await?,
+        204
+    );
+
+    let stats = envoy.admin().prometheus().await?;
+    let rejected = |reason: &str| {
+        stats.sum(
+            "sluice_events_rejected_total",
+            &[("experiment", "t"), ("reason", reason)],
+        )
+    };
+    let mut want: BTreeMap<&str, f64> = BTreeMap::new();
+    for (_, _, _, _, reason) in &refused {
+        *want.entry(reason).or_default() += 1.0;
+    }
+    *want.entry("over_limit").or_default() += 1.0;
+    for (reason, n) in &want {
+        assert_eq!(rejected(reason), *n, "rejected for {reason}");
+    }
+    assert_eq!(
+        stats.sum("sluice_events_rejected_total", &[("experiment", "t")]),
+        want.values().sum::<f64>()
+    );
+    let outcome = |variant: &str, o: &str| {
+        stats.sum(
+            "sluice_outcomes_total",
+            &[("experiment", "t"), ("variant", variant), ("outcome", o)],
+        )
+    };
+    assert_eq!(outcome("canary", "click"), 3.0);
+    assert_eq!(
+        outcome("canary", "purchase"),
+        1.0,
+        "only the cookie's purchase"
+    );
+    assert_eq!(outcome("stable", "click"), 1.0);
+    assert_eq!(outcome("stable", "purchase"), 0.0);
+    assert_eq!(sluice(&stats, "sluice_events_total", "t", "canary"), 4.0);
     assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
     Ok(())
 }
@@ -642,6 +912,27 @@ async fn ecds_weight_changes_are_fast_monotone_and_safe() -> anyhow::Result<()> 
     assert!(envoy
         .log()
         .contains("experiments[0].variants[1].weight: 150 is not a percentage"));
+
+    // A config that would hurt traffic (the routing header overwriting the user key, so the
+    // upstream would get `x-user-id: stable`) is rejected the same way.
+    let r1 = envoy.admin().stat(rejected).await?.unwrap_or(0);
+    let hurtful = raised.replace(
+        r#""echo": {"header": "x-sluice-variant"}"#,
+        r#""header": "x-user-id", "echo": {"header": "x-sluice-variant"}"#,
+    );
+    assert_ne!(hurtful, raised);
+    envoy.write_ecds("sluice.yaml", &hurtful)?;
+    wait_until(
+        Duration::from_secs(5),
+        "the hurtful config is rejected",
+        || async { admin.stat(rejected).await.ok().flatten().unwrap_or(0) > r1 },
+    )
+    .await?;
+    let still = variants(&Load::new(&url).requests(n).run().await?);
+    assert_eq!(still, after, "assignments changed after a rejected push");
+    assert!(envoy.log().contains(
+        "experiments[0].header: routing header \"x-user-id\" is a header this experiment reads"
+    ));
     // Counters survived the reloads.
     let stats = envoy.admin().prometheus().await?;
     let total: f64 = stats

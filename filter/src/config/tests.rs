@@ -2,6 +2,7 @@ use super::*;
 
 const VALID: &str = r#"{
   "version": 1,
+  "secret": "0123456789abcdef-valid",
   "experiments": [{
     "name": "ranker",
     "unit": {"type": "user", "keys": [{"header": "X-User-Id"}, {"cookie": "uid"}]},
@@ -261,8 +262,8 @@ fn revision_is_optional_bounded_and_kept() {
 fn secret_is_optional_bounded_printable_and_never_shown() {
     let with = |s: &str| {
         variant_of_valid(
-            r#""version": 1,"#,
-            &format!(r#""version": 1, "secret": {s},"#),
+            r#""secret": "0123456789abcdef-valid","#,
+            &format!(r#""secret": {s},"#),
         )
     };
     let good = "0123456789abcdef0123456789abcdef";
@@ -278,12 +279,18 @@ fn secret_is_optional_bounded_printable_and_never_shown() {
         }
         Err(e) => unreachable!("{e}"),
     }
-    assert!(error_of(&with(&format!("{:?}", "x".repeat(MIN_SECRET)))) == "accepted");
+    assert_eq!(
+        error_of(&with(&format!("{:?}", "x".repeat(MIN_SECRET)))),
+        "accepted"
+    );
     assert!(
         error_of(&with(&format!("{:?}", "x".repeat(MIN_SECRET - 1))))
             .starts_with("secret: must be 16 to 256 bytes")
     );
-    assert!(error_of(&with(&format!("{:?}", "x".repeat(MAX_SECRET)))) == "accepted");
+    assert_eq!(
+        error_of(&with(&format!("{:?}", "x".repeat(MAX_SECRET)))),
+        "accepted"
+    );
     assert!(
         error_of(&with(&format!("{:?}", "x".repeat(MAX_SECRET + 1))))
             .starts_with("secret: must be")
@@ -292,8 +299,130 @@ fn secret_is_optional_bounded_printable_and_never_shown() {
         .starts_with("secret: must not contain control characters"));
     assert!(error_of(&with(r#""0123456789abcdef\u0000""#))
         .starts_with("secret: must not contain control"));
-    match Plan::from_json(VALID.as_bytes()) {
+    // Optional without beacons; a beacon needs it.
+    let without = variant_of_valid(r#""secret": "0123456789abcdef-valid","#, "");
+    assert!(error_of(&without).starts_with("experiments[0].beacon: needs the top-level `secret`"));
+    let neither = without.replace(r#""beacon": {"path": "/sluice/event"},"#, "");
+    match Plan::from_json(neither.as_bytes()) {
         Ok(p) => assert_eq!(p.secret, None),
         Err(e) => unreachable!("{e}"),
     }
+}
+
+/// Configurations that hurt traffic are refused, naming the field.
+#[test]
+fn configs_that_hurt_traffic_are_refused() {
+    let cases = [
+        // The upstream got `x-user-id: stable`.
+        (r#""name": "ranker","#, r#""name": "ranker", "header": "X-User-Id","#, "experiments[0].header: routing header \"x-user-id\" is a header this experiment reads"),
+        (r#""name": "ranker","#, r#""name": "ranker", "header": "x-sluice-override-token","#, "experiments[0].header: routing header \"x-sluice-override-token\""),
+        (r#""name": "ranker","#, r#""name": "ranker", "header": "host","#, "experiments[0].header: \"host\" is reserved"),
+        (r#""name": "ranker","#, r#""name": "ranker", "header": "x-envoy-original-path","#, "experiments[0].header: \"x-envoy-original-path\" is reserved"),
+        // Responses with `content-length: canary`.
+        (r#""echo": {"header": "x-sluice-variant","#, r#""echo": {"header": "Content-Length","#, "experiments[0].echo.header: \"content-length\" is reserved"),
+        (r#""echo": {"header": "x-sluice-variant","#, r#""echo": {"header": "x-model-score","#, "experiments[0].echo.header: \"x-model-score\" is a response header this experiment reads"),
+        (r#""echo": {"header": "x-sluice-variant","#, r#""echo": {"header": "x-sluice-exposure","#, "experiments[0].echo.header: \"x-sluice-exposure\""),
+        // Every `/predict` answered 400.
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/predict"}"#, "experiments[0].beacon.path: \"/predict\" is inside this experiment's match.path_prefix"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/predict/event"}"#, "experiments[0].beacon.path"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "token_header": "set-cookie"}"#, "experiments[0].beacon.token_header: \"set-cookie\" is reserved"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "token_param": "name"}"#, "experiments[0].beacon.token_param: must differ"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "token_cookie": "sluice_ranker"}"#, "experiments[0].beacon.token_cookie: is also the echo cookie"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "max_age_seconds": 0}"#, "experiments[0].beacon.max_age_seconds"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "limit": {"users": 1000000}}"#, "experiments[0].beacon.limit.users: must be 1 to 65536"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice/event", "limit": {"events_per_user": 0}}"#, "experiments[0].beacon.limit.events_per_user"),
+        (r#""beacon": {"path": "/sluice/event"}"#, r#""beacon": {"path": "/sluice event"}"#, "experiments[0].beacon.path"),
+        (r#"{"cookie": "uid"}"#, r#"{"query": "exposure"}"#, "experiments[0].unit.keys[1]: is also a query parameter of the beacon"),
+    ];
+    for (from, to, want) in cases {
+        let got = error_of(&variant_of_valid(from, to));
+        assert!(
+            got.starts_with(want),
+            "replacing {from} with {to}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn sizes_and_counts_are_capped() {
+    // A 10 MB salt made requests 45-110x slower.
+    let salt = variant_of_valid(
+        r#""name": "ranker","#,
+        &format!(r#""name": "ranker", "salt": "{}","#, "s".repeat(10 << 20)),
+    );
+    assert!(error_of(&salt).starts_with("experiments[0].salt: 10485760 bytes, longer than 256"));
+    let salt = variant_of_valid(
+        r#""name": "ranker","#,
+        &format!(r#""name": "ranker", "salt": "{}","#, "s".repeat(MAX_SALT)),
+    );
+    assert_eq!(error_of(&salt), "accepted");
+    let long = |n: usize| "x".repeat(n);
+    assert!(
+        error_of(&variant_of_valid("X-User-Id", &long(MAX_FIELD_NAME + 1)))
+            .starts_with("experiments[0].unit.keys[0]: header name longer than 128")
+    );
+    assert!(error_of(&variant_of_valid(
+        r#""cookie": "uid""#,
+        &format!(r#""cookie": "{}""#, long(MAX_FIELD_NAME + 1))
+    ))
+    .starts_with("experiments[0].unit.keys[1]"));
+    assert!(error_of(&variant_of_valid(
+        r#""path_prefix": "/predict""#,
+        &format!(r#""path_prefix": "/{}""#, long(MAX_PATH))
+    ))
+    .starts_with("experiments[0].match.path_prefix: longer than 1024"));
+    assert!(error_of(&variant_of_valid(
+        r#""token": "0123456789abcdef""#,
+        &format!(r#""token": "{}""#, long(MAX_OVERRIDE_TOKEN + 1))
+    ))
+    .starts_with("experiments[0].override.token"));
+
+    // 500 and 2,000 experiments: every request 431 upstream, 70k stats left behind.
+    let experiments = |n: usize, variants: usize, outcomes: usize| {
+        let names: Vec<String> = (0..outcomes).map(|o| format!("\"o{o}\"")).collect();
+        let exps: Vec<String> = (0..n)
+            .map(|i| {
+                let vs: Vec<String> = (0..variants)
+                    .map(|v| if v == 0 { r#"{"name": "c"}"#.to_string() } else { format!(r#"{{"name": "t{v}", "weight": 0}}"#) })
+                    .collect();
+                format!(
+                    r#"{{"name": "e{i}", "header": "x-v{i}", "unit": {{"type": "request"}}, "variants": [{}], "outcomes": {{"names": [{}]}}}}"#,
+                    vs.join(","),
+                    names.join(",")
+                )
+            })
+            .collect();
+        format!(r#"{{"version": 1, "experiments": [{}]}}"#, exps.join(","))
+    };
+    assert_eq!(error_of(&experiments(MAX_EXPERIMENTS, 2, 1)), "accepted");
+    for n in [MAX_EXPERIMENTS + 1, 500, 2000] {
+        let got = error_of(&experiments(n, 2, 1));
+        assert!(
+            got.starts_with(&format!("experiments: {n} experiments, more than 32")),
+            "{got}"
+        );
+    }
+    assert!(error_of(&experiments(1, MAX_VARIANTS + 1, 1))
+        .starts_with("experiments[0].variants: more than 16 variants"));
+    assert!(error_of(&experiments(1, 2, MAX_OUTCOMES + 1))
+        .starts_with("experiments[0].outcomes.names: more than 32"));
+    // Within every per-item cap, but too many metrics in all.
+    let got = error_of(&experiments(MAX_EXPERIMENTS, MAX_VARIANTS, MAX_OUTCOMES));
+    assert!(got.starts_with("experiments: would define"), "{got}");
+}
+
+#[test]
+fn one_experiment_must_not_overwrite_what_another_reads() {
+    let two = r#"{"version": 1, "experiments": [
+        {"name": "a", "unit": {"type": "user", "keys": [{"header": "x-user-id"}]}, "variants": [{"name": "c"}, {"name": "t", "weight": 1}]},
+        {"name": "b", "header": "x-user-id", "unit": {"type": "request"}, "variants": [{"name": "c"}, {"name": "t", "weight": 1}]}]}"#;
+    assert!(error_of(two).starts_with(
+        "experiments[1].header: routing header \"x-user-id\" is a header experiments[0] reads"
+    ));
+    let fixed = two.replacen(
+        r#""header": "x-user-id", "unit""#,
+        r#""header": "x-b", "unit""#,
+        1,
+    );
+    assert_eq!(error_of(&fixed), "accepted");
 }
