@@ -10,6 +10,7 @@ pub mod judge;
 pub mod notify;
 pub mod plan;
 pub mod rollout;
+pub mod secret;
 pub mod simulate;
 pub mod sink;
 pub mod snapshot;

@@ -463,7 +463,7 @@ impl Rollout {
             problems.extend(e.problems);
         }
         let secret = match &self.spec.secret_file {
-            Some(f) => match read_secret(Path::new(f)) {
+            Some(f) => match crate::secret::read(Path::new(f)) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     problems.push(format!("spec.secretFile: {e}"));
@@ -527,54 +527,6 @@ impl Checked {
         Plan::from_config(&config).map_err(|e| e.to_string())?;
         Ok(config)
     }
-}
-
-/// Bytes of a generated secret (hex-encoded into twice as many characters).
-const GENERATED_SECRET_BYTES: usize = 32;
-
-impl Checked {
-    /// Without `spec.secretFile`: the secret kept in `<state_dir>/<name>.secret`, generated
-    /// there (mode 0600) on the first run, so that a restarted controller keeps signing
-    /// exposure tokens the proxies already issued with the same key.
-    pub fn use_state_secret(&mut self, state_dir: &Path) -> Result<(), String> {
-        if self.secret.is_some() {
-            return Ok(());
-        }
-        let path = state_dir.join(format!("{}.secret", self.name()));
-        if !path.exists() {
-            std::fs::create_dir_all(state_dir)
-                .map_err(|e| format!("{}: {e}", state_dir.display()))?;
-            let mut bytes = [0u8; GENERATED_SECRET_BYTES];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-                .map_err(|e| format!("reading /dev/urandom: {e}"))?;
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            write_private(&path, &hex).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        self.secret = Some(read_secret(&path)?);
-        Ok(())
-    }
-}
-
-/// A secret file's content, trimmed, checked as the filter checks it.
-fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = text.trim().to_string();
-    sluice_filter::config::Secret::new("secret", &secret)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(secret)
-}
-
-/// Creates `path` readable by its owner only, never replacing an existing file.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
 }
 
 /// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds).
