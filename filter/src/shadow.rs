@@ -49,6 +49,10 @@ pub struct ShadowConfig {
     /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// Most bytes of copies (headers, request bodies, both answers' bodies) the filter holds
+    /// per Envoy worker; a copy that would go over it is skipped.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: usize,
     /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
@@ -71,6 +75,13 @@ fn default_max_body_bytes() -> usize {
 fn default_max_in_flight() -> u32 {
     64
 }
+
+fn default_max_bytes_in_flight() -> usize {
+    8 * 1024 * 1024
+}
+
+/// Largest `max_bytes_in_flight` accepted.
+pub const MAX_BYTES_IN_FLIGHT: usize = 1024 * 1024 * 1024;
 
 fn default_log_per_minute() -> u32 {
     10
@@ -158,6 +169,7 @@ pub struct Shadow {
     pub timeout_ms: u64,
     pub max_body_bytes: usize,
     pub max_in_flight: u32,
+    pub max_bytes_in_flight: usize,
     pub methods: Vec<String>,
     pub compare_body: bool,
     pub fields: Vec<FieldConfig>,
@@ -230,6 +242,15 @@ pub fn check(
             "must be at most 16 MiB (bodies are buffered in the proxy)",
         ));
     }
+    if c.max_bytes_in_flight < c.max_body_bytes || c.max_bytes_in_flight > MAX_BYTES_IN_FLIGHT {
+        return Err(invalid(
+            format!("{path}.max_bytes_in_flight"),
+            format!(
+                "must be between max_body_bytes ({}) and {MAX_BYTES_IN_FLIGHT}",
+                c.max_body_bytes
+            ),
+        ));
+    }
     let methods = match &c.methods {
         None => DEFAULT_METHODS.iter().map(|m| m.to_string()).collect(),
         Some(list) => {
@@ -295,6 +316,7 @@ pub fn check(
         timeout_ms: c.timeout_ms,
         max_body_bytes: c.max_body_bytes,
         max_in_flight: c.max_in_flight,
+        max_bytes_in_flight: c.max_bytes_in_flight,
         methods,
         compare_body: c.compare.body,
         fields: c.compare.fields.clone(),
@@ -338,13 +360,15 @@ const DROPPED_HEADERS: [&str; 10] = [
 ];
 
 /// The headers of a shadow copy: the original ones minus hop-by-hop headers (including any
-/// the `connection` header names), minus `skip` (routing headers), with the authority
-/// replaced if configured, plus [`SHADOW_HEADER`]. Values that are not UTF-8 are dropped:
-/// the host API takes text.
+/// the `connection` header names), minus `skip` (routing and override token headers), minus
+/// any [`SHADOW_HEADER`] a client sent, with the authority replaced if configured, plus
+/// [`SHADOW_HEADER`] set to `marker`. Values that are not UTF-8 are dropped: the host API
+/// takes text.
 pub fn copy_headers(
     shadow: &Shadow,
     original: &[(String, Vec<u8>)],
     skip: &[&str],
+    marker: &str,
 ) -> Vec<(String, String)> {
     let named_by_connection: Vec<String> = original
         .iter()
@@ -372,7 +396,7 @@ pub fn copy_headers(
             }
         })
         .collect();
-    out.push((SHADOW_HEADER.to_string(), "1".to_string()));
+    out.push((SHADOW_HEADER.to_string(), marker.to_string()));
     out
 }
 
@@ -388,16 +412,106 @@ pub struct Answer {
 impl Answer {
     /// Appends a body chunk, keeping at most `limit` bytes.
     pub fn push_body(&mut self, chunk: &[u8], limit: usize) {
-        if self.truncated {
-            return;
-        }
-        if self.body.len() + chunk.len() > limit {
-            self.truncated = true;
-            self.body.clear();
-            self.body.shrink_to_fit();
-        } else {
+        if self.room_for(chunk.len(), limit) {
             self.body.extend_from_slice(chunk);
         }
+    }
+
+    /// Whether `n` more body bytes fit under `limit`. If they do not, the answer becomes
+    /// truncated and its body is dropped. Asked before a chunk is read from the host, so a
+    /// chunk that cannot be used is never copied into the VM.
+    pub fn room_for(&mut self, n: usize, limit: usize) -> bool {
+        if self.truncated {
+            return false;
+        }
+        if self.body.len().saturating_add(n) > limit {
+            self.truncated = true;
+            self.body = Vec::new();
+            return false;
+        }
+        true
+    }
+}
+
+/// Bytes held by copies against a cap (`max_bytes_in_flight`). The host keeps one per worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub held: usize,
+}
+
+impl Budget {
+    /// Takes `n` bytes if that keeps the total at or under `cap`.
+    pub fn take(&mut self, n: usize, cap: usize) -> bool {
+        match self.held.checked_add(n) {
+            Some(total) if total <= cap => {
+                self.held = total;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Returns `n` bytes taken earlier.
+    pub fn give_back(&mut self, n: usize) {
+        self.held = self.held.saturating_sub(n);
+    }
+}
+
+/// A size estimate that follows a new maximum at once and otherwise decays by 1/16 per
+/// observation, so one unusually large answer does not hold the budget down for long.
+pub fn decayed_max(estimate: usize, observed: usize) -> usize {
+    observed.max(estimate - estimate / 16)
+}
+
+/// What a shadow call came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// An answer (possibly Envoy's own, e.g. 503 for a refused connection): compared.
+    Answer(Answer),
+    /// No answer within `timeout_ms`.
+    Timeout,
+    /// No answer at all: reset, connection failure without a reply, an answer over Envoy's
+    /// buffer limit, or the answer could not be read.
+    Failed,
+}
+
+/// Classifies a shadow call's result from what the host reports. `status` is 0 when the
+/// call came back without headers. Envoy answers a timed-out call with its own 504 (or with
+/// no headers at all); the clock tells a timeout from a shadow that really answered 504. The
+/// margin is wide because Envoy arms the timer from its event loop's cached time, which can
+/// lag the clock read here by a few milliseconds under load.
+pub fn classify(status: u16, elapsed_ms: u64, timeout_ms: u64) -> Option<Reply> {
+    if (status == 0 || status == 504) && elapsed_ms.saturating_mul(10) >= timeout_ms * 9 {
+        return Some(Reply::Timeout);
+    }
+    if status == 0 {
+        return Some(Reply::Failed);
+    }
+    None
+}
+
+/// How a copy ends. Every copy taken ends in exactly one fate, which is what makes
+/// `requests = compared + skipped + timeouts + errors` hold in the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Compared,
+    /// Index into [`crate::metrics::SHADOW_SKIP_REASONS`].
+    Skipped(usize),
+    Timeout,
+    Error,
+}
+
+/// The fate of a copy whose shadow reply is in and whose primary is done (`primary`: it
+/// completed; otherwise it ended early). `dropped` is a reason the copy was given up
+/// after it was sent (e.g. its bodies would exceed the bytes cap). A failed shadow call is
+/// reported as such whatever else happened: it is what the shadow did.
+pub fn fate(reply: &Reply, primary: bool, dropped: Option<usize>) -> Fate {
+    match (reply, dropped) {
+        (Reply::Timeout, _) => Fate::Timeout,
+        (Reply::Failed, _) => Fate::Error,
+        (Reply::Answer(_), Some(reason)) => Fate::Skipped(reason),
+        (Reply::Answer(_), None) if !primary => Fate::Skipped(crate::metrics::SKIP_NO_PRIMARY),
+        (Reply::Answer(_), None) => Fate::Compared,
     }
 }
 

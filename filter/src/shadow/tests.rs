@@ -139,7 +139,7 @@ fn copies_drop_hop_by_hop_and_routing_headers() {
         h("x-bin", &[0xff, 0xfe]),
         h("x-request-id", b"abc"),
     ];
-    let got = copy_headers(&s, &original, &["x-sluice-variant"]);
+    let got = copy_headers(&s, &original, &["x-sluice-variant"], "1");
     let want: Vec<(String, String)> = [
         (":method", "GET"),
         (":authority", "shadow.local"),
@@ -253,4 +253,87 @@ fn deltas_are_scaled_by_sign() {
     assert_eq!(scaled_delta(&s.fields[0], -0.0125), Some((true, 13)));
     assert_eq!(scaled_delta(&s.fields[0], 0.2), Some((false, 200)));
     assert_eq!(scaled_delta(&s.fields[0], f64::NAN), None);
+}
+
+#[test]
+fn bytes_in_flight_default_and_bounds() {
+    assert_eq!(
+        checked(r#"{"cluster": "s", "sample_percent": 1}"#).max_bytes_in_flight,
+        8 * 1024 * 1024
+    );
+    let low = error(
+        r#"{"cluster": "s", "sample_percent": 1, "max_body_bytes": 1000, "max_bytes_in_flight": 999}"#,
+    );
+    assert!(
+        low.starts_with(
+            "experiments[0].shadow.max_bytes_in_flight: must be between max_body_bytes (1000)"
+        ),
+        "{low}"
+    );
+    let high = error(r#"{"cluster": "s", "sample_percent": 1, "max_bytes_in_flight": 2000000000}"#);
+    assert!(
+        high.starts_with("experiments[0].shadow.max_bytes_in_flight"),
+        "{high}"
+    );
+}
+
+#[test]
+fn the_budget_never_goes_over_its_cap() {
+    let mut b = Budget::default();
+    assert!(b.take(600, 1000));
+    assert!(!b.take(401, 1000), "over the cap");
+    assert_eq!(b.held, 600, "a refused take takes nothing");
+    assert!(b.take(400, 1000));
+    assert!(!b.take(usize::MAX, usize::MAX), "no overflow");
+    b.give_back(1000);
+    assert_eq!(b.held, 0);
+    b.give_back(5);
+    assert_eq!(b.held, 0);
+}
+
+#[test]
+fn a_chunk_over_the_limit_is_refused_before_it_is_read() {
+    let mut a = answer(200, "abc");
+    assert!(a.room_for(7, 10));
+    assert!(!a.room_for(8, 10));
+    assert!(a.truncated && a.body.is_empty());
+    assert!(!a.room_for(0, 10), "once truncated, nothing more is taken");
+}
+
+#[test]
+fn timeouts_and_failures_are_told_from_answers() {
+    assert_eq!(classify(0, 950, 1000), Some(Reply::Timeout));
+    assert_eq!(classify(504, 900, 1000), Some(Reply::Timeout));
+    assert_eq!(classify(504, 100, 1000), None, "a real 504 is an answer");
+    assert_eq!(classify(0, 100, 1000), Some(Reply::Failed));
+    assert_eq!(classify(503, 999, 1000), None);
+}
+
+#[test]
+fn every_copy_has_exactly_one_fate() {
+    use crate::metrics::{SKIP_BYTES_IN_FLIGHT, SKIP_NO_PRIMARY};
+    let ok = Reply::Answer(answer(200, ""));
+    assert_eq!(fate(&ok, true, None), Fate::Compared);
+    assert_eq!(fate(&ok, false, None), Fate::Skipped(SKIP_NO_PRIMARY));
+    assert_eq!(
+        fate(&ok, true, Some(SKIP_BYTES_IN_FLIGHT)),
+        Fate::Skipped(SKIP_BYTES_IN_FLIGHT)
+    );
+    for primary in [true, false] {
+        for dropped in [None, Some(SKIP_BYTES_IN_FLIGHT)] {
+            assert_eq!(fate(&Reply::Timeout, primary, dropped), Fate::Timeout);
+            assert_eq!(fate(&Reply::Failed, primary, dropped), Fate::Error);
+        }
+    }
+}
+
+#[test]
+fn the_answer_size_estimate_follows_peaks_and_decays() {
+    assert_eq!(decayed_max(0, 5000), 5000);
+    assert_eq!(decayed_max(1600, 0), 1500);
+    let mut e = 1 << 20;
+    for _ in 0..200 {
+        e = decayed_max(e, 100);
+    }
+    assert_eq!(e, 100);
 }
