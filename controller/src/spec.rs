@@ -496,6 +496,7 @@ impl Checked {
         let config = FilterConfig {
             version: CONFIG_VERSION,
             revision: None,
+            secret: None,
             experiments: vec![exp],
         };
         Plan::from_config(&config).map_err(|e| e.to_string())?;

@@ -24,6 +24,11 @@ const MAX_NAME_LEN: usize = 64;
 /// Longest `revision` accepted.
 pub const MAX_REVISION: usize = 128;
 
+/// Shortest `secret` accepted, in bytes: 128 bits if it is random bytes, as the MAC key is.
+pub const MIN_SECRET: usize = 16;
+/// Longest `secret` accepted, in bytes (a generated secret is 32 to 64 characters).
+pub const MAX_SECRET: usize = 256;
+
 /// Root of the filter's JSON configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +40,11 @@ pub struct FilterConfig {
     /// byte-identical, so the proxy evaluates each one afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Key material for the values the filter issues and must later trust again (exposure
+    /// tokens of event beacons, the shadow copy's marker). Every proxy that must accept
+    /// another's tokens needs the same secret. See [`crate::mac`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// Experiments applied to each request, independently of one another.
     pub experiments: Vec<ExperimentConfig>,
 }
@@ -239,7 +249,46 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub revision: Option<String>,
+    /// The configured `secret`, checked.
+    pub secret: Option<Secret>,
     pub experiments: Vec<Experiment>,
+}
+
+/// A checked secret. Its `Debug` output never shows it, so a logged plan does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// Checks a configured secret; `field` names it in the error.
+    pub fn new(field: &str, secret: &str) -> Result<Secret, ConfigError> {
+        if secret.len() < MIN_SECRET || secret.len() > MAX_SECRET {
+            return Err(invalid(
+                field,
+                format!(
+                    "must be {MIN_SECRET} to {MAX_SECRET} bytes, not {} (generate one with `openssl rand -hex 32`)",
+                    secret.len()
+                ),
+            ));
+        }
+        if secret.chars().any(char::is_control) {
+            return Err(invalid(
+                field,
+                "must not contain control characters (a trailing newline from a file?)",
+            ));
+        }
+        Ok(Secret(secret.as_bytes().to_vec()))
+    }
+
+    /// The MAC key for one purpose (see [`crate::mac`]).
+    pub fn key(&self, purpose: &str) -> crate::mac::Key {
+        crate::mac::Key::derive(&self.0, purpose)
+    }
 }
 
 /// A checked experiment.
@@ -310,6 +359,10 @@ impl Plan {
                 ));
             }
         }
+        let secret = match &config.secret {
+            Some(s) => Some(Secret::new("secret", s)?),
+            None => None,
+        };
         if config.experiments.is_empty() {
             return Err(invalid(
                 "experiments",
@@ -323,6 +376,7 @@ impl Plan {
         check_cross_experiment(&experiments)?;
         Ok(Plan {
             revision: config.revision.clone(),
+            secret,
             experiments,
         })
     }

@@ -7,6 +7,7 @@
 //! - [`request`]: which experiments apply, the user key, QA overrides, the variant chosen;
 //! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
 //! - [`shadow`]: shadow sampling, the copy's headers, comparison of the two answers;
+//! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
 //! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
 //! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
 //!
@@ -15,6 +16,7 @@
 
 pub mod assignment;
 pub mod config;
+pub mod mac;
 pub mod metrics;
 pub mod request;
 pub mod response;

@@ -256,3 +256,44 @@ fn revision_is_optional_bounded_and_kept() {
         Err(e) => unreachable!("{e}"),
     }
 }
+
+#[test]
+fn secret_is_optional_bounded_printable_and_never_shown() {
+    let with = |s: &str| {
+        variant_of_valid(
+            r#""version": 1,"#,
+            &format!(r#""version": 1, "secret": {s},"#),
+        )
+    };
+    let good = "0123456789abcdef0123456789abcdef";
+    match Plan::from_json(with(&format!("{good:?}")).as_bytes()) {
+        Ok(p) => {
+            let s = p.secret.unwrap_or_else(|| unreachable!("secret dropped"));
+            assert_eq!(format!("{s:?}"), "Secret(..)");
+            // The plan carries the secret itself: its keys are the ones the secret derives.
+            assert_eq!(
+                s.key(crate::mac::PURPOSE_EXPOSURE),
+                crate::mac::Key::derive(good.as_bytes(), crate::mac::PURPOSE_EXPOSURE)
+            );
+        }
+        Err(e) => unreachable!("{e}"),
+    }
+    assert!(error_of(&with(&format!("{:?}", "x".repeat(MIN_SECRET)))) == "accepted");
+    assert!(
+        error_of(&with(&format!("{:?}", "x".repeat(MIN_SECRET - 1))))
+            .starts_with("secret: must be 16 to 256 bytes")
+    );
+    assert!(error_of(&with(&format!("{:?}", "x".repeat(MAX_SECRET)))) == "accepted");
+    assert!(
+        error_of(&with(&format!("{:?}", "x".repeat(MAX_SECRET + 1))))
+            .starts_with("secret: must be")
+    );
+    assert!(error_of(&with(&format!("{:?}", format!("{good}\n"))))
+        .starts_with("secret: must not contain control characters"));
+    assert!(error_of(&with(r#""0123456789abcdef\u0000""#))
+        .starts_with("secret: must not contain control"));
+    match Plan::from_json(VALID.as_bytes()) {
+        Ok(p) => assert_eq!(p.secret, None),
+        Err(e) => unreachable!("{e}"),
+    }
+}
