@@ -280,6 +280,15 @@ impl HttpContext for Stream {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
+        let now_ms = now
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        if shadow::arrival(&active, &mut view, now_ms) {
+            // A Sluice filter's shadow copy: forwarded, but not counted and not copied again.
+            shadow::route_copy(&active, &mut view, now_secs);
+            return Action::Continue;
+        }
         for (i, exp) in active.plan.experiments.iter().enumerate() {
             let mut rng = active.rng.get();
             let decided = match request::applies(exp, &mut view) {
@@ -312,6 +321,7 @@ impl HttpContext for Stream {
                 }
             }
         }
+        shadow::strip_tokens(&active);
         self.start_shadows(&active, &mut view, end_of_stream);
         Action::Continue
     }
@@ -507,7 +517,6 @@ impl Stream {
                 &method,
                 user_bucket,
                 &routing,
-                "1",
             ) {
                 self.captures.push(c);
             }

@@ -4,15 +4,34 @@
 //! The host shim queues sampled copies and sends them from the root context (so a shadow
 //! call outlives the primary stream and the primary never waits on it); the primary's status
 //! and body are captured as they stream past, and [`compare`] runs once both answers are in.
+//!
+//! Every copy carries a [`marker`] in [`SHADOW_HEADER`]: a MAC, keyed by the configuration's
+//! `secret`, over the copy's send time, a random nonce, its method and its path. A Sluice
+//! filter that receives a request with a marker it can [`verify`](check_marker) (same secret,
+//! time within [`MARKER_WINDOW_MS`] of its own clock) knows it is a copy: it forwards it, but
+//! neither counts it as a user request nor copies it again, so a shadow cluster that leads
+//! back into a Sluice filter cannot multiply traffic. Any other value of the header — a
+//! client's `1`, a forgery, an expired or replayed-elsewhere marker — is removed before the
+//! request goes anywhere.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::assignment::BUCKETS;
 use crate::config::ConfigError;
+use crate::mac::{self, Key};
 
-/// Header added to every shadow request so the shadow service can skip side effects.
+/// Header added to every shadow request (with a [`marker`]) so the shadow service can skip
+/// side effects and a Sluice filter in front of it can tell a copy from a user request.
 pub const SHADOW_HEADER: &str = "x-sluice-shadow";
+
+/// How far a marker's time may be from the receiving proxy's clock, either way: copies are
+/// sent within milliseconds of their request, so this only has to cover clock skew between
+/// proxies and a queue in front of the shadow.
+pub const MARKER_WINDOW_MS: u64 = 10_000;
+
+/// Version of the marker's layout, its first field.
+const MARKER_VERSION: &str = "v1";
 
 /// Methods shadowed unless configured otherwise: the safe ones. A mirrored write would repeat
 /// its side effect, and even idempotent writes (PUT, DELETE) repeat it once more.
@@ -398,6 +417,53 @@ pub fn copy_headers(
         .collect();
     out.push((SHADOW_HEADER.to_string(), marker.to_string()));
     out
+}
+
+/// The marker of a copy sent at `now_ms` (Unix milliseconds) with `method` and `path`:
+/// `v1.<ms>.<nonce, 16 hex>.<tag, 32 hex>`. The nonce makes two copies of identical requests
+/// in the same millisecond carry different markers.
+pub fn marker(key: &Key, now_ms: u64, nonce: u64, method: &[u8], path: &[u8]) -> String {
+    let time = now_ms.to_string();
+    let nonce = format!("{nonce:016x}");
+    let tag = key.tag(&[time.as_bytes(), nonce.as_bytes(), method, path]);
+    format!("{MARKER_VERSION}.{time}.{nonce}.{}", mac::to_hex(&tag))
+}
+
+/// Whether `value` is a marker this key made for a request with this method and path, at a
+/// time within [`MARKER_WINDOW_MS`] of `now_ms`.
+pub fn check_marker(key: &Key, value: &[u8], now_ms: u64, method: &[u8], path: &[u8]) -> bool {
+    let mut parts = value.split(|&b| b == b'.');
+    let (Some(version), Some(time), Some(nonce), Some(tag), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    if version != MARKER_VERSION.as_bytes()
+        || nonce.len() != 16
+        || !nonce.iter().all(u8::is_ascii_hexdigit)
+        || time.is_empty()
+        || time.len() > 20
+        || !time.iter().all(u8::is_ascii_digit)
+    {
+        return false;
+    }
+    let Some(sent) = std::str::from_utf8(time)
+        .ok()
+        .and_then(|t| t.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    if sent.abs_diff(now_ms) > MARKER_WINDOW_MS {
+        return false;
+    }
+    let Some(tag) = mac::from_hex(tag) else {
+        return false;
+    };
+    key.verify(&[time, nonce, method, path], &tag)
 }
 
 /// One side's answer as far as the comparison needs it.

@@ -20,9 +20,12 @@ fn fixture_config() -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line filter config"))
 }
 
+/// The filter's secret in these tests: it keys the copies' marker.
+const SECRET: &str = "shadow-test-secret-0123456789abcdef";
+
 /// One experiment, everyone on the control (`stable`), with the given shadow section.
 fn config(shadow: Value) -> Value {
-    json!({"version": 1, "experiments": [{
+    json!({"version": 1, "secret": SECRET, "experiments": [{
         "name": "s",
         "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
         "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
@@ -143,7 +146,12 @@ async fn identical_shadow_agrees_fully_and_gets_a_clean_copy() -> anyhow::Result
     for c in &copies {
         assert_eq!(c.method, "GET");
         assert_eq!(c.path, "/predict?x=1");
-        assert_eq!(c.header("x-sluice-shadow"), Some("1"));
+        assert!(
+            c.header("x-sluice-shadow")
+                .is_some_and(|m| m.starts_with("v1.")),
+            "copy without a marker: {:?}",
+            c.header("x-sluice-shadow")
+        );
         assert_eq!(c.variant(), None, "routing header leaked to the shadow");
         assert!(c.user().is_some());
     }
@@ -850,5 +858,200 @@ async fn config_pushes_lose_no_copies_in_flight() -> anyhow::Result<()> {
         !envoy.log().contains("replaced configuration"),
         "a replaced config's root context could not finish"
     );
+    Ok(())
+}
+
+/// A proxy whose shadow cluster leads back into a listener running the Sluice filter with the
+/// same configuration, as the shadow service's own sidecar does in a mesh: `ingress`
+/// (port 10000) serves users from `stable` (10001) and copies to the cluster `shadow`, which
+/// is the listener `sidecar` (10004) of the same Envoy; `sidecar` runs the same filter config
+/// (so it would copy again, to itself) and forwards to the shadow service (10003).
+const LOOP_YAML: &str = r#"
+node: { id: sluice-loop-test, cluster: sluice-loop-test }
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: 9901 }
+stats_flush_interval: 1s
+stats_config:
+  stats_tags:
+    - { tag_name: experiment, regex: '(\.experiment\.=\.([^;]+);)' }
+    - { tag_name: variant, regex: '(\.variant\.=\.([^;]+);)' }
+    - { tag_name: class, regex: '(\.class\.=\.([^;]+);)' }
+    - { tag_name: field, regex: '(\.field\.=\.([^;]+);)' }
+    - { tag_name: reason, regex: '(\.reason\.=\.([^;]+);)' }
+static_resources:
+  listeners:
+    - name: ingress
+      address: { socket_address: { address: 127.0.0.1, port_value: 10000 } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                route_config:
+                  virtual_hosts:
+                    - { name: all, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: stable } }] }
+                http_filters:
+                  - name: sluice
+                    typed_config: &sluice
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                      config:
+                        name: sluice
+                        root_id: sluice
+                        vm_config:
+                          vm_id: sluice
+                          runtime: envoy.wasm.runtime.v8
+                          code: { local: { filename: target/wasm32-wasip1/release/sluice_filter.wasm } }
+                        configuration:
+                          "@type": type.googleapis.com/google.protobuf.StringValue
+                          value: 'FILTER_CONFIG'
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    - name: sidecar
+      address: { socket_address: { address: 127.0.0.1, port_value: 10004 } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: sidecar
+                route_config:
+                  virtual_hosts:
+                    - { name: all, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: shadow_app } }] }
+                http_filters:
+                  - name: sluice
+                    typed_config: *sluice
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: stable
+      type: STATIC
+      load_assignment:
+        cluster_name: stable
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10001 } } } }] }]
+    - name: shadow
+      type: STATIC
+      load_assignment:
+        cluster_name: shadow
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10004 } } } }] }]
+    - name: shadow_app
+      type: STATIC
+      load_assignment:
+        cluster_name: shadow_app
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10003 } } } }] }]
+"#;
+
+const QA_TOKEN: &str = "qa-token-0123456789abcdef";
+
+/// A bounded number of user requests through a shadow cluster that loops back into a Sluice
+/// filter yields exactly that many copies: the copy's marker is trusted by the next filter
+/// (same secret), which forwards it to the shadow service without counting or copying it.
+/// Client-sent `x-sluice-shadow` headers — the bare `1` and a forged marker — are removed
+/// and do not keep a request from being counted and copied; the override token reaches
+/// neither the primary nor the shadow. Before, the 3 requests of the report became 1,813 in
+/// 6 s.
+#[tokio::test]
+async fn copies_that_loop_back_are_neither_counted_nor_copied_again() -> anyhow::Result<()> {
+    let primary = Upstream::start("primary", model).await?;
+    let shadow = Upstream::start("shadow", model).await?;
+    let mut filter =
+        config(json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000}));
+    filter["experiments"][0]["override"] = json!({"token": QA_TOKEN});
+    let dir = tempfile::tempdir()?;
+    let yaml = dir.path().join("loop.yaml");
+    std::fs::write(
+        &yaml,
+        LOOP_YAML.replace("FILTER_CONFIG", &filter.to_string()),
+    )?;
+    let envoy = EnvoyConfig::new(&yaml)
+        .port_to(10001, primary.port())
+        .port_to(10003, shadow.port())
+        .start()
+        .await?;
+    let url = envoy.url(LISTENER, "/predict");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let forged = format!("v1.{now_ms}.000000000000002a.{}", "0".repeat(32));
+    let per_kind = 30;
+    let users = |base: usize| move |i: usize| format!("user-{}", base + i);
+    // Plain requests, a client's bare marker, a forged marker: all users' requests, all
+    // with the override token but no override asked for.
+    for (base, marker) in [(0, None), (100, Some("1")), (200, Some(forged.as_str()))] {
+        let mut load = Load::new(&url)
+            .requests(per_kind)
+            .users(users(base))
+            .header("x-sluice-override-token", QA_TOKEN);
+        if let Some(m) = marker {
+            load = load.header("x-sluice-shadow", m);
+        }
+        let r = load.run().await?;
+        assert!(r.iter().all(|r| r.status == 200));
+    }
+    // QA overrides with the token: routed, not counted, not copied.
+    let qa = Load::new(&url)
+        .requests(10)
+        .users(users(300))
+        .header("x-sluice-override", "stable")
+        .header("x-sluice-override-token", QA_TOKEN)
+        .run()
+        .await?;
+    assert!(qa.iter().all(|r| r.status == 200));
+    let users_counted = 3 * per_kind;
+
+    let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
+    // No growth: a second later the shadow service has still seen exactly one copy each.
+    let admin = envoy.admin();
+    let steady = wait_until(Duration::from_secs(1), "more copies arriving", || async {
+        shadow.count() > users_counted as u64
+    })
+    .await;
+    assert!(steady.is_err(), "copies kept coming: {}", shadow.count());
+    let s2 = admin.prometheus().await?;
+    assert_eq!(shadow.count(), users_counted as u64);
+    for stats in [&s, &s2] {
+        // Counted once each, at the ingress; the copies were not counted at the sidecar.
+        assert_eq!(stats.sum("sluice_requests_total", &L), users_counted as f64);
+        assert_eq!(stats.sum("sluice_overrides_total", &L), 10.0);
+        assert_eq!(
+            shadow_counter(stats, "sluice_shadow_requests_total", &[]),
+            users_counted as f64
+        );
+        assert_eq!(
+            shadow_counter(stats, "sluice_shadow_compared_total", &[]),
+            users_counted as f64
+        );
+    }
+    // The primary saw no marker and no token; the shadow service saw a real marker on every
+    // copy, and no token.
+    let seen = primary.requests();
+    assert_eq!(seen.len(), users_counted + 10);
+    for r in &seen {
+        assert_eq!(
+            r.header("x-sluice-shadow"),
+            None,
+            "marker reached the primary"
+        );
+        assert_eq!(
+            r.header("x-sluice-override-token"),
+            None,
+            "token reached the primary"
+        );
+    }
+    for c in shadow.requests() {
+        assert_eq!(
+            c.header("x-sluice-override-token"),
+            None,
+            "token reached the shadow"
+        );
+        let m = c.header("x-sluice-shadow").unwrap_or_default();
+        assert!(
+            m.starts_with("v1.") && m != forged,
+            "copy with marker {m:?}"
+        );
+    }
     Ok(())
 }

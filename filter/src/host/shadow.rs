@@ -30,7 +30,7 @@
 //! the comparison needs them and only when they fit `max_body_bytes`; a body over it is not
 //! read at all.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -38,11 +38,13 @@ use fnv::FnvHashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
-use super::{log, now_millis, Active};
+use super::{log, now_millis, Active, HostRequest};
+use crate::mac::{self, Key};
 use crate::metrics::{
     SKIP_BODY_LIMIT, SKIP_BYTES_IN_FLIGHT, SKIP_DISPATCH_FAILED, SKIP_IN_FLIGHT, SKIP_NO_PRIMARY,
 };
-use crate::shadow::{self, Answer, Budget, Fate, FieldResult, LogBudget, Reply};
+use crate::request::{self, RequestView};
+use crate::shadow::{self, Answer, Budget, Fate, FieldResult, LogBudget, Reply, SHADOW_HEADER};
 
 /// How often the root context sends queued copies. Also the most a copy waits to be sent.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -182,6 +184,8 @@ pub struct Table {
     /// The host asked the root context to finish (its config was replaced); it reports done
     /// when the last copy has ended.
     closing: Cell<bool>,
+    /// The key of copy markers, from the plan's secret (derived on first use).
+    key: OnceCell<Option<Key>>,
 }
 
 impl Table {
@@ -260,17 +264,84 @@ fn config(active: &Active, experiment: usize) -> Option<&shadow::Shadow> {
     active.plan.experiments.get(experiment)?.shadow.as_ref()
 }
 
+fn key(active: &Active) -> Option<&Key> {
+    active
+        .shadow
+        .key
+        .get_or_init(|| {
+            active
+                .plan
+                .secret
+                .as_ref()
+                .map(|s| s.key(mac::PURPOSE_SHADOW))
+        })
+        .as_ref()
+}
+
+/// Stream: a request arrived. Returns true if it is a copy made by a Sluice filter with the
+/// same secret (its marker verifies), which keeps its marker for the shadow service. Any other
+/// [`SHADOW_HEADER`] is removed, so that no client can make the primary or the shadow believe
+/// a request is a copy.
+pub fn arrival(active: &Active, view: &mut HostRequest, now_ms: Option<u64>) -> bool {
+    let Ok(Some(value)) = view.header(SHADOW_HEADER) else {
+        return false;
+    };
+    let trusted = match (key(active), now_ms) {
+        (Some(key), Some(now)) => {
+            let method = view.header(":method").ok().flatten().unwrap_or_default();
+            let path = view.path().ok().flatten().unwrap_or_default();
+            shadow::check_marker(key, &value, now, &method, &path)
+        }
+        _ => false,
+    };
+    if !trusted {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, SHADOW_HEADER);
+    }
+    trusted
+}
+
+/// Stream: routes a trusted copy like any request (the routing header set as the experiments
+/// decide, a client's removed) but counts nothing and copies nothing: it is a request for the
+/// shadow service, not a user's.
+pub fn route_copy(active: &Active, view: &mut HostRequest, now_secs: u64) {
+    for exp in &active.plan.experiments {
+        let mut rng = active.rng.get();
+        let decided = match request::applies(exp, view) {
+            Ok(true) => request::assign(exp, view, now_secs, &mut rng).ok(),
+            _ => None,
+        };
+        active.rng.set(rng);
+        let value = decided.and_then(|a| exp.variants.get(a.variant));
+        let _ = hostcalls::set_map_value_bytes(
+            MapType::HttpRequestHeaders,
+            &exp.header,
+            value.map(String::as_bytes),
+        );
+    }
+    strip_tokens(active);
+}
+
+/// Stream: removes every experiment's override token header once the variants are decided, so
+/// that the token reaches neither the primary nor a copy.
+pub fn strip_tokens(active: &Active) {
+    for (i, exp) in active.plan.experiments.iter().enumerate() {
+        if let Some(o) = &exp.qa_override {
+            if hostcalls::remove_map_value(MapType::HttpRequestHeaders, &o.token_header).is_err() {
+                active.count_error(i);
+            }
+        }
+    }
+}
+
 /// Starts capturing a copy if this request is sampled and the caps allow; `None` otherwise.
-/// `skip_headers` (routing and override token headers) are not copied; `marker` is the value
-/// of the copy's [`shadow::SHADOW_HEADER`].
+/// `routing_headers` are not copied, nor any override token header.
 pub fn start(
     active: &Active,
     experiment: usize,
     variant: usize,
     method: &[u8],
     user_bucket: Option<u32>,
-    skip_headers: &[&str],
-    marker: &str,
+    routing_headers: &[&str],
 ) -> Option<Capture> {
     let cfg = config(active, experiment)?;
     if !cfg.eligible(method, variant) {
@@ -313,7 +384,31 @@ pub fn start(
                 return None;
             }
         };
-    let headers = shadow::copy_headers(cfg, &original, skip_headers, marker);
+    let Some(key) = key(active) else {
+        // A plan with a shadow always has a secret; without one no copy could be marked.
+        skip(active, experiment, variant, SKIP_DISPATCH_FAILED);
+        return None;
+    };
+    let path = original
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map_or(&[][..], |(_, v)| v.as_slice());
+    let nonce = {
+        let mut rng = active.rng.get();
+        let n = rng.next_u64();
+        active.rng.set(rng);
+        n
+    };
+    let marker = shadow::marker(key, now_millis().unwrap_or(0), nonce, method, path);
+    let mut skip_headers: Vec<&str> = routing_headers.to_vec();
+    skip_headers.extend(
+        active
+            .plan
+            .experiments
+            .iter()
+            .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
+    );
+    let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
     let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     let Some(held) = Reservation::take(size, cfg.max_bytes_in_flight) else {
         skip(active, experiment, variant, SKIP_BYTES_IN_FLIGHT);
