@@ -24,11 +24,15 @@
 //! flight at a config change are compared under the config they started with.
 //!
 //! Memory: every byte a copy holds in the VM (its headers and request body until sent, the
-//! primary's body, the shadow's body) is taken from one per-worker [`shadow::Budget`] shared
-//! by every plugin and config generation in the VM, capped by `max_bytes_in_flight`. A copy
-//! that would go over is skipped (`bytes_in_flight`). Bodies are read from the host only when
-//! the comparison needs them and only when they fit `max_body_bytes`; a body over it is not
-//! read at all.
+//! primary's body, the shadow's body) and, while its call is out, the expected size of the
+//! answer Envoy buffers for it (Envoy reads a call's whole answer before the filter sees it)
+//! is taken from one per-worker [`shadow::Budget`] shared by every plugin and config
+//! generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is skipped
+//! (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
+//! only when they fit `max_body_bytes`; a body over it is not read at all.
+//!
+//! Loops: a request whose [`SHADOW_HEADER`] verifies ([`arrival`]) is a copy made by a Sluice
+//! filter with the same secret; it is routed but neither counted nor copied ([`route_copy`]).
 
 use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
