@@ -515,6 +515,16 @@ impl Plan {
             Some(s) => Some(Secret::new("secret", s)?),
             None => None,
         };
+        // Without the key, a filter cannot tell its copies from user requests, and a shadow
+        // cluster that leads back into a Sluice filter multiplies traffic without end.
+        if secret.is_none() {
+            if let Some(i) = config.experiments.iter().position(|e| e.shadow.is_some()) {
+                return Err(invalid(
+                    format!("experiments[{i}].shadow"),
+                    "needs the top-level `secret`: shadow copies carry a marker signed with it",
+                ));
+            }
+        }
         if config.experiments.is_empty() {
             return Err(invalid(
                 "experiments",

@@ -69,6 +69,7 @@ impl Active {
         for spec in &catalog.specs {
             let kind = match spec.kind {
                 Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
                 Kind::Histogram => MetricType::Histogram,
             };
             let id = hostcalls::define_metric(kind, &spec.name)
@@ -146,6 +147,11 @@ impl Context for Root {
         if let Some(active) = &self.active {
             shadow::on_response(active, token, headers, body_size);
         }
+    }
+
+    fn on_done(&mut self) -> bool {
+        // A replaced config's root waits for its shadow copies (host/shadow.rs).
+        self.active.as_ref().is_none_or(|a| shadow::close(a))
     }
 }
 
@@ -276,8 +282,8 @@ struct Stream {
     captures: Vec<shadow::Capture>,
     /// Ids of copies queued or sent, waiting for the primary's answer.
     queued: Vec<u64>,
-    /// The primary's answer as captured so far, with the body limit that applies.
-    primary: Option<(shadow_logic::Answer, usize, bool)>,
+    /// The primary's answer as captured so far, for the queued copies.
+    primary: Option<shadow::PrimaryCapture>,
 }
 
 impl Context for Stream {}
@@ -302,6 +308,15 @@ impl HttpContext for Stream {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
+        let now_ms = now
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        if shadow::arrival(&active, &mut view, now_ms) {
+            // A Sluice filter's shadow copy: forwarded, but not counted and not copied again.
+            shadow::route_copy(&active, &mut view, now_secs);
+            return Action::Continue;
+        }
         for (i, exp) in active.plan.experiments.iter().enumerate() {
             let mut rng = active.rng.get();
             let decided = match request::applies(exp, &mut view) {
@@ -337,6 +352,7 @@ impl HttpContext for Stream {
                 }
             }
         }
+        shadow::strip_tokens(&active);
         self.start_shadows(&active, &mut view, end_of_stream);
         Action::Continue
     }
@@ -349,20 +365,7 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         // The chunk is copied as it passes; the primary request is never held back.
-        if body_size > 0 {
-            match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-                Ok(Some(chunk)) => self
-                    .captures
-                    .retain_mut(|c| shadow::push_body(&active, c, &chunk)),
-                Ok(None) => {}
-                Err(_) => {
-                    for c in self.captures.drain(..) {
-                        active.count_error(c.experiment);
-                        shadow::abandon(&active, &c);
-                    }
-                }
-            }
-        }
+        shadow::request_body(&active, &mut self.captures, body_size);
         if end_of_stream {
             self.queue_captures(&active);
         }
@@ -380,16 +383,10 @@ impl HttpContext for Stream {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
-        let Some((answer, limit, needs_body)) = &mut self.primary else {
+        let Some(primary) = &mut self.primary else {
             return Action::Continue;
         };
-        if *needs_body && body_size > 0 && !answer.truncated {
-            match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-                Ok(Some(chunk)) => answer.push_body(&chunk, *limit),
-                Ok(None) => {}
-                Err(_) => answer.truncated = true,
-            }
-        }
+        shadow::primary_body(primary, body_size);
         if end_of_stream {
             self.finish_primary(&active);
         }
@@ -574,27 +571,21 @@ impl Stream {
 
     /// Begins capturing the primary's answer for the queued copies.
     fn start_primary(&mut self, active: &Active, end_of_stream: bool) {
-        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse::<u16>().ok())
+        let number = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                .ok()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse::<usize>().ok())
+        };
+        let status = number(":status")
+            .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(0);
-        let configs = self
-            .applied
-            .iter()
-            .filter_map(|a| active.plan.experiments.get(a.experiment)?.shadow.as_ref());
-        let (mut limit, mut needs_body) = (0, false);
-        for c in configs {
-            limit = limit.max(c.max_body_bytes);
-            needs_body |= c.needs_body();
-        }
-        self.primary = Some((
-            shadow_logic::Answer {
-                status,
-                ..Default::default()
-            },
-            limit,
-            needs_body,
+        let experiments = self.applied.iter().map(|a| a.experiment);
+        self.primary = Some(shadow::primary_start(
+            active,
+            experiments,
+            status,
+            number("content-length"),
         ));
         if end_of_stream {
             self.finish_primary(active);
@@ -602,11 +593,8 @@ impl Stream {
     }
 
     fn finish_primary(&mut self, active: &Active) {
-        let Some((answer, _, _)) = self.primary.take() else {
-            return;
-        };
-        for id in self.queued.drain(..) {
-            shadow::primary_done(active, id, answer.clone());
+        if let Some(primary) = self.primary.take() {
+            shadow::primary_done(active, &mut self.queued, primary);
         }
     }
 

@@ -40,9 +40,12 @@ pub const EVENTS: &str = "sluice_events_total";
 pub const EVENTS_REJECTED: &str = "sluice_events_rejected_total";
 /// Internal errors (a host call failed); the request was served the control, per experiment.
 pub const ERRORS: &str = "sluice_errors_total";
-/// Shadow copies sent.
+/// Shadow copies taken (requests sampled for shadowing). Each ends in exactly one of
+/// [`SHADOW_COMPARED`], [`SHADOW_SKIPPED`], [`SHADOW_TIMEOUTS`] or [`SHADOW_ERRORS`], so once
+/// none is in flight `requests = compared + skipped + timeouts + errors`.
 pub const SHADOW_REQUESTS: &str = "sluice_shadow_requests_total";
-/// Shadow copies not sent or not compared; label `reason` (see [`SHADOW_SKIP_REASONS`]).
+/// Shadow copies not sent, or sent but not compared; label `reason` (see
+/// [`SHADOW_SKIP_REASONS`]).
 pub const SHADOW_SKIPPED: &str = "sluice_shadow_skipped_total";
 /// Shadowed requests whose two answers were compared.
 pub const SHADOW_COMPARED: &str = "sluice_shadow_compared_total";
@@ -51,23 +54,37 @@ pub const SHADOW_AGREE: &str = "sluice_shadow_agree_total";
 pub const SHADOW_DISAGREE: &str = "sluice_shadow_disagree_total";
 /// A configured field that one of the answers lacked (or a body that was not JSON); label `field`.
 pub const SHADOW_MISSING: &str = "sluice_shadow_missing_total";
-/// Shadow calls that failed (reset, connection failure) or answered 5xx.
+/// Shadow calls that failed without an answer to compare (reset, connection failure without
+/// a reply, an answer over Envoy's buffer limit); never compared.
 pub const SHADOW_ERRORS: &str = "sluice_shadow_errors_total";
+/// Compared shadow answers whose status was 5xx (a part of [`SHADOW_COMPARED`]).
+pub const SHADOW_5XX: &str = "sluice_shadow_5xx_total";
 /// Shadow calls that hit the timeout.
 pub const SHADOW_TIMEOUTS: &str = "sluice_shadow_timeouts_total";
+/// Gauge: bytes held for shadow copies — by the filter (headers, request bodies, answer
+/// bodies) and, for calls still out, the expected size of the answer Envoy buffers — summed
+/// over Envoy's workers; each worker keeps its own share under `max_bytes_in_flight`.
+pub const SHADOW_BYTES_IN_FLIGHT: &str = "sluice_shadow_bytes_in_flight";
 /// Histogram: shadow call latency in milliseconds.
 pub const SHADOW_LATENCY: &str = "sluice_shadow_latency_ms";
 /// Histogram: `round(|shadow - primary| * scale)` per numeric field; labels `field`, `sign`.
 pub const SHADOW_DELTA: &str = "sluice_shadow_delta";
 
 /// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
-pub const SHADOW_SKIP_REASONS: [&str; 4] =
-    ["in_flight", "body_limit", "dispatch_failed", "no_primary"];
+pub const SHADOW_SKIP_REASONS: [&str; 5] = [
+    "in_flight",
+    "body_limit",
+    "dispatch_failed",
+    "no_primary",
+    "bytes_in_flight",
+];
 /// Index of each reason in [`SHADOW_SKIP_REASONS`].
 pub const SKIP_IN_FLIGHT: usize = 0;
 pub const SKIP_BODY_LIMIT: usize = 1;
 pub const SKIP_DISPATCH_FAILED: usize = 2;
 pub const SKIP_NO_PRIMARY: usize = 3;
+/// Holding this copy's bodies would take the worker over `max_bytes_in_flight`.
+pub const SKIP_BYTES_IN_FLIGHT: usize = 4;
 
 /// Status classes in [`RESPONSES`], indexed by `status / 100 - 1`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -76,6 +93,7 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
+    Gauge,
     Histogram,
 }
 
@@ -107,7 +125,7 @@ pub struct VariantMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShadowMetrics {
     pub requests: usize,
-    pub skipped: [usize; 4],
+    pub skipped: [usize; 5],
     pub compared: usize,
     /// Index 0: status, 1: body, then the configured fields.
     pub agree: Vec<usize>,
@@ -115,6 +133,7 @@ pub struct ShadowMetrics {
     /// Parallel to the configured fields.
     pub missing: Vec<usize>,
     pub errors: usize,
+    pub five_xx: usize,
     pub timeouts: usize,
     pub latency: usize,
     /// Parallel to the configured fields: `[positive, negative]` delta histograms, for
@@ -141,6 +160,8 @@ pub struct ExperimentMetrics {
 pub struct Catalog {
     pub specs: Vec<Spec>,
     pub experiments: Vec<ExperimentMetrics>,
+    /// [`SHADOW_BYTES_IN_FLIGHT`], if any experiment shadows.
+    pub shadow_bytes_in_flight: Option<usize>,
 }
 
 /// `base` with `labels` encoded for Envoy's tag extraction.
@@ -177,6 +198,7 @@ impl Catalog {
             disagree: by_field(self, SHADOW_DISAGREE, &field_names),
             missing: by_field(self, SHADOW_MISSING, &field_names[2..]),
             errors: self.add(SHADOW_ERRORS, Kind::Counter, &l),
+            five_xx: self.add(SHADOW_5XX, Kind::Counter, &l),
             timeouts: self.add(SHADOW_TIMEOUTS, Kind::Counter, &l),
             latency: self.add(SHADOW_LATENCY, Kind::Histogram, &l),
             deltas: s
@@ -201,10 +223,14 @@ impl Catalog {
         let mut c = Catalog {
             specs: Vec::new(),
             experiments: Vec::new(),
+            shadow_bytes_in_flight: None,
         };
         for e in &plan.experiments {
             let m = c.add_experiment(e);
             c.experiments.push(m);
+        }
+        if plan.experiments.iter().any(|e| e.shadow.is_some()) {
+            c.shadow_bytes_in_flight = Some(c.add(SHADOW_BYTES_IN_FLIGHT, Kind::Gauge, &[]));
         }
         c
     }

@@ -4,15 +4,34 @@
 //! The host shim queues sampled copies and sends them from the root context (so a shadow
 //! call outlives the primary stream and the primary never waits on it); the primary's status
 //! and body are captured as they stream past, and [`compare`] runs once both answers are in.
+//!
+//! Every copy carries a [`marker`] in [`SHADOW_HEADER`]: a MAC, keyed by the configuration's
+//! `secret`, over the copy's send time, a random nonce, its method and its path. A Sluice
+//! filter that receives a request with a marker it can [`verify`](check_marker) (same secret,
+//! time within [`MARKER_WINDOW_MS`] of its own clock) knows it is a copy: it forwards it, but
+//! neither counts it as a user request nor copies it again, so a shadow cluster that leads
+//! back into a Sluice filter cannot multiply traffic. Any other value of the header — a
+//! client's `1`, a forgery, an expired or replayed-elsewhere marker — is removed before the
+//! request goes anywhere.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::assignment::BUCKETS;
 use crate::config::ConfigError;
+use crate::mac::{self, Key};
 
-/// Header added to every shadow request so the shadow service can skip side effects.
+/// Header added to every shadow request (with a [`marker`]) so the shadow service can skip
+/// side effects and a Sluice filter in front of it can tell a copy from a user request.
 pub const SHADOW_HEADER: &str = "x-sluice-shadow";
+
+/// How far a marker's time may be from the receiving proxy's clock, either way: copies are
+/// sent within milliseconds of their request, so this only has to cover clock skew between
+/// proxies and a queue in front of the shadow.
+pub const MARKER_WINDOW_MS: u64 = 10_000;
+
+/// Version of the marker's layout, its first field.
+const MARKER_VERSION: &str = "v1";
 
 /// Methods shadowed unless configured otherwise: the safe ones. A mirrored write would repeat
 /// its side effect, and even idempotent writes (PUT, DELETE) repeat it once more.
@@ -49,6 +68,10 @@ pub struct ShadowConfig {
     /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// Most bytes of copies (headers, request bodies, both answers' bodies) the filter holds
+    /// per Envoy worker; a copy that would go over it is skipped.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: usize,
     /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
@@ -71,6 +94,13 @@ fn default_max_body_bytes() -> usize {
 fn default_max_in_flight() -> u32 {
     64
 }
+
+fn default_max_bytes_in_flight() -> usize {
+    8 * 1024 * 1024
+}
+
+/// Largest `max_bytes_in_flight` accepted.
+pub const MAX_BYTES_IN_FLIGHT: usize = 1024 * 1024 * 1024;
 
 fn default_log_per_minute() -> u32 {
     10
@@ -158,6 +188,7 @@ pub struct Shadow {
     pub timeout_ms: u64,
     pub max_body_bytes: usize,
     pub max_in_flight: u32,
+    pub max_bytes_in_flight: usize,
     pub methods: Vec<String>,
     pub compare_body: bool,
     pub fields: Vec<FieldConfig>,
@@ -230,6 +261,15 @@ pub fn check(
             "must be at most 16 MiB (bodies are buffered in the proxy)",
         ));
     }
+    if c.max_bytes_in_flight < c.max_body_bytes || c.max_bytes_in_flight > MAX_BYTES_IN_FLIGHT {
+        return Err(invalid(
+            format!("{path}.max_bytes_in_flight"),
+            format!(
+                "must be between max_body_bytes ({}) and {MAX_BYTES_IN_FLIGHT}",
+                c.max_body_bytes
+            ),
+        ));
+    }
     let methods = match &c.methods {
         None => DEFAULT_METHODS.iter().map(|m| m.to_string()).collect(),
         Some(list) => {
@@ -295,6 +335,7 @@ pub fn check(
         timeout_ms: c.timeout_ms,
         max_body_bytes: c.max_body_bytes,
         max_in_flight: c.max_in_flight,
+        max_bytes_in_flight: c.max_bytes_in_flight,
         methods,
         compare_body: c.compare.body,
         fields: c.compare.fields.clone(),
@@ -338,13 +379,15 @@ const DROPPED_HEADERS: [&str; 10] = [
 ];
 
 /// The headers of a shadow copy: the original ones minus hop-by-hop headers (including any
-/// the `connection` header names), minus `skip` (routing headers), with the authority
-/// replaced if configured, plus [`SHADOW_HEADER`]. Values that are not UTF-8 are dropped:
-/// the host API takes text.
+/// the `connection` header names), minus `skip` (routing and override token headers), minus
+/// any [`SHADOW_HEADER`] a client sent, with the authority replaced if configured, plus
+/// [`SHADOW_HEADER`] set to `marker`. Values that are not UTF-8 are dropped: the host API
+/// takes text.
 pub fn copy_headers(
     shadow: &Shadow,
     original: &[(String, Vec<u8>)],
     skip: &[&str],
+    marker: &str,
 ) -> Vec<(String, String)> {
     let named_by_connection: Vec<String> = original
         .iter()
@@ -372,8 +415,55 @@ pub fn copy_headers(
             }
         })
         .collect();
-    out.push((SHADOW_HEADER.to_string(), "1".to_string()));
+    out.push((SHADOW_HEADER.to_string(), marker.to_string()));
     out
+}
+
+/// The marker of a copy sent at `now_ms` (Unix milliseconds) with `method` and `path`:
+/// `v1.<ms>.<nonce, 16 hex>.<tag, 32 hex>`. The nonce makes two copies of identical requests
+/// in the same millisecond carry different markers.
+pub fn marker(key: &Key, now_ms: u64, nonce: u64, method: &[u8], path: &[u8]) -> String {
+    let time = now_ms.to_string();
+    let nonce = format!("{nonce:016x}");
+    let tag = key.tag(&[time.as_bytes(), nonce.as_bytes(), method, path]);
+    format!("{MARKER_VERSION}.{time}.{nonce}.{}", mac::to_hex(&tag))
+}
+
+/// Whether `value` is a marker this key made for a request with this method and path, at a
+/// time within [`MARKER_WINDOW_MS`] of `now_ms`.
+pub fn check_marker(key: &Key, value: &[u8], now_ms: u64, method: &[u8], path: &[u8]) -> bool {
+    let mut parts = value.split(|&b| b == b'.');
+    let (Some(version), Some(time), Some(nonce), Some(tag), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    if version != MARKER_VERSION.as_bytes()
+        || nonce.len() != 16
+        || !nonce.iter().all(u8::is_ascii_hexdigit)
+        || time.is_empty()
+        || time.len() > 20
+        || !time.iter().all(u8::is_ascii_digit)
+    {
+        return false;
+    }
+    let Some(sent) = std::str::from_utf8(time)
+        .ok()
+        .and_then(|t| t.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    if sent.abs_diff(now_ms) > MARKER_WINDOW_MS {
+        return false;
+    }
+    let Some(tag) = mac::from_hex(tag) else {
+        return false;
+    };
+    key.verify(&[time, nonce, method, path], &tag)
 }
 
 /// One side's answer as far as the comparison needs it.
@@ -388,16 +478,106 @@ pub struct Answer {
 impl Answer {
     /// Appends a body chunk, keeping at most `limit` bytes.
     pub fn push_body(&mut self, chunk: &[u8], limit: usize) {
-        if self.truncated {
-            return;
-        }
-        if self.body.len() + chunk.len() > limit {
-            self.truncated = true;
-            self.body.clear();
-            self.body.shrink_to_fit();
-        } else {
+        if self.room_for(chunk.len(), limit) {
             self.body.extend_from_slice(chunk);
         }
+    }
+
+    /// Whether `n` more body bytes fit under `limit`. If they do not, the answer becomes
+    /// truncated and its body is dropped. Asked before a chunk is read from the host, so a
+    /// chunk that cannot be used is never copied into the VM.
+    pub fn room_for(&mut self, n: usize, limit: usize) -> bool {
+        if self.truncated {
+            return false;
+        }
+        if self.body.len().saturating_add(n) > limit {
+            self.truncated = true;
+            self.body = Vec::new();
+            return false;
+        }
+        true
+    }
+}
+
+/// Bytes held by copies against a cap (`max_bytes_in_flight`). The host keeps one per worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub held: usize,
+}
+
+impl Budget {
+    /// Takes `n` bytes if that keeps the total at or under `cap`.
+    pub fn take(&mut self, n: usize, cap: usize) -> bool {
+        match self.held.checked_add(n) {
+            Some(total) if total <= cap => {
+                self.held = total;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Returns `n` bytes taken earlier.
+    pub fn give_back(&mut self, n: usize) {
+        self.held = self.held.saturating_sub(n);
+    }
+}
+
+/// A size estimate that follows a new maximum at once and otherwise decays by 1/16 per
+/// observation, so one unusually large answer does not hold the budget down for long.
+pub fn decayed_max(estimate: usize, observed: usize) -> usize {
+    observed.max(estimate - estimate / 16)
+}
+
+/// What a shadow call came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// An answer (possibly Envoy's own, e.g. 503 for a refused connection): compared.
+    Answer(Answer),
+    /// No answer within `timeout_ms`.
+    Timeout,
+    /// No answer at all: reset, connection failure without a reply, an answer over Envoy's
+    /// buffer limit, or the answer could not be read.
+    Failed,
+}
+
+/// Classifies a shadow call's result from what the host reports. `status` is 0 when the
+/// call came back without headers. Envoy answers a timed-out call with its own 504 (or with
+/// no headers at all); the clock tells a timeout from a shadow that really answered 504. The
+/// margin is wide because Envoy arms the timer from its event loop's cached time, which can
+/// lag the clock read here by a few milliseconds under load.
+pub fn classify(status: u16, elapsed_ms: u64, timeout_ms: u64) -> Option<Reply> {
+    if (status == 0 || status == 504) && elapsed_ms.saturating_mul(10) >= timeout_ms * 9 {
+        return Some(Reply::Timeout);
+    }
+    if status == 0 {
+        return Some(Reply::Failed);
+    }
+    None
+}
+
+/// How a copy ends. Every copy taken ends in exactly one fate, which is what makes
+/// `requests = compared + skipped + timeouts + errors` hold in the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Compared,
+    /// Index into [`crate::metrics::SHADOW_SKIP_REASONS`].
+    Skipped(usize),
+    Timeout,
+    Error,
+}
+
+/// The fate of a copy whose shadow reply is in and whose primary is done (`primary`: it
+/// completed; otherwise it ended early). `dropped` is a reason the copy was given up
+/// after it was sent (e.g. its bodies would exceed the bytes cap). A failed shadow call is
+/// reported as such whatever else happened: it is what the shadow did.
+pub fn fate(reply: &Reply, primary: bool, dropped: Option<usize>) -> Fate {
+    match (reply, dropped) {
+        (Reply::Timeout, _) => Fate::Timeout,
+        (Reply::Failed, _) => Fate::Error,
+        (Reply::Answer(_), Some(reason)) => Fate::Skipped(reason),
+        (Reply::Answer(_), None) if !primary => Fate::Skipped(crate::metrics::SKIP_NO_PRIMARY),
+        (Reply::Answer(_), None) => Fate::Compared,
     }
 }
 

@@ -20,9 +20,12 @@ fn fixture_config() -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line filter config"))
 }
 
+/// The filter's secret in these tests: it keys the copies' marker.
+const SECRET: &str = "shadow-test-secret-0123456789abcdef";
+
 /// One experiment, everyone on the control (`stable`), with the given shadow section.
 fn config(shadow: Value) -> Value {
-    json!({"version": 1, "experiments": [{
+    json!({"version": 1, "secret": SECRET, "experiments": [{
         "name": "s",
         "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
         "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
@@ -143,7 +146,12 @@ async fn identical_shadow_agrees_fully_and_gets_a_clean_copy() -> anyhow::Result
     for c in &copies {
         assert_eq!(c.method, "GET");
         assert_eq!(c.path, "/predict?x=1");
-        assert_eq!(c.header("x-sluice-shadow"), Some("1"));
+        assert!(
+            c.header("x-sluice-shadow")
+                .is_some_and(|m| m.starts_with("v1.")),
+            "copy without a marker: {:?}",
+            c.header("x-sluice-shadow")
+        );
         assert_eq!(c.variant(), None, "routing header leaked to the shadow");
         assert!(c.user().is_some());
     }
@@ -264,9 +272,15 @@ async fn failing_and_slow_shadows_do_not_touch_the_primary() -> anyhow::Result<(
     let failing = Load::new(&url).requests(n).run().await?;
     assert!(failing.iter().all(|r| r.status == 200 && r.json().is_ok()));
     let stats = settled(&envoy, n as f64).await?;
+    // Answered 500: compared (a status disagreement) and counted as a compared 5xx, not as a
+    // failed call.
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_5xx_total", &[]),
+        n as f64
+    );
     assert_eq!(
         shadow_counter(&stats, "sluice_shadow_errors_total", &[]),
-        n as f64
+        0.0
     );
     assert_eq!(
         shadow_counter(
@@ -318,12 +332,13 @@ async fn an_unreachable_shadow_counts_errors_and_status_disagreement() -> anyhow
         "connection failures counted",
         || async {
             let s = admin.prometheus().await.unwrap_or_default();
-            shadow_counter(&s, "sluice_shadow_errors_total", &[]) == n as f64
+            shadow_counter(&s, "sluice_shadow_5xx_total", &[]) == n as f64
         },
     )
     .await?;
     let s = admin.prometheus().await?;
     assert_eq!(shadow_counter(&s, "sluice_shadow_timeouts_total", &[]), 0.0);
+    assert_eq!(shadow_counter(&s, "sluice_shadow_errors_total", &[]), 0.0);
     // Envoy answers for the unreachable shadow with a 503: what a user of it would have got.
     assert_eq!(
         shadow_counter(&s, "sluice_shadow_disagree_total", &[("field", "status")]),
@@ -417,38 +432,626 @@ async fn the_in_flight_cap_skips_instead_of_queueing() -> anyhow::Result<()> {
         .run()
         .await?;
     assert!(r.iter().all(|r| r.status == 200));
-    let admin = envoy.admin();
-    // Copies still queued for the next tick are sent within milliseconds.
-    wait_until(
-        Duration::from_secs(5),
-        "every copy sent or skipped",
-        || async {
-            let s = admin.prometheus().await.unwrap_or_default();
-            shadow_counter(&s, "sluice_shadow_requests_total", &[])
-                + shadow_counter(
-                    &s,
-                    "sluice_shadow_skipped_total",
-                    &[("reason", "in_flight")],
-                )
-                == n as f64
-        },
-    )
-    .await?;
-    let stats = admin.prometheus().await?;
+    // Every copy taken is compared or skipped once the shadow has answered.
+    let stats = all_copies_ended(&envoy, Duration::from_secs(10)).await?;
     let skipped = shadow_counter(
         &stats,
         "sluice_shadow_skipped_total",
         &[("reason", "in_flight")],
     );
-    let sent = shadow_counter(&stats, "sluice_shadow_requests_total", &[]);
-    assert!(
-        sent + skipped == n as f64,
-        "sent {sent} + skipped {skipped} != {n}"
+    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_requests_total", &[]),
+        n as f64
     );
+    assert_eq!(compared + skipped, n as f64);
+    let sent = shadow.count() as f64;
+    assert_eq!(sent, compared);
     assert!(
         sent <= 3.0 + 3.0,
         "{sent} copies sent under a cap of 3 within one second"
     );
     assert!(skipped >= (n - 6) as f64);
+    Ok(())
+}
+
+/// Envoy's resident set (`VmRSS` in `/proc/<pid>/status`), in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))?;
+    Ok(kib / 1024.0)
+}
+
+/// Envoy's heap in use (`allocated` of admin `/memory`), in MiB.
+async fn heap_mib(envoy: &Envoy) -> anyhow::Result<f64> {
+    let v: Value = serde_json::from_str(&envoy.admin().get("/memory").await?)?;
+    let bytes: f64 = v["allocated"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no allocated in /memory: {v}"))?;
+    Ok(bytes / (1024.0 * 1024.0))
+}
+
+/// Peak RSS and heap of Envoy while `load` runs, sampled every 20 ms.
+async fn peak_memory(
+    envoy: &Envoy,
+    load: impl std::future::Future<Output = anyhow::Result<Vec<sluice_tests::Response>>>,
+) -> anyhow::Result<(Vec<sluice_tests::Response>, f64, f64)> {
+    let pid = envoy.pid();
+    let (mut rss, mut heap) = (0.0f64, 0.0f64);
+    tokio::pin!(load);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            r = &mut load => {
+                rss = rss.max(rss_mib(pid)?);
+                heap = heap.max(heap_mib(envoy).await?);
+                return Ok((r?, rss, heap));
+            }
+            _ = tick.tick() => {
+                rss = rss.max(rss_mib(pid)?);
+                heap = heap.max(heap_mib(envoy).await.unwrap_or(0.0));
+            }
+        }
+    }
+}
+
+/// The sum of every fate a copy can end in.
+fn fates(stats: &Samples) -> f64 {
+    [
+        "sluice_shadow_compared_total",
+        "sluice_shadow_skipped_total",
+        "sluice_shadow_timeouts_total",
+        "sluice_shadow_errors_total",
+    ]
+    .iter()
+    .map(|n| shadow_counter(stats, n, &[]))
+    .sum()
+}
+
+/// Waits until every copy taken has ended in exactly one fate; returns the stats.
+async fn all_copies_ended(envoy: &Envoy, within: Duration) -> anyhow::Result<Samples> {
+    let admin = envoy.admin();
+    let ended = wait_until(within, "every copy taken ended in one fate", || async {
+        let s = admin.prometheus().await.unwrap_or_default();
+        let taken = shadow_counter(&s, "sluice_shadow_requests_total", &[]);
+        taken > 0.0 && taken == fates(&s)
+    })
+    .await;
+    let s = admin.prometheus().await?;
+    if let Err(e) = ended {
+        anyhow::bail!(
+            "{e}: taken {}, compared {}, skipped {:?}, timeouts {}, errors {}",
+            shadow_counter(&s, "sluice_shadow_requests_total", &[]),
+            shadow_counter(&s, "sluice_shadow_compared_total", &[]),
+            s.by_label("sluice_shadow_skipped_total", "reason", &L),
+            shadow_counter(&s, "sluice_shadow_timeouts_total", &[]),
+            shadow_counter(&s, "sluice_shadow_errors_total", &[]),
+        );
+    }
+    Ok(s)
+}
+
+/// 5 MB answers from both sides at 8 at a time. Before, the filter read every shadow answer
+/// whole into the VM (and let Envoy buffer as many as were in flight); now it reads neither
+/// answer (both are over `max_body_bytes`: the comparison is by status), and the answers
+/// Envoy buffers for it count against `max_bytes_in_flight` (default 8 MiB), so copies over
+/// it are skipped and Envoy's memory stays near its idle size.
+#[tokio::test]
+async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<()> {
+    const SIZE: usize = 5 * 1024 * 1024;
+    let big = bytes::Bytes::from(vec![b'x'; SIZE]);
+    let b2 = big.clone();
+    let primary = Upstream::start("primary", move |_req: &Request| {
+        Reply::ok().body(big.clone())
+    })
+    .await?;
+    let shadow =
+        Upstream::start("shadow", move |_req: &Request| Reply::ok().body(b2.clone())).await?;
+    let envoy = start(
+        &config(json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000, "timeout_ms": 10000})),
+        &primary,
+        shadow.port(),
+    )
+    .await?;
+    let url = envoy.url(LISTENER, "/");
+    Load::new(&url).requests(4).concurrency(1).run().await?;
+    let (rss0, heap0) = (rss_mib(envoy.pid())?, heap_mib(&envoy).await?);
+    let n = 400;
+    let (responses, rss, heap) = peak_memory(&envoy, async {
+        Ok(Load::new(&url).requests(n).concurrency(8).run().await?)
+    })
+    .await?;
+    assert!(responses
+        .iter()
+        .all(|r| r.status == 200 && r.body.len() == SIZE));
+    let stats = all_copies_ended(&envoy, Duration::from_secs(30)).await?;
+    let rss_after = rss_mib(envoy.pid())?;
+    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    let over = shadow_counter(
+        &stats,
+        "sluice_shadow_skipped_total",
+        &[("reason", "bytes_in_flight")],
+    );
+    eprintln!(
+        "[memory] 5 MB answers, {n} requests at 8 at a time: RSS {rss0:.1} MiB idle, peak {rss:.1} MiB, \
+         after {rss_after:.1} MiB; heap {heap0:.1} MiB idle, peak {heap:.1} MiB; \
+         {compared} compared, {over} skipped over the bytes cap"
+    );
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_requests_total", &[]),
+        (n + 4) as f64
+    );
+    assert!(compared >= 4.0, "{compared} compared");
+    assert!(over > 0.0, "no copy skipped over the bytes cap");
+    assert_eq!(compared + over, (n + 4) as f64);
+    // Compared by status only: neither body was read.
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "status")]),
+        compared
+    );
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "body")])
+            + shadow_counter(&stats, "sluice_shadow_disagree_total", &[("field", "body")]),
+        0.0
+    );
+    // Reading each 5 MB answer into the VM and letting Envoy buffer 8 of them grew RSS by
+    // 34 MiB and the heap by 41 MiB here; the bound leaves room for the primary's own
+    // streaming buffers and one answer.
+    assert!(
+        rss - rss0 < 16.0,
+        "RSS grew {:.1} MiB under 5 MB shadow answers",
+        rss - rss0
+    );
+    assert!(
+        heap - heap0 < 16.0,
+        "heap grew {:.1} MiB under 5 MB shadow answers",
+        heap - heap0
+    );
+    Ok(())
+}
+
+/// Answers the comparison reads (600 KB, under `max_body_bytes`) with `max_bytes_in_flight`
+/// at 2 MiB: what the filter holds never exceeds the cap, copies over it are skipped with
+/// their reason, and everything taken ends in one fate.
+#[tokio::test]
+async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
+    const SIZE: usize = 600 * 1024;
+    const CAP: f64 = 2.0 * 1024.0 * 1024.0;
+    let body = bytes::Bytes::from(vec![b'y'; SIZE]);
+    let b2 = body.clone();
+    let primary = Upstream::start("primary", move |_req: &Request| {
+        Reply::ok()
+            .body(body.clone())
+            .delay(Duration::from_millis(5))
+    })
+    .await?;
+    let shadow = Upstream::start("shadow", move |_req: &Request| {
+        Reply::ok()
+            .body(b2.clone())
+            .delay(Duration::from_millis(20))
+    })
+    .await?;
+    let envoy = start(
+        &config(
+            json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000,
+                       "max_body_bytes": 1048576, "max_bytes_in_flight": 2097152}),
+        ),
+        &primary,
+        shadow.port(),
+    )
+    .await?;
+    let admin = envoy.admin();
+    let gauge = || async {
+        admin
+            .prometheus()
+            .await
+            .ok()
+            .and_then(|s| s.get("sluice_shadow_bytes_in_flight", &[]))
+    };
+    let n = 300;
+    let url = envoy.url(LISTENER, "/");
+    let load = Load::new(&url).requests(n).concurrency(12);
+    let run = load.run();
+    tokio::pin!(run);
+    let (mut peak, mut seen) = (0.0f64, 0);
+    let responses = loop {
+        tokio::select! {
+            r = &mut run => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                if let Some(v) = gauge().await {
+                    peak = peak.max(v);
+                    seen += 1;
+                }
+            }
+        }
+    };
+    assert!(responses.iter().all(|r| r.status == 200));
+    let stats = all_copies_ended(&envoy, Duration::from_secs(20)).await?;
+    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    let over = shadow_counter(
+        &stats,
+        "sluice_shadow_skipped_total",
+        &[("reason", "bytes_in_flight")],
+    );
+    eprintln!("[bytes] peak {peak} bytes in flight over {seen} samples; {compared} compared, {over} skipped over the cap");
+    assert!(seen > 0, "no sluice_shadow_bytes_in_flight gauge");
+    assert!(
+        peak > 0.0 && peak <= CAP,
+        "peak {peak} bytes in flight, cap {CAP}"
+    );
+    assert!(over > 0.0, "no copy skipped over the bytes cap");
+    assert!(compared > 0.0);
+    assert_eq!(compared + over, n as f64);
+    // What was compared was read whole: bodies agree.
+    assert_eq!(
+        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "body")]),
+        compared
+    );
+    // Every byte is given back.
+    wait_until(
+        Duration::from_secs(5),
+        "bytes in flight back to 0",
+        || async { gauge().await == Some(0.0) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Errors are split: a compared 5xx answer counts in `sluice_shadow_5xx_total` (and as a
+/// status disagreement), a call with no answer to compare — here an answer over Envoy's
+/// buffer limit for such calls — in `sluice_shadow_errors_total`, and the fates add up.
+#[tokio::test]
+async fn compared_5xx_and_failed_calls_are_counted_apart() -> anyhow::Result<()> {
+    let primary = Upstream::start("primary", model).await?;
+    let over_limit = bytes::Bytes::from(vec![b'z'; 256 * 1024]);
+    let shadow = Upstream::start("shadow", move |req: &Request| match user_number(req) % 3 {
+        0 => Reply::status(500),
+        1 => Reply::ok().body(over_limit.clone()),
+        _ => model(req),
+    })
+    .await?;
+    let config = config(json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000}));
+    let envoy = EnvoyConfig::new(FIXTURE)
+        .port_to(10001, primary.port())
+        .port_to(10002, primary.port())
+        .port_to(10003, shadow.port())
+        .replace(&fixture_config()?, &config.to_string())
+        // Envoy's limit on an answer it buffers for the filter (default 32 MiB).
+        .replace(
+            "static_resources:",
+            "layered_runtime:\n  layers:\n    - name: static\n      static_layer:\n        http.async_response_buffer_limit: 65536\nstatic_resources:",
+        )
+        .start()
+        .await?;
+    let n = 300;
+    let r = Load::new(envoy.url(LISTENER, "/"))
+        .requests(n)
+        .run()
+        .await?;
+    assert!(r.iter().all(|r| r.status == 200));
+    let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
+    let third = (n / 3) as f64;
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_requests_total", &[]),
+        n as f64
+    );
+    assert_eq!(shadow_counter(&s, "sluice_shadow_errors_total", &[]), third);
+    assert_eq!(shadow_counter(&s, "sluice_shadow_5xx_total", &[]), third);
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_compared_total", &[]),
+        2.0 * third
+    );
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_disagree_total", &[("field", "status")]),
+        third
+    );
+    assert_eq!(shadow_counter(&s, "sluice_shadow_timeouts_total", &[]), 0.0);
+    Ok(())
+}
+
+/// The filter config as the ECDS resource tests/envoy/rollout.yaml watches.
+fn ecds_resource(config: &Value) -> String {
+    format!(
+        r#"version_info: "1"
+resources:
+  - "@type": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig
+    name: sluice
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+      config:
+        name: sluice
+        root_id: sluice
+        vm_config:
+          vm_id: sluice
+          runtime: envoy.wasm.runtime.v8
+          code:
+            local: {{ filename: target/wasm32-wasip1/release/sluice_filter.wasm }}
+        configuration:
+          "@type": type.googleapis.com/google.protobuf.StringValue
+          value: '{config}'
+"#
+    )
+}
+
+const ECDS_UPDATES: &str = "extension_config_discovery.http_filter.sluice.update_success";
+
+/// Pushes `config` through the watched directory and waits until Envoy took it.
+async fn push(envoy: &Envoy, config: &Value) -> anyhow::Result<()> {
+    let admin = envoy.admin();
+    let before = admin.stat(ECDS_UPDATES).await?.unwrap_or(0);
+    envoy.write_ecds("sluice.yaml", &ecds_resource(config))?;
+    wait_until(Duration::from_secs(10), "config push taken", || async {
+        admin.stat(ECDS_UPDATES).await.ok().flatten().unwrap_or(0) > before
+    })
+    .await?;
+    Ok(())
+}
+
+/// A 250 ms shadow at about 100 requests a second while the config is pushed five times (as
+/// every stage change does): the copies in flight at each push are still compared, under the
+/// config they started with, and every copy taken ends in exactly one fate. Before, each push
+/// lost the copies in flight: counted as taken, never as anything else.
+#[tokio::test]
+async fn config_pushes_lose_no_copies_in_flight() -> anyhow::Result<()> {
+    let primary = Upstream::start("primary", |req: &Request| {
+        model(req).delay(Duration::from_millis(30))
+    })
+    .await?;
+    let shadow = Upstream::start("shadow", |req: &Request| {
+        model(req).delay(Duration::from_millis(250))
+    })
+    .await?;
+    let envoy = EnvoyConfig::new("tests/envoy/rollout.yaml")
+        .ecds("tests/envoy/rollout")
+        .port_to(10001, primary.port())
+        .port_to(10002, primary.port())
+        .port_to(10003, shadow.port())
+        .start()
+        .await?;
+    let field: Value = serde_json::from_str(SCORE_FIELD)?;
+    let with_revision = |r: u32| {
+        let mut c = config(
+            json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000,
+                                  "timeout_ms": 5000, "compare": {"fields": [field.clone()]}}),
+        );
+        c["revision"] = json!(format!("push-{r}"));
+        c
+    };
+    push(&envoy, &with_revision(0)).await?;
+    let n = 600;
+    let url = envoy.url(LISTENER, "/");
+    let load = Load::new(&url).requests(n).concurrency(4);
+    let run = load.run();
+    tokio::pin!(run);
+    let mut pushes = 0;
+    let responses = loop {
+        tokio::select! {
+            r = &mut run => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(600)), if pushes < 5 => {
+                pushes += 1;
+                push(&envoy, &with_revision(pushes)).await?;
+            }
+        }
+    };
+    assert!(responses.iter().all(|r| r.status == 200));
+    assert!(pushes >= 3, "only {pushes} pushes during the load");
+    let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_requests_total", &[]),
+        n as f64
+    );
+    // Nothing was skipped either: every copy was compared, and agreed.
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_compared_total", &[]),
+        n as f64
+    );
+    assert_eq!(
+        shadow_counter(&s, "sluice_shadow_agree_total", &[("field", "score")]),
+        n as f64
+    );
+    assert!(
+        !envoy.log().contains("replaced configuration"),
+        "a replaced config's root context could not finish"
+    );
+    Ok(())
+}
+
+/// A proxy whose shadow cluster leads back into a listener running the Sluice filter with the
+/// same configuration, as the shadow service's own sidecar does in a mesh: `ingress`
+/// (port 10000) serves users from `stable` (10001) and copies to the cluster `shadow`, which
+/// is the listener `sidecar` (10004) of the same Envoy; `sidecar` runs the same filter config
+/// (so it would copy again, to itself) and forwards to the shadow service (10003).
+const LOOP_YAML: &str = r#"
+node: { id: sluice-loop-test, cluster: sluice-loop-test }
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: 9901 }
+stats_flush_interval: 1s
+stats_config:
+  stats_tags:
+    - { tag_name: experiment, regex: '(\.experiment\.=\.([^;]+);)' }
+    - { tag_name: variant, regex: '(\.variant\.=\.([^;]+);)' }
+    - { tag_name: class, regex: '(\.class\.=\.([^;]+);)' }
+    - { tag_name: field, regex: '(\.field\.=\.([^;]+);)' }
+    - { tag_name: reason, regex: '(\.reason\.=\.([^;]+);)' }
+static_resources:
+  listeners:
+    - name: ingress
+      address: { socket_address: { address: 127.0.0.1, port_value: 10000 } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                route_config:
+                  virtual_hosts:
+                    - { name: all, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: stable } }] }
+                http_filters:
+                  - name: sluice
+                    typed_config: &sluice
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                      config:
+                        name: sluice
+                        root_id: sluice
+                        vm_config:
+                          vm_id: sluice
+                          runtime: envoy.wasm.runtime.v8
+                          code: { local: { filename: target/wasm32-wasip1/release/sluice_filter.wasm } }
+                        configuration:
+                          "@type": type.googleapis.com/google.protobuf.StringValue
+                          value: 'FILTER_CONFIG'
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    - name: sidecar
+      address: { socket_address: { address: 127.0.0.1, port_value: 10004 } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: sidecar
+                route_config:
+                  virtual_hosts:
+                    - { name: all, domains: ["*"], routes: [{ match: { prefix: / }, route: { cluster: shadow_app } }] }
+                http_filters:
+                  - name: sluice
+                    typed_config: *sluice
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: stable
+      type: STATIC
+      load_assignment:
+        cluster_name: stable
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10001 } } } }] }]
+    - name: shadow
+      type: STATIC
+      load_assignment:
+        cluster_name: shadow
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10004 } } } }] }]
+    - name: shadow_app
+      type: STATIC
+      load_assignment:
+        cluster_name: shadow_app
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 10003 } } } }] }]
+"#;
+
+const QA_TOKEN: &str = "qa-token-0123456789abcdef";
+
+/// A bounded number of user requests through a shadow cluster that loops back into a Sluice
+/// filter yields exactly that many copies: the copy's marker is trusted by the next filter
+/// (same secret), which forwards it to the shadow service without counting or copying it.
+/// Client-sent `x-sluice-shadow` headers — the bare `1` and a forged marker — are removed
+/// and do not keep a request from being counted and copied; the override token reaches
+/// neither the primary nor the shadow. Before, the 3 requests of the report became 1,813 in
+/// 6 s.
+#[tokio::test]
+async fn copies_that_loop_back_are_neither_counted_nor_copied_again() -> anyhow::Result<()> {
+    let primary = Upstream::start("primary", model).await?;
+    let shadow = Upstream::start("shadow", model).await?;
+    let mut filter =
+        config(json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000}));
+    filter["experiments"][0]["override"] = json!({"token": QA_TOKEN});
+    let dir = tempfile::tempdir()?;
+    let yaml = dir.path().join("loop.yaml");
+    std::fs::write(
+        &yaml,
+        LOOP_YAML.replace("FILTER_CONFIG", &filter.to_string()),
+    )?;
+    let envoy = EnvoyConfig::new(&yaml)
+        .port_to(10001, primary.port())
+        .port_to(10003, shadow.port())
+        .start()
+        .await?;
+    let url = envoy.url(LISTENER, "/predict");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let forged = format!("v1.{now_ms}.000000000000002a.{}", "0".repeat(32));
+    let per_kind = 30;
+    let users = |base: usize| move |i: usize| format!("user-{}", base + i);
+    // Plain requests, a client's bare marker, a forged marker: all users' requests, all
+    // with the override token but no override asked for.
+    for (base, marker) in [(0, None), (100, Some("1")), (200, Some(forged.as_str()))] {
+        let mut load = Load::new(&url)
+            .requests(per_kind)
+            .users(users(base))
+            .header("x-sluice-override-token", QA_TOKEN);
+        if let Some(m) = marker {
+            load = load.header("x-sluice-shadow", m);
+        }
+        let r = load.run().await?;
+        assert!(r.iter().all(|r| r.status == 200));
+    }
+    // QA overrides with the token: routed, not counted, not copied.
+    let qa = Load::new(&url)
+        .requests(10)
+        .users(users(300))
+        .header("x-sluice-override", "stable")
+        .header("x-sluice-override-token", QA_TOKEN)
+        .run()
+        .await?;
+    assert!(qa.iter().all(|r| r.status == 200));
+    let users_counted = 3 * per_kind;
+
+    let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
+    // No growth: a second later the shadow service has still seen exactly one copy each.
+    let admin = envoy.admin();
+    let steady = wait_until(Duration::from_secs(1), "more copies arriving", || async {
+        shadow.count() > users_counted as u64
+    })
+    .await;
+    assert!(steady.is_err(), "copies kept coming: {}", shadow.count());
+    let s2 = admin.prometheus().await?;
+    assert_eq!(shadow.count(), users_counted as u64);
+    for stats in [&s, &s2] {
+        // Counted once each, at the ingress; the copies were not counted at the sidecar.
+        assert_eq!(stats.sum("sluice_requests_total", &L), users_counted as f64);
+        assert_eq!(stats.sum("sluice_overrides_total", &L), 10.0);
+        assert_eq!(
+            shadow_counter(stats, "sluice_shadow_requests_total", &[]),
+            users_counted as f64
+        );
+        assert_eq!(
+            shadow_counter(stats, "sluice_shadow_compared_total", &[]),
+            users_counted as f64
+        );
+    }
+    // The primary saw no marker and no token; the shadow service saw a real marker on every
+    // copy, and no token.
+    let seen = primary.requests();
+    assert_eq!(seen.len(), users_counted + 10);
+    for r in &seen {
+        assert_eq!(
+            r.header("x-sluice-shadow"),
+            None,
+            "marker reached the primary"
+        );
+        assert_eq!(
+            r.header("x-sluice-override-token"),
+            None,
+            "token reached the primary"
+        );
+    }
+    for c in shadow.requests() {
+        assert_eq!(
+            c.header("x-sluice-override-token"),
+            None,
+            "token reached the shadow"
+        );
+        let m = c.header("x-sluice-shadow").unwrap_or_default();
+        assert!(
+            m.starts_with("v1.") && m != forged,
+            "copy with marker {m:?}"
+        );
+    }
     Ok(())
 }

@@ -11,45 +11,143 @@
 //! as long as the plugin, so the shadow's answer always comes back, to the root. The
 //! primary's status and body (captured as they stream past) and the shadow's answer meet in
 //! a per-worker table; whichever arrives second triggers the comparison.
+//!
+//! Accounting: a copy is counted in `sluice_shadow_requests_total` when it is taken (the
+//! request was sampled) and ends in exactly one of compared, skipped (with a reason),
+//! timeouts or errors ([`shadow::Fate`]).
+//!
+//! A config push replaces the plugin: Envoy creates a new root context for the new config and,
+//! once the old config's last stream is gone, asks the old root context whether it is done.
+//! Its copies may still be waiting for the shadow; if the root said yes, Envoy would delete it
+//! and cancel their calls, and they would end in no counter at all. So the old root says "not
+//! yet" ([`close`]) and reports done to the host when its last copy has ended: copies in
+//! flight at a config change are compared under the config they started with.
+//!
+//! Memory: every byte a copy holds in the VM (its headers and request body until sent, the
+//! primary's body, the shadow's body) and, while its call is out, the expected size of the
+//! answer Envoy buffers for it (Envoy reads a call's whole answer before the filter sees it)
+//! is taken from one per-worker [`shadow::Budget`] shared by every plugin and config
+//! generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is skipped
+//! (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
+//! only when they fit `max_body_bytes`; a body over it is not read at all.
+//!
+//! Loops: a request whose [`SHADOW_HEADER`] verifies ([`arrival`]) is a copy made by a Sluice
+//! filter with the same secret; it is routed but neither counted nor copied ([`route_copy`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
+use std::rc::Rc;
 use std::time::Duration;
 
 use fnv::FnvHashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
-use super::{log, now_millis, Active};
-use crate::metrics::{SKIP_BODY_LIMIT, SKIP_DISPATCH_FAILED, SKIP_IN_FLIGHT, SKIP_NO_PRIMARY};
-use crate::shadow::{self, Answer, FieldResult, LogBudget};
+use super::{log, now_millis, Active, HostRequest};
+use crate::mac::{self, Key};
+use crate::metrics::{
+    SKIP_BODY_LIMIT, SKIP_BYTES_IN_FLIGHT, SKIP_DISPATCH_FAILED, SKIP_IN_FLIGHT, SKIP_NO_PRIMARY,
+};
+use crate::request::{self, RequestView};
+use crate::shadow::{self, Answer, Budget, Fate, FieldResult, LogBudget, Reply, SHADOW_HEADER};
 
 /// How often the root context sends queued copies. Also the most a copy waits to be sent.
 pub const TICK: Duration = Duration::from_millis(5);
+
+thread_local! {
+    /// Bytes held by copies in this worker's VM, across plugins and config generations, so
+    /// that a push cannot double what the cap allows.
+    static HELD: Cell<Budget> = const { Cell::new(Budget { held: 0 }) };
+    /// Host id of the `sluice_shadow_bytes_in_flight` gauge (any config's: they name one stat).
+    static GAUGE: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+fn gauge_add(delta: i64) {
+    if let Some(id) = GAUGE.with(Cell::get) {
+        if delta != 0 {
+            let _ = hostcalls::increment_metric(id, delta);
+        }
+    }
+}
+
+/// Bytes taken from the worker's budget, given back when dropped (so no path that forgets a
+/// copy can leak budget).
+#[derive(Debug, Default)]
+struct Reservation(usize);
+
+impl Reservation {
+    /// Takes `n` more bytes under `cap`; false (and nothing taken) if they do not fit.
+    fn grow(&mut self, n: usize, cap: usize) -> bool {
+        let ok = HELD.with(|h| {
+            let mut b = h.get();
+            let ok = b.take(n, cap);
+            h.set(b);
+            ok
+        });
+        if ok {
+            self.0 += n;
+            gauge_add(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        ok
+    }
+
+    fn take(n: usize, cap: usize) -> Option<Reservation> {
+        let mut r = Reservation(0);
+        r.grow(n, cap).then_some(r)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let n = self.0;
+        HELD.with(|h| {
+            let mut b = h.get();
+            b.give_back(n);
+            h.set(b);
+        });
+        gauge_add(-i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
 
 /// A copy being captured by its stream.
 pub struct Capture {
     pub id: u64,
     pub experiment: usize,
     pub variant: usize,
-    pub headers: Vec<(String, String)>,
-    pub body: Answer,
+    headers: Vec<(String, String)>,
+    body: Answer,
+    held: Reservation,
 }
 
-/// A copy's headers and body, ready to send.
-type Request = (Vec<(String, String)>, Vec<u8>);
+/// A copy's headers and body, ready to send, with the bytes they hold.
+struct Request {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    _held: Reservation,
+}
+
+/// The primary's answer once complete, shared by the copies of one request.
+pub struct Primary {
+    answer: Answer,
+    /// Holding its body would have gone over the bytes cap: its copies are skipped.
+    over_budget: bool,
+    _held: Reservation,
+}
 
 /// A copy from queueing to comparison (kept under its id in [`Entries`]).
 struct Entry {
     experiment: usize,
     variant: usize,
     request_id: String,
-    /// Set once queued for sending; taken when sent.
+    /// Set once queued for sending; taken (and its bytes given back) when sent.
     request: Option<Request>,
     token: Option<u32>,
     sent_at_ms: u64,
-    primary: Option<Answer>,
+    primary: Option<Rc<Primary>>,
     primary_gone: bool,
-    shadow: Option<Answer>,
+    shadow: Option<Reply>,
+    /// Why the copy was given up after it was sent, if it was.
+    dropped: Option<usize>,
+    shadow_held: Reservation,
 }
 
 /// Every outstanding copy, reachable by its id and (once sent) by its call's token, so that
@@ -73,7 +171,7 @@ impl Entries {
     }
 }
 
-/// Per-worker shadow state, shared by the root context and the streams.
+/// Per-plugin shadow state, shared by the root context and the streams.
 #[derive(Default)]
 pub struct Table {
     entries: Cell<Entries>,
@@ -84,6 +182,14 @@ pub struct Table {
     /// Whether the root context's tick is running (set by the first queued copy, cleared by a
     /// tick with nothing to send).
     ticking: Cell<bool>,
+    /// Per experiment: the size Envoy is expected to buffer for a shadow answer (a maximum of
+    /// recent answers' sizes that decays), reserved while a call is out.
+    answer_estimate: Cell<Vec<usize>>,
+    /// The host asked the root context to finish (its config was replaced); it reports done
+    /// when the last copy has ended.
+    closing: Cell<bool>,
+    /// The key of copy markers, from the plan's secret (derived on first use).
+    key: OnceCell<Option<Key>>,
 }
 
 impl Table {
@@ -113,6 +219,26 @@ impl Table {
         self.in_flight.set(v);
         n
     }
+
+    fn estimate(&self, experiment: usize) -> usize {
+        let v = self.answer_estimate.take();
+        let n = v.get(experiment).copied().unwrap_or(0);
+        self.answer_estimate.set(v);
+        n
+    }
+
+    fn observe_answer(&self, experiment: usize, size: usize) {
+        let mut v = self.answer_estimate.take();
+        if v.len() <= experiment {
+            v.resize(experiment + 1, 0);
+        }
+        v[experiment] = shadow::decayed_max(v[experiment], size);
+        self.answer_estimate.set(v);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.with(|e| e.by_id.is_empty())
+    }
 }
 
 fn skip(active: &Active, experiment: usize, variant: usize, reason: usize) {
@@ -138,8 +264,81 @@ fn shadow_metrics(
         .as_ref()
 }
 
-/// Starts capturing a copy if this request is sampled and the cap allows; `None` otherwise.
-/// `routing_headers` are removed from the copy.
+fn config(active: &Active, experiment: usize) -> Option<&shadow::Shadow> {
+    active.plan.experiments.get(experiment)?.shadow.as_ref()
+}
+
+fn key(active: &Active) -> Option<&Key> {
+    active
+        .shadow
+        .key
+        .get_or_init(|| {
+            active
+                .plan
+                .secret
+                .as_ref()
+                .map(|s| s.key(mac::PURPOSE_SHADOW))
+        })
+        .as_ref()
+}
+
+/// Stream: a request arrived. Returns true if it is a copy made by a Sluice filter with the
+/// same secret (its marker verifies), which keeps its marker for the shadow service. Any other
+/// [`SHADOW_HEADER`] is removed, so that no client can make the primary or the shadow believe
+/// a request is a copy.
+pub fn arrival(active: &Active, view: &mut HostRequest, now_ms: Option<u64>) -> bool {
+    let Ok(Some(value)) = view.header(SHADOW_HEADER) else {
+        return false;
+    };
+    let trusted = match (key(active), now_ms) {
+        (Some(key), Some(now)) => {
+            let method = view.header(":method").ok().flatten().unwrap_or_default();
+            let path = view.path().ok().flatten().unwrap_or_default();
+            shadow::check_marker(key, &value, now, &method, &path)
+        }
+        _ => false,
+    };
+    if !trusted {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, SHADOW_HEADER);
+    }
+    trusted
+}
+
+/// Stream: routes a trusted copy like any request (the routing header set as the experiments
+/// decide, a client's removed) but counts nothing and copies nothing: it is a request for the
+/// shadow service, not a user's.
+pub fn route_copy(active: &Active, view: &mut HostRequest, now_secs: u64) {
+    for exp in &active.plan.experiments {
+        let mut rng = active.rng.get();
+        let decided = match request::applies(exp, view) {
+            Ok(true) => request::assign(exp, view, now_secs, &mut rng).ok(),
+            _ => None,
+        };
+        active.rng.set(rng);
+        let value = decided.and_then(|a| exp.variants.get(a.variant));
+        let _ = hostcalls::set_map_value_bytes(
+            MapType::HttpRequestHeaders,
+            &exp.header,
+            value.map(String::as_bytes),
+        );
+    }
+    strip_tokens(active);
+}
+
+/// Stream: removes every experiment's override token header once the variants are decided, so
+/// that the token reaches neither the primary nor a copy.
+pub fn strip_tokens(active: &Active) {
+    for (i, exp) in active.plan.experiments.iter().enumerate() {
+        if let Some(o) = &exp.qa_override {
+            if hostcalls::remove_map_value(MapType::HttpRequestHeaders, &o.token_header).is_err() {
+                active.count_error(i);
+            }
+        }
+    }
+}
+
+/// Starts capturing a copy if this request is sampled and the caps allow; `None` otherwise.
+/// `routing_headers` are not copied, nor any override token header.
 pub fn start(
     active: &Active,
     experiment: usize,
@@ -148,8 +347,7 @@ pub fn start(
     user_bucket: Option<u32>,
     routing_headers: &[&str],
 ) -> Option<Capture> {
-    let exp = active.plan.experiments.get(experiment)?;
-    let cfg = exp.shadow.as_ref()?;
+    let cfg = config(active, experiment)?;
     if !cfg.eligible(method, variant) {
         return None;
     }
@@ -166,6 +364,17 @@ pub fn start(
     if !shadow::sampled(cfg.sample, bucket) {
         return None;
     }
+    if let Some(&id) = active
+        .catalog
+        .shadow_bytes_in_flight
+        .and_then(|p| active.ids.get(p))
+    {
+        GAUGE.with(|g| g.set(Some(id)));
+    }
+    // Taken: from here on the copy ends in exactly one fate.
+    if let Some(m) = shadow_metrics(active, experiment, variant) {
+        active.increment(m.requests);
+    }
     if active.shadow.in_flight(experiment) >= cfg.max_in_flight {
         skip(active, experiment, variant, SKIP_IN_FLIGHT);
         return None;
@@ -175,42 +384,102 @@ pub fn start(
             Ok(h) => h.into_iter().collect(),
             Err(_) => {
                 active.count_error(experiment);
+                skip(active, experiment, variant, SKIP_DISPATCH_FAILED);
                 return None;
             }
         };
+    let Some(key) = key(active) else {
+        // A plan with a shadow always has a secret; without one no copy could be marked.
+        skip(active, experiment, variant, SKIP_DISPATCH_FAILED);
+        return None;
+    };
+    let path = original
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map_or(&[][..], |(_, v)| v.as_slice());
+    let nonce = {
+        let mut rng = active.rng.get();
+        let n = rng.next_u64();
+        active.rng.set(rng);
+        n
+    };
+    let marker = shadow::marker(key, now_millis().unwrap_or(0), nonce, method, path);
+    let mut skip_headers: Vec<&str> = routing_headers.to_vec();
+    skip_headers.extend(
+        active
+            .plan
+            .experiments
+            .iter()
+            .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
+    );
+    let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
+    let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let Some(held) = Reservation::take(size, cfg.max_bytes_in_flight) else {
+        skip(active, experiment, variant, SKIP_BYTES_IN_FLIGHT);
+        return None;
+    };
     let id = active.shadow.next_id.get().wrapping_add(1);
     active.shadow.next_id.set(id);
-    // Counted from capture so that the cap also bounds memory held by captures.
+    // Counted from capture so that the cap also bounds what captures hold.
     active.shadow.adjust_in_flight(experiment, true);
     Some(Capture {
         id,
         experiment,
         variant,
-        headers: shadow::copy_headers(cfg, &original, routing_headers),
+        headers,
         body: Answer::default(),
+        held,
     })
 }
 
-/// Adds a request body chunk; returns false (and counts) if the copy is over the limit.
-pub fn push_body(active: &Active, c: &mut Capture, chunk: &[u8]) -> bool {
-    let limit = active
-        .plan
-        .experiments
-        .get(c.experiment)
-        .and_then(|e| e.shadow.as_ref())
-        .map_or(0, |s| s.max_body_bytes);
-    c.body.push_body(chunk, limit);
-    if c.body.truncated {
-        skip(active, c.experiment, c.variant, SKIP_BODY_LIMIT);
-        active.shadow.adjust_in_flight(c.experiment, false);
-        return false;
+/// A request body chunk of `size` bytes passed: each capture that can hold it gets it (read
+/// from the host once, and only if some capture wants it); the others are skipped.
+pub fn request_body(active: &Active, captures: &mut Vec<Capture>, size: usize) {
+    if size == 0 {
+        return;
     }
-    true
+    captures.retain_mut(|c| {
+        let Some(cfg) = config(active, c.experiment) else {
+            give_up(active, c, SKIP_DISPATCH_FAILED);
+            return false;
+        };
+        if !c.body.room_for(size, cfg.max_body_bytes) {
+            give_up(active, c, SKIP_BODY_LIMIT);
+            return false;
+        }
+        if !c.held.grow(size, cfg.max_bytes_in_flight) {
+            give_up(active, c, SKIP_BYTES_IN_FLIGHT);
+            return false;
+        }
+        true
+    });
+    if captures.is_empty() {
+        return;
+    }
+    match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size) {
+        Ok(Some(chunk)) => {
+            for c in captures.iter_mut() {
+                c.body.body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(None) => {}
+        Err(_) => {
+            for c in captures.drain(..) {
+                active.count_error(c.experiment);
+                give_up(active, &c, SKIP_DISPATCH_FAILED);
+            }
+        }
+    }
 }
 
-/// Drops a capture that will never be sent (its stream ended early).
-pub fn abandon(active: &Active, c: &Capture) {
+fn give_up(active: &Active, c: &Capture, reason: usize) {
+    skip(active, c.experiment, c.variant, reason);
     active.shadow.adjust_in_flight(c.experiment, false);
+}
+
+/// Drops a capture that will never be sent (its stream ended before the request did).
+pub fn abandon(active: &Active, c: &Capture) {
+    give_up(active, c, SKIP_NO_PRIMARY);
 }
 
 /// Queues a complete copy for the next tick, starting the tick if it is not running.
@@ -221,20 +490,27 @@ pub fn enqueue(active: &Active, c: Capture) {
         .find(|(k, _)| k == "x-request-id")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    let id = c.id;
     active.shadow.with(|entries| {
-        entries.queued.push(c.id);
+        entries.queued.push(id);
         entries.by_id.insert(
-            c.id,
+            id,
             Entry {
                 experiment: c.experiment,
                 variant: c.variant,
                 request_id,
-                request: Some((c.headers, c.body.body)),
+                request: Some(Request {
+                    headers: c.headers,
+                    body: c.body.body,
+                    _held: c.held,
+                }),
                 token: None,
                 sent_at_ms: 0,
                 primary: None,
                 primary_gone: false,
                 shadow: None,
+                dropped: None,
+                shadow_held: Reservation::default(),
             },
         );
     });
@@ -249,9 +525,7 @@ pub fn enqueue(active: &Active, c: Capture) {
             LogLevel::Warn,
             "cannot start the shadow timer; copy dropped",
         );
-        if let Some(e) = remove(active, c.id) {
-            skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
-        }
+        end(active, id, Fate::Skipped(SKIP_DISPATCH_FAILED));
     }
 }
 
@@ -267,6 +541,7 @@ pub fn stop_tick(table: Option<&Table>) {
 /// Root tick: sends every queued copy; stops the tick if there was none.
 pub fn send_queued(active: &Active) {
     let mut failed = Vec::new();
+    let mut over_budget = Vec::new();
     let mut queued = 0;
     let now = now_millis().unwrap_or(0);
     active.shadow.with(|entries| {
@@ -275,20 +550,32 @@ pub fn send_queued(active: &Active) {
             let Some(e) = entries.by_id.get_mut(&id) else {
                 continue;
             };
-            let Some((headers, body)) = e.request.take() else {
+            // Dropped once sent: Envoy has its own copy of the request by then.
+            let Some(request) = e.request.take() else {
                 continue;
             };
             queued += 1;
-            let Some(cfg) = active
-                .plan
-                .experiments
-                .get(e.experiment)
-                .and_then(|x| x.shadow.as_ref())
-            else {
+            let Some(cfg) = config(active, e.experiment) else {
                 failed.push(id);
                 continue;
             };
-            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            // Envoy buffers the whole answer before the filter sees it: its expected size is
+            // held while the call is out. At most the whole cap, so that an answer larger
+            // than the cap can still go out alone, and its successors learn a new size.
+            let expected = active
+                .shadow
+                .estimate(e.experiment)
+                .min(cfg.max_bytes_in_flight);
+            if !e.shadow_held.grow(expected, cfg.max_bytes_in_flight) {
+                over_budget.push(id);
+                continue;
+            }
+            let h: Vec<(&str, &str)> = request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let body = &request.body;
             let sent = hostcalls::dispatch_http_call(
                 &cfg.cluster,
                 h,
@@ -301,9 +588,6 @@ pub fn send_queued(active: &Active) {
                     e.token = Some(token);
                     e.sent_at_ms = now;
                     entries.by_token.insert(token, id);
-                    if let Some(m) = shadow_metrics(active, e.experiment, e.variant) {
-                        active.increment(m.requests);
-                    }
                 }
                 Err(status) => {
                     log(
@@ -322,21 +606,17 @@ pub fn send_queued(active: &Active) {
         entries.queued = ids;
     });
     for id in failed {
-        if let Some(e) = remove(active, id) {
-            skip(active, e.experiment, e.variant, SKIP_DISPATCH_FAILED);
-        }
+        end(active, id, Fate::Skipped(SKIP_DISPATCH_FAILED));
+    }
+    for id in over_budget {
+        end(active, id, Fate::Skipped(SKIP_BYTES_IN_FLIGHT));
     }
     // Stopping one tick late, not as soon as the queue is empty, keeps the timer running
     // under steady traffic instead of re-arming it for every copy.
     if queued == 0 {
         stop_tick(Some(&active.shadow));
     }
-}
-
-fn remove(active: &Active, id: u64) -> Option<Entry> {
-    let e = active.shadow.with(|entries| entries.remove(id))?;
-    active.shadow.adjust_in_flight(e.experiment, false);
-    Some(e)
+    finish_if_closing(active);
 }
 
 /// Root callback: the shadow answered, failed or timed out.
@@ -345,8 +625,10 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
     let finished = active.shadow.with(|entries| {
         let id = *entries.by_token.get(&token)?;
         let e = entries.by_id.get_mut(&id)?;
-        let cfg = active.plan.experiments.get(e.experiment)?.shadow.as_ref()?;
-        let m = shadow_metrics(active, e.experiment, e.variant)?;
+        let Some(cfg) = config(active, e.experiment) else {
+            e.shadow = Some(Reply::Failed);
+            return Some(id);
+        };
         let elapsed = now.saturating_sub(e.sent_at_ms);
         let status = if headers == 0 {
             0
@@ -357,59 +639,132 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
                 .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
                 .unwrap_or(0)
         };
-        // Envoy answers a timed-out call with its own 504 (or no headers at all); the clock
-        // tells a timeout from a shadow that really answered 504. The margin is wide because
-        // Envoy arms the timer from its event loop's cached time, which can lag the clock read
-        // here by a few milliseconds under load. A timeout is not an answer, so it is counted
-        // but not compared.
-        if (status == 0 || status == 504) && elapsed * 10 >= cfg.timeout_ms * 9 {
-            active.increment(m.timeouts);
-            e.primary_gone = true;
-            e.shadow = Some(Answer::default());
+        // Envoy frees its copy of the answer after this callback; what is read is held anew.
+        e.shadow_held = Reservation::default();
+        active.shadow.observe_answer(e.experiment, body_size);
+        if let Some(failure) = shadow::classify(status, elapsed, cfg.timeout_ms) {
+            e.shadow = Some(failure);
             return Some(id);
         }
-        if status == 0 {
-            active.increment(m.errors);
-            e.primary_gone = true;
-            e.shadow = Some(Answer::default());
-            return Some(id);
-        }
-        active.record(m.latency, elapsed);
-        // Failed connections and resets arrive as Envoy's own 503: an error, and (as the
-        // status a user would have got) a status disagreement.
-        if (500..600).contains(&status) {
-            active.increment(m.errors);
+        if let Some(m) = shadow_metrics(active, e.experiment, e.variant) {
+            active.record(m.latency, elapsed);
         }
         let mut answer = Answer {
             status,
             ..Answer::default()
         };
-        if cfg.needs_body() && body_size > 0 {
-            match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-                Ok(Some(b)) => answer.push_body(&b, cfg.max_body_bytes),
-                Ok(None) => {}
-                Err(_) => answer.truncated = true,
+        // Read only what the comparison uses: nothing if it compares status only, nothing if
+        // the body is over the limit (it would be compared by status only anyway).
+        if cfg.needs_body() && body_size > 0 && e.dropped.is_none() {
+            if !answer.room_for(body_size, cfg.max_body_bytes) {
+                // Truncated: compared by status only.
+            } else if !e.shadow_held.grow(body_size, cfg.max_bytes_in_flight) {
+                e.dropped = Some(SKIP_BYTES_IN_FLIGHT);
+            } else {
+                match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+                    Ok(Some(b)) => answer.body = b,
+                    Ok(None) => {}
+                    Err(_) => {
+                        e.shadow = Some(Reply::Failed);
+                        return Some(id);
+                    }
+                }
             }
         }
-        e.shadow = Some(answer);
+        e.shadow = Some(Reply::Answer(answer));
         Some(id)
     });
     if let Some(id) = finished {
         settle(active, id);
     }
+    finish_if_closing(active);
 }
 
-/// Stream callback: the primary's answer is complete.
-pub fn primary_done(active: &Active, id: u64, answer: Answer) {
-    let found = active.shadow.with(|entries| {
-        entries
-            .by_id
-            .get_mut(&id)
-            .map(|e| e.primary = Some(answer))
-            .is_some()
+/// The primary's answer as it streams past, for the copies of one request.
+pub struct PrimaryCapture {
+    answer: Answer,
+    limit: usize,
+    cap: usize,
+    needs_body: bool,
+    over_budget: bool,
+    held: Reservation,
+}
+
+/// Stream callback: the primary's response headers are in. `content_length` lets a body that
+/// is known to be over the limit go unread from its first chunk.
+pub fn primary_start(
+    active: &Active,
+    experiments: impl Iterator<Item = usize>,
+    status: u16,
+    content_length: Option<usize>,
+) -> PrimaryCapture {
+    let (mut limit, mut cap, mut needs_body) = (0, 0, false);
+    for cfg in experiments.filter_map(|i| config(active, i)) {
+        limit = limit.max(cfg.max_body_bytes);
+        cap = cap.max(cfg.max_bytes_in_flight);
+        needs_body |= cfg.needs_body();
+    }
+    let mut answer = Answer {
+        status,
+        ..Answer::default()
+    };
+    if let Some(n) = content_length.filter(|_| needs_body) {
+        answer.room_for(n, limit);
+    }
+    PrimaryCapture {
+        answer,
+        limit,
+        cap,
+        needs_body,
+        over_budget: false,
+        held: Reservation::default(),
+    }
+}
+
+/// Stream callback: a chunk of `size` bytes of the primary's body passed.
+pub fn primary_body(p: &mut PrimaryCapture, size: usize) {
+    if !p.needs_body || size == 0 || p.over_budget || !p.answer.room_for(size, p.limit) {
+        return;
+    }
+    if !p.held.grow(size, p.cap) {
+        p.over_budget = true;
+        p.answer.body = Vec::new();
+        p.held = Reservation::default();
+        return;
+    }
+    match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size) {
+        Ok(Some(chunk)) => p.answer.body.extend_from_slice(&chunk),
+        Ok(None) => {}
+        Err(_) => {
+            p.answer.truncated = true;
+            p.answer.body = Vec::new();
+        }
+    }
+}
+
+/// Stream callback: the primary's answer is complete; `ids` are its copies.
+pub fn primary_done(active: &Active, ids: &mut Vec<u64>, p: PrimaryCapture) {
+    let shared = Rc::new(Primary {
+        answer: p.answer,
+        over_budget: p.over_budget,
+        _held: p.held,
     });
-    if found {
-        settle(active, id);
+    for id in ids.drain(..) {
+        let found = active.shadow.with(|entries| {
+            entries
+                .by_id
+                .get_mut(&id)
+                .map(|e| {
+                    if shared.over_budget {
+                        e.dropped = e.dropped.or(Some(SKIP_BYTES_IN_FLIGHT));
+                    }
+                    e.primary = Some(shared.clone());
+                })
+                .is_some()
+        });
+        if found {
+            settle(active, id);
+        }
     }
 }
 
@@ -425,30 +780,68 @@ pub fn primary_gone(active: &Active, id: u64) {
     settle(active, id);
 }
 
-/// Compares and forgets an entry once both sides are in (or one is known never to come).
+/// Ends a copy once its fate is known: the shadow's reply is in and either the primary is done
+/// or the reply needs no primary (a timeout or failure).
 fn settle(active: &Active, id: u64) {
-    let ready = active.shadow.with(|entries| {
-        entries
-            .by_id
-            .get(&id)
-            .is_some_and(|e| e.shadow.is_some() && (e.primary.is_some() || e.primary_gone))
+    let fate = active.shadow.with(|entries| {
+        let e = entries.by_id.get(&id)?;
+        let reply = e.shadow.as_ref()?;
+        let failed = matches!(reply, Reply::Timeout | Reply::Failed);
+        (failed || e.primary.is_some() || e.primary_gone)
+            .then(|| shadow::fate(reply, e.primary.is_some(), e.dropped))
     });
-    if !ready {
-        return;
+    if let Some(fate) = fate {
+        end(active, id, fate);
     }
-    let Some(e) = remove(active, id) else {
+}
+
+/// Removes a copy and counts its one fate (comparing it if that is its fate).
+fn end(active: &Active, id: u64, fate: Fate) {
+    let Some(e) = active.shadow.with(|entries| entries.remove(id)) else {
         return;
     };
-    let (Some(primary), Some(copy)) = (&e.primary, &e.shadow) else {
-        if e.shadow.as_ref().is_some_and(|s| s.status != 0) {
-            skip(active, e.experiment, e.variant, SKIP_NO_PRIMARY);
-        }
+    active.shadow.adjust_in_flight(e.experiment, false);
+    let Some(m) = shadow_metrics(active, e.experiment, e.variant) else {
         return;
     };
-    if copy.status == 0 {
+    match fate {
+        Fate::Timeout => active.increment(m.timeouts),
+        Fate::Error => active.increment(m.errors),
+        Fate::Skipped(reason) => skip(active, e.experiment, e.variant, reason),
+        Fate::Compared => match (&e.primary, &e.shadow) {
+            (Some(primary), Some(Reply::Answer(copy))) => record(active, &e, &primary.answer, copy),
+            // Unreachable by `fate`; still one fate per copy.
+            _ => skip(active, e.experiment, e.variant, SKIP_NO_PRIMARY),
+        },
+    }
+    drop(e);
+    finish_if_closing(active);
+}
+
+/// Host callback: the plugin's config was replaced and its streams are gone. True if the
+/// root context can go now; otherwise it stays until its last copy has ended.
+pub fn close(active: &Active) -> bool {
+    if active.shadow.is_empty() {
+        return true;
+    }
+    active.shadow.closing.set(true);
+    false
+}
+
+/// Reports the root context done once closing and without copies. Works from any context of
+/// the plugin: the host finds the root by the plugin.
+fn finish_if_closing(active: &Active) {
+    if !active.shadow.closing.get() || !active.shadow.is_empty() {
         return;
     }
-    record(active, &e, primary, copy);
+    active.shadow.closing.set(false);
+    stop_tick(Some(&active.shadow));
+    if hostcalls::done().is_err() {
+        log(
+            LogLevel::Warn,
+            "could not tell the host a replaced configuration is done",
+        );
+    }
 }
 
 fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
@@ -463,6 +856,9 @@ fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
     };
     let c = shadow::compare(cfg, primary, copy);
     active.increment(m.compared);
+    if (500..600).contains(&copy.status) {
+        active.increment(m.five_xx);
+    }
     let verdict = |i: usize, agree: bool| {
         let list = if agree { &m.agree } else { &m.disagree };
         if let Some(&pos) = list.get(i) {

@@ -1,9 +1,10 @@
 use super::*;
 use crate::config::Plan;
+use crate::mac::{self, Key};
 
 fn plan(shadow: &str) -> Result<Plan, ConfigError> {
     let json = format!(
-        r#"{{"version": 1, "experiments": [{{"name": "e",
+        r#"{{"version": 1, "secret": "0123456789abcdef-test", "experiments": [{{"name": "e",
             "unit": {{"type": "user", "keys": [{{"header": "x-user-id"}}]}},
             "variants": [{{"name": "stable"}}, {{"name": "canary", "weight": 10}}],
             "shadow": {shadow}}}]}}"#
@@ -111,7 +112,7 @@ fn errors_name_the_field() {
 
 #[test]
 fn user_sampling_needs_user_unit() {
-    let json = r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+    let json = r#"{"version": 1, "secret": "0123456789abcdef-test", "experiments": [{"name": "e", "unit": {"type": "request"},
         "variants": [{"name": "a"}, {"name": "b", "weight": 1}],
         "shadow": {"cluster": "s", "sample_percent": 1, "sample_by": "user"}}]}"#;
     let got = Plan::from_json(json.as_bytes())
@@ -139,7 +140,7 @@ fn copies_drop_hop_by_hop_and_routing_headers() {
         h("x-bin", &[0xff, 0xfe]),
         h("x-request-id", b"abc"),
     ];
-    let got = copy_headers(&s, &original, &["x-sluice-variant"]);
+    let got = copy_headers(&s, &original, &["x-sluice-variant"], "1");
     let want: Vec<(String, String)> = [
         (":method", "GET"),
         (":authority", "shadow.local"),
@@ -253,4 +254,201 @@ fn deltas_are_scaled_by_sign() {
     assert_eq!(scaled_delta(&s.fields[0], -0.0125), Some((true, 13)));
     assert_eq!(scaled_delta(&s.fields[0], 0.2), Some((false, 200)));
     assert_eq!(scaled_delta(&s.fields[0], f64::NAN), None);
+}
+
+#[test]
+fn bytes_in_flight_default_and_bounds() {
+    assert_eq!(
+        checked(r#"{"cluster": "s", "sample_percent": 1}"#).max_bytes_in_flight,
+        8 * 1024 * 1024
+    );
+    let low = error(
+        r#"{"cluster": "s", "sample_percent": 1, "max_body_bytes": 1000, "max_bytes_in_flight": 999}"#,
+    );
+    assert!(
+        low.starts_with(
+            "experiments[0].shadow.max_bytes_in_flight: must be between max_body_bytes (1000)"
+        ),
+        "{low}"
+    );
+    let high = error(r#"{"cluster": "s", "sample_percent": 1, "max_bytes_in_flight": 2000000000}"#);
+    assert!(
+        high.starts_with("experiments[0].shadow.max_bytes_in_flight"),
+        "{high}"
+    );
+}
+
+#[test]
+fn the_budget_never_goes_over_its_cap() {
+    let mut b = Budget::default();
+    assert!(b.take(600, 1000));
+    assert!(!b.take(401, 1000), "over the cap");
+    assert_eq!(b.held, 600, "a refused take takes nothing");
+    assert!(b.take(400, 1000));
+    assert!(!b.take(usize::MAX, usize::MAX), "no overflow");
+    b.give_back(1000);
+    assert_eq!(b.held, 0);
+    b.give_back(5);
+    assert_eq!(b.held, 0);
+}
+
+#[test]
+fn a_chunk_over_the_limit_is_refused_before_it_is_read() {
+    let mut a = answer(200, "abc");
+    assert!(a.room_for(7, 10));
+    assert!(!a.room_for(8, 10));
+    assert!(a.truncated && a.body.is_empty());
+    assert!(!a.room_for(0, 10), "once truncated, nothing more is taken");
+}
+
+#[test]
+fn timeouts_and_failures_are_told_from_answers() {
+    assert_eq!(classify(0, 950, 1000), Some(Reply::Timeout));
+    assert_eq!(classify(504, 900, 1000), Some(Reply::Timeout));
+    assert_eq!(classify(504, 100, 1000), None, "a real 504 is an answer");
+    assert_eq!(classify(0, 100, 1000), Some(Reply::Failed));
+    assert_eq!(classify(503, 999, 1000), None);
+}
+
+#[test]
+fn every_copy_has_exactly_one_fate() {
+    use crate::metrics::{SKIP_BYTES_IN_FLIGHT, SKIP_NO_PRIMARY};
+    let ok = Reply::Answer(answer(200, ""));
+    assert_eq!(fate(&ok, true, None), Fate::Compared);
+    assert_eq!(fate(&ok, false, None), Fate::Skipped(SKIP_NO_PRIMARY));
+    assert_eq!(
+        fate(&ok, true, Some(SKIP_BYTES_IN_FLIGHT)),
+        Fate::Skipped(SKIP_BYTES_IN_FLIGHT)
+    );
+    for primary in [true, false] {
+        for dropped in [None, Some(SKIP_BYTES_IN_FLIGHT)] {
+            assert_eq!(fate(&Reply::Timeout, primary, dropped), Fate::Timeout);
+            assert_eq!(fate(&Reply::Failed, primary, dropped), Fate::Error);
+        }
+    }
+}
+
+#[test]
+fn the_answer_size_estimate_follows_peaks_and_decays() {
+    assert_eq!(decayed_max(0, 5000), 5000);
+    assert_eq!(decayed_max(1600, 0), 1500);
+    let mut e = 1 << 20;
+    for _ in 0..200 {
+        e = decayed_max(e, 100);
+    }
+    assert_eq!(e, 100);
+}
+
+#[test]
+fn a_shadow_needs_the_secret() {
+    let json = r#"{"version": 1, "experiments": [{"name": "e",
+        "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+        "variants": [{"name": "stable"}, {"name": "canary", "weight": 10}],
+        "shadow": {"cluster": "s", "sample_percent": 1}}]}"#;
+    let got = Plan::from_json(json.as_bytes())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        got.starts_with("experiments[0].shadow: needs the top-level `secret`"),
+        "{got}"
+    );
+}
+
+fn marker_key() -> Key {
+    Key::derive(b"0123456789abcdef-test", mac::PURPOSE_SHADOW)
+}
+
+#[test]
+fn markers_verify_only_for_their_request_within_the_window() {
+    let k = marker_key();
+    let t = 1_700_000_000_000;
+    let m = marker(&k, t, 42, b"GET", b"/predict?x=1");
+    assert!(m.starts_with("v1.1700000000000.000000000000002a."), "{m}");
+    let ok =
+        |v: &[u8], now: u64, method: &[u8], path: &[u8]| check_marker(&k, v, now, method, path);
+    assert!(ok(m.as_bytes(), t, b"GET", b"/predict?x=1"));
+    assert!(ok(
+        m.as_bytes(),
+        t + MARKER_WINDOW_MS,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    assert!(ok(
+        m.as_bytes(),
+        t - MARKER_WINDOW_MS,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    // Too old, too far ahead.
+    assert!(!ok(
+        m.as_bytes(),
+        t + MARKER_WINDOW_MS + 1,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    assert!(!ok(
+        m.as_bytes(),
+        t - MARKER_WINDOW_MS - 1,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    // Bound to the request: another method or path does not verify.
+    assert!(!ok(m.as_bytes(), t, b"POST", b"/predict?x=1"));
+    assert!(!ok(m.as_bytes(), t, b"GET", b"/predict?x=2"));
+    // Another secret does not verify, nor the exposure key of the same secret.
+    let other = Key::derive(b"0123456789abcdef-TEST", mac::PURPOSE_SHADOW);
+    assert!(!check_marker(
+        &other,
+        m.as_bytes(),
+        t,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    let exposure = Key::derive(b"0123456789abcdef-test", mac::PURPOSE_EXPOSURE);
+    assert!(!check_marker(
+        &exposure,
+        m.as_bytes(),
+        t,
+        b"GET",
+        b"/predict?x=1"
+    ));
+    // A changed time, nonce or tag does not verify.
+    let later = m.replacen("1700000000000", "1700000000001", 1);
+    assert!(!ok(later.as_bytes(), t, b"GET", b"/predict?x=1"));
+    let nonce = m.replacen("002a.", "002b.", 1);
+    assert!(!ok(nonce.as_bytes(), t, b"GET", b"/predict?x=1"));
+    let mut tag = m.clone().into_bytes();
+    let last = tag.len() - 1;
+    tag[last] = if tag[last] == b'0' { b'1' } else { b'0' };
+    assert!(!ok(&tag, t, b"GET", b"/predict?x=1"));
+}
+
+#[test]
+fn client_values_are_not_markers() {
+    let k = marker_key();
+    let t = 1_700_000_000_000;
+    for v in [
+        &b"1"[..],
+        b"",
+        b"true",
+        b"v1",
+        b"v1.1700000000000.000000000000002a",
+        b"v1.1700000000000.000000000000002a.00000000000000000000000000000000",
+        b"v1.1700000000000.000000000000002a.zz",
+        b"v1.-5.000000000000002a.00000000000000000000000000000000",
+        b"v1.99999999999999999999999.000000000000002a.00000000000000000000000000000000",
+        b"v2.1700000000000.000000000000002a.00000000000000000000000000000000",
+    ] {
+        assert!(
+            !check_marker(&k, v, t, b"GET", b"/"),
+            "{:?}",
+            String::from_utf8_lossy(v)
+        );
+    }
+    // Two copies of one request in the same millisecond carry different markers.
+    assert_ne!(
+        marker(&k, t, 1, b"GET", b"/"),
+        marker(&k, t, 2, b"GET", b"/")
+    );
 }
