@@ -6,7 +6,11 @@
 //! [`Snapshot::from_reading`] builds one from a source's [`Reading`].
 //!
 //! [`interval`] turns two consecutive snapshots into the counts of the time between them; it
-//! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic.
+//! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic. A variant,
+//! or a counter of one, missing from a snapshot or reading zero there is unknown, not reset:
+//! its counts come with the next snapshot that has it, measured from its last known value
+//! ([`baseline`] is what the next interval starts from). A reset is a counter that went down
+//! to a value other than zero.
 
 use std::collections::BTreeMap;
 
@@ -495,29 +499,151 @@ pub struct Interval {
     pub variants: BTreeMap<String, Counters>,
     /// Variants whose counters went down in this interval.
     pub resets: Vec<String>,
+    /// Variants missing from the later snapshot, or reading zero there: unknown this time.
+    pub unknown: Vec<String>,
+}
+
+impl Counters {
+    /// Whether every counter is zero.
+    fn is_zero(&self) -> bool {
+        self.requests == 0
+            && self.responses.values().all(|&v| v == 0)
+            && self.local_replies == 0
+            && self.upstream_resets == 0
+            && self.missing_key == 0
+            && self.latency.is_zero()
+            && self.outcomes.values().all(|&v| v == 0)
+            && self.exposures.unwrap_or(0) == 0
+            && self.prediction.is_zero()
+            && self.shadow.as_ref().is_none_or(ShadowCounters::is_zero)
+    }
+
+    /// `self` with every counter that is missing or zero taken from `earlier` (unknown this
+    /// time, not reset).
+    fn filled_from(&self, earlier: &Counters) -> Counters {
+        let mut c = self.clone();
+        fill(&mut c.requests, earlier.requests);
+        fill_map(&mut c.responses, &earlier.responses);
+        fill(&mut c.local_replies, earlier.local_replies);
+        fill(&mut c.upstream_resets, earlier.upstream_resets);
+        fill(&mut c.missing_key, earlier.missing_key);
+        c.latency.fill(&earlier.latency);
+        fill_map(&mut c.outcomes, &earlier.outcomes);
+        if let Some(e) = earlier.exposures.filter(|&e| e > 0) {
+            fill(c.exposures.get_or_insert(0), e);
+        }
+        c.prediction.fill(&earlier.prediction);
+        match (&mut c.shadow, &earlier.shadow) {
+            (Some(s), Some(e)) => s.fill(e),
+            (None, Some(e)) => c.shadow = Some(e.clone()),
+            _ => {}
+        }
+        c
+    }
+}
+
+fn fill(v: &mut u64, earlier: u64) {
+    if *v == 0 {
+        *v = earlier;
+    }
+}
+
+fn fill_map(m: &mut BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>) {
+    for (k, &e) in earlier {
+        fill(m.entry(k.clone()).or_default(), e);
+    }
+}
+
+impl Histogram {
+    fn is_zero(&self) -> bool {
+        self.count == 0 && self.buckets.iter().all(|b| b.count == 0)
+    }
+
+    fn fill(&mut self, earlier: &Histogram) {
+        if self.is_zero() && !earlier.is_zero() {
+            *self = earlier.clone();
+        }
+    }
+}
+
+impl ShadowCounters {
+    fn is_zero(&self) -> bool {
+        self.requests == 0
+            && self.compared == 0
+            && self.agree.values().all(|&v| v == 0)
+            && self.disagree.values().all(|&v| v == 0)
+            && self.errors == 0
+            && self.timeouts == 0
+            && self.latency.is_zero()
+            && self.deltas.values().all(Histogram::is_zero)
+    }
+
+    fn fill(&mut self, earlier: &ShadowCounters) {
+        fill(&mut self.requests, earlier.requests);
+        fill(&mut self.compared, earlier.compared);
+        fill_map(&mut self.agree, &earlier.agree);
+        fill_map(&mut self.disagree, &earlier.disagree);
+        fill(&mut self.errors, earlier.errors);
+        fill(&mut self.timeouts, earlier.timeouts);
+        self.latency.fill(&earlier.latency);
+        for (k, h) in &earlier.deltas {
+            self.deltas.entry(k.clone()).or_default().fill(h);
+        }
+    }
+}
+
+/// How one variant's counters moved between two snapshots.
+enum Move {
+    /// Counted: the counts, and the variant's counters the next interval starts from.
+    Counted(Counters, Counters),
+    /// Missing or zero in the later snapshot.
+    Unknown,
+    /// A counter went down to a value other than zero: the process counting restarted.
+    Reset,
+}
+
+fn movement(before: Option<&Counters>, now: Option<&Counters>) -> Move {
+    let empty = Counters::default();
+    let Some(now) = now.filter(|n| !n.is_zero()) else {
+        return if before.is_some_and(|b| !b.is_zero()) {
+            Move::Unknown
+        } else {
+            Move::Counted(Counters::default(), now.cloned().unwrap_or_default())
+        };
+    };
+    let before = before.unwrap_or(&empty);
+    let filled = now.filled_from(before);
+    match filled.since(before) {
+        Some(d) => Move::Counted(d, filled),
+        None => Move::Reset,
+    }
 }
 
 /// The counts between `earlier` and `later`, surviving counter resets per `policy`.
+/// `earlier` should be the [`baseline`] the previous interval left, not the raw snapshot.
 pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> Interval {
-    let empty = Counters::default();
     let mut variants = BTreeMap::new();
     let mut resets = Vec::new();
-    for (name, now) in &later.variants {
-        let before = earlier.variants.get(name).unwrap_or(&empty);
-        match now.since(before) {
-            Some(d) => {
-                variants.insert(name.clone(), d);
+    let mut unknown = Vec::new();
+    let names: std::collections::BTreeSet<&String> = earlier
+        .variants
+        .keys()
+        .chain(later.variants.keys())
+        .collect();
+    for name in names {
+        match movement(earlier.variants.get(name), later.variants.get(name)) {
+            Move::Counted(d, _) => {
+                if later.variants.contains_key(name) {
+                    variants.insert(name.clone(), d);
+                }
             }
-            None => {
+            Move::Unknown => unknown.push(name.clone()),
+            Move::Reset => {
                 resets.push(name.clone());
-                variants.insert(name.clone(), now.clone());
+                if let Some(now) = later.variants.get(name) {
+                    variants.insert(name.clone(), now.clone());
+                }
             }
-        }
-    }
-    // A variant that vanished from the later snapshot reset to nothing.
-    for name in earlier.variants.keys() {
-        if !later.variants.contains_key(name) {
-            resets.push(name.clone());
         }
     }
     if !resets.is_empty() && policy == ResetPolicy::Discard {
@@ -530,7 +656,26 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
         to: later.at,
         variants,
         resets,
+        unknown,
     }
+}
+
+/// What the interval after `later` starts from: `later`, with each variant or counter that
+/// is missing or zero there (unknown, see [`interval`]) at its value in `earlier`.
+pub fn baseline(earlier: &Snapshot, later: &Snapshot) -> Snapshot {
+    let mut next = later.clone();
+    for (name, before) in &earlier.variants {
+        match movement(Some(before), later.variants.get(name)) {
+            Move::Counted(_, filled) => {
+                next.variants.insert(name.clone(), filled);
+            }
+            Move::Unknown => {
+                next.variants.insert(name.clone(), before.clone());
+            }
+            Move::Reset => {}
+        }
+    }
+    next
 }
 
 /// Reads the JSON-lines format: one [`Snapshot`] per non-blank line (lines starting with `#`

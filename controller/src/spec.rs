@@ -162,6 +162,9 @@ pub struct EnvoyAdminSpec {
     pub min_healthy: Option<usize>,
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Caps on what one scrape may read (docs/rollout.md, "Sources").
+    #[serde(default)]
+    pub limits: crate::source::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +176,9 @@ pub struct PrometheusSpec {
     pub max_age: Duration,
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Caps on what one scrape may read (docs/rollout.md, "Sources").
+    #[serde(default)]
+    pub limits: crate::source::Limits,
 }
 
 fn default_timeout() -> Duration {

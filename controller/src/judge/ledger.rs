@@ -94,6 +94,8 @@ impl Ledger {
             return Step::OutOfOrder;
         }
         let iv = snapshot::interval(last, snap, policy);
+        // Variants missing from `snap` carry their last known counters into the next interval.
+        let next = snapshot::baseline(last, snap);
         let explicit = snap
             .stage_started_at
             .filter(|&s| s > self.stage_started_at + 1e-9);
@@ -113,7 +115,7 @@ impl Ledger {
             self.stage.add(&iv);
             Step::Counted { resets: iv.resets }
         };
-        self.last = Some(snap.clone());
+        self.last = Some(next);
         step
     }
 }

@@ -147,6 +147,8 @@ fn a_reading_becomes_a_snapshot() {
         ),
     ]);
     let reading = Reading {
+        unidentified: Vec::new(),
+        unknown: 0,
         at: None,
         series,
         restarts: 0,
