@@ -8,9 +8,10 @@
 //! [`interval`] turns two consecutive snapshots into the counts of the time between them; it
 //! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic. A variant,
 //! or a counter of one, missing from a snapshot or reading zero there is unknown, not reset:
-//! its counts come with the next snapshot that has it, measured from its last known value
-//! ([`baseline`] is what the next interval starts from). A reset is a counter that went down
-//! to a value other than zero.
+//! the interval is incomplete ([`Interval::unknown`]), and the judge's ledger skips that
+//! snapshot, so the next complete one spans both intervals for every variant alike. A reset is
+//! a counter that went down to a value other than zero; in a snapshot with a reset, a variant
+//! reading zero was reset too (a restarted proxy counts every variant from zero).
 
 use std::collections::BTreeMap;
 
@@ -499,7 +500,8 @@ pub struct Interval {
     pub variants: BTreeMap<String, Counters>,
     /// Variants whose counters went down in this interval.
     pub resets: Vec<String>,
-    /// Variants missing from the later snapshot, or reading zero there: unknown this time.
+    /// Variants missing from the later snapshot, reading zero there, or with a counter
+    /// missing or zero: this interval's counts are unknown (the snapshot is incomplete).
     pub unknown: Vec<String>,
 }
 
@@ -519,38 +521,43 @@ impl Counters {
     }
 
     /// `self` with every counter that is missing or zero taken from `earlier` (unknown this
-    /// time, not reset).
-    fn filled_from(&self, earlier: &Counters) -> Counters {
+    /// time, not reset), and whether any was.
+    fn filled_from(&self, earlier: &Counters) -> (Counters, bool) {
         let mut c = self.clone();
-        fill(&mut c.requests, earlier.requests);
-        fill_map(&mut c.responses, &earlier.responses);
-        fill(&mut c.local_replies, earlier.local_replies);
-        fill(&mut c.upstream_resets, earlier.upstream_resets);
-        fill(&mut c.missing_key, earlier.missing_key);
-        c.latency.fill(&earlier.latency);
-        fill_map(&mut c.outcomes, &earlier.outcomes);
+        let mut f = false;
+        fill(&mut c.requests, earlier.requests, &mut f);
+        fill_map(&mut c.responses, &earlier.responses, &mut f);
+        fill(&mut c.local_replies, earlier.local_replies, &mut f);
+        fill(&mut c.upstream_resets, earlier.upstream_resets, &mut f);
+        fill(&mut c.missing_key, earlier.missing_key, &mut f);
+        c.latency.fill(&earlier.latency, &mut f);
+        fill_map(&mut c.outcomes, &earlier.outcomes, &mut f);
         if let Some(e) = earlier.exposures.filter(|&e| e > 0) {
-            fill(c.exposures.get_or_insert(0), e);
+            fill(c.exposures.get_or_insert(0), e, &mut f);
         }
-        c.prediction.fill(&earlier.prediction);
+        c.prediction.fill(&earlier.prediction, &mut f);
         match (&mut c.shadow, &earlier.shadow) {
-            (Some(s), Some(e)) => s.fill(e),
-            (None, Some(e)) => c.shadow = Some(e.clone()),
+            (Some(s), Some(e)) => s.fill(e, &mut f),
+            (None, Some(e)) if !e.is_zero() => {
+                c.shadow = Some(e.clone());
+                f = true;
+            }
             _ => {}
         }
-        c
+        (c, f)
     }
 }
 
-fn fill(v: &mut u64, earlier: u64) {
-    if *v == 0 {
+fn fill(v: &mut u64, earlier: u64, filled: &mut bool) {
+    if *v == 0 && earlier > 0 {
         *v = earlier;
+        *filled = true;
     }
 }
 
-fn fill_map(m: &mut BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>) {
-    for (k, &e) in earlier {
-        fill(m.entry(k.clone()).or_default(), e);
+fn fill_map(m: &mut BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>, filled: &mut bool) {
+    for (k, &e) in earlier.iter().filter(|(_, &e)| e > 0) {
+        fill(m.entry(k.clone()).or_default(), e, filled);
     }
 }
 
@@ -559,8 +566,11 @@ impl Histogram {
         self.count == 0 && self.buckets.iter().all(|b| b.count == 0)
     }
 
-    fn fill(&mut self, earlier: &Histogram) {
-        if self.is_zero() && !earlier.is_zero() {
+    /// An empty histogram takes `earlier`'s place: its counts if it had any (unknown this
+    /// time), its bounds otherwise (nothing observed yet is no change of layout).
+    fn fill(&mut self, earlier: &Histogram, filled: &mut bool) {
+        if self.is_zero() && (!earlier.is_zero() || self.buckets.is_empty()) {
+            *filled |= !earlier.is_zero();
             *self = earlier.clone();
         }
     }
@@ -578,25 +588,24 @@ impl ShadowCounters {
             && self.deltas.values().all(Histogram::is_zero)
     }
 
-    fn fill(&mut self, earlier: &ShadowCounters) {
-        fill(&mut self.requests, earlier.requests);
-        fill(&mut self.compared, earlier.compared);
-        fill_map(&mut self.agree, &earlier.agree);
-        fill_map(&mut self.disagree, &earlier.disagree);
-        fill(&mut self.errors, earlier.errors);
-        fill(&mut self.timeouts, earlier.timeouts);
-        self.latency.fill(&earlier.latency);
-        for (k, h) in &earlier.deltas {
-            self.deltas.entry(k.clone()).or_default().fill(h);
+    fn fill(&mut self, earlier: &ShadowCounters, f: &mut bool) {
+        fill(&mut self.requests, earlier.requests, f);
+        fill(&mut self.compared, earlier.compared, f);
+        fill_map(&mut self.agree, &earlier.agree, f);
+        fill_map(&mut self.disagree, &earlier.disagree, f);
+        fill(&mut self.errors, earlier.errors, f);
+        fill(&mut self.timeouts, earlier.timeouts, f);
+        self.latency.fill(&earlier.latency, f);
+        for (k, h) in earlier.deltas.iter().filter(|(_, h)| !h.is_zero()) {
+            self.deltas.entry(k.clone()).or_default().fill(h, f);
         }
     }
 }
 
 /// How one variant's counters moved between two snapshots.
 enum Move {
-    /// Counted: the counts, and the variant's counters the next interval starts from.
-    Counted(Counters, Counters),
-    /// Missing or zero in the later snapshot.
+    Counted(Counters),
+    /// Missing, zero, or with a counter missing or zero, in the later snapshot.
     Unknown,
     /// A counter went down to a value other than zero: the process counting restarted.
     Reset,
@@ -604,23 +613,19 @@ enum Move {
 
 fn movement(before: Option<&Counters>, now: Option<&Counters>) -> Move {
     let empty = Counters::default();
-    let Some(now) = now.filter(|n| !n.is_zero()) else {
-        return if before.is_some_and(|b| !b.is_zero()) {
-            Move::Unknown
-        } else {
-            Move::Counted(Counters::default(), now.cloned().unwrap_or_default())
-        };
-    };
     let before = before.unwrap_or(&empty);
-    let filled = now.filled_from(before);
+    let now = now.unwrap_or(&empty);
+    let (filled, unknown) = now.filled_from(before);
     match filled.since(before) {
-        Some(d) => Move::Counted(d, filled),
         None => Move::Reset,
+        Some(_) if unknown => Move::Unknown,
+        Some(d) => Move::Counted(d),
     }
 }
 
-/// The counts between `earlier` and `later`, surviving counter resets per `policy`.
-/// `earlier` should be the [`baseline`] the previous interval left, not the raw snapshot.
+/// The counts between `earlier` and `later`, surviving counter resets per `policy`. When
+/// [`Interval::unknown`] is not empty the counts are incomplete and should not be used:
+/// the next snapshot is to be compared with `earlier` instead.
 pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> Interval {
     let mut variants = BTreeMap::new();
     let mut resets = Vec::new();
@@ -632,23 +637,34 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
         .collect();
     for name in names {
         match movement(earlier.variants.get(name), later.variants.get(name)) {
-            Move::Counted(d, _) => {
+            Move::Counted(d) => {
                 if later.variants.contains_key(name) {
                     variants.insert(name.clone(), d);
                 }
             }
             Move::Unknown => unknown.push(name.clone()),
-            Move::Reset => {
-                resets.push(name.clone());
-                if let Some(now) = later.variants.get(name) {
-                    variants.insert(name.clone(), now.clone());
-                }
-            }
+            Move::Reset => resets.push(name.clone()),
         }
     }
-    if !resets.is_empty() && policy == ResetPolicy::Discard {
-        for c in variants.values_mut() {
-            *c = Counters::default();
+    if !resets.is_empty() {
+        // The proxy restarted: a variant reading zero, or missing a counter, was reset with
+        // the rest; only one missing altogether stays unknown.
+        let (absent, zeroed): (Vec<String>, Vec<String>) = unknown
+            .into_iter()
+            .partition(|name| !later.variants.contains_key(name));
+        unknown = absent;
+        resets.extend(zeroed);
+        resets.sort();
+        for name in &resets {
+            variants.insert(
+                name.clone(),
+                later.variants.get(name).cloned().unwrap_or_default(),
+            );
+        }
+        if policy == ResetPolicy::Discard {
+            for c in variants.values_mut() {
+                *c = Counters::default();
+            }
         }
     }
     Interval {
@@ -658,24 +674,6 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
         resets,
         unknown,
     }
-}
-
-/// What the interval after `later` starts from: `later`, with each variant or counter that
-/// is missing or zero there (unknown, see [`interval`]) at its value in `earlier`.
-pub fn baseline(earlier: &Snapshot, later: &Snapshot) -> Snapshot {
-    let mut next = later.clone();
-    for (name, before) in &earlier.variants {
-        match movement(Some(before), later.variants.get(name)) {
-            Move::Counted(_, filled) => {
-                next.variants.insert(name.clone(), filled);
-            }
-            Move::Unknown => {
-                next.variants.insert(name.clone(), before.clone());
-            }
-            Move::Reset => {}
-        }
-    }
-    next
 }
 
 /// Reads the JSON-lines format: one [`Snapshot`] per non-blank line (lines starting with `#`

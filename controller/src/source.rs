@@ -485,4 +485,4 @@ impl Accumulator {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
