@@ -805,4 +805,176 @@ mod tests {
             .iter()
             .all(|o| o.ids.len() == 1 && o.ids[0] != a.ids[0]));
     }
+
+    /// A stand-in endpoint that answers every request with status 200, `content_type`, and
+    /// the bytes `body` writes (then closes the connection).
+    async fn raw_endpoint<F, Fut>(content_type: &'static str, body: F) -> String
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            panic!("no loopback listener");
+        };
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let body = Arc::new(body);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n"
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_ok() {
+                        body(stream).await;
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn fixed(
+        text: String,
+    ) -> impl Fn(
+        tokio::net::TcpStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+           + Send
+           + Sync
+           + 'static {
+        let text: Arc<str> = Arc::from(text);
+        move |mut stream| {
+            let text = text.clone();
+            Box::pin(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(text.as_bytes()).await;
+            })
+        }
+    }
+
+    async fn error_of(source: &EnvoyAdmin, experiment: &str) -> String {
+        match source.scrape(experiment).await {
+            Ok(s) => panic!("expected an error, got {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn source(url: String) -> EnvoyAdmin {
+        EnvoyAdmin::new(&[url], Duration::from_secs(2), None)
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_expositions_are_errors_that_say_why() {
+        let html = raw_endpoint("text/html", fixed("<html><body>hi</body></html>\n".into())).await;
+        let e = error_of(&source(html), "bad-html").await;
+        assert!(e.contains("not a Prometheus exposition"), "{e}");
+
+        let garbage = raw_endpoint("text/plain", fixed("hello world\n<p>\n".into())).await;
+        let e = error_of(&source(garbage), "bad-garbage").await;
+        assert!(e.contains("not a Prometheus sample"), "{e}");
+
+        let nan = raw_endpoint(
+            "text/plain",
+            fixed("sluice_requests_total{experiment=\"bad-nan\",variant=\"canary\"} NaN\n".into()),
+        )
+        .await;
+        let e = error_of(&source(nan), "bad-nan").await;
+        assert!(e.contains("not a count"), "{e}");
+        let inf = raw_endpoint(
+            "text/plain",
+            fixed("sluice_responses_total{experiment=\"bad-inf\",variant=\"canary\",class=\"5xx\"} +Inf\n".into()),
+        )
+        .await;
+        let e = error_of(&source(inf), "bad-inf").await;
+        assert!(e.contains("not a count"), "{e}");
+
+        // What Envoy writes without the filter's stats_tags.
+        let untagged = raw_endpoint(
+            "text/plain",
+            fixed("sluice_requests_total_experiment___bad_tags__variant___canary_ 5\n".into()),
+        )
+        .await;
+        let e = error_of(&source(untagged), "bad-tags").await;
+        assert!(
+            e.contains("without experiment/variant labels") && e.contains("stats_tags"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn caps_on_line_length_series_and_body_fail_the_scrape_naming_them() {
+        let endless = raw_endpoint(
+            "text/plain",
+            |mut stream: tokio::net::TcpStream| async move {
+                use tokio::io::AsyncWriteExt;
+                let chunk = vec![b'a'; 64 << 10];
+                let _ = stream
+                    .write_all(b"sluice_requests_total{experiment=\"")
+                    .await;
+                while stream.write_all(&chunk).await.is_ok() {}
+            },
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let e = error_of(&source(endless), "cap-line").await;
+        assert!(e.contains("maxLineBytes"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let many: String = (0..30_000)
+            .map(|i| {
+                format!("sluice_requests_total{{experiment=\"cap-series\",variant=\"v{i}\"}} 1\n")
+            })
+            .collect();
+        let many = raw_endpoint("text/plain", fixed(many)).await;
+        // Counted whether kept or not (here none is: no such variants).
+        let stable = ["stable".to_string()];
+        let e = error_of(&source(many.clone()).variants(&stable), "cap-series").await;
+        assert!(e.contains("maxSeries"), "{e}");
+        let small = Limits {
+            max_body_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let e = error_of(&source(many).variants(&stable).limits(small), "cap-series").await;
+        assert!(e.contains("maxBodyBytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn only_the_experiments_own_variants_are_kept_and_the_others_counted() {
+        let body: String = ["stable", "canary"]
+            .iter()
+            .map(|v| format!("sluice_requests_total{{experiment=\"own\",variant=\"{v}\"}} 7\n"))
+            .chain((0..5000).map(|i| {
+                format!("sluice_requests_total{{experiment=\"own\",variant=\"new{i}\"}} 1\n")
+            }))
+            .collect();
+        let url = raw_endpoint("text/plain", fixed(body)).await;
+        let source = source(url).variants(&["stable".into(), "canary".into()]);
+        let before = series::interned();
+        let scrape = source.scrape("own").await.unwrap_or_default();
+        let [origin] = scrape.as_slice() else {
+            panic!("one origin expected: {scrape:?}");
+        };
+        assert_eq!((origin.values.len(), origin.unknown), (2, 5000));
+        // Other tests intern series concurrently, but far fewer than the 5000 left out.
+        assert!(series::interned() < before + 1000);
+    }
 }

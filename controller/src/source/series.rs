@@ -345,6 +345,11 @@ pub fn slot_of(
     Ok(Ok(slot))
 }
 
+/// Distinct series texts interned so far (see [`MAX_INTERNED`]).
+pub fn interned() -> usize {
+    read().by_text.len()
+}
+
 /// The number of experiment `name`.
 pub fn experiment(name: &str) -> ExperimentId {
     if let Some(&e) = read().experiments.get(name) {
