@@ -506,20 +506,6 @@ pub struct Interval {
 }
 
 impl Counters {
-    /// Whether every counter is zero.
-    fn is_zero(&self) -> bool {
-        self.requests == 0
-            && self.responses.values().all(|&v| v == 0)
-            && self.local_replies == 0
-            && self.upstream_resets == 0
-            && self.missing_key == 0
-            && self.latency.is_zero()
-            && self.outcomes.values().all(|&v| v == 0)
-            && self.exposures.unwrap_or(0) == 0
-            && self.prediction.is_zero()
-            && self.shadow.as_ref().is_none_or(ShadowCounters::is_zero)
-    }
-
     /// `self` with every counter that is missing or zero taken from `earlier` (unknown this
     /// time, not reset), and whether any was.
     fn filled_from(&self, earlier: &Counters) -> (Counters, bool) {

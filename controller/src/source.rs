@@ -280,29 +280,43 @@ impl OriginState {
                 p.epoch, id.hot_restart_epoch
             ));
         }
+        // A process that started after the last answer came (as far as whole seconds of an
+        // uptime refreshed at each stats flush tell) may be a restart; one that started
+        // before cannot be: it was running alongside the one that answered.
+        let started = at - id.uptime;
+        let fresh = started + START_SLACK >= p.seen_at;
+        let other = |what: String| {
+            Step::Broken(format!(
+                "{ALTERNATES}: {what}; point the source at each proxy's own admin address"
+            ))
+        };
         if id.uptime < p.uptime {
-            let started = at - id.uptime;
-            if started + START_SLACK >= p.seen_at {
+            if fresh {
                 return Step::Restart;
             }
-            return Step::Broken(format!(
-                "{ALTERNATES}: a proxy up {}s answered after one up {}s, {:.0}s earlier (it started before the other was last seen, so it is not a restart); point the source at each proxy's own admin address",
+            return other(format!(
+                "a proxy up {}s answered after one up {}s, {:.0}s earlier (it started before the other was last seen, so it is not a restart)",
                 id.uptime,
                 p.uptime,
                 at - p.seen_at
             ));
         }
         if id.uptime - p.uptime > (at - p.seen_at) + FLUSH_SLACK {
-            return Step::Broken(format!(
-                "{ALTERNATES}: uptime went from {}s to {}s in {:.0}s; point the source at each proxy's own admin address",
+            return other(format!(
+                "uptime went from {}s to {}s in {:.0}s",
                 p.uptime,
                 id.uptime,
                 at - p.seen_at
             ));
         }
         if went_down {
-            return Step::Broken(format!(
-                "{ALTERNATES}, or its counters were reset: counters went down while the proxy's uptime kept rising ({}s to {}s)",
+            // Uptime did not go down, yet counters did: a restart soon after the last answer
+            // (the new process is already older than the old one was), or another proxy.
+            if fresh {
+                return Step::Restart;
+            }
+            return other(format!(
+                "counters went down while the proxy's uptime kept rising ({}s to {}s; or its counters were reset)",
                 p.uptime, id.uptime
             ));
         }

@@ -329,3 +329,15 @@ fn accumulated_totals_match_the_truth_over_random_histories() {
         assert!(restarts > 0 || seed > 0);
     }
 }
+
+#[test]
+fn a_restart_soon_after_the_last_answer_is_a_restart_though_uptime_grew() {
+    let mut acc = Accumulator::default();
+    // Seen up 2 s at t = 0; restarted at t = 1; seen up 9 s at t = 10, counters lower.
+    add(&mut acc, &[told(scrape("a", 100.0, 0.0), 2.0, 0.0)]);
+    let r = add(&mut acc, &[told(scrape("a", 30.0, 0.0), 9.0, 10.0)]);
+    assert_eq!(
+        (r.restarts, r.sum("sluice_requests_total", &[])),
+        (1, 130.0)
+    );
+}
