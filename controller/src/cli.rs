@@ -127,7 +127,14 @@ where
         }
         let spec = &checked.rollout.spec;
         let source = match spec.sources.as_slice() {
-            [one] => AnySource::from_spec(one, &hub, spec.schedule.interval),
+            [one] => AnySource::from_spec(one, &hub, spec.schedule.interval).variants(
+                &spec
+                    .experiment
+                    .variants
+                    .iter()
+                    .map(|v| v.name.clone())
+                    .collect::<Vec<_>>(),
+            ),
             _ => bail!(
                 "{}: spec.sources: exactly one source is supported for now",
                 f.display()

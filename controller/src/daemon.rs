@@ -109,16 +109,23 @@ impl AnySource {
     /// share their requests through `hub` (one per controller).
     pub fn from_spec(spec: &SourceSpec, hub: &Arc<AdminHub>, interval: Duration) -> AnySource {
         match spec {
-            SourceSpec::EnvoyAdmin(a) => AnySource::EnvoyAdmin(EnvoyAdmin::shared(
-                hub,
-                &a.endpoints,
-                a.timeout,
-                a.min_healthy,
-                interval,
-            )),
-            SourceSpec::Prometheus(p) => {
-                AnySource::Prometheus(Prometheus::new(&p.url, p.timeout, p.max_age))
-            }
+            SourceSpec::EnvoyAdmin(a) => AnySource::EnvoyAdmin(
+                EnvoyAdmin::shared(hub, &a.endpoints, a.timeout, a.min_healthy, interval)
+                    .limits(a.limits),
+            ),
+            SourceSpec::Prometheus(p) => AnySource::Prometheus(
+                Prometheus::new(&p.url, p.timeout, p.max_age).limits(p.limits),
+            ),
+        }
+    }
+}
+
+impl AnySource {
+    /// This source keeping only the series of `variants` (the experiment's).
+    pub fn variants(self, variants: &[String]) -> AnySource {
+        match self {
+            AnySource::EnvoyAdmin(s) => AnySource::EnvoyAdmin(s.variants(variants)),
+            AnySource::Prometheus(s) => AnySource::Prometheus(s.variants(variants)),
         }
     }
 }
@@ -533,9 +540,10 @@ where
         let experiment = spec.experiment.name.clone();
         let now = self.task.clock.now();
         let scraped = self.task.source.scrape(&experiment).await;
+        // An origin whose answers come from different proxies is an error too.
+        let scraped = scraped.and_then(|s| self.accumulator.add(SystemTime::now(), &s));
         let (assessment, data_at) = match scraped {
-            Ok(scrapes) => {
-                let reading = self.accumulator.add(SystemTime::now(), &scrapes);
+            Ok(reading) => {
                 self.status.observed_requests = observed_requests(&reading, &experiment);
                 self.status.proxy_restarts = reading.restarts;
                 let ctx = Context {

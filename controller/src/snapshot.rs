@@ -6,7 +6,12 @@
 //! [`Snapshot::from_reading`] builds one from a source's [`Reading`].
 //!
 //! [`interval`] turns two consecutive snapshots into the counts of the time between them; it
-//! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic.
+//! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic. A variant,
+//! or a counter of one, missing from a snapshot or reading zero there is unknown, not reset:
+//! the interval is incomplete ([`Interval::unknown`]), and the judge's ledger skips that
+//! snapshot, so the next complete one spans both intervals for every variant alike. A reset is
+//! a counter that went down to a value other than zero; in a snapshot with a reset, a variant
+//! reading zero was reset too (a restarted proxy counts every variant from zero).
 
 use std::collections::BTreeMap;
 
@@ -495,34 +500,157 @@ pub struct Interval {
     pub variants: BTreeMap<String, Counters>,
     /// Variants whose counters went down in this interval.
     pub resets: Vec<String>,
+    /// Variants missing from the later snapshot, reading zero there, or with a counter
+    /// missing or zero: this interval's counts are unknown (the snapshot is incomplete).
+    pub unknown: Vec<String>,
 }
 
-/// The counts between `earlier` and `later`, surviving counter resets per `policy`.
-pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> Interval {
+impl Counters {
+    /// `self` with every counter that is missing or zero taken from `earlier` (unknown this
+    /// time, not reset), and whether any was.
+    fn filled_from(&self, earlier: &Counters) -> (Counters, bool) {
+        let mut c = self.clone();
+        let mut f = false;
+        fill(&mut c.requests, earlier.requests, &mut f);
+        fill_map(&mut c.responses, &earlier.responses, &mut f);
+        fill(&mut c.local_replies, earlier.local_replies, &mut f);
+        fill(&mut c.upstream_resets, earlier.upstream_resets, &mut f);
+        fill(&mut c.missing_key, earlier.missing_key, &mut f);
+        c.latency.fill(&earlier.latency, &mut f);
+        fill_map(&mut c.outcomes, &earlier.outcomes, &mut f);
+        if let Some(e) = earlier.exposures.filter(|&e| e > 0) {
+            fill(c.exposures.get_or_insert(0), e, &mut f);
+        }
+        c.prediction.fill(&earlier.prediction, &mut f);
+        match (&mut c.shadow, &earlier.shadow) {
+            (Some(s), Some(e)) => s.fill(e, &mut f),
+            (None, Some(e)) if !e.is_zero() => {
+                c.shadow = Some(e.clone());
+                f = true;
+            }
+            _ => {}
+        }
+        (c, f)
+    }
+}
+
+fn fill(v: &mut u64, earlier: u64, filled: &mut bool) {
+    if *v == 0 && earlier > 0 {
+        *v = earlier;
+        *filled = true;
+    }
+}
+
+fn fill_map(m: &mut BTreeMap<String, u64>, earlier: &BTreeMap<String, u64>, filled: &mut bool) {
+    for (k, &e) in earlier.iter().filter(|(_, &e)| e > 0) {
+        fill(m.entry(k.clone()).or_default(), e, filled);
+    }
+}
+
+impl Histogram {
+    fn is_zero(&self) -> bool {
+        self.count == 0 && self.buckets.iter().all(|b| b.count == 0)
+    }
+
+    /// An empty histogram takes `earlier`'s place: its counts if it had any (unknown this
+    /// time), its bounds otherwise (nothing observed yet is no change of layout).
+    fn fill(&mut self, earlier: &Histogram, filled: &mut bool) {
+        if self.is_zero() && (!earlier.is_zero() || self.buckets.is_empty()) {
+            *filled |= !earlier.is_zero();
+            *self = earlier.clone();
+        }
+    }
+}
+
+impl ShadowCounters {
+    fn is_zero(&self) -> bool {
+        self.requests == 0
+            && self.compared == 0
+            && self.agree.values().all(|&v| v == 0)
+            && self.disagree.values().all(|&v| v == 0)
+            && self.errors == 0
+            && self.timeouts == 0
+            && self.latency.is_zero()
+            && self.deltas.values().all(Histogram::is_zero)
+    }
+
+    fn fill(&mut self, earlier: &ShadowCounters, f: &mut bool) {
+        fill(&mut self.requests, earlier.requests, f);
+        fill(&mut self.compared, earlier.compared, f);
+        fill_map(&mut self.agree, &earlier.agree, f);
+        fill_map(&mut self.disagree, &earlier.disagree, f);
+        fill(&mut self.errors, earlier.errors, f);
+        fill(&mut self.timeouts, earlier.timeouts, f);
+        self.latency.fill(&earlier.latency, f);
+        for (k, h) in earlier.deltas.iter().filter(|(_, h)| !h.is_zero()) {
+            self.deltas.entry(k.clone()).or_default().fill(h, f);
+        }
+    }
+}
+
+/// How one variant's counters moved between two snapshots.
+enum Move {
+    Counted(Counters),
+    /// Missing, zero, or with a counter missing or zero, in the later snapshot.
+    Unknown,
+    /// A counter went down to a value other than zero: the process counting restarted.
+    Reset,
+}
+
+fn movement(before: Option<&Counters>, now: Option<&Counters>) -> Move {
     let empty = Counters::default();
+    let before = before.unwrap_or(&empty);
+    let now = now.unwrap_or(&empty);
+    let (filled, unknown) = now.filled_from(before);
+    match filled.since(before) {
+        None => Move::Reset,
+        Some(_) if unknown => Move::Unknown,
+        Some(d) => Move::Counted(d),
+    }
+}
+
+/// The counts between `earlier` and `later`, surviving counter resets per `policy`. When
+/// [`Interval::unknown`] is not empty the counts are incomplete and should not be used:
+/// the next snapshot is to be compared with `earlier` instead.
+pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> Interval {
     let mut variants = BTreeMap::new();
     let mut resets = Vec::new();
-    for (name, now) in &later.variants {
-        let before = earlier.variants.get(name).unwrap_or(&empty);
-        match now.since(before) {
-            Some(d) => {
-                variants.insert(name.clone(), d);
+    let mut unknown = Vec::new();
+    let names: std::collections::BTreeSet<&String> = earlier
+        .variants
+        .keys()
+        .chain(later.variants.keys())
+        .collect();
+    for name in names {
+        match movement(earlier.variants.get(name), later.variants.get(name)) {
+            Move::Counted(d) => {
+                if later.variants.contains_key(name) {
+                    variants.insert(name.clone(), d);
+                }
             }
-            None => {
-                resets.push(name.clone());
-                variants.insert(name.clone(), now.clone());
-            }
+            Move::Unknown => unknown.push(name.clone()),
+            Move::Reset => resets.push(name.clone()),
         }
     }
-    // A variant that vanished from the later snapshot reset to nothing.
-    for name in earlier.variants.keys() {
-        if !later.variants.contains_key(name) {
-            resets.push(name.clone());
+    if !resets.is_empty() {
+        // The proxy restarted: a variant reading zero, or missing a counter, was reset with
+        // the rest; only one missing altogether stays unknown.
+        let (absent, zeroed): (Vec<String>, Vec<String>) = unknown
+            .into_iter()
+            .partition(|name| !later.variants.contains_key(name));
+        unknown = absent;
+        resets.extend(zeroed);
+        resets.sort();
+        for name in &resets {
+            variants.insert(
+                name.clone(),
+                later.variants.get(name).cloned().unwrap_or_default(),
+            );
         }
-    }
-    if !resets.is_empty() && policy == ResetPolicy::Discard {
-        for c in variants.values_mut() {
-            *c = Counters::default();
+        if policy == ResetPolicy::Discard {
+            for c in variants.values_mut() {
+                *c = Counters::default();
+            }
         }
     }
     Interval {
@@ -530,6 +658,7 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
         to: later.at,
         variants,
         resets,
+        unknown,
     }
 }
 

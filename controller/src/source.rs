@@ -1,17 +1,24 @@
 //! Sources of per-variant counters: where the controller reads what the filter counted.
 //!
 //! A source returns series values per origin (one Envoy, or one Prometheus target), the series
-//! named by [`SeriesId`]s (see [`series`]). The [`Accumulator`] turns those into counters that
-//! never go down: when any counter of an origin decreases, that origin restarted, so
-//! everything it had counted before is carried forward instead of being read as negative
-//! traffic. The sum over origins is a [`Reading`]: what the judge works on. A source that
-//! cannot answer, or whose data is stale, returns an error; the rollout then sees "no data"
-//! and holds.
+//! named by [`SeriesId`]s (see [`series`]), with the proxy's identity when it tells it (its
+//! uptime and hot-restart epoch, see [`Identity`]). The [`Accumulator`] turns those into
+//! counters that never go down: when an origin's process restarted, everything it had counted
+//! before is carried forward instead of being read as negative traffic. A restart is told by
+//! the identity (uptime back to a small value, a process that started after the last one was
+//! last seen); only an origin without one falls back to "a counter went down". A series
+//! missing from one scrape is not a restart: its last value stands. An endpoint whose answers
+//! come from different proxies in turn is an error, never a string of restarts. The sum over
+//! origins is a [`Reading`]: what the judge works on. A source that cannot answer, whose data
+//! is stale, or whose answer is not what a proxy writes, returns an error; the rollout then
+//! sees "no data" and holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 pub mod envoy_admin;
 pub mod exposition;
@@ -20,6 +27,101 @@ pub mod series;
 
 pub use exposition::Sample;
 pub use series::{SeriesId, SeriesKey};
+
+/// Bounds on what one scrape may make the controller read and hold (a source's `limits`):
+/// past one the scrape fails, naming it, and the rollout holds. The defaults are far above
+/// what the filter writes (a few hundred series per experiment, lines of about 200 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", try_from = "RawLimits")]
+pub struct Limits {
+    /// Longest line of a text exposition (a protobuf metric family may take the larger of
+    /// this and 4 MiB).
+    pub max_line_bytes: usize,
+    /// Largest answer: one Envoy's, or one Prometheus query's.
+    pub max_body_bytes: u64,
+    /// Most `sluice_` series in one answer, kept or not.
+    pub max_series: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_line_bytes: 8 << 10,
+            max_body_bytes: 32 << 20,
+            max_series: 20_000,
+        }
+    }
+}
+
+/// [`Limits`] as written, before its ranges are checked.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct RawLimits {
+    max_line_bytes: usize,
+    max_body_bytes: u64,
+    max_series: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> RawLimits {
+        let d = Limits::default();
+        RawLimits {
+            max_line_bytes: d.max_line_bytes,
+            max_body_bytes: d.max_body_bytes,
+            max_series: d.max_series,
+        }
+    }
+}
+
+impl TryFrom<RawLimits> for Limits {
+    type Error = String;
+
+    fn try_from(r: RawLimits) -> Result<Limits, String> {
+        let check = |field: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{field}: {v} is outside {lo}..={hi}"))
+            }
+        };
+        check("maxLineBytes", r.max_line_bytes as u64, 256, 16 << 20)?;
+        check("maxBodyBytes", r.max_body_bytes, 64 << 10, 1 << 30)?;
+        check(
+            "maxSeries",
+            r.max_series as u64,
+            100,
+            series::MAX_INTERNED as u64,
+        )?;
+        Ok(Limits {
+            max_line_bytes: r.max_line_bytes,
+            max_body_bytes: r.max_body_bytes,
+            max_series: r.max_series,
+        })
+    }
+}
+
+impl Limits {
+    /// The readers' form.
+    pub fn caps(&self) -> exposition::Caps {
+        exposition::Caps {
+            line_bytes: self.max_line_bytes,
+            body_bytes: self.max_body_bytes,
+            series: self.max_series,
+        }
+    }
+}
+
+/// What an origin's proxy says about itself: which process answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Identity {
+    /// Seconds the process has been up (Envoy's `server.uptime`; refreshed at each stats
+    /// flush, so it may lag by up to the flush interval).
+    pub uptime: f64,
+    /// Envoy's `server.hot_restart_epoch`: goes up by one at each hot restart.
+    pub hot_restart_epoch: f64,
+    /// When the answer was asked for.
+    pub at: SystemTime,
+}
 
 /// The series values of one origin at one scrape.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +134,11 @@ pub struct OriginScrape {
     pub ids: Arc<[SeriesId]>,
     /// Shared: one Envoy answer serves every rollout reading it.
     pub values: Arc<Vec<f64>>,
+    /// The proxy's identity, if the answer told it.
+    pub identity: Option<Identity>,
+    /// Series of the answer not kept (other experiments' or variants the experiment does not
+    /// have).
+    pub unknown: usize,
 }
 
 impl OriginScrape {
@@ -44,6 +151,8 @@ impl OriginScrape {
                 .map(|s| series::intern(SeriesKey::of(s)))
                 .collect(),
             values: Arc::new(samples.iter().map(|s| s.value).collect()),
+            identity: None,
+            unknown: 0,
         }
     }
 }
@@ -61,11 +170,13 @@ pub enum SourceError {
     },
     #[error("{origin}: {reason}")]
     Invalid { origin: String, reason: String },
-    #[error("{healthy} of {total} origins answered; at least {needed} are required")]
+    #[error("{healthy} of {total} origins answered; at least {needed} are required (first failure: {first})")]
     TooFewOrigins {
         healthy: usize,
         total: usize,
         needed: usize,
+        /// Why the first origin that failed did.
+        first: String,
     },
 }
 
@@ -86,6 +197,11 @@ pub struct Reading {
     pub series: BTreeMap<Arc<SeriesKey>, f64>,
     /// Origin restarts detected so far, all origins together.
     pub restarts: u64,
+    /// Origins that did not tell their identity: their restarts are told by counters going
+    /// down, which cannot tell a restart from another proxy answering.
+    pub unidentified: Vec<Arc<str>>,
+    /// Series read in the last scrape but not kept (unknown variants or experiments).
+    pub unknown: usize,
 }
 
 impl Reading {
@@ -99,13 +215,119 @@ impl Reading {
     }
 }
 
-/// One origin's counters, by local series index (see [`Accumulator`]); a series the origin
-/// has not reported counts as 0.
+/// A process start later than this before the last answer of the previous process is still
+/// a restart (uptime is whole seconds, and answer and clock differ by a little).
+const START_SLACK: f64 = 2.0;
+
+/// How much faster than the clock one process' uptime may seem to advance: it is refreshed
+/// at each stats flush, so a stale reading followed by a fresh one jumps by up to the flush
+/// interval.
+const FLUSH_SLACK: f64 = 60.0;
+
+/// The process an origin's answers came from lately.
+#[derive(Debug, Clone, Copy)]
+struct Process {
+    uptime: f64,
+    epoch: f64,
+    /// When it was last seen (Unix seconds).
+    seen_at: f64,
+}
+
+/// One origin's counters, by local series index (see [`Accumulator`]).
 #[derive(Debug, Default)]
 struct OriginState {
+    /// Last value of each series (`NaN`: never seen since the process started).
     last: Vec<f64>,
     carried: Vec<f64>,
     restarts: u64,
+    process: Option<Process>,
+    /// Why this origin's answers cannot be counted any more: once answers from two proxies
+    /// were mixed, no later answer can be told apart.
+    broken: Option<String>,
+}
+
+/// How an origin's new answer relates to its last one.
+enum Step {
+    Same,
+    Restart,
+    Broken(String),
+}
+
+const ALTERNATES: &str = "endpoint alternates between proxies";
+
+impl OriginState {
+    /// Classifies a scrape with values `current` (`NaN`: absent) and identity `identity`.
+    fn step(&self, current: &[f64], identity: Option<&Identity>) -> Step {
+        let went_down = self
+            .last
+            .iter()
+            .zip(current)
+            .any(|(old, new)| !new.is_nan() && new < old);
+        let (Some(id), Some(p)) = (identity, self.process) else {
+            return if went_down && identity.is_none() {
+                Step::Restart
+            } else {
+                Step::Same
+            };
+        };
+        let at = unix(id.at);
+        if id.hot_restart_epoch > p.epoch {
+            return Step::Restart;
+        }
+        if id.hot_restart_epoch < p.epoch {
+            return Step::Broken(format!(
+                "{ALTERNATES}: the hot-restart epoch went back from {} to {}",
+                p.epoch, id.hot_restart_epoch
+            ));
+        }
+        // A process that started after the last answer came (as far as whole seconds of an
+        // uptime refreshed at each stats flush tell) may be a restart; one that started
+        // before cannot be: it was running alongside the one that answered.
+        let started = at - id.uptime;
+        let fresh = started + START_SLACK >= p.seen_at;
+        let other = |what: String| {
+            Step::Broken(format!(
+                "{ALTERNATES}: {what}; point the source at each proxy's own admin address"
+            ))
+        };
+        if id.uptime < p.uptime {
+            if fresh {
+                return Step::Restart;
+            }
+            return other(format!(
+                "a proxy up {}s answered after one up {}s, {:.0}s earlier (it started before the other was last seen, so it is not a restart)",
+                id.uptime,
+                p.uptime,
+                at - p.seen_at
+            ));
+        }
+        if id.uptime - p.uptime > (at - p.seen_at) + FLUSH_SLACK {
+            return other(format!(
+                "uptime went from {}s to {}s in {:.0}s",
+                p.uptime,
+                id.uptime,
+                at - p.seen_at
+            ));
+        }
+        if went_down {
+            // Uptime did not go down, yet counters did: a restart soon after the last answer
+            // (the new process is already older than the old one was), or another proxy.
+            if fresh {
+                return Step::Restart;
+            }
+            return other(format!(
+                "counters went down while the proxy's uptime kept rising ({}s to {}s; or its counters were reset)",
+                p.uptime, id.uptime
+            ));
+        }
+        Step::Same
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 /// Restart-proof accumulation of counters per origin.
@@ -148,9 +370,18 @@ impl Accumulator {
 
     /// Folds in one scrape and returns the summed, monotone reading. Origins absent from
     /// `scrapes` keep contributing their last values (the source decides whether too many
-    /// are missing).
-    pub fn add(&mut self, at: SystemTime, scrapes: &[OriginScrape]) -> Reading {
+    /// are missing), and so do series absent from an origin's scrape. An error when an
+    /// origin's answers came from different proxies (from then on, for good): the other
+    /// origins are still folded in.
+    pub fn add(
+        &mut self,
+        at: SystemTime,
+        scrapes: &[OriginScrape],
+    ) -> Result<Reading, SourceError> {
+        let mut failure = None;
+        let mut unknown = 0;
         for scrape in scrapes {
+            unknown += scrape.unknown;
             let (mut ids, mut locals) = std::mem::take(&mut self.locals);
             if !Arc::ptr_eq(&ids, &scrape.ids) {
                 ids = scrape.ids.clone();
@@ -161,10 +392,11 @@ impl Accumulator {
             }
             let mut current = std::mem::take(&mut self.current);
             current.clear();
-            current.resize(self.keys.len(), 0.0);
+            current.resize(self.keys.len(), f64::NAN);
             for (&l, &value) in locals.iter().zip(scrape.values.iter()) {
                 if l != NOT_LOCAL && value.is_finite() {
-                    current[l] += value;
+                    let c = &mut current[l];
+                    *c = if c.is_nan() { value } else { *c + value };
                 }
             }
             self.locals = (ids, locals);
@@ -178,40 +410,84 @@ impl Accumulator {
                 }
             };
             let state = &mut self.origins[o];
-            // A series that went down, or vanished, means the origin restarted.
-            let restarted = state
-                .last
-                .iter()
-                .enumerate()
-                .any(|(l, old)| current.get(l).copied().unwrap_or(0.0) < *old);
-            if restarted {
-                state.restarts += 1;
-                state
-                    .carried
-                    .resize(current.len().max(state.carried.len()), 0.0);
-                for (c, old) in state.carried.iter_mut().zip(&state.last) {
-                    *c += old;
+            state.last.resize(current.len(), f64::NAN);
+            state.carried.resize(current.len(), 0.0);
+            if state.broken.is_none() {
+                match state.step(&current, scrape.identity.as_ref()) {
+                    Step::Broken(reason) => state.broken = Some(reason),
+                    Step::Restart => {
+                        state.restarts += 1;
+                        for (c, old) in state.carried.iter_mut().zip(&state.last) {
+                            if !old.is_nan() {
+                                *c += old;
+                            }
+                        }
+                        // What the new process has not written yet, it has not counted.
+                        for (l, c) in state.last.iter_mut().zip(&current) {
+                            *l = if c.is_nan() { 0.0 } else { *c };
+                        }
+                    }
+                    Step::Same => {
+                        // A series missing this time keeps its last value.
+                        for (l, c) in state.last.iter_mut().zip(&current) {
+                            if !c.is_nan() {
+                                *l = *c;
+                            }
+                        }
+                    }
+                }
+                if state.broken.is_none() {
+                    state.process = scrape.identity.map(|id| Process {
+                        uptime: id.uptime,
+                        epoch: id.hot_restart_epoch,
+                        seen_at: unix(id.at),
+                    });
                 }
             }
-            std::mem::swap(&mut state.last, &mut current);
+            if let Some(reason) = &state.broken {
+                failure.get_or_insert_with(|| SourceError::Invalid {
+                    origin: scrape.origin.to_string(),
+                    reason: reason.clone(),
+                });
+            }
             self.current = current;
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         let mut totals = vec![0.0; self.keys.len()];
         let mut restarts = 0;
-        for state in &self.origins {
+        let mut unidentified = Vec::new();
+        for (state, origin) in self.origins.iter().zip(self.origin_names()) {
             for (t, v) in totals.iter_mut().zip(&state.last) {
-                *t += v;
+                if !v.is_nan() {
+                    *t += v;
+                }
             }
             for (t, v) in totals.iter_mut().zip(&state.carried) {
                 *t += v;
             }
             restarts += state.restarts;
+            if state.process.is_none() {
+                unidentified.push(origin);
+            }
         }
-        Reading {
+        Ok(Reading {
             at: Some(at),
             series: self.keys.iter().cloned().zip(totals).collect(),
             restarts,
+            unidentified,
+            unknown,
+        })
+    }
+
+    /// Origin names by origin index.
+    fn origin_names(&self) -> Vec<Arc<str>> {
+        let mut names = vec![Arc::from(""); self.origins.len()];
+        for (name, &o) in &self.origin_index {
+            names[o] = name.clone();
         }
+        names
     }
 
     /// Restarts detected so far of origin `origin`.
@@ -223,109 +499,4 @@ impl Accumulator {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(name: &str, variant: &str, value: f64) -> Sample {
-        Sample {
-            name: name.into(),
-            labels: [("experiment", "e"), ("variant", variant), ("instance", "x")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            value,
-        }
-    }
-
-    fn scrape(origin: &str, requests: f64, errors: f64) -> OriginScrape {
-        OriginScrape::from_samples(
-            origin,
-            vec![
-                sample("sluice_requests_total", "canary", requests),
-                sample("sluice_errors_total", "canary", errors),
-            ],
-        )
-    }
-
-    #[test]
-    fn origins_are_summed_and_origin_labels_dropped() {
-        let mut acc = Accumulator::default();
-        let r = acc.add(
-            SystemTime::UNIX_EPOCH,
-            &[scrape("a", 10.0, 1.0), scrape("b", 5.0, 0.0)],
-        );
-        assert_eq!(
-            r.sum("sluice_requests_total", &[("variant", "canary")]),
-            15.0
-        );
-        assert_eq!(r.series.len(), 2);
-    }
-
-    #[test]
-    fn a_restart_carries_counts_forward() {
-        let mut acc = Accumulator::default();
-        acc.add(
-            SystemTime::UNIX_EPOCH,
-            &[scrape("a", 100.0, 7.0), scrape("b", 50.0, 0.0)],
-        );
-        // `a` restarted: its counters start again from small values.
-        let r = acc.add(
-            SystemTime::UNIX_EPOCH,
-            &[scrape("a", 3.0, 7.0), scrape("b", 60.0, 0.0)],
-        );
-        assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 3.0 + 60.0);
-        // Even a counter that happened to be equal is carried once, not twice.
-        assert_eq!(r.sum("sluice_errors_total", &[]), 7.0 + 7.0);
-        assert_eq!(acc.restarts_of("a"), 1);
-        assert_eq!(acc.restarts_of("b"), 0);
-        assert_eq!(r.restarts, 1);
-        let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", 10.0, 8.0)]);
-        assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 10.0 + 60.0);
-    }
-
-    #[test]
-    fn origins_sharing_an_id_list_add_up_as_origins_with_lists_of_their_own() {
-        let a = scrape("a", 10.0, 1.0);
-        let shared = OriginScrape {
-            origin: Arc::from("b"),
-            ids: a.ids.clone(),
-            values: Arc::new(vec![5.0, 2.0]),
-        };
-        // The same series in the other order, in a list of its own.
-        let reversed = OriginScrape {
-            origin: Arc::from("c"),
-            ids: a.ids.iter().rev().copied().collect(),
-            values: Arc::new(vec![3.0, 20.0]),
-        };
-        let own = |o: &OriginScrape| OriginScrape {
-            ids: o.ids.iter().copied().collect(),
-            ..o.clone()
-        };
-        let scrapes = [a, shared, reversed.clone(), reversed];
-        let mut acc = Accumulator::default();
-        let r = acc.add(SystemTime::UNIX_EPOCH, &scrapes);
-        let mut separate = Accumulator::default();
-        let own: Vec<OriginScrape> = scrapes.iter().map(own).collect();
-        assert_eq!(r, separate.add(SystemTime::UNIX_EPOCH, &own));
-        assert_eq!(r.sum("sluice_requests_total", &[]), 10.0 + 5.0 + 20.0);
-        assert_eq!(r.sum("sluice_errors_total", &[]), 1.0 + 2.0 + 3.0);
-    }
-
-    #[test]
-    fn readings_never_decrease_across_restarts() {
-        let mut acc = Accumulator::default();
-        let mut last = 0.0;
-        let mut value = 0.0;
-        for step in 0..200u32 {
-            value = if step.is_multiple_of(37) {
-                f64::from(step % 5)
-            } else {
-                value + f64::from(step % 7)
-            };
-            let r = acc.add(SystemTime::UNIX_EPOCH, &[scrape("a", value, 0.0)]);
-            let total = r.sum("sluice_requests_total", &[]);
-            assert!(total >= last, "step {step}: {total} < {last}");
-            last = total;
-        }
-    }
-}
+pub(crate) mod tests;

@@ -166,6 +166,9 @@ pub struct EnvoyAdminSpec {
     pub min_healthy: Option<usize>,
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Caps on what one scrape may read (docs/rollout.md, "Sources").
+    #[serde(default)]
+    pub limits: crate::source::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +180,9 @@ pub struct PrometheusSpec {
     pub max_age: Duration,
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Caps on what one scrape may read (docs/rollout.md, "Sources").
+    #[serde(default)]
+    pub limits: crate::source::Limits,
 }
 
 fn default_timeout() -> Duration {

@@ -94,6 +94,16 @@ impl Ledger {
             return Step::OutOfOrder;
         }
         let iv = snapshot::interval(last, snap, policy);
+        if !iv.unknown.is_empty() {
+            // Missing or zeroed counters are unknown, not reset: the next complete snapshot
+            // spans this one, for every variant alike.
+            return Step::Unhealthy {
+                reason: format!(
+                    "incomplete snapshot: counters missing or zero for {}",
+                    iv.unknown.join(", ")
+                ),
+            };
+        }
         let explicit = snap
             .stage_started_at
             .filter(|&s| s > self.stage_started_at + 1e-9);

@@ -15,15 +15,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exposition::{self, Format};
-use super::series::{self, ExperimentId, SeriesId, Slot, SlotTables, Slots};
-use super::{OriginScrape, Source, SourceError};
-use crate::admin::Admin;
+use super::series::{self, Admission, ExperimentId, SeriesId, SeriesKey, Slot, SlotTables, Slots};
+use super::{Identity, Limits, OriginScrape, Source, SourceError};
+use crate::admin::{encode, regex_escape};
 
 mod conn;
 
@@ -74,7 +74,42 @@ struct EndpointState {
 struct Wanted {
     id: ExperimentId,
     name: Arc<str>,
+    /// The experiment's variants, when the rollout said (others are not kept).
+    variants: Option<Arc<[String]>>,
     until: Instant,
+}
+
+/// Which new series of an answer are kept: those of an experiment asked for, of one of its
+/// variants.
+fn admission(wanted: &[Wanted], key: &SeriesKey) -> Admission {
+    let (Some(experiment), Some(variant)) = (key.label("experiment"), key.label("variant")) else {
+        return Admission::Unlabelled;
+    };
+    match wanted.iter().find(|w| &*w.name == experiment) {
+        Some(w)
+            if w.variants
+                .as_ref()
+                .is_none_or(|vs| vs.iter().any(|v| v == variant)) =>
+        {
+            Admission::Keep
+        }
+        _ => Admission::Unknown,
+    }
+}
+
+/// The request for the series of `experiments` (sorted) and the proxy's identity gauges.
+fn query(experiments: &[&str]) -> String {
+    // `filter` is matched against the stat's name before tag extraction
+    // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
+    // itself leaves out other experiments' series: a proxy serving many experiments answers
+    // with the asked-for share only. `server.uptime` and `server.hot_restart_epoch` tell
+    // one Envoy process from another (see [`Identity`]).
+    let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
+    let filter = format!(
+        "sluice_[a-z_]+\\.experiment\\.=\\.({});|^server\\.(uptime|hot_restart_epoch)$",
+        names.join("|")
+    );
+    format!("/stats/prometheus?filter={}", encode(&filter))
 }
 
 /// One answer's values, by experiment.
@@ -85,6 +120,8 @@ type Parts = Vec<(ExperimentId, Values)>;
 struct Values {
     ids: Arc<[SeriesId]>,
     values: Arc<Vec<f64>>,
+    identity: Option<Identity>,
+    unknown: usize,
 }
 
 /// A part being read: its experiment, ids and values.
@@ -97,16 +134,39 @@ impl EndpointState {
         &mut self,
         experiment: &str,
         id: ExperimentId,
-        reader: Reader,
+        reader: &Reader,
         now: Instant,
-    ) -> Option<Result<Values, String>> {
+    ) -> Option<Result<Values, ReadError>> {
         let until = now + reader.keep;
         match self.wanted.iter_mut().find(|w| w.id == id) {
-            Some(w) => w.until = w.until.max(until),
+            Some(w) => {
+                w.until = w.until.max(until);
+                if w.variants != reader.variants {
+                    // Rollouts of one experiment that name other variants: keep all of them.
+                    w.variants = match (&w.variants, &reader.variants) {
+                        (Some(a), Some(b)) => {
+                            let mut all: Vec<String> = a.iter().chain(b.iter()).cloned().collect();
+                            all.sort();
+                            all.dedup();
+                            Some(all.into())
+                        }
+                        _ => None,
+                    };
+                }
+            }
             None => {
                 let at = self.wanted.partition_point(|w| &*w.name < experiment);
                 let name = Arc::from(experiment);
-                self.wanted.insert(at, Wanted { id, name, until });
+                let variants = reader.variants.clone();
+                self.wanted.insert(
+                    at,
+                    Wanted {
+                        id,
+                        name,
+                        variants,
+                        until,
+                    },
+                );
             }
         }
         let last = self.last.as_ref()?;
@@ -115,16 +175,40 @@ impl EndpointState {
     }
 }
 
+/// Why an endpoint gave no values: `answered` if it did answer, with something that is not
+/// a usable exposition (rather than not at all).
+#[derive(Debug, Clone)]
+struct ReadError {
+    answered: bool,
+    reason: String,
+}
+
+impl ReadError {
+    fn unreachable(reason: String) -> ReadError {
+        ReadError {
+            answered: false,
+            reason,
+        }
+    }
+
+    fn invalid(reason: String) -> ReadError {
+        ReadError {
+            answered: true,
+            reason,
+        }
+    }
+}
+
 /// One request's outcome: values by experiment, or why there are none.
 #[derive(Debug)]
 struct Fetched {
     started: Instant,
     covers: Vec<ExperimentId>,
-    result: Result<Parts, String>,
+    result: Result<Parts, ReadError>,
 }
 
 impl Fetched {
-    fn part(&self, experiment: ExperimentId) -> Result<Values, String> {
+    fn part(&self, experiment: ExperimentId) -> Result<Values, ReadError> {
         match &self.result {
             Ok(parts) => Ok(parts
                 .iter()
@@ -163,9 +247,12 @@ impl Fetched {
 }
 
 /// How a rollout reads through the hub.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Reader {
     timeout: Duration,
+    limits: Limits,
+    /// The experiment's variants (others are counted, not kept); `None`: any.
+    variants: Option<Arc<[String]>>,
     /// An answer whose request started at most this long ago is reused.
     share_within: Duration,
     /// How long the experiment stays in the requests after this read.
@@ -192,7 +279,13 @@ impl AdminHub {
 
     /// The parts of an answer read into `parts`, each with an id list shared with other
     /// endpoints' answers where equal; the emptied id buffers go back to `spare`.
-    fn share_ids(&self, parts: Vec<Buffer>, spare: &mut Vec<Vec<SeriesId>>) -> Parts {
+    fn share_ids(
+        &self,
+        parts: Vec<Buffer>,
+        spare: &mut Vec<Vec<SeriesId>>,
+        identity: Option<Identity>,
+        unknown: usize,
+    ) -> Parts {
         let mut lists = self.id_lists.lock().unwrap_or_else(|p| p.into_inner());
         parts
             .into_iter()
@@ -216,6 +309,8 @@ impl AdminHub {
                     Values {
                         ids: shared,
                         values,
+                        identity,
+                        unknown,
                     },
                 )
             })
@@ -229,8 +324,8 @@ impl AdminHub {
         endpoint: &Endpoint,
         experiment: &str,
         id: ExperimentId,
-        reader: Reader,
-    ) -> Result<Values, String> {
+        reader: &Reader,
+    ) -> Result<Values, ReadError> {
         // Readers of one endpoint queue here: the first one's request serves those behind it.
         let mut guard = endpoint.state.lock().await;
         let state = &mut *guard;
@@ -242,7 +337,7 @@ impl AdminHub {
         let covers: Vec<ExperimentId> = state.wanted.iter().map(|w| w.id).collect();
         if state.asked.0 != covers {
             let names: Vec<&str> = state.wanted.iter().map(|w| &*w.name).collect();
-            state.asked = (covers.clone(), Admin::exposition_query(&names));
+            state.asked = (covers.clone(), query(&names));
         }
         let mut parts = match state.last.take() {
             Some(last) => last.into_buffers(&covers, &mut state.ids),
@@ -251,32 +346,49 @@ impl AdminHub {
                 .map(|&e| (e, Vec::new(), Vec::new()))
                 .collect(),
         };
+        let asked_at = SystemTime::now();
         let read = match &endpoint.target {
             Ok(target) => {
+                let wanted = &state.wanted;
+                let admit = |key: &SeriesKey| admission(wanted, key);
                 let answer = read_answer(
                     &mut state.conn,
                     target,
                     &state.asked.1,
                     &mut state.slots,
                     &mut parts,
-                    reader.timeout,
+                    (reader.timeout, reader.limits.caps()),
+                    &admit,
                 );
                 match tokio::time::timeout(reader.timeout, answer).await {
                     Ok(read) => read,
-                    Err(_) => Err(format!("no answer within {:?}", reader.timeout)),
+                    Err(_) => Err(ReadError::unreachable(format!(
+                        "no answer within {:?}",
+                        reader.timeout
+                    ))),
                 }
             }
-            Err(e) => Err(e.clone()),
+            Err(e) => Err(ReadError::unreachable(e.clone())),
         };
         self.slot_tables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .share(&mut state.slots);
         let result = match read {
-            Ok(()) => Ok(self.share_ids(parts, &mut state.ids)),
+            Ok(tally) => {
+                let identity = tally.uptime.map(|uptime| Identity {
+                    uptime,
+                    hot_restart_epoch: tally.hot_restart_epoch.unwrap_or(0.0),
+                    at: asked_at,
+                });
+                Ok(self.share_ids(parts, &mut state.ids, identity, tally.unknown))
+            }
             Err(e) => {
                 state.conn.drop_connection();
-                Err(format!("{}/stats/prometheus: {e}", endpoint.base))
+                Err(ReadError {
+                    reason: format!("{}/stats/prometheus: {}", endpoint.base, e.reason),
+                    ..e
+                })
             }
         };
         let fetched = Fetched {
@@ -290,27 +402,40 @@ impl AdminHub {
     }
 }
 
-/// Sends `query` (see [`Admin::exposition_query`]) and reads the answer, as it arrives, into
-/// `parts` (one entry per experiment asked for).
+/// Sends `query` (see [`query`]) and reads the answer, as it arrives, into `parts` (one
+/// entry per experiment asked for); what the answer held besides.
 async fn read_answer(
     conn: &mut conn::Conn,
     target: &conn::Target,
     query: &str,
     slots: &mut Slots,
     parts: &mut [Buffer],
-    timeout: Duration,
-) -> Result<(), String> {
+    (timeout, caps): (Duration, exposition::Caps),
+    admit: series::Admit<'_>,
+) -> Result<exposition::Tally, ReadError> {
     let head = conn
         .get(target, query, Format::Protobuf.accept(), timeout)
-        .await?;
+        .await
+        .map_err(ReadError::unreachable)?;
     if !(200..300).contains(&head.status) {
-        return Err(format!("HTTP status {}", head.status));
+        return Err(ReadError::invalid(format!("HTTP status {}", head.status)));
     }
-    let format = head
-        .content_type
-        .as_deref()
-        .map_or(Format::Text, Format::of_content_type);
-    let mut reader = exposition::AnyReader::new(format, "sluice_", slots);
+    let format = match head.content_type.as_deref() {
+        None => Format::Text,
+        Some(t) => {
+            let t = t.trim_start().to_ascii_lowercase();
+            if !(t.starts_with("text/plain")
+                || t.starts_with("application/openmetrics-text")
+                || t.starts_with("application/vnd.google.protobuf"))
+            {
+                return Err(ReadError::invalid(format!(
+                    "the answer is {t:?}, not a Prometheus exposition: is this an Envoy admin address?"
+                )));
+            }
+            Format::of_content_type(&t)
+        }
+    };
+    let mut reader = exposition::AnyReader::with(format, "sluice_", slots, caps, admit);
     let mut current = 0;
     let mut each = |slot: &Slot, value: f64| {
         if parts
@@ -327,9 +452,32 @@ async fn read_answer(
         ids.push(slot.id);
         values.push(value);
     };
-    conn.read_body(&mut |chunk: &[u8]| reader.feed(chunk, &mut each).map_err(|e| e.to_string()))
-        .await?;
-    reader.finish(&mut each).map_err(|e| e.to_string())
+    // A body that breaks off is a connection problem; one that cannot be read, an invalid
+    // answer.
+    let mut parse_error = None;
+    let body = conn
+        .read_body(&mut |chunk: &[u8]| {
+            reader.feed(chunk, &mut each).map_err(|e| {
+                let e = e.to_string();
+                parse_error = Some(e.clone());
+                e
+            })
+        })
+        .await;
+    if let Some(e) = parse_error {
+        return Err(ReadError::invalid(e));
+    }
+    body.map_err(ReadError::unreachable)?;
+    let tally = reader
+        .finish(&mut each)
+        .map_err(|e| ReadError::invalid(e.to_string()))?;
+    if tally.unlabelled > 0 {
+        return Err(ReadError::invalid(format!(
+            "{} sluice series found without experiment/variant labels: add the stats_tags from envoy/ecds.yaml to the Envoy bootstrap",
+            tally.unlabelled
+        )));
+    }
+    Ok(tally)
 }
 
 /// Scrapes a fixed list of Envoy admin endpoints.
@@ -383,11 +531,26 @@ impl EnvoyAdmin {
             list: Arc::from(list),
             reader: Reader {
                 timeout,
+                limits: Limits::default(),
+                variants: None,
                 share_within: (interval / 2).min(SHARE_AT_MOST),
                 keep: interval * 3 + Duration::from_secs(10),
             },
             min_healthy,
         }
+    }
+
+    /// This source within `limits`.
+    pub fn limits(mut self, limits: Limits) -> EnvoyAdmin {
+        self.reader.limits = limits;
+        self
+    }
+
+    /// This source keeping only the series of `variants` (the others are counted in
+    /// [`OriginScrape::unknown`]).
+    pub fn variants(mut self, variants: &[String]) -> EnvoyAdmin {
+        self.reader.variants = Some(variants.into());
+        self
     }
 }
 
@@ -418,12 +581,12 @@ impl Source for EnvoyAdmin {
         // Fresh answers that have this experiment are taken as they are; the other
         // endpoints are asked, concurrently, in this task.
         let now = Instant::now();
-        let mut results: Vec<Option<Result<Values, String>>> = self
+        let mut results: Vec<Option<Result<Values, ReadError>>> = self
             .endpoints
             .iter()
             .map(|e| {
                 let mut state = e.state.try_lock().ok()?;
-                state.shared(experiment, id, self.reader, now)
+                state.shared(experiment, id, &self.reader, now)
             })
             .collect();
         let missing: Vec<usize> = (0..results.len())
@@ -431,7 +594,7 @@ impl Source for EnvoyAdmin {
             .collect();
         let reads = missing.iter().map(|&i| {
             self.hub
-                .read(&self.endpoints[i], experiment, id, self.reader)
+                .read(&self.endpoints[i], experiment, id, &self.reader)
         });
         for (i, r) in missing
             .iter()
@@ -448,20 +611,27 @@ impl Source for EnvoyAdmin {
             match result {
                 Some(Ok(values)) => answered.push((i, values)),
                 Some(Err(e)) => failures.push((i, e)),
-                None => failures.push((i, "not read".to_string())),
+                None => failures.push((i, ReadError::unreachable("not read".to_string()))),
             }
         }
         if answered.len() < self.min_healthy {
-            if let ([(i, reason)], 1) = (failures.as_slice(), self.endpoints.len()) {
-                return Err(SourceError::Unreachable {
-                    origin: self.endpoints[*i].base.to_string(),
-                    reason: reason.clone(),
+            if let ([(i, e)], 1) = (failures.as_slice(), self.endpoints.len()) {
+                let origin = self.endpoints[*i].base.to_string();
+                let reason = e.reason.clone();
+                return Err(if e.answered {
+                    SourceError::Invalid { origin, reason }
+                } else {
+                    SourceError::Unreachable { origin, reason }
                 });
             }
             return Err(SourceError::TooFewOrigins {
                 healthy: answered.len(),
                 total: self.endpoints.len(),
                 needed: self.min_healthy,
+                first: failures
+                    .first()
+                    .map(|(_, e)| e.reason.clone())
+                    .unwrap_or_default(),
             });
         }
         Ok(answered
@@ -470,6 +640,8 @@ impl Source for EnvoyAdmin {
                 origin: self.endpoints[i].base.clone(),
                 ids: part.ids,
                 values: part.values,
+                identity: part.identity,
+                unknown: part.unknown,
             })
             .collect())
     }
@@ -632,5 +804,177 @@ mod tests {
         assert!(other
             .iter()
             .all(|o| o.ids.len() == 1 && o.ids[0] != a.ids[0]));
+    }
+
+    /// A stand-in endpoint that answers every request with status 200, `content_type`, and
+    /// the bytes `body` writes (then closes the connection).
+    async fn raw_endpoint<F, Fut>(content_type: &'static str, body: F) -> String
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            panic!("no loopback listener");
+        };
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let body = Arc::new(body);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n"
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_ok() {
+                        body(stream).await;
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn fixed(
+        text: String,
+    ) -> impl Fn(
+        tokio::net::TcpStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+           + Send
+           + Sync
+           + 'static {
+        let text: Arc<str> = Arc::from(text);
+        move |mut stream| {
+            let text = text.clone();
+            Box::pin(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(text.as_bytes()).await;
+            })
+        }
+    }
+
+    async fn error_of(source: &EnvoyAdmin, experiment: &str) -> String {
+        match source.scrape(experiment).await {
+            Ok(s) => panic!("expected an error, got {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn source(url: String) -> EnvoyAdmin {
+        EnvoyAdmin::new(&[url], Duration::from_secs(2), None)
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_expositions_are_errors_that_say_why() {
+        let html = raw_endpoint("text/html", fixed("<html><body>hi</body></html>\n".into())).await;
+        let e = error_of(&source(html), "bad-html").await;
+        assert!(e.contains("not a Prometheus exposition"), "{e}");
+
+        let garbage = raw_endpoint("text/plain", fixed("hello world\n<p>\n".into())).await;
+        let e = error_of(&source(garbage), "bad-garbage").await;
+        assert!(e.contains("not a Prometheus sample"), "{e}");
+
+        let nan = raw_endpoint(
+            "text/plain",
+            fixed("sluice_requests_total{experiment=\"bad-nan\",variant=\"canary\"} NaN\n".into()),
+        )
+        .await;
+        let e = error_of(&source(nan), "bad-nan").await;
+        assert!(e.contains("not a count"), "{e}");
+        let inf = raw_endpoint(
+            "text/plain",
+            fixed("sluice_responses_total{experiment=\"bad-inf\",variant=\"canary\",class=\"5xx\"} +Inf\n".into()),
+        )
+        .await;
+        let e = error_of(&source(inf), "bad-inf").await;
+        assert!(e.contains("not a count"), "{e}");
+
+        // What Envoy writes without the filter's stats_tags.
+        let untagged = raw_endpoint(
+            "text/plain",
+            fixed("sluice_requests_total_experiment___bad_tags__variant___canary_ 5\n".into()),
+        )
+        .await;
+        let e = error_of(&source(untagged), "bad-tags").await;
+        assert!(
+            e.contains("without experiment/variant labels") && e.contains("stats_tags"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn caps_on_line_length_series_and_body_fail_the_scrape_naming_them() {
+        let endless = raw_endpoint(
+            "text/plain",
+            |mut stream: tokio::net::TcpStream| async move {
+                use tokio::io::AsyncWriteExt;
+                let chunk = vec![b'a'; 64 << 10];
+                let _ = stream
+                    .write_all(b"sluice_requests_total{experiment=\"")
+                    .await;
+                while stream.write_all(&chunk).await.is_ok() {}
+            },
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let e = error_of(&source(endless), "cap-line").await;
+        assert!(e.contains("maxLineBytes"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let many: String = (0..30_000)
+            .map(|i| {
+                format!("sluice_requests_total{{experiment=\"cap-series\",variant=\"v{i}\"}} 1\n")
+            })
+            .collect();
+        let many = raw_endpoint("text/plain", fixed(many)).await;
+        // Counted whether kept or not (here none is: no such variants).
+        let stable = ["stable".to_string()];
+        let e = error_of(&source(many.clone()).variants(&stable), "cap-series").await;
+        assert!(e.contains("maxSeries"), "{e}");
+        let small = Limits {
+            max_body_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let e = error_of(&source(many).variants(&stable).limits(small), "cap-series").await;
+        assert!(e.contains("maxBodyBytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn only_the_experiments_own_variants_are_kept_and_the_others_counted() {
+        let body: String = ["stable", "canary"]
+            .iter()
+            .map(|v| format!("sluice_requests_total{{experiment=\"own\",variant=\"{v}\"}} 7\n"))
+            .chain((0..5000).map(|i| {
+                format!("sluice_requests_total{{experiment=\"own\",variant=\"new{i}\"}} 1\n")
+            }))
+            .collect();
+        let url = raw_endpoint("text/plain", fixed(body)).await;
+        let source = source(url).variants(&["stable".into(), "canary".into()]);
+        let before = series::interned();
+        let scrape = source.scrape("own").await.unwrap_or_default();
+        let [origin] = scrape.as_slice() else {
+            panic!("one origin expected: {scrape:?}");
+        };
+        assert_eq!((origin.values.len(), origin.unknown), (2, 5000));
+        // Other tests intern series concurrently, but far fewer than the 5000 left out.
+        assert!(series::interned() < before + 1000);
     }
 }

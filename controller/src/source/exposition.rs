@@ -42,6 +42,89 @@ impl Format {
     }
 }
 
+/// Bounds on what one answer may make a reader hold or do (the source's `limits`; see
+/// [`crate::source::Limits`]). Past one, reading stops with an error naming the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Longest text line (text format) and, in the protobuf format, largest metric family.
+    pub line_bytes: usize,
+    /// Largest answer.
+    pub body_bytes: u64,
+    /// Most `sluice_` samples in one answer, kept or not.
+    pub series: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Caps {
+        crate::source::Limits::default().caps()
+    }
+}
+
+/// Gauges of the proxy's own, read along with the filter's series: they tell one Envoy
+/// process from another (see [`crate::source::Identity`]).
+pub const UPTIME: &str = "envoy_server_uptime";
+pub const HOT_RESTART_EPOCH: &str = "envoy_server_hot_restart_epoch";
+
+/// What a reader saw besides the samples it handed on.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    /// Samples handed on.
+    pub kept: usize,
+    /// `sluice_` samples without `experiment`/`variant` labels (see
+    /// [`series::Admission::Unlabelled`]).
+    pub unlabelled: usize,
+    /// `sluice_` samples of other experiments or unknown variants, not kept.
+    pub unknown: usize,
+    /// [`UPTIME`], if the answer had it.
+    pub uptime: Option<f64>,
+    /// [`HOT_RESTART_EPOCH`], if the answer had it.
+    pub hot_restart_epoch: Option<f64>,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+impl Tally {
+    /// Counts a `sluice_` sample against `caps.series`.
+    #[inline]
+    fn series(&self, caps: &Caps) -> Result<(), String> {
+        if self.kept + self.unlabelled + self.unknown >= caps.series {
+            return Err(format!(
+                "over {} series in one answer (limit `maxSeries`)",
+                caps.series
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts `n` more bytes against `caps.body_bytes`.
+    #[inline]
+    fn bytes(&mut self, n: usize, caps: &Caps) -> Result<(), ParseError> {
+        self.bytes += n as u64;
+        if self.bytes > caps.body_bytes {
+            return Err(ParseError {
+                at: "the answer".into(),
+                reason: format!("over {} bytes (limit `maxBodyBytes`)", caps.body_bytes),
+            });
+        }
+        Ok(())
+    }
+
+    /// Notes an identity gauge `name` (see [`UPTIME`]); whether it was one.
+    fn identity(&mut self, name: &[u8], value: f64) -> bool {
+        let slot = if name == UPTIME.as_bytes() {
+            &mut self.uptime
+        } else if name == HOT_RESTART_EPOCH.as_bytes() {
+            &mut self.hot_restart_epoch
+        } else {
+            return false;
+        };
+        if value.is_finite() {
+            *slot = Some(value);
+        }
+        true
+    }
+}
+
 /// A reader of either format, fed an answer as it arrives.
 pub enum AnyReader<'a> {
     Text(Reader<'a>),
@@ -49,10 +132,24 @@ pub enum AnyReader<'a> {
 }
 
 impl<'a> AnyReader<'a> {
+    /// A reader keeping every series, within the default [`Caps`].
     pub fn new(format: Format, prefix: &'a str, slots: &'a mut Slots) -> AnyReader<'a> {
+        AnyReader::with(format, prefix, slots, Caps::default(), &series::admit_all)
+    }
+
+    /// A reader keeping the new series `admit` keeps, within `caps`.
+    pub fn with(
+        format: Format,
+        prefix: &'a str,
+        slots: &'a mut Slots,
+        caps: Caps,
+        admit: series::Admit<'a>,
+    ) -> AnyReader<'a> {
         match format {
-            Format::Text => AnyReader::Text(Reader::new(prefix, slots)),
-            Format::Protobuf => AnyReader::Protobuf(protobuf::Reader::new(prefix, slots)),
+            Format::Text => AnyReader::Text(Reader::with(prefix, slots, caps, admit)),
+            Format::Protobuf => {
+                AnyReader::Protobuf(protobuf::Reader::with(prefix, slots, caps, admit))
+            }
         }
     }
 
@@ -67,7 +164,8 @@ impl<'a> AnyReader<'a> {
         }
     }
 
-    pub fn finish(self, each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
+    /// Reads what is left; what the answer held besides the samples handed on.
+    pub fn finish(self, each: &mut impl FnMut(&Slot, f64)) -> Result<Tally, ParseError> {
         match self {
             AnyReader::Text(r) => r.finish(each),
             AnyReader::Protobuf(r) => r.finish(each),
@@ -124,7 +222,7 @@ pub fn read(
 ) -> Result<(), ParseError> {
     let mut reader = Reader::new(prefix, slots);
     reader.feed(text.as_bytes(), &mut each)?;
-    reader.finish(&mut each)
+    reader.finish(&mut each).map(|_| ())
 }
 
 /// Reads an exposition as it arrives, in chunks cut anywhere, handing each sample's series
@@ -139,6 +237,9 @@ pub fn read(
 pub struct Reader<'a> {
     prefix: &'a [u8],
     slots: &'a mut Slots,
+    caps: Caps,
+    admit: series::Admit<'a>,
+    tally: Tally,
     /// Samples read so far (the next slot position).
     n: usize,
     /// Lines read so far.
@@ -148,10 +249,24 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader keeping every series, within the default [`Caps`].
     pub fn new(prefix: &'a str, slots: &'a mut Slots) -> Reader<'a> {
+        Reader::with(prefix, slots, Caps::default(), &series::admit_all)
+    }
+
+    /// A reader keeping the new series `admit` keeps, within `caps`.
+    pub fn with(
+        prefix: &'a str,
+        slots: &'a mut Slots,
+        caps: Caps,
+        admit: series::Admit<'a>,
+    ) -> Reader<'a> {
         Reader {
             prefix: prefix.as_bytes(),
             slots,
+            caps,
+            admit,
+            tally: Tally::default(),
             n: 0,
             line: 0,
             carry: Vec::new(),
@@ -164,10 +279,11 @@ impl<'a> Reader<'a> {
         mut chunk: &[u8],
         each: &mut impl FnMut(&Slot, f64),
     ) -> Result<(), ParseError> {
+        self.tally.bytes(chunk.len(), &self.caps)?;
         if !self.carry.is_empty() {
             let Some(end) = memchr::memchr(b'\n', chunk) else {
                 self.carry.extend_from_slice(chunk);
-                return Ok(());
+                return self.check_carry();
             };
             let mut line = std::mem::take(&mut self.carry);
             line.extend_from_slice(&chunk[..end]);
@@ -182,27 +298,51 @@ impl<'a> Reader<'a> {
             start = end + 1;
         }
         self.carry.extend_from_slice(&chunk[start..]);
+        self.check_carry()
+    }
+
+    /// A line cut by a chunk's end may not grow past the cap either.
+    fn check_carry(&self) -> Result<(), ParseError> {
+        if self.carry.len() > self.caps.line_bytes {
+            return Err(self.too_long(self.line + 1));
+        }
         Ok(())
     }
 
-    /// Reads what is left (a last line without a newline).
-    pub fn finish(mut self, each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
+    fn too_long(&self, line: usize) -> ParseError {
+        ParseError {
+            at: format!("line {line}"),
+            reason: format!("over {} bytes (limit `maxLineBytes`)", self.caps.line_bytes),
+        }
+    }
+
+    /// Reads what is left (a last line without a newline); what the answer held besides the
+    /// samples handed on.
+    pub fn finish(mut self, each: &mut impl FnMut(&Slot, f64)) -> Result<Tally, ParseError> {
         let line = std::mem::take(&mut self.carry);
         self.line(&line, each)?;
         self.slots.truncate(self.n);
-        Ok(())
+        Ok(self.tally)
     }
 
     fn line(&mut self, raw: &[u8], each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
         self.line += 1;
+        if raw.len() > self.caps.line_bytes {
+            return Err(self.too_long(self.line));
+        }
         let line = raw.trim_ascii();
-        if line.is_empty() || line[0] == b'#' || !line.starts_with(self.prefix) {
+        if line.is_empty() || line[0] == b'#' {
             return Ok(());
         }
+        let number = self.line;
         let at = |reason| ParseError {
-            at: format!("line {}", self.line),
+            at: format!("line {number}"),
             reason,
         };
+        if !line.starts_with(self.prefix) {
+            return self.other_line(line).map_err(at);
+        }
+        self.tally.series(&self.caps).map_err(at)?;
         let known = self.slots.get(self.n).is_some_and(|s| {
             let t = &*s.text;
             line.len() > t.len() && line[t.len()].is_ascii_whitespace() && line.starts_with(t)
@@ -210,13 +350,55 @@ impl<'a> Reader<'a> {
         if !known {
             let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
             let end = series_end(line).map_err(at)?;
-            let slot = series::slot(&line[..end]).map_err(at)?;
-            self.slots.put(self.n, slot);
+            match series::admitted_slot(&line[..end], self.admit).map_err(at)? {
+                Ok(slot) => self.slots.put(self.n, slot),
+                Err(why) => {
+                    // Not kept: still a sample, so its value must be one.
+                    value_after(line[..end].as_bytes(), &line.as_bytes()[end..]).map_err(at)?;
+                    match why {
+                        series::Admission::Unlabelled => self.tally.unlabelled += 1,
+                        _ => self.tally.unknown += 1,
+                    }
+                    return Ok(());
+                }
+            }
         }
         let slot = &self.slots[self.n];
         let value = value_after(&slot.text, &line[slot.text.len()..]).map_err(at)?;
+        if !value.is_finite() {
+            return Err(at(format!(
+                "{}: value {value} is not a count",
+                String::from_utf8_lossy(&slot.text)
+            )));
+        }
         each(slot, value);
+        self.tally.kept += 1;
         self.n += 1;
+        Ok(())
+    }
+
+    /// A line of another metric than the prefix's: an identity gauge is noted, anything else
+    /// skipped, but only if it is a sample at all (an HTML page or other text answered with
+    /// status 200 must not read as an exposition without series).
+    fn other_line(&mut self, line: &[u8]) -> Result<(), String> {
+        let text =
+            std::str::from_utf8(line).map_err(|_| "not UTF-8: not an exposition".to_string())?;
+        let not_sample = |e: String| {
+            let start: String = text.chars().take(40).collect();
+            format!("not a Prometheus sample ({e}): {start:?}")
+        };
+        let end = series_end(text).map_err(not_sample)?;
+        let name_end = text.find('{').unwrap_or(end).min(end);
+        let name = &text[..name_end];
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
+        {
+            return Err(not_sample("no metric name".into()));
+        }
+        let value = value_after(name.as_bytes(), &line[end..]).map_err(not_sample)?;
+        self.tally.identity(name.as_bytes(), value);
         Ok(())
     }
 }

@@ -1,16 +1,20 @@
 //! The Prometheus source: the filter's series as Prometheus scraped them from every Envoy,
 //! read through the HTTP API (`/api/v1/query`).
 //!
-//! The raw per-instance series are fetched (not `sum(...)`), so that a restart of one Envoy is
-//! seen as that instance's counters going down and handled like any other restart. Data older
-//! than `max_age` (by the samples' own scrape timestamps) is stale: the rollout holds.
+//! The raw per-instance series are fetched (not `sum(...)`), with each instance's
+//! `envoy_server_uptime` and `envoy_server_hot_restart_epoch` (see [`super::Identity`]), so
+//! that a restart of one Envoy is told as such and handled like any other restart. Data older
+//! than `max_age` (by the samples' own scrape timestamps) is stale: the rollout holds. An
+//! answer over the `limits`, a value that is not a finite number, and a variant the
+//! experiment does not have are handled as for the Envoy admin source.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use super::{OriginScrape, Sample, Source, SourceError};
+use super::{series, Identity, Limits, OriginScrape, Sample, SeriesKey, Source, SourceError};
 
 /// A Prometheus server holding the filter's series.
 #[derive(Debug, Clone)]
@@ -18,6 +22,8 @@ pub struct Prometheus {
     base: String,
     http: reqwest::Client,
     max_age: Duration,
+    limits: Limits,
+    variants: Option<Arc<[String]>>,
 }
 
 #[derive(Deserialize)]
@@ -52,7 +58,21 @@ impl Prometheus {
                 .build()
                 .unwrap_or_default(),
             max_age,
+            limits: Limits::default(),
+            variants: None,
         }
+    }
+
+    /// This source within `limits`.
+    pub fn limits(mut self, limits: Limits) -> Prometheus {
+        self.limits = limits;
+        self
+    }
+
+    /// This source keeping only the series of `variants`.
+    pub fn variants(mut self, variants: &[String]) -> Prometheus {
+        self.variants = Some(variants.into());
+        self
     }
 
     async fn query(&self, q: &str) -> Result<Vec<Series>, SourceError> {
@@ -61,7 +81,7 @@ impl Prometheus {
             origin: self.base.clone(),
             reason,
         };
-        let resp = self
+        let mut resp = self
             .http
             .post(&url)
             .header("content-type", "application/x-www-form-urlencoded")
@@ -70,8 +90,20 @@ impl Prometheus {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|e| fail(e.to_string()))?;
-        let parsed: Response = serde_json::from_str(&body).map_err(|e| SourceError::Invalid {
+        let cap = self.limits.max_body_bytes;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+            if (body.len() + chunk.len()) as u64 > cap {
+                return Err(SourceError::Invalid {
+                    origin: self.base.clone(),
+                    reason: format!(
+                        "query {q:?}: the answer is over {cap} bytes (limit `maxBodyBytes`)"
+                    ),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let parsed: Response = serde_json::from_slice(&body).map_err(|e| SourceError::Invalid {
             origin: self.base.clone(),
             reason: format!("HTTP {status}: not a Prometheus API answer: {e}"),
         })?;
@@ -92,6 +124,15 @@ impl Prometheus {
             return Err(SourceError::Invalid {
                 origin: self.base.clone(),
                 reason: format!("expected a vector, got {}", data.result_type),
+            });
+        }
+        if data.result.len() > self.limits.max_series {
+            return Err(SourceError::Invalid {
+                origin: self.base.clone(),
+                reason: format!(
+                    "query {q:?}: over {} series (limit `maxSeries`)",
+                    self.limits.max_series
+                ),
             });
         }
         Ok(data.result)
@@ -138,24 +179,69 @@ impl Source for Prometheus {
                 });
             }
         }
+        // Which process each instance is: its uptime as of its own scrape, and the epoch.
+        let mut identities: BTreeMap<String, (Option<f64>, Option<f64>, Option<f64>)> =
+            BTreeMap::new();
+        let origin_of = |metric: &BTreeMap<String, String>| {
+            format!(
+                "{}/{}",
+                metric.get("job").map_or("", String::as_str),
+                metric.get("instance").map_or("", String::as_str)
+            )
+        };
+        for s in self
+            .query(&format!(
+                "{{__name__=~\"{}|{}\"}}",
+                super::exposition::UPTIME,
+                super::exposition::HOT_RESTART_EPOCH
+            ))
+            .await?
+        {
+            let value: f64 = s.value.1.parse().unwrap_or(f64::NAN);
+            let entry = identities.entry(origin_of(&s.metric)).or_default();
+            match s.metric.get("__name__").map(String::as_str) {
+                Some(super::exposition::UPTIME) => entry.0 = Some(value),
+                _ => entry.1 = Some(value),
+            }
+        }
+        for s in self
+            .query(&format!("timestamp({})", super::exposition::UPTIME))
+            .await?
+        {
+            identities.entry(origin_of(&s.metric)).or_default().2 = s.value.1.parse().ok();
+        }
         let mut by_origin: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+        let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
         for s in series {
             let Some(name) = s.metric.get("__name__").cloned() else {
                 continue;
             };
-            let value: f64 = match s.value.1.as_str() {
-                "+Inf" => f64::INFINITY,
-                "-Inf" => f64::NEG_INFINITY,
-                v => v.parse().map_err(|_| SourceError::Invalid {
-                    origin: self.base.clone(),
-                    reason: format!("{name}: value {v:?} is not a number"),
-                })?,
+            let origin = origin_of(&s.metric);
+            let value: f64 = match s.value.1.parse::<f64>() {
+                Ok(v) if v.is_finite() => v,
+                _ => {
+                    return Err(SourceError::Invalid {
+                        origin: self.base.clone(),
+                        reason: format!("{name} of {origin}: value {:?} is not a count", s.value.1),
+                    })
+                }
             };
-            let origin = format!(
-                "{}/{}",
-                s.metric.get("job").map_or("", String::as_str),
-                s.metric.get("instance").map_or("", String::as_str)
-            );
+            let keeps = match (s.metric.get("variant"), &self.variants) {
+                (None, _) => {
+                    return Err(SourceError::Invalid {
+                        origin: self.base.clone(),
+                        reason: format!(
+                            "{name} of {origin}: sluice series found without experiment/variant labels: add the stats_tags from envoy/ecds.yaml to the Envoy bootstrap"
+                        ),
+                    })
+                }
+                (Some(v), Some(vs)) => vs.iter().any(|w| w == v),
+                (Some(_), None) => true,
+            };
+            if !keeps {
+                *unknown.entry(origin).or_default() += 1;
+                continue;
+            }
             let labels = s
                 .metric
                 .into_iter()
@@ -167,9 +253,36 @@ impl Source for Prometheus {
                 value,
             });
         }
-        Ok(by_origin
-            .into_iter()
-            .map(|(origin, samples)| OriginScrape::from_samples(&origin, samples))
-            .collect())
+        let mut out = Vec::with_capacity(by_origin.len());
+        for (origin, samples) in by_origin {
+            let ids = samples
+                .iter()
+                .map(|s| series::try_intern(SeriesKey::of(s)))
+                .collect::<Result<Arc<[_]>, _>>()
+                .map_err(|reason| SourceError::Invalid {
+                    origin: self.base.clone(),
+                    reason,
+                })?;
+            let identity = match identities.get(&origin) {
+                Some((Some(uptime), epoch, Some(at)))
+                    if uptime.is_finite() && (0.0..1e11).contains(at) =>
+                {
+                    Some(Identity {
+                        uptime: *uptime,
+                        hot_restart_epoch: epoch.filter(|e| e.is_finite()).unwrap_or(0.0),
+                        at: UNIX_EPOCH + Duration::from_secs_f64(*at),
+                    })
+                }
+                _ => None,
+            };
+            out.push(OriginScrape {
+                unknown: unknown.get(&origin).copied().unwrap_or(0),
+                origin: Arc::from(origin.as_str()),
+                ids,
+                values: Arc::new(samples.iter().map(|s| s.value).collect()),
+                identity,
+            });
+        }
+        Ok(out)
     }
 }

@@ -32,6 +32,36 @@ pub type GroupId = u32;
 /// The group of series text that shares nothing with other series (the text format).
 pub const NO_GROUP: GroupId = GroupId::MAX;
 
+/// Most series texts this process interns, all origins and experiments together. Series are
+/// kept for the life of the process (readings name them by id), so an endpoint that writes
+/// ever new series must not make the table grow without end: past this many, a new series
+/// is refused and the scrape that brought it fails. A rollout's experiment has a few hundred.
+pub const MAX_INTERNED: usize = 100_000;
+
+/// Most bytes of series text interned (see [`MAX_INTERNED`]): long label values must not
+/// make a full table large.
+pub const MAX_INTERNED_BYTES: usize = 32 << 20;
+
+/// Whether a series read from an exposition is one a rollout reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Keep,
+    /// A `sluice_` series without `experiment` and `variant` labels: the proxy does not
+    /// extract the filter's tags (its `stats_tags` are missing).
+    Unlabelled,
+    /// Another experiment's series, or a variant the experiment does not have: counted, not
+    /// kept.
+    Unknown,
+}
+
+/// Decides which new series are kept; only called for series text never seen before.
+pub type Admit<'a> = &'a (dyn Fn(&SeriesKey) -> Admission + Sync);
+
+/// Keeps every series.
+pub fn admit_all(_: &SeriesKey) -> Admission {
+    Admission::Keep
+}
+
 /// Labels that identify where a series came from rather than what it counts; dropped when
 /// series from different origins are summed.
 const ORIGIN_LABELS: [&str; 4] = ["instance", "job", "pod", "envoy"];
@@ -185,6 +215,8 @@ struct Table {
     by_text: HashMap<Arc<[u8]>, Slot>,
     groups: HashMap<Box<[u8]>, GroupId>,
     experiments: HashMap<Arc<str>, ExperimentId>,
+    /// Bytes of series text in `by_text`.
+    bytes: usize,
 }
 
 static TABLE: LazyLock<RwLock<Table>> = LazyLock::new(|| RwLock::new(Table::default()));
@@ -240,28 +272,64 @@ pub fn intern(key: SeriesKey) -> SeriesId {
     write().key(key)
 }
 
+/// [`intern`], refusing a new series once the table holds [`MAX_INTERNED`].
+pub fn try_intern(key: SeriesKey) -> Result<SeriesId, String> {
+    if let Some(&id) = read().by_key.get(&key) {
+        return Ok(id);
+    }
+    let mut table = write();
+    if table.keys.len() >= MAX_INTERNED {
+        return Err(format!(
+            "over {MAX_INTERNED} distinct series read since the controller started: the source writes ever new series"
+        ));
+    }
+    Ok(table.key(key))
+}
+
 /// The slot of series text `text` (`name` or `name{labels}`, exactly as written before the
 /// value). Text seen before is a hash lookup; new text is parsed (an error says what is
 /// wrong with it) and interned.
 pub fn slot(text: &str) -> Result<Slot, String> {
-    slot_of(text.as_bytes(), 0, || {
+    match admitted_slot(text, &admit_all)? {
+        Ok(slot) => Ok(slot),
+        Err(_) => Err("not admitted".into()),
+    }
+}
+
+/// [`slot`] for text that `admit` accepts; `Ok(Err(why))` when it does not (the text is
+/// then not interned).
+pub fn admitted_slot(text: &str, admit: Admit<'_>) -> Result<Result<Slot, Admission>, String> {
+    slot_of(text.as_bytes(), 0, admit, || {
         exposition::parse_series(text).map(|s| SeriesKey::of(&s))
     })
 }
 
 /// The slot of a series written as `text` in some exposition format, whose first
 /// `group_len` bytes it shares with other series (0: none); `key` says which series that is,
-/// and is only called for text never seen before.
+/// and is only called for text never seen before, which is interned only if `admit` keeps
+/// it (`Ok(Err(why))` otherwise) and the table has room.
 pub fn slot_of(
     text: &[u8],
     group_len: usize,
+    admit: Admit<'_>,
     key: impl FnOnce() -> Result<SeriesKey, String>,
-) -> Result<Slot, String> {
+) -> Result<Result<Slot, Admission>, String> {
     if let Some(s) = read().by_text.get(text) {
-        return Ok(s.clone());
+        return Ok(Ok(s.clone()));
     }
     let key = key()?;
+    match admit(&key) {
+        Admission::Keep => {}
+        other => return Ok(Err(other)),
+    }
     let mut table = write();
+    if table.by_text.len() >= MAX_INTERNED || table.bytes + text.len() > MAX_INTERNED_BYTES {
+        return Err(format!(
+            "over {MAX_INTERNED} distinct series (or {} MiB of series text) read since the controller started: the endpoint writes ever new series",
+            MAX_INTERNED_BYTES >> 20
+        ));
+    }
+    table.bytes += text.len();
     let id = table.key(key);
     let group = match text.get(..group_len) {
         Some(shared) if group_len > 0 => table.group(shared),
@@ -274,7 +342,12 @@ pub fn slot_of(
         group,
     };
     table.by_text.insert(slot.text.clone(), slot.clone());
-    Ok(slot)
+    Ok(Ok(slot))
+}
+
+/// Distinct series texts interned so far (see [`MAX_INTERNED`]).
+pub fn interned() -> usize {
+    read().by_text.len()
 }
 
 /// The number of experiment `name`.

@@ -20,11 +20,15 @@
 //! `_count`, and is left out); the quantiles (label `quantile`), `_sum` and `_count` for a
 //! summary. A malformed message is an error naming its family, never skipped.
 
-use super::ParseError;
-use crate::source::series::{self, GroupId, SeriesKey, Slot, Slots, NO_GROUP};
+use super::{Caps, ParseError, Tally};
+use crate::source::series::{self, Admission, GroupId, SeriesKey, Slot, Slots, NO_GROUP};
 
 /// Largest metric family read: a bound on what one answer can make the reader hold.
 const MAX_FAMILY: usize = 64 << 20;
+
+/// A metric family holds every series of one metric, so it may be far longer than a text
+/// line: `maxLineBytes` bounds it, but never below this.
+const MIN_FAMILY_CAP: usize = 4 << 20;
 
 /// Reads a protobuf exposition as it arrives, in chunks cut anywhere, like the text format's
 /// [`super::Reader`]: each sample is first compared with the slot the same position had in
@@ -33,6 +37,9 @@ const MAX_FAMILY: usize = 64 << 20;
 pub struct Reader<'a> {
     prefix: &'a [u8],
     slots: &'a mut Slots,
+    caps: Caps,
+    admit: series::Admit<'a>,
+    tally: Tally,
     /// Samples read so far (the next slot position).
     n: usize,
     /// Metric families read so far.
@@ -63,10 +70,24 @@ const SUM: u8 = b's';
 const COUNT: u8 = b'c';
 
 impl<'a> Reader<'a> {
+    /// A reader keeping every series, within the default [`Caps`].
     pub fn new(prefix: &'a str, slots: &'a mut Slots) -> Reader<'a> {
+        Reader::with(prefix, slots, Caps::default(), &series::admit_all)
+    }
+
+    /// A reader keeping the new series `admit` keeps, within `caps`.
+    pub fn with(
+        prefix: &'a str,
+        slots: &'a mut Slots,
+        caps: Caps,
+        admit: series::Admit<'a>,
+    ) -> Reader<'a> {
         Reader {
             prefix: prefix.as_bytes(),
             slots,
+            caps,
+            admit,
+            tally: Tally::default(),
             n: 0,
             families: 0,
             carry: Vec::new(),
@@ -81,6 +102,7 @@ impl<'a> Reader<'a> {
         mut chunk: &[u8],
         each: &mut impl FnMut(&Slot, f64),
     ) -> Result<(), ParseError> {
+        self.tally.bytes(chunk.len(), &self.caps)?;
         // First complete the family the last chunk cut.
         while !self.carry.is_empty() && !chunk.is_empty() {
             match self.frame(&self.carry)? {
@@ -112,8 +134,9 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Checks that the answer ended between families.
-    pub fn finish(self, _each: &mut impl FnMut(&Slot, f64)) -> Result<(), ParseError> {
+    /// Checks that the answer ended between families; what the answer held besides the
+    /// samples handed on.
+    pub fn finish(self, _each: &mut impl FnMut(&Slot, f64)) -> Result<Tally, ParseError> {
         if !self.carry.is_empty() {
             return Err(ParseError {
                 at: format!("metric family {}", self.families + 1),
@@ -124,19 +147,22 @@ impl<'a> Reader<'a> {
             });
         }
         self.slots.truncate(self.n);
-        Ok(())
+        Ok(self.tally)
     }
 
     /// The length prefix at the start of `buf`: its own size and the family's, or `None` if
     /// it is not complete yet.
     fn frame(&self, buf: &[u8]) -> Result<Option<(usize, usize)>, ParseError> {
         let at = || format!("metric family {}", self.families + 1);
+        let most = MAX_FAMILY.min(self.caps.line_bytes.max(MIN_FAMILY_CAP));
         match varint(buf) {
             Ok(Some((len, head))) => match usize::try_from(len) {
-                Ok(len) if len <= MAX_FAMILY => Ok(Some((head, len))),
+                Ok(len) if len <= most => Ok(Some((head, len))),
                 _ => Err(ParseError {
                     at: at(),
-                    reason: format!("length {len} is over the limit of {MAX_FAMILY} bytes"),
+                    reason: format!(
+                        "length {len} is over the limit of {most} bytes (`maxLineBytes`, at least {MIN_FAMILY_CAP})"
+                    ),
                 }),
             },
             Ok(None) => Ok(None),
@@ -166,6 +192,26 @@ impl<'a> Reader<'a> {
         };
         head.map_err(|e: WireError| at(e.into()))?;
         if !name.starts_with(self.prefix) {
+            if kind == 1
+                && (name == super::UPTIME.as_bytes() || name == super::HOT_RESTART_EPOCH.as_bytes())
+            {
+                // The proxy's own gauges: one metric, no labels.
+                for field in Fields::new(msg) {
+                    if let (4, Wire::Bytes(metric), _) = field.map_err(|e| at(e.into()))? {
+                        for f in Fields::new(metric) {
+                            if let (2, Wire::Bytes(gauge), _) = f.map_err(|e| at(e.into()))? {
+                                for g in Fields::new(gauge) {
+                                    if let (1, Wire::Fixed64(bits), _) =
+                                        g.map_err(|e| at(e.into()))?
+                                    {
+                                        self.tally.identity(name, f64::from_bits(bits));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             return Ok(());
         }
         let kind = match kind {
@@ -261,6 +307,7 @@ impl<'a> Reader<'a> {
         value: f64,
         each: &mut impl FnMut(&Slot, f64),
     ) -> Result<(), String> {
+        self.tally.series(&self.caps)?;
         let bound = bound.map(|b| b.to_bits().to_le_bytes());
         let known = match (self.slots.get(self.n), self.group) {
             // The same group is the same bytes up to `base`.
@@ -281,13 +328,29 @@ impl<'a> Reader<'a> {
             if let Some(b) = bound {
                 self.key.extend_from_slice(&b);
             }
-            let slot = series::slot_of(&self.key, base, || series_key(&self.key, base))?;
+            let admit = self.admit;
+            let slot =
+                match series::slot_of(&self.key, base, admit, || series_key(&self.key, base))? {
+                    Ok(slot) => slot,
+                    Err(Admission::Unlabelled) => {
+                        self.tally.unlabelled += 1;
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        self.tally.unknown += 1;
+                        return Ok(());
+                    }
+                };
             if slot.group != NO_GROUP {
                 self.group = Some(slot.group);
             }
             self.slots.put(self.n, slot);
         }
+        if !value.is_finite() {
+            return Err(format!("a sample's value {value} is not a count"));
+        }
         each(&self.slots[self.n], value);
+        self.tally.kept += 1;
         self.n += 1;
         Ok(())
     }
