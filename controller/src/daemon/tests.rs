@@ -23,10 +23,16 @@ struct FakeSource {
     down: Arc<Mutex<bool>>,
     /// How long each read takes.
     delay: Arc<Mutex<Duration>>,
+    /// Requests counted so far (stable, canary); each read adds 100, split as `split` says.
+    counts: Arc<Mutex<(f64, f64)>>,
+    /// The canary share of new requests: the sink's served weight unless set.
+    split: Arc<Mutex<Option<f64>>>,
+    /// The proxies whose traffic is counted.
+    proxies: Option<FakeSink>,
 }
 
 impl Source for FakeSource {
-    async fn scrape(&self, _experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
+    async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
         let delay = self.delay.lock().map(|d| *d).unwrap_or_default();
         tokio::time::sleep(delay).await;
         if self.down.lock().map(|d| *d).unwrap_or(true) {
@@ -35,7 +41,34 @@ impl Source for FakeSource {
                 reason: "down".into(),
             });
         }
-        Ok(Vec::new())
+        let Some(proxies) = &self.proxies else {
+            return Ok(Vec::new());
+        };
+        let share = self
+            .split
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .unwrap_or_else(|| proxies.serving().map_or(0.0, |(_, w)| w / 100.0));
+        let (stable, canary) = {
+            let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            c.1 += (100.0 * share).round();
+            c.0 += 100.0 - (100.0 * share).round();
+            *c
+        };
+        let sample = |variant: &str, value: f64| crate::source::Sample {
+            name: "sluice_requests_total".into(),
+            labels: [
+                ("experiment".to_string(), experiment.to_string()),
+                ("variant".to_string(), variant.to_string()),
+            ]
+            .into(),
+            value,
+        };
+        Ok(vec![OriginScrape::from_samples(
+            "fake",
+            vec![sample("stable", stable), sample("canary", canary)],
+        )])
     }
 }
 
@@ -43,6 +76,14 @@ impl Source for FakeSource {
 struct FakeSink {
     pushed: Arc<Mutex<Vec<f64>>>,
     reject: Arc<Mutex<bool>>,
+    /// Pushes reach the proxies but are never confirmed (their admin does not answer).
+    unconfirmed: Arc<Mutex<bool>>,
+    /// What the proxies serve: (version, treatment weight).
+    served: Arc<Mutex<Option<(u64, f64)>>>,
+}
+
+fn treatment_weight(config: &FilterConfig) -> f64 {
+    config.experiments[0].variants[1].weight.unwrap_or(-1.0)
 }
 
 impl Sink for FakeSink {
@@ -53,12 +94,29 @@ impl Sink for FakeSink {
                 version,
             });
         }
-        let w = config.experiments[0].variants[1].weight.unwrap_or(-1.0);
+        let w = treatment_weight(config);
         if let Ok(mut p) = self.pushed.lock() {
             p.push(w);
         }
+        self.serve(version, w);
+        if self.unconfirmed.lock().map(|u| *u).unwrap_or(false) {
+            // The proxies load it, the confirmation never comes.
+            std::future::pending::<()>().await;
+        }
         Ok(Receipt {
             confirmed_after: Duration::ZERO,
+        })
+    }
+
+    async fn in_force(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        let want = (version, treatment_weight(config));
+        Ok(match self.serving() {
+            Some(s) if s == want => None,
+            other => Some(format!("serving {other:?}, not {want:?}")),
         })
     }
 }
@@ -66,6 +124,17 @@ impl Sink for FakeSink {
 impl FakeSink {
     fn pushed(&self) -> Vec<f64> {
         self.pushed.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn serving(&self) -> Option<(u64, f64)> {
+        self.served.lock().ok().and_then(|s| *s)
+    }
+
+    /// The proxies now serve `weight` as `version`, whoever wrote it.
+    fn serve(&self, version: u64, weight: f64) {
+        if let Ok(mut s) = self.served.lock() {
+            *s = Some((version, weight));
+        }
     }
 }
 
@@ -292,20 +361,21 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
         other => unreachable!("{other:?}"),
     };
     assert_eq!(saved.weight, 10.0);
-    // Restart: the stage's bake starts over from the restart; the next raise comes only
-    // after a full warm-up and bake with fresh evidence.
+    // Restart: the state's weight is pushed again, and the stage's warm-up and bake start
+    // over from its confirmation; the next raise comes only after both, on fresh evidence.
     let sink2 = FakeSink::default();
     let (h, _join) = task_at(&dir, FakeSource::default(), sink2.clone(), None, clock)
         .spawn(std::future::pending(), true)
         .unwrap_or_else(|e| unreachable!("{e}"));
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert!(
-        sink2.pushed().is_empty(),
+    assert_eq!(
+        sink2.pushed(),
+        vec![10.0],
         "raised {:?} right after restart",
         sink2.pushed()
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(sink2.pushed(), vec![100.0]);
+    assert_eq!(sink2.pushed(), vec![10.0, 100.0]);
     assert_eq!(h.status.borrow().state.weight, 100.0);
     let _ = std::fs::remove_dir_all(&dir);
 }

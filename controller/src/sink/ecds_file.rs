@@ -191,6 +191,105 @@ impl Sink for EcdsFile {
             confirmed_after: started.elapsed(),
         })
     }
+
+    async fn in_force(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        self.check(config, version).await
+    }
+}
+
+/// What an ECDS file holds, as far as the controller checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileContent {
+    pub version: String,
+    pub resource: String,
+    /// The filter configuration, its `revision` removed.
+    pub config: FilterConfig,
+}
+
+/// Reads back a file [`render`] wrote (or a YAML one of the same shape); `Err` says why it is
+/// not one.
+pub fn parse(text: &str) -> Result<FileContent, String> {
+    let doc: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let version = match &doc["version_info"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("no version_info".into()),
+    };
+    let resource = &doc["resources"][0];
+    let name = resource["name"]
+        .as_str()
+        .ok_or("resources[0].name missing")?
+        .to_string();
+    let value = resource["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .ok_or("resources[0].typed_config.config.configuration.value missing")?;
+    let mut config: FilterConfig =
+        serde_json::from_str(value).map_err(|e| format!("configuration.value: {e}"))?;
+    config.revision = None;
+    Ok(FileContent {
+        version,
+        resource: name,
+        config,
+    })
+}
+
+impl EcdsFile {
+    /// Compares the watched file with what was pushed as `version`, then each proxy's
+    /// version in force with `version`.
+    async fn check(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        let path = self.path.clone();
+        let read = crate::durable::off_thread(move || std::fs::read_to_string(path)).await;
+        let file = self.path.display();
+        let text = match read {
+            Ok(t) => t,
+            Err(e) => return Ok(Some(format!("{file} cannot be read: {e}"))),
+        };
+        let mut want = config.clone();
+        want.revision = None;
+        match parse(&text) {
+            Err(e) => return Ok(Some(format!("{file} is not a pushed configuration: {e}"))),
+            Ok(c) if c.version != version.to_string() => {
+                return Ok(Some(format!(
+                    "{file} holds version {}, not the confirmed {version}",
+                    c.version
+                )))
+            }
+            Ok(c) if c.resource != self.resource => {
+                return Ok(Some(format!(
+                    "{file} holds resource {:?}, not {:?}",
+                    c.resource, self.resource
+                )))
+            }
+            Ok(c) if c.config != want => {
+                return Ok(Some(format!(
+                    "{file} holds version {version} with another configuration than the one pushed"
+                )))
+            }
+            Ok(_) => {}
+        }
+        let stat = self.stat("version_text");
+        let asked = self.proxies.iter().map(|p| p.text_readout(&stat));
+        let answers = futures_util::future::join_all(asked).await;
+        for (p, answer) in self.proxies.iter().zip(answers) {
+            let in_force = answer?;
+            if in_force.as_deref() != Some(version.to_string().as_str()) {
+                return Ok(Some(format!(
+                    "{} serves version {}, not the confirmed {version}",
+                    p.base(),
+                    in_force.as_deref().unwrap_or("none")
+                )));
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
