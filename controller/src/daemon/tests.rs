@@ -407,3 +407,202 @@ fn ticks_fall_on_multiples_of_the_interval() {
     assert_eq!(secs(after_tick(106.0, ten)), 14.0);
     assert_eq!(secs(after_tick(1.25, Duration::from_millis(500))), 0.75);
 }
+
+fn audit_of(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("r.audit.jsonl")).unwrap_or_default()
+}
+
+fn set<T>(m: &Arc<Mutex<T>>, v: T) {
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = v;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_between_a_raise_and_its_confirmation_converges_on_restart() {
+    let dir = temp_dir("crash-raise");
+    let clock = TokioClock::starting_at(1_000_000.0);
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    let (h, join) = task_at(&dir, source.clone(), sink.clone(), None, clock)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state.weight, 1.0);
+    // From now on the proxies load what is written but never confirm it.
+    set(&sink.unconfirmed, true);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The status is published once a step ends; this one never ends: read the state file.
+    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+    let before = store
+        .load()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| State::new("r", 0.0));
+    assert_eq!(before.weight, 1.0);
+    assert_eq!(before.pending.as_ref().map(|p| p.weight), Some(10.0));
+    assert_eq!(
+        sink.serving().map(|s| s.1),
+        Some(10.0),
+        "the raise reached the proxies"
+    );
+    join.abort(); // the process dies mid-push
+    let _ = join.await;
+
+    set(&sink.unconfirmed, false);
+    let (h, _join) = task_at(&dir, source, sink.clone(), None, clock)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status.borrow().clone();
+    // The proxies serve the state's weight again, as the version the state confirmed.
+    assert_eq!(s.state.weight, 1.0);
+    assert_eq!(s.state.pending, None);
+    assert_eq!(sink.serving(), Some((s.state.version, 1.0)));
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 1.0]);
+    assert!(
+        audit_of(&dir).contains("unconfirmed raise to 10 %"),
+        "{}",
+        audit_of(&dir)
+    );
+    // The stage starts over from the confirmation; the raise comes after warm-up and bake.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(sink.pushed().len(), 3);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 1.0, 10.0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn proxies_serving_another_configuration_get_the_state_pushed_again() {
+    let dir = temp_dir("drift");
+    let sink = FakeSink::default();
+    let (h, _join) = task(&dir, FakeSource::default(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let version = h.status.borrow().state.version;
+    // Someone else writes the watched file: the proxies serve 50 %.
+    sink.serve(99, 50.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(sink.pushed(), vec![1.0, 1.0]);
+    assert_eq!(sink.serving(), Some((s.state.version, 1.0)));
+    assert!(s.state.version > version);
+    let audit = audit_of(&dir);
+    assert!(audit.contains("\"diverged\""), "{audit}");
+    assert!(
+        audit.contains("holding: proxies diverged: serving Some((99, 50.0))"),
+        "{audit}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_observed_split_far_from_the_weight_holds_and_re_pushes() {
+    let dir = temp_dir("split");
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    // Half the requests reach the canary whatever the configuration says.
+    set(&source.split, Some(0.5));
+    let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(s.state.weight, 1.0, "raised while the split was off");
+    assert!(
+        sink.pushed().iter().all(|w| *w == 1.0),
+        "{:?}",
+        sink.pushed()
+    );
+    assert!(sink.pushed().len() >= 3, "{:?}", sink.pushed());
+    let audit = audit_of(&dir);
+    assert!(
+        audit.contains("canary got 50.0 % of") && audit.contains("the state says 1 %"),
+        "{audit}"
+    );
+    // The split follows the configuration again: the rollout goes on.
+    set(&source.split, None);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.status.borrow().state.weight, 10.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_task_stops_with_its_cause_and_a_consistent_state() {
+    let dir = temp_dir("task-error");
+    let sink = FakeSink::default();
+    let (h, join) = task(&dir, FakeSource::default(), sink.clone(), None)
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let audit = dir.join("r.audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let _ = std::fs::create_dir(&audit);
+    let error = match join.await {
+        Ok(Err(e)) => e.to_string(),
+        other => unreachable!("{other:?}"),
+    };
+    assert!(error.contains("r.audit.jsonl"), "{error}");
+    assert!(error.to_lowercase().contains("directory"), "{error}");
+    assert_eq!(h.status.borrow().error.as_deref(), Some(error.as_str()));
+    // What was persisted still passes every check.
+    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+    let checked = Rollout::parse(SPEC).unwrap_or_else(|e| unreachable!("{e}"));
+    let saved = store.load().ok().flatten();
+    assert!(saved.is_some_and(|s| s.check(&plan_of(&checked), "r").is_ok()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_that_breaks_an_invariant_is_refused_with_the_field() {
+    let dir = temp_dir("corrupt");
+    for (edit, field) in [
+        (r#""weight": 100.0"#, "weight"),
+        (r#""weight": -50.0"#, "weight"),
+        (r#""index": 98"#, "phase.index"),
+    ] {
+        let _ = std::fs::create_dir_all(&dir);
+        let mut state = State::new("r", 1.0);
+        state.phase = Phase::Canary { index: 0 };
+        state.weight = 1.0;
+        state.version = 1;
+        let text = serde_json::to_string(&state)
+            .unwrap_or_default()
+            .replace(r#""weight":1.0"#, r#""weight": 1.0"#)
+            .replace(r#""index":0"#, r#""index": 0"#);
+        let text = text
+            .replace(
+                r#""weight": 1.0"#,
+                if field == "weight" {
+                    edit
+                } else {
+                    r#""weight": 1.0"#
+                },
+            )
+            .replace(
+                r#""index": 0"#,
+                if field == "phase.index" {
+                    edit
+                } else {
+                    r#""index": 0"#
+                },
+            );
+        std::fs::write(dir.join("r.state.json"), &text).unwrap_or_default();
+        let refused = task(&dir, FakeSource::default(), FakeSink::default(), None)
+            .spawn(std::future::pending(), true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("r.state.json") && refused.contains(&format!(": {field}: ")),
+            "{text}: {refused}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -320,6 +320,67 @@ mod tests {
         assert_eq!(back, config);
     }
 
+    #[tokio::test]
+    async fn the_file_check_finds_another_version_or_configuration() {
+        let config: FilterConfig = serde_json::from_str(
+            r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+                "variants": [{"name": "a"}, {"name": "b", "weight": 5}]}]}"#,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let dir = std::env::temp_dir().join(format!("sluice-ecds-check-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let code = WasmCode {
+            filename: "/x/sluice_filter.wasm".into(),
+            vm_id: default_name(),
+            root_id: default_name(),
+            runtime: default_runtime(),
+        };
+        let sink = EcdsFile {
+            path: dir.join("sluice.yaml"),
+            resource: "sluice".into(),
+            code: code.clone(),
+            proxies: Vec::new(),
+            confirm_within: Duration::from_secs(1),
+        };
+        let write = |c: &FilterConfig, version: u64| {
+            let mut c = c.clone();
+            c.revision = Some(revision(version));
+            let text = render("sluice", &code, &c, version).unwrap_or_default();
+            std::fs::write(dir.join("sluice.yaml"), text).unwrap_or_default();
+        };
+        write(&config, 7);
+        assert_eq!(sink.check(&config, 7).await.ok(), Some(None));
+        let found = sink
+            .check(&config, 8)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(
+            found.contains("holds version 7, not the confirmed 8"),
+            "{found}"
+        );
+        let mut other = config.clone();
+        other.experiments[0].variants[1].weight = Some(50.0);
+        write(&other, 7);
+        let found = sink
+            .check(&config, 7)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(found.contains("another configuration"), "{found}");
+        std::fs::write(dir.join("sluice.yaml"), "not: [a config").unwrap_or_default();
+        let found = sink
+            .check(&config, 7)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(found.contains("not a pushed configuration"), "{found}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn regex_escaping() {
         assert_eq!(regex_escape("a.b"), "a\\.b");
