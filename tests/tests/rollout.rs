@@ -1004,7 +1004,11 @@ async fn a_crash_between_a_raise_and_its_confirmation_is_converged_on_restart() 
 #[tokio::test]
 async fn an_ecds_file_edited_behind_the_daemon_is_pushed_again() -> anyhow::Result<()> {
     let (_stable, _canary, envoy) = stack(0).await?;
-    let run = Run::new(&envoy, json!([25, 100]), &wasm()?)?;
+    // A bake long enough for the rollout to stay at 25 % throughout.
+    let run = Run::with(&envoy, json!([25, 100]), &wasm()?, |spec| {
+        spec["spec"]["schedule"]["bake"] = json!("120s");
+        Ok(())
+    })?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
     let mut child = run.start()?;
     let with_log = |e: sluice_tests::Error| anyhow::anyhow!("{e}\n{}", run.log());
@@ -1014,7 +1018,6 @@ async fn an_ecds_file_edited_behind_the_daemon_is_pushed_again() -> anyhow::Resu
     })
     .await
     .map_err(with_log)?;
-    run.cli(&["pause", "r"])?;
     let version = run.state()["version"].as_u64().unwrap_or(0);
     // Someone writes the watched file by hand: everyone to the canary, as version 999.
     let path = envoy.ecds_file("sluice.yaml")?;
@@ -1074,9 +1077,19 @@ async fn a_rollout_that_cannot_write_its_audit_log_makes_run_exit_non_zero() -> 
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
+    // The daemon appends at every evaluation and creates the file if it is gone: retry until
+    // the directory takes its place.
     let audit = run.state_dir().join("r.audit.jsonl");
-    std::fs::remove_file(&audit)?;
-    std::fs::create_dir(&audit)?;
+    for _ in 0..100 {
+        let _ = std::fs::remove_file(&audit);
+        if std::fs::create_dir(&audit).is_ok() {
+            break;
+        }
+    }
+    anyhow::ensure!(
+        audit.is_dir(),
+        "could not replace the audit log by a directory"
+    );
     exited(&mut child, STOPPED_ON_ERROR, Duration::from_secs(30), &run).await?;
     traffic.stop().await;
     let log = run.log();
