@@ -207,10 +207,10 @@ impl State {
         Some((start + total - now).max(0.0))
     }
 
-    /// Data before this time says nothing about the current stage.
+    /// Data before this time says nothing about the current stage: the stage's start (or
+    /// this process's, if later) plus the warm-up.
     pub fn evidence_from(&self, plan: &Plan) -> f64 {
-        let warm = self.since + plan.warmup_secs;
-        self.restarted_at.map_or(warm, |r| r.max(warm))
+        self.restarted_at.map_or(self.since, |r| r.max(self.since)) + plan.warmup_secs
     }
 }
 

@@ -990,6 +990,13 @@ async fn a_crash_between_a_raise_and_its_confirmation_is_converged_on_restart() 
             && r["judgement"]["kind"] == "halt"
     });
     assert!(halted.is_none(), "{halted:?}");
+    // No evaluation of the restarted process dates its stage from before it started.
+    let early = run.audit().into_iter().find(|r| {
+        r["record"] == "evaluation"
+            && r["at"].as_f64() >= Some(restarted)
+            && r["detail"]["stage_started_at"].as_f64() < Some(restarted)
+    });
+    assert!(early.is_none(), "{early:?}");
     // Run again on the finished state: it says so and exits at once.
     let mut again = run.start()?;
     exited(&mut again, PROMOTED, Duration::from_secs(20), &run).await?;

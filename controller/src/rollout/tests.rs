@@ -272,6 +272,9 @@ fn a_restart_mid_stage_pushes_the_state_again_and_the_stage_starts_over() {
     confirm(&mut s, &p, 0.0);
     assert_eq!(pushes(&step(&mut s, &p, Input::Restarted, 50.0)), vec![1.0]);
     assert_eq!(s.hold, None, "nothing to hold for: the push blocks raises");
+    // Until the push is confirmed, the stage's evidence starts after the restart's warm-up:
+    // never at a time before this process existed.
+    assert_eq!(s.evidence_from(&p), 60.0);
     confirm(&mut s, &p, 51.0);
     assert_eq!(s.since, 51.0);
     assert!(pushes(&pass(&mut s, &p, 120.0)).is_empty());
