@@ -6,11 +6,23 @@
 //! | `GET /status` | JSON array: every rollout's [`Status`] |
 //! | `GET /metrics` | Prometheus text: stage, weight, holds, verdicts, scrape and push errors, push latency |
 //! | `POST /rollouts/<name>/pause`, `resume`, `promote`, `abort` | operator commands: 200 once applied and persisted, 202 if still queued after 30 s |
+//!
+//! Who may act: every operator command needs `Authorization: Bearer <token>` (see
+//! [`crate::cli::daemon_token`]). A request whose `Host` is not an address or `localhost` (or
+//! a name given with `--allow-host`), or whose `Origin` is not the daemon itself, is refused
+//! whatever its route: a web page the operator visits can neither act through the operator's
+//! browser nor read the status through a rebound DNS name.
+//!
+//! What it holds: at most [`MAX_CONNECTIONS`] connections at a time (more are closed at once),
+//! each with [`HEADER_READ_TIMEOUT`] to send a request's head (idle keep-alive connections
+//! included) and [`CONNECTION_MAX`] in all, so idle or slow clients cannot use up the process's
+//! file descriptors, which the rollouts need for their state and audit files.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,38 +30,143 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::daemon::{Ordered, Registry, Status};
 use crate::rollout::{Command, Judgement, Phase, State};
+
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a connection has to send a request's head, from when the server starts waiting for it
+/// (also between requests on a kept-alive connection).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may stay open in all (longer than [`COMMAND_WAIT`]).
+pub const CONNECTION_MAX: Duration = Duration::from_secs(120);
+
+/// Who may use the endpoint.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The bearer token operator commands need.
+    pub token: String,
+    /// Host names accepted in `Host` besides addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
+}
 
 /// Serves the endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    access: Access,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
+    let access = Arc::new(access);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: retrying at once would spin.
+                tracing::warn!(error = %e, "accepting a connection to the endpoint");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("{MAX_CONNECTIONS} connections open: closing a new one");
             continue;
         };
-        let registry = registry.clone();
+        let (registry, access) = (registry.clone(), access.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(route(req, &registry).await) }
+                let (registry, access) = (registry.clone(), access.clone());
+                async move { Ok::<_, Infallible>(route(req, &registry, &access).await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_MAX, conn).await;
+            drop(slot);
         });
     }
+}
+
+/// Whether `host` (a `Host` or `Origin` authority, port included or not) names this daemon:
+/// an IP address, `localhost`, or an allowed name.
+fn known_host(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    name.parse::<IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Why a request is refused before it is routed, if it is.
+fn refused<B>(req: &Request<B>, access: &Access) -> Option<Response<Full<Bytes>>> {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    };
+    let host = header(hyper::header::HOST);
+    if let Some(host) = host {
+        if !known_host(host, &access.allowed_hosts) {
+            return Some(reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                format!("host {host:?} is not this daemon (start it with --allow-host NAME to accept a name)\n"),
+            ));
+        }
+    }
+    if let Some(origin) = header(hyper::header::ORIGIN) {
+        let same = host.is_some_and(|h| origin == format!("http://{h}"));
+        if !same {
+            return Some(reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                format!("requests from web pages ({origin}) are refused\n"),
+            ));
+        }
+    }
+    if req.method() == Method::POST {
+        let given = header(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|t| same_token(t, &access.token)) {
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "operator commands need `Authorization: Bearer <token>`: `sluice pause|resume|promote|abort` read it from the state directory's api-token file, --token-file or SLUICE_TOKEN\n".into(),
+            );
+            if let Ok(v) = "Bearer".parse() {
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+            }
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// Compares tokens in time independent of where they differ.
+fn same_token(given: &str, token: &str) -> bool {
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Binds the endpoint's address.
@@ -66,7 +183,10 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-async fn route<B>(req: Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
+async fn route<B>(req: Request<B>, registry: &Registry, access: &Access) -> Response<Full<Bytes>> {
+    if let Some(refusal) = refused(&req, access) {
+        return refusal;
+    }
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     match (req.method(), parts.as_slice()) {
@@ -286,6 +406,14 @@ pub fn metrics(all: &[Status]) -> String {
         all.iter().map(|s| (r(s), s.push_errors as f64)).collect(),
     );
     family(
+        "sluice_rollout_stopped",
+        "gauge",
+        "1 if the rollout stopped on an error (see /status `error`).",
+        all.iter()
+            .map(|s| (r(s), f64::from(u8::from(s.error.is_some()))))
+            .collect(),
+    );
+    family(
         "sluice_rollout_push_latency_seconds",
         "gauge",
         "Decision to proxy confirmation, last push.",
@@ -294,4 +422,75 @@ pub fn metrics(all: &[Status]) -> String {
             .collect(),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> Access {
+        Access {
+            token: "t0k3n-0123456789abcdef".into(),
+            allowed_hosts: vec!["sluice.internal".into()],
+        }
+    }
+
+    fn post(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri("/rollouts/r/pause");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    fn status_of(req: &Request<()>) -> Option<StatusCode> {
+        refused(req, &access()).map(|r| r.status())
+    }
+
+    #[test]
+    fn commands_need_the_token() {
+        let host = ("host", "127.0.0.1:9400");
+        assert_eq!(status_of(&post(&[host])), Some(StatusCode::UNAUTHORIZED));
+        let wrong = ("authorization", "Bearer t0k3n-0123456789abcdeX");
+        assert_eq!(
+            status_of(&post(&[host, wrong])),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        let right = ("authorization", "Bearer t0k3n-0123456789abcdef");
+        assert_eq!(status_of(&post(&[host, right])), None);
+        // Reads need none.
+        let get = Request::builder()
+            .uri("/status")
+            .header("host", "localhost:9400")
+            .body(())
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(status_of(&get), None);
+    }
+
+    #[test]
+    fn foreign_origins_and_hosts_are_refused() {
+        let right = ("authorization", "Bearer t0k3n-0123456789abcdef");
+        for (host, origin, ok) in [
+            ("127.0.0.1:9400", Some("http://evil.example"), false),
+            ("127.0.0.1:9400", Some("null"), false),
+            ("127.0.0.1:9400", Some("http://127.0.0.1:9400"), true),
+            ("evil.example:9400", None, false),
+            ("[::1]:9400", None, true),
+            ("localhost", None, true),
+            ("sluice.internal:9400", None, true),
+            ("10.1.2.3:9400", None, true),
+        ] {
+            let mut h = vec![("host", host), right];
+            if let Some(o) = origin {
+                h.push(("origin", o));
+            }
+            let got = status_of(&post(&h));
+            assert_eq!(got.is_none(), ok, "{host} {origin:?}: {got:?}");
+            if !ok {
+                assert_eq!(got, Some(StatusCode::FORBIDDEN));
+            }
+        }
+    }
 }

@@ -18,6 +18,119 @@ use crate::store::Store;
 /// Default address of the daemon's HTTP endpoint.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9400";
 
+/// The file in the state directory holding the endpoint's token when none is given.
+pub const TOKEN_FILE: &str = "api-token";
+/// The environment variable that gives the token (to the daemon and to the CLI).
+pub const TOKEN_ENV: &str = "SLUICE_TOKEN";
+/// Shortest token accepted from a file or the environment.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Reads a token file: its content, trimmed; refused if others may read it or it is short.
+fn read_token(path: &Path, check_mode: bool) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if check_mode && mode & 0o077 != 0 {
+        bail!(
+            "{}: mode {mode:03o} lets other users read the token; `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_string();
+    check_token(&token).with_context(|| path.display().to_string())?;
+    Ok(token)
+}
+
+fn check_token(token: &str) -> anyhow::Result<()> {
+    if token.len() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("a token needs at least {MIN_TOKEN_LEN} characters, none of them blank");
+    }
+    Ok(())
+}
+
+/// 32 random bytes from the kernel, as hex.
+fn new_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for a token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Where the daemon's token comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSource {
+    /// `--token-file`.
+    File(PathBuf),
+    /// `SLUICE_TOKEN`.
+    Env(String),
+    /// `<state dir>/api-token`, created at first start.
+    StateDir,
+}
+
+/// The token operator commands need: given (file or environment) or kept in the state
+/// directory, where it is generated at first start (mode 0600). A `listen` address other than
+/// loopback needs a given token: the generated one is meant for clients on this machine.
+pub fn daemon_token(
+    source: &TokenSource,
+    state_dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<String> {
+    match source {
+        TokenSource::File(p) => read_token(p, true),
+        TokenSource::Env(t) => {
+            check_token(t).context(TOKEN_ENV)?;
+            Ok(t.clone())
+        }
+        TokenSource::StateDir if !listen.ip().is_loopback() => bail!(
+            "--listen {listen} is reachable from other machines: give the operator token with --token-file FILE or {TOKEN_ENV} (the token in the state directory is for loopback only)"
+        ),
+        TokenSource::StateDir => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let path = state_dir.join(TOKEN_FILE);
+            if path.exists() {
+                return read_token(&path, true);
+            }
+            std::fs::create_dir_all(state_dir)
+                .with_context(|| format!("creating {}", state_dir.display()))?;
+            let token = new_token()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(path = %path.display(), "generated the operator token");
+            Ok(token)
+        }
+    }
+}
+
+/// The token the CLI sends: `--token-file`, else `SLUICE_TOKEN`, else the state directory's
+/// file if there is one.
+pub fn client_token(token_file: Option<&Path>, state_dir: &Path) -> anyhow::Result<Option<String>> {
+    if let Some(p) = token_file {
+        return read_token(p, false).map(Some);
+    }
+    if let Ok(t) = std::env::var(TOKEN_ENV) {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let path = state_dir.join(TOKEN_FILE);
+    if path.exists() {
+        return read_token(&path, false).map(Some);
+    }
+    Ok(None)
+}
+
 /// `sluice validate`: every problem with its field path; `Err` (exit 1) if any.
 pub fn validate(files: &[PathBuf]) -> anyhow::Result<()> {
     let mut failed = false;
@@ -48,8 +161,9 @@ pub fn validate(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sluice render`: the exact filter JSON pushed at a stage (counted from 1, as progress
-/// lines show it) or at a weight; neither gives the 0 % configuration.
+/// `sluice render`: the filter JSON pushed at a stage (counted from 1, as progress lines show
+/// it) or at a weight. The daemon adds a `revision` to every push and wraps the JSON in the
+/// ECDS file; a note on stderr says so.
 pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow::Result<()> {
     let c = load(file)?;
     let w = match (stage, weight) {
@@ -66,10 +180,23 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
                 .weight
         }
         (None, Some(w)) => w,
-        (None, None) => 0.0,
+        (None, None) => bail!(
+            "give --stage N (1 to {}) or --weight PERCENT: which configuration to render",
+            c.stages.len()
+        ),
     };
     let config = c.render(w).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&config)?);
+    eprintln!(
+        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>; the shadow section is pushed only in the shadow stage",
+        c.rollout
+            .spec
+            .sinks
+            .iter()
+            .map(|crate::spec::SinkSpec::EcdsFile(e)| e.resource.as_str())
+            .next()
+            .unwrap_or("sluice")
+    );
     Ok(())
 }
 
@@ -87,10 +214,17 @@ pub struct RunOptions {
     pub exit_when_done: bool,
     /// Print progress lines (stage, weight, bake left, judgement).
     pub progress: bool,
+    /// Where the operator token comes from.
+    pub token: TokenSource,
+    /// Host names accepted in requests besides addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `sluice run`: one task per rollout, the HTTP endpoint, live progress; SIGTERM/ctrl-c
 /// finishes the current step, persists and exits 0. `judge` builds each rollout's judge.
+///
+/// A rollout whose state is refused, or that stops on an error (a file it cannot write),
+/// stops alone: the others run on, and the returned statuses carry its `error`.
 pub async fn run<A, F>(opts: RunOptions, judge: F) -> anyhow::Result<Vec<Status>>
 where
     A: Assess + 'static,
@@ -99,6 +233,7 @@ where
     if opts.files.is_empty() {
         bail!("give at least one rollout spec with -f");
     }
+    let token = daemon_token(&opts.token, &opts.state_dir, opts.listen)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = BTreeMap::new();
     let mut joins = Vec::new();
@@ -140,6 +275,7 @@ where
                 f.display()
             ),
         };
+        let stages: Vec<f64> = checked.stages.iter().map(|s| s.weight).collect();
         let task = Task {
             source,
             sinks: spec.sinks.iter().map(AnySink::from_spec).collect(),
@@ -153,9 +289,21 @@ where
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let (handle, join) = task.spawn(shutdown, opts.exit_when_done)?;
-        handles.insert(name, handle);
-        joins.push(join);
+        match task.spawn(shutdown, opts.exit_when_done) {
+            Ok((handle, join)) => {
+                if let Some(line) = finished_line(&handle.status.borrow(), &opts.state_dir) {
+                    println!("{line}");
+                }
+                handles.insert(name.clone(), handle);
+                joins.push((name, join));
+            }
+            Err(e) => {
+                // One rollout's bad state must not stop the others.
+                tracing::error!(rollout = %name, error = %e, "rollout not started");
+                let status = Status::stopped(&name, stages, e.to_string());
+                handles.insert(name, crate::daemon::Handle::stopped(status));
+            }
+        }
     }
     let registry: crate::daemon::Registry = Arc::new(handles);
     let listener = crate::api::bind(opts.listen)
@@ -163,9 +311,18 @@ where
         .with_context(|| format!("listening on {}", opts.listen))?;
     tracing::info!(listen = %opts.listen, rollouts = registry.len(), "sluice daemon running");
     let mut api_stop = stop_rx.clone();
-    let api = tokio::spawn(crate::api::serve(listener, registry.clone(), async move {
-        let _ = api_stop.wait_for(|s| *s).await;
-    }));
+    let access = crate::api::Access {
+        token,
+        allowed_hosts: opts.allowed_hosts.clone(),
+    };
+    let api = tokio::spawn(crate::api::serve(
+        listener,
+        registry.clone(),
+        access,
+        async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        },
+    ));
     let progress = opts
         .progress
         .then(|| tokio::spawn(print_progress(registry.clone())));
@@ -178,9 +335,14 @@ where
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     });
+    let mut panicked: Vec<String> = Vec::new();
     let all_done = async {
-        for j in &mut joins {
-            let _ = j.await;
+        for (name, j) in &mut joins {
+            // A task's own errors are logged where they happen and kept in its status.
+            if let Err(e) = j.await {
+                tracing::error!(rollout = %name, error = %e, "rollout task ended abnormally");
+                panicked.push(format!("{name}: {e}"));
+            }
         }
     };
     tokio::pin!(all_done);
@@ -199,14 +361,37 @@ where
     if let Some(p) = progress {
         p.abort();
     }
-    let finals: Vec<Status> = registry
+    let mut finals: Vec<Status> = registry
         .values()
         .map(|h| h.status.borrow().clone())
         .collect();
-    for s in &finals {
+    for s in &mut finals {
+        if let Some(p) = panicked
+            .iter()
+            .find(|p| p.starts_with(&format!("{}: ", s.name)))
+        {
+            s.error.get_or_insert_with(|| p.clone());
+        }
         println!("{}", progress_line(s));
     }
     Ok(finals)
+}
+
+/// For a rollout whose loaded state is final: a line saying that there is nothing to do.
+fn finished_line(s: &Status, state_dir: &Path) -> Option<String> {
+    if !s.state.phase.is_final() || s.state.pending.is_some() {
+        return None;
+    }
+    let how = match &s.state.phase {
+        Phase::RolledBack { reason } => format!("rolled back ({reason})"),
+        _ => format!("promoted at {} %", s.state.weight),
+    };
+    Some(format!(
+        "{}: already {how}: the state in {} is final, there is nothing to do (remove {}.state.json there to run this rollout again)",
+        s.name,
+        state_dir.display(),
+        s.name
+    ))
 }
 
 async fn print_progress(registry: crate::daemon::Registry) {
@@ -264,6 +449,9 @@ pub fn progress_line(s: &Status) -> String {
         line.push_str(&format!("  HELD: {h}"));
     }
     line.push_str(&format!("  judge: {}", judgement_text(&s.last_judgement)));
+    if let Some(e) = &s.error {
+        line.push_str(&format!("  STOPPED: {e}"));
+    }
     line
 }
 
@@ -287,7 +475,9 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
             .as_u64()
             .map(|i| format!(" {}", i + 1))
             .unwrap_or_default();
-        let state = if let Some(h) = s["state"]["hold"].as_str() {
+        let state = if let Some(e) = s["error"].as_str() {
+            format!("STOPPED: {e}")
+        } else if let Some(h) = s["state"]["hold"].as_str() {
             format!("held: {h}")
         } else if s["state"]["paused"].as_bool() == Some(true) {
             "paused".into()
@@ -313,8 +503,13 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sluice pause|resume|promote|abort NAME`.
-pub async fn control(endpoint: &str, name: &str, command: Command) -> anyhow::Result<()> {
+/// `sluice pause|resume|promote|abort NAME`, with the operator token if there is one.
+pub async fn control(
+    endpoint: &str,
+    name: &str,
+    command: Command,
+    token: Option<&str>,
+) -> anyhow::Result<()> {
     let action = match command {
         Command::Pause => "pause",
         Command::Resume => "resume",
@@ -325,8 +520,11 @@ pub async fn control(endpoint: &str, name: &str, command: Command) -> anyhow::Re
         "{}/rollouts/{name}/{action}",
         endpoint.trim_end_matches('/')
     );
-    let resp = reqwest::Client::new()
-        .post(&url)
+    let mut req = reqwest::Client::new().post(&url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("asking {url} (is `sluice run` running?)"))?;

@@ -173,6 +173,16 @@ impl Sink for AnySink {
             AnySink::EcdsFile(s) => s.push(config, version).await,
         }
     }
+
+    async fn in_force(
+        &self,
+        config: &sluice_filter::config::FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.in_force(config, version).await,
+        }
+    }
 }
 
 /// `sluice_requests_total` of `experiment` per variant.
@@ -247,6 +257,9 @@ pub struct Status {
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,
     pub events: Arc<Vec<EventRecord>>,
+    /// Why this rollout stopped running (its state could not be loaded, or a file could not
+    /// be written); `None` while it runs or after it ended normally.
+    pub error: Option<String>,
 }
 
 /// A notable event, as kept in the status and written to the audit log.
@@ -337,6 +350,49 @@ fn after_tick(started: f64, period: Duration) -> Duration {
 pub enum TaskError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source} (fix or remove the file; the rollout does not run until then)")]
+    InvalidState {
+        path: String,
+        #[source]
+        source: rollout::InvalidState,
+    },
+}
+
+impl Status {
+    /// The status of a rollout that is not running because of `error`.
+    pub fn stopped(name: &str, stages: Vec<f64>, error: String) -> Status {
+        Status {
+            name: name.to_string(),
+            state: State::new(name, 0.0),
+            stages,
+            target_weight: 0.0,
+            bake_left_secs: None,
+            last_judgement: None,
+            last_detail: Arc::new(serde_json::Value::Null),
+            last_evaluated_at: None,
+            scrape_errors: 0,
+            push_errors: 0,
+            observed_requests: BTreeMap::new(),
+            proxy_restarts: 0,
+            last_push_latency_secs: None,
+            events: Arc::default(),
+            error: Some(error),
+        }
+    }
+}
+
+impl Handle {
+    /// A handle to a rollout that does not run (see [`Status::stopped`]): commands to it are
+    /// answered [`Ordered::Gone`].
+    pub fn stopped(status: Status) -> Handle {
+        let (commands, _) = mpsc::channel(1);
+        let (_, status_rx) = watch::channel(status.clone());
+        Handle {
+            name: status.name,
+            commands,
+            status: status_rx,
+        }
+    }
 }
 
 impl<S, K, A, C> Task<S, K, A, C>
@@ -356,9 +412,17 @@ where
         let name = self.checked.name().to_string();
         let now = self.clock.now();
         let loaded = self.store.load()?;
+        let plan = plan_of(&self.checked);
+        if let Some(state) = &loaded {
+            state
+                .check(&plan, &name)
+                .map_err(|source| TaskError::InvalidState {
+                    path: self.store.state_path().display().to_string(),
+                    source,
+                })?;
+        }
         let restarted = loaded.is_some();
         let state = loaded.unwrap_or_else(|| State::new(&name, now));
-        let plan = plan_of(&self.checked);
         let status = Status {
             name: name.clone(),
             target_weight: state.target_weight(&plan),
@@ -374,6 +438,7 @@ where
             proxy_restarts: 0,
             last_push_latency_secs: None,
             events: Arc::default(),
+            error: None,
         };
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -384,6 +449,8 @@ where
             status,
             status_tx,
             accumulator: Accumulator::default(),
+            split_base: None,
+            unverified: None,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
         Ok((
@@ -404,6 +471,49 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     status: Status,
     status_tx: watch::Sender<Status>,
     accumulator: Accumulator,
+    /// Requests per variant counted when the evidence of the confirmed `version` began (after
+    /// its warm-up): the observed split is measured from there.
+    split_base: Option<(u64, BTreeMap<String, u64>)>,
+    /// Why the last check of what the proxies serve could not be made, if it could not.
+    unverified: Option<String>,
+}
+
+/// Requests (all variants) since the confirmation before the observed split is compared with
+/// the confirmed weight.
+const SPLIT_MIN_REQUESTS: u64 = 200;
+/// How far (as a share of requests) the treatment's observed share may be from its weight
+/// before the proxies are taken to serve something else, on top of 5 standard errors. Coarse
+/// on purpose: the judge's sample-ratio test looks for subtle imbalance, this looks for a
+/// proxy serving another weight (25 % configured, 50 % served).
+const SPLIT_BAND: f64 = 0.10;
+
+/// How an observed split differs from `weight` (percent), if it differs grossly: the share of
+/// `treatment` among the requests counted since `base`.
+fn split_mismatch(
+    base: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    treatment: &str,
+    weight: f64,
+) -> Option<String> {
+    let since = |v: &str| {
+        now.get(v)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(base.get(v).copied().unwrap_or(0))
+    };
+    let total: u64 = now.keys().map(|v| since(v)).sum();
+    if total < SPLIT_MIN_REQUESTS {
+        return None;
+    }
+    let share = since(treatment) as f64 / total as f64;
+    let p = (weight / 100.0).clamp(0.0, 1.0);
+    let sigma = (p * (1.0 - p) / total as f64).sqrt();
+    ((share - p).abs() > SPLIT_BAND + 5.0 * sigma).then(|| {
+        format!(
+            "{treatment} got {:.1} % of {total} requests since the confirmation, the state says {weight} %",
+            share * 100.0
+        )
+    })
 }
 
 impl<S, K, A, C> Runner<S, K, A, C>
@@ -416,6 +526,25 @@ where
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Order>,
+        shutdown: impl Future<Output = ()> + Send,
+        restarted: bool,
+        exit_when_final: bool,
+    ) -> Result<State, TaskError> {
+        let result = self
+            .run_steps(&mut commands, shutdown, restarted, exit_when_final)
+            .await;
+        if let Err(e) = &result {
+            // Stopped for good: say why in the status, so `/status` and the progress line
+            // show it (the process exits non-zero once the other rollouts are done).
+            self.status.error = Some(format!("{e}"));
+            self.publish();
+        }
+        result
+    }
+
+    async fn run_steps(
+        &mut self,
+        commands: &mut mpsc::Receiver<Order>,
         shutdown: impl Future<Output = ()> + Send,
         restarted: bool,
         exit_when_final: bool,
@@ -442,6 +571,10 @@ where
             next = tokio::time::Instant::now() + after_tick(started, period);
             self.apply(Input::Tick).await?;
             self.retry_pending_push().await?;
+            // A finished rollout run with `exit_when_final` only finishes its last push.
+            if !(exit_when_final && self.state.phase.is_final()) {
+                self.check_in_force().await?;
+            }
             if !self.state.phase.is_final() && self.state.phase != Phase::Pending {
                 self.evaluate().await?;
             }
@@ -452,7 +585,58 @@ where
         self.task.store.save(&self.state).await?;
         // The last notices (promoted, rolled back) must not die with the process.
         self.task.notifier.flush().await;
-        Ok(self.state)
+        Ok(self.state.clone())
+    }
+
+    /// The configuration pushed for `weight`, with the shadow section only in the shadow stage.
+    fn config(
+        &self,
+        weight: f64,
+        shadow: bool,
+    ) -> Result<sluice_filter::config::FilterConfig, String> {
+        let mut c = self
+            .task
+            .checked
+            .render(weight)
+            .map_err(|e| format!("render: {e}"))?;
+        if !shadow {
+            for e in &mut c.experiments {
+                e.shadow = None;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Asks every sink whether the proxies still serve the confirmed configuration; if one
+    /// says they do not, the machine pushes it again.
+    async fn check_in_force(&mut self) -> Result<(), TaskError> {
+        self.unverified = None;
+        if self.state.pending.is_some() || self.state.phase == Phase::Pending {
+            return Ok(());
+        }
+        let shadow = self.state.phase == Phase::Shadow;
+        let config = match self.config(self.state.weight, shadow) {
+            Ok(c) => c,
+            Err(e) => {
+                self.unverified = Some(e);
+                return Ok(());
+            }
+        };
+        for sink in &self.task.sinks {
+            match sink.in_force(&config, self.state.version).await {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    tracing::warn!(rollout = %self.status.name, %reason, "proxies diverged from the state");
+                    return self.apply(Input::Drifted { reason }).await;
+                }
+                Err(e) => {
+                    tracing::warn!(rollout = %self.status.name, error = %e, "cannot check the configuration in force");
+                    self.unverified = Some(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Steps the machine, persists, then carries out the effects (pushes feed back in).
@@ -489,21 +673,9 @@ where
 
     /// Pushes to every sink; the result as a machine input.
     async fn push(&mut self, version: u64, weight: f64, shadow: bool) -> Input {
-        let config = match self.task.checked.render(weight) {
-            Ok(mut c) => {
-                if !shadow {
-                    for e in &mut c.experiments {
-                        e.shadow = None;
-                    }
-                }
-                c
-            }
-            Err(e) => {
-                return Input::PushFailed {
-                    version,
-                    error: format!("render: {e}"),
-                };
-            }
+        let config = match self.config(weight, shadow) {
+            Ok(c) => c,
+            Err(error) => return Input::PushFailed { version, error },
         };
         let decided = self
             .state
@@ -542,10 +714,12 @@ where
         let scraped = self.task.source.scrape(&experiment).await;
         // An origin whose answers come from different proxies is an error too.
         let scraped = scraped.and_then(|s| self.accumulator.add(SystemTime::now(), &s));
-        let (assessment, data_at) = match scraped {
+        let mut diverged = None;
+        let (mut assessment, data_at) = match scraped {
             Ok(reading) => {
                 self.status.observed_requests = observed_requests(&reading, &experiment);
                 self.status.proxy_restarts = reading.restarts;
+                diverged = self.check_split(now);
                 let ctx = Context {
                     experiment,
                     control: control_of(&self.task.checked),
@@ -568,6 +742,13 @@ where
                 )
             }
         };
+        if let Some(reason) = &self.unverified {
+            if !matches!(assessment.judgement, Judgement::Fail { .. }) {
+                assessment.judgement = Judgement::Hold {
+                    reason: format!("cannot check what the proxies serve: {reason}"),
+                };
+            }
+        }
         self.task
             .store
             .audit(&serde_json::json!({
@@ -579,11 +760,42 @@ where
         self.status.last_judgement = Some(assessment.judgement.clone());
         self.status.last_detail = Arc::new(assessment.detail);
         self.status.last_evaluated_at = Some(now);
+        if let Some(reason) = diverged {
+            tracing::warn!(rollout = %self.status.name, %reason, "observed split diverged from the state");
+            self.apply(Input::Drifted { reason }).await?;
+        }
         self.apply(Input::Judged {
             judgement: assessment.judgement,
             data_at,
         })
         .await
+    }
+
+    /// Compares the observed split since the confirmed weight's warm-up ended with that
+    /// weight; how it differs, if grossly.
+    fn check_split(&mut self, now: f64) -> Option<String> {
+        if self.state.pending.is_some() || now < self.state.since + self.plan.warmup_secs {
+            return None;
+        }
+        let observed = &self.status.observed_requests;
+        match &self.split_base {
+            Some((version, base)) if *version == self.state.version => {
+                let found = split_mismatch(
+                    base,
+                    observed,
+                    &self.task.checked.treatment,
+                    self.state.weight,
+                );
+                if found.is_some() {
+                    self.split_base = None;
+                }
+                found
+            }
+            _ => {
+                self.split_base = Some((self.state.version, observed.clone()));
+                None
+            }
+        }
     }
 
     async fn event(&mut self, kind: EventKind, message: String) -> Result<(), TaskError> {

@@ -40,10 +40,19 @@ enum Command {
         /// Address of the status / metrics / operator endpoint.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
-        /// Exit once every rollout is promoted or rolled back: 0 if all were promoted,
-        /// 3 if any was rolled back.
+        /// Exit once every rollout is promoted or rolled back (or stopped on an error): 0 if
+        /// all were promoted, 3 if any was rolled back, 1 if any stopped on an error.
         #[arg(long)]
         exit_when_done: bool,
+        /// File holding the token operator commands need (default: `SLUICE_TOKEN`, else
+        /// `<state-dir>/api-token`, generated at first start; a non-loopback --listen needs
+        /// this or `SLUICE_TOKEN`).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// A host name clients may use for the endpoint (`Host` header), besides addresses
+        /// and `localhost`; repeatable.
+        #[arg(long = "allow-host")]
+        allowed_hosts: Vec<String>,
         /// No progress lines on stdout (logs still go to stderr).
         #[arg(long)]
         quiet: bool,
@@ -97,6 +106,12 @@ struct Target {
     name: String,
     #[arg(long, default_value_t = endpoint_default())]
     endpoint: String,
+    /// The daemon's state directory, where its token is (`<state-dir>/api-token`).
+    #[arg(long, default_value = ".sluice")]
+    state_dir: PathBuf,
+    /// File holding the operator token (default: `SLUICE_TOKEN`, else the state directory's).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 fn endpoint_default() -> String {
@@ -105,6 +120,8 @@ fn endpoint_default() -> String {
 
 /// Exit status of `sluice run --exit-when-done` when a rollout was rolled back.
 const EXIT_ROLLED_BACK: u8 = 3;
+/// Exit status of `sluice run` when a rollout stopped on an error (and of any failed command).
+const EXIT_STOPPED: u8 = 1;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -136,15 +153,34 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             exit_when_done,
             quiet,
+            token_file,
+            allowed_hosts,
         } => {
+            let token = match (token_file, std::env::var(cli::TOKEN_ENV)) {
+                (Some(f), _) => cli::TokenSource::File(f),
+                (None, Ok(t)) => cli::TokenSource::Env(t.trim().to_string()),
+                (None, Err(_)) => cli::TokenSource::StateDir,
+            };
             let opts = RunOptions {
                 files,
                 state_dir,
                 listen,
                 exit_when_done,
                 progress: !quiet,
+                token,
+                allowed_hosts,
             };
             let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c)?)))?;
+            let stopped: Vec<String> = finals
+                .iter()
+                .filter_map(|s| Some(format!("{}: {}", s.name, s.error.as_ref()?)))
+                .collect();
+            if !stopped.is_empty() {
+                for s in &stopped {
+                    eprintln!("error: rollout {s}");
+                }
+                return Ok(ExitCode::from(EXIT_STOPPED));
+            }
             let rolled_back = finals
                 .iter()
                 .any(|s| matches!(s.state.phase, Phase::RolledBack { .. }));
@@ -185,5 +221,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn operator(t: Target, command: Operator) -> anyhow::Result<()> {
-    runtime()?.block_on(cli::control(&t.endpoint, &t.name, command))
+    let token = cli::client_token(t.token_file.as_deref(), &t.state_dir)?;
+    runtime()?.block_on(cli::control(
+        &t.endpoint,
+        &t.name,
+        command,
+        token.as_deref(),
+    ))
 }

@@ -13,7 +13,10 @@
 //! - a weight is raised only on a judgement that is *fresh*: taken after the current stage's
 //!   warm-up, at most two intervals old, and saying the evidence suffices and passes;
 //! - a raise that was decided but not confirmed before a restart is not replayed: after a
-//!   restart the rollout holds at the last confirmed weight until fresh evidence comes in;
+//!   restart the proxies are brought back to the last confirmed weight (pushed again as a new
+//!   version) and the stage's warm-up and bake start over once they confirm it;
+//! - what the proxies serve is checked at every evaluation; when it is not the state's weight,
+//!   the state's weight is pushed again and the rollout holds until that is confirmed;
 //! - a rollback is pushed at once and re-pushed until confirmed, even after a restart.
 
 use serde::{Deserialize, Serialize};
@@ -120,6 +123,12 @@ pub enum Input {
     Command(Command),
     /// The controller process (re)started with this persisted state.
     Restarted,
+    /// What the proxies serve is not what the state says (`reason` says how it differs):
+    /// another writer changed the pushed file, a proxy runs another version, or the observed
+    /// split is far from the confirmed weight.
+    Drifted {
+        reason: String,
+    },
 }
 
 /// Something the daemon must do.
@@ -147,6 +156,10 @@ pub enum EventKind {
     Promoted,
     RolledBack,
     PushFailed,
+    /// The proxies were found serving something other than the state; it is pushed again.
+    Diverged,
+    /// An operator ended the current stage's bake (`promote`).
+    BakeEnded,
 }
 
 /// The schedule as the machine needs it.
@@ -194,10 +207,206 @@ impl State {
         Some((start + total - now).max(0.0))
     }
 
-    /// Data before this time says nothing about the current stage.
+    /// Data before this time says nothing about the current stage: the stage's start (or
+    /// this process's, if later) plus the warm-up.
     pub fn evidence_from(&self, plan: &Plan) -> f64 {
-        let warm = self.since + plan.warmup_secs;
-        self.restarted_at.map_or(warm, |r| r.max(warm))
+        self.restarted_at.map_or(self.since, |r| r.max(self.since)) + plan.warmup_secs
+    }
+}
+
+/// A persisted state that cannot be this rollout's: `field` names the offending field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidState {
+    pub field: String,
+    pub reason: String,
+}
+
+fn invalid(field: &str, reason: String) -> Result<(), InvalidState> {
+    Err(InvalidState {
+        field: field.to_string(),
+        reason,
+    })
+}
+
+fn check_weight(field: &str, w: f64) -> Result<(), InvalidState> {
+    if !(w.is_finite() && (0.0..=100.0).contains(&w)) {
+        return invalid(field, format!("{w} is not a weight (0 to 100 %)"));
+    }
+    Ok(())
+}
+
+impl State {
+    /// Checks a loaded state against the rollout it is to drive: every invariant the machine
+    /// keeps, so a hand-edited or corrupt file is refused instead of driving the proxies. The
+    /// weights must be the schedule's: a state written under other stages is refused too.
+    pub fn check(&self, plan: &Plan, name: &str) -> Result<(), InvalidState> {
+        if self.name != name {
+            return invalid(
+                "name",
+                format!("{:?} is not this rollout ({name:?})", self.name),
+            );
+        }
+        check_weight("weight", self.weight)?;
+        for (field, t) in [
+            ("since", Some(self.since)),
+            ("restarted_at", self.restarted_at),
+        ] {
+            if t.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+                return invalid(field, format!("{t:?} is not a time"));
+            }
+        }
+        if let Some(p) = &self.pending {
+            check_weight("pending.weight", p.weight)?;
+            if p.version == 0 || p.version > self.version {
+                return invalid(
+                    "pending.version",
+                    format!(
+                        "{} is not a version pushed so far (1 to version = {})",
+                        p.version, self.version
+                    ),
+                );
+            }
+            if !(p.decided_at.is_finite() && p.decided_at >= 0.0) {
+                return invalid(
+                    "pending.decided_at",
+                    format!("{} is not a time", p.decided_at),
+                );
+            }
+        }
+        if let Some(h) = &self.hold {
+            if h.is_empty() {
+                return invalid("hold", "a hold needs a reason".into());
+            }
+        }
+        let pending = self.pending.as_ref().map(|p| p.weight);
+        let stage = |i: usize| plan.stages.get(i).map(|s| s.weight);
+        let stages = || {
+            plan.stages
+                .iter()
+                .map(|s| format!("{} %", s.weight))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match &self.phase {
+            Phase::Pending | Phase::Shadow => {
+                let what = if self.phase == Phase::Pending {
+                    "before the first stage"
+                } else {
+                    "in the shadow stage"
+                };
+                if self.weight != 0.0 {
+                    return invalid("weight", format!("{} % {what}: must be 0", self.weight));
+                }
+                if pending.is_some_and(|w| w != 0.0) {
+                    return invalid(
+                        "pending.weight",
+                        format!("{} % {what}: must be 0", pending.unwrap_or(0.0)),
+                    );
+                }
+                if self.phase == Phase::Shadow && plan.shadow_secs.is_none() {
+                    return invalid("phase", "shadow, but the spec has no shadow stage".into());
+                }
+            }
+            Phase::Canary { index } => {
+                let Some(want) = stage(*index) else {
+                    return invalid(
+                        "phase.index",
+                        format!(
+                            "stage {} does not exist: the schedule has {} stage(s) ({})",
+                            index + 1,
+                            plan.stages.len(),
+                            stages()
+                        ),
+                    );
+                };
+                // Entering a stage pushes its weight; until confirmed, the weight is the one
+                // before (the previous stage's, or 0 for the first).
+                let before = index.checked_sub(1).and_then(stage).unwrap_or(0.0);
+                let stage_no = index + 1;
+                match pending {
+                    None if self.weight != want => {
+                        return invalid(
+                            "weight",
+                            format!(
+                                "{} % at stage {stage_no}, whose weight is {want} % (stages: {})",
+                                self.weight,
+                                stages()
+                            ),
+                        );
+                    }
+                    Some(p) if p != want => {
+                        return invalid(
+                            "pending.weight",
+                            format!(
+                                "{p} % at stage {stage_no}, whose weight is {want} % (stages: {})",
+                                stages()
+                            ),
+                        );
+                    }
+                    Some(_) if self.weight != want && self.weight != before => {
+                        return invalid(
+                            "weight",
+                            format!(
+                                "{} % while stage {stage_no} ({want} %) is being pushed: must be {before} % or {want} % (stages: {})",
+                                self.weight,
+                                stages()
+                            ),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            Phase::Promoted => {
+                let last = plan.stages.len().checked_sub(1);
+                let want = last.and_then(stage).unwrap_or(0.0);
+                let before = last
+                    .and_then(|l| l.checked_sub(1))
+                    .and_then(stage)
+                    .unwrap_or(0.0);
+                let ok = match pending {
+                    None => self.weight == want,
+                    Some(p) => p == want && (self.weight == want || self.weight == before),
+                };
+                if !ok {
+                    return invalid(
+                        if pending.is_some_and(|p| p != want) {
+                            "pending.weight"
+                        } else {
+                            "weight"
+                        },
+                        format!(
+                            "promoted at {} %{}, but the last stage is {want} %",
+                            self.weight,
+                            pending
+                                .map(|p| format!(" (pushing {p} %)"))
+                                .unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+            Phase::RolledBack { reason } => {
+                if reason.is_empty() {
+                    return invalid("phase.reason", "a rollback needs a reason".into());
+                }
+                match pending {
+                    Some(p) if p != 0.0 => {
+                        return invalid(
+                            "pending.weight",
+                            format!("{p} % after a rollback: only 0 % is pushed"),
+                        );
+                    }
+                    None if self.weight != 0.0 => {
+                        return invalid(
+                            "weight",
+                            format!("{} % after a confirmed rollback: must be 0", self.weight),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -213,19 +422,48 @@ pub fn step(state: &mut State, plan: &Plan, input: Input, now: f64) -> Vec<Effec
                     push(state, plan, p.weight, now, &mut fx);
                 }
                 // A raise decided before the crash is not replayed: the evidence behind it is
-                // old. Go back to the stage the confirmed weight belongs to and hold.
+                // old. But it may have reached the proxies (the file was written, the
+                // confirmation never came): go back to the stage the confirmed weight belongs
+                // to and push that weight again, so proxies and state agree.
                 Some(p) => {
                     rewind_to_confirmed(state, plan);
                     hold(
                         state,
                         &format!(
-                            "restarted with an unconfirmed raise to {} %; holding at {} % until fresh evidence",
+                            "restarted with an unconfirmed raise to {} %: pushing the confirmed {} % again; the stage starts over once the proxies confirm it",
                             p.weight, state.weight
                         ),
                         &mut fx,
                     );
+                    push(state, plan, state.weight, now, &mut fx);
+                }
+                // Nothing was under way. Whatever the proxies serve now, push the state's
+                // weight again: the proxies may have loaded something else while no controller
+                // ran, and the stage's evidence starts from a confirmation this process saw.
+                None if !state.phase.is_final() && state.phase != Phase::Pending => {
+                    push(state, plan, state.weight, now, &mut fx);
                 }
                 None => {}
+            }
+        }
+        Input::Drifted { reason } => {
+            // A push under way will set the proxies right (or fail and hold) by itself.
+            if state.pending.is_none() && state.phase != Phase::Pending {
+                fx.push(Effect::Event {
+                    kind: EventKind::Diverged,
+                    message: format!(
+                        "the proxies do not serve the state's {} %: {reason}; pushing {} % again",
+                        state.weight, state.weight
+                    ),
+                });
+                if !state.phase.is_final() {
+                    hold(
+                        state,
+                        &format!("proxies diverged: {reason}; re-pushing {} %", state.weight),
+                        &mut fx,
+                    );
+                }
+                push(state, plan, state.weight, now, &mut fx);
             }
         }
         Input::Tick => {
@@ -337,6 +575,10 @@ fn command(state: &mut State, plan: &Plan, c: Command, now: f64, fx: &mut Vec<Ef
             };
             if let Some(total) = total {
                 state.since = (now - total - plan.warmup_secs).min(state.since);
+                fx.push(Effect::Event {
+                    kind: EventKind::BakeEnded,
+                    message: "bake ended by operator (promote): the next fresh passing evaluation advances".into(),
+                });
             }
         }
         Command::Abort if !state.phase.is_final() => {

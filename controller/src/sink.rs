@@ -54,4 +54,12 @@ pub trait Sink {
         config: &FilterConfig,
         version: u64,
     ) -> impl Future<Output = Result<Receipt, SinkError>> + Send;
+
+    /// Checks that `config`, pushed and confirmed as `version`, is still what the proxies
+    /// serve: `Ok(None)` if so, `Ok(Some(how it differs))` if not, `Err` if it cannot tell.
+    fn in_force(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> impl Future<Output = Result<Option<String>, SinkError>> + Send;
 }

@@ -51,6 +51,10 @@ impl Store {
         })
     }
 
+    pub fn state_path(&self) -> &Path {
+        &self.state
+    }
+
     pub fn audit_path(&self) -> &Path {
         &self.audit
     }

@@ -23,10 +23,16 @@ struct FakeSource {
     down: Arc<Mutex<bool>>,
     /// How long each read takes.
     delay: Arc<Mutex<Duration>>,
+    /// Requests counted so far (stable, canary); each read adds 100, split as `split` says.
+    counts: Arc<Mutex<(f64, f64)>>,
+    /// The canary share of new requests: the sink's served weight unless set.
+    split: Arc<Mutex<Option<f64>>>,
+    /// The proxies whose traffic is counted.
+    proxies: Option<FakeSink>,
 }
 
 impl Source for FakeSource {
-    async fn scrape(&self, _experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
+    async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
         let delay = self.delay.lock().map(|d| *d).unwrap_or_default();
         tokio::time::sleep(delay).await;
         if self.down.lock().map(|d| *d).unwrap_or(true) {
@@ -35,7 +41,34 @@ impl Source for FakeSource {
                 reason: "down".into(),
             });
         }
-        Ok(Vec::new())
+        let Some(proxies) = &self.proxies else {
+            return Ok(Vec::new());
+        };
+        let share = self
+            .split
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .unwrap_or_else(|| proxies.serving().map_or(0.0, |(_, w)| w / 100.0));
+        let (stable, canary) = {
+            let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            c.1 += (100.0 * share).round();
+            c.0 += 100.0 - (100.0 * share).round();
+            *c
+        };
+        let sample = |variant: &str, value: f64| crate::source::Sample {
+            name: "sluice_requests_total".into(),
+            labels: [
+                ("experiment".to_string(), experiment.to_string()),
+                ("variant".to_string(), variant.to_string()),
+            ]
+            .into(),
+            value,
+        };
+        Ok(vec![OriginScrape::from_samples(
+            "fake",
+            vec![sample("stable", stable), sample("canary", canary)],
+        )])
     }
 }
 
@@ -43,6 +76,14 @@ impl Source for FakeSource {
 struct FakeSink {
     pushed: Arc<Mutex<Vec<f64>>>,
     reject: Arc<Mutex<bool>>,
+    /// Pushes reach the proxies but are never confirmed (their admin does not answer).
+    unconfirmed: Arc<Mutex<bool>>,
+    /// What the proxies serve: (version, treatment weight).
+    served: Arc<Mutex<Option<(u64, f64)>>>,
+}
+
+fn treatment_weight(config: &FilterConfig) -> f64 {
+    config.experiments[0].variants[1].weight.unwrap_or(-1.0)
 }
 
 impl Sink for FakeSink {
@@ -53,12 +94,29 @@ impl Sink for FakeSink {
                 version,
             });
         }
-        let w = config.experiments[0].variants[1].weight.unwrap_or(-1.0);
+        let w = treatment_weight(config);
         if let Ok(mut p) = self.pushed.lock() {
             p.push(w);
         }
+        self.serve(version, w);
+        if self.unconfirmed.lock().map(|u| *u).unwrap_or(false) {
+            // The proxies load it, the confirmation never comes.
+            std::future::pending::<()>().await;
+        }
         Ok(Receipt {
             confirmed_after: Duration::ZERO,
+        })
+    }
+
+    async fn in_force(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        let want = (version, treatment_weight(config));
+        Ok(match self.serving() {
+            Some(s) if s == want => None,
+            other => Some(format!("serving {other:?}, not {want:?}")),
         })
     }
 }
@@ -66,6 +124,17 @@ impl Sink for FakeSink {
 impl FakeSink {
     fn pushed(&self) -> Vec<f64> {
         self.pushed.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn serving(&self) -> Option<(u64, f64)> {
+        self.served.lock().ok().and_then(|s| *s)
+    }
+
+    /// The proxies now serve `weight` as `version`, whoever wrote it.
+    fn serve(&self, version: u64, weight: f64) {
+        if let Ok(mut s) = self.served.lock() {
+            *s = Some((version, weight));
+        }
     }
 }
 
@@ -292,20 +361,21 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
         other => unreachable!("{other:?}"),
     };
     assert_eq!(saved.weight, 10.0);
-    // Restart: the stage's bake starts over from the restart; the next raise comes only
-    // after a full warm-up and bake with fresh evidence.
+    // Restart: the state's weight is pushed again, and the stage's warm-up and bake start
+    // over from its confirmation; the next raise comes only after both, on fresh evidence.
     let sink2 = FakeSink::default();
     let (h, _join) = task_at(&dir, FakeSource::default(), sink2.clone(), None, clock)
         .spawn(std::future::pending(), true)
         .unwrap_or_else(|e| unreachable!("{e}"));
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert!(
-        sink2.pushed().is_empty(),
+    assert_eq!(
+        sink2.pushed(),
+        vec![10.0],
         "raised {:?} right after restart",
         sink2.pushed()
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(sink2.pushed(), vec![100.0]);
+    assert_eq!(sink2.pushed(), vec![10.0, 100.0]);
     assert_eq!(h.status.borrow().state.weight, 100.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -336,4 +406,203 @@ fn ticks_fall_on_multiples_of_the_interval() {
     // Less than half an interval to the next multiple: the one after.
     assert_eq!(secs(after_tick(106.0, ten)), 14.0);
     assert_eq!(secs(after_tick(1.25, Duration::from_millis(500))), 0.75);
+}
+
+fn audit_of(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("r.audit.jsonl")).unwrap_or_default()
+}
+
+fn set<T>(m: &Arc<Mutex<T>>, v: T) {
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = v;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_between_a_raise_and_its_confirmation_converges_on_restart() {
+    let dir = temp_dir("crash-raise");
+    let clock = TokioClock::starting_at(1_000_000.0);
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    let (h, join) = task_at(&dir, source.clone(), sink.clone(), None, clock)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state.weight, 1.0);
+    // From now on the proxies load what is written but never confirm it.
+    set(&sink.unconfirmed, true);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The status is published once a step ends; this one never ends: read the state file.
+    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+    let before = store
+        .load()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| State::new("r", 0.0));
+    assert_eq!(before.weight, 1.0);
+    assert_eq!(before.pending.as_ref().map(|p| p.weight), Some(10.0));
+    assert_eq!(
+        sink.serving().map(|s| s.1),
+        Some(10.0),
+        "the raise reached the proxies"
+    );
+    join.abort(); // the process dies mid-push
+    let _ = join.await;
+
+    set(&sink.unconfirmed, false);
+    let (h, _join) = task_at(&dir, source, sink.clone(), None, clock)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status.borrow().clone();
+    // The proxies serve the state's weight again, as the version the state confirmed.
+    assert_eq!(s.state.weight, 1.0);
+    assert_eq!(s.state.pending, None);
+    assert_eq!(sink.serving(), Some((s.state.version, 1.0)));
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 1.0]);
+    assert!(
+        audit_of(&dir).contains("unconfirmed raise to 10 %"),
+        "{}",
+        audit_of(&dir)
+    );
+    // The stage starts over from the confirmation; the raise comes after warm-up and bake.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(sink.pushed().len(), 3);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 1.0, 10.0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn proxies_serving_another_configuration_get_the_state_pushed_again() {
+    let dir = temp_dir("drift");
+    let sink = FakeSink::default();
+    let (h, _join) = task(&dir, FakeSource::default(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let version = h.status.borrow().state.version;
+    // Someone else writes the watched file: the proxies serve 50 %.
+    sink.serve(99, 50.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(sink.pushed(), vec![1.0, 1.0]);
+    assert_eq!(sink.serving(), Some((s.state.version, 1.0)));
+    assert!(s.state.version > version);
+    let audit = audit_of(&dir);
+    assert!(audit.contains("\"diverged\""), "{audit}");
+    assert!(
+        audit.contains("holding: proxies diverged: serving Some((99, 50.0))"),
+        "{audit}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_observed_split_far_from_the_weight_holds_and_re_pushes() {
+    let dir = temp_dir("split");
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    // Half the requests reach the canary whatever the configuration says.
+    set(&source.split, Some(0.5));
+    let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(s.state.weight, 1.0, "raised while the split was off");
+    assert!(
+        sink.pushed().iter().all(|w| *w == 1.0),
+        "{:?}",
+        sink.pushed()
+    );
+    assert!(sink.pushed().len() >= 3, "{:?}", sink.pushed());
+    let audit = audit_of(&dir);
+    assert!(
+        audit.contains("canary got 50.0 % of") && audit.contains("the state says 1 %"),
+        "{audit}"
+    );
+    // The split follows the configuration again: the rollout goes on.
+    set(&source.split, None);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.status.borrow().state.weight, 10.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_task_stops_with_its_cause_and_a_consistent_state() {
+    let dir = temp_dir("task-error");
+    let sink = FakeSink::default();
+    let (h, join) = task(&dir, FakeSource::default(), sink.clone(), None)
+        .spawn(std::future::pending(), true)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let audit = dir.join("r.audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let _ = std::fs::create_dir(&audit);
+    let error = match join.await {
+        Ok(Err(e)) => e.to_string(),
+        other => unreachable!("{other:?}"),
+    };
+    assert!(error.contains("r.audit.jsonl"), "{error}");
+    assert!(error.to_lowercase().contains("directory"), "{error}");
+    assert_eq!(h.status.borrow().error.as_deref(), Some(error.as_str()));
+    // What was persisted still passes every check.
+    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+    let checked = Rollout::parse(SPEC).unwrap_or_else(|e| unreachable!("{e}"));
+    let saved = store.load().ok().flatten();
+    assert!(saved.is_some_and(|s| s.check(&plan_of(&checked), "r").is_ok()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_that_breaks_an_invariant_is_refused_with_the_field() {
+    let dir = temp_dir("corrupt");
+    for (edit, field) in [
+        (r#""weight": 100.0"#, "weight"),
+        (r#""weight": -50.0"#, "weight"),
+        (r#""index": 98"#, "phase.index"),
+    ] {
+        let _ = std::fs::create_dir_all(&dir);
+        let mut state = State::new("r", 1.0);
+        state.phase = Phase::Canary { index: 0 };
+        state.weight = 1.0;
+        state.version = 1;
+        let text = serde_json::to_string(&state)
+            .unwrap_or_default()
+            .replace(r#""weight":1.0"#, r#""weight": 1.0"#)
+            .replace(r#""index":0"#, r#""index": 0"#);
+        let text = text
+            .replace(
+                r#""weight": 1.0"#,
+                if field == "weight" {
+                    edit
+                } else {
+                    r#""weight": 1.0"#
+                },
+            )
+            .replace(
+                r#""index": 0"#,
+                if field == "phase.index" {
+                    edit
+                } else {
+                    r#""index": 0"#
+                },
+            );
+        std::fs::write(dir.join("r.state.json"), &text).unwrap_or_default();
+        let refused = task(&dir, FakeSource::default(), FakeSink::default(), None)
+            .spawn(std::future::pending(), true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("r.state.json") && refused.contains(&format!(": {field}: ")),
+            "{text}: {refused}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

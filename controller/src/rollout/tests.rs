@@ -228,7 +228,7 @@ fn a_failed_push_holds_and_keeps_the_target() {
 }
 
 #[test]
-fn a_restart_never_replays_an_unconfirmed_raise() {
+fn a_restart_never_replays_an_unconfirmed_raise_and_re_pushes_the_confirmed_weight() {
     let p = plan(None);
     let mut s = State::new("r", 0.0);
     step(&mut s, &p, Input::Tick, 0.0);
@@ -237,18 +237,164 @@ fn a_restart_never_replays_an_unconfirmed_raise() {
     assert_eq!(s.pending.as_ref().map(|p| p.weight), Some(10.0));
     let mut restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default())
         .unwrap_or_else(|e| unreachable!("{e}"));
+    assert_eq!(restored.check(&p, "r"), Ok(()));
     let fx = step(&mut restored, &p, Input::Restarted, 100.0);
-    assert!(pushes(&fx).is_empty());
+    // The 10 % may have reached the proxies: the confirmed 1 % goes out again, as a new version.
+    assert_eq!(pushes(&fx), vec![1.0]);
+    assert_eq!(restored.pending.as_ref().map(|p| p.version), Some(3));
     assert_eq!(restored.phase, Phase::Canary { index: 0 });
-    assert!(restored.hold.is_some());
-    // Pre-restart evidence does not count; the bake starts over after the restart.
+    assert_eq!(restored.weight, 1.0);
+    assert!(restored
+        .hold
+        .as_deref()
+        .is_some_and(|h| h.contains("unconfirmed raise to 10 %") && h.contains("1 %")));
+    assert_eq!(restored.check(&p, "r"), Ok(()));
+    // Nothing moves until the proxies confirm, whatever the judge says.
+    assert!(pushes(&pass(&mut restored, &p, 101.0)).is_empty());
+    confirm(&mut restored, &p, 102.0);
+    assert_eq!(restored.pending, None);
+    // Pre-restart evidence does not count; warm-up and bake start over from the confirmation.
     let stale = Input::Judged {
         judgement: Judgement::Pass,
         data_at: 99.0,
     };
-    assert!(pushes(&step(&mut restored, &p, stale, 101.0)).is_empty());
-    assert!(pushes(&pass(&mut restored, &p, 150.0)).is_empty());
-    assert_eq!(pushes(&pass(&mut restored, &p, 161.0)), vec![10.0]);
+    assert!(pushes(&step(&mut restored, &p, stale, 103.0)).is_empty());
+    assert!(pushes(&pass(&mut restored, &p, 171.0)).is_empty());
+    assert_eq!(restored.hold, None, "fresh evidence ends the hold");
+    assert_eq!(pushes(&pass(&mut restored, &p, 173.0)), vec![10.0]);
+}
+
+#[test]
+fn a_restart_mid_stage_pushes_the_state_again_and_the_stage_starts_over() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    assert_eq!(pushes(&step(&mut s, &p, Input::Restarted, 50.0)), vec![1.0]);
+    assert_eq!(s.hold, None, "nothing to hold for: the push blocks raises");
+    // Until the push is confirmed, the stage's evidence starts after the restart's warm-up:
+    // never at a time before this process existed.
+    assert_eq!(s.evidence_from(&p), 60.0);
+    confirm(&mut s, &p, 51.0);
+    assert_eq!(s.since, 51.0);
+    assert!(pushes(&pass(&mut s, &p, 120.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut s, &p, 122.0)), vec![10.0]);
+    // Nothing to push before the first stage, nor after the end.
+    let mut fresh = State::new("r", 0.0);
+    assert!(pushes(&step(&mut fresh, &p, Input::Restarted, 1.0)).is_empty());
+    step(&mut s, &p, Input::Command(Command::Abort), 130.0);
+    confirm(&mut s, &p, 131.0);
+    assert!(pushes(&step(&mut s, &p, Input::Restarted, 140.0)).is_empty());
+}
+
+#[test]
+fn proxies_found_serving_something_else_get_the_state_again() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    let drift = |why: &str| Input::Drifted {
+        reason: why.to_string(),
+    };
+    let fx = step(&mut s, &p, drift("file edited"), 30.0);
+    assert_eq!(pushes(&fx), vec![1.0]);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Event { kind: EventKind::Diverged, message } if message.contains("file edited")
+    )));
+    assert!(s.hold.as_deref().is_some_and(|h| h.contains("file edited")));
+    // While that push is under way, more reports change nothing.
+    assert!(step(&mut s, &p, drift("again"), 31.0).is_empty());
+    confirm(&mut s, &p, 32.0);
+    // The stage starts over from the confirmation: data from the diverged time is not its.
+    assert!(pushes(&pass(&mut s, &p, 100.0)).is_empty());
+    assert_eq!(pushes(&pass(&mut s, &p, 103.0)), vec![10.0]);
+    // A finished rollout is set right too, without a hold.
+    step(&mut s, &p, Input::Command(Command::Abort), 110.0);
+    confirm(&mut s, &p, 111.0);
+    assert_eq!(pushes(&step(&mut s, &p, drift("edited"), 120.0)), vec![0.0]);
+    assert_eq!(s.hold, None);
+}
+
+#[test]
+fn promote_is_an_event() {
+    let p = plan(None);
+    let mut s = State::new("r", 0.0);
+    step(&mut s, &p, Input::Tick, 0.0);
+    confirm(&mut s, &p, 0.0);
+    let fx = step(&mut s, &p, Input::Command(Command::Promote), 5.0);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            kind: EventKind::BakeEnded,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn states_that_break_an_invariant_are_refused_with_the_field() {
+    let p = plan(Some(30.0));
+    let mut good = State::new("r", 0.0);
+    assert_eq!(good.check(&p, "r"), Ok(()));
+    step(&mut good, &p, Input::Tick, 0.0);
+    assert_eq!(good.check(&p, "r"), Ok(()));
+    confirm(&mut good, &p, 0.0);
+    pass(&mut good, &p, 41.0); // → stage 1, pushing 1 %
+    assert_eq!(good.check(&p, "r"), Ok(()));
+    confirm(&mut good, &p, 41.0);
+    assert_eq!(good.check(&p, "r"), Ok(()));
+    let field = |edit: &dyn Fn(&mut State)| {
+        let mut s = good.clone();
+        edit(&mut s);
+        s.check(&p, "r").map_err(|e| e.field)
+    };
+    // Weight 100 at stage 1, stage 99, weight −50: each names its field.
+    assert_eq!(field(&|s| s.weight = 100.0), Err("weight".to_string()));
+    assert_eq!(
+        field(&|s| s.phase = Phase::Canary { index: 98 }),
+        Err("phase.index".to_string())
+    );
+    assert_eq!(field(&|s| s.weight = -50.0), Err("weight".to_string()));
+    assert_eq!(field(&|s| s.weight = f64::NAN), Err("weight".to_string()));
+    assert_eq!(field(&|s| s.name = "other".into()), Err("name".to_string()));
+    assert_eq!(
+        field(&|s| s.since = f64::INFINITY),
+        Err("since".to_string())
+    );
+    let pending = |weight: f64, version: u64| {
+        move |s: &mut State| {
+            s.pending = Some(PendingPush {
+                version,
+                weight,
+                decided_at: 1.0,
+            })
+        }
+    };
+    assert_eq!(field(&pending(1.0, 99)), Err("pending.version".to_string()));
+    assert_eq!(field(&pending(50.0, 1)), Err("pending.weight".to_string()));
+    assert_eq!(field(&pending(1.0, 1)), Ok(()));
+    assert_eq!(
+        field(&|s| s.phase = Phase::Promoted),
+        Err("weight".to_string())
+    );
+    assert_eq!(
+        field(&|s| { s.phase = Phase::RolledBack { reason: "x".into() } }),
+        Err("weight".to_string())
+    );
+    assert_eq!(
+        field(&|s| {
+            s.phase = Phase::Shadow;
+        }),
+        Err("weight".to_string())
+    );
+    let no_shadow = plan(None);
+    let mut shadow = State::new("r", 0.0);
+    shadow.phase = Phase::Shadow;
+    assert_eq!(
+        shadow.check(&no_shadow, "r").map_err(|e| e.field),
+        Err("phase".to_string())
+    );
 }
 
 #[test]

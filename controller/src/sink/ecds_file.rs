@@ -191,6 +191,105 @@ impl Sink for EcdsFile {
             confirmed_after: started.elapsed(),
         })
     }
+
+    async fn in_force(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        self.check(config, version).await
+    }
+}
+
+/// What an ECDS file holds, as far as the controller checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileContent {
+    pub version: String,
+    pub resource: String,
+    /// The filter configuration, its `revision` removed.
+    pub config: FilterConfig,
+}
+
+/// Reads back a file [`render`] wrote (or a YAML one of the same shape); `Err` says why it is
+/// not one.
+pub fn parse(text: &str) -> Result<FileContent, String> {
+    let doc: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let version = match &doc["version_info"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("no version_info".into()),
+    };
+    let resource = &doc["resources"][0];
+    let name = resource["name"]
+        .as_str()
+        .ok_or("resources[0].name missing")?
+        .to_string();
+    let value = resource["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .ok_or("resources[0].typed_config.config.configuration.value missing")?;
+    let mut config: FilterConfig =
+        serde_json::from_str(value).map_err(|e| format!("configuration.value: {e}"))?;
+    config.revision = None;
+    Ok(FileContent {
+        version,
+        resource: name,
+        config,
+    })
+}
+
+impl EcdsFile {
+    /// Compares the watched file with what was pushed as `version`, then each proxy's
+    /// version in force with `version`.
+    async fn check(
+        &self,
+        config: &FilterConfig,
+        version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        let path = self.path.clone();
+        let read = crate::durable::off_thread(move || std::fs::read_to_string(path)).await;
+        let file = self.path.display();
+        let text = match read {
+            Ok(t) => t,
+            Err(e) => return Ok(Some(format!("{file} cannot be read: {e}"))),
+        };
+        let mut want = config.clone();
+        want.revision = None;
+        match parse(&text) {
+            Err(e) => return Ok(Some(format!("{file} is not a pushed configuration: {e}"))),
+            Ok(c) if c.version != version.to_string() => {
+                return Ok(Some(format!(
+                    "{file} holds version {}, not the confirmed {version}",
+                    c.version
+                )))
+            }
+            Ok(c) if c.resource != self.resource => {
+                return Ok(Some(format!(
+                    "{file} holds resource {:?}, not {:?}",
+                    c.resource, self.resource
+                )))
+            }
+            Ok(c) if c.config != want => {
+                return Ok(Some(format!(
+                    "{file} holds version {version} with another configuration than the one pushed"
+                )))
+            }
+            Ok(_) => {}
+        }
+        let stat = self.stat("version_text");
+        let asked = self.proxies.iter().map(|p| p.text_readout(&stat));
+        let answers = futures_util::future::join_all(asked).await;
+        for (p, answer) in self.proxies.iter().zip(answers) {
+            let in_force = answer?;
+            if in_force.as_deref() != Some(version.to_string().as_str()) {
+                return Ok(Some(format!(
+                    "{} serves version {}, not the confirmed {version}",
+                    p.base(),
+                    in_force.as_deref().unwrap_or("none")
+                )));
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +318,67 @@ mod tests {
         let back: FilterConfig =
             serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(back, config);
+    }
+
+    #[tokio::test]
+    async fn the_file_check_finds_another_version_or_configuration() {
+        let config: FilterConfig = serde_json::from_str(
+            r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+                "variants": [{"name": "a"}, {"name": "b", "weight": 5}]}]}"#,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let dir = std::env::temp_dir().join(format!("sluice-ecds-check-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let code = WasmCode {
+            filename: "/x/sluice_filter.wasm".into(),
+            vm_id: default_name(),
+            root_id: default_name(),
+            runtime: default_runtime(),
+        };
+        let sink = EcdsFile {
+            path: dir.join("sluice.yaml"),
+            resource: "sluice".into(),
+            code: code.clone(),
+            proxies: Vec::new(),
+            confirm_within: Duration::from_secs(1),
+        };
+        let write = |c: &FilterConfig, version: u64| {
+            let mut c = c.clone();
+            c.revision = Some(revision(version));
+            let text = render("sluice", &code, &c, version).unwrap_or_default();
+            std::fs::write(dir.join("sluice.yaml"), text).unwrap_or_default();
+        };
+        write(&config, 7);
+        assert_eq!(sink.check(&config, 7).await.ok(), Some(None));
+        let found = sink
+            .check(&config, 8)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(
+            found.contains("holds version 7, not the confirmed 8"),
+            "{found}"
+        );
+        let mut other = config.clone();
+        other.experiments[0].variants[1].weight = Some(50.0);
+        write(&other, 7);
+        let found = sink
+            .check(&config, 7)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(found.contains("another configuration"), "{found}");
+        std::fs::write(dir.join("sluice.yaml"), "not: [a config").unwrap_or_default();
+        let found = sink
+            .check(&config, 7)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(found.contains("not a pushed configuration"), "{found}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

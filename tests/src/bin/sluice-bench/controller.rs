@@ -820,6 +820,15 @@ impl Sink for ConfirmingSink {
             confirmed_after: Duration::ZERO,
         })
     }
+
+    /// What it confirmed is in force: it has no proxies to ask.
+    async fn in_force(
+        &self,
+        _config: &FilterConfig,
+        _version: u64,
+    ) -> Result<Option<String>, SinkError> {
+        Ok(None)
+    }
 }
 
 /// The real source, with the wall time of each scrape recorded.
