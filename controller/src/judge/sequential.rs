@@ -162,6 +162,12 @@ pub fn chi_square(counts: &[u64], expected: &[f64]) -> (f64, f64) {
     (stat, p)
 }
 
+/// The `p`-quantile of χ² with `df` degrees of freedom.
+pub fn chi_square_quantile(p: f64, df: f64) -> f64 {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    ChiSquared::new(df.max(1.0)).map_or(f64::INFINITY, |d| d.inverse_cdf(p))
+}
+
 /// Upper tail of χ² with `df` degrees of freedom.
 pub fn chi_square_sf(x: f64, df: f64) -> f64 {
     use statrs::distribution::{ChiSquared, ContinuousCDF};
