@@ -283,7 +283,7 @@ impl HttpContext for Stream {
             };
             active.rng.set(rng);
             match decided {
-                Ok(Some(a)) => self.route(&active, i, exp, a),
+                Ok(Some(a)) => self.route(&active, i, exp, a, &mut view),
                 Ok(None) => {
                     // Not in this experiment, but a client still must not pick a variant.
                     if fault(hostcalls::remove_map_value(
@@ -302,7 +302,7 @@ impl HttpContext for Stream {
                         basis: request::Basis::Key,
                         override_denied: false,
                     };
-                    self.route(&active, i, exp, control);
+                    self.route(&active, i, exp, control, &mut view);
                 }
             }
         }
@@ -575,7 +575,14 @@ impl Stream {
     }
 
     /// Sets the routing header (replacing any client value) and counts the request.
-    fn route(&mut self, active: &Active, i: usize, exp: &Experiment, a: Assignment) {
+    fn route(
+        &mut self,
+        active: &Active,
+        i: usize,
+        exp: &Experiment,
+        a: Assignment,
+        view: &mut HostRequest,
+    ) {
         let Some(em) = active.catalog.experiments.get(i) else {
             return;
         };
@@ -606,6 +613,16 @@ impl Stream {
         };
         if a.counted() {
             active.increment(vm.requests);
+            // Keyed requests also by replicate group (the key was read, and is cached, already).
+            if let (request::Basis::Key, Unit::User { keys, .. }) = (a.basis, &exp.unit) {
+                if let Ok(Some(key)) = request::user_key(keys, view) {
+                    let h = crate::assignment::hash(&exp.salt, &key);
+                    let group = crate::assignment::replicate_of(h, vm.replicates.len());
+                    if let Some(&r) = vm.replicates.get(group) {
+                        active.increment(r);
+                    }
+                }
+            }
             if a.basis == request::Basis::MissingKey {
                 active.increment(vm.missing_key);
             }

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use super::config::{CountModel, Direction, GuardrailConfig, Margin, Per};
 use super::ledger::Ledger;
 use super::sequential::{
-    chi_square, chi_square_quantile, cs_half_width, ln_e_value, ln_srm_e_value, normal_quantile,
-    tuned_precision, wilson,
+    chi_square, chi_square_quantile, cs_half_width, ln_e_value, ln_replicate_e_value,
+    ln_srm_e_value, normal_quantile, split_precision, tuned_precision, wilson,
 };
 use super::{Kind, Label, Verdict};
 use crate::snapshot::{Counters, Histogram};
@@ -869,6 +869,9 @@ pub fn srm(cfg: &GuardrailConfig, ledger: &Ledger, arms: Arms) -> Option<Verdict
         v.reason = "no requests this stage yet".into();
         return Some(v);
     }
+    if let Some(v) = srm_replicates(cfg, ledger, arms, &names, &expected) {
+        return Some(v);
+    }
     let ln_e = ln_srm_e_value(&counts, &expected, SRM_CONCENTRATION);
     let (chi2, p) = chi_square(&counts, &expected);
     let i = names.iter().position(|n| n.as_str() == arms.canary);
@@ -878,7 +881,7 @@ pub fn srm(cfg: &GuardrailConfig, ledger: &Ledger, arms: Arms) -> Option<Verdict
     v.p_value = Some(p);
     v.e_value = Some(ln_e.exp());
     let split = format!(
-        "canary share {} of {n} requests, weights say {}; χ² {chi2:.1} (fixed-look p {p:.2e})",
+        "canary share {} of {n} requests, weights say {}; χ² {chi2:.1} (fixed-look p {p:.2e}); no replicate counts: requests taken as independent",
         pct(observed),
         pct(wanted)
     );
@@ -904,6 +907,12 @@ pub fn impossible(cfg: &GuardrailConfig, ledger: &Ledger) -> Vec<String> {
             }
         };
         let responses = c.responses_total();
+        over(
+            "requests in replicate groups",
+            c.replicates.iter().sum(),
+            "requests",
+            c.requests,
+        );
         over("responses", responses, "requests", c.requests);
         over("local replies", c.local_replies, "responses", responses);
         over("upstream resets", c.upstream_resets, "responses", responses);
@@ -959,4 +968,105 @@ pub fn impossible(cfg: &GuardrailConfig, ledger: &Ledger) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The split test on replicate groups (see [`ln_replicate_e_value`]), when every variant of
+/// the stage carries the same number of them: valid when users, not requests, are assigned.
+/// Each variant with a share strictly between 0 and 1 is tested at `srm.alpha / k` (k such
+/// variants; Bonferroni); the verdict shows the canary's share.
+fn srm_replicates(
+    cfg: &GuardrailConfig,
+    ledger: &Ledger,
+    arms: Arms,
+    names: &[&String],
+    expected: &[f64],
+) -> Option<Verdict> {
+    let reps: Vec<&[u64]> = names
+        .iter()
+        .map(|n| {
+            ledger
+                .stage
+                .variants
+                .get(*n)
+                .map_or(&[][..], |c| c.replicates.as_slice())
+        })
+        .collect();
+    let groups = reps.iter().map(|r| r.len()).max().unwrap_or(0);
+    if groups < 2 || reps.iter().any(|r| !r.is_empty() && r.len() != groups) {
+        return None;
+    }
+    // A variant without replicate counts but with requests: the filter does not export them
+    // for it, so the groups do not cover the stage.
+    for (name, r) in names.iter().zip(&reps) {
+        if r.is_empty()
+            && ledger
+                .stage
+                .variants
+                .get(*name)
+                .is_some_and(|c| c.requests > 0)
+        {
+            return None;
+        }
+    }
+    let mut all = vec![0u64; groups];
+    for r in &reps {
+        for (a, x) in all.iter_mut().zip(r.iter()) {
+            *a += x;
+        }
+    }
+    let keyed: u64 = all.iter().sum();
+    let mut v = Verdict::new("srm", Kind::Integrity, 0.0, true);
+    if keyed == 0 {
+        v.reason = "no keyed requests this stage yet".into();
+        return Some(v);
+    }
+    let tested: Vec<usize> = (0..names.len())
+        .filter(|&i| expected[i] > 0.0 && expected[i] < 1.0)
+        .collect();
+    let k = tested.len().max(1) as f64;
+    let level = cfg.srm.alpha / k;
+    let mut worst: Option<(f64, usize, f64)> = None;
+    let mut effect_max: f64 = 1.0;
+    for &i in &tested {
+        let own: Vec<u64> = (0..groups)
+            .map(|g| reps[i].get(g).copied().unwrap_or(0))
+            .collect();
+        let rho = split_precision(expected[i], level);
+        let (ln_e, _, effect) = ln_replicate_e_value(&own, &all, expected[i], rho);
+        effect_max = effect_max.max(effect);
+        if worst.is_none_or(|(w, _, _)| ln_e > w) {
+            worst = Some((ln_e, i, effect));
+        }
+    }
+    let (ln_e, i_worst, _) = worst?;
+    let canary = names.iter().position(|n| n.as_str() == arms.canary);
+    let share = |i: usize| {
+        let own: u64 = reps[i].iter().sum();
+        own as f64 / keyed as f64
+    };
+    let observed = canary.map_or(0.0, share);
+    let wanted = canary.map_or(0.0, |i| expected[i]);
+    v.estimate = Some(observed);
+    v.e_value = Some(ln_e.exp());
+    v.p_value = Some((k * (-ln_e).exp()).min(1.0));
+    let split = format!(
+        "canary share {} of {keyed} keyed requests in {groups} replicate groups, weights say {}; \
+         users make requests {effect_max:.1}× as variable as independent ones would be",
+        pct(observed),
+        pct(wanted)
+    );
+    (v.label, v.reason) = if ln_e >= (1.0 / level).ln() {
+        (
+            Label::Fail,
+            format!(
+                "sample-ratio mismatch ({} gets {} where weights say {}): {split}",
+                names[i_worst],
+                pct(share(i_worst)),
+                pct(expected[i_worst])
+            ),
+        )
+    } else {
+        (Label::Pass, format!("split as expected: {split}"))
+    };
+    Some(v)
 }
