@@ -819,11 +819,16 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
         },
         "margin" => {
             let control = Traffic { error: 0.005, ..base };
+            // The error rate alone, so that a promotion is its non-inferiority test passing
+            // (the β each guardrail promises), not held back by the other guardrails.
+            let mut config = GuardrailConfig::default();
+            config.latency.enabled = false;
             Scenario {
                 control,
+                config,
                 independent_stages: true,
                 ..s(
-                    "5xx share 0.5 % → 0.725 %: exactly at the default margin (×1.25 + 0.1 point), so every promotion is false; each stage of the ramp judged on its own",
+                    "5xx share 0.5 % → 0.725 %: exactly at the default margin (×1.25 + 0.1 point), so every promotion is false; error-rate guardrail only; each stage of the ramp judged on its own",
                     Traffic { error: 0.00725, ..base },
                     true,
                 )

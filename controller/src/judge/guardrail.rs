@@ -1020,9 +1020,15 @@ fn srm_replicates(
         v.reason = "no keyed requests this stage yet".into();
         return Some(v);
     }
-    let tested: Vec<usize> = (0..names.len())
+    let mut tested: Vec<usize> = (0..names.len())
         .filter(|&i| expected[i] > 0.0 && expected[i] < 1.0)
         .collect();
+    // With two variants one's residuals are the other's negated: one test says it all.
+    if tested.len() == 2 {
+        let canary = names.iter().position(|n| n.as_str() == arms.canary);
+        tested.retain(|&i| Some(i) == canary || canary.is_none());
+        tested.truncate(1);
+    }
     let k = tested.len().max(1) as f64;
     let level = cfg.srm.alpha / k;
     let mut worst: Option<(f64, usize, f64)> = None;
