@@ -386,14 +386,29 @@ impl Judge {
             control: &snap.control,
             canary: &canary,
         };
+        // Counts real traffic cannot produce are a data error: nothing judged from them.
+        let impossible = guardrail::impossible(cfg, &self.ledger);
         let unusable = match &step {
             Step::Unhealthy { reason } => Some(reason.clone()),
             Step::OutOfOrder => Some("snapshot is not newer than the previous one".into()),
             _ if canary.is_empty() => Some("no canary variant to judge".into()),
+            _ if !impossible.is_empty() => Some(format!(
+                "impossible counts (a data error, not traffic): {}",
+                impossible.join("; ")
+            )),
             _ => None,
         };
         let (drafts, others) = guardrail::assess(cfg, &self.ledger, arms, &mut self.frozen);
         let mut verdicts = label_statistical(drafts, cfg.alpha, cfg.beta);
+        let shadow_only = self.ledger.weights.get(&canary).copied().unwrap_or(0.0) <= 0.0;
+        let no_control = !shadow_only && guardrail::control_idle(&self.ledger, arms);
+        if no_control {
+            for v in verdicts.iter_mut().filter(|v| v.estimate.is_some()) {
+                v.reason.push_str(
+                    "; no control traffic this stage: compared on the earlier stages' concurrent evidence",
+                );
+            }
+        }
         verdicts.extend(others);
         verdicts.extend(guardrail::srm(cfg, &self.ledger, arms));
         let requests = |ev: &ledger::Evidence| Amount {
@@ -402,8 +417,6 @@ impl Judge {
         };
         let stage = requests(&self.ledger.stage);
         let min = cfg.min_requests;
-        let shadow_only = self.ledger.weights.get(&canary).copied().unwrap_or(0.0) <= 0.0;
-        let no_control = !shadow_only && guardrail::control_idle(&self.ledger, arms);
         let enough = if shadow_only {
             // A shadow stage: the shadow's comparisons are the sample.
             let compared: u64 = self
@@ -422,6 +435,7 @@ impl Judge {
         };
         let mut data = Verdict::new("data", Kind::Integrity, 0.0, false);
         (data.label, data.reason) = match (&unusable, &step) {
+            (Some(why), _) if !impossible.is_empty() => (Label::Fail, why.clone()),
             (Some(why), _) => (Label::Inconclusive, why.clone()),
             (None, Step::Baseline) => (Label::Inconclusive, "first snapshot: baseline".into()),
             (None, Step::StageStarted) => (Label::Inconclusive, "stage started: warming up".into()),

@@ -204,10 +204,22 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
     } else {
         args.mde * args.baseline_rate
     };
-    if !(delta > 0.0 && delta < args.baseline_rate.min(1.0 - args.baseline_rate)) {
+    // The change goes the bad way: up for a rate that is better lower (errors), down for one
+    // that is better higher (conversion). Only that direction must keep the rate in (0, 1).
+    let changed = if args.lower_is_better {
+        args.baseline_rate + delta
+    } else {
+        args.baseline_rate - delta
+    };
+    if !(delta > 0.0 && changed > 0.0 && changed < 1.0) {
+        let which = if args.lower_is_better {
+            "below 1 (the rate rises by it)"
+        } else {
+            "above 0 (the rate falls by it)"
+        };
         return bad(
             "mde",
-            "must be a positive change that keeps the rate in (0, 1)",
+            &format!("must be a positive change that keeps the rate {which}"),
         );
     }
     for (flag, v) in [("alpha", args.alpha), ("beta", args.beta)] {
@@ -351,5 +363,55 @@ mod tests {
         assert!((n.fixed_seconds * 100.0 / textbook - 1.0).abs() < 0.03);
         // A smaller canary share needs longer.
         assert!(need(&q, 200.0, 10.0).seconds > n.seconds);
+    }
+
+    fn args(baseline: f64, mde: f64, absolute: bool, lower_is_better: bool) -> PlanArgs {
+        PlanArgs {
+            baseline_rate: baseline,
+            mde,
+            absolute,
+            lower_is_better,
+            alpha: 0.01,
+            beta: 0.05,
+            power: 0.8,
+            rps: 200.0,
+            weight: Some(50.0),
+            stages: vec![],
+            metrics: None,
+            interval: 10.0,
+            consecutive: 3,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn a_doubled_error_rate_can_be_planned() {
+        // 0.5 % → 1 %: a relative MDE of 100 % and the same as an absolute 0.005.
+        for a in [
+            args(0.005, 1.0, false, true),
+            args(0.005, 0.005, true, true),
+        ] {
+            let mut out = Vec::new();
+            run(&a, &mut out).unwrap_or_else(|e| unreachable!("{e}"));
+            let v: serde_json::Value =
+                serde_json::from_slice(&out).unwrap_or_else(|e| unreachable!("{e}"));
+            assert!(
+                (v["delta"].as_f64().unwrap_or(0.0) - 0.005).abs() < 1e-12,
+                "{v}"
+            );
+            assert!(v["stages"][0]["detect"]["seconds"].as_f64().unwrap_or(0.0) > 0.0);
+        }
+        // Changes that leave (0, 1) in the bad direction are still refused.
+        for a in [
+            args(0.005, 1.0, false, false),
+            args(0.6, 0.5, true, true),
+            args(0.005, 0.0, true, true),
+        ] {
+            let mut out = Vec::new();
+            assert!(matches!(
+                run(&a, &mut out),
+                Err(PlanError::Argument("mde", _))
+            ));
+        }
     }
 }

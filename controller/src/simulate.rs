@@ -14,7 +14,7 @@ use std::io::Write;
 use crate::judge::config::{BusinessConfig, GuardrailConfig};
 use crate::judge::guardrail::count_above;
 use crate::judge::sequential::{chi_square, normal_cdf, normal_quantile, wilson};
-use crate::judge::{Decision, Judge};
+use crate::judge::{Decision, Judge, Kind, Label};
 use crate::plan;
 use crate::snapshot::{Bucket, Counters, Histogram, Snapshot};
 
@@ -36,9 +36,14 @@ pub struct SimulateArgs {
     pub runs: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Scenarios to run (default: all): aa, error, latency, conversion, drift, srm.
+    /// Scenarios to run (default: all): see `SCENARIOS`.
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
+    /// Replicate groups the snapshots carry in the scenarios that have them (0: none, as
+    /// from a filter without `sluice_replicate_requests_total`: the split test then takes
+    /// requests as independent).
+    #[arg(long)]
+    pub replicates: Option<usize>,
     /// Requests per second reaching the experiment.
     #[arg(long, default_value_t = 200.0)]
     pub rps: f64,
@@ -52,7 +57,7 @@ pub struct SimulateArgs {
 /// Simulation failure.
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
-    #[error("unknown scenario {0:?} (known: aa, error, latency, conversion, drift, srm)")]
+    #[error("unknown scenario {0:?} (known: {known})", known = SCENARIOS.join(", "))]
     Scenario(String),
     #[error("--runs must be at least 1")]
     Runs,
@@ -60,6 +65,75 @@ pub enum SimulateError {
     Output(#[from] std::io::Error),
     #[error("encoding output: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+/// Every scenario, in the order `sluice simulate` runs them.
+pub const SCENARIOS: [&str; 12] = [
+    "aa",
+    "error",
+    "latency",
+    "conversion",
+    "drift",
+    "srm",
+    "aa_drift",
+    "margin",
+    "users_aa",
+    "users_aa_heavy",
+    "users_srm",
+    "users_srm_heavy",
+];
+
+/// Replicate groups the filter exports per variant (`sluice_filter::metrics::REPLICATES`).
+pub const REPLICATES: usize = 16;
+
+/// Per-user traffic: every user keeps the variant their key hashes to, and users differ in
+/// activity (requests per second log-normal with this σ on the log scale, mean fixed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Users {
+    pub count: usize,
+    pub sigma: f64,
+}
+
+/// One rollout's users: activity, bucket (0..10 000, as the filter hashes) and replicate.
+struct Population {
+    activity: Vec<f64>,
+    bucket: Vec<u32>,
+    replicate: Vec<usize>,
+    total: f64,
+}
+
+impl Population {
+    fn draw(u: Users, groups: usize, rng: &mut Rng) -> Population {
+        let mut p = Population {
+            activity: Vec::with_capacity(u.count),
+            bucket: Vec::with_capacity(u.count),
+            replicate: Vec::with_capacity(u.count),
+            total: 0.0,
+        };
+        for _ in 0..u.count {
+            let a = (u.sigma * rng.normal() - 0.5 * u.sigma * u.sigma).exp();
+            p.activity.push(a);
+            p.total += a;
+            p.bucket.push((rng.uniform() * 10_000.0) as u32);
+            p.replicate.push((rng.next_u64() % groups as u64) as usize);
+        }
+        p
+    }
+
+    /// Shares of all traffic per replicate group, (canary, control), when the canary holds
+    /// the buckets below `canary_buckets`.
+    fn shares(&self, canary_buckets: u32, groups: usize) -> (Vec<f64>, Vec<f64>) {
+        let (mut t, mut c) = (vec![0.0; groups], vec![0.0; groups]);
+        for i in 0..self.activity.len() {
+            let side = if self.bucket[i] < canary_buckets {
+                &mut t
+            } else {
+                &mut c
+            };
+            side[self.replicate[i]] += self.activity[i] / self.total;
+        }
+        (t, c)
+    }
 }
 
 /// How one variant's traffic behaves.
@@ -108,6 +182,13 @@ pub struct Scenario {
     pub max_requests: Option<u64>,
     /// Whether the canary truly differs (a rollback is then a detection, not an error).
     pub regression: bool,
+    /// Users keep their variant and differ in activity; `None`: independent requests.
+    pub users: Option<Users>,
+    /// Replicate groups in the snapshots (0: none).
+    pub replicates: usize,
+    /// Every stage is judged as a rollout of its own (a fresh judge): per-stage rates that no
+    /// earlier stage's evidence affects.
+    pub independent_stages: bool,
 }
 
 /// What happened in one rollout.
@@ -122,6 +203,14 @@ pub struct Outcome {
     pub naive: Option<f64>,
     /// Seconds to the first naive halt: χ² at `srm.alpha` every look.
     pub naive_halt: Option<f64>,
+    /// Bit i: stage i reached "promote" at some look.
+    pub stage_promoted: u32,
+    /// The error-rate interval excluded the true difference at some look.
+    pub interval_missed_error: bool,
+    /// Some statistical interval whose true difference is known excluded it at some look.
+    pub interval_missed_any: bool,
+    /// The drift guardrail failed at some look.
+    pub drift_failed: bool,
 }
 
 /// Prometheus-style cumulative buckets for per-bucket probabilities of `bounds`.
@@ -291,11 +380,39 @@ fn naive_srm(judge: &Judge, alpha: f64) -> bool {
     p < alpha
 }
 
+/// Adds `n` requests spread evenly over `groups` replicate groups (independent requests).
+fn spread_replicates(
+    rng: &mut Rng,
+    n: u64,
+    groups: usize,
+    c: &mut Counters,
+    scratch: &mut Vec<u64>,
+) {
+    if groups == 0 {
+        return;
+    }
+    let probs = vec![1.0 / groups as f64; groups];
+    rng.multinomial(n, &probs, scratch);
+    add_replicates(c, scratch);
+}
+
+fn add_replicates(c: &mut Counters, counts: &[u64]) {
+    if c.replicates.len() < counts.len() {
+        c.replicates.resize(counts.len(), 0);
+    }
+    for (a, b) in c.replicates.iter_mut().zip(counts) {
+        *a += b;
+    }
+}
+
 /// Runs one synthetic rollout.
 pub fn rollout(s: &Scenario, rng: &mut Rng) -> Outcome {
     let control = Model::new(s.control);
     let canary = Model::new(s.canary);
     let mut judge = Judge::new(s.config.clone());
+    let groups = s.replicates.max(1);
+    let population = s.users.map(|u| Population::draw(u, groups, rng));
+    let same = s.canary == s.control;
     let mut counters: BTreeMap<String, Counters> = BTreeMap::new();
     counters.insert("control".into(), Counters::default());
     counters.insert("canary".into(), Counters::default());
@@ -312,16 +429,50 @@ pub fn rollout(s: &Scenario, rng: &mut Rng) -> Outcome {
         ]);
         let share = ((weight + s.skew) / 100.0).clamp(0.0, 1.0);
         let steps = (seconds / s.interval).round() as usize;
+        if s.independent_stages && i > 0 {
+            judge = Judge::new(s.config.clone());
+        }
+        // Per-user traffic: each replicate group's expected requests per interval.
+        let user_rates = population.as_ref().map(|p| {
+            let (t, c) = p.shares((share * 10_000.0).round() as u32, groups);
+            let per = s.rps * s.interval;
+            (
+                t.iter().map(|x| x * per).collect::<Vec<f64>>(),
+                c.iter().map(|x| x * per).collect::<Vec<f64>>(),
+            )
+        });
         for step in 0..=steps {
             // The snapshot at the stage's first instant carries the new weights; traffic
             // after it follows them.
             if step > 0 {
-                let n_canary = rng.binomial(per_interval, share);
-                let (a, b) = (n_canary, per_interval - n_canary);
+                let (a, b) = match &user_rates {
+                    Some((rt, rc)) => {
+                        let mut draw = |rates: &[f64], name: &str| {
+                            let counts: Vec<u64> = rates.iter().map(|&m| rng.poisson(m)).collect();
+                            if s.replicates > 0 {
+                                if let Some(c) = counters.get_mut(name) {
+                                    add_replicates(c, &counts);
+                                }
+                            }
+                            counts.iter().sum::<u64>()
+                        };
+                        (draw(rt, "canary"), draw(rc, "control"))
+                    }
+                    None => {
+                        let n_canary = rng.binomial(per_interval, share);
+                        (n_canary, per_interval - n_canary)
+                    }
+                };
                 if let Some(c) = counters.get_mut("canary") {
+                    if user_rates.is_none() {
+                        spread_replicates(rng, a, s.replicates, c, &mut scratch);
+                    }
                     canary.draw(rng, a, c, &mut scratch);
                 }
                 if let Some(c) = counters.get_mut("control") {
+                    if user_rates.is_none() {
+                        spread_replicates(rng, b, s.replicates, c, &mut scratch);
+                    }
                     control.draw(rng, b, c, &mut scratch);
                 }
                 t += s.interval;
@@ -346,14 +497,42 @@ pub fn rollout(s: &Scenario, rng: &mut Rng) -> Outcome {
             match e.decision {
                 Decision::RollBack if out.rolled_back.is_none() => out.rolled_back = Some(t),
                 Decision::Halt if out.halted.is_none() => out.halted = Some(t),
+                Decision::Promote => out.stage_promoted |= 1 << i.min(31),
                 _ => {}
+            }
+            for v in &e.verdicts {
+                if v.guardrail == "prediction_drift" && v.label == Label::Fail {
+                    out.drift_failed = true;
+                }
+                let (Kind::Statistical, Some([lo, hi])) = (v.kind, v.interval) else {
+                    continue;
+                };
+                let truth = if v.guardrail == "error_rate" {
+                    Some(s.canary.error - s.control.error)
+                } else if same {
+                    Some(0.0)
+                } else {
+                    None
+                };
+                if let Some(x) = truth {
+                    if x < lo || x > hi {
+                        out.interval_missed_any = true;
+                        if v.guardrail == "error_rate" {
+                            out.interval_missed_error = true;
+                        }
+                    }
+                }
             }
             if i == last_stage && step == steps {
                 out.promoted = e.decision == Decision::Promote;
             }
             seen = e.rollout_requests.canary + e.rollout_requests.control;
             let done_judge = out.rolled_back.is_some() || out.halted.is_some();
-            if done_judge && out.naive.is_some() && out.naive_halt.is_some() {
+            if !s.independent_stages
+                && done_judge
+                && out.naive.is_some()
+                && out.naive_halt.is_some()
+            {
                 return out;
             }
             if s.max_requests.is_some_and(|m| seen >= m) {
@@ -393,6 +572,21 @@ pub struct Summary {
     pub naive_halt_ci: [f64; 2],
     /// Seconds the rollout lasts when nothing fires.
     pub duration_seconds: f64,
+    /// Per stage: (canary weight, rollouts in which it reached "promote" at some look, rate,
+    /// 95 % interval).
+    pub stage_promotions: Vec<(f64, usize, f64, [f64; 2])>,
+    /// Rollouts in which the error-rate interval excluded the true difference at some look.
+    pub interval_missed_error: usize,
+    pub interval_missed_error_rate: f64,
+    pub interval_missed_error_ci: [f64; 2],
+    /// The same for any statistical interval whose true difference is known.
+    pub interval_missed_any: usize,
+    pub interval_missed_any_rate: f64,
+    pub interval_missed_any_ci: [f64; 2],
+    /// Rollouts in which the drift guardrail failed at some look.
+    pub drift_failed: usize,
+    pub drift_failed_rate: f64,
+    pub drift_failed_ci: [f64; 2],
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -438,7 +632,34 @@ pub fn run_scenario(s: &Scenario, index: u64, runs: usize, seed: u64, threads: u
     let (naive_rate, naive_ci) = rate(naive);
     let naive_halts = outcomes.iter().filter(|o| o.naive_halt.is_some()).count();
     let (naive_halt_rate, naive_halt_ci) = rate(naive_halts);
+    let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    let stage_promotions = s
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, &(w, _))| {
+            let k = count(&|o: &Outcome| o.stage_promoted & (1 << i.min(31)) != 0);
+            let (r, ci) = rate(k);
+            (w, k, r, ci)
+        })
+        .collect();
+    let missed_error = count(&|o: &Outcome| o.interval_missed_error);
+    let missed_any = count(&|o: &Outcome| o.interval_missed_any);
+    let drift_failed = count(&|o: &Outcome| o.drift_failed);
+    let (interval_missed_error_rate, interval_missed_error_ci) = rate(missed_error);
+    let (interval_missed_any_rate, interval_missed_any_ci) = rate(missed_any);
+    let (drift_failed_rate, drift_failed_ci) = rate(drift_failed);
     Summary {
+        stage_promotions,
+        interval_missed_error: missed_error,
+        interval_missed_error_rate,
+        interval_missed_error_ci,
+        interval_missed_any: missed_any,
+        interval_missed_any_rate,
+        interval_missed_any_ci,
+        drift_failed,
+        drift_failed_rate,
+        drift_failed_ci,
         scenario: s.name.clone(),
         description: s.description.clone(),
         runs,
@@ -521,6 +742,9 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
         config: cfg.clone(),
         max_requests: None,
         regression,
+        users: None,
+        replicates: REPLICATES,
+        independent_stages: false,
     };
     Ok(match name {
         "aa" => s("A/A: canary identical to control; ramp 1-5-10-25-50 %, 11 min per stage, a look every 10 s", base, false),
@@ -579,6 +803,69 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
                 true,
             )
         },
+        "aa_drift" => Scenario {
+            config: GuardrailConfig {
+                drift: crate::judge::config::DriftConfig {
+                    critical: true,
+                    ..Default::default()
+                },
+                ..cfg.clone()
+            },
+            ..s(
+                "A/A with drift made critical (a drift failure sustained for K looks rolls back); same ramp",
+                base,
+                false,
+            )
+        },
+        "margin" => {
+            let control = Traffic { error: 0.005, ..base };
+            // The error rate alone, so that a promotion is its non-inferiority test passing
+            // (the β each guardrail promises), not held back by the other guardrails.
+            let mut config = GuardrailConfig::default();
+            config.latency.enabled = false;
+            Scenario {
+                control,
+                config,
+                independent_stages: true,
+                ..s(
+                    "5xx share 0.5 % → 0.725 %: exactly at the default margin (×1.25 + 0.1 point), so every promotion is false; error-rate guardrail only; each stage of the ramp judged on its own",
+                    Traffic { error: 0.00725, ..base },
+                    true,
+                )
+            }
+        }
+        "users_aa" | "users_aa_heavy" => {
+            let (count, sigma) = if name == "users_aa" {
+                (100_000, 0.5)
+            } else {
+                (50_000, 1.0)
+            };
+            Scenario {
+                users: Some(Users { count, sigma }),
+                ..s(
+                    &format!("A/A with {count} users who keep their variant, activity log-normal σ = {sigma}; same ramp"),
+                    base,
+                    false,
+                )
+            }
+        }
+        "users_srm" | "users_srm_heavy" => {
+            let (count, sigma) = if name == "users_srm" {
+                (100_000, 0.5)
+            } else {
+                (50_000, 1.0)
+            };
+            Scenario {
+                stages: vec![(50.0, 60.0 + 3600.0)],
+                skew: 1.0,
+                users: Some(Users { count, sigma }),
+                ..s(
+                    &format!("51 % of {count} users (activity log-normal σ = {sigma}) on the canary where the weights say 50 %; one hour"),
+                    base,
+                    true,
+                )
+            }
+        }
         other => return Err(SimulateError::Scenario(other.to_string())),
     })
 }
@@ -589,20 +876,22 @@ pub fn run(args: &SimulateArgs, out: &mut impl Write) -> Result<(), SimulateErro
         return Err(SimulateError::Runs);
     }
     let names: Vec<String> = if args.scenario.is_empty() {
-        ["aa", "error", "latency", "conversion", "drift", "srm"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        SCENARIOS.iter().map(|s| s.to_string()).collect()
     } else {
         args.scenario.clone()
     };
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let scenarios = names
+    let mut scenarios = names
         .iter()
         .map(|n| scenario(n, args.rps))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(r) = args.replicates {
+        for s in &mut scenarios {
+            s.replicates = r;
+        }
+    }
     if !args.json {
         let c = &scenarios[0].config;
         writeln!(
@@ -613,7 +902,9 @@ pub fn run(args: &SimulateArgs, out: &mut impl Write) -> Result<(), SimulateErro
     }
     for (i, s) in scenarios.iter().enumerate() {
         let started = std::time::Instant::now();
-        let sum = run_scenario(s, i as u64, args.runs, args.seed, threads);
+        // A scenario's stream depends on its name, not its position in the list.
+        let index = SCENARIOS.iter().position(|n| *n == s.name).unwrap_or(i) as u64;
+        let sum = run_scenario(s, index, args.runs, args.seed, threads);
         if args.json {
             serde_json::to_writer(&mut *out, &sum)?;
             writeln!(out)?;
@@ -648,6 +939,26 @@ pub fn run(args: &SimulateArgs, out: &mut impl Write) -> Result<(), SimulateErro
             mins(sum.naive_median_detect_seconds),
             pct(sum.naive_halt_rate),
             ci(sum.naive_halt_ci),
+        )?;
+        let stages: Vec<String> = sum
+            .stage_promotions
+            .iter()
+            .map(|(w, _, r, c)| format!("{w} %: {} {}", pct(*r), ci(*c)))
+            .collect();
+        writeln!(
+            out,
+            "  promoted at some look, per stage: {}",
+            stages.join("; ")
+        )?;
+        writeln!(
+            out,
+            "  interval missed the true difference at some look: error rate {} {}, any known {} {}; drift failed at some look {} {}",
+            pct(sum.interval_missed_error_rate),
+            ci(sum.interval_missed_error_ci),
+            pct(sum.interval_missed_any_rate),
+            ci(sum.interval_missed_any_ci),
+            pct(sum.drift_failed_rate),
+            ci(sum.drift_failed_ci),
         )?;
         writeln!(out, "  ({:.1} s)\n", started.elapsed().as_secs_f64())?;
     }

@@ -80,6 +80,13 @@ pub struct Counters {
     pub prediction: Histogram,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowCounters>,
+    /// `sluice_replicate_requests_total` by `replicate` (index = label): the keyed requests of
+    /// this variant split by an independent slice of the user-key hash, so each entry counts
+    /// the requests of a disjoint random group of users (the sample-ratio test estimates the
+    /// spread that per-user assignment gives from them). Empty when the filter does not
+    /// export them (experiments not assigned per user).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicates: Vec<u64>,
 }
 
 /// A cumulative histogram as Prometheus exports it. The `+Inf` bucket is `count`; `buckets`
@@ -160,6 +167,11 @@ impl Snapshot {
             }
         }
         for (v, c) in &self.variants {
+            if c.replicates.len() > MAX_REPLICATES {
+                return Err(format!(
+                    "variants.{v}.replicates: at most {MAX_REPLICATES} replicate groups"
+                ));
+            }
             c.latency
                 .check()
                 .map_err(|e| format!("variants.{v}.latency: {e}"))?;
@@ -203,6 +215,19 @@ impl Snapshot {
                 "sluice_missing_key_total" => c.missing_key += n,
                 "sluice_outcomes_total" => *c.outcomes.entry(label("outcome")).or_default() += n,
                 "sluice_exposures_total" => *c.exposures.get_or_insert(0) += n,
+                "sluice_replicate_requests_total" => {
+                    // Replicates are numbered 0..16 by the filter; anything else is not ours.
+                    if let Some(r) = key
+                        .label("replicate")
+                        .and_then(|r| r.parse::<usize>().ok())
+                        .filter(|&r| r < MAX_REPLICATES)
+                    {
+                        if c.replicates.len() <= r {
+                            c.replicates.resize(r + 1, 0);
+                        }
+                        c.replicates[r] += n;
+                    }
+                }
                 _ => {
                     if let Some(h) = histogram_part(name, "sluice_latency_ms") {
                         c.latency.add_series(h, key.label("le"), *value);
@@ -246,6 +271,9 @@ impl Snapshot {
         }
     }
 }
+
+/// Most replicate groups a snapshot may carry (the filter exports 16).
+pub const MAX_REPLICATES: usize = 256;
 
 /// Which part of histogram `base` a series name is.
 fn histogram_part<'a>(name: &'a str, base: &str) -> Option<&'a str> {
@@ -445,7 +473,19 @@ impl Counters {
             (a, None) => a,
             (None, Some(_)) => return None,
         };
+        let replicates = if earlier.replicates.is_empty() {
+            self.replicates.clone()
+        } else if self.replicates.len() < earlier.replicates.len() {
+            return None;
+        } else {
+            let mut out = self.replicates.clone();
+            for (a, b) in out.iter_mut().zip(&earlier.replicates) {
+                *a = a.checked_sub(*b)?;
+            }
+            out
+        };
         Some(Counters {
+            replicates,
             requests: self.requests.checked_sub(earlier.requests)?,
             responses: map_since(&self.responses, &earlier.responses)?,
             local_replies: self.local_replies.checked_sub(earlier.local_replies)?,
@@ -461,6 +501,12 @@ impl Counters {
 
     /// Adds another interval's counts.
     pub fn add(&mut self, other: &Counters) {
+        if self.replicates.len() < other.replicates.len() {
+            self.replicates.resize(other.replicates.len(), 0);
+        }
+        for (a, b) in self.replicates.iter_mut().zip(&other.replicates) {
+            *a += b;
+        }
         self.requests += other.requests;
         map_add(&mut self.responses, &other.responses);
         self.local_replies += other.local_replies;

@@ -50,6 +50,13 @@ pub fn bucket_of(hash: u64) -> u32 {
     ((u128::from(hash) * u128::from(BUCKETS)) >> 64) as u32
 }
 
+/// The replicate group (`0..groups`) of a 64-bit hash, from its low bits: [`bucket_of`] uses
+/// the high bits, and the finalizer makes the two independent, so a user's group says nothing
+/// about their variant (what the controller's sample-ratio test relies on).
+pub fn replicate_of(hash: u64, groups: usize) -> usize {
+    (hash % groups.max(1) as u64) as usize
+}
+
 /// The bucket of `key` under `salt`.
 pub fn bucket(salt: &str, key: &[u8]) -> u32 {
     bucket_of(hash(salt, key))

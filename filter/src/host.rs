@@ -328,7 +328,7 @@ impl HttpContext for Stream {
             match decided {
                 Ok(Some(a)) => {
                     let token = exposure_token(&active, i, exp, &mut view, a, now_secs);
-                    self.route(&active, i, exp, a, token);
+                    self.route(&active, i, exp, a, token, &mut view);
                 }
                 Ok(None) => {
                     // Not in this experiment, but a client still must not pick a variant.
@@ -348,7 +348,7 @@ impl HttpContext for Stream {
                         basis: request::Basis::Key,
                         override_denied: false,
                     };
-                    self.route(&active, i, exp, control, None);
+                    self.route(&active, i, exp, control, None, &mut view);
                 }
             }
         }
@@ -606,6 +606,7 @@ impl Stream {
         exp: &Experiment,
         a: Assignment,
         token: Option<String>,
+        view: &mut HostRequest,
     ) {
         let Some(em) = active.catalog.experiments.get(i) else {
             return;
@@ -640,6 +641,16 @@ impl Stream {
         };
         if a.counted() {
             active.increment(vm.requests);
+            // Keyed requests also by replicate group (the key was read, and is cached, already).
+            if let (request::Basis::Key, Unit::User { keys, .. }) = (a.basis, &exp.unit) {
+                if let Ok(Some(key)) = request::user_key(keys, view) {
+                    let h = crate::assignment::hash(&exp.salt, &key);
+                    let group = crate::assignment::replicate_of(h, vm.replicates.len());
+                    if let Some(&r) = vm.replicates.get(group) {
+                        active.increment(r);
+                    }
+                }
+            }
             if a.basis == request::Basis::MissingKey {
                 active.increment(vm.missing_key);
             }

@@ -7,11 +7,19 @@
 //! label values are restricted by config validation to `[A-Za-z0-9_-]`, so they cannot break
 //! this encoding.
 
-use crate::config::{Experiment, Plan};
+use crate::config::{Experiment, Plan, Unit};
 use crate::shadow::{FieldKind, Shadow};
 
 /// Requests assigned to a variant (QA overrides excluded).
 pub const REQUESTS: &str = "sluice_requests_total";
+/// Keyed requests of a per-user experiment by replicate group; label `replicate` = `0`..`15`
+/// ([`REPLICATES`] groups, from hash bits the bucket does not use: see
+/// `assignment::replicate_of`). Each group is a disjoint random set of users, so the spread
+/// of a variant's share across groups measures how much per-user assignment makes request
+/// counts vary; the controller's sample-ratio test needs it.
+pub const REPLICATE_REQUESTS: &str = "sluice_replicate_requests_total";
+/// Replicate groups of [`REPLICATE_REQUESTS`].
+pub const REPLICATES: usize = 16;
 /// Responses by status class; label `class` = `1xx`..`5xx`.
 pub const RESPONSES: &str = "sluice_responses_total";
 /// Responses Envoy generated itself (no route, upstream unreachable, reset, timeout, ...).
@@ -108,6 +116,8 @@ pub struct Spec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VariantMetrics {
     pub requests: usize,
+    /// [`REPLICATE_REQUESTS`] by group; empty unless the experiment assigns users.
+    pub replicates: Vec<usize>,
     pub responses: [usize; 5],
     pub local_replies: usize,
     pub upstream_resets: usize,
@@ -299,8 +309,22 @@ impl Catalog {
                     )
                 })
                 .collect();
+            let replicates = match e.unit {
+                Unit::User { .. } => (0..REPLICATES)
+                    .map(|r| {
+                        let r = r.to_string();
+                        self.add(
+                            REPLICATE_REQUESTS,
+                            Kind::Counter,
+                            &[l[0], l[1], ("replicate", r.as_str())],
+                        )
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             variants.push(VariantMetrics {
                 requests: self.add(REQUESTS, Kind::Counter, &l),
+                replicates,
                 responses,
                 local_replies: self.add(LOCAL_REPLIES, Kind::Counter, &l),
                 upstream_resets: self.add(UPSTREAM_RESETS, Kind::Counter, &l),
@@ -333,6 +357,42 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_experiments_count_requests_by_replicate_group() {
+        let plan = |unit: &str| {
+            let json = format!(
+                r#"{{"version": 1, "experiments": [{{"name": "e", "unit": {unit},
+                    "variants": [{{"name": "control"}}, {{"name": "canary", "weight": 5}}]}}]}}"#
+            );
+            Plan::from_json(json.as_bytes())
+        };
+        let Ok(user) = plan(r#"{"type": "user", "keys": [{"header": "x-user-id"}]}"#) else {
+            unreachable!("valid config")
+        };
+        let c = Catalog::for_plan(&user);
+        for (v, name) in c.experiments[0].variants.iter().zip(["control", "canary"]) {
+            assert_eq!(v.replicates.len(), REPLICATES);
+            for (r, &i) in v.replicates.iter().enumerate() {
+                assert_eq!(
+                    c.specs[i].name,
+                    format!(
+                        "{REPLICATE_REQUESTS}.experiment.=.e;.variant.=.{name};.replicate.=.{r};"
+                    )
+                );
+                assert_eq!(c.specs[i].kind, Kind::Counter);
+            }
+        }
+        // Requests assigned one by one are independent already: no groups needed.
+        let Ok(request) = plan(r#"{"type": "request"}"#) else {
+            unreachable!("valid config")
+        };
+        let c = Catalog::for_plan(&request);
+        assert!(c.experiments[0]
+            .variants
+            .iter()
+            .all(|v| v.replicates.is_empty()));
+    }
 
     #[test]
     fn labels_are_encoded_for_stats_tags() {

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use super::config::{CountModel, Direction, GuardrailConfig, Margin, Per};
 use super::ledger::Ledger;
 use super::sequential::{
-    chi_square, cs_half_width, ln_e_value, ln_srm_e_value, normal_quantile, tuned_precision, wilson,
+    chi_square, chi_square_quantile, cs_half_width, ln_e_value, ln_replicate_e_value,
+    ln_srm_e_value, normal_quantile, split_precision, tuned_precision, wilson,
 };
 use super::{Kind, Label, Verdict};
 use crate::snapshot::{Counters, Histogram};
@@ -78,12 +79,110 @@ impl Share {
     }
 }
 
-/// The linear contrast θ = s·(p_t − p_c) − r·p_c − a: positive means "worse than allowed".
+/// Variance of a rate `p` estimated from `n` trials.
+fn var_at(p: f64, n: f64, model: CountModel) -> f64 {
+    if n <= 0.0 {
+        return f64::INFINITY;
+    }
+    match model {
+        CountModel::Binomial => p * (1.0 - p) / n,
+        CountModel::Poisson => p / n,
+    }
+}
+
+/// The rates (canary, control) of greatest likelihood among those on the boundary θ = 0 of
+/// the contrast below: p_t = (1 + s·r)·p_c + s·a. Half an event is added to each variant, so
+/// that zero events do not pin a rate at zero.
+///
+/// This is the score-test variance of Farrington & Manning (1990, "Test statistics and sample
+/// size formulae for comparative binomial trials with null hypothesis of non-zero risk
+/// difference or non-unity relative risk"): the variance the estimate has *if the null
+/// hypothesis holds*, rather than the one each variant's own rate suggests. With a handful of
+/// events the latter is badly wrong exactly when it matters: a variant that saw no error yet
+/// would claim almost no variance, and a test that it is non-inferior, or an interval around
+/// its difference, would be far too sure.
+fn restricted(t: Share, c: Share, sign: f64, m: Margin, model: CountModel) -> Option<(f64, f64)> {
+    let k = 1.0 + sign * m.relative;
+    let b = sign * m.absolute;
+    if !(k > 0.0 && t.n > 0.0 && c.n > 0.0) {
+        return None;
+    }
+    let (xt, xc) = (t.x + 0.5, c.x + 0.5);
+    let binomial = model == CountModel::Binomial;
+    let (nt, nc) = if binomial {
+        (t.n + 1.0, c.n + 1.0)
+    } else {
+        (t.n, c.n)
+    };
+    // Feasible control rates: both rates in (0, 1) (or positive for counts).
+    let lo = (-b / k).max(0.0);
+    let hi = if binomial {
+        ((1.0 - b) / k).min(1.0)
+    } else {
+        f64::INFINITY
+    };
+    if lo >= hi {
+        return None;
+    }
+    // The log-likelihood is concave along the boundary: find where its slope changes sign.
+    let slope = |pc: f64| {
+        let pt = k * pc + b;
+        let part = |x: f64, n: f64, p: f64| {
+            if binomial {
+                x / p - (n - x) / (1.0 - p)
+            } else {
+                x / p - n
+            }
+        };
+        part(xc, nc, pc) + k * part(xt, nt, pt)
+    };
+    let mut hi = if hi.is_finite() {
+        hi
+    } else {
+        let mut h = (xt / nt).max(xc / nc).max(lo) * 2.0 + 1e-9;
+        while slope(h) > 0.0 && h < 1e12 {
+            h *= 2.0;
+        }
+        h
+    };
+    let mut lo = lo;
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if slope(mid) > 0.0 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let pc = 0.5 * (lo + hi);
+    Some((k * pc + b, pc))
+}
+
+/// The linear contrast θ = s·(p_t − p_c) − r·p_c − a: positive means "worse than allowed";
+/// its variance is taken where θ = 0 (see [`restricted`]), the null hypothesis both
+/// sequential tests reject from.
 fn contrast(t: Share, c: Share, sign: f64, m: Margin, model: CountModel) -> (f64, f64) {
     let theta = sign * (t.rate() - c.rate()) - m.relative * c.rate() - m.absolute;
     let coeff_c = sign + m.relative;
-    let var = t.var(model) + coeff_c * coeff_c * c.var(model);
+    let var = match restricted(t, c, sign, m, model) {
+        Some((pt, pc)) => var_at(pt, t.n, model) + coeff_c * coeff_c * var_at(pc, c.n, model),
+        None => t.var(model) + coeff_c * coeff_c * c.var(model),
+    };
     (theta, var)
+}
+
+/// Variance of the plain difference p_t − p_c for its confidence sequence, which must cover
+/// whatever the difference is: each variant's rate is taken as the larger of its own and the
+/// pooled one (half an event added), so that a variant with few events cannot claim a small
+/// variance while the other shows the rate is not small. Conservative when the rates differ.
+fn interval_var(t: Share, c: Share, model: CountModel) -> f64 {
+    let pooled = Share {
+        x: t.x + c.x,
+        n: t.n + c.n,
+    };
+    let shrunk = |s: Share| (s.x + 0.5) / (s.n + 1.0);
+    let p = |s: Share| shrunk(s).max(shrunk(pooled));
+    var_at(p(t), t.n, model) + var_at(p(c), c.n, model)
 }
 
 /// Inputs of a two-variant comparison.
@@ -147,8 +246,7 @@ fn compare(cfg: &GuardrailConfig, frozen: &mut Frozen, cmp: Comparison, detail: 
         0.0
     };
     let diff = rt.rate() - rc.rate();
-    let (_, var0) = contrast(rt, rc, 1.0, Margin::default(), cmp.model);
-    let half = cs_half_width(var0, rho, cfg.alpha);
+    let half = cs_half_width(interval_var(rt, rc, cmp.model), rho, cfg.alpha);
     verdict.estimate = Some(diff);
     verdict.interval = Some([diff - half, diff + half]);
     verdict.e_value = Some(ln_e_pass.exp());
@@ -564,14 +662,19 @@ fn floor_test(
         .rho
         .entry(name.clone())
         .or_insert_with(|| tuned_precision((1.0 - floor) / 2.0, cfg.alpha, cfg.power));
-    let var = r.var(CountModel::Binomial);
+    // Both tests' null hypotheses have the rate at the floor: the variance is the floor's.
+    let var = var_at(floor, r.n, CountModel::Binomial);
     let ln_e_harm = ln_e_value(floor - r.rate(), var, rho);
     let ln_e_pass = if s.n >= min {
-        ln_e_value(s.rate() - floor, s.var(CountModel::Binomial), rho)
+        ln_e_value(
+            s.rate() - floor,
+            var_at(floor, s.n, CountModel::Binomial),
+            rho,
+        )
     } else {
         0.0
     };
-    let half = cs_half_width(var, rho, cfg.alpha);
+    let half = cs_half_width(var.max(r.var(CountModel::Binomial)), rho, cfg.alpha);
     v.estimate = Some(r.rate());
     v.interval = Some([(r.rate() - half).max(0.0), (r.rate() + half).min(1.0)]);
     v.e_value = Some(ln_e_pass.exp());
@@ -625,9 +728,16 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
         .zip(&c.buckets)
         .map(|(a, b)| (a.count as f64 / nt - b.count as f64 / nc).abs())
         .fold(0.0, f64::max);
-    // Dvoretzky–Kiefer–Wolfowitz: each empirical CDF is within ε of its truth at level α/2.
-    let eps = |n: f64| ((4.0 / cfg.alpha).ln() / (2.0 * n)).sqrt();
+    // Each of the three checks gets a third of α, so that together (a union bound) they
+    // call drift where there is none at most α of the time.
+    let level = cfg.alpha / 3.0;
+    // Dvoretzky–Kiefer–Wolfowitz: each empirical CDF is within ε of its truth at level/2.
+    let eps = |n: f64| ((4.0 / level).ln() / (2.0 * n)).sqrt();
     let noise = eps(nt) + eps(nc);
+    // Under "same distribution" PSI is about (1/n_t + 1/n_c)·χ² with k − 1 degrees of freedom
+    // (it is Jeffreys' divergence, twice a likelihood-ratio statistic per sample): that much
+    // of it is sampling noise.
+    let psi_noise = (1.0 / nt + 1.0 / nc) * chi_square_quantile(1.0 - level, k - 1.0);
     let mean_t = t.sum / nt;
     let mean_c = c.sum / nc;
     let shift = if mean_c != 0.0 {
@@ -635,11 +745,27 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
     } else {
         0.0
     };
+    // The relative shift's variance by the delta method, from each histogram's spread; its
+    // confidence sequence (normal mixture, tuned to the threshold) is valid at every look.
+    let shift_half = if mean_c > 0.0 {
+        let (vt, vc) = (spread(t) / nt, spread(c) / nc);
+        let var = vt / (mean_c * mean_c) + mean_t * mean_t * vc / mean_c.powi(4);
+        d.max_mean_shift.map_or(f64::INFINITY, |m| {
+            let rho = tuned_precision(m, level, cfg.power);
+            cs_half_width(var, rho, level)
+        })
+    } else {
+        f64::INFINITY
+    };
     let mut fails = Vec::new();
     let mut unsure = Vec::new();
     if let Some(m) = d.max_psi {
-        if psi > m {
-            fails.push(format!("PSI {psi:.3} > {m}"));
+        if psi - psi_noise > m {
+            fails.push(format!("PSI {psi:.3} > {m} beyond noise {psi_noise:.3}"));
+        } else if psi > m {
+            unsure.push(format!(
+                "PSI {psi:.3} > {m} but within noise {psi_noise:.3}"
+            ));
         }
     }
     if let Some(m) = d.max_ks {
@@ -650,18 +776,27 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
         }
     }
     if let Some(m) = d.max_mean_shift {
-        if shift.abs() > m {
+        if shift.abs() - shift_half > m {
             fails.push(format!(
-                "mean shift {:+.1} % beyond ±{:.1} %",
+                "mean shift {:+.1} % beyond ±{:.1} % and its noise ±{:.1} %",
                 100.0 * shift,
-                100.0 * m
+                100.0 * m,
+                100.0 * shift_half
+            ));
+        } else if shift.abs() > m {
+            unsure.push(format!(
+                "mean shift {:+.1} % beyond ±{:.1} % but within noise ±{:.1} %",
+                100.0 * shift,
+                100.0 * m,
+                100.0 * shift_half
             ));
         }
     }
     v.estimate = Some(psi);
     let summary = format!(
-        "PSI {psi:.3}, KS {ks:.3} (noise {noise:.3}), mean shift {:+.2} %",
-        100.0 * shift
+        "PSI {psi:.3} (noise {psi_noise:.3}), KS {ks:.3} (noise {noise:.3}), mean shift {:+.2} % (noise ±{:.2} %)",
+        100.0 * shift,
+        100.0 * shift_half.min(99.99)
     );
     (v.label, v.reason) = if !fails.is_empty() {
         (
@@ -677,6 +812,31 @@ fn drift(cfg: &GuardrailConfig, t: &Histogram, c: &Histogram) -> Verdict {
         (Label::Pass, format!("no drift: {summary}"))
     };
     v
+}
+
+/// Variance of the values in a histogram: from its bucket midpoints (the `+Inf` bucket at
+/// its lower bound) plus each bucket's own spread (a uniform spread across its width), around
+/// the exact mean `sum / count`.
+fn spread(h: &Histogram) -> f64 {
+    let n = h.count as f64;
+    if n <= 0.0 {
+        return 0.0;
+    }
+    let mean = h.sum / n;
+    let per = h.per_bucket();
+    let mut lower = 0.0;
+    let mut m2 = 0.0;
+    for (i, &k) in per.iter().enumerate() {
+        let (mid, width) = match h.buckets.get(i) {
+            Some(b) => (0.5 * (lower + b.le), b.le - lower),
+            None => (lower, 0.0),
+        };
+        m2 += k as f64 * ((mid - mean).powi(2) + width * width / 12.0);
+        if let Some(b) = h.buckets.get(i) {
+            lower = b.le;
+        }
+    }
+    m2 / n
 }
 
 /// Sample-ratio mismatch on this stage's requests against the split the weights imply.
@@ -709,6 +869,9 @@ pub fn srm(cfg: &GuardrailConfig, ledger: &Ledger, arms: Arms) -> Option<Verdict
         v.reason = "no requests this stage yet".into();
         return Some(v);
     }
+    if let Some(v) = srm_replicates(cfg, ledger, arms, &names, &expected) {
+        return Some(v);
+    }
     let ln_e = ln_srm_e_value(&counts, &expected, SRM_CONCENTRATION);
     let (chi2, p) = chi_square(&counts, &expected);
     let i = names.iter().position(|n| n.as_str() == arms.canary);
@@ -718,12 +881,196 @@ pub fn srm(cfg: &GuardrailConfig, ledger: &Ledger, arms: Arms) -> Option<Verdict
     v.p_value = Some(p);
     v.e_value = Some(ln_e.exp());
     let split = format!(
-        "canary share {} of {n} requests, weights say {}; χ² {chi2:.1} (fixed-look p {p:.2e})",
+        "canary share {} of {n} requests, weights say {}; χ² {chi2:.1} (fixed-look p {p:.2e}); no replicate counts: requests taken as independent",
         pct(observed),
         pct(wanted)
     );
     (v.label, v.reason) = if ln_e >= (1.0 / cfg.srm.alpha).ln() {
         (Label::Fail, format!("sample-ratio mismatch: {split}"))
+    } else {
+        (Label::Pass, format!("split as expected: {split}"))
+    };
+    Some(v)
+}
+
+/// Counts that real traffic cannot produce, per variant, in the evidence: every per-request
+/// binomial outcome at most once per request, every response answering a counted request, a
+/// histogram's buckets inside its count. A little slack absorbs requests in flight across an
+/// interval boundary (a request counted before the evidence started, answered after).
+pub fn impossible(cfg: &GuardrailConfig, ledger: &Ledger) -> Vec<String> {
+    let slack = |n: u64| n as f64 * 1.01 + 10.0;
+    let mut problems = Vec::new();
+    for (name, c) in &ledger.rollout.variants {
+        let mut over = |what: &str, x: u64, of: &str, n: u64| {
+            if x as f64 > slack(n) {
+                problems.push(format!("{name}: {x} {what} for {n} {of}"));
+            }
+        };
+        let responses = c.responses_total();
+        over(
+            "requests in replicate groups",
+            c.replicates.iter().sum(),
+            "requests",
+            c.requests,
+        );
+        over("responses", responses, "requests", c.requests);
+        over("local replies", c.local_replies, "responses", responses);
+        over("upstream resets", c.upstream_resets, "responses", responses);
+        over("keyless requests", c.missing_key, "requests", c.requests);
+        over("latencies", c.latency.count, "responses", responses);
+        over("predictions", c.prediction.count, "responses", responses);
+        for b in cfg
+            .business
+            .iter()
+            .filter(|b| b.model == CountModel::Binomial)
+        {
+            let x = c.outcomes.get(&b.outcome).copied().unwrap_or(0);
+            match b.per {
+                Per::Request => over(
+                    &format!("{} outcomes (at most one per request)", b.outcome),
+                    x,
+                    "requests",
+                    c.requests,
+                ),
+                Per::Exposure => {
+                    if let Some(e) = c.exposures {
+                        over(
+                            &format!("{} outcomes (at most one per exposure)", b.outcome),
+                            x,
+                            "exposures",
+                            e,
+                        )
+                    }
+                }
+            }
+        }
+        if let Some(sh) = &c.shadow {
+            over(
+                "shadow comparisons",
+                sh.compared,
+                "shadow copies",
+                sh.requests,
+            );
+            for (field, a) in &sh.agree {
+                let d = sh.disagree.get(field).copied().unwrap_or(0);
+                over(
+                    &format!("shadow {field} verdicts"),
+                    a + d,
+                    "comparisons",
+                    sh.compared,
+                );
+            }
+        }
+        for (what, h) in [("latency", &c.latency), ("prediction", &c.prediction)] {
+            if h.buckets.iter().any(|b| b.count > h.count) {
+                problems.push(format!("{name}: a {what} bucket holds more than its count"));
+            }
+        }
+    }
+    problems
+}
+
+/// The split test on replicate groups (see [`ln_replicate_e_value`]), when every variant of
+/// the stage carries the same number of them: valid when users, not requests, are assigned.
+/// Each variant with a share strictly between 0 and 1 is tested at `srm.alpha / k` (k such
+/// variants; Bonferroni); the verdict shows the canary's share.
+fn srm_replicates(
+    cfg: &GuardrailConfig,
+    ledger: &Ledger,
+    arms: Arms,
+    names: &[&String],
+    expected: &[f64],
+) -> Option<Verdict> {
+    let reps: Vec<&[u64]> = names
+        .iter()
+        .map(|n| {
+            ledger
+                .stage
+                .variants
+                .get(*n)
+                .map_or(&[][..], |c| c.replicates.as_slice())
+        })
+        .collect();
+    let groups = reps.iter().map(|r| r.len()).max().unwrap_or(0);
+    if groups < 2 || reps.iter().any(|r| !r.is_empty() && r.len() != groups) {
+        return None;
+    }
+    // A variant without replicate counts but with requests: the filter does not export them
+    // for it, so the groups do not cover the stage.
+    for (name, r) in names.iter().zip(&reps) {
+        if r.is_empty()
+            && ledger
+                .stage
+                .variants
+                .get(*name)
+                .is_some_and(|c| c.requests > 0)
+        {
+            return None;
+        }
+    }
+    let mut all = vec![0u64; groups];
+    for r in &reps {
+        for (a, x) in all.iter_mut().zip(r.iter()) {
+            *a += x;
+        }
+    }
+    let keyed: u64 = all.iter().sum();
+    let mut v = Verdict::new("srm", Kind::Integrity, 0.0, true);
+    if keyed == 0 {
+        v.reason = "no keyed requests this stage yet".into();
+        return Some(v);
+    }
+    let mut tested: Vec<usize> = (0..names.len())
+        .filter(|&i| expected[i] > 0.0 && expected[i] < 1.0)
+        .collect();
+    // With two variants one's residuals are the other's negated: one test says it all.
+    if tested.len() == 2 {
+        let canary = names.iter().position(|n| n.as_str() == arms.canary);
+        tested.retain(|&i| Some(i) == canary || canary.is_none());
+        tested.truncate(1);
+    }
+    let k = tested.len().max(1) as f64;
+    let level = cfg.srm.alpha / k;
+    let mut worst: Option<(f64, usize, f64)> = None;
+    let mut effect_max: f64 = 1.0;
+    for &i in &tested {
+        let own: Vec<u64> = (0..groups)
+            .map(|g| reps[i].get(g).copied().unwrap_or(0))
+            .collect();
+        let rho = split_precision(expected[i], level);
+        let (ln_e, _, effect) = ln_replicate_e_value(&own, &all, expected[i], rho);
+        effect_max = effect_max.max(effect);
+        if worst.is_none_or(|(w, _, _)| ln_e > w) {
+            worst = Some((ln_e, i, effect));
+        }
+    }
+    let (ln_e, i_worst, _) = worst?;
+    let canary = names.iter().position(|n| n.as_str() == arms.canary);
+    let share = |i: usize| {
+        let own: u64 = reps[i].iter().sum();
+        own as f64 / keyed as f64
+    };
+    let observed = canary.map_or(0.0, share);
+    let wanted = canary.map_or(0.0, |i| expected[i]);
+    v.estimate = Some(observed);
+    v.e_value = Some(ln_e.exp());
+    v.p_value = Some((k * (-ln_e).exp()).min(1.0));
+    let split = format!(
+        "canary share {} of {keyed} keyed requests in {groups} replicate groups, weights say {}; \
+         users make requests {effect_max:.1}× as variable as independent ones would be",
+        pct(observed),
+        pct(wanted)
+    );
+    (v.label, v.reason) = if ln_e >= (1.0 / level).ln() {
+        (
+            Label::Fail,
+            format!(
+                "sample-ratio mismatch ({} gets {} where weights say {}): {split}",
+                names[i_worst],
+                pct(share(i_worst)),
+                pct(expected[i_worst])
+            ),
+        )
     } else {
         (Label::Pass, format!("split as expected: {split}"))
     };

@@ -119,7 +119,15 @@ impl Ledger {
             }
         } else {
             self.resets += iv.resets.len() as u64;
-            self.rollout.add(&iv);
+            // The rollout's evidence compares concurrent traffic only: without control traffic
+            // (the treatment at 100 %) the canary's new data would be compared with a control
+            // observed earlier, under other conditions. Such a stage keeps its own evidence for
+            // the gates, which judge the canary alone.
+            let control_idle = !self.weights.is_empty()
+                && self.weights.get(&snap.control).copied().unwrap_or(0.0) <= 0.0;
+            if !control_idle {
+                self.rollout.add(&iv);
+            }
             self.stage.add(&iv);
             Step::Counted { resets: iv.resets }
         };

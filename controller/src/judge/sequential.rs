@@ -145,6 +145,87 @@ pub fn ln_srm_e_value(counts: &[u64], expected: &[f64], concentration: f64) -> f
     ln_e
 }
 
+/// A variant's share of requests against its expected share `w`, when requests come in
+/// clusters (every request of a user goes to the user's variant): the replicate-group test.
+///
+/// `own[r]` and `all[r]` are the variant's and every variant's requests in replicate group r,
+/// a disjoint random set of users (an independent slice of the user-key hash). Under the
+/// expected split the residuals D_r = own_r − w·all_r are independent with mean zero whatever
+/// the users' activity, so their spread estimates the variance of D = Σ D_r (the random-groups
+/// variance estimator, Wolter 2007, "Introduction to Variance Estimation", ch. 2). That
+/// estimate has R − 1 degrees of freedom; the binomial variance w(1 − w)·n is a floor (a user
+/// with k requests adds k² ≥ k to the variance), and the degrees of freedom of their maximum
+/// follow Satterthwaite's rule. The studentised D is mapped to the normal quantile with the
+/// same tail probability, and a two-sided normal mixture on the share (precision `rho`) turns
+/// it into an e-value that can be checked at every look, as the other guardrails do.
+///
+/// Returns ln E, the share's deviation D/n, and the design effect (estimated variance over
+/// the binomial one).
+pub fn ln_replicate_e_value(own: &[u64], all: &[u64], w: f64, rho: f64) -> (f64, f64, f64) {
+    let n: f64 = all.iter().map(|&x| x as f64).sum();
+    let groups = own.len().min(all.len());
+    if n <= 0.0 || groups < 2 || !(w > 0.0 && w < 1.0) {
+        return (0.0, 0.0, 1.0);
+    }
+    let d: f64 = own
+        .iter()
+        .zip(all)
+        .map(|(&o, &a)| o as f64 - w * a as f64)
+        .sum();
+    // Residuals around the overall skew, so that a real skew does not inflate the variance.
+    let k = groups as f64;
+    let spread: f64 = own
+        .iter()
+        .zip(all)
+        .map(|(&o, &a)| {
+            let (o, a) = (o as f64, a as f64);
+            (o - w * a - d * a / n).powi(2)
+        })
+        .sum::<f64>()
+        * k
+        / (k - 1.0);
+    let binomial = w * (1.0 - w) * n;
+    let var = spread.max(binomial);
+    let effect = spread / binomial;
+    let df = if effect <= 1.0 {
+        f64::INFINITY
+    } else {
+        (k - 1.0) * (effect / (effect - 1.0)).powi(2)
+    };
+    let t = d / var.sqrt();
+    let z = if df.is_finite() && df < 1e6 {
+        use statrs::distribution::{ContinuousCDF, StudentsT};
+        match StudentsT::new(0.0, 1.0, df) {
+            // Upper tail of |t| mapped to the normal's (ln scale, so far tails keep their size).
+            Ok(dist) => {
+                let tail = dist.sf(t.abs());
+                if tail > 0.0 {
+                    t.signum() * -normal_quantile(tail)
+                } else {
+                    t
+                }
+            }
+            Err(_) => t,
+        }
+    } else {
+        t
+    };
+    // Share scale: θ̂ = D/n with information I = n²/var; S = z·√I.
+    let info = n * n / var;
+    let total = info + rho;
+    let ln_e = 0.5 * (rho / total).ln() + z * z * info / (2.0 * total);
+    (ln_e, d / n, effect)
+}
+
+/// Prior precision of the split test's mixture: sharpest for a skew of 2·√(w(1 − w)) points
+/// of share (one point at 50/50, 0.2 points at 1 %) found with 80 % power at two-sided
+/// level `alpha`.
+pub fn split_precision(w: f64, alpha: f64) -> f64 {
+    let effect = 0.02 * (w * (1.0 - w)).sqrt();
+    let z = normal_quantile(1.0 - alpha / 2.0) + normal_quantile(0.8);
+    (z / effect).powi(2) / best_ratio(alpha)
+}
+
 /// Pearson's χ² of counts against expected probabilities, and its fixed-horizon p-value.
 pub fn chi_square(counts: &[u64], expected: &[f64]) -> (f64, f64) {
     let n: f64 = counts.iter().map(|&c| c as f64).sum();
@@ -160,6 +241,12 @@ pub fn chi_square(counts: &[u64], expected: &[f64]) -> (f64, f64) {
     let df = df.saturating_sub(1).max(1) as f64;
     let p = chi_square_sf(stat, df);
     (stat, p)
+}
+
+/// The `p`-quantile of χ² with `df` degrees of freedom.
+pub fn chi_square_quantile(p: f64, df: f64) -> f64 {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    ChiSquared::new(df.max(1.0)).map_or(f64::INFINITY, |d| d.inverse_cdf(p))
 }
 
 /// Upper tail of χ² with `df` degrees of freedom.

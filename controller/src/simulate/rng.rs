@@ -124,6 +124,32 @@ impl Rng {
         x
     }
 
+    /// Poisson(mean), exact: Gamma splitting for large means (the m-th arrival time of a
+    /// unit-rate process is Gamma(m); Knuth, TAOCP vol. 2, 3.4.1), inversion for small ones.
+    pub fn poisson(&mut self, mean: f64) -> u64 {
+        if !(mean > 0.0) {
+            return 0;
+        }
+        if mean < 16.0 {
+            let limit = (-mean).exp();
+            let mut x = 0u64;
+            let mut prod = self.uniform();
+            while prod > limit {
+                x += 1;
+                prod *= self.uniform();
+            }
+            return x;
+        }
+        let m = (mean * 0.875).floor() as u64;
+        let g = self.gamma(m as f64);
+        if g < mean {
+            m + self.poisson(mean - g)
+        } else {
+            // The first m − 1 arrivals are uniform on (0, g): those before `mean` count.
+            self.binomial(m - 1, mean / g)
+        }
+    }
+
     /// Multinomial counts of `n` over `probs` (which sum to 1), into `out`.
     pub fn multinomial(&mut self, n: u64, probs: &[f64], out: &mut Vec<u64>) {
         out.clear();
@@ -172,6 +198,20 @@ mod tests {
                 (var / v - 1.0).abs() < 0.06,
                 "n {n} p {p}: var {var} vs {v}"
             );
+        }
+    }
+
+    #[test]
+    fn poisson_has_the_right_mean_and_variance() {
+        let mut rng = Rng::new(&[2]);
+        for &m in &[0.3, 5.0, 40.0, 12_345.6] {
+            let draws: Vec<f64> = (0..20_000).map(|_| rng.poisson(m) as f64).collect();
+            let (mean, var) = moments(&draws);
+            assert!(
+                (mean - m).abs() < 4.0 * (m / 20_000.0).sqrt(),
+                "mean {m}: {mean}"
+            );
+            assert!((var / m - 1.0).abs() < 0.06, "mean {m}: var {var}");
         }
     }
 

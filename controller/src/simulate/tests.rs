@@ -14,6 +14,9 @@ fn short(canary: Traffic, regression: bool) -> Scenario {
         config: config(),
         max_requests: None,
         regression,
+        users: None,
+        replicates: REPLICATES,
+        independent_stages: false,
     }
 }
 
@@ -69,7 +72,7 @@ fn results_do_not_depend_on_threads() {
 
 #[test]
 fn every_scenario_is_known() {
-    for name in ["aa", "error", "latency", "conversion", "drift", "srm"] {
+    for name in SCENARIOS {
         assert!(scenario(name, 200.0).is_ok(), "{name}");
     }
     assert!(scenario("nope", 200.0).is_err());

@@ -132,3 +132,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn replicate_groups_are_independent_of_the_bucket() {
+    // Users of a 5 % canary (buckets below 500) spread evenly over 16 groups, as do the rest.
+    let mut canary = [0u32; 16];
+    let mut control = [0u32; 16];
+    for i in 0..200_000u32 {
+        let h = hash("salt", format!("user-{i}").as_bytes());
+        let r = replicate_of(h, 16);
+        if bucket_of(h) < 500 {
+            canary[r] += 1;
+        } else {
+            control[r] += 1;
+        }
+    }
+    let chi2 = |counts: &[u32; 16]| {
+        let n: u32 = counts.iter().sum();
+        let e = f64::from(n) / 16.0;
+        counts
+            .iter()
+            .map(|&c| (f64::from(c) - e).powi(2) / e)
+            .sum::<f64>()
+    };
+    // χ² with 15 degrees of freedom: 37.7 is its 0.1 % upper point.
+    assert!(chi2(&canary) < 37.7, "{canary:?}");
+    assert!(chi2(&control) < 37.7, "{control:?}");
+    assert_eq!(replicate_of(u64::MAX, 0), 0);
+}
