@@ -255,6 +255,9 @@ async fn run_rollout(
         exit_when_done: true,
         // The demo prints its own lines (decisions as they happen, traffic every 5 s).
         progress: false,
+        // Operator token generated into the state directory, as `sluice run` does by default.
+        token: cli::TokenSource::StateDir,
+        allowed_hosts: Vec::new(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
