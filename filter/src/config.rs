@@ -823,9 +823,11 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                     format!("more than {MAX_OUTCOMES} outcome names"),
                 ));
             }
+            // A set, not a scan of the earlier names: validation stays linear in the list.
+            let mut seen = std::collections::HashSet::with_capacity(o.names.len());
             for (n, name) in o.names.iter().enumerate() {
                 check_name(&format!("{field}.names[{n}]"), name)?;
-                if o.names[..n].contains(name) {
+                if !seen.insert(name) {
                     return Err(invalid(
                         format!("{field}.names[{n}]"),
                         format!("duplicate outcome {name:?}"),
@@ -996,9 +998,10 @@ fn check_variants(
         return Err(invalid(field, format!("more than {MAX_VARIANTS} variants")));
     }
     let mut names = Vec::with_capacity(variants.len());
+    let mut seen = std::collections::HashSet::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
         check_name(&format!("{field}[{i}].name"), &v.name)?;
-        if names.contains(&v.name) {
+        if !seen.insert(v.name.as_str()) {
             return Err(invalid(
                 format!("{field}[{i}].name"),
                 format!("duplicate variant {:?}", v.name),
@@ -1050,13 +1053,16 @@ fn check_variants(
         reserved.push((i, m));
     }
 
-    let explicit: u32 = reserved.iter().filter_map(|(_, m)| *m).sum();
-    if explicit > BUCKETS {
+    // Summed wide: enough treatments reserving 100 % each would overflow a u32.
+    let explicit: u64 = reserved.iter().filter_map(|(_, m)| *m).map(u64::from).sum();
+    if explicit > u64::from(BUCKETS) {
         return Err(invalid(
             field,
             "the treatments' max_weight values add up to more than 100",
         ));
     }
+    // At most BUCKETS by the check above, so the cast is exact.
+    let explicit = explicit as u32;
     let implicit_count = reserved.iter().filter(|(_, m)| m.is_none()).count() as u32;
     let share = (BUCKETS - explicit)
         .checked_div(implicit_count)
