@@ -551,6 +551,87 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
     Ok(())
 }
 
+/// The ECDS example's file with `config` as the filter configuration.
+fn ecds_with(config: &Value) -> anyhow::Result<String> {
+    let original = std::fs::read_to_string(repo_root().join("envoy/ecds/sluice.yaml"))?;
+    let head = original
+        .split_once("value: |\n")
+        .map(|(h, _)| h)
+        .ok_or_else(|| anyhow::anyhow!("envoy/ecds/sluice.yaml: no `value: |` block"))?;
+    Ok(format!("{head}value: |\n            {config}\n"))
+}
+
+/// A push (every stage change of a rollout pushes) does not refill users' event budgets.
+#[tokio::test]
+async fn the_per_user_limit_survives_a_config_push() -> anyhow::Result<()> {
+    let envoy = EnvoyConfig::new("envoy/ecds.yaml")
+        .ecds("envoy/ecds")
+        .start()
+        .await?;
+    let success = "extension_config_discovery.http_filter.sluice.update_success";
+    let admin = envoy.admin();
+    let push = |revision: &str, weight: f64| -> anyhow::Result<()> {
+        let mut config = user_upstream_config(
+            weight,
+            json!({
+                "name": "demo",
+                "outcomes": {"names": ["click"]},
+                "beacon": {"path": "/sluice/event", "limit": {"events_per_user": 2}},
+            }),
+        );
+        config["secret"] = json!(SECRET);
+        config["revision"] = json!(revision);
+        envoy.write_ecds("sluice.yaml", &ecds_with(&config)?)?;
+        Ok(())
+    };
+    let pushed = |n: u64| async move {
+        wait_until(Duration::from_secs(5), "the push is taken", || async {
+            admin.stat(success).await.ok().flatten().unwrap_or(0) >= n
+        })
+        .await
+    };
+    let ok0 = admin.stat(success).await?.unwrap_or(0);
+    push("a", 10.0)?;
+    pushed(ok0 + 1).await?;
+
+    let client = HttpClient::new();
+    let exposed = client
+        .send(
+            hyper::Method::GET,
+            &envoy.url(LISTENER, "/"),
+            &[("x-user-id", "alice")],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    let token = exposed
+        .header("x-sluice-exposure")
+        .ok_or_else(|| anyhow::anyhow!("no exposure token"))?
+        .to_string();
+    let click = || async {
+        let r = client
+            .send(
+                hyper::Method::POST,
+                &envoy.url(LISTENER, "/sluice/event?name=click"),
+                &[
+                    ("x-user-id", "alice"),
+                    ("x-sluice-exposure", token.as_str()),
+                ],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        anyhow::Ok(r.status)
+    };
+    assert_eq!(click().await?, 204);
+    // A push that changes nothing but the revision, then one that changes a weight.
+    push("b", 10.0)?;
+    pushed(ok0 + 2).await?;
+    assert_eq!(click().await?, 204);
+    push("c", 11.0)?;
+    pushed(ok0 + 3).await?;
+    assert_eq!(click().await?, 429, "the budget was refilled by a push");
+    Ok(())
+}
+
 #[tokio::test]
 async fn split_matches_the_weight_at_several_weights() -> anyhow::Result<()> {
     let (stable, canary) = (named("stable").await?, named("canary").await?);
