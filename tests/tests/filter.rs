@@ -551,6 +551,121 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
     Ok(())
 }
 
+/// Two experiments on one beacon path: the answer carries one token per experiment, the
+/// beacon carries both back (comma-separated), and each experiment counts the event for its
+/// own variant.
+#[tokio::test]
+async fn one_beacon_counts_for_every_experiment_whose_token_it_carries() -> anyhow::Result<()> {
+    let stable = named("stable").await?;
+    let canary = named("canary").await?;
+    let experiment = |name: &str, header: &str| {
+        json!({
+            "name": name,
+            "header": header,
+            "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+            "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 50}],
+            "outcomes": {"names": ["click"]},
+            "beacon": {"path": "/sluice/event"},
+        })
+    };
+    let config = json!({
+        "version": 1,
+        "secret": SECRET,
+        "experiments": [experiment("a", "x-sluice-variant"), experiment("b", "x-sluice-b")],
+    });
+    let plan =
+        Plan::from_json(config.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let envoy = start_fixture(&config, &stable, canary.port(), SHADOW).await?;
+    let client = HttpClient::new();
+    let users = 40;
+    let mut want: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for i in 0..users {
+        let user = format!("user-{i}");
+        let r = client
+            .send(
+                hyper::Method::GET,
+                &envoy.url(LISTENER, "/predict"),
+                &[("x-user-id", user.as_str())],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        let tokens: Vec<&str> = r
+            .headers
+            .get_all("x-sluice-exposure")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(tokens.len(), 2, "{user}: {tokens:?}");
+        let joined = tokens.join(", ");
+        let b = client
+            .send(
+                hyper::Method::POST,
+                &envoy.url(LISTENER, "/sluice/event?name=click"),
+                &[
+                    ("x-user-id", user.as_str()),
+                    ("x-sluice-exposure", joined.as_str()),
+                ],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        assert_eq!(b.status, 204, "{user}");
+        for e in &plan.experiments {
+            let v = &e.variants[variant_of_key(e, user.as_bytes())];
+            *want.entry((e.name.clone(), v.clone())).or_default() += 1.0;
+        }
+    }
+    // Only experiment a's token: a counts, b refuses.
+    let r = client
+        .send(
+            hyper::Method::GET,
+            &envoy.url(LISTENER, "/predict"),
+            &[("x-user-id", "solo")],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    let only_a = r
+        .headers
+        .get_all("x-sluice-exposure")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|t| t.starts_with("1.a."))
+        .unwrap_or_default()
+        .to_string();
+    let b = client
+        .send(
+            hyper::Method::POST,
+            &envoy.url(LISTENER, "/sluice/event?name=click"),
+            &[
+                ("x-user-id", "solo"),
+                ("x-sluice-exposure", only_a.as_str()),
+            ],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    assert_eq!(b.status, 204);
+    let a = &plan.experiments[0];
+    *want
+        .entry(("a".into(), a.variants[variant_of_key(a, b"solo")].clone()))
+        .or_default() += 1.0;
+
+    let stats = envoy.admin().prometheus().await?;
+    for ((e, v), n) in &want {
+        assert_eq!(sluice(&stats, "sluice_events_total", e, v), *n, "{e}/{v}");
+    }
+    assert_eq!(
+        stats.sum(
+            "sluice_events_rejected_total",
+            &[("experiment", "b"), ("reason", "no_token")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        stats.sum("sluice_events_rejected_total", &[("experiment", "a")]),
+        0.0
+    );
+    Ok(())
+}
+
 /// The ECDS example's file with `config` as the filter configuration.
 fn ecds_with(config: &Value) -> anyhow::Result<String> {
     let original = std::fs::read_to_string(repo_root().join("envoy/ecds/sluice.yaml"))?;
