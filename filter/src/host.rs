@@ -20,7 +20,7 @@ mod shadow;
 
 use crate::assignment::Rng;
 use crate::beacon::{self as beacon_logic, Rejection, UserLimit};
-use crate::config::{Experiment, Plan, Unit};
+use crate::config::{BeaconLimit, Experiment, Plan, Unit};
 use crate::mac::{self, Key};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
@@ -59,7 +59,7 @@ struct Active {
     /// Hashes user keys into the per-user event limit tables.
     table_key: Option<Key>,
     /// Per experiment with a beacon: events per user key in this worker.
-    limits: RefCell<Vec<Option<UserLimit>>>,
+    limits: Vec<Option<SharedLimit>>,
 }
 
 impl Active {
@@ -85,19 +85,7 @@ impl Active {
         let routing_headers = plan.experiments.iter().map(|e| e.header.clone()).collect();
         let exposure_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_EXPOSURE));
         let table_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_USER_TABLE));
-        let limits = plan
-            .experiments
-            .iter()
-            .map(|e| {
-                e.beacon.as_ref().map(|b| {
-                    UserLimit::new(
-                        b.limit.users,
-                        b.limit.events_per_user,
-                        b.limit.window_seconds,
-                    )
-                })
-            })
-            .collect();
+        let limits = shared_limits(&plan, table_key.as_ref());
         Ok(Active {
             plan,
             catalog,
@@ -108,7 +96,7 @@ impl Active {
             shadow: shadow::Table::default(),
             exposure_key,
             table_key,
-            limits: RefCell::new(limits),
+            limits,
         })
     }
 
@@ -129,6 +117,72 @@ impl Active {
             self.increment(m.errors);
         }
     }
+}
+
+/// A per-user event table, shared by every plan of this worker that has the same experiment,
+/// limit and secret.
+type SharedLimit = Rc<RefCell<UserLimit>>;
+
+/// A table kept across configurations.
+struct Kept {
+    experiment: String,
+    limit: BeaconLimit,
+    key: Key,
+    table: SharedLimit,
+}
+
+thread_local! {
+    /// Each configuration change creates a new root context (a rollout pushes at every
+    /// stage); the per-user tables live here, in the worker's VM, so that a push does not
+    /// refill every user's budget.
+    static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The plan's per-user tables: the kept ones where experiment, limit and secret are
+/// unchanged, new ones otherwise. Tables no live plan uses are forgotten, so the memory stays
+/// bounded by the live plans' limits.
+fn shared_limits(plan: &Plan, key: Option<&Key>) -> Vec<Option<SharedLimit>> {
+    let fresh = |b: &BeaconLimit| {
+        Rc::new(RefCell::new(UserLimit::new(
+            b.users,
+            b.events_per_user,
+            b.window_seconds,
+        )))
+    };
+    KEPT.with(|kept| {
+        let (Some(key), Ok(mut kept)) = (key, kept.try_borrow_mut()) else {
+            return plan
+                .experiments
+                .iter()
+                .map(|e| e.beacon.as_ref().map(|b| fresh(&b.limit)))
+                .collect();
+        };
+        let tables: Vec<Option<SharedLimit>> = plan
+            .experiments
+            .iter()
+            .map(|e| {
+                let b = e.beacon.as_ref()?;
+                let found = kept
+                    .iter()
+                    .find(|k| k.experiment == e.name && k.limit == b.limit && &k.key == key);
+                Some(match found {
+                    Some(k) => k.table.clone(),
+                    None => {
+                        let table = fresh(&b.limit);
+                        kept.push(Kept {
+                            experiment: e.name.clone(),
+                            limit: b.limit.clone(),
+                            key: key.clone(),
+                            table: table.clone(),
+                        });
+                        table
+                    }
+                })
+            })
+            .collect();
+        kept.retain(|k| Rc::strong_count(&k.table) > 1);
+        tables
+    })
 }
 
 struct Root {
@@ -866,10 +920,10 @@ fn one_beacon(
         current,
         now_secs,
     )?;
-    let Ok(mut limits) = active.limits.try_borrow_mut() else {
+    let Some(Some(limit)) = active.limits.get(i) else {
         return Err(Refusal::Fault);
     };
-    let Some(Some(limit)) = limits.get_mut(i) else {
+    let Ok(mut limit) = limit.try_borrow_mut() else {
         return Err(Refusal::Fault);
     };
     if !limit.admit(table_key.hash64(&user), now_secs) {

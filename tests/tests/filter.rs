@@ -498,6 +498,20 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
         204
     );
 
+    // The flood that moved a canary's purchases per request from 1.9 % to 206 %: 2,000 forged
+    // purchase beacons for 2,000 users, none of whom was exposed.
+    let forged = format!("1.t.canary.{now}.{}", "0".repeat(32));
+    let flood = Load::new(envoy.url(LISTENER, "/sluice/event?name=purchase"))
+        .method(hyper::Method::POST)
+        .requests(2000)
+        .header("x-sluice-exposure", &forged)
+        .run()
+        .await?;
+    assert!(
+        flood.iter().all(|r| r.status == 403),
+        "a forged beacon was accepted"
+    );
+
     let stats = envoy.admin().prometheus().await?;
     let rejected = |reason: &str| {
         stats.sum(
@@ -510,6 +524,7 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
         *want.entry(reason).or_default() += 1.0;
     }
     *want.entry("over_limit").or_default() += 1.0;
+    *want.entry("bad_mac").or_default() += 2000.0;
     for (reason, n) in &want {
         assert_eq!(rejected(reason), *n, "rejected for {reason}");
     }
@@ -533,6 +548,202 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
     assert_eq!(outcome("stable", "purchase"), 0.0);
     assert_eq!(sluice(&stats, "sluice_events_total", "t", "canary"), 4.0);
     assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
+    Ok(())
+}
+
+/// Two experiments on one beacon path: the answer carries one token per experiment, the
+/// beacon carries both back (comma-separated), and each experiment counts the event for its
+/// own variant.
+#[tokio::test]
+async fn one_beacon_counts_for_every_experiment_whose_token_it_carries() -> anyhow::Result<()> {
+    let stable = named("stable").await?;
+    let canary = named("canary").await?;
+    let experiment = |name: &str, header: &str| {
+        json!({
+            "name": name,
+            "header": header,
+            "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+            "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 50}],
+            "outcomes": {"names": ["click"]},
+            "beacon": {"path": "/sluice/event"},
+        })
+    };
+    let config = json!({
+        "version": 1,
+        "secret": SECRET,
+        "experiments": [experiment("a", "x-sluice-variant"), experiment("b", "x-sluice-b")],
+    });
+    let plan =
+        Plan::from_json(config.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let envoy = start_fixture(&config, &stable, canary.port(), SHADOW).await?;
+    let client = HttpClient::new();
+    let users = 40;
+    let mut want: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for i in 0..users {
+        let user = format!("user-{i}");
+        let r = client
+            .send(
+                hyper::Method::GET,
+                &envoy.url(LISTENER, "/predict"),
+                &[("x-user-id", user.as_str())],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        let tokens: Vec<&str> = r
+            .headers
+            .get_all("x-sluice-exposure")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(tokens.len(), 2, "{user}: {tokens:?}");
+        let joined = tokens.join(", ");
+        let b = client
+            .send(
+                hyper::Method::POST,
+                &envoy.url(LISTENER, "/sluice/event?name=click"),
+                &[
+                    ("x-user-id", user.as_str()),
+                    ("x-sluice-exposure", joined.as_str()),
+                ],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        assert_eq!(b.status, 204, "{user}");
+        for e in &plan.experiments {
+            let v = &e.variants[variant_of_key(e, user.as_bytes())];
+            *want.entry((e.name.clone(), v.clone())).or_default() += 1.0;
+        }
+    }
+    // Only experiment a's token: a counts, b refuses.
+    let r = client
+        .send(
+            hyper::Method::GET,
+            &envoy.url(LISTENER, "/predict"),
+            &[("x-user-id", "solo")],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    let only_a = r
+        .headers
+        .get_all("x-sluice-exposure")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|t| t.starts_with("1.a."))
+        .unwrap_or_default()
+        .to_string();
+    let b = client
+        .send(
+            hyper::Method::POST,
+            &envoy.url(LISTENER, "/sluice/event?name=click"),
+            &[
+                ("x-user-id", "solo"),
+                ("x-sluice-exposure", only_a.as_str()),
+            ],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    assert_eq!(b.status, 204);
+    let a = &plan.experiments[0];
+    *want
+        .entry(("a".into(), a.variants[variant_of_key(a, b"solo")].clone()))
+        .or_default() += 1.0;
+
+    let stats = envoy.admin().prometheus().await?;
+    for ((e, v), n) in &want {
+        assert_eq!(sluice(&stats, "sluice_events_total", e, v), *n, "{e}/{v}");
+    }
+    assert_eq!(
+        stats.sum(
+            "sluice_events_rejected_total",
+            &[("experiment", "b"), ("reason", "no_token")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        stats.sum("sluice_events_rejected_total", &[("experiment", "a")]),
+        0.0
+    );
+    Ok(())
+}
+
+/// The ECDS example's file with `config` as the filter configuration.
+fn ecds_with(config: &Value) -> anyhow::Result<String> {
+    let original = std::fs::read_to_string(repo_root().join("envoy/ecds/sluice.yaml"))?;
+    let head = original
+        .split_once("value: |\n")
+        .map(|(h, _)| h)
+        .ok_or_else(|| anyhow::anyhow!("envoy/ecds/sluice.yaml: no `value: |` block"))?;
+    Ok(format!("{head}value: |\n            {config}\n"))
+}
+
+/// A push (every stage change of a rollout pushes) does not refill users' event budgets.
+#[tokio::test]
+async fn the_per_user_limit_survives_a_config_push() -> anyhow::Result<()> {
+    let envoy = EnvoyConfig::new("envoy/ecds.yaml")
+        .ecds("envoy/ecds")
+        .start()
+        .await?;
+    let success = "extension_config_discovery.http_filter.sluice.update_success";
+    let admin = envoy.admin();
+    let push = |revision: &str, weight: f64| -> anyhow::Result<()> {
+        let mut config = user_upstream_config(
+            weight,
+            json!({
+                "name": "demo",
+                "outcomes": {"names": ["click"]},
+                "beacon": {"path": "/sluice/event", "limit": {"events_per_user": 2}},
+            }),
+        );
+        config["secret"] = json!(SECRET);
+        config["revision"] = json!(revision);
+        envoy.write_ecds("sluice.yaml", &ecds_with(&config)?)?;
+        Ok(())
+    };
+    let pushed = |n: u64| async move {
+        wait_until(Duration::from_secs(5), "the push is taken", || async {
+            admin.stat(success).await.ok().flatten().unwrap_or(0) >= n
+        })
+        .await
+    };
+    let ok0 = admin.stat(success).await?.unwrap_or(0);
+    push("a", 10.0)?;
+    pushed(ok0 + 1).await?;
+
+    let client = HttpClient::new();
+    let exposed = client
+        .send(
+            hyper::Method::GET,
+            &envoy.url(LISTENER, "/"),
+            &[("x-user-id", "alice")],
+            Vec::<u8>::new(),
+        )
+        .await?;
+    let token = exposed
+        .header("x-sluice-exposure")
+        .ok_or_else(|| anyhow::anyhow!("no exposure token"))?
+        .to_string();
+    let click = || async {
+        let r = client
+            .send(
+                hyper::Method::POST,
+                &envoy.url(LISTENER, "/sluice/event?name=click"),
+                &[
+                    ("x-user-id", "alice"),
+                    ("x-sluice-exposure", token.as_str()),
+                ],
+                Vec::<u8>::new(),
+            )
+            .await?;
+        anyhow::Ok(r.status)
+    };
+    assert_eq!(click().await?, 204);
+    // A push that changes nothing but the revision, then one that changes a weight.
+    push("b", 10.0)?;
+    pushed(ok0 + 2).await?;
+    assert_eq!(click().await?, 204);
+    push("c", 11.0)?;
+    pushed(ok0 + 3).await?;
+    assert_eq!(click().await?, 429, "the budget was refilled by a push");
     Ok(())
 }
 

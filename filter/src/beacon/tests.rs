@@ -219,3 +219,40 @@ fn the_limit_table_is_bounded_and_keeps_heavy_users() {
     );
     assert_eq!(l.bytes(), 4 * 24);
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a client sends as a token, checking it never panics, and only the issued
+        /// token verifies.
+        #[test]
+        fn arbitrary_tokens_never_verify(token in proptest::collection::vec(any::<u8>(), 0..300),
+                                         user in "[a-z0-9-]{1,20}") {
+            let plan = plan();
+            let exp = &plan.experiments[0];
+            let k = key(&plan);
+            let got = verify(&k, exp, 600, &token, user.as_bytes(), 1, NOW);
+            prop_assert!(got.is_err());
+        }
+
+        /// A token edited anywhere, by one byte, no longer verifies.
+        #[test]
+        fn edited_tokens_never_verify(at in 0usize..200, byte in any::<u8>()) {
+            let plan = plan();
+            let exp = &plan.experiments[0];
+            let k = key(&plan);
+            let user = user_in(&plan, 1);
+            let t = issue(&k, "ranker", user.as_bytes(), "canary", NOW).into_bytes();
+            let mut edited = t.clone();
+            let i = at % edited.len();
+            prop_assume!(edited[i] != byte);
+            // Hex digits compare case-insensitively: a case flip is the same tag.
+            prop_assume!(!(edited[i].is_ascii_hexdigit() && edited[i].eq_ignore_ascii_case(&byte)));
+            edited[i] = byte;
+            prop_assert!(verify(&k, exp, 600, &edited, user.as_bytes(), 1, NOW).is_err());
+        }
+    }
+}
