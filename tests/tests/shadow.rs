@@ -600,15 +600,15 @@ async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<(
         0.0
     );
     // Reading each 5 MB answer into the VM and letting Envoy buffer 8 of them grew RSS by
-    // 34 MiB and the heap by 41 MiB here; the bound leaves room for the primary's own
-    // streaming buffers and one answer.
+    // 31-39 MiB and the heap by 41-44 MiB here; now 0-9 and 12. The bounds leave room for
+    // the primary's own streaming buffers, the budget and one answer over it.
     assert!(
-        rss - rss0 < 16.0,
+        rss - rss0 < 20.0,
         "RSS grew {:.1} MiB under 5 MB shadow answers",
         rss - rss0
     );
     assert!(
-        heap - heap0 < 16.0,
+        heap - heap0 < 26.0,
         "heap grew {:.1} MiB under 5 MB shadow answers",
         heap - heap0
     );
