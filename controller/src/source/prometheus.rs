@@ -150,7 +150,7 @@ impl Source for Prometheus {
             return Err(SourceError::Invalid {
                 origin: self.base.clone(),
                 reason: format!(
-                    "no series for experiment {experiment:?} (is Prometheus scraping the Envoys?)"
+                    "no series for experiment {experiment:?} (is Prometheus scraping the Envoys, and do they have the stats_tags from envoy/ecds.yaml?)"
                 ),
             });
         }
@@ -227,16 +227,8 @@ impl Source for Prometheus {
                 }
             };
             let keeps = match (s.metric.get("variant"), &self.variants) {
-                (None, _) => {
-                    return Err(SourceError::Invalid {
-                        origin: self.base.clone(),
-                        reason: format!(
-                            "{name} of {origin}: sluice series found without experiment/variant labels: add the stats_tags from envoy/ecds.yaml to the Envoy bootstrap"
-                        ),
-                    })
-                }
                 (Some(v), Some(vs)) => vs.iter().any(|w| w == v),
-                (Some(_), None) => true,
+                _ => true,
             };
             if !keeps {
                 *unknown.entry(origin).or_default() += 1;
