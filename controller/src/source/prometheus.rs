@@ -16,6 +16,10 @@ use serde::Deserialize;
 
 use super::{series, Identity, Limits, OriginScrape, Sample, SeriesKey, Source, SourceError};
 
+/// What Prometheus holds of one instance's identity: uptime, hot-restart epoch, and the
+/// uptime sample's own time (Unix seconds).
+type Told = (Option<f64>, Option<f64>, Option<f64>);
+
 /// A Prometheus server holding the filter's series.
 #[derive(Debug, Clone)]
 pub struct Prometheus {
@@ -179,9 +183,8 @@ impl Source for Prometheus {
                 });
             }
         }
-        // Which process each instance is: its uptime as of its own scrape, and the epoch.
-        let mut identities: BTreeMap<String, (Option<f64>, Option<f64>, Option<f64>)> =
-            BTreeMap::new();
+        // Which process each instance is: its uptime, epoch, and when it was scraped.
+        let mut identities: BTreeMap<String, Told> = BTreeMap::new();
         let origin_of = |metric: &BTreeMap<String, String>| {
             format!(
                 "{}/{}",
