@@ -244,6 +244,8 @@ struct OriginState {
     /// Why this origin's answers cannot be counted any more: once answers from two proxies
     /// were mixed, no later answer can be told apart.
     broken: Option<String>,
+    /// Whether the lack of an identity was logged.
+    warned: bool,
 }
 
 /// How an origin's new answer relates to its last one.
@@ -435,6 +437,10 @@ impl Accumulator {
                             }
                         }
                     }
+                }
+                if scrape.identity.is_none() && !state.warned {
+                    state.warned = true;
+                    tracing::warn!(origin = %scrape.origin, "the origin does not tell its uptime: a counter going down is taken for a restart, which cannot tell a restart from another proxy answering");
                 }
                 if state.broken.is_none() {
                     state.process = scrape.identity.map(|id| Process {
