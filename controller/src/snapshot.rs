@@ -636,7 +636,7 @@ impl ShadowCounters {
 
 /// How one variant's counters moved between two snapshots.
 enum Move {
-    Counted(Counters),
+    Counted(Box<Counters>),
     /// Missing, zero, or with a counter missing or zero, in the later snapshot.
     Unknown,
     /// A counter went down to a value other than zero: the process counting restarted.
@@ -651,7 +651,7 @@ fn movement(before: Option<&Counters>, now: Option<&Counters>) -> Move {
     match filled.since(before) {
         None => Move::Reset,
         Some(_) if unknown => Move::Unknown,
-        Some(d) => Move::Counted(d),
+        Some(d) => Move::Counted(Box::new(d)),
     }
 }
 
@@ -671,7 +671,7 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
         match movement(earlier.variants.get(name), later.variants.get(name)) {
             Move::Counted(d) => {
                 if later.variants.contains_key(name) {
-                    variants.insert(name.clone(), d);
+                    variants.insert(name.clone(), *d);
                 }
             }
             Move::Unknown => unknown.push(name.clone()),

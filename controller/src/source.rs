@@ -199,7 +199,7 @@ pub struct Reading {
     pub restarts: u64,
     /// Origins that did not tell their identity: their restarts are told by counters going
     /// down, which cannot tell a restart from another proxy answering.
-    pub unidentified: Vec<Arc<str>>,
+    pub unidentified: usize,
     /// Series read in the last scrape but not kept (unknown variants or experiments).
     pub unknown: usize,
 }
@@ -244,6 +244,8 @@ struct OriginState {
     /// Why this origin's answers cannot be counted any more: once answers from two proxies
     /// were mixed, no later answer can be told apart.
     broken: Option<String>,
+    /// Whether the lack of an identity was logged.
+    warned: bool,
 }
 
 /// How an origin's new answer relates to its last one.
@@ -436,6 +438,10 @@ impl Accumulator {
                         }
                     }
                 }
+                if scrape.identity.is_none() && !state.warned {
+                    state.warned = true;
+                    tracing::warn!(origin = %scrape.origin, "the origin does not tell its uptime: a counter going down is taken for a restart, which cannot tell a restart from another proxy answering");
+                }
                 if state.broken.is_none() {
                     state.process = scrape.identity.map(|id| Process {
                         uptime: id.uptime,
@@ -457,8 +463,8 @@ impl Accumulator {
         }
         let mut totals = vec![0.0; self.keys.len()];
         let mut restarts = 0;
-        let mut unidentified = Vec::new();
-        for (state, origin) in self.origins.iter().zip(self.origin_names()) {
+        let mut unidentified = 0;
+        for state in &self.origins {
             for (t, v) in totals.iter_mut().zip(&state.last) {
                 if !v.is_nan() {
                     *t += v;
@@ -469,7 +475,7 @@ impl Accumulator {
             }
             restarts += state.restarts;
             if state.process.is_none() {
-                unidentified.push(origin);
+                unidentified += 1;
             }
         }
         Ok(Reading {
@@ -479,15 +485,6 @@ impl Accumulator {
             unidentified,
             unknown,
         })
-    }
-
-    /// Origin names by origin index.
-    fn origin_names(&self) -> Vec<Arc<str>> {
-        let mut names = vec![Arc::from(""); self.origins.len()];
-        for (name, &o) in &self.origin_index {
-            names[o] = name.clone();
-        }
-        names
     }
 
     /// Restarts detected so far of origin `origin`.

@@ -147,7 +147,7 @@ fn a_reading_becomes_a_snapshot() {
         ),
     ]);
     let reading = Reading {
-        unidentified: Vec::new(),
+        unidentified: 0,
         unknown: 0,
         at: None,
         series,

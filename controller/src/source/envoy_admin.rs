@@ -79,21 +79,42 @@ struct Wanted {
     until: Instant,
 }
 
+/// Labels the filter's series carry: the tags of the bootstrap's `stats_tags`
+/// (envoy/ecds.yaml) and a histogram's `le`. A series with any other label is not one the
+/// filter wrote (Envoy makes labels only from those tags), so it is counted, not kept.
+const FILTER_LABELS: [&str; 8] = [
+    "experiment",
+    "variant",
+    "class",
+    "outcome",
+    "field",
+    "sign",
+    "reason",
+    "le",
+];
+
 /// Which new series of an answer are kept: those of an experiment asked for, of one of its
-/// variants.
+/// variants (or of the experiment as a whole), with the filter's labels only.
 fn admission(wanted: &[Wanted], key: &SeriesKey) -> Admission {
-    let (Some(experiment), Some(variant)) = (key.label("experiment"), key.label("variant")) else {
+    let Some(experiment) = key.label("experiment") else {
         return Admission::Unlabelled;
     };
-    match wanted.iter().find(|w| &*w.name == experiment) {
-        Some(w)
-            if w.variants
-                .as_ref()
-                .is_none_or(|vs| vs.iter().any(|v| v == variant)) =>
-        {
-            Admission::Keep
-        }
-        _ => Admission::Unknown,
+    let Some(w) = wanted.iter().find(|w| &*w.name == experiment) else {
+        return Admission::Unknown;
+    };
+    let known_variant = match (key.label("variant"), &w.variants) {
+        (Some(v), Some(vs)) => vs.iter().any(|k| k == v),
+        _ => true,
+    };
+    if known_variant
+        && key
+            .labels
+            .iter()
+            .all(|(k, _)| FILTER_LABELS.contains(&k.as_str()))
+    {
+        Admission::Keep
+    } else {
+        Admission::Unknown
     }
 }
 

@@ -354,7 +354,7 @@ impl<'a> Reader<'a> {
                 Ok(slot) => self.slots.put(self.n, slot),
                 Err(why) => {
                     // Not kept: still a sample, so its value must be one.
-                    value_after(line[..end].as_bytes(), &line.as_bytes()[end..]).map_err(at)?;
+                    value_after(&line.as_bytes()[..end], &line.as_bytes()[end..]).map_err(at)?;
                     match why {
                         series::Admission::Unlabelled => self.tally.unlabelled += 1,
                         _ => self.tally.unknown += 1,

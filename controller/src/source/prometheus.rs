@@ -16,6 +16,10 @@ use serde::Deserialize;
 
 use super::{series, Identity, Limits, OriginScrape, Sample, SeriesKey, Source, SourceError};
 
+/// What Prometheus holds of one instance's identity: uptime, hot-restart epoch, and the
+/// uptime sample's own time (Unix seconds).
+type Told = (Option<f64>, Option<f64>, Option<f64>);
+
 /// A Prometheus server holding the filter's series.
 #[derive(Debug, Clone)]
 pub struct Prometheus {
@@ -150,7 +154,7 @@ impl Source for Prometheus {
             return Err(SourceError::Invalid {
                 origin: self.base.clone(),
                 reason: format!(
-                    "no series for experiment {experiment:?} (is Prometheus scraping the Envoys?)"
+                    "no series for experiment {experiment:?} (is Prometheus scraping the Envoys, and do they have the stats_tags from envoy/ecds.yaml?)"
                 ),
             });
         }
@@ -179,9 +183,8 @@ impl Source for Prometheus {
                 });
             }
         }
-        // Which process each instance is: its uptime as of its own scrape, and the epoch.
-        let mut identities: BTreeMap<String, (Option<f64>, Option<f64>, Option<f64>)> =
-            BTreeMap::new();
+        // Which process each instance is: its uptime, epoch, and when it was scraped.
+        let mut identities: BTreeMap<String, Told> = BTreeMap::new();
         let origin_of = |metric: &BTreeMap<String, String>| {
             format!(
                 "{}/{}",
@@ -227,16 +230,8 @@ impl Source for Prometheus {
                 }
             };
             let keeps = match (s.metric.get("variant"), &self.variants) {
-                (None, _) => {
-                    return Err(SourceError::Invalid {
-                        origin: self.base.clone(),
-                        reason: format!(
-                            "{name} of {origin}: sluice series found without experiment/variant labels: add the stats_tags from envoy/ecds.yaml to the Envoy bootstrap"
-                        ),
-                    })
-                }
                 (Some(v), Some(vs)) => vs.iter().any(|w| w == v),
-                (Some(_), None) => true,
+                _ => true,
             };
             if !keeps {
                 *unknown.entry(origin).or_default() += 1;

@@ -46,11 +46,11 @@ pub const MAX_INTERNED_BYTES: usize = 32 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Keep,
-    /// A `sluice_` series without `experiment` and `variant` labels: the proxy does not
-    /// extract the filter's tags (its `stats_tags` are missing).
+    /// A `sluice_` series without an `experiment` label: the proxy does not extract the
+    /// filter's tags (its `stats_tags` are missing).
     Unlabelled,
-    /// Another experiment's series, or a variant the experiment does not have: counted, not
-    /// kept.
+    /// Another experiment's series, a variant the experiment does not have, or labels the
+    /// filter does not write: counted, not kept.
     Unknown,
 }
 

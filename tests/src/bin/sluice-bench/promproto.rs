@@ -224,7 +224,7 @@ mod tests {
         };
         let done = reader.feed(body, &mut each);
         assert_eq!(done, Ok(()));
-        assert_eq!(reader.finish(&mut each), Ok(()));
+        assert_eq!(reader.finish(&mut each).map(|_| ()), Ok(()));
         out
     }
 
