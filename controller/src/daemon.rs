@@ -529,8 +529,10 @@ where
             .run_steps(&mut commands, shutdown, restarted, exit_when_final)
             .await;
         if let Err(e) = &result {
-            // Stopped for good: say why in the status, so `/status` and the progress line
-            // show it (the process exits non-zero once the other rollouts are done).
+            // Stopped for good: say why in the log and the status, so `/status` and the
+            // progress line show it (the process exits non-zero once the other rollouts are
+            // done).
+            tracing::error!(rollout = %self.status.name, error = %e, "rollout stopped");
             self.status.error = Some(format!("{e}"));
             self.publish();
         }
