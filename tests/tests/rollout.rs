@@ -1100,9 +1100,17 @@ async fn a_rollout_that_cannot_write_its_audit_log_makes_run_exit_non_zero() -> 
     exited(&mut child, STOPPED_ON_ERROR, Duration::from_secs(30), &run).await?;
     traffic.stop().await;
     let log = run.log();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("rollout stopped"))
+        .unwrap_or_default();
     assert!(
-        log.contains("r.audit.jsonl: Is a directory"),
-        "no cause in the log:\n{log}"
+        stopped.contains("r.audit.jsonl: Is a directory"),
+        "no cause logged when the rollout stopped:\n{log}"
+    );
+    assert!(
+        log.contains("error: rollout r: ") && log.contains("r.audit.jsonl: Is a directory"),
+        "no cause at exit:\n{log}"
     );
     // What was persisted is a state the next run accepts.
     assert_eq!(run.state()["phase"]["phase"], "canary", "{log}");

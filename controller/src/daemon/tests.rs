@@ -606,3 +606,33 @@ async fn a_state_that_breaks_an_invariant_is_refused_with_the_field() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_split_check_catches_another_weight_not_a_subtle_imbalance() {
+    let counts = |stable: u64, canary: u64| -> BTreeMap<String, u64> {
+        [
+            ("stable".to_string(), stable),
+            ("canary".to_string(), canary),
+        ]
+        .into()
+    };
+    let base = counts(1000, 300);
+    // The case: 25 % configured, 52 % served.
+    let found = split_mismatch(&base, &counts(1000 + 576, 300 + 624), "canary", 25.0);
+    assert_eq!(
+        found.as_deref(),
+        Some("canary got 52.0 % of 1200 requests since the confirmation, the state says 25 %")
+    );
+    // Too few requests yet.
+    assert_eq!(
+        split_mismatch(&base, &counts(1090, 400), "canary", 25.0),
+        None
+    );
+    // A 25 % canary losing 40 % of its users' ids: 15 %, the sample-ratio test's to judge.
+    assert_eq!(
+        split_mismatch(&base, &counts(1000 + 8500, 300 + 1500), "canary", 25.0),
+        None
+    );
+    // Rolled back to 0 %, a fifth still reaching the canary.
+    assert!(split_mismatch(&base, &counts(1000 + 800, 300 + 200), "canary", 0.0).is_some());
+}
