@@ -69,8 +69,10 @@ pub struct Verdict {
     /// Statistical: always-valid confidence sequence of the difference at level `alpha`;
     /// gates: Wilson interval.
     pub interval: Option<[f64; 2]>,
-    /// Statistical: always-valid p-value against "no harm", Holm-adjusted; SRM: χ² p-value
-    /// of a single look (for reference; the decision uses the e-value).
+    /// Statistical: always-valid p-value against "no harm", Holm-adjusted; SRM: with
+    /// replicate groups the always-valid p-value (Bonferroni over the variants tested),
+    /// without them the χ² p-value of a single look (for reference; the decision uses the
+    /// e-value).
     pub p_value: Option<f64>,
     /// Statistical: e-value against "worse than the margin" this stage (≥ 1/beta passes);
     /// SRM: e-value against the expected split (≥ 1/srm.alpha halts).

@@ -728,13 +728,7 @@ fn replicated(looks: u64, per: u64, canary_share: &[f64]) -> Vec<Snapshot> {
                 .map(|s| (s * (per * i) as f64).round() as u64)
                 .collect();
             let c: Vec<u64> = t.iter().map(|&x| per * i - x).collect();
-            let mut s = snapshot(
-                10.0 * i as f64,
-                50.0,
-                c.iter().sum(),
-                t.iter().sum(),
-                SAME,
-            );
+            let mut s = snapshot(10.0 * i as f64, 50.0, c.iter().sum(), t.iter().sum(), SAME);
             if let Some(v) = s.variants.get_mut("canary") {
                 v.replicates = t;
             }
@@ -772,10 +766,74 @@ fn the_split_test_allows_for_users_that_keep_their_variant() {
     // A skew every group agrees on is a mismatch.
     let snaps = replicated(10, 1_000, &[0.51; 16]);
     let e = last(&replay(&config(), &snaps)).clone();
-    assert_eq!(verdict(&e, "srm").label, Label::Fail, "{}", verdict(&e, "srm").reason);
+    assert_eq!(
+        verdict(&e, "srm").label,
+        Label::Fail,
+        "{}",
+        verdict(&e, "srm").reason
+    );
     assert_eq!(e.decision, Decision::Halt);
     // A fair split passes.
     let snaps = replicated(10, 1_000, &[0.5; 16]);
     let e = last(&replay(&config(), &snaps)).clone();
     assert_eq!(verdict(&e, "srm").label, Label::Pass);
+}
+
+/// One look of a 1 % stage after a baseline: the canary's and control's requests and 5xx.
+fn one_look(canary: (u64, u64), control: (u64, u64)) -> Evaluation {
+    let with = |n: u64, e: u64| Counters {
+        requests: n,
+        responses: BTreeMap::from([("2xx".into(), n - e), ("5xx".into(), e)]),
+        ..Counters::default()
+    };
+    let cfg = GuardrailConfig {
+        latency: super::config::LatencyConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        ..config()
+    };
+    let mut first = snapshot(0.0, 1.0, 0, 0, SAME);
+    let mut second = snapshot(600.0, 1.0, 0, 0, SAME);
+    for s in [&mut first, &mut second] {
+        s.variants
+            .get_mut("canary")
+            .map(|c| *c = Counters::default());
+        s.variants
+            .get_mut("control")
+            .map(|c| *c = Counters::default());
+    }
+    second
+        .variants
+        .insert("canary".into(), with(canary.0, canary.1));
+    second
+        .variants
+        .insert("control".into(), with(control.0, control.1));
+    last(&replay(&cfg, &[first, second])).clone()
+}
+
+#[test]
+fn no_errors_yet_does_not_make_the_interval_exclude_no_difference() {
+    // The case found in A/A ramps: the canary's 0 errors in 537 requests against the
+    // control's 0.504 %. Its own rate claimed almost no variance, and the 99 % interval was
+    // [−0.0101, −0.000003].
+    let e = one_look((537, 0), (53_163, 268));
+    let v = verdict(&e, "error_rate");
+    let [lo, hi] = v.interval.unwrap_or([0.0, 0.0]);
+    assert!(lo < 0.0 && hi > 0.0, "[{lo}, {hi}]: {}", v.reason);
+}
+
+#[test]
+fn a_handful_of_errors_does_not_prove_non_inferiority() {
+    // A canary truly at the margin (0.5 % × 1.25 + 0.1 point = 0.725 %) that by luck shows 3
+    // errors in 1,200 requests (8.7 expected): one look at an exact Poisson test would give
+    // p ≈ 0.026, and a sequential test must ask for more. Taking the variance at the canary's
+    // own 0.25 % called it proven.
+    let e = one_look((1_200, 3), (120_000, 600));
+    let v = verdict(&e, "error_rate");
+    assert_ne!(v.label, Label::Pass, "{}", v.reason);
+    assert_ne!(e.decision, Decision::Promote, "{}", e.reason);
+    // With evidence that is really strong, it is proven: no error in 12,000 requests.
+    let e = one_look((12_000, 0), (120_000, 600));
+    assert_eq!(verdict(&e, "error_rate").label, Label::Pass);
 }
