@@ -124,11 +124,47 @@ fn default_interval() -> Duration {
 }
 
 /// One stage: a bare weight, or a weight with its own bake time.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum StageSpec {
     Weight(f64),
     Detailed(DetailedStage),
+}
+
+// By hand rather than `untagged`: an untagged enum answers every mistake with "did not match
+// any variant" and loses the path of a mistake inside `{weight, bake}`.
+impl<'de> Deserialize<'de> for StageSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<StageSpec, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StageSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a weight in percent, or {weight, bake}")
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<StageSpec, E> {
+                Ok(StageSpec::Weight(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StageSpec, E> {
+                Ok(StageSpec::Weight(v as f64))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StageSpec, E> {
+                Ok(StageSpec::Weight(v as f64))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<StageSpec, A::Error> {
+                DetailedStage::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(StageSpec::Detailed)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,8 +329,7 @@ impl Rollout {
     pub fn parse(text: &str) -> Result<Checked, SpecError> {
         // Through a JSON value: the filter's config types use serde's usual one-key maps for
         // enums (`{header: x-user-id}`), which YAML deserializers read as tags instead.
-        let value: serde_json::Value = serde_yaml::from_str(text)
-            .map_err(|e| SpecError::one("(document)", format!("not valid YAML: {e}")))?;
+        let value = crate::yaml::to_value(text).map_err(|e| SpecError::one("(document)", e))?;
         let rollout: Rollout = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." {
@@ -302,7 +337,7 @@ impl Rollout {
             } else {
                 path
             };
-            SpecError::one(&path, e.into_inner())
+            SpecError::one(&path, plain_type_error(&e.into_inner().to_string()))
         })?;
         rollout.check()
     }
@@ -383,8 +418,48 @@ impl Rollout {
             last = weight;
             stages.push(Stage { weight, bake });
         }
-        if s.schedule.interval.is_zero() {
-            problem("spec.schedule.interval", "must be positive".into());
+        let within = |d: Duration, low: Duration| d >= low && d <= MAX_WAIT;
+        if !within(s.schedule.interval, MIN_INTERVAL) {
+            problem(
+                "spec.schedule.interval",
+                format!(
+                    "{:?} is outside {} to {}",
+                    s.schedule.interval,
+                    format_duration(MIN_INTERVAL),
+                    format_duration(MAX_WAIT)
+                ),
+            );
+        }
+        // A zero wait can never succeed; a longer one than an hour stalls the rollout.
+        let mut wait = |path: String, d: Duration| {
+            if !within(d, Duration::from_millis(1)) {
+                problem(
+                    &path,
+                    format!(
+                        "{d:?} must be positive and at most {}",
+                        format_duration(MAX_WAIT)
+                    ),
+                );
+            }
+        };
+        for (i, src) in s.sources.iter().enumerate() {
+            match src {
+                SourceSpec::EnvoyAdmin(a) => {
+                    wait(format!("spec.sources[{i}].envoyAdmin.timeout"), a.timeout)
+                }
+                SourceSpec::Prometheus(p) => {
+                    wait(format!("spec.sources[{i}].prometheus.timeout"), p.timeout);
+                    if p.max_age.is_zero() {
+                        wait(format!("spec.sources[{i}].prometheus.maxAge"), p.max_age);
+                    }
+                }
+            }
+        }
+        for (i, SinkSpec::EcdsFile(f)) in s.sinks.iter().enumerate() {
+            wait(
+                format!("spec.sinks[{i}].ecdsFile.confirmWithin"),
+                f.confirm_within,
+            );
         }
         if s.shadow.is_some() && s.experiment.shadow.is_none() {
             problem(
@@ -535,7 +610,62 @@ impl Checked {
     }
 }
 
-/// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds).
+/// The longest duration any field accepts (a year): far beyond any sensible bake or timeout,
+/// and small enough that adding it to a clock reading can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The shortest evaluation interval: each look scrapes every proxy, so a shorter one only
+/// loads the proxies (and Envoy's own stats flush is seconds apart anyway).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The longest source timeout and push confirmation wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// A number of seconds as a [`Duration`], refused when negative, not finite or longer than
+/// [`MAX_DURATION`] (`shown` is how the value was written, for the message).
+fn seconds(secs: f64, shown: &str) -> Result<Duration, String> {
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{shown} is not a valid duration"));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!(
+            "{shown} is longer than the longest duration accepted ({})",
+            format_duration(MAX_DURATION)
+        )),
+    }
+}
+
+/// A number as a message shows it: `1e300`, not three hundred digits.
+fn number(v: f64) -> String {
+    if v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// A serde type error in the words of the spec (`expected a number, found string "x"`)
+/// rather than Rust's type names (`expected f64`).
+pub(crate) fn plain_type_error(message: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some((found, expected)) = rest.and_then(|r| r.rsplit_once(", expected ")) else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "f64" | "f32" => "a number",
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number, at least 0",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
+}
+
+/// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds), at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -556,10 +686,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    seconds(secs, &format!("{s:?}"))
 }
 
 /// Renders a duration the way [`parse_duration`] reads it.
@@ -576,6 +703,37 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Reads a duration field: text such as `30s` or a number of seconds. Shared with the judge's
+/// configuration (`judge::config`).
+pub(crate) fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration like 30s, 10m, 500ms, or a number of seconds")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
+            seconds(v, &number(v)).map_err(E::custom)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+            // Exact for every value up to the cap; anything larger is refused by `seconds`.
+            seconds(v as f64, &v.to_string()).map_err(E::custom)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+            seconds(v as f64, &v.to_string()).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
 mod duration {
     use super::*;
 
@@ -584,19 +742,7 @@ mod duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Seconds(f64),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-            Raw::Seconds(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
-            Raw::Seconds(n) => Err(serde::de::Error::custom(format!(
-                "{n} is not a valid duration"
-            ))),
-        }
+        deserialize_duration(d)
     }
 }
 

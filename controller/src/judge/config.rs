@@ -158,7 +158,7 @@ impl Default for QuantileConfig {
 }
 
 /// Denominator of a business metric.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Per {
     #[default]
@@ -337,7 +337,10 @@ impl GuardrailConfig {
                 format!("{prefix}.{path}")
             };
             ConfigError {
-                problems: vec![format!("{path}: {}", e.into_inner())],
+                problems: vec![format!(
+                    "{path}: {}",
+                    crate::spec::plain_type_error(&e.into_inner().to_string())
+                )],
             }
         })?;
         config.check(prefix)?;
@@ -347,8 +350,8 @@ impl GuardrailConfig {
     /// Reads YAML or JSON text: the `spec.guardrails` of a rollout spec if the document has
     /// one, else the whole document.
     pub fn from_text(text: &str) -> Result<Self, ConfigError> {
-        let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| ConfigError {
-            problems: vec![format!("(document): not valid YAML or JSON: {e}")],
+        let value = crate::yaml::to_value(text).map_err(|e| ConfigError {
+            problems: vec![format!("(document): {e}")],
         })?;
         match value.get("spec").and_then(|s| s.get("guardrails")) {
             Some(g) => Self::from_value(g.clone(), "spec.guardrails"),
@@ -434,6 +437,8 @@ impl GuardrailConfig {
                 bad(format!("latency.quantiles[{i}].weight"), "must be >= 0");
             }
         }
+        // A set, not a scan of the earlier entries: validation stays linear in the list.
+        let mut seen = std::collections::HashSet::with_capacity(self.business.len());
         for (i, b) in self.business.iter().enumerate() {
             if b.outcome.is_empty() {
                 bad(format!("business[{i}].outcome"), "must name an outcome");
@@ -441,10 +446,7 @@ impl GuardrailConfig {
             if !weight_ok(b.weight) {
                 bad(format!("business[{i}].weight"), "must be >= 0");
             }
-            if self.business[..i]
-                .iter()
-                .any(|o| o.outcome == b.outcome && o.per == b.per)
-            {
+            if !seen.insert((b.outcome.as_str(), b.per)) {
                 bad(format!("business[{i}].outcome"), "is listed twice");
             }
         }
@@ -492,31 +494,19 @@ impl GuardrailConfig {
     }
 }
 
-/// Durations as `30s`, `2m`, `500ms` or a number of seconds.
+/// Durations as `30s`, `2m`, `500ms` or a number of seconds (read as `spec.rs` reads them,
+/// with the same bounds).
 mod seconds {
     use super::*;
 
     pub fn serialize<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::spec::format_duration(
-            std::time::Duration::from_secs_f64(v.max(0.0)),
-        ))
+        // A value set in code may be anything: clamp instead of panicking.
+        let d =
+            std::time::Duration::try_from_secs_f64(v.max(0.0)).unwrap_or(crate::spec::MAX_DURATION);
+        s.serialize_str(&crate::spec::format_duration(d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Seconds(f64),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Text(t) => crate::spec::parse_duration(&t)
-                .map(|d| d.as_secs_f64())
-                .map_err(serde::de::Error::custom),
-            Raw::Seconds(n) if n.is_finite() && n >= 0.0 => Ok(n),
-            Raw::Seconds(n) => Err(serde::de::Error::custom(format!(
-                "{n} is not a valid duration"
-            ))),
-        }
+        crate::spec::deserialize_duration(d).map(|d| d.as_secs_f64())
     }
 }

@@ -168,3 +168,323 @@ fn the_documented_example_is_a_valid_spec() {
         Err(e) => unreachable!("docs/rollout.md example: {e}"),
     }
 }
+
+#[test]
+fn huge_durations_are_errors_with_their_field_path() {
+    let cases = [
+        (
+            GOOD.replace("bake: 2m", "bake: 1e300"),
+            "spec.schedule.bake: 1e300 is longer",
+        ),
+        (
+            GOOD.replace("bake: 2m", "bake: \"100000000000000000000s\""),
+            "spec.schedule.bake: \"100000000000000000000s\" is longer",
+        ),
+        (
+            GOOD.replace("warmup: 10s", "warmup: 1e30"),
+            "spec.schedule.warmup: 1e30 is longer",
+        ),
+        (
+            GOOD.replace("warmup: 10s", "warmup: 9000000h"),
+            "spec.schedule.warmup: \"9000000h\" is longer",
+        ),
+        (
+            GOOD.replace(
+                "{weight: 10, bake: 30s}",
+                "{weight: 10, bake: 18446744073709551615}",
+            ),
+            "spec.schedule.stages[1].bake: 18446744073709551615 is longer",
+        ),
+        (
+            GOOD.replace(
+                r#"endpoints: ["http://127.0.0.1:9901"]"#,
+                r#"endpoints: ["http://127.0.0.1:9901"], timeout: 1e300"#,
+            ),
+            "spec.sources[0].envoyAdmin.timeout: 1e300 is longer",
+        ),
+        (
+            GOOD.replace("  sources:", "  shadow: {duration: -5}\n  sources:"),
+            "spec.shadow.duration: -5 is not a valid duration",
+        ),
+        (
+            GOOD.replace("  sources:", "  guardrails: {warmup: 1e300}\n  sources:"),
+            "spec.guardrails.warmup: 1e300 is longer",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = problems(&text);
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+    // The longest accepted duration is a year.
+    assert!(problems(&GOOD.replace("bake: 2m", "bake: 8760h")) == "ok");
+    assert!(problems(&GOOD.replace("bake: 2m", "bake: 8761h")).contains("longer"));
+}
+
+#[test]
+fn intervals_and_waits_have_sane_bounds() {
+    for (from, to, want) in [
+        (
+            "interval: 1s",
+            "interval: 0.000001ms",
+            "spec.schedule.interval: 1ns is outside 100ms to 1h",
+        ),
+        (
+            "interval: 1s",
+            "interval: 0",
+            "spec.schedule.interval: 0ns is outside",
+        ),
+        (
+            "interval: 1s",
+            "interval: 99ms",
+            "spec.schedule.interval: 99ms is outside",
+        ),
+        (
+            "interval: 1s",
+            "interval: 2h",
+            "spec.schedule.interval: 7200s is outside",
+        ),
+        (
+            r#"endpoints: ["http://127.0.0.1:9901"]"#,
+            r#"endpoints: ["http://127.0.0.1:9901"], timeout: 0s"#,
+            "spec.sources[0].envoyAdmin.timeout: 0ns must be positive",
+        ),
+        (
+            "proxies: [\"http://127.0.0.1:9901\"]",
+            "proxies: [\"http://127.0.0.1:9901\"]\n        confirmWithin: 2h",
+            "spec.sinks[0].ecdsFile.confirmWithin: 7200s must be positive and at most 1h",
+        ),
+    ] {
+        let got = problems(&GOOD.replace(from, to));
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+    assert_eq!(
+        problems(&GOOD.replace("interval: 1s", "interval: 100ms")),
+        "ok"
+    );
+}
+
+#[test]
+fn type_errors_name_the_field_path_in_plain_words() {
+    let cases = [
+        (
+            GOOD.replace("{name: canary, weight: 0}", "{name: canary, weight: \"x\"}"),
+            "spec.experiment.variants[1].weight: expected a number, found string \"x\"",
+        ),
+        (
+            GOOD.replace("stages: [1, {weight: 10, bake: 30s}, 100]", "stages: [1, \"x\"]"),
+            "spec.schedule.stages[1]: expected a weight in percent, or {weight, bake}, found string \"x\"",
+        ),
+        (
+            GOOD.replace("{weight: 10, bake: 30s}", "{weight: 10, bake: [1]}"),
+            "spec.schedule.stages[1].bake: expected a duration like 30s, 10m, 500ms, or a number of seconds, found sequence",
+        ),
+        (
+            GOOD.replace("{weight: 10, bake: 30s}", "{weight: ten}"),
+            "spec.schedule.stages[1].weight: expected a number, found string \"ten\"",
+        ),
+        (
+            GOOD.replace("  sources:", "  guardrails: {minRequests: -1}\n  sources:"),
+            "spec.guardrails.minRequests: expected a whole number, at least 0, found integer `-1`",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = problems(&text);
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+        assert!(!got.contains("column"), "{got}");
+    }
+}
+
+#[test]
+fn a_byte_order_mark_is_read_and_an_empty_file_refused() {
+    assert_eq!(problems(&format!("\u{feff}{GOOD}")), "ok");
+    assert_eq!(problems(""), "(document): the document is empty");
+    assert_eq!(problems("# nothing\n"), "(document): the document is empty");
+}
+
+#[test]
+fn one_hundred_thousand_business_outcomes_validate_in_linear_time() {
+    let business: Vec<String> = (0..100_000).map(|i| format!("{{outcome: o{i}}}")).collect();
+    let text = GOOD.replace(
+        "  sources:",
+        &format!(
+            "  guardrails:\n    business: [{}]\n  sources:",
+            business.join(", ")
+        ),
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(problems(&text), "ok");
+    // Checking each entry against every earlier one took minutes in a debug build.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+mod fuzz {
+    //! `Rollout::parse` under hostile input: an answer (a checked spec or problems with their
+    //! paths) for anything, never a panic; an accepted spec renders at every stage.
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    const KEYS: &[&str] = &[
+        "apiVersion",
+        "kind",
+        "metadata",
+        "name",
+        "spec",
+        "experiment",
+        "treatment",
+        "schedule",
+        "stages",
+        "weight",
+        "bake",
+        "warmup",
+        "interval",
+        "shadow",
+        "duration",
+        "guardrails",
+        "sources",
+        "envoyAdmin",
+        "endpoints",
+        "minHealthy",
+        "timeout",
+        "prometheus",
+        "url",
+        "maxAge",
+        "sinks",
+        "ecdsFile",
+        "path",
+        "resource",
+        "wasm",
+        "filename",
+        "proxies",
+        "confirmWithin",
+        "notifications",
+        "webhook",
+        "format",
+        "caFile",
+        "variants",
+        "control",
+        "alpha",
+        "business",
+        "outcome",
+        "errorRate",
+        "margin",
+        "relative",
+        "ceiling",
+    ];
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            prop::sample::select(vec![
+                -1.0,
+                0.0,
+                1e-9,
+                0.5,
+                99.99,
+                100.0,
+                1e15,
+                1.8e19,
+                1e300,
+                f64::MAX,
+            ])
+            .prop_map(Value::from),
+            prop::sample::select(vec![
+                "",
+                "1e300s",
+                "100000000000000000000s",
+                "0.000001ms",
+                "1.5m",
+                "99999999h",
+                "10x",
+                "-1s",
+                ".",
+                "5",
+                "https://x",
+                "http://127.0.0.1:1",
+                "canary",
+                "stable",
+                "slack",
+                "json",
+            ])
+            .prop_map(|s| Value::String(s.into())),
+            "\\PC{0,12}".prop_map(Value::String),
+        ]
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((prop::sample::select(KEYS), inner), 0..4).prop_map(|kv| {
+                    Value::Object(
+                        kv.into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect::<Map<_, _>>(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => m
+                .iter()
+                .for_each(|(k, c)| pointers(c, format!("{at}/{k}"), out)),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, c)| pointers(c, format!("{at}/{i}"), out)),
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    fn good() -> Value {
+        crate::yaml::to_value(GOOD).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// Parses, and for an accepted spec renders every stage and prints every duration.
+    fn exercise(text: &str) {
+        if let Ok(c) = Rollout::parse(text) {
+            for s in &c.stages {
+                assert!(c.render(s.weight).is_ok());
+                let _ = format_duration(s.bake);
+            }
+            let _ = serde_json::to_string(&c.rollout);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_mutated_spec_never_panics(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<bool>(), prop::sample::select(KEYS), any_json()), 1..4)
+        ) {
+            let mut doc = good();
+            for (pick, insert, key, value) in edits {
+                let mut all = Vec::new();
+                pointers(&doc, String::new(), &mut all);
+                let at = pick.get(&all).clone();
+                match doc.pointer_mut(&at) {
+                    Some(Value::Object(m)) if insert => { m.insert(key.to_string(), value); }
+                    Some(n) => *n = value,
+                    None => {}
+                }
+            }
+            exercise(&serde_json::to_string(&doc).unwrap_or_default());
+        }
+
+        #[test]
+        fn cut_or_spliced_yaml_never_panics(cut in 0usize..700, splice in "[\\[\\]{}:,\\-#&*!|>'\" \n\\PC]{0,6}") {
+            let cut = (0..=cut.min(GOOD.len())).rev().find(|&i| GOOD.is_char_boundary(i)).unwrap_or(0);
+            exercise(&format!("{}{splice}{}", &GOOD[..cut], &GOOD[cut..]));
+            exercise(&GOOD[..cut]);
+        }
+    }
+}
