@@ -616,12 +616,12 @@ async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<(
 }
 
 /// Answers the comparison reads (600 KB, under `max_body_bytes`) with `max_bytes_in_flight`
-/// at 2 MiB: what the filter holds never exceeds the cap, copies over it are skipped with
+/// at 4 MiB: what the filter holds never exceeds the cap, copies over it are skipped with
 /// their reason, and everything taken ends in one fate.
 #[tokio::test]
 async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
     const SIZE: usize = 600 * 1024;
-    const CAP: f64 = 2.0 * 1024.0 * 1024.0;
+    const CAP: f64 = 4.0 * 1024.0 * 1024.0;
     let body = bytes::Bytes::from(vec![b'y'; SIZE]);
     let b2 = body.clone();
     let primary = Upstream::start("primary", move |_req: &Request| {
@@ -639,7 +639,7 @@ async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
     let envoy = start(
         &config(
             json!({"cluster": "shadow", "sample_percent": 100, "max_in_flight": 1000,
-                       "max_body_bytes": 1048576, "max_bytes_in_flight": 2097152}),
+                       "max_body_bytes": 1048576, "max_bytes_in_flight": 4194304}),
         ),
         &primary,
         shadow.port(),
