@@ -281,3 +281,111 @@ impl Source for Prometheus {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    /// A stand-in Prometheus API answering the source's queries: the experiment's series
+    /// (with `value` as the canary's requests), the identity gauges and their times.
+    async fn prometheus(value: &'static str) -> String {
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            panic!("no loopback listener");
+        };
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let query = String::from_utf8_lossy(&body).replace("%5F", "_");
+                            let now = SystemTime::now()
+                                .duration_since(UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .as_secs_f64();
+                            let instance = r#""job":"envoy","instance":"e1:9901""#;
+                            let result = if query.contains("timestamp") {
+                                format!(
+                                    r#"[{{"metric":{{{instance}}},"value":[{now},"{now}"]}},{{"metric":{{"job":"envoy","instance":"e1:9901","experiment":"p","variant":"canary"}},"value":[{now},"{now}"]}}]"#
+                                )
+                            } else if query.contains("envoy_server") {
+                                format!(
+                                    r#"[{{"metric":{{"__name__":"envoy_server_uptime",{instance}}},"value":[{now},"120"]}},{{"metric":{{"__name__":"envoy_server_hot_restart_epoch",{instance}}},"value":[{now},"0"]}}]"#
+                                )
+                            } else {
+                                format!(
+                                    r#"[{{"metric":{{"__name__":"sluice_requests_total","experiment":"p","variant":"canary",{instance}}},"value":[{now},"{value}"]}},{{"metric":{{"__name__":"sluice_requests_total","experiment":"p","variant":"other",{instance}}},"value":[{now},"3"]}},{{"metric":{{"__name__":"sluice_missing_key_total","experiment":"p",{instance}}},"value":[{now},"1"]}}]"#
+                                )
+                            };
+                            let text = format!(
+                                r#"{{"status":"success","data":{{"resultType":"vector","result":{result}}}}}"#
+                            );
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from(text),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn instances_tell_their_identity_and_unknown_variants_are_counted() {
+        let url = prometheus("40").await;
+        let source = Prometheus::new(&url, Duration::from_secs(2), Duration::from_secs(30))
+            .variants(&["stable".into(), "canary".into()]);
+        let scrape = source.scrape("p").await.unwrap_or_default();
+        let [origin] = scrape.as_slice() else {
+            panic!("one instance expected: {scrape:?}");
+        };
+        assert_eq!(&*origin.origin, "envoy/e1:9901");
+        assert_eq!(
+            origin.values.len(),
+            2,
+            "the canary and the experiment-wide series"
+        );
+        assert_eq!(origin.unknown, 1, "variant `other` is counted, not kept");
+        assert_eq!(origin.identity.map(|i| i.uptime), Some(120.0));
+    }
+
+    #[tokio::test]
+    async fn values_that_are_not_counts_are_errors() {
+        for bad in ["NaN", "+Inf", "-Inf"] {
+            let url = prometheus(bad).await;
+            let source = Prometheus::new(&url, Duration::from_secs(2), Duration::from_secs(30));
+            let err = source.scrape("p").await.err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains("is not a count")),
+                "{bad}: {err:?}"
+            );
+        }
+        let url = prometheus("5").await;
+        let small = Limits {
+            max_series: 100,
+            max_body_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let source =
+            Prometheus::new(&url, Duration::from_secs(2), Duration::from_secs(30)).limits(small);
+        assert!(source.scrape("p").await.is_ok());
+    }
+}

@@ -60,6 +60,9 @@ pub struct Head {
 /// (docs/benchmarks.md, "Controller cost").
 const READ_BUFFER: usize = 16 << 10;
 
+/// Reads of one body between yields to the runtime (256 KiB; Envoy's answers are far smaller).
+const YIELD_EVERY: u32 = 16;
+
 /// Header lines read in an answer's head (Envoy's admin writes about six).
 const MAX_HEADERS: usize = 32;
 
@@ -309,6 +312,7 @@ impl Conn {
         &mut self,
         data: &mut impl FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<(), String> {
+        let mut reads = 0u32;
         loop {
             let input = &self.buf[self.start..self.end];
             let (used, done) = match &mut self.body {
@@ -343,6 +347,13 @@ impl Conn {
                     self.drop_connection();
                 }
                 return Ok(());
+            }
+            // A big answer whose bytes keep arriving is parsed a few hundred KiB at a time,
+            // letting the other tasks of the daemon's one thread (the HTTP endpoint, signals)
+            // run in between: a socket that is always ready yields only after 128 reads.
+            reads += 1;
+            if reads.is_multiple_of(YIELD_EVERY) {
+                tokio::task::yield_now().await;
             }
             // Every byte buffered was used (a body never leaves a partial run), so the
             // whole buffer is free.
