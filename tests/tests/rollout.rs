@@ -1164,6 +1164,10 @@ async fn idle_connections_cannot_exhaust_the_daemons_descriptors() -> anyhow::Re
     exited(&mut child, PROMOTED, Duration::from_secs(120), &run).await?;
     drop(idle);
     traffic.stop().await;
+    eprintln!(
+        "{} idle connections: at most {most} descriptors open, /status answered after {answered:?}",
+        300
+    );
     assert!(most < LIMIT, "{most} descriptors open");
     assert_eq!(run.state()["phase"]["phase"], "promoted");
     Ok(())
