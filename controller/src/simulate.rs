@@ -84,7 +84,7 @@ pub const SCENARIOS: [&str; 12] = [
 ];
 
 /// Replicate groups the filter exports per variant (`sluice_filter::metrics::REPLICATES`).
-pub const REPLICATES: usize = 16;
+pub const REPLICATES: usize = 32;
 
 /// Per-user traffic: every user keeps the variant their key hashes to, and users differ in
 /// activity (requests per second log-normal with this σ on the log scale, mean fixed).

@@ -216,7 +216,7 @@ impl Snapshot {
                 "sluice_outcomes_total" => *c.outcomes.entry(label("outcome")).or_default() += n,
                 "sluice_exposures_total" => *c.exposures.get_or_insert(0) += n,
                 "sluice_replicate_requests_total" => {
-                    // Replicates are numbered 0..16 by the filter; anything else is not ours.
+                    // The filter numbers its 32 groups from 0; a label beyond the cap is not ours.
                     if let Some(r) = key
                         .label("replicate")
                         .and_then(|r| r.parse::<usize>().ok())
@@ -272,7 +272,7 @@ impl Snapshot {
     }
 }
 
-/// Most replicate groups a snapshot may carry (the filter exports 16).
+/// Most replicate groups a snapshot may carry (the filter exports 32).
 pub const MAX_REPLICATES: usize = 256;
 
 /// Which part of histogram `base` a series name is.

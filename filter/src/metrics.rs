@@ -12,14 +12,14 @@ use crate::shadow::{FieldKind, Shadow};
 
 /// Requests assigned to a variant (QA overrides excluded).
 pub const REQUESTS: &str = "sluice_requests_total";
-/// Keyed requests of a per-user experiment by replicate group; label `replicate` = `0`..`15`
+/// Keyed requests of a per-user experiment by replicate group; label `replicate` = `0`..`31`
 /// ([`REPLICATES`] groups, from hash bits the bucket does not use: see
 /// `assignment::replicate_of`). Each group is a disjoint random set of users, so the spread
 /// of a variant's share across groups measures how much per-user assignment makes request
 /// counts vary; the controller's sample-ratio test needs it.
 pub const REPLICATE_REQUESTS: &str = "sluice_replicate_requests_total";
 /// Replicate groups of [`REPLICATE_REQUESTS`].
-pub const REPLICATES: usize = 16;
+pub const REPLICATES: usize = 32;
 /// Responses by status class; label `class` = `1xx`..`5xx`.
 pub const RESPONSES: &str = "sluice_responses_total";
 /// Responses Envoy generated itself (no route, upstream unreachable, reset, timeout, ...).

@@ -154,10 +154,10 @@ pub fn ln_srm_e_value(counts: &[u64], expected: &[f64], concentration: f64) -> f
 /// the users' activity, so their spread estimates the variance of D = Σ D_r (the random-groups
 /// variance estimator, Wolter 2007, "Introduction to Variance Estimation", ch. 2). That
 /// estimate has R − 1 degrees of freedom; the binomial variance w(1 − w)·n is a floor (a user
-/// with k requests adds k² ≥ k to the variance), and the degrees of freedom of their maximum
-/// follow Satterthwaite's rule. The studentised D is mapped to the normal quantile with the
-/// same tail probability, and a two-sided normal mixture on the share (precision `rho`) turns
-/// it into an e-value that can be checked at every look, as the other guardrails do.
+/// with k requests adds k² ≥ k to the variance). The studentised D is mapped to the normal
+/// quantile with the same tail probability under Student's t with R − 1 degrees of freedom,
+/// and a two-sided normal mixture on the share (precision `rho`) turns it into an e-value that
+/// can be checked at every look, as the other guardrails do.
 ///
 /// Returns ln E, the share's deviation D/n, and the design effect (estimated variance over
 /// the binomial one).
@@ -187,16 +187,14 @@ pub fn ln_replicate_e_value(own: &[u64], all: &[u64], w: f64, rho: f64) -> (f64,
     let binomial = w * (1.0 - w) * n;
     let var = spread.max(binomial);
     let effect = spread / binomial;
-    let df = if effect <= 1.0 {
-        f64::INFINITY
-    } else {
-        (k - 1.0) * (effect / (effect - 1.0)).powi(2)
-    };
+    // The groups' estimate has k − 1 degrees of freedom; taking the larger of it and the
+    // binomial floor only makes the studentised D smaller, so Student's t with k − 1 degrees
+    // of freedom bounds its tails whatever the users do.
     let t = d / var.sqrt();
-    let z = if df.is_finite() && df < 1e6 {
+    let z = {
         use statrs::distribution::{ContinuousCDF, StudentsT};
-        match StudentsT::new(0.0, 1.0, df) {
-            // Upper tail of |t| mapped to the normal's (ln scale, so far tails keep their size).
+        match StudentsT::new(0.0, 1.0, k - 1.0) {
+            // The upper tail of |t| mapped to the normal's.
             Ok(dist) => {
                 let tail = dist.sf(t.abs());
                 if tail > 0.0 {
@@ -207,8 +205,6 @@ pub fn ln_replicate_e_value(own: &[u64], all: &[u64], w: f64, rho: f64) -> (f64,
             }
             Err(_) => t,
         }
-    } else {
-        t
     };
     // Share scale: θ̂ = D/n with information I = n²/var; S = z·√I.
     let info = n * n / var;
