@@ -246,6 +246,8 @@ struct OriginState {
     broken: Option<String>,
     /// Whether the lack of an identity was logged.
     warned: bool,
+    /// Whether series not kept were logged.
+    warned_unknown: bool,
 }
 
 /// How an origin's new answer relates to its last one.
@@ -437,6 +439,10 @@ impl Accumulator {
                             }
                         }
                     }
+                }
+                if scrape.unknown > 0 && !state.warned_unknown {
+                    state.warned_unknown = true;
+                    tracing::warn!(origin = %scrape.origin, series = scrape.unknown, "the origin writes series of variants the experiment does not have, or with labels the filter does not write: counted, not kept");
                 }
                 if scrape.identity.is_none() && !state.warned {
                     state.warned = true;

@@ -162,17 +162,18 @@ impl EndpointState {
         match self.wanted.iter_mut().find(|w| w.id == id) {
             Some(w) => {
                 w.until = w.until.max(until);
-                if w.variants != reader.variants {
-                    // Rollouts of one experiment that name other variants: keep all of them.
-                    w.variants = match (&w.variants, &reader.variants) {
-                        (Some(a), Some(b)) => {
-                            let mut all: Vec<String> = a.iter().chain(b.iter()).cloned().collect();
-                            all.sort();
-                            all.dedup();
-                            Some(all.into())
-                        }
-                        _ => None,
-                    };
+                // Rollouts of one experiment that name other variants: keep all of them (the
+                // first comparison settles the common case, the rollout that added it).
+                match (&w.variants, &reader.variants) {
+                    (None, _) => {}
+                    (Some(a), Some(b)) if Arc::ptr_eq(a, b) || b.iter().all(|v| a.contains(v)) => {}
+                    (Some(a), Some(b)) => {
+                        let mut all: Vec<String> = a.iter().chain(b.iter()).cloned().collect();
+                        all.sort();
+                        all.dedup();
+                        w.variants = Some(all.into());
+                    }
+                    (Some(_), None) => w.variants = None,
                 }
             }
             None => {
@@ -444,16 +445,21 @@ async fn read_answer(
     let format = match head.content_type.as_deref() {
         None => Format::Text,
         Some(t) => {
-            let t = t.trim_start().to_ascii_lowercase();
-            if !(t.starts_with("text/plain")
-                || t.starts_with("application/openmetrics-text")
-                || t.starts_with("application/vnd.google.protobuf"))
-            {
+            let t = t.trim_start();
+            let is = |prefix: &str| {
+                t.as_bytes()
+                    .get(..prefix.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+            };
+            if is("application/vnd.google.protobuf") {
+                Format::Protobuf
+            } else if is("text/plain") || is("application/openmetrics-text") {
+                Format::Text
+            } else {
                 return Err(ReadError::invalid(format!(
                     "the answer is {t:?}, not a Prometheus exposition: is this an Envoy admin address?"
                 )));
             }
-            Format::of_content_type(&t)
         }
     };
     let mut reader = exposition::AnyReader::with(format, "sluice_", slots, caps, admit);

@@ -726,4 +726,31 @@ odd{a="x\"y\\z\n",b=""} 1.5e3 1700000000000
         read_into(&again, &mut b);
         assert!(a.shares(&b));
     }
+
+    #[test]
+    fn the_proxys_identity_gauges_are_noted_and_other_text_is_refused() {
+        let text = "# TYPE envoy_server_uptime gauge\nenvoy_server_uptime{} 12\nenvoy_server_hot_restart_epoch 1\nsluice_requests_total{experiment=\"id\",variant=\"a\"} 3\n";
+        let mut slots = Slots::default();
+        let mut reader = Reader::new("sluice_", &mut slots);
+        let mut seen = Vec::new();
+        let mut each = |_: &Slot, v: f64| seen.push(v);
+        let fed = reader.feed(text.as_bytes(), &mut each);
+        let tally = fed.and_then(|()| reader.finish(&mut each));
+        let Ok(tally) = tally else {
+            panic!("{tally:?}");
+        };
+        assert_eq!(
+            (tally.uptime, tally.hot_restart_epoch),
+            (Some(12.0), Some(1.0))
+        );
+        assert_eq!((tally.kept, seen), (1, vec![3.0]));
+        for bad in ["<!DOCTYPE html>", "hello world", "{\"status\":\"ok\"}"] {
+            let mut slots = Slots::default();
+            let got = read(bad, "sluice_", &mut slots, |_, _| {}).map_err(|e| e.to_string());
+            assert!(
+                matches!(&got, Err(e) if e.contains("not a Prometheus sample")),
+                "{bad}: {got:?}"
+            );
+        }
+    }
 }
