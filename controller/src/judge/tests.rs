@@ -796,12 +796,9 @@ fn one_look(canary: (u64, u64), control: (u64, u64)) -> Evaluation {
     let mut first = snapshot(0.0, 1.0, 0, 0, SAME);
     let mut second = snapshot(600.0, 1.0, 0, 0, SAME);
     for s in [&mut first, &mut second] {
-        s.variants
-            .get_mut("canary")
-            .map(|c| *c = Counters::default());
-        s.variants
-            .get_mut("control")
-            .map(|c| *c = Counters::default());
+        for c in s.variants.values_mut() {
+            *c = Counters::default();
+        }
     }
     second
         .variants

@@ -127,7 +127,7 @@ impl Rng {
     /// Poisson(mean), exact: Gamma splitting for large means (the m-th arrival time of a
     /// unit-rate process is Gamma(m); Knuth, TAOCP vol. 2, 3.4.1), inversion for small ones.
     pub fn poisson(&mut self, mean: f64) -> u64 {
-        if !(mean > 0.0) {
+        if mean.is_nan() || mean <= 0.0 {
             return 0;
         }
         if mean < 16.0 {

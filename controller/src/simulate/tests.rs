@@ -77,3 +77,24 @@ fn every_scenario_is_known() {
     }
     assert!(scenario("nope", 200.0).is_err());
 }
+
+#[test]
+fn users_that_keep_their_variant_do_not_halt_a_healthy_rollout() {
+    // 20,000 users with heavy-tailed activity (σ = 1): taken request by request their counts
+    // look skewed in many rollouts; the replicate groups see the users' own noise.
+    let mut s = short(Traffic::default(), false);
+    s.users = Some(Users {
+        count: 20_000,
+        sigma: 1.0,
+    });
+    let sum = run_scenario(&s, 4, 60, 42, 2);
+    assert!(sum.halt_rate <= 0.02, "{sum:?}");
+    s.replicates = 0;
+    let requests = run_scenario(&s, 4, 60, 42, 2);
+    assert!(requests.halt_rate >= 0.2, "{requests:?}");
+    // A skew of the users themselves, far beyond their noise, is still found.
+    s.replicates = REPLICATES;
+    s.skew = 5.0;
+    let skewed = run_scenario(&s, 5, 20, 42, 2);
+    assert!(skewed.halt_rate >= 0.9, "{skewed:?}");
+}
