@@ -174,6 +174,19 @@ pub struct Catalog {
     pub shadow_bytes_in_flight: Option<usize>,
 }
 
+/// Every label a metric name carries. An Envoy bootstrap needs one `stats_tags` entry per
+/// label (see `envoy/ecds.yaml`), and the controller keeps only series with these labels.
+pub const LABELS: [&str; 8] = [
+    "experiment",
+    "variant",
+    "class",
+    "outcome",
+    "field",
+    "sign",
+    "reason",
+    "replicate",
+];
+
 /// `base` with `labels` encoded for Envoy's tag extraction.
 pub fn name(base: &str, labels: &[(&str, &str)]) -> String {
     let mut s = String::from(base);
@@ -400,5 +413,53 @@ mod tests {
             name(REQUESTS, &[("experiment", "exp1"), ("variant", "canary")]),
             "sluice_requests_total.experiment.=.exp1;.variant.=.canary;"
         );
+    }
+
+    /// The labels of every metric a full configuration defines, as encoded in its name.
+    fn labels_of(name: &str) -> Vec<&str> {
+        name.split(';')
+            .filter_map(|part| part.rsplit_once(".=.").map(|(k, _)| k))
+            .filter_map(|k| k.rsplit('.').next())
+            .collect()
+    }
+
+    #[test]
+    fn every_label_is_listed_and_has_a_stats_tag_in_the_shipped_bootstraps() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("```json\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .unwrap_or_default();
+        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
+            unreachable!("the README example is valid (config tests)")
+        };
+        let catalog = Catalog::for_plan(&plan);
+        let mut used: Vec<&str> = catalog
+            .specs
+            .iter()
+            .flat_map(|s| labels_of(&s.name))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        for label in &used {
+            assert!(LABELS.contains(label), "label {label} missing from LABELS");
+        }
+        for (path, bootstrap) in [
+            ("envoy/ecds.yaml", include_str!("../../envoy/ecds.yaml")),
+            ("envoy/demo.yaml", include_str!("../../envoy/demo.yaml")),
+            (
+                "envoy/demo-rollout.yaml",
+                include_str!("../../envoy/demo-rollout.yaml"),
+            ),
+            ("README.md", include_str!("../../README.md")),
+        ] {
+            for label in LABELS {
+                assert!(
+                    bootstrap.contains(&format!("tag_name: {label}")),
+                    "{path} has no stats_tag for {label}"
+                );
+            }
+        }
     }
 }

@@ -79,19 +79,11 @@ struct Wanted {
     until: Instant,
 }
 
-/// Labels the filter's series carry: the tags of the bootstrap's `stats_tags`
-/// (envoy/ecds.yaml) and a histogram's `le`. A series with any other label is not one the
-/// filter wrote (Envoy makes labels only from those tags), so it is counted, not kept.
-const FILTER_LABELS: [&str; 8] = [
-    "experiment",
-    "variant",
-    "class",
-    "outcome",
-    "field",
-    "sign",
-    "reason",
-    "le",
-];
+/// A histogram's bucket label, the one label of the filter's series that Envoy adds itself.
+/// The others are [`sluice_filter::metrics::LABELS`]: Envoy makes labels only from the
+/// bootstrap's `stats_tags`, so a series with any other label is not one the filter wrote; it is
+/// counted, not kept.
+const BUCKET_LABEL: &str = "le";
 
 /// Which new series of an answer are kept: those of an experiment asked for, of one of its
 /// variants (or of the experiment as a whole), with the filter's labels only.
@@ -110,7 +102,7 @@ fn admission(wanted: &[Wanted], key: &SeriesKey) -> Admission {
         && key
             .labels
             .iter()
-            .all(|(k, _)| FILTER_LABELS.contains(&k.as_str()))
+            .all(|(k, _)| k == BUCKET_LABEL || sluice_filter::metrics::LABELS.contains(&k.as_str()))
     {
         Admission::Keep
     } else {
@@ -989,6 +981,11 @@ mod tests {
         let body: String = ["stable", "canary"]
             .iter()
             .map(|v| format!("sluice_requests_total{{experiment=\"own\",variant=\"{v}\"}} 7\n"))
+            // Every label the filter writes is kept (the replicate groups of the split test).
+            .chain(std::iter::once(
+                "sluice_replicate_requests_total{experiment=\"own\",variant=\"canary\",replicate=\"3\"} 2\n"
+                    .to_string(),
+            ))
             .chain((0..5000).map(|i| {
                 format!("sluice_requests_total{{experiment=\"own\",variant=\"new{i}\"}} 1\n")
             }))
@@ -1000,7 +997,7 @@ mod tests {
         let [origin] = scrape.as_slice() else {
             panic!("one origin expected: {scrape:?}");
         };
-        assert_eq!((origin.values.len(), origin.unknown), (2, 5000));
+        assert_eq!((origin.values.len(), origin.unknown), (3, 5000));
         // Other tests intern series concurrently, but far fewer than the 5000 left out.
         assert!(series::interned() < before + 1000);
     }
