@@ -22,6 +22,7 @@ use crate::source::prometheus::Prometheus;
 use crate::source::{Accumulator, OriginScrape, Reading, Source, SourceError};
 use crate::spec::{Checked, SinkSpec, SourceSpec};
 use crate::store::Store;
+use sluice_filter::metrics;
 
 /// The runtime the daemon runs on: one thread for every rollout (file writes that wait for
 /// the disk go to blocking threads, see [`crate::durable::off_thread`]).
@@ -185,15 +186,31 @@ impl Sink for AnySink {
     }
 }
 
-/// `sluice_requests_total` of `experiment` per variant.
-fn observed_requests(reading: &Reading, experiment: &str) -> BTreeMap<String, u64> {
+/// `metric` of `experiment` per variant.
+fn per_variant(reading: &Reading, metric: &str, experiment: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (k, v) in &reading.series {
-        if k.name == "sluice_requests_total" && k.label("experiment") == Some(experiment) {
+        if k.name == metric && k.label("experiment") == Some(experiment) {
             if let Some(variant) = k.label("variant") {
                 *out.entry(variant.to_string()).or_insert(0) += *v as u64;
             }
         }
+    }
+    out
+}
+
+/// Requests of `experiment` per variant (`sluice_requests_total`).
+fn observed_requests(reading: &Reading, experiment: &str) -> BTreeMap<String, u64> {
+    per_variant(reading, metrics::REQUESTS, experiment)
+}
+
+/// Requests that carried a user key, per variant: the ones the weights split. Keyless requests
+/// go where `unit.missing` sends them (the control by default), whatever the weights.
+fn keyed_requests(reading: &Reading, experiment: &str) -> BTreeMap<String, u64> {
+    let keyless = per_variant(reading, metrics::MISSING_KEY, experiment);
+    let mut out = observed_requests(reading, experiment);
+    for (variant, n) in &mut out {
+        *n = n.saturating_sub(keyless.get(variant).copied().unwrap_or(0));
     }
     out
 }
@@ -450,6 +467,9 @@ where
             status_tx,
             accumulator: Accumulator::default(),
             split_base: None,
+            keyed: BTreeMap::new(),
+            split_repushed: None,
+            split_hold: None,
             unverified: None,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
@@ -474,6 +494,13 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     /// Requests per variant counted when the evidence of the confirmed `version` began (after
     /// its warm-up): the observed split is measured from there.
     split_base: Option<(u64, BTreeMap<String, u64>)>,
+    /// Keyed requests per variant at the last evaluation.
+    keyed: BTreeMap<String, u64>,
+    /// The version pushed again because the observed split differed from the state's weight.
+    split_repushed: Option<u64>,
+    /// The split still differs although that push was confirmed: pushing again cannot help,
+    /// so the rollout holds until it matches.
+    split_hold: Option<String>,
     /// Why the last check of what the proxies serve could not be made, if it could not.
     unverified: Option<String>,
 }
@@ -489,14 +516,24 @@ const SPLIT_MIN_REQUESTS: u64 = 200;
 /// test's to halt on, not a reason to push again.
 const SPLIT_BAND: f64 = 0.15;
 
-/// How an observed split differs from `weight` (percent), if it differs grossly: the share of
-/// `treatment` among the requests counted since `base`.
-fn split_mismatch(
+/// How the observed split compares with the state's weight.
+#[derive(Debug, Clone, PartialEq)]
+enum Split {
+    /// Too few requests yet.
+    Unknown,
+    Matches,
+    /// Grossly different; the reason names both numbers.
+    Differs(String),
+}
+
+/// The share of `treatment` among the keyed requests counted since `base`, against `weight`
+/// (percent).
+fn split_of(
     base: &BTreeMap<String, u64>,
     now: &BTreeMap<String, u64>,
     treatment: &str,
     weight: f64,
-) -> Option<String> {
+) -> Split {
     let since = |v: &str| {
         now.get(v)
             .copied()
@@ -505,17 +542,19 @@ fn split_mismatch(
     };
     let total: u64 = now.keys().map(|v| since(v)).sum();
     if total < SPLIT_MIN_REQUESTS {
-        return None;
+        return Split::Unknown;
     }
     let share = since(treatment) as f64 / total as f64;
     let p = (weight / 100.0).clamp(0.0, 1.0);
     let sigma = (p * (1.0 - p) / total as f64).sqrt();
-    ((share - p).abs() > SPLIT_BAND + 5.0 * sigma).then(|| {
-        format!(
-            "{treatment} got {:.1} % of {total} requests since the confirmation, the state says {weight} %",
+    if (share - p).abs() > SPLIT_BAND + 5.0 * sigma {
+        Split::Differs(format!(
+            "{treatment} got {:.1} % of {total} keyed requests since the confirmation, the state says {weight} %",
             share * 100.0
-        )
-    })
+        ))
+    } else {
+        Split::Matches
+    }
 }
 
 impl<S, K, A, C> Runner<S, K, A, C>
@@ -722,6 +761,7 @@ where
         let (mut assessment, data_at) = match scraped {
             Ok(reading) => {
                 self.status.observed_requests = observed_requests(&reading, &experiment);
+                self.keyed = keyed_requests(&reading, &experiment);
                 self.status.proxy_restarts = reading.restarts;
                 diverged = self.check_split(now);
                 let ctx = Context {
@@ -752,6 +792,14 @@ where
                     reason: format!("cannot check what the proxies serve: {reason}"),
                 };
             }
+        } else if let Some(reason) = &self.split_hold {
+            if !matches!(assessment.judgement, Judgement::Fail { .. }) {
+                assessment.judgement = Judgement::Hold {
+                    reason: format!(
+                        "observed split: {reason}, although the proxies confirmed that configuration: something besides the pushed weight routes these users (a proxy or route the sink does not reach, clients that lose their key); holding until the split matches"
+                    ),
+                };
+            }
         }
         self.task
             .store
@@ -767,6 +815,7 @@ where
         if let Some(reason) = diverged {
             tracing::warn!(rollout = %self.status.name, %reason, "observed split diverged from the state");
             self.apply(Input::Drifted { reason }).await?;
+            self.split_repushed = Some(self.state.version);
         }
         self.apply(Input::Judged {
             judgement: assessment.judgement,
@@ -775,29 +824,49 @@ where
         .await
     }
 
-    /// Compares the observed split since the confirmed weight's warm-up ended with that
-    /// weight; how it differs, if grossly.
+    /// Compares the observed split of keyed requests since the confirmed weight's warm-up
+    /// ended with that weight. The first gross difference is returned, to push the weight again;
+    /// one that persists after that push was confirmed becomes a hold ([`Runner::split_hold`]),
+    /// kept until the split matches.
     fn check_split(&mut self, now: f64) -> Option<String> {
         if self.state.pending.is_some() || now < self.state.since + self.plan.warmup_secs {
             return None;
         }
-        let observed = &self.status.observed_requests;
-        match &self.split_base {
-            Some((version, base)) if *version == self.state.version => {
-                let found = split_mismatch(
-                    base,
-                    observed,
-                    &self.task.checked.treatment,
-                    self.state.weight,
-                );
-                if found.is_some() {
-                    self.split_base = None;
-                }
-                found
-            }
-            _ => {
-                self.split_base = Some((self.state.version, observed.clone()));
+        let Some((version, base)) = self
+            .split_base
+            .as_ref()
+            .filter(|(v, _)| *v == self.state.version)
+        else {
+            self.split_base = Some((self.state.version, self.keyed.clone()));
+            return None;
+        };
+        let (version, split) = (
+            *version,
+            split_of(
+                base,
+                &self.keyed,
+                &self.task.checked.treatment,
+                self.state.weight,
+            ),
+        );
+        match split {
+            Split::Unknown => None,
+            Split::Matches => {
+                self.split_hold = None;
+                self.split_repushed = None;
                 None
+            }
+            Split::Differs(reason) if self.split_repushed == Some(version) => {
+                // Measured after the confirmation of the push that should have fixed it: pushing
+                // again would not help. The next window starts here, so the hold ends as soon as
+                // fresh requests split as configured.
+                self.split_hold = Some(reason);
+                self.split_base = Some((version, self.keyed.clone()));
+                None
+            }
+            Split::Differs(reason) => {
+                self.split_base = None;
+                Some(reason)
             }
         }
     }
