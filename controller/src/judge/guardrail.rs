@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::config::{CountModel, Direction, GuardrailConfig, Margin, Per};
 use super::ledger::Ledger;
 use super::sequential::{
-    chi_square, chi_square_quantile, cs_half_width, ln_e_value, ln_replicate_e_value,
+    chi_square, chi_square_quantile, cs_half_width, ln_e_value, ln_replicate_e_value_mixed,
     ln_srm_e_value, normal_quantile, split_precision, tuned_precision, wilson,
 };
 use super::{Kind, Label, Verdict};
@@ -970,7 +970,7 @@ pub fn impossible(cfg: &GuardrailConfig, ledger: &Ledger) -> Vec<String> {
     problems
 }
 
-/// The split test on replicate groups (see [`ln_replicate_e_value`]), when every variant of
+/// The split test on replicate groups (see [`ln_replicate_e_value_mixed`]), when every variant of
 /// the stage carries the same number of them: valid when users, not requests, are assigned.
 /// Each variant with a share strictly between 0 and 1 is tested at `srm.alpha / k` (k such
 /// variants; Bonferroni); the verdict shows the canary's share.
@@ -1038,7 +1038,7 @@ fn srm_replicates(
             .map(|g| reps[i].get(g).copied().unwrap_or(0))
             .collect();
         let rho = split_precision(expected[i], level);
-        let (ln_e, _, effect) = ln_replicate_e_value(&own, &all, expected[i], rho);
+        let (ln_e, _, effect) = ln_replicate_e_value_mixed(&own, &all, expected[i], rho);
         effect_max = effect_max.max(effect);
         if worst.is_none_or(|(w, _, _)| ln_e > w) {
             worst = Some((ln_e, i, effect));
