@@ -376,14 +376,20 @@ pub enum TaskError {
 }
 
 impl Status {
-    /// The status of a rollout that is not running because of `error`.
-    pub fn stopped(name: &str, stages: Vec<f64>, error: String) -> Status {
+    /// The status of a rollout in `state`, before its first evaluation.
+    fn initial(
+        name: &str,
+        stages: Vec<f64>,
+        state: State,
+        plan: &rollout::Plan,
+        now: f64,
+    ) -> Status {
         Status {
             name: name.to_string(),
-            state: State::new(name, 0.0),
+            target_weight: state.target_weight(plan),
+            bake_left_secs: state.bake_left(plan, now),
             stages,
-            target_weight: 0.0,
-            bake_left_secs: None,
+            state,
             last_judgement: None,
             last_detail: Arc::new(serde_json::Value::Null),
             last_evaluated_at: None,
@@ -393,7 +399,21 @@ impl Status {
             proxy_restarts: 0,
             last_push_latency_secs: None,
             events: Arc::default(),
+            error: None,
+        }
+    }
+
+    /// The status of a rollout that is not running because of `error`.
+    pub fn stopped(name: &str, stages: Vec<f64>, error: String) -> Status {
+        let idle = rollout::Plan {
+            stages: Vec::new(),
+            shadow_secs: None,
+            warmup_secs: 0.0,
+            interval_secs: 0.0,
+        };
+        Status {
             error: Some(error),
+            ..Status::initial(name, stages, State::new(name, 0.0), &idle, 0.0)
         }
     }
 }
@@ -440,23 +460,8 @@ where
         }
         let restarted = loaded.is_some();
         let state = loaded.unwrap_or_else(|| State::new(&name, now));
-        let status = Status {
-            name: name.clone(),
-            target_weight: state.target_weight(&plan),
-            bake_left_secs: state.bake_left(&plan, now),
-            stages: plan.stages.iter().map(|s| s.weight).collect(),
-            state: state.clone(),
-            last_judgement: None,
-            last_detail: Arc::new(serde_json::Value::Null),
-            last_evaluated_at: None,
-            scrape_errors: 0,
-            push_errors: 0,
-            observed_requests: BTreeMap::new(),
-            proxy_restarts: 0,
-            last_push_latency_secs: None,
-            events: Arc::default(),
-            error: None,
-        };
+        let stages = plan.stages.iter().map(|s| s.weight).collect();
+        let status = Status::initial(&name, stages, state.clone(), &plan, now);
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let runner = Runner {

@@ -1274,4 +1274,4 @@ impl FilterConfig {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -425,12 +425,7 @@ mod tests {
 
     #[test]
     fn every_label_is_listed_and_has_a_stats_tag_in_the_shipped_bootstraps() {
-        let readme = include_str!("../README.md");
-        let example = readme
-            .split("```json\n")
-            .nth(1)
-            .and_then(|b| b.split("```").next())
-            .unwrap_or_default();
+        let example = crate::config::tests::readme_example();
         let Ok(plan) = Plan::from_json(example.as_bytes()) else {
             unreachable!("the README example is valid (config tests)")
         };
