@@ -14,6 +14,7 @@ fn full() -> Value {
     json!({
         "version": 1,
         "revision": "r1",
+        "secret": "fuzz-secret-0123456789",
         "experiments": [{
             "name": "ranker",
             "salt": "s1",
@@ -28,7 +29,13 @@ fn full() -> Value {
             "override": {"token": "0123456789abcdef", "header": "x-o", "token_header": "x-ot"},
             "echo": {"header": "x-served-by", "cookie": "sluice_ranker", "cookie_max_age_seconds": 60},
             "outcomes": {"header": "x-sluice-outcome", "names": ["click", "purchase"]},
-            "beacon": {"path": "/sluice/event", "param": "name"},
+            "beacon": {
+                "path": "/sluice/event",
+                "param": "name",
+                "token_cookie": "sluice_exposure",
+                "max_age_seconds": 3600,
+                "limit": {"events_per_user": 10, "window_seconds": 60, "users": 1024}
+            },
             "prediction": {"header": "x-model-score", "scale": 1000, "offset": 0},
             "shadow": {
                 "cluster": "ranker-shadow",
@@ -39,6 +46,7 @@ fn full() -> Value {
                 "timeout_ms": 1000,
                 "max_body_bytes": 65536,
                 "max_in_flight": 64,
+                "max_bytes_in_flight": 1048576,
                 "methods": ["POST"],
                 "compare": {
                     "body": true,
@@ -62,6 +70,7 @@ fn full() -> Value {
 const KEYS: &[&str] = &[
     "version",
     "revision",
+    "secret",
     "experiments",
     "name",
     "salt",
@@ -108,6 +117,15 @@ const KEYS: &[&str] = &[
     "abs_tolerance",
     "rel_tolerance",
     "log_per_minute",
+    "max_bytes_in_flight",
+    "token_param",
+    "token_cookie",
+    "max_age_seconds",
+    "allow_get",
+    "limit",
+    "events_per_user",
+    "window_seconds",
+    "users",
     "user",
     "request",
     "switchback",
@@ -353,32 +371,33 @@ fn deep_nesting_is_an_error() {
     assert!(Plan::from_json(deep.as_bytes()).is_err());
 }
 
-/// Time to validate a config whose lists hold `n` entries (accepted or refused: either way it
-/// must be answered in time linear in `n`).
-fn validate_time(outcomes: usize, variants: usize) -> std::time::Duration {
+/// A config whose lists hold `outcomes` outcome names and `variants` more variants.
+fn with_lists(outcomes: usize, variants: usize) -> Vec<u8> {
     let mut doc = full();
-    doc["experiments"][0]["outcomes"]["names"] =
-        Value::from((0..outcomes).map(|i| format!("o{i}")).collect::<Vec<_>>());
+    if outcomes > 0 {
+        doc["experiments"][0]["outcomes"]["names"] =
+            Value::from((0..outcomes).map(|i| format!("o{i}")).collect::<Vec<_>>());
+    }
     let vs = &mut doc["experiments"][1]["variants"];
     if let Value::Array(a) = vs {
         a.extend((0..variants).map(|i| json!({"name": format!("v{i}"), "weight": 0})));
     }
-    let bytes = serde_json::to_vec(&doc).unwrap_or_default();
-    let started = std::time::Instant::now();
-    let _ = Plan::from_json(&bytes);
-    started.elapsed()
+    serde_json::to_vec(&doc).unwrap_or_default()
 }
 
-/// 100,000 outcome names or variants: answered in well under a second per list even in a
-/// debug build (a check against every earlier entry took minutes).
+/// 100,000 outcome names or variants are refused by the documented caps, naming the list (a
+/// check of every entry against every earlier one took minutes on such lists; the time is in
+/// docs/benchmarks.md, not asserted here).
 #[test]
-fn validation_is_linear_in_list_sizes() {
-    for (outcomes, variants) in [(100_000, 0), (0, 100_000)] {
-        let took = validate_time(outcomes, variants);
-        assert!(
-            took < std::time::Duration::from_secs(3),
-            "{outcomes} outcomes, {variants} variants: {took:?}"
-        );
+fn huge_lists_are_refused_by_their_caps() {
+    for (outcomes, variants, field) in [
+        (100_000, 0, "experiments[0].outcomes.names"),
+        (0, 100_000, "experiments[1].variants"),
+    ] {
+        match Plan::from_json(&with_lists(outcomes, variants)) {
+            Ok(_) => unreachable!("{field}: accepted a list of 100,000"),
+            Err(e) => assert!(e.to_string().contains(field), "{field}: {e}"),
+        }
     }
 }
 
@@ -397,6 +416,7 @@ fn reservations_past_u32_are_refused() {
     let bytes = serde_json::to_vec(&doc).unwrap_or_default();
     match Plan::from_json(&bytes) {
         Ok(_) => unreachable!("accepted reservations of 43,000,000 %"),
-        Err(e) => assert!(e.to_string().contains("max_weight"), "{e}"),
+        // Refused by the cap on variants before their reservations are summed.
+        Err(e) => assert!(e.to_string().contains("experiments[1].variants"), "{e}"),
     }
 }

@@ -37,14 +37,12 @@ fn syntax_errors_come_from_serde_yaml() {
     }
 }
 
-/// Deeply nested flow collections cost libyaml time quadratic in their depth; refused at the
-/// bound, a 250 KB document of them is read in well under a second even in a debug build.
+/// Deeply nested flow collections cost libyaml time quadratic in their depth: a 250 KB
+/// document of them is refused at the depth bound, before serde_yaml reads it (the time is
+/// measured in docs/benchmarks.md, not asserted here).
 #[test]
-fn deep_flow_nesting_is_refused_in_linear_time() {
+fn deep_flow_nesting_is_refused() {
     let n = 250_000 / 4;
     let text = "{a: ".repeat(n) + &"}".repeat(n);
-    let started = std::time::Instant::now();
     assert!(matches!(to_value(&text), Err(YamlError::TooDeep { .. })));
-    let took = started.elapsed();
-    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
 }
