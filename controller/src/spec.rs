@@ -604,6 +604,36 @@ fn seconds(secs: f64, shown: &str) -> Result<Duration, String> {
     }
 }
 
+/// `sluice check`: a filter configuration (JSON) validated as the filter does, but with type
+/// errors named by field path (`experiments[0].variants[1].weight: expected a number, ...`)
+/// where the filter's own parser can only give a line and column.
+pub fn check_filter_config(text: &str) -> Result<Plan, String> {
+    let text = crate::yaml::strip_bom(text);
+    if text.trim().is_empty() {
+        return Err(crate::yaml::YamlError::Empty.to_string());
+    }
+    let describe = |path: String, e: &serde_json::Error| {
+        let message = e.to_string();
+        let position = format!(" at line {} column {}", e.line(), e.column());
+        let message = plain_type_error(message.strip_suffix(&position).unwrap_or(&message));
+        if e.is_data() && path != "." {
+            format!("{path}: {message}")
+        } else {
+            // Not JSON at all: there is no field to name, the position is what helps.
+            format!(
+                "invalid JSON: {message} (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        }
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let config: FilterConfig = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| describe(e.path().to_string(), e.inner()))?;
+    de.end().map_err(|e| describe(".".into(), &e))?;
+    Plan::from_config(&config).map_err(|e| e.to_string())
+}
+
 /// A number as a message shows it: `1e300`, not three hundred digits.
 fn number(v: f64) -> String {
     if v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
