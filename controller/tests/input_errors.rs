@@ -340,3 +340,79 @@ fn counter_sums_are_clamped_at_the_largest_count() {
     assert_eq!(sum.exposures, Some(MAX_COUNT));
     assert_eq!(big.responses_total(), MAX_COUNT);
 }
+
+/// A Prometheus answering `timestamp()` with a time that does not fit a duration from now
+/// (`-Inf`, `-1e300`): stale data, not a panic in the daemon.
+#[tokio::test]
+async fn a_prometheus_timestamp_from_the_far_past_is_stale_not_a_panic() {
+    use sluice_controller::source::{prometheus::Prometheus, Source, SourceError};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    for stamp in ["-Inf", "-1e300"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let server = tokio::spawn(async move {
+            // Two queries: the series, then their timestamps.
+            for _ in 0..2 {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The whole request: headers, then the form body its content-length announces.
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break;
+                        }
+                    }
+                }
+                let timestamps = String::from_utf8_lossy(&request).contains("timestamp");
+                let value = if timestamps { stamp } else { "5" };
+                let body = format!(
+                    r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"__name__":"sluice_requests_total","experiment":"e","variant":"canary","instance":"i"}},"value":[1700000000,"{value}"]}}]}}}}"#
+                );
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        let source = Prometheus::new(
+            &url,
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(30),
+        );
+        match source.scrape("e").await {
+            Err(SourceError::Stale { .. }) => {}
+            Err(other) => unreachable!("{stamp}: {other}"),
+            Ok(_) => unreachable!("{stamp}: data scraped at {stamp} was taken as fresh"),
+        }
+        server.abort();
+    }
+}
