@@ -261,6 +261,26 @@ pub struct WebhookSpec {
     /// `json` (the event object) or `slack` (`{"text": ...}`).
     #[serde(default)]
     pub format: WebhookFormat,
+    /// PEM file with the certificate authority (or authorities) that signed an https://
+    /// webhook's certificate, trusted in addition to the system's roots (a webhook behind a
+    /// private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+impl WebhookSpec {
+    /// The certificates of `ca_file` (none without one).
+    pub fn ca_certificates(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Ok(certs),
+            Ok(_) => Err(format!("{path}: no PEM certificate in it")),
+            Err(e) => Err(format!("{path}: {e}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -518,6 +538,14 @@ impl Rollout {
                     &format!("spec.notifications[{i}].webhook.url"),
                     format!("{:?} is not an http(s) URL", w.url),
                 );
+            }
+            if w.ca_file.is_some() {
+                let path = format!("spec.notifications[{i}].webhook.caFile");
+                if !w.url.starts_with("https://") {
+                    problem(&path, "applies to https:// URLs only".into());
+                } else if let Err(e) = w.ca_certificates() {
+                    problem(&path, e);
+                }
             }
         }
         // The judge's configuration: checked here so `sluice validate` reports it too.

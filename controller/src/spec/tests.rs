@@ -488,3 +488,42 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_webhook_ca_file_is_checked_when_the_spec_is() {
+    let dir = std::env::temp_dir().join(format!("sluice-spec-ca-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let not_pem = dir.join("not.pem");
+    let _ = std::fs::write(&not_pem, "hello\n");
+    let hook = |url: &str, ca: &str| {
+        GOOD.replace(
+            "  sources:",
+            &format!("  notifications: [{{webhook: {{url: \"{url}\", format: slack, caFile: \"{ca}\"}}}}]\n  sources:"),
+        )
+    };
+    let missing = dir.join("missing.pem").display().to_string();
+    for (text, want) in [
+        (
+            hook("http://127.0.0.1:1/h", &missing),
+            "spec.notifications[0].webhook.caFile: applies to https:// URLs only",
+        ),
+        (
+            hook("https://127.0.0.1:1/h", &missing),
+            "spec.notifications[0].webhook.caFile: ",
+        ),
+        (
+            hook("https://127.0.0.1:1/h", &not_pem.display().to_string()),
+            "spec.notifications[0].webhook.caFile: ",
+        ),
+    ] {
+        let got = problems(&text);
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+    assert!(problems(&hook("https://127.0.0.1:1/h", &missing)).contains("No such file"));
+    assert!(problems(&hook(
+        "https://127.0.0.1:1/h",
+        &not_pem.display().to_string()
+    ))
+    .contains("no PEM certificate"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
