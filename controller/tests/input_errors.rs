@@ -416,3 +416,40 @@ async fn a_prometheus_timestamp_from_the_far_past_is_stale_not_a_panic() {
         server.abort();
     }
 }
+
+/// `sluice plan --interval` (seconds) has the bounds of a spec's `schedule.interval`.
+#[test]
+fn plan_refuses_an_interval_a_spec_would_refuse() {
+    for interval in ["1e300", "0", "NaN", "0.01"] {
+        let out = sluice(
+            &[
+                "plan",
+                "--baseline-rate",
+                "0.01",
+                "--mde",
+                "0.1",
+                "--rps",
+                "100",
+                "--interval",
+                interval,
+            ],
+            &[],
+        );
+        refused(&out, "--interval: must be 0.1 to 3600 seconds");
+    }
+    let out = sluice(
+        &[
+            "plan",
+            "--baseline-rate",
+            "0.01",
+            "--mde",
+            "0.1",
+            "--rps",
+            "100",
+            "--interval",
+            "10",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
