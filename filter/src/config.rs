@@ -494,8 +494,9 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                 Some(h) => Some(check_header_name(&format!("{field}.header"), h)?),
                 None => None,
             };
-            // A set, not a scan of the earlier names: validation stays linear in the list.
-            let mut seen = std::collections::HashSet::with_capacity(o.names.len());
+            // A set, not a scan of the earlier names, so a long list is not quadratic; ordered,
+            // not hashed: std's hasher would ask the host for randomness.
+            let mut seen = std::collections::BTreeSet::new();
             for (n, name) in o.names.iter().enumerate() {
                 check_name(&format!("{field}.names[{n}]"), name)?;
                 if !seen.insert(name) {
@@ -606,7 +607,7 @@ fn check_variants(
         ));
     }
     let mut names = Vec::with_capacity(variants.len());
-    let mut seen = std::collections::HashSet::with_capacity(variants.len());
+    let mut seen = std::collections::BTreeSet::new();
     for (i, v) in variants.iter().enumerate() {
         check_name(&format!("{field}[{i}].name"), &v.name)?;
         if !seen.insert(v.name.as_str()) {
