@@ -134,10 +134,24 @@ fn main() -> ExitCode {
     match dispatch(Cli::parse().command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error with its causes, each once. Most of the project's errors already name their cause
+/// (`{path}: {source}`), so anyhow's `{:#}` would print it twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -202,7 +216,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let plan = sluice_filter::config::Plan::from_json(text.as_bytes())
+            let plan = sluice_controller::spec::check_filter_config(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             writeln!(
                 stdout.lock(),

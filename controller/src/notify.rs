@@ -34,11 +34,20 @@ impl Notice {
 /// How long a webhook may take; also the bound on [`Notifier::flush`].
 const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// One webhook and the client that reaches it.
+#[derive(Debug, Clone)]
+struct Hook {
+    url: String,
+    format: WebhookFormat,
+    /// The client (https:// URLs are verified against the system's roots plus the hook's
+    /// `caFile`), or why none could be built: then every delivery is logged as failed.
+    http: Result<reqwest::Client, String>,
+}
+
 /// The configured webhooks.
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    hooks: Vec<(String, WebhookFormat)>,
-    http: reqwest::Client,
+    hooks: Vec<Hook>,
     /// Deliveries still under way.
     in_flight: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -48,12 +57,18 @@ impl Notifier {
         Notifier {
             hooks: specs
                 .iter()
-                .map(|NotificationSpec::Webhook(w)| (w.url.clone(), w.format))
+                .map(|NotificationSpec::Webhook(w)| Hook {
+                    url: w.url.clone(),
+                    format: w.format,
+                    http: w.ca_certificates().and_then(|extra| {
+                        reqwest::Client::builder()
+                            .timeout(TIMEOUT)
+                            .tls_certs_merge(extra)
+                            .build()
+                            .map_err(|e| e.to_string())
+                    }),
+                })
                 .collect(),
-            http: reqwest::Client::builder()
-                .timeout(TIMEOUT)
-                .build()
-                .unwrap_or_default(),
             in_flight: Arc::default(),
         }
     }
@@ -74,7 +89,14 @@ impl Notifier {
 
     /// Sends `notice` to every hook in the background; failures are logged.
     pub fn send(&self, notice: Notice) {
-        for (url, format) in self.hooks.clone() {
+        for Hook { url, format, http } in self.hooks.clone() {
+            let http = match http {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, "webhook has no usable client (caFile?)");
+                    continue;
+                }
+            };
             let body = match format {
                 WebhookFormat::Json => serde_json::to_string(&notice),
                 WebhookFormat::Slack => {
@@ -84,7 +106,6 @@ impl Notifier {
             let Ok(body) = body else {
                 continue;
             };
-            let http = self.http.clone();
             let delivery = tokio::spawn(async move {
                 let sent = http
                     .post(&url)
@@ -97,7 +118,16 @@ impl Notifier {
                     Ok(r) => {
                         tracing::warn!(%url, status = %r.status(), "webhook refused a notification")
                     }
-                    Err(e) => tracing::warn!(%url, error = %e, "webhook unreachable"),
+                    // `{:#}`-like: reqwest's own message hides the cause (refused, TLS, ...).
+                    Err(e) => {
+                        let mut why = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(s) = source {
+                            why.push_str(&format!(": {s}"));
+                            source = s.source();
+                        }
+                        tracing::warn!(%url, error = %why, "webhook unreachable")
+                    }
                 }
             });
             if let Ok(mut v) = self.in_flight.lock() {
@@ -107,3 +137,6 @@ impl Notifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -233,6 +233,14 @@ pub fn run(args: &PlanArgs, out: &mut impl Write) -> Result<(), PlanError> {
     if args.rps.is_nan() || args.rps <= 0.0 {
         return bad("rps", "must be positive");
     }
+    // The bounds a rollout spec's `schedule.interval` has (docs/rollout.md).
+    let (low, high) = (crate::spec::MIN_INTERVAL, crate::spec::MAX_WAIT);
+    if !(args.interval >= low.as_secs_f64() && args.interval <= high.as_secs_f64()) {
+        return bad(
+            "interval",
+            "must be 0.1 to 3600 seconds, as in a rollout spec",
+        );
+    }
     let weights = match args.weight {
         Some(w) => vec![w],
         None => args.stages.clone(),

@@ -130,6 +130,18 @@ pub enum SnapshotError {
     Line { line: usize, reason: String },
     #[error("line {line}: {reason}")]
     Invalid { line: usize, reason: String },
+    #[error("no snapshots: the file is empty")]
+    Empty,
+}
+
+/// The largest count a snapshot may hold: 2^53, the largest integer a float holds exactly (the
+/// judge computes in floats). No real counter gets near it; a larger one is corrupt data, and
+/// sums are clamped to it so that counter arithmetic can never overflow.
+pub const MAX_COUNT: u64 = 1 << 53;
+
+/// `a + b`, clamped to [`MAX_COUNT`].
+fn add_count(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(MAX_COUNT)
 }
 
 impl Snapshot {
@@ -161,15 +173,30 @@ impl Snapshot {
         if self.canary_name().is_none() {
             return Err("`canary` is required when there are several treatments".into());
         }
+        // A misspelt canary would otherwise be judged on no data forever.
+        if let Some(c) = &self.canary {
+            if !self.variants.contains_key(c) && !self.weights.contains_key(c) {
+                return Err(format!("canary {c:?} is not among the variants"));
+            }
+        }
         for (v, w) in &self.weights {
             if !(w.is_finite() && (0.0..=100.0).contains(w)) {
                 return Err(format!("weights.{v}: {w} is not a percentage"));
             }
         }
+        let total: f64 = self.weights.values().sum();
+        if !self.weights.is_empty() && (total - 100.0).abs() > 0.005 {
+            return Err(format!("weights add up to {total}, not 100"));
+        }
         for (v, c) in &self.variants {
             if c.replicates.len() > MAX_REPLICATES {
                 return Err(format!(
                     "variants.{v}.replicates: at most {MAX_REPLICATES} replicate groups"
+                ));
+            }
+            if let Some(field) = c.count_over(MAX_COUNT) {
+                return Err(format!(
+                    "variants.{v}.{field}: more than {MAX_COUNT}, beyond any real counter"
                 ));
             }
             c.latency
@@ -203,8 +230,9 @@ impl Snapshot {
                 continue;
             };
             let c = variants.entry(variant.to_string()).or_default();
-            // Summed counters are integral; rounding only removes float noise.
-            let n = value.max(0.0).round() as u64;
+            // Summed counters are integral; rounding only removes float noise. The cast
+            // saturates; the clamp keeps sums over series far from overflowing.
+            let n = (value.max(0.0).round() as u64).min(MAX_COUNT);
             let label = |l: &str| key.label(l).unwrap_or("").to_string();
             let name = key.name.as_str();
             match name {
@@ -283,7 +311,7 @@ fn histogram_part<'a>(name: &'a str, base: &str) -> Option<&'a str> {
 
 impl Histogram {
     fn add_series(&mut self, part: &str, le: Option<&str>, value: f64) {
-        let n = value.max(0.0).round() as u64;
+        let n = (value.max(0.0).round() as u64).min(MAX_COUNT);
         match (part, le) {
             ("_sum", _) => self.sum += value,
             ("_count", _) => self.count += n,
@@ -380,10 +408,10 @@ impl Histogram {
             return;
         }
         for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
-            a.count += b.count;
+            a.count = add_count(a.count, b.count);
         }
         self.sum += other.sum;
-        self.count += other.count;
+        self.count = add_count(self.count, other.count);
     }
 }
 
@@ -406,7 +434,8 @@ fn map_since(
 
 fn map_add(into: &mut BTreeMap<String, u64>, other: &BTreeMap<String, u64>) {
     for (k, v) in other {
-        *into.entry(k.clone()).or_default() += v;
+        let c = into.entry(k.clone()).or_default();
+        *c = add_count(*c, *v);
     }
 }
 
@@ -436,12 +465,12 @@ impl ShadowCounters {
     }
 
     fn add(&mut self, other: &ShadowCounters) {
-        self.requests += other.requests;
-        self.compared += other.compared;
+        self.requests = add_count(self.requests, other.requests);
+        self.compared = add_count(self.compared, other.compared);
         map_add(&mut self.agree, &other.agree);
         map_add(&mut self.disagree, &other.disagree);
-        self.errors += other.errors;
-        self.timeouts += other.timeouts;
+        self.errors = add_count(self.errors, other.errors);
+        self.timeouts = add_count(self.timeouts, other.timeouts);
         self.latency.add(&other.latency);
         for (k, h) in &other.deltas {
             self.deltas.entry(k.clone()).or_default().add(h);
@@ -452,7 +481,58 @@ impl ShadowCounters {
 impl Counters {
     /// Responses of every class.
     pub fn responses_total(&self) -> u64 {
-        self.responses.values().sum()
+        self.responses.values().fold(0, |a, b| add_count(a, *b))
+    }
+
+    /// The path of the first counter above `limit`, if any.
+    fn count_over(&self, limit: u64) -> Option<String> {
+        let over = |n: u64| n > limit;
+        let map = |name: &str, m: &BTreeMap<String, u64>| {
+            m.iter()
+                .find(|(_, n)| over(**n))
+                .map(|(k, _)| format!("{name}.{k}"))
+        };
+        let hist = |name: &str, h: &Histogram| {
+            (over(h.count) || h.buckets.iter().any(|b| over(b.count))).then(|| name.to_string())
+        };
+        let plain = [
+            ("requests", self.requests),
+            ("local_replies", self.local_replies),
+            ("upstream_resets", self.upstream_resets),
+            ("missing_key", self.missing_key),
+            ("exposures", self.exposures.unwrap_or(0)),
+        ];
+        if let Some((name, _)) = plain.iter().find(|(_, n)| over(*n)) {
+            return Some(name.to_string());
+        }
+        if let Some(g) = self.replicates.iter().position(|&n| over(n)) {
+            return Some(format!("replicates[{g}]"));
+        }
+        let shadow = self.shadow.as_ref().and_then(|s| {
+            [
+                ("requests", s.requests),
+                ("compared", s.compared),
+                ("errors", s.errors),
+                ("timeouts", s.timeouts),
+            ]
+            .iter()
+            .find(|(_, n)| over(*n))
+            .map(|(name, _)| name.to_string())
+            .or_else(|| map("agree", &s.agree))
+            .or_else(|| map("disagree", &s.disagree))
+            .or_else(|| hist("latency", &s.latency))
+            .or_else(|| {
+                s.deltas
+                    .iter()
+                    .find_map(|(k, h)| hist(&format!("deltas.{k}"), h))
+            })
+            .map(|f| format!("shadow.{f}"))
+        });
+        map("responses", &self.responses)
+            .or_else(|| map("outcomes", &self.outcomes))
+            .or_else(|| hist("latency", &self.latency))
+            .or_else(|| hist("prediction", &self.prediction))
+            .or(shadow)
     }
 
     /// Responses of class `5xx`.
@@ -499,23 +579,24 @@ impl Counters {
         })
     }
 
-    /// Adds another interval's counts.
+    /// Adds another interval's counts (each sum clamped to [`MAX_COUNT`]).
     pub fn add(&mut self, other: &Counters) {
         if self.replicates.len() < other.replicates.len() {
             self.replicates.resize(other.replicates.len(), 0);
         }
         for (a, b) in self.replicates.iter_mut().zip(&other.replicates) {
-            *a += b;
+            *a = add_count(*a, *b);
         }
-        self.requests += other.requests;
+        self.requests = add_count(self.requests, other.requests);
         map_add(&mut self.responses, &other.responses);
-        self.local_replies += other.local_replies;
-        self.upstream_resets += other.upstream_resets;
-        self.missing_key += other.missing_key;
+        self.local_replies = add_count(self.local_replies, other.local_replies);
+        self.upstream_resets = add_count(self.upstream_resets, other.upstream_resets);
+        self.missing_key = add_count(self.missing_key, other.missing_key);
         self.latency.add(&other.latency);
         map_add(&mut self.outcomes, &other.outcomes);
         if let Some(e) = other.exposures {
-            *self.exposures.get_or_insert(0) += e;
+            let x = self.exposures.get_or_insert(0);
+            *x = add_count(*x, e);
         }
         self.prediction.add(&other.prediction);
         if let Some(s) = &other.shadow {
@@ -712,6 +793,8 @@ pub fn interval(earlier: &Snapshot, later: &Snapshot, policy: ResetPolicy) -> In
 /// are comments).
 pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
     let mut out = Vec::new();
+    // Some editors start a file with a byte-order mark.
+    let text = crate::yaml::strip_bom(text);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -721,7 +804,7 @@ pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
         let snap: Snapshot =
             serde_path_to_error::deserialize(&mut de).map_err(|e| SnapshotError::Line {
                 line: i + 1,
-                reason: format!("{}: {}", e.path(), e.inner()),
+                reason: line_error(&e),
             })?;
         snap.check().map_err(|reason| SnapshotError::Invalid {
             line: i + 1,
@@ -729,7 +812,25 @@ pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
         })?;
         out.push(snap);
     }
+    if out.is_empty() {
+        return Err(SnapshotError::Empty);
+    }
     Ok(out)
+}
+
+/// A line's error by field path (`variants.canary.requests: invalid type ...`); the column
+/// only for syntax errors, where there is no path (the line is already named).
+fn line_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = e.inner();
+    let message = inner.to_string();
+    let position = format!(" at line {} column {}", inner.line(), inner.column());
+    let message = message.strip_suffix(&position).unwrap_or(&message);
+    let message = crate::spec::plain_type_error(message);
+    match e.path().to_string().as_str() {
+        path if inner.is_data() && path != "." => format!("{path}: {message}"),
+        // Not JSON at all: there is no field to name, the column is what helps.
+        _ => format!("column {}: {message}", inner.column()),
+    }
 }
 
 #[cfg(test)]

@@ -271,6 +271,26 @@ pub struct WebhookSpec {
     /// `json` (the event object) or `slack` (`{"text": ...}`).
     #[serde(default)]
     pub format: WebhookFormat,
+    /// PEM file with the certificate authority (or authorities) that signed an https://
+    /// webhook's certificate, trusted in addition to the system's roots (a webhook behind a
+    /// private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+impl WebhookSpec {
+    /// The certificates of `ca_file` (none without one).
+    pub fn ca_certificates(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Ok(certs),
+            Ok(_) => Err(format!("{path}: no PEM certificate in it")),
+            Err(e) => Err(format!("{path}: {e}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -535,6 +555,14 @@ impl Rollout {
                     format!("{:?} is not an http(s) URL", w.url),
                 );
             }
+            if w.ca_file.is_some() {
+                let path = format!("spec.notifications[{i}].webhook.caFile");
+                if !w.url.starts_with("https://") {
+                    problem(&path, "applies to https:// URLs only".into());
+                } else if let Err(e) = w.ca_certificates() {
+                    problem(&path, e);
+                }
+            }
         }
         // The judge's configuration: checked here so `sluice validate` reports it too.
         if let Err(e) = crate::judge::config::GuardrailConfig::from_value(
@@ -634,6 +662,36 @@ fn seconds(secs: f64, shown: &str) -> Result<Duration, String> {
             format_duration(MAX_DURATION)
         )),
     }
+}
+
+/// `sluice check`: a filter configuration (JSON) validated as the filter does, but with type
+/// errors named by field path (`experiments[0].variants[1].weight: expected a number, ...`)
+/// where the filter's own parser can only give a line and column.
+pub fn check_filter_config(text: &str) -> Result<Plan, String> {
+    let text = crate::yaml::strip_bom(text);
+    if text.trim().is_empty() {
+        return Err(crate::yaml::YamlError::Empty.to_string());
+    }
+    let describe = |path: String, e: &serde_json::Error| {
+        let message = e.to_string();
+        let position = format!(" at line {} column {}", e.line(), e.column());
+        let message = plain_type_error(message.strip_suffix(&position).unwrap_or(&message));
+        if e.is_data() && path != "." {
+            format!("{path}: {message}")
+        } else {
+            // Not JSON at all: there is no field to name, the position is what helps.
+            format!(
+                "invalid JSON: {message} (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        }
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let config: FilterConfig = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| describe(e.path().to_string(), e.inner()))?;
+    de.end().map_err(|e| describe(".".into(), &e))?;
+    Plan::from_config(&config).map_err(|e| e.to_string())
 }
 
 /// A number as a message shows it: `1e300`, not three hundred digits.

@@ -823,8 +823,9 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
                     format!("more than {MAX_OUTCOMES} outcome names"),
                 ));
             }
-            // A set, not a scan of the earlier names: validation stays linear in the list.
-            let mut seen = std::collections::HashSet::with_capacity(o.names.len());
+            // A set, not a scan of the earlier names, so a long list is not quadratic; ordered,
+            // not hashed: std's hasher would ask the host for randomness.
+            let mut seen = std::collections::BTreeSet::new();
             for (n, name) in o.names.iter().enumerate() {
                 check_name(&format!("{field}.names[{n}]"), name)?;
                 if !seen.insert(name) {
@@ -998,7 +999,7 @@ fn check_variants(
         return Err(invalid(field, format!("more than {MAX_VARIANTS} variants")));
     }
     let mut names = Vec::with_capacity(variants.len());
-    let mut seen = std::collections::HashSet::with_capacity(variants.len());
+    let mut seen = std::collections::BTreeSet::new();
     for (i, v) in variants.iter().enumerate() {
         check_name(&format!("{field}[{i}].name"), &v.name)?;
         if !seen.insert(v.name.as_str()) {

@@ -170,7 +170,9 @@ impl Source for Prometheus {
             .as_secs_f64();
         for s in &stamps {
             let scraped: f64 = s.value.1.parse().unwrap_or(0.0);
-            let age = Duration::from_secs_f64((now - scraped).max(0.0));
+            // A timestamp far in the past (or -Inf) would not fit a Duration: as good as never.
+            let age =
+                Duration::try_from_secs_f64((now - scraped).max(0.0)).unwrap_or(Duration::MAX);
             if age > self.max_age {
                 return Err(SourceError::Stale {
                     origin: s

@@ -371,45 +371,25 @@ mod fuzz {
         "ceiling",
     ];
 
+    /// Extremes (huge, tiny, negative numbers; durations past any bound) weighted up: they
+    /// are what reaches the checks behind the syntax.
     fn leaf() -> impl Strategy<Value = Value> {
         prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            any::<u64>().prop_map(Value::from),
-            prop::sample::select(vec![
-                -1.0,
-                0.0,
-                1e-9,
-                0.5,
-                99.99,
-                100.0,
-                1e15,
-                1.8e19,
-                1e300,
-                f64::MAX,
+            1 => Just(Value::Null),
+            1 => any::<bool>().prop_map(Value::Bool),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            4 => prop::sample::select(vec![
+                -1.0, 0.0, 1e-9, 0.5, 99.99, 100.0, 1e15, 1.8e19, 1e300, f64::MAX,
             ])
             .prop_map(Value::from),
-            prop::sample::select(vec![
-                "",
-                "1e300s",
-                "100000000000000000000s",
-                "0.000001ms",
-                "1.5m",
-                "99999999h",
-                "10x",
-                "-1s",
-                ".",
-                "5",
-                "https://x",
-                "http://127.0.0.1:1",
-                "canary",
-                "stable",
-                "slack",
-                "json",
+            3 => prop::sample::select(vec![
+                "", "1e300s", "100000000000000000000s", "0.000001ms", "1.5m", "99999999h",
+                "10x", "-1s", ".", "5", "https://x", "http://127.0.0.1:1", "canary", "stable",
+                "slack", "json",
             ])
             .prop_map(|s| Value::String(s.into())),
-            "\\PC{0,12}".prop_map(Value::String),
+            1 => "\\PC{0,12}".prop_map(Value::String),
         ]
     }
 
@@ -479,10 +459,80 @@ mod fuzz {
         }
 
         #[test]
+        fn any_duration_is_an_answer(
+            path in prop::sample::select(vec![
+                "/spec/schedule/bake",
+                "/spec/schedule/warmup",
+                "/spec/schedule/interval",
+                "/spec/schedule/stages/1/bake",
+                "/spec/sources/0/envoyAdmin/timeout",
+                "/spec/sinks/0/ecdsFile/confirmWithin",
+                "/spec/guardrails/warmup",
+            ]),
+            value in prop_oneof![
+                any::<f64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                (any::<f64>(), prop::sample::select(vec!["ms", "s", "m", "h", ""]))
+                    .prop_map(|(n, unit)| Value::String(format!("{}{unit}", n.abs()))),
+                (any::<u64>(), prop::sample::select(vec!["ms", "s", "m", "h", ""]))
+                    .prop_map(|(n, unit)| Value::String(format!("{n}{unit}"))),
+            ]
+        ) {
+            let mut doc = good();
+            doc["spec"]["sources"][0]["envoyAdmin"]["timeout"] = Value::from("2s");
+            doc["spec"]["sinks"][0]["ecdsFile"]["confirmWithin"] = Value::from("10s");
+            doc["spec"]["guardrails"] = serde_json::json!({"warmup": "1m"});
+            if let Some(n) = doc.pointer_mut(path) {
+                *n = value;
+            }
+            exercise(&serde_json::to_string(&doc).unwrap_or_default());
+        }
+
+        #[test]
         fn cut_or_spliced_yaml_never_panics(cut in 0usize..700, splice in "[\\[\\]{}:,\\-#&*!|>'\" \n\\PC]{0,6}") {
             let cut = (0..=cut.min(GOOD.len())).rev().find(|&i| GOOD.is_char_boundary(i)).unwrap_or(0);
             exercise(&format!("{}{splice}{}", &GOOD[..cut], &GOOD[cut..]));
             exercise(&GOOD[..cut]);
         }
     }
+}
+
+#[test]
+fn a_webhook_ca_file_is_checked_when_the_spec_is() {
+    let dir = std::env::temp_dir().join(format!("sluice-spec-ca-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let not_pem = dir.join("not.pem");
+    let _ = std::fs::write(&not_pem, "hello\n");
+    let hook = |url: &str, ca: &str| {
+        GOOD.replace(
+            "  sources:",
+            &format!("  notifications: [{{webhook: {{url: \"{url}\", format: slack, caFile: \"{ca}\"}}}}]\n  sources:"),
+        )
+    };
+    let missing = dir.join("missing.pem").display().to_string();
+    for (text, want) in [
+        (
+            hook("http://127.0.0.1:1/h", &missing),
+            "spec.notifications[0].webhook.caFile: applies to https:// URLs only",
+        ),
+        (
+            hook("https://127.0.0.1:1/h", &missing),
+            "spec.notifications[0].webhook.caFile: ",
+        ),
+        (
+            hook("https://127.0.0.1:1/h", &not_pem.display().to_string()),
+            "spec.notifications[0].webhook.caFile: ",
+        ),
+    ] {
+        let got = problems(&text);
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+    assert!(problems(&hook("https://127.0.0.1:1/h", &missing)).contains("No such file"));
+    assert!(problems(&hook(
+        "https://127.0.0.1:1/h",
+        &not_pem.display().to_string()
+    ))
+    .contains("no PEM certificate"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
