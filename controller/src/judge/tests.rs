@@ -877,3 +877,33 @@ fn replicate_counts_are_read_from_the_filter_series() {
     let back = crate::snapshot::read_lines(&line).unwrap_or_default();
     assert_eq!(back.first(), Some(&s));
 }
+
+#[test]
+fn impossible_counts_at_the_full_stage_hold_too() {
+    // The 100 % stage is not in the rollout's evidence; its own data is still checked.
+    let cfg = config();
+    let mut snaps = Vec::new();
+    let mut control = counters(0, SAME);
+    let mut canary = counters(0, SAME);
+    for i in 0..=12 {
+        let full = i > 6;
+        let w = if full { 100.0 } else { 50.0 };
+        if i > 0 {
+            let n = 10_000u64;
+            let to_canary = (n as f64 * w / 100.0).round() as u64;
+            let mut add = counters(to_canary, SAME);
+            if full {
+                add.responses.insert("5xx".into(), 3 * n);
+            }
+            canary.add(&add);
+            control.add(&counters(n - to_canary, SAME));
+        }
+        let mut s = snapshot(10.0 * f64::from(i), w, 0, 0, SAME);
+        s.variants.insert("control".into(), control.clone());
+        s.variants.insert("canary".into(), canary.clone());
+        snaps.push(s);
+    }
+    let e = last(&replay(&cfg, &snaps)).clone();
+    assert_eq!(e.decision, Decision::Hold, "{}", e.reason);
+    assert!(e.reason.contains("impossible"), "{}", e.reason);
+}
