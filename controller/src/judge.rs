@@ -52,7 +52,8 @@ pub enum Kind {
     Gate,
     /// An effect-size threshold (prediction drift); acts when sustained.
     Threshold,
-    /// Whether the data can be trusted (sample-ratio mismatch): halts.
+    /// Whether the data can be trusted: a sample-ratio mismatch halts; impossible counts (the
+    /// `data` verdict failing) hold.
     Integrity,
 }
 

@@ -898,9 +898,19 @@ pub fn srm(cfg: &GuardrailConfig, ledger: &Ledger, arms: Arms) -> Option<Verdict
 /// histogram's buckets inside its count. A little slack absorbs requests in flight across an
 /// interval boundary (a request counted before the evidence started, answered after).
 pub fn impossible(cfg: &GuardrailConfig, ledger: &Ledger) -> Vec<String> {
+    // The stage's evidence first: a stage without control traffic is not in the rollout's.
+    let stage = impossible_in(cfg, &ledger.stage);
+    if stage.is_empty() {
+        impossible_in(cfg, &ledger.rollout)
+    } else {
+        stage
+    }
+}
+
+fn impossible_in(cfg: &GuardrailConfig, evidence: &super::ledger::Evidence) -> Vec<String> {
     let slack = |n: u64| n as f64 * 1.01 + 10.0;
     let mut problems = Vec::new();
-    for (name, c) in &ledger.rollout.variants {
+    for (name, c) in &evidence.variants {
         let mut over = |what: &str, x: u64, of: &str, n: u64| {
             if x as f64 > slack(n) {
                 problems.push(format!("{name}: {x} {what} for {n} {of}"));

@@ -857,3 +857,76 @@ fn a_handful_of_errors_does_not_prove_non_inferiority() {
     let e = one_look((12_000, 0), (120_000, 600));
     assert_eq!(verdict(&e, "error_rate").label, Label::Pass);
 }
+
+#[test]
+fn replicate_counts_are_read_from_the_filter_series() {
+    use crate::source::{Reading, SeriesKey};
+    use std::sync::Arc;
+    let key = |variant: &str, replicate: &str| {
+        let mut labels: Vec<(String, String)> = [
+            ("experiment", "e"),
+            ("variant", variant),
+            ("replicate", replicate),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        labels.sort();
+        Arc::new(SeriesKey {
+            name: "sluice_replicate_requests_total".into(),
+            labels,
+        })
+    };
+    let series = BTreeMap::from([
+        (key("canary", "0"), 3.0),
+        (key("canary", "2"), 5.0),
+        (key("control", "1"), 7.0),
+        // Not a group the filter makes: ignored.
+        (key("control", "x"), 9.0),
+        (key("control", "100000"), 9.0),
+    ]);
+    let reading = Reading {
+        at: None,
+        series,
+        restarts: 0,
+    };
+    let weights = BTreeMap::from([("control".into(), 50.0), ("canary".into(), 50.0)]);
+    let s = Snapshot::from_reading(&reading, "e", "control", "canary", weights, 1.0);
+    assert_eq!(s.variants["canary"].replicates, vec![3, 0, 5]);
+    assert_eq!(s.variants["control"].replicates, vec![0, 7]);
+    // And through the JSON-lines format.
+    let line = serde_json::to_string(&s).unwrap_or_default();
+    assert!(line.contains(r#""replicates":[3,0,5]"#), "{line}");
+    let back = crate::snapshot::read_lines(&line).unwrap_or_default();
+    assert_eq!(back.first(), Some(&s));
+}
+
+#[test]
+fn impossible_counts_at_the_full_stage_hold_too() {
+    // The 100 % stage is not in the rollout's evidence; its own data is still checked.
+    let cfg = config();
+    let mut snaps = Vec::new();
+    let mut control = counters(0, SAME);
+    let mut canary = counters(0, SAME);
+    for i in 0..=12 {
+        let full = i > 6;
+        let w = if full { 100.0 } else { 50.0 };
+        if i > 0 {
+            let n = 10_000u64;
+            let to_canary = (n as f64 * w / 100.0).round() as u64;
+            let mut add = counters(to_canary, SAME);
+            if full {
+                add.responses.insert("5xx".into(), 3 * n);
+            }
+            canary.add(&add);
+            control.add(&counters(n - to_canary, SAME));
+        }
+        let mut s = snapshot(10.0 * f64::from(i), w, 0, 0, SAME);
+        s.variants.insert("control".into(), control.clone());
+        s.variants.insert("canary".into(), canary.clone());
+        snaps.push(s);
+    }
+    let e = last(&replay(&cfg, &snaps)).clone();
+    assert_eq!(e.decision, Decision::Hold, "{}", e.reason);
+    assert!(e.reason.contains("impossible"), "{}", e.reason);
+}
