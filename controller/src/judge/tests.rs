@@ -889,6 +889,8 @@ fn replicate_counts_are_read_from_the_filter_series() {
         at: None,
         series,
         restarts: 0,
+        unidentified: 0,
+        unknown: 0,
     };
     let weights = BTreeMap::from([("control".into(), 50.0), ("canary".into(), 50.0)]);
     let s = Snapshot::from_reading(&reading, "e", "control", "canary", weights, 1.0);
