@@ -825,7 +825,7 @@ fn line_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
     let message = inner.to_string();
     let position = format!(" at line {} column {}", inner.line(), inner.column());
     let message = message.strip_suffix(&position).unwrap_or(&message);
-    let message = crate::spec::plain_type_error(message);
+    let message = sluice_filter::config::plain_type_error(message);
     match e.path().to_string().as_str() {
         path if inner.is_data() && path != "." => format!("{path}: {message}"),
         // Not JSON at all: there is no field to name, the column is what helps.

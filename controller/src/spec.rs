@@ -357,7 +357,10 @@ impl Rollout {
             } else {
                 path
             };
-            SpecError::one(&path, plain_type_error(&e.into_inner().to_string()))
+            SpecError::one(
+                &path,
+                sluice_filter::config::plain_type_error(&e.into_inner().to_string()),
+            )
         })?;
         rollout.check()
     }
@@ -664,34 +667,15 @@ fn seconds(secs: f64, shown: &str) -> Result<Duration, String> {
     }
 }
 
-/// `sluice check`: a filter configuration (JSON) validated as the filter does, but with type
-/// errors named by field path (`experiments[0].variants[1].weight: expected a number, ...`)
-/// where the filter's own parser can only give a line and column.
+/// `sluice check`: a filter configuration (JSON) validated as the filter does (type errors named
+/// by field path, `experiments[0].variants[1].weight: expected a number, ...`), after a UTF-8
+/// BOM, and an empty file refused.
 pub fn check_filter_config(text: &str) -> Result<Plan, String> {
     let text = crate::yaml::strip_bom(text);
     if text.trim().is_empty() {
         return Err(crate::yaml::YamlError::Empty.to_string());
     }
-    let describe = |path: String, e: &serde_json::Error| {
-        let message = e.to_string();
-        let position = format!(" at line {} column {}", e.line(), e.column());
-        let message = plain_type_error(message.strip_suffix(&position).unwrap_or(&message));
-        if e.is_data() && path != "." {
-            format!("{path}: {message}")
-        } else {
-            // Not JSON at all: there is no field to name, the position is what helps.
-            format!(
-                "invalid JSON: {message} (line {}, column {})",
-                e.line(),
-                e.column()
-            )
-        }
-    };
-    let mut de = serde_json::Deserializer::from_str(text);
-    let config: FilterConfig = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| describe(e.path().to_string(), e.inner()))?;
-    de.end().map_err(|e| describe(".".into(), &e))?;
-    Plan::from_config(&config).map_err(|e| e.to_string())
+    Plan::from_json(text.as_bytes()).map_err(|e| e.to_string())
 }
 
 /// A number as a message shows it: `1e300`, not three hundred digits.
@@ -701,25 +685,6 @@ fn number(v: f64) -> String {
     } else {
         v.to_string()
     }
-}
-
-/// A serde type error in the words of the spec (`expected a number, found string "x"`)
-/// rather than Rust's type names (`expected f64`).
-pub(crate) fn plain_type_error(message: &str) -> String {
-    let rest = message
-        .strip_prefix("invalid type: ")
-        .or_else(|| message.strip_prefix("invalid value: "));
-    let Some((found, expected)) = rest.and_then(|r| r.rsplit_once(", expected ")) else {
-        return message.to_string();
-    };
-    let expected = match expected {
-        "f64" | "f32" => "a number",
-        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number, at least 0",
-        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
-        "a boolean" => "true or false",
-        other => other,
-    };
-    format!("expected {expected}, found {found}")
 }
 
 /// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds), at most

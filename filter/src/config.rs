@@ -390,6 +390,43 @@ pub enum ConfigError {
     Invalid { field: String, reason: String },
 }
 
+/// A JSON error as the user needs it: a value of the wrong type by its field path in plain
+/// words (`experiments[0].variants[1].weight: expected a number, found string "x"`); text that
+/// is not JSON at all, where no field can be named, by its line and column.
+fn json_error(path: &str, e: &serde_json::Error) -> ConfigError {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    let message = plain_type_error(message.strip_suffix(&position).unwrap_or(&message));
+    if e.is_data() && path != "." {
+        invalid(path, message)
+    } else {
+        ConfigError::Json(format!(
+            "{message} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    }
+}
+
+/// serde's "invalid type: string \"x\", expected f64" in words a user knows: "expected a
+/// number, found string \"x\"". Other messages are returned as they are.
+pub fn plain_type_error(message: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some((found, expected)) = rest.and_then(|r| r.rsplit_once(", expected ")) else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "f64" | "f32" => "a number",
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number, at least 0",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
+}
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
@@ -487,8 +524,10 @@ impl Experiment {
 impl Plan {
     /// Parses and validates a configuration.
     pub fn from_json(bytes: &[u8]) -> Result<Plan, ConfigError> {
-        let config: FilterConfig =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: FilterConfig = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| json_error(&e.path().to_string(), e.inner()))?;
+        de.end().map_err(|e| json_error(".", &e))?;
         Plan::from_config(&config)
     }
 

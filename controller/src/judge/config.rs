@@ -339,7 +339,7 @@ impl GuardrailConfig {
             ConfigError {
                 problems: vec![format!(
                     "{path}: {}",
-                    crate::spec::plain_type_error(&e.into_inner().to_string())
+                    sluice_filter::config::plain_type_error(&e.into_inner().to_string())
                 )],
             }
         })?;

@@ -141,7 +141,7 @@ fn errors_name_the_field() {
         (
             r#""type": "user","#,
             r#""type": "switchback", "slot_seconds": 60, "x": 1,"#,
-            "invalid JSON",
+            "experiments[0].unit: unknown field `x`",
         ),
     ];
     for (from, to, want) in cases {
@@ -442,4 +442,22 @@ pub(crate) fn readme_example() -> &'static str {
         .nth(1)
         .and_then(|b| b.split("```").next())
         .unwrap_or_default()
+}
+
+#[test]
+fn type_errors_name_the_field_path() {
+    let text = r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
+        "variants": [{"name": "a"}, {"name": "b", "weight": "x"}]}]}"#;
+    assert_eq!(
+        error_of(text),
+        r#"experiments[0].variants[1].weight: expected a number, found string "x""#
+    );
+    // Text that is not JSON has no field to name: its line and column.
+    let broken = error_of("{\"version\": 1,\n  oops}");
+    assert!(
+        broken.starts_with("invalid JSON: ") && broken.contains("(line 2, column 3)"),
+        "{broken}"
+    );
+    // Trailing text after the document is refused too.
+    assert!(error_of(&format!("{VALID} x")).starts_with("invalid JSON: "));
 }

@@ -98,7 +98,7 @@ fn errors_name_the_field() {
         ),
         (
             r#"{"cluster": "s", "sample_percent": 1, "bogus": 1}"#,
-            "invalid JSON",
+            "experiments[0].shadow.bogus: unknown field `bogus`",
         ),
     ];
     for (shadow, want) in cases {
