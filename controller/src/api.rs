@@ -394,7 +394,7 @@ pub fn metrics(all: &[Status]) -> String {
     family(
         "sluice_rollout_proxy_restarts_total",
         "counter",
-        "Proxy restarts (counters going down) seen since the daemon started.",
+        "Proxy restarts (a new process behind an endpoint, told by its uptime) seen since the daemon started.",
         all.iter()
             .map(|s| (r(s), s.proxy_restarts as f64))
             .collect(),

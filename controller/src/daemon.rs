@@ -269,7 +269,8 @@ pub struct Status {
     /// Requests per variant the proxies counted since this daemon started, summed over
     /// proxies and across their restarts (the judge's evidence is a subset: after warm-ups).
     pub observed_requests: BTreeMap<String, u64>,
-    /// Proxy restarts (counters going down) seen since this daemon started.
+    /// Proxy restarts seen since this daemon started: a new process behind an endpoint, told by
+    /// its uptime (counters going down only where a proxy gives no uptime).
     pub proxy_restarts: u64,
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,

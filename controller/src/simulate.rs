@@ -835,11 +835,7 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
             }
         }
         "users_aa" | "users_aa_heavy" => {
-            let (count, sigma) = if name == "users_aa" {
-                (100_000, 0.5)
-            } else {
-                (50_000, 1.0)
-            };
+            let (count, sigma) = population(name);
             Scenario {
                 users: Some(Users { count, sigma }),
                 ..s(
@@ -850,11 +846,7 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
             }
         }
         "users_srm" | "users_srm_heavy" => {
-            let (count, sigma) = if name == "users_srm" {
-                (100_000, 0.5)
-            } else {
-                (50_000, 1.0)
-            };
+            let (count, sigma) = population(name);
             Scenario {
                 stages: vec![(50.0, 60.0 + 3600.0)],
                 skew: 1.0,
@@ -868,6 +860,16 @@ pub fn scenario(name: &str, rps: f64) -> Result<Scenario, SimulateError> {
         }
         other => return Err(SimulateError::Scenario(other.to_string())),
     })
+}
+
+/// The users of a per-user scenario: 100,000 of activity σ = 0.5, or (`*_heavy`) 50,000 of
+/// σ = 1.
+fn population(name: &str) -> (usize, f64) {
+    if name.ends_with("_heavy") {
+        (50_000, 1.0)
+    } else {
+        (100_000, 0.5)
+    }
 }
 
 /// Runs `sluice simulate`.
