@@ -553,6 +553,21 @@ fn resolve_relative_wasm(root: &Path, value: &str) -> PathBuf {
     }
 }
 
+/// The filter configuration a shipped YAML carries inline on one line (`value: '{...}'`), for
+/// tests that start that YAML with a configuration of their own in its place.
+pub fn inline_filter_config(yaml: &str) -> Result<String> {
+    let path = repo_root().join(yaml);
+    let text = fs::read_to_string(&path).map_err(io(path.display().to_string()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("value: '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .map(str::to_string)
+        .ok_or_else(|| Error::Config {
+            path,
+            reason: "no one-line `value: '...'` filter configuration".into(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ pub mod wait;
 
 pub use admin::{Admin, Histogram, Sample, Samples, Stats};
 pub use client::{HttpClient, Load, Response};
-pub use envoy::{validate, Envoy, EnvoyConfig};
+pub use envoy::{inline_filter_config, validate, Envoy, EnvoyConfig};
 pub use error::{Error, Result};
 pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root, sluice_bin};
 pub use prometheus::Prometheus;

@@ -23,17 +23,6 @@ const CANARY: u16 = 10002;
 const SHADOW: u16 = 10003;
 const FIXTURE: &str = "tests/envoy/upstreams.yaml";
 
-/// The one-line filter configuration in the fixture, which tests replace.
-fn fixture_config() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(repo_root().join(FIXTURE))?;
-    let line = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("value: '"))
-        .and_then(|l| l.strip_suffix('\''))
-        .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line `value: '...'` filter config"))?;
-    Ok(line.to_string())
-}
-
 /// The fixture with `config` as the filter configuration and our upstreams behind it.
 pub async fn start_fixture(
     config: &Value,
@@ -45,7 +34,10 @@ pub async fn start_fixture(
         .port_to(STABLE, stable.port())
         .port_to(CANARY, canary_port)
         .port_to(SHADOW, shadow_port)
-        .replace(&fixture_config()?, &config.to_string())
+        .replace(
+            &sluice_tests::inline_filter_config(FIXTURE)?,
+            &config.to_string(),
+        )
         .start()
         .await?)
 }
@@ -1022,7 +1014,10 @@ async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Resul
 fn invalid_static_config_is_rejected_naming_the_field() -> anyhow::Result<()> {
     let bad = user_upstream_config(150.0, json!({}));
     let result = EnvoyConfig::new(FIXTURE)
-        .replace(&fixture_config()?, &bad.to_string())
+        .replace(
+            &sluice_tests::inline_filter_config(FIXTURE)?,
+            &bad.to_string(),
+        )
         .validate();
     let err = match result {
         Ok(()) => anyhow::bail!("Envoy accepted a 150 % weight"),

@@ -10,24 +10,13 @@ use sluice_filter::assignment::{hash, replicate_of};
 use sluice_filter::config::Plan;
 use sluice_filter::metrics::{REPLICATES, REPLICATE_REQUESTS, REQUESTS};
 use sluice_filter::request::variant_of_key;
-use sluice_tests::{repo_root, EnvoyConfig, Load, Reply, Request, Upstream};
+use sluice_tests::{EnvoyConfig, Load, Reply, Request, Upstream};
 
 const LISTENER: u16 = 10000;
 const STABLE: u16 = 10001;
 const CANARY: u16 = 10002;
 const SHADOW: u16 = 10003;
 const FIXTURE: &str = "tests/envoy/upstreams.yaml";
-
-/// The one-line filter configuration in the fixture, which the test replaces.
-fn fixture_config() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(repo_root().join(FIXTURE))?;
-    let line = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("value: '"))
-        .and_then(|l| l.strip_suffix('\''))
-        .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line `value: '...'` filter config"))?;
-    Ok(line.to_string())
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keyed_requests_are_counted_by_replicate_group() -> anyhow::Result<()> {
@@ -41,7 +30,10 @@ async fn keyed_requests_are_counted_by_replicate_group() -> anyhow::Result<()> {
         .port_to(STABLE, upstream.port())
         .port_to(CANARY, upstream.port())
         .port_to(SHADOW, upstream.port())
-        .replace(&fixture_config()?, &config.to_string())
+        .replace(
+            &sluice_tests::inline_filter_config(FIXTURE)?,
+            &config.to_string(),
+        )
         .start()
         .await?;
     let n = 3_000;

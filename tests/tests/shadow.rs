@@ -11,15 +11,6 @@ use sluice_tests::{
 const LISTENER: u16 = 10000;
 const FIXTURE: &str = "tests/envoy/upstreams.yaml";
 
-fn fixture_config() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(sluice_tests::repo_root().join(FIXTURE))?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("value: '"))
-        .and_then(|l| l.strip_suffix('\''))
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("{FIXTURE}: no one-line filter config"))
-}
-
 /// The filter's secret in these tests: it keys the copies' marker.
 const SECRET: &str = "shadow-test-secret-0123456789abcdef";
 
@@ -40,7 +31,10 @@ async fn start(config: &Value, primary: &Upstream, shadow_port: u16) -> anyhow::
         .port_to(10001, primary.port())
         .port_to(10002, primary.port())
         .port_to(10003, shadow_port)
-        .replace(&fixture_config()?, &config.to_string())
+        .replace(
+            &sluice_tests::inline_filter_config(FIXTURE)?,
+            &config.to_string(),
+        )
         .start()
         .await?)
 }
@@ -720,7 +714,7 @@ async fn compared_5xx_and_failed_calls_are_counted_apart() -> anyhow::Result<()>
         .port_to(10001, primary.port())
         .port_to(10002, primary.port())
         .port_to(10003, shadow.port())
-        .replace(&fixture_config()?, &config.to_string())
+        .replace(&sluice_tests::inline_filter_config(FIXTURE)?, &config.to_string())
         // Envoy's limit on an answer it buffers for the filter (default 32 MiB).
         .replace(
             "static_resources:",
