@@ -77,6 +77,10 @@ pub const SHADOW_BYTES_IN_FLIGHT: &str = "sluice_shadow_bytes_in_flight";
 pub const SHADOW_LATENCY: &str = "sluice_shadow_latency_ms";
 /// Histogram: `round(|shadow - primary| * scale)` per numeric field; labels `field`, `sign`.
 pub const SHADOW_DELTA: &str = "sluice_shadow_delta";
+/// Gauge per experiment: the push version of the configuration the filter runs (the number
+/// before `@` in the config's `revision`; 0 for a config without one, such as a bootstrap's
+/// default). Any sink's push can be confirmed from the data plane with it.
+pub const CONFIG_REVISION: &str = "sluice_config_revision";
 
 /// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
 pub const SHADOW_SKIP_REASONS: [&str; 5] = [
