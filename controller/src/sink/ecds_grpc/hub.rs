@@ -275,6 +275,15 @@ impl Hub {
         self.bump_events();
     }
 
+    /// Ends stream `conn` with `status` (sent to the peer if it still listens).
+    pub fn fail(&self, conn: u64, status: tonic::Status) {
+        let mut st = self.lock();
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.closing = Some(status);
+            c.wake.notify_one();
+        }
+    }
+
     /// Applies one request of stream `conn`. `Err` ends the stream with that status.
     pub fn receive(&self, conn: u64, req: DiscoveryRequest) -> Result<(), tonic::Status> {
         let result = self.apply(conn, req);
@@ -417,14 +426,10 @@ impl Hub {
     /// `name` ACKed it (or a later one), or one NACKed it.
     pub fn confirmation(&self, name: &str, serial: u64) -> Confirmation {
         let st = self.lock();
-        let mut proxies = BTreeSet::new();
+        let streams = newest_per_proxy(&st, name);
+        let proxies = streams.len();
         let mut pending = None;
-        for c in st.conns.values() {
-            let Some(node) = &c.node else { continue };
-            if !c.subscribed.contains(name) {
-                continue;
-            }
-            proxies.insert(node.id.as_str());
+        for (node, c) in streams {
             if let Some(n) = &c.last_nack {
                 if n.serials.get(name).is_some_and(|s| *s >= serial) {
                     return Confirmation::Nacked {
@@ -439,12 +444,10 @@ impl Hub {
             }
         }
         match pending {
-            None => Confirmation::Acked {
-                proxies: proxies.len(),
-            },
+            None => Confirmation::Acked { proxies },
             Some(p) => Confirmation::Waiting {
                 pending: Some(p),
-                proxies: proxies.len(),
+                proxies,
             },
         }
     }
@@ -457,11 +460,7 @@ impl Hub {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for c in st.conns.values() {
-            let Some(node) = &c.node else { continue };
-            if !c.subscribed.contains(name) {
-                continue;
-            }
+        for (node, c) in newest_per_proxy(&st, name) {
             if c.acked.get(name).is_some_and(|(s, _)| *s >= r.serial) {
                 continue;
             }
@@ -517,6 +516,21 @@ impl Hub {
     pub fn streams(&self) -> usize {
         self.lock().conns.len()
     }
+}
+
+/// The streams subscribed to `name`, only the newest per node id: an older one is a proxy's
+/// previous connection that has not been torn down yet (its peer vanished, or a hot restart's
+/// draining parent), and must not hold confirmations back.
+fn newest_per_proxy<'a>(st: &'a State, name: &str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+    let mut newest: BTreeMap<&str, (&NodeInfo, &Conn)> = BTreeMap::new();
+    // Connection ids grow: a later one replaces an earlier one of the same node.
+    for c in st.conns.values() {
+        let Some(node) = &c.node else { continue };
+        if c.subscribed.contains(name) {
+            newest.insert(node.id.as_str(), (node, c));
+        }
+    }
+    newest.into_values().collect()
 }
 
 fn node_info(node: Option<&Node>, limits: &Limits) -> Result<NodeInfo, tonic::Status> {
