@@ -140,7 +140,7 @@ impl Admin {
     /// Plain `/stats` counters and gauges matching the regex `filter`, by name.
     pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>, AdminError> {
         let text = self
-            .get(&format!("/stats?usedonly=false&filter={}", encode(filter)))
+            .get(&format!("/stats?filter={}", encode(filter)))
             .await?;
         let mut out = BTreeMap::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -165,7 +165,7 @@ impl Admin {
     pub async fn text_readout(&self, name: &str) -> Result<Option<String>, AdminError> {
         let filter = format!("^{}$", regex_escape(name));
         let text = self
-            .get(&format!("/stats?usedonly=false&filter={}", encode(&filter)))
+            .get(&format!("/stats?filter={}", encode(&filter)))
             .await?;
         Ok(text.lines().find_map(|line| {
             let (n, v) = line.rsplit_once(": ")?;

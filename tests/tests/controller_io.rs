@@ -99,6 +99,14 @@ async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Resul
         &format!("http://{}", envoy.addr(ADMIN)),
         Duration::from_secs(2),
     );
+    // A counter never incremented is listed too: Envoy reads any `usedonly` parameter, even
+    // `usedonly=false`, as "only the used ones", and a missing stat is not a zero.
+    let unused = admin.stats("^server\\.envoy_bug_failures$").await?;
+    assert_eq!(
+        unused.get("server.envoy_bug_failures"),
+        Some(&0),
+        "{unused:?}"
+    );
     let (pb_format, mut pb) = exposition(&admin, Format::Protobuf).await?;
     let (text_format, mut text) = exposition(&admin, Format::Text).await?;
     assert_eq!((pb_format, text_format), (Format::Protobuf, Format::Text));

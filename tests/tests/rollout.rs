@@ -892,7 +892,7 @@ impl Drop for Gate {
 /// The filter configuration version Envoy has in force (ECDS `version_text`).
 async fn in_force(envoy: &Envoy) -> Option<String> {
     let url = format!(
-        "http://{}/stats?usedonly=false&filter=http_filter%5C.sluice%5C.version_text",
+        "http://{}/stats?filter=http_filter%5C.sluice%5C.version_text",
         envoy.addr(ADMIN)
     );
     let text = HttpClient::new().get(&url).await.ok()?.text();
