@@ -187,15 +187,22 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
     };
     let config = c.render(w).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&config)?);
+    let into = match c.rollout.spec.sinks.first() {
+        Some(crate::spec::SinkSpec::IstioWasmPlugin(w)) => format!(
+            "into {} of {:?} {}/{}",
+            w.kind.config_path().join("."),
+            w.kind,
+            w.namespace,
+            w.name
+        ),
+        Some(crate::spec::SinkSpec::EcdsFile(e)) => format!(
+            "into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>",
+            e.resource
+        ),
+        None => "to the sinks".into(),
+    };
     eprintln!(
-        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>; the shadow section is pushed only in the shadow stage",
-        c.rollout
-            .spec
-            .sinks
-            .iter()
-            .map(|crate::spec::SinkSpec::EcdsFile(e)| e.resource.as_str())
-            .next()
-            .unwrap_or("sluice")
+        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes {into}; the shadow section is pushed only in the shadow stage"
     );
     Ok(())
 }
@@ -251,12 +258,17 @@ where
         if handles.contains_key(&name) {
             bail!("{}: a rollout named {name:?} is already given", f.display());
         }
-        for crate::spec::SinkSpec::EcdsFile(e) in &checked.rollout.spec.sinks {
-            if let Some(other) = sink_paths.insert(e.path.clone(), name.clone()) {
+        for sink in &checked.rollout.spec.sinks {
+            let target = match sink {
+                crate::spec::SinkSpec::EcdsFile(e) => e.path.clone(),
+                crate::spec::SinkSpec::IstioWasmPlugin(w) => {
+                    format!("{:?} {}/{}", w.kind, w.namespace, w.name)
+                }
+            };
+            if let Some(other) = sink_paths.insert(target.clone(), name.clone()) {
                 bail!(
-                    "{}: spec.sinks: {:?} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
+                    "{}: spec.sinks: {target:?} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file, or Istio object)",
                     f.display(),
-                    e.path
                 );
             }
         }
@@ -276,9 +288,14 @@ where
             ),
         };
         let stages: Vec<f64> = checked.stages.iter().map(|s| s.weight).collect();
+        let sinks = spec
+            .sinks
+            .iter()
+            .map(|s| AnySink::from_spec(s).reading(&source))
+            .collect();
         let task = Task {
             source,
-            sinks: spec.sinks.iter().map(AnySink::from_spec).collect(),
+            sinks,
             judge: judge(&checked)?,
             store: Store::new(&opts.state_dir, &name)?,
             notifier: Notifier::new(&spec.notifications),

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::notify::{Notice, Notifier};
 use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
 use crate::sink::ecds_file::EcdsFile;
+use crate::sink::istio::IstioWasmPlugin;
 use crate::sink::{Sink, SinkError};
 use crate::source::envoy_admin::{AdminHub, EnvoyAdmin};
 use crate::source::prometheus::Prometheus;
@@ -144,6 +145,7 @@ impl Source for AnySource {
 #[derive(Debug, Clone)]
 pub enum AnySink {
     EcdsFile(EcdsFile),
+    IstioWasmPlugin(IstioWasmPlugin<AnySource>),
 }
 
 impl AnySink {
@@ -160,6 +162,30 @@ impl AnySink {
                     .collect(),
                 confirm_within: f.confirm_within,
             }),
+            SinkSpec::IstioWasmPlugin(w) => AnySink::IstioWasmPlugin(IstioWasmPlugin {
+                target: crate::sink::istio::Target {
+                    kind: w.kind,
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                },
+                kube: crate::sink::istio::Kube::new(w.context.clone()),
+                source: None,
+                min_proxies: w.min_proxies,
+                confirm_within: w.confirm_within,
+                max_conflicts: w.max_conflicts,
+                poll: crate::sink::istio::POLL,
+            }),
+        }
+    }
+
+    /// This sink, confirming from `source` where it confirms from the data plane.
+    pub fn reading(self, source: &AnySource) -> AnySink {
+        match self {
+            AnySink::IstioWasmPlugin(s) => AnySink::IstioWasmPlugin(IstioWasmPlugin {
+                source: Some(source.clone()),
+                ..s
+            }),
+            other => other,
         }
     }
 }
@@ -172,6 +198,7 @@ impl Sink for AnySink {
     ) -> Result<crate::sink::Receipt, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.push(config, version).await,
+            AnySink::IstioWasmPlugin(s) => s.push(config, version).await,
         }
     }
 
@@ -182,6 +209,7 @@ impl Sink for AnySink {
     ) -> Result<Option<String>, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.in_force(config, version).await,
+            AnySink::IstioWasmPlugin(s) => s.in_force(config, version).await,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice_filter::config::FilterConfig;
 
 pub mod ecds_file;
+pub mod istio;
 
 /// Proof that a push took effect.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,8 @@ pub enum SinkError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Istio(#[from] istio::IstioError),
 }
 
 /// Pushes filter configurations to proxies.
