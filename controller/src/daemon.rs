@@ -302,6 +302,9 @@ pub struct Status {
     pub proxy_restarts: u64,
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,
+    /// Proxies by the configuration version they report running (`sluice_config_revision`),
+    /// at the last evaluation; see [`crosscheck`].
+    pub proxies_by_revision: BTreeMap<u64, usize>,
     pub events: Arc<Vec<EventRecord>>,
     /// Why this rollout stopped running (its state could not be loaded, or a file could not
     /// be written); `None` while it runs or after it ended normally.
@@ -427,6 +430,7 @@ impl Status {
             observed_requests: BTreeMap::new(),
             proxy_restarts: 0,
             last_push_latency_secs: None,
+            proxies_by_revision: BTreeMap::new(),
             events: Arc::default(),
             error: None,
         }
@@ -493,6 +497,7 @@ where
         let status = Status::initial(&name, stages, state.clone(), &plan, now);
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let cross_grace = crosscheck::grace(&self.checked);
         let runner = Runner {
             task: self,
             plan,
@@ -505,6 +510,8 @@ where
             split_repushed: None,
             split_hold: None,
             unverified: None,
+            cross: crosscheck::CrossCheck::default(),
+            cross_grace,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
         Ok((
@@ -537,6 +544,10 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     split_hold: Option<String>,
     /// Why the last check of what the proxies serve could not be made, if it could not.
     unverified: Option<String>,
+    /// The data plane's revisions against the sinks' confirmation.
+    cross: crosscheck::CrossCheck,
+    /// Seconds after a confirmation a proxy may still report the version before.
+    cross_grace: f64,
 }
 
 /// Requests (all variants) since the confirmation before the observed split is compared with
@@ -789,6 +800,10 @@ where
         let experiment = spec.experiment.name.clone();
         let now = self.task.clock.now();
         let scraped = self.task.source.scrape(&experiment).await;
+        let crossed = match &scraped {
+            Ok(s) => self.cross_check(s, now).await?,
+            Err(_) => None,
+        };
         // An origin whose answers come from different proxies is an error too.
         let scraped = scraped.and_then(|s| self.accumulator.add(SystemTime::now(), &s));
         let mut diverged = None;
@@ -820,7 +835,9 @@ where
                 )
             }
         };
-        if let Some(reason) = &self.unverified {
+        if let Some(reason) = &crossed {
+            assessment.judgement = crosscheck::hold_on(assessment.judgement, reason);
+        } else if let Some(reason) = &self.unverified {
             if !matches!(assessment.judgement, Judgement::Fail { .. }) {
                 assessment.judgement = Judgement::Hold {
                     reason: format!("cannot check what the proxies serve: {reason}"),
@@ -958,6 +975,8 @@ fn control_of(checked: &Checked) -> String {
 
 /// Statuses of several rollouts by name, for the HTTP endpoint.
 pub type Registry = Arc<BTreeMap<String, Handle>>;
+
+mod crosscheck;
 
 #[cfg(test)]
 mod tests;
