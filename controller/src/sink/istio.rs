@@ -430,9 +430,8 @@ impl<S: Source + Send + Sync> Sink for IstioWasmPlugin<S> {
         }
         let pushed = revision
             .as_deref()
-            .and_then(|r| r.split_once('@'))
-            .map(|(v, _)| v);
-        if pushed != Some(version.to_string().as_str()) {
+            .and_then(sluice_filter::config::Revision::parse);
+        if pushed.map(|r| r.version) != Some(version) {
             return Ok(Some(format!(
                 "{object}: {path}.revision is {}, not version {version}",
                 revision.as_deref().unwrap_or("missing")
