@@ -77,7 +77,10 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
 /// Proxies as a scripted source reports them: origin → revision of experiment `e`, or an
 /// error.
 #[derive(Debug, Clone)]
-struct Proxies(Arc<Mutex<Result<Vec<(String, f64)>, String>>>);
+struct Proxies(Arc<Mutex<Reported>>);
+
+/// Each proxy and the revision it reports, or why the source cannot answer.
+type Reported = Result<Vec<(String, f64)>, String>;
 
 impl Default for Proxies {
     fn default() -> Proxies {
