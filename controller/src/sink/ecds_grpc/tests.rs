@@ -660,3 +660,51 @@ async fn rollouts_on_one_listen_share_a_server_and_a_taken_port_is_a_clear_error
     assert!(Arc::ptr_eq(&one, &two));
     assert_eq!(servers.proxies().len(), 1);
 }
+
+#[test]
+fn remote_code_is_rendered_as_an_http_fetch_pinned_by_sha256() {
+    let mut code = code();
+    code.filename.clear();
+    code.remote = Some(crate::sink::ecds_file::RemoteCode {
+        uri: "http://sluice.sluice-system:8080/sluice_filter.wasm".into(),
+        cluster: "outbound|8080||sluice.sluice-system.svc.cluster.local".into(),
+        sha256: "ab".repeat(32),
+        timeout_secs: 30,
+    });
+    let any = render("sluice", &code, &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    let tec = TypedExtensionConfig::decode(any.value.as_slice()).unwrap_or_default();
+    let wasm =
+        Wasm::decode(tec.typed_config.unwrap_or_default().value.as_slice()).unwrap_or_default();
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap_or_default().vm else {
+        panic!("no vm_config")
+    };
+    let Some(async_data_source::Specifier::Remote(remote)) = vm.code.and_then(|c| c.specifier)
+    else {
+        panic!("not remote")
+    };
+    assert_eq!(remote.sha256, "ab".repeat(32));
+    let uri = remote.http_uri.unwrap_or_default();
+    assert_eq!(
+        uri.uri,
+        "http://sluice.sluice-system:8080/sluice_filter.wasm"
+    );
+    assert_eq!(uri.timeout.map(|t| t.seconds), Some(30));
+    assert_eq!(
+        uri.http_upstream_type,
+        Some(
+            envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                "outbound|8080||sluice.sluice-system.svc.cluster.local".into()
+            )
+        )
+    );
+    // The file sink renders the same source in Envoy's JSON form.
+    let text = crate::sink::ecds_file::render("sluice", &code, &config(1.0), 1).unwrap_or_default();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let source = &doc["resources"][0]["typed_config"]["config"]["vm_config"]["code"]["remote"];
+    assert_eq!(source["sha256"], "ab".repeat(32));
+    assert_eq!(source["http_uri"]["timeout"], "30s");
+    assert_eq!(
+        source["http_uri"]["cluster"],
+        "outbound|8080||sluice.sluice-system.svc.cluster.local"
+    );
+}
