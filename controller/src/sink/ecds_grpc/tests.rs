@@ -708,3 +708,56 @@ fn remote_code_is_rendered_as_an_http_fetch_pinned_by_sha256() {
         "outbound|8080||sluice.sluice-system.svc.cluster.local"
     );
 }
+
+#[tokio::test]
+async fn status_lists_each_proxy_with_its_acked_version_and_last_nack() {
+    let s = server(Limits::default()).await;
+    let mut good = Proxy::open(s.addr, "envoy-good", &["sluice"]).await;
+    let mut bad = Proxy::open(s.addr, "envoy-bad", &["sluice"]).await;
+    let sink = s.sink("sluice", 2, Duration::from_secs(10));
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(1.0), 1).await });
+    let (r, r2) = (good.next().await, bad.next().await);
+    let (r, r2) = (
+        r.unwrap_or_else(|e| panic!("{e}")),
+        r2.unwrap_or_else(|e| panic!("{e}")),
+    );
+    good.ack(&r).await;
+    bad.ack(&r2).await;
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(5.0), 2).await });
+    let (r, r2) = (good.next().await, bad.next().await);
+    let (r, r2) = (
+        r.unwrap_or_else(|e| panic!("{e}")),
+        r2.unwrap_or_else(|e| panic!("{e}")),
+    );
+    good.ack(&r).await;
+    bad.nack("1", &r2, "wasm: bad weights").await;
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_err());
+    let status = serde_json::json!({ "proxies": [sink.proxies()] });
+    let lines = crate::cli::proxy_lines(&status);
+    assert_eq!(
+        lines[0],
+        format!(
+            "ecdsGrpc {} \"sluice\": serving version 2, 2 proxies connected, 1 ACKed it",
+            s.addr
+        )
+    );
+    assert!(
+        lines.contains(
+            &"  envoy-bad (fleet): ACKed version 1; last NACK (version 2): wasm: bad weights"
+                .to_string()
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"  envoy-good (fleet): ACKed version 2".to_string()),
+        "{lines:?}"
+    );
+    let since = &status["proxies"][0]["proxies"][0]["connected_since"];
+    assert!(
+        since.as_u64().is_some_and(|ms| ms > 1_700_000_000_000),
+        "{since}"
+    );
+}
