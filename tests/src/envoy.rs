@@ -43,6 +43,7 @@ pub struct EnvoyConfig {
     ready_timeout: Duration,
     args: Vec<String>,
     node: Option<String>,
+    cwd: Option<PathBuf>,
 }
 
 impl EnvoyConfig {
@@ -65,6 +66,7 @@ impl EnvoyConfig {
             ready_timeout: Duration::from_secs(30),
             args: Vec::new(),
             node: None,
+            cwd: None,
         }
     }
 
@@ -131,6 +133,14 @@ impl EnvoyConfig {
     /// An extra Envoy command-line argument.
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Runs Envoy in `dir` instead of the repository root: relative paths in configurations
+    /// pushed to it later (e.g. a wasm `filename`) are resolved there, so Envoys of one fleet
+    /// can be given different files under the same name.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
         self
     }
 
@@ -271,7 +281,7 @@ impl EnvoyConfig {
             .arg("--admin-address-path")
             .arg(dir.join(ADMIN_ADDRESS_FILE))
             .args(&self.args)
-            .current_dir(repo_root())
+            .current_dir(self.cwd.clone().unwrap_or_else(repo_root))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
