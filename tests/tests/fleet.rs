@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sluice_filter::config::Plan;
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, EnvoyConfig,
     HttpClient, Load, Reply, Request, Upstream,
@@ -102,6 +103,63 @@ async fn split(envoy: &Envoy, tag: &str, users: usize) -> anyhow::Result<(usize,
 fn the_fleet_files_are_valid_envoy_configs() -> anyhow::Result<()> {
     validate(BOOTSTRAP)?;
     validate("envoy/fleet/models.yaml")?;
+    Ok(())
+}
+
+/// The text of a shipped file.
+fn shipped(path: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(
+        sluice_tests::repo_root().join(path),
+    )?)
+}
+
+/// The part of a bootstrap from `stats_config:` up to `static_resources:`.
+fn stats_config(yaml: &str) -> Option<&str> {
+    let start = yaml.find("\nstats_config:")?;
+    let end = yaml[start..].find("\nstatic_resources:")?;
+    Some(&yaml[start..start + end])
+}
+
+#[test]
+fn the_fleet_bootstrap_tags_and_buckets_stats_like_the_other_examples() -> anyhow::Result<()> {
+    let fleet = shipped(BOOTSTRAP)?;
+    let single = shipped("envoy/ecds.yaml")?;
+    assert!(stats_config(&fleet).is_some());
+    assert_eq!(stats_config(&fleet), stats_config(&single));
+    Ok(())
+}
+
+#[test]
+fn the_default_config_is_the_rollouts_experiment_at_zero() -> anyhow::Result<()> {
+    let spec = sluice_tests::repo_root().join("envoy/fleet/rollout.yaml");
+    let validate = Command::new(sluice_bin()?)
+        .arg("validate")
+        .arg("-f")
+        .arg(&spec)
+        .output()?;
+    assert!(
+        validate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validate.stderr)
+    );
+    let render = Command::new(sluice_bin()?)
+        .args(["render", "--weight", "0", "-f"])
+        .arg(&spec)
+        .output()?;
+    assert!(
+        render.status.success(),
+        "{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+    // Compared as the filter sees them (defaults filled in, checked), except for the secret the
+    // daemon adds to every push (for beacon tokens and shadow markers, which the control-only
+    // default config has no use for).
+    let rendered = Plan::from_json(&render.stdout)?;
+    let default = Plan::from_json(sluice_tests::inline_filter_config(BOOTSTRAP)?.as_bytes())?;
+    assert!(rendered.secret.is_some());
+    assert_eq!(default.secret, None);
+    assert_eq!(default.revision, None);
+    assert_eq!(default.experiments, rendered.experiments);
     Ok(())
 }
 

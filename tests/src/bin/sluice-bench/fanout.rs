@@ -34,7 +34,7 @@ use sluice_controller::sink::ecds_grpc::{EcdsGrpc, Servers};
 use sluice_controller::sink::Sink;
 use sluice_filter::config::FilterConfig;
 use sluice_tests::xds::{accept_decodable, channel, Identity, XdsClient};
-use sluice_tests::{filter_wasm, free_port, EnvoyConfig, Envoy};
+use sluice_tests::{filter_wasm, free_port, Envoy, EnvoyConfig};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -428,7 +428,10 @@ pub fn clients(args: ClientsArgs) -> Result<()> {
             acked += s.received.len() - s.nacks.len();
             nacked += s.nacks.len();
             ended += usize::from(s.ended.is_some());
-            let last = s.acked.and_then(|(v, _)| v.parse::<u64>().ok()).unwrap_or(0);
+            let last = s
+                .acked
+                .and_then(|(v, _)| v.parse::<u64>().ok())
+                .unwrap_or(0);
             lowest = Some(lowest.map_or(last, |l| l.min(last)));
         }
         let mut out = std::io::stdout().lock();
