@@ -199,6 +199,10 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
             "into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>",
             e.resource
         ),
+        Some(crate::spec::SinkSpec::EcdsGrpc(g)) => format!(
+            "out from the ecdsGrpc server on {} as resource {:?}, version_info <version>",
+            g.listen, g.resource
+        ),
         None => "to the sinks".into(),
     };
     eprintln!(
@@ -249,6 +253,11 @@ where
     let mut sink_paths: BTreeMap<String, String> = BTreeMap::new();
     // Rollouts reading the same Envoys share their scrapes.
     let hub = crate::source::envoy_admin::AdminHub::new();
+    // ecdsGrpc servers, one per listen address, shared by the rollouts naming it.
+    let servers = Arc::new(crate::sink::ecds_grpc::Servers::new(
+        stop_rx.clone(),
+        crate::sink::ecds_grpc::Limits::default(),
+    ));
     for f in &opts.files {
         let mut checked = load(f)?;
         checked
@@ -259,15 +268,23 @@ where
             bail!("{}: a rollout named {name:?} is already given", f.display());
         }
         for sink in &checked.rollout.spec.sinks {
-            let target = match sink {
+            let key = match sink {
                 crate::spec::SinkSpec::EcdsFile(e) => e.path.clone(),
+                // Resource names are per server: two rollouts on one server need two names.
+                crate::spec::SinkSpec::EcdsGrpc(g) => format!(
+                    "resource {:?} on the ecdsGrpc server {}",
+                    g.resource,
+                    g.listen
+                        .parse::<SocketAddr>()
+                        .map_or(g.listen.clone(), |a| a.to_string())
+                ),
                 crate::spec::SinkSpec::IstioWasmPlugin(w) => {
                     format!("{:?} {}/{}", w.kind, w.namespace, w.name)
                 }
             };
-            if let Some(other) = sink_paths.insert(target.clone(), name.clone()) {
+            if let Some(other) = sink_paths.insert(key.clone(), name.clone()) {
                 bail!(
-                    "{}: spec.sinks: {target:?} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file, or Istio object)",
+                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file, or Istio object)",
                     f.display(),
                 );
             }
@@ -288,10 +305,21 @@ where
             ),
         };
         let stages: Vec<f64> = checked.stages.iter().map(|s| s.weight).collect();
-        let sinks = spec
-            .sinks
+        let mut sinks = Vec::with_capacity(spec.sinks.len());
+        for (i, sink) in spec.sinks.iter().enumerate() {
+            sinks.push(
+                AnySink::from_spec(sink, &servers)
+                    .await
+                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?
+                    .reading(&source),
+            );
+        }
+        let ecds_grpc: Vec<crate::sink::ecds_grpc::EcdsGrpc> = sinks
             .iter()
-            .map(|s| AnySink::from_spec(s).reading(&source))
+            .filter_map(|s| match s {
+                AnySink::EcdsGrpc(g) => Some(g.clone()),
+                _ => None,
+            })
             .collect();
         let task = Task {
             source,
@@ -307,7 +335,8 @@ where
             let _ = stop.wait_for(|s| *s).await;
         };
         match task.spawn(shutdown, opts.exit_when_done) {
-            Ok((handle, join)) => {
+            Ok((mut handle, join)) => {
+                handle.ecds_grpc = ecds_grpc;
                 if let Some(line) = finished_line(&handle.status.borrow(), &opts.state_dir) {
                     println!("{line}");
                 }
@@ -516,8 +545,68 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             state
         );
+        for line in proxy_lines(&s) {
+            println!("  {line}");
+        }
     }
     Ok(())
+}
+
+/// Proxies listed one by one under a rollout in `sluice status`, at most; beyond, only those
+/// that are behind or NACKed are listed.
+const PROXIES_LISTED: usize = 20;
+
+/// `sluice status` lines for a rollout's ecdsGrpc sinks (its `/status` `proxies`): per sink
+/// the version served and how many proxies ACKed it, then the proxies.
+pub(crate) fn proxy_lines(status: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for sink in status["proxies"].as_array().into_iter().flatten() {
+        let resource = sink["resource"].as_str().unwrap_or("?");
+        let serving = sink["serving"].as_u64();
+        let proxies = sink["proxies"].as_array().cloned().unwrap_or_default();
+        let acked = |p: &serde_json::Value| p["acked"][resource].as_u64();
+        let current = proxies
+            .iter()
+            .filter(|p| serving.is_some() && acked(p) == serving)
+            .count();
+        out.push(format!(
+            "ecdsGrpc {} {resource:?}: serving {}, {} proxies connected, {current} ACKed it",
+            sink["listen"].as_str().unwrap_or("?"),
+            serving.map_or("nothing".into(), |v| format!("version {v}")),
+            proxies.len(),
+        ));
+        let all = proxies.len() <= PROXIES_LISTED;
+        for p in &proxies {
+            let nack = &p["last_nack"];
+            let behind = serving.is_some() && acked(p) != serving;
+            if !(all || behind || !nack.is_null()) {
+                continue;
+            }
+            let mut line = format!(
+                "  {} ({}): ACKed {}",
+                p["id"].as_str().unwrap_or("?"),
+                p["cluster"].as_str().unwrap_or(""),
+                acked(p).map_or("nothing".into(), |v| format!("version {v}")),
+            );
+            if !nack.is_null() {
+                let versions = nack["versions"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                line.push_str(&format!(
+                    "; last NACK (version {versions}): {}",
+                    nack["detail"].as_str().unwrap_or("")
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out
 }
 
 /// `sluice pause|resume|promote|abort NAME`, with the operator token if there is one.

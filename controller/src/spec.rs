@@ -234,6 +234,36 @@ fn default_max_age() -> Duration {
 pub enum SinkSpec {
     EcdsFile(EcdsFileSpec),
     IstioWasmPlugin(IstioWasmPluginSpec),
+    EcdsGrpc(EcdsGrpcSpec),
+}
+
+impl SinkSpec {
+    /// The ECDS resource (filter name) the sink serves.
+    pub fn resource(&self) -> &str {
+        match self {
+            SinkSpec::EcdsFile(f) => &f.resource,
+            SinkSpec::EcdsGrpc(g) => &g.resource,
+            // istiod names the filter after the object (`<namespace>.<name>`).
+            SinkSpec::IstioWasmPlugin(w) => &w.name,
+        }
+    }
+}
+
+/// The controller serves the filter's config over gRPC (Envoy's ExtensionConfigDiscoveryService).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EcdsGrpcSpec {
+    /// Address the server listens on (`host:port`); rollouts naming the same one share it.
+    pub listen: String,
+    /// `TypedExtensionConfig` name the proxies subscribe to; default `sluice`.
+    #[serde(default = "default_resource")]
+    pub resource: String,
+    pub wasm: WasmCode,
+    /// Distinct proxies (node ids) that must be connected for a push to count as confirmed.
+    #[serde(default = "default_min_proxies")]
+    pub min_proxies: usize,
+    #[serde(default = "default_confirm", with = "duration")]
+    pub confirm_within: Duration,
 }
 
 /// The `istioWasmPlugin` sink: the filter configuration goes into an Istio object's
@@ -544,6 +574,10 @@ impl Rollout {
                     format!("spec.sinks[{i}].istioWasmPlugin.confirmWithin"),
                     w.confirm_within,
                 ),
+                SinkSpec::EcdsGrpc(g) => wait(
+                    format!("spec.sinks[{i}].ecdsGrpc.confirmWithin"),
+                    g.confirm_within,
+                ),
             }
         }
         if s.shadow.is_some() && s.experiment.shadow.is_none() {
@@ -595,6 +629,17 @@ impl Rollout {
             problem("spec.sinks", "at least one sink is required".into());
         }
         for (i, sink) in s.sinks.iter().enumerate() {
+            let code = match sink {
+                SinkSpec::EcdsFile(f) => Some(("ecdsFile", &f.wasm)),
+                SinkSpec::EcdsGrpc(g) => Some(("ecdsGrpc", &g.wasm)),
+                // The Istio object says where the code comes from.
+                SinkSpec::IstioWasmPlugin(_) => None,
+            };
+            if let Some((kind, code)) = code {
+                for (field, why) in code.problems() {
+                    problem(&format!("spec.sinks[{i}].{kind}.wasm.{field}"), why);
+                }
+            }
             match sink {
                 SinkSpec::EcdsFile(f) => {
                     if f.proxies.is_empty() {
@@ -634,6 +679,29 @@ impl Rollout {
                         problem(
                             &at("maxConflicts"),
                             format!("{} is above 100", w.max_conflicts),
+                        );
+                    }
+                }
+                SinkSpec::EcdsGrpc(g) => {
+                    if g.listen.parse::<std::net::SocketAddr>().is_err() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.listen"),
+                            format!(
+                                "{:?} is not an address and port (e.g. 0.0.0.0:18000)",
+                                g.listen
+                            ),
+                        );
+                    }
+                    if g.min_proxies == 0 {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.minProxies"),
+                            "must be at least 1 (a push nobody received is not confirmed)".into(),
+                        );
+                    }
+                    if g.resource.is_empty() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.resource"),
+                            "must not be empty".into(),
                         );
                     }
                 }

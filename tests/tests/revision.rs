@@ -62,6 +62,7 @@ fn ecds_sink(envoy: &Envoy) -> anyhow::Result<EcdsFile> {
         resource: "sluice".into(),
         code: WasmCode {
             filename: filter_wasm()?.display().to_string(),
+            remote: None,
             vm_id: "sluice".into(),
             root_id: "sluice".into(),
             runtime: "envoy.wasm.runtime.v8".into(),
@@ -613,6 +614,7 @@ fn sluice_run_with_kubeconfig(
 fn wasm_code() -> anyhow::Result<WasmCode> {
     Ok(WasmCode {
         filename: filter_wasm()?.display().to_string(),
+        remote: None,
         vm_id: "sluice".into(),
         root_id: "sluice".into(),
         runtime: "envoy.wasm.runtime.v8".into(),
