@@ -299,6 +299,16 @@ impl<S: Source + Sync> IstioWasmPlugin<S> {
         }
     }
 
+    fn silent(&self) -> IstioError {
+        IstioError::Api {
+            object: self.target.to_string(),
+            reason: format!(
+                "the Kubernetes API server did not answer within {:?} (confirmWithin)",
+                self.confirm_within
+            ),
+        }
+    }
+
     /// Writes `config` into the object, re-reading it after each conflict.
     async fn write(&self, config: serde_json::Value) -> Result<(), IstioError> {
         let api = self.api(self.kube.client().await?);
@@ -375,7 +385,12 @@ impl<S: Source + Send + Sync> Sink for IstioWasmPlugin<S> {
         }
         let mut config = config.clone();
         config.revision = Some(super::ecds_file::revision(version));
-        self.write(plugin_config(&config)?).await?;
+        // An API server that accepts the connection and never answers must not stall the
+        // rollout (its rollbacks included) beyond the push's own deadline.
+        let config_json = plugin_config(&config)?;
+        tokio::time::timeout(self.confirm_within, self.write(config_json))
+            .await
+            .map_err(|_| self.silent())??;
         loop {
             let why = match self.confirmed(&config, version).await {
                 Ok(()) => {
@@ -404,9 +419,9 @@ impl<S: Source + Send + Sync> Sink for IstioWasmPlugin<S> {
         version: u64,
     ) -> Result<Option<String>, SinkError> {
         let api = self.api(self.kube.client().await?);
-        let got = api
-            .get(&self.target.name)
+        let got = tokio::time::timeout(self.confirm_within, api.get(&self.target.name))
             .await
+            .map_err(|_| self.silent())?
             .map_err(|e| self.api_error(e))?;
         let object = &self.target;
         let path = self.target.kind.config_path().join(".");

@@ -587,3 +587,61 @@ fn same_json_compares_numbers_by_value_and_everything_else_exactly() {
     assert!(!same_json(&json!({"a": "1"}), &json!({"a": 1})));
     assert!(!same_json(&json!([1, 2]), &json!([2, 1])));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_api_server_that_never_answers_fails_the_push_within_its_deadline() {
+    // The mocked service takes requests and never answers them.
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let held = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        while let Some(request) = handle.next_request().await {
+            pending.push(request);
+        }
+    });
+    let proxies = Proxies::default();
+    let mut sink = sink(
+        kube::Client::new(service, "default"),
+        ObjectKind::WasmPlugin,
+        &proxies,
+    );
+    sink.confirm_within = Duration::from_secs(5);
+    let started = Instant::now();
+    let pushed = tokio::time::timeout(Duration::from_secs(600), sink.push(&config(5.0), 1)).await;
+    let Ok(Err(e)) = pushed else {
+        panic!("the push did not fail within its deadline: {pushed:?}")
+    };
+    assert!(e.to_string().contains("did not answer within 5s"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let checked =
+        tokio::time::timeout(Duration::from_secs(600), sink.in_force(&config(5.0), 1)).await;
+    assert!(matches!(checked, Ok(Err(_))), "{checked:?}");
+    held.abort();
+}
+
+#[tokio::test]
+async fn answers_that_are_not_the_object_fail_before_anything_is_written() {
+    let proxies = Proxies::default();
+    for answer in [
+        json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+               "metadata": {"name": "sluice", "resourceVersion": "1"}, "spec": "not an object"}),
+        json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+               "metadata": {"name": "sluice", "resourceVersion": "1"}}),
+        json!(["not", "an", "object"]),
+        json!("x".repeat(100_000)),
+    ] {
+        let reply = answer.clone();
+        let (client, log) = api_server(Box::new(move |_: &Seen| (200, reply.clone())));
+        let sink = sink(client, ObjectKind::WasmPlugin, &proxies);
+        let err = sink
+            .push(&config(1.0), 1)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("WasmPlugin shop/sluice"), "{err}");
+        assert!(
+            seen(&log).iter().all(|s| s.method == "GET"),
+            "wrote after {answer}"
+        );
+    }
+}
