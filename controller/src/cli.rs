@@ -187,15 +187,26 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
     };
     let config = c.render(w).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&config)?);
+    let into = match c.rollout.spec.sinks.first() {
+        Some(crate::spec::SinkSpec::IstioWasmPlugin(w)) => format!(
+            "into {} of {:?} {}/{}",
+            w.kind.config_path().join("."),
+            w.kind,
+            w.namespace,
+            w.name
+        ),
+        Some(crate::spec::SinkSpec::EcdsFile(e)) => format!(
+            "into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>",
+            e.resource
+        ),
+        Some(crate::spec::SinkSpec::EcdsGrpc(g)) => format!(
+            "out from the ecdsGrpc server on {} as resource {:?}, version_info <version>",
+            g.listen, g.resource
+        ),
+        None => "to the sinks".into(),
+    };
     eprintln!(
-        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>; the shadow section is pushed only in the shadow stage",
-        c.rollout
-            .spec
-            .sinks
-            .iter()
-            .map(|s| s.resource())
-            .next()
-            .unwrap_or("sluice")
+        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes {into}; the shadow section is pushed only in the shadow stage"
     );
     Ok(())
 }
@@ -267,10 +278,13 @@ where
                         .parse::<SocketAddr>()
                         .map_or(g.listen.clone(), |a| a.to_string())
                 ),
+                crate::spec::SinkSpec::IstioWasmPlugin(w) => {
+                    format!("{:?} {}/{}", w.kind, w.namespace, w.name)
+                }
             };
             if let Some(other) = sink_paths.insert(key.clone(), name.clone()) {
                 bail!(
-                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
+                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file, or Istio object)",
                     f.display(),
                 );
             }
@@ -296,7 +310,8 @@ where
             sinks.push(
                 AnySink::from_spec(sink, &servers)
                     .await
-                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?,
+                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?
+                    .reading(&source),
             );
         }
         let ecds_grpc: Vec<crate::sink::ecds_grpc::EcdsGrpc> = sinks
@@ -530,8 +545,68 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             state
         );
+        for line in proxy_lines(&s) {
+            println!("  {line}");
+        }
     }
     Ok(())
+}
+
+/// Proxies listed one by one under a rollout in `sluice status`, at most; beyond, only those
+/// that are behind or NACKed are listed.
+const PROXIES_LISTED: usize = 20;
+
+/// `sluice status` lines for a rollout's ecdsGrpc sinks (its `/status` `proxies`): per sink
+/// the version served and how many proxies ACKed it, then the proxies.
+pub(crate) fn proxy_lines(status: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for sink in status["proxies"].as_array().into_iter().flatten() {
+        let resource = sink["resource"].as_str().unwrap_or("?");
+        let serving = sink["serving"].as_u64();
+        let proxies = sink["proxies"].as_array().cloned().unwrap_or_default();
+        let acked = |p: &serde_json::Value| p["acked"][resource].as_u64();
+        let current = proxies
+            .iter()
+            .filter(|p| serving.is_some() && acked(p) == serving)
+            .count();
+        out.push(format!(
+            "ecdsGrpc {} {resource:?}: serving {}, {} proxies connected, {current} ACKed it",
+            sink["listen"].as_str().unwrap_or("?"),
+            serving.map_or("nothing".into(), |v| format!("version {v}")),
+            proxies.len(),
+        ));
+        let all = proxies.len() <= PROXIES_LISTED;
+        for p in &proxies {
+            let nack = &p["last_nack"];
+            let behind = serving.is_some() && acked(p) != serving;
+            if !(all || behind || !nack.is_null()) {
+                continue;
+            }
+            let mut line = format!(
+                "  {} ({}): ACKed {}",
+                p["id"].as_str().unwrap_or("?"),
+                p["cluster"].as_str().unwrap_or(""),
+                acked(p).map_or("nothing".into(), |v| format!("version {v}")),
+            );
+            if !nack.is_null() {
+                let versions = nack["versions"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                line.push_str(&format!(
+                    "; last NACK (version {versions}): {}",
+                    nack["detail"].as_str().unwrap_or("")
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out
 }
 
 /// `sluice pause|resume|promote|abort NAME`, with the operator token if there is one.

@@ -174,15 +174,15 @@ pub async fn serve(
     hub: Arc<Hub>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let limit = hub.limits.request_bytes;
+    let (limit, keepalive) = (hub.limits.request_bytes, hub.limits.keepalive);
     let svc = ExtensionConfigDiscoveryServiceServer::new(Ecds::new(hub, stop.clone()))
         .max_decoding_message_size(limit);
     let mut until = stop.clone();
     tonic::transport::Server::builder()
-        // A proxy that vanished without closing its connection is found within ~40 s and its
+        // A proxy that vanished without closing its connection is found within ~20 s and its
         // stream dropped, so it no longer holds confirmations back.
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
         // Requests are small: a small receive window bounds what a proxy can make the server

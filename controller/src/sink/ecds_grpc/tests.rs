@@ -502,19 +502,46 @@ async fn protocol_violations_end_only_the_offending_stream() {
 }
 
 #[tokio::test]
-async fn a_proxys_stale_previous_stream_does_not_hold_pushes_back() {
+async fn every_stream_of_a_shared_node_id_must_ack() {
     let s = server(Limits::default()).await;
-    // The old stream stays open but never answers again (its peer vanished).
+    // Two proxies with one bootstrap's id (or one proxy's old and new connection).
     let mut old = Proxy::open(s.addr, "envoy-1", &["sluice"]).await;
-    let sink = s.sink("sluice", 1, Duration::from_secs(10));
+    let mut new = Proxy::open(s.addr, "envoy-1", &["sluice"]).await;
+    let sink = s.sink("sluice", 1, Duration::from_millis(500));
     let pushing = sink.clone();
     let push = tokio::spawn(async move { pushing.push(&config(1.0), 1).await });
-    let r = old.next().await.unwrap_or_else(|e| panic!("{e}"));
-    old.ack(&r).await;
-    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
-    let mut new = Proxy::open(s.addr, "envoy-1", &["sluice"]).await;
     let r = new.next().await.unwrap_or_else(|e| panic!("{e}"));
     new.ack(&r).await;
+    let r_old = old.next().await.unwrap_or_else(|e| panic!("{e}"));
+    // The other one never answers: the push is not confirmed.
+    let err = push
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("envoy-1") && err.contains("did not confirm"),
+        "{err}"
+    );
+    // Once it ACKs too, the check in force passes; once it is gone, a push needs only the other.
+    old.ack(&r_old).await;
+    let mut found = Some(String::new());
+    for _ in 0..200 {
+        found = sink
+            .in_force(&config(1.0), 1)
+            .await
+            .unwrap_or(Some("err".into()));
+        if found.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(found, None);
+    drop(old);
+    while s.hub.proxies().len() > 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let pushing = sink.clone();
     let push = tokio::spawn(async move { pushing.push(&config(5.0), 2).await });
     let r = new.next().await.unwrap_or_else(|e| panic!("{e}"));
@@ -522,7 +549,6 @@ async fn a_proxys_stale_previous_stream_does_not_hold_pushes_back() {
     new.ack(&r).await;
     let done = push.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(done.is_ok(), "{done:?}");
-    drop(old);
 }
 
 #[tokio::test]
@@ -659,4 +685,189 @@ async fn rollouts_on_one_listen_share_a_server_and_a_taken_port_is_a_clear_error
     let two = servers.hub(addr).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(Arc::ptr_eq(&one, &two));
     assert_eq!(servers.proxies().len(), 1);
+}
+
+#[test]
+fn remote_code_is_rendered_as_an_http_fetch_pinned_by_sha256() {
+    let mut code = code();
+    code.filename.clear();
+    code.remote = Some(crate::sink::ecds_file::RemoteCode {
+        uri: "http://sluice.sluice-system:8080/sluice_filter.wasm".into(),
+        cluster: "outbound|8080||sluice.sluice-system.svc.cluster.local".into(),
+        sha256: "ab".repeat(32),
+        timeout_secs: 30,
+    });
+    let any = render("sluice", &code, &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    let tec = TypedExtensionConfig::decode(any.value.as_slice()).unwrap_or_default();
+    let wasm =
+        Wasm::decode(tec.typed_config.unwrap_or_default().value.as_slice()).unwrap_or_default();
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap_or_default().vm else {
+        panic!("no vm_config")
+    };
+    let Some(async_data_source::Specifier::Remote(remote)) = vm.code.and_then(|c| c.specifier)
+    else {
+        panic!("not remote")
+    };
+    assert_eq!(remote.sha256, "ab".repeat(32));
+    let uri = remote.http_uri.unwrap_or_default();
+    assert_eq!(
+        uri.uri,
+        "http://sluice.sluice-system:8080/sluice_filter.wasm"
+    );
+    assert_eq!(uri.timeout.map(|t| t.seconds), Some(30));
+    assert_eq!(
+        uri.http_upstream_type,
+        Some(
+            envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                "outbound|8080||sluice.sluice-system.svc.cluster.local".into()
+            )
+        )
+    );
+    // The file sink renders the same source in Envoy's JSON form.
+    let text = crate::sink::ecds_file::render("sluice", &code, &config(1.0), 1).unwrap_or_default();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let source = &doc["resources"][0]["typed_config"]["config"]["vm_config"]["code"]["remote"];
+    assert_eq!(source["sha256"], "ab".repeat(32));
+    assert_eq!(source["http_uri"]["timeout"], "30s");
+    assert_eq!(
+        source["http_uri"]["cluster"],
+        "outbound|8080||sluice.sluice-system.svc.cluster.local"
+    );
+}
+
+#[tokio::test]
+async fn status_lists_each_proxy_with_its_acked_version_and_last_nack() {
+    let s = server(Limits::default()).await;
+    let mut good = Proxy::open(s.addr, "envoy-good", &["sluice"]).await;
+    let mut bad = Proxy::open(s.addr, "envoy-bad", &["sluice"]).await;
+    let sink = s.sink("sluice", 2, Duration::from_secs(10));
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(1.0), 1).await });
+    let (r, r2) = (good.next().await, bad.next().await);
+    let (r, r2) = (
+        r.unwrap_or_else(|e| panic!("{e}")),
+        r2.unwrap_or_else(|e| panic!("{e}")),
+    );
+    good.ack(&r).await;
+    bad.ack(&r2).await;
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(5.0), 2).await });
+    let (r, r2) = (good.next().await, bad.next().await);
+    let (r, r2) = (
+        r.unwrap_or_else(|e| panic!("{e}")),
+        r2.unwrap_or_else(|e| panic!("{e}")),
+    );
+    good.ack(&r).await;
+    bad.nack("1", &r2, "wasm: bad weights").await;
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_err());
+    let status = serde_json::json!({ "proxies": [sink.proxies()] });
+    let lines = crate::cli::proxy_lines(&status);
+    assert_eq!(
+        lines[0],
+        format!(
+            "ecdsGrpc {} \"sluice\": serving version 2, 2 proxies connected, 1 ACKed it",
+            s.addr
+        )
+    );
+    assert!(
+        lines.contains(
+            &"  envoy-bad (fleet): ACKed version 1; last NACK (version 2): wasm: bad weights"
+                .to_string()
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"  envoy-good (fleet): ACKed version 2".to_string()),
+        "{lines:?}"
+    );
+    let since = &status["proxies"][0]["proxies"][0]["connected_since"];
+    assert!(
+        since.as_u64().is_some_and(|ms| ms > 1_700_000_000_000),
+        "{since}"
+    );
+}
+
+/// A TCP relay to `to` that forwards until frozen, then holds both connections open and
+/// silent: a peer that vanished without closing its connection.
+async fn relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w, f) in [
+                (
+                    Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    f.clone(),
+                ),
+                (
+                    Box::new(ro) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(wi) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    f.clone(),
+                ),
+            ] {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if f.load(Ordering::SeqCst) {
+                            // Keep both ends open, answer nothing.
+                            std::future::pending::<()>().await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn a_proxy_that_vanished_without_closing_is_dropped_by_keepalive() {
+    let limits = Limits {
+        keepalive: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let s = server(limits).await;
+    let (via, frozen) = relay(s.addr).await;
+    let mut gone = Proxy::open(via, "envoy-gone", &["sluice"]).await;
+    let mut live = Proxy::open(s.addr, "envoy-live", &["sluice"]).await;
+    let sink = s.sink("sluice", 1, Duration::from_secs(30));
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(1.0), 1).await });
+    for p in [&mut gone, &mut live] {
+        let r = p.next().await.unwrap_or_else(|e| panic!("{e}"));
+        p.ack(&r).await;
+    }
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let pushing = sink.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(5.0), 2).await });
+    let r = live.next().await.unwrap_or_else(|e| panic!("{e}"));
+    live.ack(&r).await;
+    // Confirmed once the silent connection is dropped (well before confirmWithin).
+    let done = push.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(done.is_ok(), "{done:?}");
+    let ids: Vec<String> = s.hub.proxies().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, ["envoy-live"]);
 }
