@@ -106,11 +106,11 @@ impl Admin {
     /// Envoy: a source keeps it while the experiments stay the same).
     pub fn exposition_query(experiments: &[&str]) -> String {
         // `filter` is matched against the stat's name before tag extraction
-        // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
+        // (`wasmcustom.sluice_requests_total.experiment=.=<name>;.;variant=.=<v>;.;`), so Envoy
         // itself leaves out other experiments' series: a proxy serving many experiments
         // answers with the asked-for share only.
         let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
-        let filter = format!("sluice_[a-z_]+\\.experiment\\.=\\.({});", names.join("|"));
+        let filter = format!("sluice_[a-z_]+\\.experiment=\\.=({});\\.;", names.join("|"));
         format!("/stats/prometheus?filter={}", encode(&filter))
     }
 

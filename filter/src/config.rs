@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::assignment::{Layout, BUCKETS};
 use crate::shadow::{self, Shadow, ShadowConfig};
 
+pub(crate) mod whole;
+
+use whole::{optional_whole, whole};
+
 /// The only wire-format version this filter understands.
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -108,6 +112,7 @@ pub const MAX_SECRET: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// Wire-format version; must equal [`CONFIG_VERSION`].
+    #[serde(deserialize_with = "whole")]
     pub version: u32,
     /// Free-form label of this configuration (the controller writes its push version and
     /// attempt), logged when the filter takes it. Two pushes with different revisions are never
@@ -171,7 +176,10 @@ pub enum UnitConfig {
     /// Independent random draw per request.
     Request,
     /// Everyone in the same variant for a fixed-length time slot.
-    Switchback { slot_seconds: u64 },
+    Switchback {
+        #[serde(deserialize_with = "whole")]
+        slot_seconds: u64,
+    },
 }
 
 /// Where a user key is read from.
@@ -257,7 +265,11 @@ pub struct EchoConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
     /// Cookie lifetime; absent means a session cookie.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cookie_max_age_seconds: Option<u64>,
 }
 
@@ -295,7 +307,7 @@ pub struct BeaconConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_cookie: Option<String>,
     /// How long after the exposure an event still counts.
-    #[serde(default = "default_token_max_age")]
+    #[serde(default = "default_token_max_age", deserialize_with = "whole")]
     pub max_age_seconds: u64,
     /// Also accept `GET` beacons (an `<img>` can send those cross-site; POST only by default).
     #[serde(default, skip_serializing_if = "is_false")]
@@ -310,11 +322,11 @@ pub struct BeaconConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BeaconLimit {
-    #[serde(default = "default_limit_events")]
+    #[serde(default = "default_limit_events", deserialize_with = "whole")]
     pub events_per_user: u32,
-    #[serde(default = "default_limit_window")]
+    #[serde(default = "default_limit_window", deserialize_with = "whole")]
     pub window_seconds: u64,
-    #[serde(default = "default_limit_users")]
+    #[serde(default = "default_limit_users", deserialize_with = "whole")]
     pub users: usize,
 }
 
@@ -379,6 +391,41 @@ pub struct PredictionConfig {
 
 fn default_prediction_scale() -> f64 {
     1000.0
+}
+
+/// A `revision` as the controller writes it: `<push version>@<write time, Unix ms>`. Every
+/// sink writes this form, and the filter exports the version as the gauge
+/// `sluice_config_revision`, so a push can be confirmed from the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revision {
+    /// The controller's push version (also ECDS `version_info`).
+    pub version: u64,
+    /// When the controller wrote this push, in Unix milliseconds: two pushes of one version
+    /// (a retry) differ in it, so a proxy evaluates each afresh.
+    pub written_ms: u64,
+}
+
+impl Revision {
+    /// `None` unless `s` is two unsigned decimal numbers joined by `@` (no sign, no spaces);
+    /// a free-form revision a user wrote has no version.
+    pub fn parse(s: &str) -> Option<Revision> {
+        let (version, written) = s.split_once('@')?;
+        let number = |t: &str| {
+            (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u64>().ok())
+                .flatten()
+        };
+        Some(Revision {
+            version: number(version)?,
+            written_ms: number(written)?,
+        })
+    }
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.version, self.written_ms)
+    }
 }
 
 /// Why a configuration was rejected. `field` is a path such as `experiments[0].variants[1].weight`.
@@ -522,6 +569,15 @@ impl Experiment {
 }
 
 impl Plan {
+    /// The push version this plan was rendered for: [`Revision::version`] of its `revision`,
+    /// 0 without one (a bootstrap's default config) or with one not in the controller's form.
+    pub fn push_version(&self) -> u64 {
+        self.revision
+            .as_deref()
+            .and_then(Revision::parse)
+            .map_or(0, |r| r.version)
+    }
+
     /// Parses and validates a configuration.
     pub fn from_json(bytes: &[u8]) -> Result<Plan, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);

@@ -86,6 +86,14 @@ impl Active {
         let exposure_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_EXPOSURE));
         let table_key = plan.secret.as_ref().map(|s| s.key(mac::PURPOSE_USER_TABLE));
         let limits = shared_limits(&plan, table_key.as_ref());
+        // Every worker sets the same value into the one stat Envoy keeps per name.
+        let version = plan.push_version();
+        for m in &catalog.experiments {
+            if let Some(&id) = ids.get(m.config_revision) {
+                hostcalls::record_metric(id, version)
+                    .map_err(|s| format!("setting {}: {s:?}", crate::metrics::CONFIG_REVISION))?;
+            }
+        }
         Ok(Active {
             plan,
             catalog,

@@ -1,9 +1,16 @@
 //! Every metric the filter exports, named in one place, and the [`Catalog`] of concrete
 //! metrics a plan needs (defined once at configure time, never per request).
 //!
-//! Envoy shows wasm metrics as `wasmcustom.<name>`. Labels are written into the name as
-//! `.<label>.=.<value>;`, which the `stats_tags` in our Envoy bootstrap turn into Prometheus
-//! labels, e.g. `sluice_requests_total{experiment="ranker",variant="canary"}`. Names and
+//! Envoy shows wasm metrics as `wasmcustom.<name>`. Labels are written into the name in
+//! Istio's layout: the base name, a `.`, then `<label>=.=<value>;.;` per label
+//! (`sluice_requests_total.experiment=.=ranker;.;variant=.=canary;.;`). The one tag regex Istio
+//! generates per ProxyConfig `extraStatTags` entry, `(<label>=\.=(.*?);\.;)` ([`tag_regex`]),
+//! turns each into a Prometheus label, and Envoy drops the `.` left at the end:
+//! `sluice_requests_total{experiment="ranker",variant="canary"}` (checked against a real Envoy
+//! in `tests/tests/istio_stats.rs`). Plain Envoy bootstraps use the same regexes in
+//! `stats_tags`. The base name comes first because `histogram_bucket_settings` (and Istio's
+//! `sidecar.istio.io/statsHistogramBuckets`) match the full name by prefix: with the labels
+//! first (Istio's own metrics' order) every histogram would share one bucket list. Names and
 //! label values are restricted by config validation to `[A-Za-z0-9_-]`, so they cannot break
 //! this encoding.
 
@@ -158,6 +165,8 @@ pub struct ShadowMetrics {
 /// Positions in [`Catalog::specs`] for one experiment's metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExperimentMetrics {
+    /// [`CONFIG_REVISION`]: set once when the plan is configured.
+    pub config_revision: usize,
     pub errors: usize,
     pub overrides_denied: usize,
     pub outcomes_unknown: Option<usize>,
@@ -191,17 +200,31 @@ pub const LABELS: [&str; 8] = [
     "replicate",
 ];
 
-/// `base` with `labels` encoded for Envoy's tag extraction.
+/// `base` with `labels` encoded for Envoy's tag extraction: `base`, and if there are labels a
+/// `.` and `<label>=.=<value>;.;` each.
 pub fn name(base: &str, labels: &[(&str, &str)]) -> String {
     let mut s = String::from(base);
-    for (k, v) in labels {
+    if !labels.is_empty() {
         s.push('.');
+    }
+    for (k, v) in labels {
         s.push_str(k);
-        s.push_str(".=.");
+        s.push_str(TAG_SEPARATOR);
         s.push_str(v);
-        s.push(';');
+        s.push_str(TAG_END);
     }
     s
+}
+
+/// Between a label and its value in a metric name (Istio's layout).
+pub const TAG_SEPARATOR: &str = "=.=";
+/// After a label's value in a metric name.
+pub const TAG_END: &str = ";.;";
+
+/// The `stats_tags` regex that extracts `label` from the filter's metric names: exactly the
+/// one Istio generates for an `extraStatTags` entry, so one layout serves both.
+pub fn tag_regex(label: &str) -> String {
+    format!("({label}=\\.=(.*?);\\.;)")
 }
 
 impl Catalog {
@@ -272,6 +295,7 @@ impl Catalog {
 
     fn add_experiment(&mut self, e: &Experiment) -> ExperimentMetrics {
         let exp = [("experiment", e.name.as_str())];
+        let config_revision = self.add(CONFIG_REVISION, Kind::Gauge, &exp);
         let errors = self.add(ERRORS, Kind::Counter, &exp);
         let overrides_denied = self.add(OVERRIDES_DENIED, Kind::Counter, &exp);
         let outcome_names: &[String] = e.outcomes.as_ref().map_or(&[], |o| &o.names);
@@ -361,6 +385,7 @@ impl Catalog {
             });
         }
         ExperimentMetrics {
+            config_revision,
             errors,
             overrides_denied,
             outcomes_unknown,
@@ -394,7 +419,7 @@ mod tests {
                 assert_eq!(
                     c.specs[i].name,
                     format!(
-                        "{REPLICATE_REQUESTS}.experiment.=.e;.variant.=.{name};.replicate.=.{r};"
+                        "{REPLICATE_REQUESTS}.experiment=.=e;.;variant=.={name};.;replicate=.={r};.;"
                     )
                 );
                 assert_eq!(c.specs[i].kind, Kind::Counter);
@@ -415,16 +440,122 @@ mod tests {
     fn labels_are_encoded_for_stats_tags() {
         assert_eq!(
             name(REQUESTS, &[("experiment", "exp1"), ("variant", "canary")]),
-            "sluice_requests_total.experiment.=.exp1;.variant.=.canary;"
+            "sluice_requests_total.experiment=.=exp1;.;variant=.=canary;.;"
         );
+        assert_eq!(name(SHADOW_BYTES_IN_FLIGHT, &[]), SHADOW_BYTES_IN_FLIGHT);
     }
 
     /// The labels of every metric a full configuration defines, as encoded in its name.
     fn labels_of(name: &str) -> Vec<&str> {
-        name.split(';')
-            .filter_map(|part| part.rsplit_once(".=.").map(|(k, _)| k))
+        name.split(TAG_END)
+            .filter_map(|part| part.split_once(TAG_SEPARATOR).map(|(k, _)| k))
             .filter_map(|k| k.rsplit('.').next())
             .collect()
+    }
+
+    /// What Envoy does with a name given one `stats_tags` regex per label, in order: removes
+    /// the first group of the first match and keeps the second as the label's value, then
+    /// drops a `.` left at the end. Written without a regex engine for the one shape
+    /// [`tag_regex`] has: `<label>=.=`, then the shortest value up to `;.;`.
+    fn extract(name: &str, labels: &[&str]) -> (String, Vec<(String, String)>) {
+        let mut rest = name.to_string();
+        let mut found = Vec::new();
+        for label in labels {
+            let open = format!("{label}{TAG_SEPARATOR}");
+            let Some(start) = rest.find(&open) else {
+                continue;
+            };
+            let value_start = start + open.len();
+            let Some(len) = rest[value_start..].find(TAG_END) else {
+                continue;
+            };
+            found.push((
+                label.to_string(),
+                rest[value_start..value_start + len].to_string(),
+            ));
+            rest.replace_range(start..value_start + len + TAG_END.len(), "");
+        }
+        if let Some(stripped) = rest.strip_suffix('.') {
+            rest = stripped.to_string();
+        }
+        (rest, found)
+    }
+
+    #[test]
+    fn every_name_leaves_its_base_and_labels_after_istio_tag_extraction() {
+        let example = crate::config::tests::readme_example();
+        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
+            unreachable!("the README example is valid (config tests)")
+        };
+        let catalog = Catalog::for_plan(&plan);
+        let bases = [
+            REQUESTS,
+            REPLICATE_REQUESTS,
+            RESPONSES,
+            LOCAL_REPLIES,
+            UPSTREAM_RESETS,
+            LATENCY,
+            OUTCOMES,
+            OUTCOMES_UNKNOWN,
+            PREDICTION,
+            PREDICTION_INVALID,
+            MISSING_KEY,
+            OVERRIDES,
+            OVERRIDES_DENIED,
+            EVENTS,
+            EVENTS_REJECTED,
+            ERRORS,
+            SHADOW_REQUESTS,
+            SHADOW_SKIPPED,
+            SHADOW_COMPARED,
+            SHADOW_AGREE,
+            SHADOW_DISAGREE,
+            SHADOW_MISSING,
+            SHADOW_ERRORS,
+            SHADOW_5XX,
+            SHADOW_TIMEOUTS,
+            SHADOW_BYTES_IN_FLIGHT,
+            SHADOW_LATENCY,
+            SHADOW_DELTA,
+            CONFIG_REVISION,
+        ];
+        for spec in &catalog.specs {
+            let (left, labels) = extract(&spec.name, &LABELS);
+            assert!(
+                bases.contains(&left.as_str()),
+                "{} leaves {left}",
+                spec.name
+            );
+            // Extraction runs in LABELS order, the name in the catalog's: same set of labels.
+            let mut labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            labels.sort_by_key(|(k, _)| spec.name.find(&format!("{k}{TAG_SEPARATOR}")));
+            assert_eq!(name(&left, &labels), spec.name);
+        }
+    }
+
+    #[test]
+    fn the_tag_regex_is_istios() {
+        assert_eq!(tag_regex("variant"), r"(variant=\.=(.*?);\.;)");
+    }
+
+    #[test]
+    fn every_experiment_has_a_revision_gauge() {
+        let example = crate::config::tests::readme_example();
+        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
+            unreachable!("the README example is valid (config tests)")
+        };
+        let catalog = Catalog::for_plan(&plan);
+        for (e, m) in plan.experiments.iter().zip(&catalog.experiments) {
+            let spec = &catalog.specs[m.config_revision];
+            assert_eq!(spec.kind, Kind::Gauge);
+            assert_eq!(
+                spec.name,
+                format!("{CONFIG_REVISION}.experiment=.={};.;", e.name)
+            );
+        }
     }
 
     #[test]
@@ -457,6 +588,11 @@ mod tests {
                 assert!(
                     bootstrap.contains(&format!("tag_name: {label}")),
                     "{path} has no stats_tag for {label}"
+                );
+                assert!(
+                    bootstrap.contains(&format!("'{}'", tag_regex(label))),
+                    "{path} has not the regex {} for {label}",
+                    tag_regex(label)
                 );
             }
         }

@@ -59,18 +59,30 @@ pub struct ShadowConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variants: Option<Vec<String>>,
     /// Shadow call timeout.
-    #[serde(default = "default_timeout_ms")]
+    #[serde(
+        default = "default_timeout_ms",
+        deserialize_with = "crate::config::whole::whole"
+    )]
     pub timeout_ms: u64,
     /// Most request or response body bytes buffered; a request body over it is not shadowed,
     /// a primary response body over it is compared by status only.
-    #[serde(default = "default_max_body_bytes")]
+    #[serde(
+        default = "default_max_body_bytes",
+        deserialize_with = "crate::config::whole::whole"
+    )]
     pub max_body_bytes: usize,
     /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
-    #[serde(default = "default_max_in_flight")]
+    #[serde(
+        default = "default_max_in_flight",
+        deserialize_with = "crate::config::whole::whole"
+    )]
     pub max_in_flight: u32,
     /// Most bytes of copies (headers, request bodies, both answers' bodies) the filter holds
     /// per Envoy worker; a copy that would go over it is skipped.
-    #[serde(default = "default_max_bytes_in_flight")]
+    #[serde(
+        default = "default_max_bytes_in_flight",
+        deserialize_with = "crate::config::whole::whole"
+    )]
     pub max_bytes_in_flight: usize,
     /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,7 +91,10 @@ pub struct ShadowConfig {
     #[serde(default)]
     pub compare: CompareConfig,
     /// Most disagreement log lines per minute per worker; 0 disables the log.
-    #[serde(default = "default_log_per_minute")]
+    #[serde(
+        default = "default_log_per_minute",
+        deserialize_with = "crate::config::whole::whole"
+    )]
     pub log_per_minute: u32,
 }
 

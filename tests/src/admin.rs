@@ -65,7 +65,7 @@ impl Admin {
     }
 
     /// Plain `/stats`: counters and gauges by their Envoy names (tags not extracted, e.g.
-    /// `wasmcustom.sluice_requests_total.experiment.=.demo;.variant.=.canary;`).
+    /// `wasmcustom.sluice_requests_total.experiment=.=demo;.;variant=.=canary;.;`).
     pub async fn stats(&self) -> Result<Stats> {
         Ok(Stats::parse(&self.get("/stats").await?))
     }
@@ -312,7 +312,7 @@ impl Stats {
     pub fn parse(text: &str) -> Stats {
         let mut map = BTreeMap::new();
         for line in text.lines() {
-            // Names may contain ':'-free tag separators like `.=.` and `;`, never ": ".
+            // Names may contain ':'-free tag separators like `=.=` and `;.;`, never ": ".
             if let Some((name, value)) = line.rsplit_once(": ") {
                 if let Ok(v) = value.trim().parse::<u64>() {
                     map.insert(name.to_string(), v);
@@ -413,13 +413,13 @@ server_live 1
     fn plain_stats_keep_integers_only() {
         let st = Stats::parse(
             "cluster.a.upstream_rq_total: 5\n\
-             wasmcustom.sluice_requests_total.experiment.=.demo;.variant.=.canary;: 3\n\
+             wasmcustom.sluice_requests_total.experiment=.=demo;.;variant=.=canary;.;: 3\n\
              cluster.a.upstream_rq_time: P0(nan,1) P25(nan,2)\n\
              cluster.b.upstream_rq_total: 2\n",
         );
         assert_eq!(st.get("cluster.a.upstream_rq_total"), Some(5));
         assert_eq!(
-            st.get("wasmcustom.sluice_requests_total.experiment.=.demo;.variant.=.canary;"),
+            st.get("wasmcustom.sluice_requests_total.experiment=.=demo;.;variant=.=canary;.;"),
             Some(3)
         );
         assert_eq!(st.get("cluster.a.upstream_rq_time"), None);

@@ -260,10 +260,10 @@ async fn answers_that_are_not_data_are_errors_with_a_hint() -> anyhow::Result<()
 
     let untagged = EnvoyConfig::new("envoy/demo.yaml")
         .replace(
-            r"(\.experiment\.=\.([^;]+);)",
-            r"(\.no_experiment\.=\.([^;]+);)",
+            r"(experiment=\.=(.*?);\.;)",
+            r"(no_experiment=\.=(.*?);\.;)",
         )
-        .replace(r"(\.variant\.=\.([^;]+);)", r"(\.no_variant\.=\.([^;]+);)")
+        .replace(r"(variant=\.=(.*?);\.;)", r"(no_variant=\.=(.*?);\.;)")
         .start()
         .await?;
     Load::new(untagged.url(LISTENER, "/"))

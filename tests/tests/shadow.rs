@@ -868,11 +868,11 @@ admin:
 stats_flush_interval: 1s
 stats_config:
   stats_tags:
-    - { tag_name: experiment, regex: '(\.experiment\.=\.([^;]+);)' }
-    - { tag_name: variant, regex: '(\.variant\.=\.([^;]+);)' }
-    - { tag_name: class, regex: '(\.class\.=\.([^;]+);)' }
-    - { tag_name: field, regex: '(\.field\.=\.([^;]+);)' }
-    - { tag_name: reason, regex: '(\.reason\.=\.([^;]+);)' }
+    - { tag_name: experiment, regex: '(experiment=\.=(.*?);\.;)' }
+    - { tag_name: variant, regex: '(variant=\.=(.*?);\.;)' }
+    - { tag_name: class, regex: '(class=\.=(.*?);\.;)' }
+    - { tag_name: field, regex: '(field=\.=(.*?);\.;)' }
+    - { tag_name: reason, regex: '(reason=\.=(.*?);\.;)' }
 static_resources:
   listeners:
     - name: ingress

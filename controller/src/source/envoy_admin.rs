@@ -113,13 +113,13 @@ fn admission(wanted: &[Wanted], key: &SeriesKey) -> Admission {
 /// The request for the series of `experiments` (sorted) and the proxy's identity gauges.
 fn query(experiments: &[&str]) -> String {
     // `filter` is matched against the stat's name before tag extraction
-    // (`wasmcustom.sluice_requests_total.experiment.=.<name>;.variant.=.<v>;`), so Envoy
+    // (`wasmcustom.sluice_requests_total.experiment=.=<name>;.;variant=.=<v>;.;`), so Envoy
     // itself leaves out other experiments' series: a proxy serving many experiments answers
     // with the asked-for share only. `server.uptime` and `server.hot_restart_epoch` tell
     // one Envoy process from another (see [`Identity`]).
     let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
     let filter = format!(
-        "sluice_[a-z_]+\\.experiment\\.=\\.({});|^server\\.(uptime|hot_restart_epoch)$",
+        "sluice_[a-z_]+\\.experiment=\\.=({});\\.;|^server\\.(uptime|hot_restart_epoch)$",
         names.join("|")
     );
     format!("/stats/prometheus?filter={}", encode(&filter))
@@ -695,7 +695,7 @@ mod tests {
                     let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                         let query = req.uri().query().unwrap_or_default().replace("%7C", "|");
                         let names: Vec<String> = query
-                            .split_once("%5C.%3D%5C.%28")
+                            .split_once("%5C.experiment%3D%5C.%3D%28")
                             .and_then(|(_, rest)| rest.split_once("%29%3B"))
                             .map(|(names, _)| names.split('|').map(str::to_string).collect())
                             .unwrap_or_default();

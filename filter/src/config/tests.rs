@@ -461,3 +461,169 @@ fn type_errors_name_the_field_path() {
     // Trailing text after the document is refused too.
     assert!(error_of(&format!("{VALID} x")).starts_with("invalid JSON: "));
 }
+
+#[test]
+fn revision_parses_the_controllers_form_only() {
+    assert_eq!(
+        Revision::parse("7@1795450000000"),
+        Some(Revision {
+            version: 7,
+            written_ms: 1_795_450_000_000
+        })
+    );
+    let r = Revision {
+        version: u64::MAX,
+        written_ms: 0,
+    };
+    assert_eq!(Revision::parse(&r.to_string()), Some(r));
+    for bad in [
+        "",
+        "7",
+        "@",
+        "7@",
+        "@1",
+        "+7@1",
+        "7@+1",
+        "-7@1",
+        " 7@1",
+        "7@1 ",
+        "7@1@2",
+        "v7@1",
+        "7.0@1",
+        "18446744073709551616@1",
+        "٧@1",
+    ] {
+        assert_eq!(Revision::parse(bad), None, "{bad}");
+    }
+    let plan = |r: &str| {
+        let json = variant_of_valid(r#""version": 1,"#, &format!(r#""version": 1, {r}"#));
+        match Plan::from_json(json.as_bytes()) {
+            Ok(p) => p.push_version(),
+            Err(e) => unreachable!("{e}"),
+        }
+    };
+    assert_eq!(plan(r#""revision": "42@1795450000000","#), 42);
+    assert_eq!(plan(r#""revision": "hand-made","#), 0);
+    assert_eq!(plan(""), 0);
+}
+
+/// Istio passes `pluginConfig` through `google.protobuf.Struct`, whose numbers are doubles.
+#[test]
+fn whole_numbers_may_be_written_as_integral_floats() {
+    let json = r#"{
+      "version": 1.0,
+      "secret": "0123456789abcdef-valid",
+      "experiments": [{
+        "name": "sb",
+        "unit": {"type": "switchback", "slot_seconds": 6e1},
+        "variants": [{"name": "a"}, {"name": "b", "weight": 50.0}],
+        "header": "x-sb",
+        "echo": {"cookie": "sb", "cookie_max_age_seconds": 3600.0}
+      }, {
+        "name": "u",
+        "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+        "variants": [{"name": "a"}, {"name": "b", "weight": 50.0}],
+        "outcomes": {"names": ["click"]},
+        "beacon": {"path": "/e", "max_age_seconds": 86400.0,
+                   "limit": {"events_per_user": 30.0, "window_seconds": 3600.0, "users": 4096.0}},
+        "shadow": {"cluster": "s", "sample_percent": 10.0, "timeout_ms": 500.0,
+                   "max_body_bytes": 1024.0, "max_in_flight": 8.0, "max_bytes_in_flight": 1e6,
+                   "log_per_minute": 0.0}
+      }]
+    }"#;
+    let config: FilterConfig = match serde_json::from_str(json) {
+        Ok(c) => c,
+        Err(e) => unreachable!("{e}"),
+    };
+    assert_eq!(config.version, 1);
+    let e = &config.experiments[0];
+    assert_eq!(e.unit, UnitConfig::Switchback { slot_seconds: 60 });
+    assert_eq!(
+        e.echo.as_ref().and_then(|x| x.cookie_max_age_seconds),
+        Some(3600)
+    );
+    let e = &config.experiments[1];
+    let Some(b) = &e.beacon else { unreachable!() };
+    assert_eq!(
+        (
+            b.max_age_seconds,
+            b.limit.events_per_user,
+            b.limit.window_seconds,
+            b.limit.users
+        ),
+        (86_400, 30, 3600, 4096)
+    );
+    let Some(s) = &e.shadow else { unreachable!() };
+    assert_eq!(
+        (
+            s.timeout_ms,
+            s.max_body_bytes,
+            s.max_in_flight,
+            s.max_bytes_in_flight,
+            s.log_per_minute
+        ),
+        (500, 1024, 8, 1_000_000, 0)
+    );
+    // What the controller renders back is integers again, and the same plan.
+    let rendered = match serde_json::to_string(&config) {
+        Ok(r) => r,
+        Err(e) => unreachable!("{e}"),
+    };
+    for field in [
+        r#""version":1,"#,
+        r#""slot_seconds":60}"#,
+        r#""timeout_ms":500,"#,
+        r#""users":4096}"#,
+    ] {
+        assert!(rendered.contains(field), "{field} in {rendered}");
+    }
+    if let Err(e) = Plan::from_json(json.as_bytes()) {
+        unreachable!("{e}")
+    }
+}
+
+#[test]
+fn whole_numbers_refuse_fractions_negatives_and_overflow_naming_the_field() {
+    let with = |field: &str, value: &str| {
+        error_of(&variant_of_valid(
+            r#""beacon": {"path": "/sluice/event"}"#,
+            &format!(r#""beacon": {{"path": "/sluice/event", {field}: {value}}}"#),
+        ))
+    };
+    for (value, found) in [
+        ("86400.5", "floating point `86400.5`"),
+        ("-1", "integer `-1`"),
+        ("-1.0", "floating point `-1.0`"),
+        ("1e300", "floating point `1e+300`"),
+        (
+            "18446744073709551616",
+            "floating point `1.8446744073709552e+19`",
+        ),
+        ("\"60\"", "string \"60\""),
+        ("true", "boolean `true`"),
+    ] {
+        let e = with(r#""max_age_seconds""#, value);
+        assert_eq!(
+            e,
+            format!(
+                "experiments[0].beacon.max_age_seconds: expected a whole number, at least 0, found {found}"
+            ),
+            "{value}"
+        );
+    }
+    // A u32 field names its range.
+    let e = with(r#""limit""#, r#"{"events_per_user": 4294967296.0}"#);
+    assert_eq!(
+        e,
+        "experiments[0].beacon.limit.events_per_user: expected a whole number from 0 to 4294967295, found floating point `4294967296.0`"
+    );
+    assert!(
+        error_of(&VALID.replacen(r#""version": 1,"#, r#""version": 1.5,"#, 1))
+            .starts_with("version: expected a whole number from 0 to 4294967295")
+    );
+    // Integral but still wrong where the value is checked: an unsupported version.
+    assert!(
+        error_of(&VALID.replacen(r#""version": 1,"#, r#""version": 2.0,"#, 1))
+            .contains("unsupported version 2")
+    );
+}

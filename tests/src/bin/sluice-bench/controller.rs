@@ -694,7 +694,7 @@ impl Bodies {
 }
 
 /// The experiments a `filter=` query parameter selects, if it has the form the controller's
-/// admin source sends (`sluice_[a-z_]+\.experiment\.=\.(<name>|<name>…);`, percent-encoded).
+/// admin source sends (`sluice_[a-z_]+\.experiment=\.=(<name>|<name>…);\.;`, percent-encoded).
 fn filtered_experiments(query: &str) -> Option<Vec<String>> {
     let raw = query.split('&').find_map(|kv| kv.strip_prefix("filter="))?;
     let mut decoded = Vec::with_capacity(raw.len());
@@ -712,7 +712,7 @@ fn filtered_experiments(query: &str) -> Option<Vec<String>> {
         i += 1;
     }
     let filter = String::from_utf8(decoded).ok()?;
-    let rest = filter.split_once("\\.experiment\\.=\\.(")?.1;
+    let rest = filter.split_once("\\.experiment=\\.=(")?.1;
     let names = rest.split_once(");")?.0;
     Some(names.split('|').map(|n| n.replace('\\', "")).collect())
 }
