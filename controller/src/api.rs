@@ -202,10 +202,7 @@ async fn route<B>(
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, ["status"]) => {
-            let all: Vec<Status> = registry
-                .values()
-                .map(|h| h.status.borrow().clone())
-                .collect();
+            let all: Vec<Status> = registry.values().map(|h| h.status_now()).collect();
             let body = serde_json::to_string_pretty(&all).unwrap_or_else(|_| "[]".into());
             reply(StatusCode::OK, "application/json", body)
         }

@@ -193,7 +193,7 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
             .spec
             .sinks
             .iter()
-            .map(|crate::spec::SinkSpec::EcdsFile(e)| e.resource.as_str())
+            .map(|s| s.resource())
             .next()
             .unwrap_or("sluice")
     );
@@ -253,6 +253,11 @@ where
     let mut sink_paths: BTreeMap<String, String> = BTreeMap::new();
     // Rollouts reading the same Envoys share their scrapes.
     let hub = crate::source::envoy_admin::AdminHub::new();
+    // ecdsGrpc servers, one per listen address, shared by the rollouts naming it.
+    let servers = Arc::new(crate::sink::ecds_grpc::Servers::new(
+        stop_rx.clone(),
+        crate::sink::ecds_grpc::Limits::default(),
+    ));
     for f in &opts.files {
         let mut checked = load(f)?;
         checked
@@ -262,12 +267,22 @@ where
         if handles.contains_key(&name) {
             bail!("{}: a rollout named {name:?} is already given", f.display());
         }
-        for crate::spec::SinkSpec::EcdsFile(e) in &checked.rollout.spec.sinks {
-            if let Some(other) = sink_paths.insert(e.path.clone(), name.clone()) {
+        for sink in &checked.rollout.spec.sinks {
+            let key = match sink {
+                crate::spec::SinkSpec::EcdsFile(e) => e.path.clone(),
+                // Resource names are per server: two rollouts on one server need two names.
+                crate::spec::SinkSpec::EcdsGrpc(g) => format!(
+                    "resource {:?} on the ecdsGrpc server {}",
+                    g.resource,
+                    g.listen
+                        .parse::<SocketAddr>()
+                        .map_or(g.listen.clone(), |a| a.to_string())
+                ),
+            };
+            if let Some(other) = sink_paths.insert(key.clone(), name.clone()) {
                 bail!(
-                    "{}: spec.sinks: {:?} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
+                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
                     f.display(),
-                    e.path
                 );
             }
         }
@@ -287,9 +302,24 @@ where
             ),
         };
         let stages: Vec<f64> = checked.stages.iter().map(|s| s.weight).collect();
+        let mut sinks = Vec::with_capacity(spec.sinks.len());
+        for (i, sink) in spec.sinks.iter().enumerate() {
+            sinks.push(
+                AnySink::from_spec(sink, &servers)
+                    .await
+                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?,
+            );
+        }
+        let ecds_grpc: Vec<crate::sink::ecds_grpc::EcdsGrpc> = sinks
+            .iter()
+            .filter_map(|s| match s {
+                AnySink::EcdsGrpc(g) => Some(g.clone()),
+                _ => None,
+            })
+            .collect();
         let task = Task {
             source,
-            sinks: spec.sinks.iter().map(AnySink::from_spec).collect(),
+            sinks,
             judge: judge(&checked)?,
             store: Store::new(&opts.state_dir, &name)?,
             notifier: Notifier::new(&spec.notifications),
@@ -301,7 +331,8 @@ where
             let _ = stop.wait_for(|s| *s).await;
         };
         match task.spawn(shutdown, opts.exit_when_done) {
-            Ok((handle, join)) => {
+            Ok((mut handle, join)) => {
+                handle.ecds_grpc = ecds_grpc;
                 if let Some(line) = finished_line(&handle.status.borrow(), &opts.state_dir) {
                     println!("{line}");
                 }

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::notify::{Notice, Notifier};
 use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
 use crate::sink::ecds_file::EcdsFile;
+use crate::sink::ecds_grpc::{EcdsGrpc, Servers};
 use crate::sink::{Sink, SinkError};
 use crate::source::envoy_admin::{AdminHub, EnvoyAdmin};
 use crate::source::prometheus::Prometheus;
@@ -144,11 +145,30 @@ impl Source for AnySource {
 #[derive(Debug, Clone)]
 pub enum AnySink {
     EcdsFile(EcdsFile),
+    EcdsGrpc(EcdsGrpc),
 }
 
 impl AnySink {
-    pub fn from_spec(spec: &SinkSpec) -> AnySink {
-        match spec {
+    /// The sink `spec` describes; an ecdsGrpc sink joins (or starts) the server on its
+    /// `listen` address in `servers`, and fails when that address cannot be bound.
+    pub async fn from_spec(spec: &SinkSpec, servers: &Servers) -> Result<AnySink, std::io::Error> {
+        Ok(match spec {
+            SinkSpec::EcdsGrpc(g) => {
+                let listen: std::net::SocketAddr = g.listen.parse().map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("listen {:?}: {e}", g.listen),
+                    )
+                })?;
+                AnySink::EcdsGrpc(EcdsGrpc {
+                    hub: servers.hub(listen).await?,
+                    listen,
+                    resource: g.resource.clone(),
+                    code: g.wasm.clone(),
+                    min_proxies: g.min_proxies,
+                    confirm_within: g.confirm_within,
+                })
+            }
             SinkSpec::EcdsFile(f) => AnySink::EcdsFile(EcdsFile {
                 path: f.path.clone().into(),
                 resource: f.resource.clone(),
@@ -160,7 +180,7 @@ impl AnySink {
                     .collect(),
                 confirm_within: f.confirm_within,
             }),
-        }
+        })
     }
 }
 
@@ -172,6 +192,7 @@ impl Sink for AnySink {
     ) -> Result<crate::sink::Receipt, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.push(config, version).await,
+            AnySink::EcdsGrpc(s) => s.push(config, version).await,
         }
     }
 
@@ -182,6 +203,7 @@ impl Sink for AnySink {
     ) -> Result<Option<String>, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.in_force(config, version).await,
+            AnySink::EcdsGrpc(s) => s.in_force(config, version).await,
         }
     }
 }
@@ -278,6 +300,10 @@ pub struct Status {
     /// Why this rollout stopped running (its state could not be loaded, or a file could not
     /// be written); `None` while it runs or after it ended normally.
     pub error: Option<String>,
+    /// Per ecdsGrpc sink, the proxies connected to its server for this rollout's resource;
+    /// filled in when `/status` is asked ([`Handle::status_now`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub proxies: Vec<crate::sink::ecds_grpc::SinkProxies>,
 }
 
 /// A notable event, as kept in the status and written to the audit log.
@@ -298,6 +324,17 @@ pub struct Handle {
     pub name: String,
     commands: mpsc::Sender<Order>,
     pub status: watch::Receiver<Status>,
+    /// The rollout's ecdsGrpc sinks, whose proxies `/status` lists.
+    pub ecds_grpc: Vec<EcdsGrpc>,
+}
+
+impl Handle {
+    /// The published status with the ecdsGrpc sinks' proxies as they are now.
+    pub fn status_now(&self) -> Status {
+        let mut s = self.status.borrow().clone();
+        s.proxies = self.ecds_grpc.iter().map(EcdsGrpc::proxies).collect();
+        s
+    }
 }
 
 /// An operator command and where to report once it is applied.
@@ -401,6 +438,7 @@ impl Status {
             last_push_latency_secs: None,
             events: Arc::default(),
             error: None,
+            proxies: Vec::new(),
         }
     }
 
@@ -429,6 +467,7 @@ impl Handle {
             name: status.name,
             commands,
             status: status_rx,
+            ecds_grpc: Vec::new(),
         }
     }
 }
@@ -484,6 +523,7 @@ where
                 name,
                 commands: cmd_tx,
                 status: status_rx,
+                ecds_grpc: Vec::new(),
             },
             join,
         ))

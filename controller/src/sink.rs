@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice_filter::config::FilterConfig;
 
 pub mod ecds_file;
+pub mod ecds_grpc;
 
 /// Proof that a push took effect.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +30,21 @@ pub enum SinkError {
     Render(String),
     #[error("{proxy} rejected configuration version {version} (see its log for the reason)")]
     Rejected { proxy: String, version: u64 },
+    #[error("{proxy} rejected configuration version {version}: {detail}")]
+    Nacked {
+        proxy: String,
+        version: u64,
+        detail: String,
+    },
+    #[error("{resource:?} on {listen}: {connected} proxies connected and subscribed, fewer than minProxies {min}, after {waited:?} (version {version} not confirmed)")]
+    TooFewProxies {
+        listen: String,
+        resource: String,
+        version: u64,
+        connected: usize,
+        min: usize,
+        waited: Duration,
+    },
     #[error("{proxy} did not confirm configuration version {version} within {waited:?} (version in force: {in_force})")]
     Unconfirmed {
         proxy: String,

@@ -233,6 +233,38 @@ fn default_max_age() -> Duration {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub enum SinkSpec {
     EcdsFile(EcdsFileSpec),
+    EcdsGrpc(EcdsGrpcSpec),
+}
+
+impl SinkSpec {
+    /// The ECDS resource (filter name) the sink serves.
+    pub fn resource(&self) -> &str {
+        match self {
+            SinkSpec::EcdsFile(f) => &f.resource,
+            SinkSpec::EcdsGrpc(g) => &g.resource,
+        }
+    }
+}
+
+/// The controller serves the filter's config over gRPC (Envoy's ExtensionConfigDiscoveryService).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EcdsGrpcSpec {
+    /// Address the server listens on (`host:port`); rollouts naming the same one share it.
+    pub listen: String,
+    /// `TypedExtensionConfig` name the proxies subscribe to; default `sluice`.
+    #[serde(default = "default_resource")]
+    pub resource: String,
+    pub wasm: WasmCode,
+    /// Distinct proxies (node ids) that must be connected for a push to count as confirmed.
+    #[serde(default = "default_min_proxies")]
+    pub min_proxies: usize,
+    #[serde(default = "default_confirm", with = "duration")]
+    pub confirm_within: Duration,
+}
+
+fn default_min_proxies() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -478,11 +510,17 @@ impl Rollout {
                 }
             }
         }
-        for (i, SinkSpec::EcdsFile(f)) in s.sinks.iter().enumerate() {
-            wait(
-                format!("spec.sinks[{i}].ecdsFile.confirmWithin"),
-                f.confirm_within,
-            );
+        for (i, sink) in s.sinks.iter().enumerate() {
+            match sink {
+                SinkSpec::EcdsFile(f) => wait(
+                    format!("spec.sinks[{i}].ecdsFile.confirmWithin"),
+                    f.confirm_within,
+                ),
+                SinkSpec::EcdsGrpc(g) => wait(
+                    format!("spec.sinks[{i}].ecdsGrpc.confirmWithin"),
+                    g.confirm_within,
+                ),
+            }
         }
         if s.shadow.is_some() && s.experiment.shadow.is_none() {
             problem(
@@ -544,6 +582,29 @@ impl Rollout {
                     if f.path.is_empty() {
                         problem(
                             &format!("spec.sinks[{i}].ecdsFile.path"),
+                            "must not be empty".into(),
+                        );
+                    }
+                }
+                SinkSpec::EcdsGrpc(g) => {
+                    if g.listen.parse::<std::net::SocketAddr>().is_err() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.listen"),
+                            format!(
+                                "{:?} is not an address and port (e.g. 0.0.0.0:18000)",
+                                g.listen
+                            ),
+                        );
+                    }
+                    if g.min_proxies == 0 {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.minProxies"),
+                            "must be at least 1 (a push nobody received is not confirmed)".into(),
+                        );
+                    }
+                    if g.resource.is_empty() {
+                        problem(
+                            &format!("spec.sinks[{i}].ecdsGrpc.resource"),
                             "must not be empty".into(),
                         );
                     }

@@ -113,7 +113,7 @@ impl EcdsFile {
 }
 
 /// `<version>@<write time in Unix milliseconds>`: unique per write, also across restarts.
-fn revision(version: u64) -> String {
+pub(crate) fn revision(version: u64) -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
