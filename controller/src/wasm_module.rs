@@ -34,7 +34,9 @@ pub enum ModuleError {
     },
     #[error("--serve-wasm {path}: not a WebAssembly module (no `\\0asm` version 1 header)")]
     NotWasm { path: PathBuf },
-    #[error("--serve-wasm {path}: {len} bytes, more than the {MAX_BYTES} a filter module may have")]
+    #[error(
+        "--serve-wasm {path}: {len} bytes, more than the {MAX_BYTES} a filter module may have"
+    )]
     TooLarge { path: PathBuf, len: u64 },
 }
 
