@@ -9,14 +9,15 @@
 //!   strict mode against Kubernetes 1.33's schemas.
 //! - The EnvoyFilters' patches applied, the way istiod applies them, to a sidecar-shaped and a
 //!   gateway-shaped Envoy configuration, which must then pass `envoy --mode validate`; and the
-//!   sidecar one run for real: Envoy fetches the module from the controller's endpoint, checks
-//!   its sha256 and serves the control while the controller's ECDS server is down.
+//!   sidecar one run for real: with the controller's ECDS server down it serves the control.
 //! - The filter configurations inside the manifests parse with the filter's own parser and
-//!   route everyone to the control.
+//!   route everyone to the control; the rollout specs parse with the controller's; the module's
+//!   path, the metric labels and the names agree across the files.
+//! - The module the controller serves (`--serve-wasm`) is the built one, with its sha256.
 //!
-//! The manifests hold the placeholder `SLUICE_WASM_SHA256` where the module's digest goes; the
-//! tests put in the digest the controller serves for the built module, as docs/istio.md tells a
-//! user to.
+//! The WasmPlugin and TrafficExtension hold the placeholder `SLUICE_WASM_SHA256` where the
+//! module's digest goes; the tests put in the digest the controller serves for the built
+//! module, as docs/istio.md tells a user to.
 //!
 //! Needs `scripts/setup.sh` (Envoy, kubernetes-validate) and the filter built for wasm32.
 
@@ -335,7 +336,7 @@ fn schema_check_rejects_broken_istio_objects() {
         ),
         (
             filter,
-            "/spec/configPatches/2/match/listener/portNumber",
+            "/spec/configPatches/1/match/listener/portNumber",
             json!("http"),
             "portNumber",
         ),
@@ -816,6 +817,14 @@ fn sidecar_config(labels: &BTreeMap<String, String>) -> Value {
             "metadata": {"LABELS": labels, "NAMESPACE": "models", "CLUSTER_ID": "Kubernetes"}
         },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
+        // What istiod's bootstrap makes of ProxyConfig extraStatTags (the list in frontend.yaml).
+        "stats_config": {
+            "use_all_default_tags": false,
+            "stats_tags": sluice_filter::metrics::LABELS.iter().map(|t| json!({
+                "tag_name": t,
+                "regex": format!("({t}=\\.=(.*?);\\.;)"),
+            })).collect::<Vec<_>>(),
+        },
         "static_resources": {
             "listeners": [
                 {
@@ -928,7 +937,7 @@ fn envoyfilter_patches_give_a_valid_sidecar_and_gateway() {
             .unwrap_or_else(|| panic!("no EnvoyFilter in {file}"));
         let applied = apply_envoy_filter(&mut config, &proxy, &filter.doc)
             .unwrap_or_else(|e| panic!("{}: {e}", filter.at()));
-        assert_eq!(applied, vec![1, 1, 1], "{}", filter.at());
+        assert_eq!(applied, vec![1, 1], "{}", filter.at());
         // Before the router of the model's listener, after the filters that were there.
         assert_eq!(
             http_filter_names(&config, 0),
@@ -943,6 +952,7 @@ fn envoyfilter_patches_give_a_valid_sidecar_and_gateway() {
         );
         let (_dir, path) = write_config(&config);
         EnvoyConfig::new(&path)
+            .wasm(filter_wasm().unwrap_or_else(|e| panic!("{e}")))
             .validate()
             .unwrap_or_else(|e| panic!("{}: {e}", filter.at()));
     }
@@ -969,24 +979,24 @@ fn envoyfilter_checks_catch_broken_patches() {
     let mut wrong_router = filter.doc.clone();
     set(
         &mut wrong_router,
-        "/spec/configPatches/2/match/listener/filterChain/filter/subFilter/name",
+        "/spec/configPatches/1/match/listener/filterChain/filter/subFilter/name",
         json!("envoy.router"),
     );
     let (mut config, proxy) = sidecar(&labels);
     let e = apply_envoy_filter(&mut config, &proxy, &wrong_router).unwrap_err();
-    assert!(e.contains("configPatches[2] matched nothing"), "{e}");
+    assert!(e.contains("configPatches[1] matched nothing"), "{e}");
     // Another port: same.
     let mut other_port = filter.doc.clone();
     set(
         &mut other_port,
-        "/spec/configPatches/2/match/listener/portNumber",
+        "/spec/configPatches/1/match/listener/portNumber",
         json!(9999),
     );
     let (mut config, proxy) = sidecar(&labels);
     assert!(apply_envoy_filter(&mut config, &proxy, &other_port).is_err());
 
     // Envoy refuses a filter whose ECDS cluster is not there, and a misspelt field.
-    let value = "/spec/configPatches/2/patch/value";
+    let value = "/spec/configPatches/1/patch/value";
     for (pointer, v) in [
         (
             format!("{value}/config_discovery/config_source/api_config_source/grpc_services/0/envoy_grpc/cluster_name"),
@@ -994,8 +1004,8 @@ fn envoyfilter_checks_catch_broken_patches() {
         ),
         (format!("{value}/config_discovery/apply_default_config_without_warmup"), json!(true)),
         (
-            format!("{value}/config_discovery/default_config/config/vm_config/code/remote/sha256_hash"),
-            json!("00"),
+            format!("{value}/config_discovery/default_config/config/vm_config/code/local/file_name"),
+            json!("x.wasm"),
         ),
     ] {
         let mut broken = filter.doc.clone();
@@ -1004,7 +1014,7 @@ fn envoyfilter_checks_catch_broken_patches() {
         apply_envoy_filter(&mut config, &proxy, &broken).unwrap_or_else(|e| panic!("{e}"));
         let (_dir, path) = write_config(&config);
         assert!(
-            EnvoyConfig::new(&path).validate().is_err(),
+            EnvoyConfig::new(&path).wasm(filter_wasm().unwrap_or_else(|e| panic!("{e}"))).validate().is_err(),
             "envoy accepted {pointer} = {v}"
         );
     }
@@ -1078,28 +1088,24 @@ async fn controller_serves_the_module_with_its_digest() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sidecar-shaped Envoy with the EnvoyFilter applied, run: it fetches the module from the
-/// controller's endpoint (checked against the manifest's sha256) and, with the controller's
-/// ECDS server down, serves the default configuration: everyone to the control, whatever
-/// variant header a client sends.
+/// The sidecar-shaped Envoy with the EnvoyFilter applied, run with the controller's ECDS
+/// server down: the default configuration is in force at once, everyone goes to the control,
+/// whatever variant header a client sends.
 #[tokio::test]
-async fn sidecar_fetches_the_served_module_and_serves_the_control() -> anyhow::Result<()> {
-    let module = module();
-    let sha = module.sha256().to_string();
-    let (addr, _stop) = serve_module(module).await;
+async fn sidecar_serves_the_control_while_the_controller_is_down() -> anyhow::Result<()> {
     let stable = Upstream::named("stable").await?;
     let canary = Upstream::named("canary").await?;
-    let all = manifests(&sha);
+    let all = manifests(&"0".repeat(64));
     let filter = find(&all, "EnvoyFilter", "sluice", "envoyfilter-sidecar.yaml");
     let (mut config, proxy) = sidecar(&[("sluice.dev/filter", "enabled")]);
     apply_envoy_filter(&mut config, &proxy, &filter.doc).map_err(anyhow::Error::msg)?;
     let (_dir, path) = write_config(&config);
-    // Nothing listens on the ECDS port: the controller is "down".
+    // Nothing listens on the ECDS port: the controller is down.
     let ecds_down = sluice_tests::free_port()?;
     let envoy = EnvoyConfig::new(&path)
+        .wasm(filter_wasm()?)
         .port_to(18081, stable.port())
         .port_to(18082, canary.port())
-        .port_to(9090, addr.port())
         .port_to(18000, ecds_down)
         .replace(&format!("address: {CONTROLLER_HOST}"), "address: 127.0.0.1")
         .replace("type: STRICT_DNS", "type: STATIC")
@@ -1107,32 +1113,6 @@ async fn sidecar_fetches_the_served_module_and_serves_the_control() -> anyhow::R
         .await?;
     let http = HttpClient::new();
     let url = envoy.url(8080, "/predict");
-    // The module arrives asynchronously; until then the listener may answer without the filter.
-    wait_for(
-        Duration::from_secs(60),
-        "the filter to strip the client's variant header",
-        || async {
-            let r = http
-                .send(
-                    hyper::Method::GET,
-                    &url,
-                    &[("x-user-id", "u1"), ("x-sluice-variant", "canary")],
-                    bytes::Bytes::new(),
-                )
-                .await;
-            match r {
-                Ok(r) if r.status == 200 && canary.count() == 0 => Ok(Some(())),
-                Ok(r) => {
-                    canary.clear();
-                    Err(format!("status {}, canary reached", r.status))
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", envoy.log_tail(40)))?;
-    stable.clear();
     for i in 0..200 {
         let user = format!("user-{i}");
         let r = http
@@ -1143,7 +1123,7 @@ async fn sidecar_fetches_the_served_module_and_serves_the_control() -> anyhow::R
                 bytes::Bytes::new(),
             )
             .await?;
-        assert_eq!(r.status, 200);
+        assert_eq!(r.status, 200, "{}", envoy.log_tail(20));
     }
     assert_eq!(
         canary.count(),
@@ -1155,5 +1135,121 @@ async fn sidecar_fetches_the_served_module_and_serves_the_control() -> anyhow::R
         .requests()
         .iter()
         .all(|r| r.variant() == Some("stable")));
+    // The filter counted them: it is the filter, not the route table, that sent them there.
+    let n = wait_for(
+        Duration::from_secs(30),
+        "the filter's request counter",
+        || async {
+            let stats = envoy.admin().prometheus().await?;
+            let n = stats.sum(
+                sluice_filter::metrics::REQUESTS,
+                &[("experiment", "ranker"), ("variant", "stable")],
+            );
+            Ok::<_, sluice_tests::Error>((n >= 200.0).then_some(n))
+        },
+    )
+    .await?;
+    assert_eq!(n, 200.0);
     Ok(())
+}
+
+/// The module's path, the workload label and the metric labels agree across the EnvoyFilter,
+/// the example workload and the rollout the controller pushes with.
+#[test]
+fn envoyfilter_path_files_agree() {
+    let all = manifests(&"0".repeat(64));
+    let filter = find(&all, "EnvoyFilter", "sluice", "envoyfilter-sidecar.yaml");
+    let frontend = find(&all, "Deployment", "frontend", "frontend.yaml");
+    let template = &frontend.doc["spec"]["template"]["metadata"];
+    let patch = &filter.doc["spec"]["configPatches"][1]["patch"]["value"];
+    let filename = patch["config_discovery"]["default_config"]["config"]["vm_config"]["code"]
+        ["local"]["filename"]
+        .as_str()
+        .unwrap_or_default();
+    for (k, v) in filter.doc["spec"]["workloadSelector"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(
+            &template["labels"][k],
+            v,
+            "{} lacks the label {k}",
+            frontend.at()
+        );
+    }
+    let annotation = |name: &str| -> Value {
+        let text = template["annotations"][name].as_str().unwrap_or_default();
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"))
+    };
+    let volumes = annotation("sidecar.istio.io/userVolume");
+    let mounts = annotation("sidecar.istio.io/userVolumeMount");
+    assert_eq!(volumes[0]["configMap"]["name"], "sluice-wasm");
+    assert_eq!(mounts[0]["name"], volumes[0]["name"]);
+    let mounted = format!(
+        "{}/sluice_filter.wasm",
+        mounts[0]["mountPath"].as_str().unwrap_or_default()
+    );
+    assert_eq!(filename, mounted);
+    // The ProxyConfig annotation names every label the filter writes, and only those.
+    let proxy_config: Value = serde_yaml::from_str(
+        template["annotations"]["proxy.istio.io/config"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tags: Vec<&str> = proxy_config["extraStatTags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(tags, sluice_filter::metrics::LABELS);
+
+    let rollout = rollout_in(find(
+        &all,
+        "ConfigMap",
+        "sluice-rollout",
+        "ecds/rollout.yaml",
+    ));
+    let sink = &rollout["spec"]["sinks"][0]["ecdsGrpc"];
+    assert_eq!(sink["wasm"]["filename"].as_str(), Some(filename));
+    assert_eq!(sink["resource"], patch["name"]);
+    let port = sink["listen"]
+        .as_str()
+        .and_then(|l| l.rsplit_once(':'))
+        .map(|(_, p)| p.to_string());
+    let cluster = &filter.doc["spec"]["configPatches"][0]["patch"]["value"];
+    assert_eq!(
+        port.as_deref(),
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"]["port_value"]
+            .as_u64()
+            .map(|p| p.to_string())
+            .as_deref()
+    );
+}
+
+fn rollout_in(configmap: &Manifest) -> Value {
+    let text = configmap.doc["data"]["rollout.yaml"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: no data.rollout.yaml", configmap.at()));
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{}: {e}", configmap.at()))
+}
+
+/// The rollout in each ConfigMap is one the controller accepts.
+#[test]
+fn rollout_configmaps_are_valid_specs() {
+    let all = manifests(&"0".repeat(64));
+    let maps: Vec<&Manifest> = all
+        .iter()
+        .filter(|m| m.doc["kind"] == "ConfigMap" && m.doc["metadata"]["name"] == "sluice-rollout")
+        .collect();
+    assert_eq!(maps.len(), 2);
+    for m in maps {
+        let text = m.doc["data"]["rollout.yaml"].as_str().unwrap_or_default();
+        if let Err(e) = sluice_controller::spec::Rollout::parse(text) {
+            panic!("{}: {}", m.at(), e.problems.join("; "));
+        }
+    }
 }
