@@ -1253,3 +1253,153 @@ fn rollout_configmaps_are_valid_specs() {
         }
     }
 }
+
+/// Kills the daemon a test started, however the test ends.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Deployment's command line, run: the real `sluice` with the Deployment's arguments (the
+/// in-cluster paths and ports pointed at a temporary directory and free loopback ports), the
+/// EnvoyFilter path's rollout from its ConfigMap. It starts, answers the probes' path, and
+/// serves the built module and its digest to a client that names the controller's Service, as
+/// the WasmPlugin's `url` does.
+#[tokio::test]
+async fn deployment_command_line_serves_the_module() -> anyhow::Result<()> {
+    let all = manifests(&"0".repeat(64));
+    let deployment = find(&all, "Deployment", "sluice-controller", "controller.yaml");
+    let pod = &deployment.doc["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mount = |volume: &str| -> String {
+        container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no mount of {volume}"))
+            .to_string()
+    };
+    let api_port = container["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "api")
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_default();
+    let dockerfile = std::fs::read_to_string(repo_root().join("deploy/Dockerfile"))?;
+
+    let dir = tempfile::tempdir()?;
+    let rollout_path = dir.path().join("rollout.yaml");
+    let configmap = find(&all, "ConfigMap", "sluice-rollout", "ecds/rollout.yaml");
+    let ecds_port = sluice_tests::free_port()?;
+    let rollout = configmap.doc["data"]["rollout.yaml"]
+        .as_str()
+        .unwrap_or_default()
+        .replace("0.0.0.0:18000", &format!("127.0.0.1:{ecds_port}"));
+    std::fs::write(&rollout_path, rollout)?;
+    let state = dir.path().join("state");
+    let port = sluice_tests::free_port()?;
+    let wasm = filter_wasm()?;
+    let module = WasmModule::load(&wasm)?;
+
+    let mut args = Vec::new();
+    for a in container["args"].as_array().into_iter().flatten() {
+        let a = a.as_str().unwrap_or_default();
+        let arg = match a.split_once('=') {
+            Some(("--file", path)) => {
+                assert_eq!(path, format!("{}/rollout.yaml", mount("rollout")));
+                format!("--file={}", rollout_path.display())
+            }
+            Some(("--state-dir", path)) => {
+                assert_eq!(path, mount("state"));
+                format!("--state-dir={}", state.display())
+            }
+            Some(("--listen", addr)) => {
+                assert_eq!(addr, format!("0.0.0.0:{api_port}"));
+                format!("--listen=127.0.0.1:{port}")
+            }
+            Some(("--serve-wasm", path)) => {
+                assert!(
+                    dockerfile.contains(&format!("sluice_filter.wasm {path}\n")),
+                    "deploy/Dockerfile does not put the module at {path}"
+                );
+                format!("--serve-wasm={}", wasm.display())
+            }
+            _ => a.to_string(),
+        };
+        args.push(arg);
+    }
+    let token_env = container["env"][0]["name"].as_str().unwrap_or_default();
+    let _daemon = Daemon(
+        Command::new(sluice_tests::sluice_bin()?)
+            .args(&args)
+            .env(token_env, "deploy-test-token-0123456789")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("sluice.log"))?)
+            .spawn()?,
+    );
+    let http = HttpClient::new();
+    let probe = container["readinessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let base = format!("http://127.0.0.1:{port}");
+    let log = || std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
+    wait_for(
+        Duration::from_secs(60),
+        "the daemon's probe path",
+        || async {
+            let r = http.get(&format!("{base}{probe}")).await;
+            Ok::<_, String>(r.ok().filter(|r| r.status == 200).map(|_| ()))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", log()))?;
+
+    // As istio-agent asks for the WasmPlugin's url: the Service's name in Host.
+    let plugin = find(&all, "WasmPlugin", "sluice", "wasmplugin.yaml");
+    let url = plugin.doc["spec"]["url"].as_str().unwrap_or_default();
+    let (authority, path) = url
+        .strip_prefix("http://")
+        .and_then(|u| u.split_once('/'))
+        .unwrap_or_else(|| panic!("{url}: not http://host/path"));
+    assert_eq!(authority, format!("{CONTROLLER_HOST}:{api_port}"));
+    for (suffix, check) in [("", true), (".sha256", false)] {
+        let r = http
+            .send(
+                hyper::Method::GET,
+                &format!("{base}/{path}{suffix}"),
+                &[("host", authority)],
+                bytes::Bytes::new(),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{}{suffix}: {}\n{}", path, r.text(), log());
+        if check {
+            let digest: String = Sha256::digest(&r.body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(digest, module.sha256());
+        } else {
+            assert_eq!(r.text().trim(), module.sha256());
+        }
+    }
+    // A name the Deployment does not allow is refused (DNS rebinding).
+    let r = http
+        .send(
+            hyper::Method::GET,
+            &format!("{base}/{path}.sha256"),
+            &[("host", "evil.example:9090")],
+            bytes::Bytes::new(),
+        )
+        .await?;
+    assert_eq!(r.status, 403);
+    Ok(())
+}
