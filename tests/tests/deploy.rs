@@ -1205,6 +1205,34 @@ fn envoyfilter_path_files_agree() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(tags, sluice_filter::metrics::LABELS);
+    // Bucket lists for every histogram the filter writes, ascending.
+    let buckets = annotation("sidecar.istio.io/statsHistogramBuckets");
+    let mut prefixes: Vec<String> = buckets
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let b: Vec<f64> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect();
+            assert!(
+                b.len() > 10 && b.windows(2).all(|w| w[0] < w[1]),
+                "{k}: {v}"
+            );
+            k.clone()
+        })
+        .collect();
+    prefixes.sort();
+    use sluice_filter::metrics::{LATENCY, PREDICTION, SHADOW_LATENCY};
+    let mut want: Vec<String> = [LATENCY, PREDICTION, SHADOW_LATENCY]
+        .iter()
+        .map(|m| format!("wasmcustom.{m}"))
+        .collect();
+    want.sort();
+    assert_eq!(prefixes, want);
 
     let rollout = rollout_in(find(
         &all,
