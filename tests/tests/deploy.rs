@@ -686,11 +686,12 @@ fn apply_envoy_filter(
         let value = p["patch"]["value"].clone();
         let n = match (p["applyTo"].as_str(), op) {
             (Some("CLUSTER"), "ADD") => {
-                let fits = match (context, proxy.kind) {
-                    ("ANY", _) | ("GATEWAY", "gateway") => true,
-                    ("SIDECAR_OUTBOUND" | "SIDECAR_INBOUND", "sidecar") => true,
-                    _ => false,
-                };
+                let fits = matches!(
+                    (context, proxy.kind),
+                    ("ANY", _)
+                        | ("GATEWAY", "gateway")
+                        | ("SIDECAR_OUTBOUND" | "SIDECAR_INBOUND", "sidecar")
+                );
                 if fits {
                     let clusters = config["static_resources"]["clusters"]
                         .as_array_mut()
