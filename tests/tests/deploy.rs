@@ -1432,3 +1432,137 @@ async fn deployment_command_line_serves_the_module() -> anyhow::Result<()> {
     assert_eq!(r.status, 403);
     Ok(())
 }
+
+/// The EnvoyFilter path end to end: the sidecar-shaped Envoy with the EnvoyFilter applied and
+/// the real `sluice` running the rollout of `deploy/istio/ecds/rollout.yaml` (its source
+/// pointed at that Envoy's admin, its server and the module's path moved to this machine).
+/// The proxy subscribes through the EnvoyFilter's cluster to the resource the rollout serves,
+/// takes the controller's push, and the controller lists it as having ACKed it.
+#[tokio::test]
+async fn sidecar_takes_the_controllers_pushes_through_the_envoyfilter() -> anyhow::Result<()> {
+    let stable = Upstream::named("stable").await?;
+    let canary = Upstream::named("canary").await?;
+    let all = manifests(&"0".repeat(64));
+    let filter = find(&all, "EnvoyFilter", "sluice", "envoyfilter-sidecar.yaml");
+    let (mut config, proxy) = sidecar(&[("sluice.dev/filter", "enabled")]);
+    apply_envoy_filter(&mut config, &proxy, &filter.doc).map_err(anyhow::Error::msg)?;
+    let node = config["node"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_cfg_dir, path) = write_config(&config);
+    let ecds_port = sluice_tests::free_port()?;
+    let wasm = filter_wasm()?;
+    let envoy = EnvoyConfig::new(&path)
+        .wasm(&wasm)
+        .port_to(18081, stable.port())
+        .port_to(18082, canary.port())
+        .port_to(18000, ecds_port)
+        .replace(&format!("address: {CONTROLLER_HOST}"), "address: 127.0.0.1")
+        .replace("type: STRICT_DNS", "type: STATIC")
+        .start()
+        .await?;
+
+    let dir = tempfile::tempdir()?;
+    let configmap = find(&all, "ConfigMap", "sluice-rollout", "ecds/rollout.yaml");
+    let text = configmap.doc["data"]["rollout.yaml"]
+        .as_str()
+        .unwrap_or_default();
+    let mut rollout = text.to_string();
+    for (from, to) in [
+        ("0.0.0.0:18000".to_string(), format!("127.0.0.1:{ecds_port}")),
+        (
+            "/var/local/sluice/sluice_filter.wasm".to_string(),
+            wasm.display().to_string(),
+        ),
+        (
+            "prometheus: {url: \"http://prometheus.istio-system.svc.cluster.local:9090\", maxAge: 60s}"
+                .to_string(),
+            format!("envoyAdmin: {{endpoints: [\"{}\"]}}", envoy.admin().base_url()),
+        ),
+    ] {
+        assert!(rollout.contains(&from), "the rollout no longer has {from}");
+        rollout = rollout.replace(&from, &to);
+    }
+    let rollout_path = dir.path().join("rollout.yaml");
+    std::fs::write(&rollout_path, rollout)?;
+    let port = sluice_tests::free_port()?;
+    let log_path = dir.path().join("sluice.log");
+    let _daemon = Daemon(
+        Command::new(sluice_tests::sluice_bin()?)
+            .arg("run")
+            .arg(format!("--file={}", rollout_path.display()))
+            .arg(format!(
+                "--state-dir={}",
+                dir.path().join("state").display()
+            ))
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg("--quiet")
+            .env("SLUICE_TOKEN", "deploy-test-token-0123456789")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()?,
+    );
+    let log = || {
+        format!(
+            "sluice:\n{}\nenvoy:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            envoy.log_tail(30)
+        )
+    };
+    let http = HttpClient::new();
+    let status_url = format!("http://127.0.0.1:{port}/status");
+    let acked = wait_for(
+        Duration::from_secs(90),
+        "the sidecar to ACK a push of the controller",
+        || async {
+            let accepted = envoy
+                .admin()
+                .stat("extension_config_discovery.http_filter.sluice.update_success")
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0);
+            let status = http.get(&status_url).await.map_err(|e| e.to_string())?;
+            let status: Value = status.json().map_err(|e| e.to_string())?;
+            // Per ecdsGrpc sink of the rollout, its proxies.
+            let proxy = status[0]["proxies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|sink| sink["resource"] == "sluice")
+                .flat_map(|sink| sink["proxies"].as_array().cloned().unwrap_or_default())
+                .find(|p| p["id"] == node.as_str());
+            let version = proxy
+                .as_ref()
+                .and_then(|p| p["acked"]["sluice"].as_u64())
+                .unwrap_or(0);
+            Ok::<_, String>((accepted >= 1 && version >= 1).then_some(proxy))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", log()))?;
+    let proxy = acked.unwrap_or_default();
+    assert_eq!(proxy["last_nack"], Value::Null, "{proxy}");
+    assert_eq!(
+        envoy
+            .admin()
+            .stat("extension_config_discovery.http_filter.sluice.update_rejected")
+            .await?
+            .unwrap_or(0),
+        0,
+        "{}",
+        log()
+    );
+    // Traffic still flows through the filter the controller configured.
+    let r = http
+        .send(
+            hyper::Method::GET,
+            &envoy.url(8080, "/predict"),
+            &[("x-user-id", "alice")],
+            bytes::Bytes::new(),
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    Ok(())
+}
