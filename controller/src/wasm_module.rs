@@ -150,6 +150,26 @@ mod tests {
     }
 
     #[test]
+    fn serves_the_module_and_its_digest_only() {
+        let m = WasmModule::from_bytes(WASM_HEADER.to_vec()).unwrap_or_else(|| unreachable!());
+        let r = reply(&m, FILE_NAME).unwrap_or_else(|| unreachable!());
+        assert_eq!(r.headers()["content-type"], "application/wasm");
+        assert_eq!(r.headers()["x-sluice-sha256"], m.sha256());
+        assert_eq!(r.headers()["etag"], format!("\"{}\"", m.sha256()));
+        let r = reply(&m, &format!("{FILE_NAME}.sha256")).unwrap_or_else(|| unreachable!());
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        for other in [
+            "",
+            "sluice_filter",
+            "sluice_filter.wasm.md5",
+            "x.wasm",
+            "sluice_filter.wasmx",
+        ] {
+            assert!(reply(&m, other).is_none(), "{other}");
+        }
+    }
+
+    #[test]
     fn refuses_what_is_not_a_module() {
         assert!(WasmModule::from_bytes(b"<html>".to_vec()).is_none());
         assert!(WasmModule::from_bytes(Vec::new()).is_none());
