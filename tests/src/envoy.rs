@@ -42,6 +42,8 @@ pub struct EnvoyConfig {
     log_level: String,
     ready_timeout: Duration,
     args: Vec<String>,
+    node: Option<String>,
+    cwd: Option<PathBuf>,
 }
 
 impl EnvoyConfig {
@@ -63,7 +65,23 @@ impl EnvoyConfig {
             log_level: "warning".into(),
             ready_timeout: Duration::from_secs(30),
             args: Vec::new(),
+            node: None,
+            cwd: None,
         }
+    }
+
+    /// Runs Envoy as node `id` of cluster `cluster` (`--service-node`, `--service-cluster`,
+    /// which override the bootstrap's `node`): several Envoys started from one fleet bootstrap
+    /// are told apart by an xDS server this way.
+    pub fn node(mut self, id: &str, cluster: &str) -> Self {
+        self.node = Some(id.into());
+        self.args.extend([
+            "--service-node".into(),
+            id.into(),
+            "--service-cluster".into(),
+            cluster.into(),
+        ]);
+        self
     }
 
     /// Maps `port_value: original` to `to` instead of a fresh port — typically to point a
@@ -115,6 +133,14 @@ impl EnvoyConfig {
     /// An extra Envoy command-line argument.
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Runs Envoy in `dir` instead of the repository root: relative paths in configurations
+    /// pushed to it later (e.g. a wasm `filename`) are resolved there, so Envoys of one fleet
+    /// can be given different files under the same name.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
         self
     }
 
@@ -255,7 +281,7 @@ impl EnvoyConfig {
             .arg("--admin-address-path")
             .arg(dir.join(ADMIN_ADDRESS_FILE))
             .args(&self.args)
-            .current_dir(repo_root())
+            .current_dir(self.cwd.clone().unwrap_or_else(repo_root))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -286,8 +312,8 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Kills Envoy (SIGKILL) and starts it again with the same config, ports and ECDS
-    /// directory — whatever was last pushed there is what the new process loads. All of its
+    /// Kills Envoy (SIGKILL) if it runs and starts it again with the same config, ports and
+    /// ECDS directory — whatever was last pushed there is what the new process loads. All of its
     /// counters start from zero.
     pub async fn restart(&mut self) -> Result<()> {
         let _ = self.child.kill();
@@ -362,6 +388,18 @@ impl Envoy {
     /// `http://127.0.0.1:<port(original)><path>`.
     pub fn url(&self, original: u16, path: &str) -> String {
         format!("http://{}{}", self.addr(original), path)
+    }
+
+    /// The node id given with [`EnvoyConfig::node`].
+    pub fn node_id(&self) -> Option<&str> {
+        self.launch.node.as_deref()
+    }
+
+    /// Kills Envoy (SIGKILL) and leaves it stopped until [`Envoy::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.admin = None;
     }
 
     /// Envoy's process id (for CPU accounting from `/proc`).

@@ -56,6 +56,10 @@ pub enum Error {
     #[error("cannot parse {what}: {reason}")]
     Parse { what: String, reason: String },
 
+    /// A simulated xDS client could not connect or subscribe.
+    #[error("xds {what}: {reason}")]
+    Xds { what: String, reason: String },
+
     /// Filesystem or process trouble.
     #[error("{context}: {source}")]
     Io {

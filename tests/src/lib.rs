@@ -14,6 +14,7 @@
 //! - [`client`]: one request, or thousands from distinct users with bounded concurrency.
 //! - [`prometheus`]: a real Prometheus on loopback scraping given Envoys.
 //! - [`wait`]: poll a condition until it holds or a deadline passes.
+//! - [`xds`]: simulated Envoys on the xDS side: ECDS clients that ACK (or NACK) like Envoy.
 //!
 //! A typical test:
 //!
@@ -49,6 +50,7 @@ pub mod paths;
 pub mod prometheus;
 pub mod upstream;
 pub mod wait;
+pub mod xds;
 
 pub use admin::{Admin, Histogram, Sample, Samples, Stats};
 pub use client::{HttpClient, Load, Response};
@@ -58,3 +60,4 @@ pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root, 
 pub use prometheus::Prometheus;
 pub use upstream::{Reply, Request, Upstream};
 pub use wait::{wait_for, wait_until};
+pub use xds::{Identity, XdsClient};

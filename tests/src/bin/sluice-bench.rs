@@ -13,6 +13,8 @@
 //!   native mirroring, and the primary's latency with a slow shadow (see [`shadow`]).
 //! - `sluice-bench controller`: the controller's CPU per tick and peak RSS with many simulated
 //!   Envoy admin endpoints and rollouts (see [`controller`]).
+//! - `sluice-bench fanout`: push fan-out, decision → every proxy ACKed, for the ECDS file sink
+//!   and the ecdsGrpc sink with real and simulated Envoys (see [`fanout`]).
 //! - `sluice-bench burst`: one request from each of N distinct users (closed loop, bounded
 //!   concurrency) and the split of the answers by a response header — what `scripts/demo.sh`
 //!   shows.
@@ -44,6 +46,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "sluice-bench/controller.rs"]
 mod controller;
+#[path = "sluice-bench/fanout.rs"]
+mod fanout;
 #[path = "sluice-bench/promproto.rs"]
 mod promproto;
 #[path = "sluice-bench/shadow.rs"]
@@ -70,6 +74,13 @@ enum Cmd {
     Shadow(shadow::ShadowArgs),
     /// Controller cost: CPU per tick and peak RSS with many simulated Envoys and rollouts.
     Controller(controller::ControllerArgs),
+    /// Push fan-out: decision → every proxy ACKed, for the ECDS file sink on one Envoy and the
+    /// ecdsGrpc sink with 1 and 3 real Envoys and many simulated ones; controller memory per
+    /// connected proxy.
+    Fanout(fanout::FanoutArgs),
+    /// (internal) The simulated xDS proxies of `fanout`.
+    #[command(hide = true)]
+    XdsClients(fanout::ClientsArgs),
     /// (internal) The simulated Envoy admin endpoints of `controller`.
     #[command(hide = true)]
     ServeStats(controller::ServeArgs),
@@ -163,7 +174,9 @@ fn main() -> Result<()> {
         Cmd::Burst(args) => current_thread()?.block_on(burst(args)),
         Cmd::Shadow(args) => current_thread()?.block_on(shadow::run(args)),
         Cmd::Controller(args) => current_thread()?.block_on(controller::run(args)),
-        // These two build their own (multi-threaded) runtimes.
+        // These build their own (multi-threaded) runtimes.
+        Cmd::Fanout(args) => fanout::run(args),
+        Cmd::XdsClients(args) => fanout::clients(args),
         Cmd::ServeStats(args) => controller::serve(args),
         Cmd::ControllerRun(args) => controller::controller_run(args),
     }
