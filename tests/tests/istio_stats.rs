@@ -399,3 +399,86 @@ async fn istio_sidecar_stats_config_yields_labelled_series_the_controller_reads(
     );
     Ok(())
 }
+
+/// The ECDS example's file with `config` as the filter configuration.
+fn ecds_with(config: &Value) -> anyhow::Result<String> {
+    let original =
+        std::fs::read_to_string(sluice_tests::repo_root().join("envoy/ecds/sluice.yaml"))?;
+    let head = original
+        .split_once("value: |\n")
+        .map(|(h, _)| h)
+        .ok_or_else(|| anyhow::anyhow!("envoy/ecds/sluice.yaml: no `value: |` block"))?;
+    Ok(format!("{head}value: |\n            {config}\n"))
+}
+
+/// `sluice_config_revision` on an Envoy with four workers: 0 for the shipped configuration
+/// (no revision), then each accepted push's version; a rejected push leaves the version the
+/// filter still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_revision_gauge_follows_accepted_pushes_only() -> anyhow::Result<()> {
+    let envoy = EnvoyConfig::new("envoy/ecds.yaml")
+        .ecds("envoy/ecds")
+        .concurrency(4)
+        .start()
+        .await?;
+    let admin = envoy.admin();
+    let gauge = || async {
+        admin
+            .prometheus()
+            .await
+            .ok()
+            .and_then(|s| s.get(metrics::CONFIG_REVISION, &[("experiment", "demo")]))
+    };
+    assert_eq!(gauge().await, Some(0.0));
+    let counter = |name: &'static str| async move {
+        admin
+            .stat(&format!(
+                "extension_config_discovery.http_filter.sluice.{name}"
+            ))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let push = |revision: &str, weight: f64| -> anyhow::Result<()> {
+        let config = through_struct(json!({
+            "version": 1,
+            "revision": revision,
+            "experiments": [{
+                "name": "demo",
+                "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+                "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": weight}],
+            }]
+        }));
+        envoy.write_ecds("sluice.yaml", &ecds_with(&config)?)?;
+        Ok(())
+    };
+    for (i, version) in [7u64, 8, 12].into_iter().enumerate() {
+        let ok = counter("update_success").await;
+        push(&format!("{version}@179545000000{i}"), 10.0 * (i + 1) as f64)?;
+        sluice_tests::wait_until(Duration::from_secs(10), "the push is taken", || async {
+            counter("update_success").await > ok
+        })
+        .await?;
+        // Configured on every worker: requests on all of them see the new weight, and the
+        // gauge (one stat, set by each) shows the version.
+        Load::new(envoy.url(LISTENER, "/"))
+            .requests(50)
+            .run()
+            .await?;
+        assert_eq!(gauge().await, Some(version as f64), "after push {version}");
+    }
+    // Refused (weights over 100): Envoy keeps the version-12 filter, and so does the gauge.
+    let rejected = counter("update_rejected").await;
+    push("13@1795450000009", 150.0)?;
+    sluice_tests::wait_until(Duration::from_secs(10), "the push is refused", || async {
+        counter("update_rejected").await > rejected
+    })
+    .await?;
+    Load::new(envoy.url(LISTENER, "/"))
+        .requests(50)
+        .run()
+        .await?;
+    assert_eq!(gauge().await, Some(12.0));
+    Ok(())
+}
