@@ -1566,3 +1566,100 @@ async fn sidecar_takes_the_controllers_pushes_through_the_envoyfilter() -> anyho
     assert_eq!(r.status, 200);
     Ok(())
 }
+
+/// The alternative the ecdsGrpc sink offers, `wasm: {remote: {uri, cluster, sha256}}`, on the
+/// EnvoyFilter path: the default configuration takes the module from the controller's endpoint
+/// (rendered by the sink's own code source, so it is what pushes would name), through a second
+/// CLUSTER patch for the controller's HTTP port. The sidecar-shaped Envoy fetches the served
+/// module, checks its sha256 and serves the control.
+#[tokio::test]
+async fn sidecar_fetches_the_served_module_as_remote_code() -> anyhow::Result<()> {
+    let module = module();
+    let sha = module.sha256().to_string();
+    let (addr, _stop) = serve_module(module).await;
+    let stable = Upstream::named("stable").await?;
+    let canary = Upstream::named("canary").await?;
+    let all = manifests(&sha);
+    let mut filter = find(&all, "EnvoyFilter", "sluice", "envoyfilter-sidecar.yaml")
+        .doc
+        .clone();
+    let code: sluice_controller::sink::ecds_file::WasmCode = serde_json::from_value(json!({
+        "remote": {
+            "uri": format!("http://{CONTROLLER_HOST}:9090/wasm/sluice_filter.wasm"),
+            "cluster": "sluice-wasm",
+            "sha256": sha,
+        }
+    }))?;
+    set(
+        &mut filter,
+        "/spec/configPatches/1/patch/value/config_discovery/default_config/config/vm_config/code",
+        code.source_json(),
+    );
+    let mut wasm_cluster = filter["spec"]["configPatches"][0].clone();
+    let c = &mut wasm_cluster["patch"]["value"];
+    c["name"] = json!("sluice-wasm");
+    c["load_assignment"]["cluster_name"] = json!("sluice-wasm");
+    c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"] = json!(9090);
+    if let Some(o) = c.as_object_mut() {
+        // The module endpoint speaks HTTP/1.1.
+        o.remove("typed_extension_protocol_options");
+    }
+    if let Some(p) = filter["spec"]["configPatches"].as_array_mut() {
+        p.insert(1, wasm_cluster);
+    }
+    let (mut config, proxy) = sidecar(&[("sluice.dev/filter", "enabled")]);
+    let applied = apply_envoy_filter(&mut config, &proxy, &filter).map_err(anyhow::Error::msg)?;
+    assert_eq!(applied, vec![1, 1, 1]);
+    let (_dir, path) = write_config(&config);
+    let envoy = EnvoyConfig::new(&path)
+        .port_to(18081, stable.port())
+        .port_to(18082, canary.port())
+        .port_to(9090, addr.port())
+        .port_to(18000, sluice_tests::free_port()?)
+        .replace(&format!("address: {CONTROLLER_HOST}"), "address: 127.0.0.1")
+        .replace("type: STRICT_DNS", "type: STATIC")
+        .start()
+        .await?;
+    let http = HttpClient::new();
+    let url = envoy.url(8080, "/predict");
+    // The module arrives after the listener is up; until then requests pass unfiltered.
+    wait_for(
+        Duration::from_secs(60),
+        "the fetched filter to strip the client's variant header",
+        || async {
+            let before = canary.count();
+            let r = http
+                .send(
+                    hyper::Method::GET,
+                    &url,
+                    &[("x-user-id", "u1"), ("x-sluice-variant", "canary")],
+                    bytes::Bytes::new(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((r.status == 200 && canary.count() == before).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", envoy.log_tail(30)))?;
+    let reached = canary.count();
+    for i in 0..100 {
+        let user = format!("user-{i}");
+        let r = http
+            .send(
+                hyper::Method::GET,
+                &url,
+                &[("x-user-id", user.as_str()), ("x-sluice-variant", "canary")],
+                bytes::Bytes::new(),
+            )
+            .await?;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        canary.count(),
+        reached,
+        "the filter let users reach the canary"
+    );
+    Ok(())
+}
