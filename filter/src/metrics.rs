@@ -536,6 +536,18 @@ mod tests {
         }
     }
 
+    /// Tag regexes are not anchored: `(t=\.=(.*?);\.;)` would also match the end of
+    /// `experiment=.=`. Values cannot hold `=`, so only a label that ends another one can steal
+    /// its value; none of the filter's own does.
+    #[test]
+    fn no_label_ends_another() {
+        for a in LABELS {
+            for b in LABELS {
+                assert!(a == b || !b.ends_with(a), "{b} ends with {a}");
+            }
+        }
+    }
+
     #[test]
     fn the_tag_regex_is_istios() {
         assert_eq!(tag_regex("variant"), r"(variant=\.=(.*?);\.;)");

@@ -63,9 +63,9 @@ impl<T: Unsigned> Visitor<'_> for WholeVisitor<T> {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
-        // Every float at or above 2^53 is integral, but `as` below saturates only past 2^64:
-        // the range check comes first.
-        if v.is_finite() && v.fract() == 0.0 && v >= 0.0 && v < TWO_TO_64 {
+        // `as` saturates rather than fails, so the range is checked first; NaN and the
+        // infinities have no zero fraction.
+        if v.fract() == 0.0 && (0.0..TWO_TO_64).contains(&v) {
             self.convert(v as u64, Unexpected::Float(v))
         } else {
             Err(E::invalid_value(Unexpected::Float(v), &self))

@@ -1015,3 +1015,22 @@ fn memory() -> Result<(f64, f64)> {
         kib("VmRSS:").unwrap_or(f64::NAN) / 1024.0,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::filtered_experiments;
+
+    /// The simulated Envoys must understand the filter the admin source really sends, or they
+    /// would serve every experiment and the benchmark would measure the wrong work.
+    #[test]
+    fn the_admin_sources_filter_is_understood() {
+        let query = sluice_controller::admin::Admin::exposition_query(&["r0", "ranker-v2"]);
+        let Some((_, query)) = query.split_once('?') else {
+            unreachable!("{query} has a query string")
+        };
+        assert_eq!(
+            filtered_experiments(query),
+            Some(vec!["r0".to_string(), "ranker-v2".to_string()])
+        );
+    }
+}
