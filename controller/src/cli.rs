@@ -530,8 +530,68 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             state
         );
+        for line in proxy_lines(&s) {
+            println!("  {line}");
+        }
     }
     Ok(())
+}
+
+/// Proxies listed one by one under a rollout in `sluice status`, at most; beyond, only those
+/// that are behind or NACKed are listed.
+const PROXIES_LISTED: usize = 20;
+
+/// `sluice status` lines for a rollout's ecdsGrpc sinks (its `/status` `proxies`): per sink
+/// the version served and how many proxies ACKed it, then the proxies.
+pub(crate) fn proxy_lines(status: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for sink in status["proxies"].as_array().into_iter().flatten() {
+        let resource = sink["resource"].as_str().unwrap_or("?");
+        let serving = sink["serving"].as_u64();
+        let proxies = sink["proxies"].as_array().cloned().unwrap_or_default();
+        let acked = |p: &serde_json::Value| p["acked"][resource].as_u64();
+        let current = proxies
+            .iter()
+            .filter(|p| serving.is_some() && acked(p) == serving)
+            .count();
+        out.push(format!(
+            "ecdsGrpc {} {resource:?}: serving {}, {} proxies connected, {current} ACKed it",
+            sink["listen"].as_str().unwrap_or("?"),
+            serving.map_or("nothing".into(), |v| format!("version {v}")),
+            proxies.len(),
+        ));
+        let all = proxies.len() <= PROXIES_LISTED;
+        for p in &proxies {
+            let nack = &p["last_nack"];
+            let behind = serving.is_some() && acked(p) != serving;
+            if !(all || behind || !nack.is_null()) {
+                continue;
+            }
+            let mut line = format!(
+                "  {} ({}): ACKed {}",
+                p["id"].as_str().unwrap_or("?"),
+                p["cluster"].as_str().unwrap_or(""),
+                acked(p).map_or("nothing".into(), |v| format!("version {v}")),
+            );
+            if !nack.is_null() {
+                let versions = nack["versions"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                line.push_str(&format!(
+                    "; last NACK (version {versions}): {}",
+                    nack["detail"].as_str().unwrap_or("")
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out
 }
 
 /// `sluice pause|resume|promote|abort NAME`, with the operator token if there is one.

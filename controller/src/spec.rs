@@ -571,6 +571,13 @@ impl Rollout {
             problem("spec.sinks", "at least one sink is required".into());
         }
         for (i, sink) in s.sinks.iter().enumerate() {
+            let (kind, code) = match sink {
+                SinkSpec::EcdsFile(f) => ("ecdsFile", &f.wasm),
+                SinkSpec::EcdsGrpc(g) => ("ecdsGrpc", &g.wasm),
+            };
+            for (field, why) in code.problems() {
+                problem(&format!("spec.sinks[{i}].{kind}.wasm.{field}"), why);
+            }
             match sink {
                 SinkSpec::EcdsFile(f) => {
                     if f.proxies.is_empty() {

@@ -150,6 +150,7 @@ async fn ecds_sink_pushes_are_confirmed_or_reported_rejected() -> anyhow::Result
         resource: "sluice".into(),
         code: WasmCode {
             filename: filter_wasm()?.display().to_string(),
+            remote: None,
             vm_id: "sluice".into(),
             root_id: "sluice".into(),
             runtime: "envoy.wasm.runtime.v8".into(),

@@ -21,18 +21,90 @@ use sluice_filter::config::FilterConfig;
 use super::{Receipt, Sink, SinkError};
 use crate::admin::{regex_escape, Admin};
 
-/// How Envoy loads the filter's code; rendered into every pushed file.
+/// How Envoy loads the filter's code; rendered into every pushed configuration (both ECDS
+/// sinks). Exactly one of `filename` and `remote`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WasmCode {
     /// Path of `sluice_filter.wasm` as Envoy sees it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub filename: String,
+    /// Fetched over HTTP by each Envoy, checked against its sha256 (proxies that do not share
+    /// the controller's file system: sidecars, gateways, other hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteCode>,
     #[serde(default = "default_name")]
     pub vm_id: String,
     #[serde(default = "default_name")]
     pub root_id: String,
     #[serde(default = "default_runtime")]
     pub runtime: String,
+}
+
+/// A `.wasm` served over HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCode {
+    /// `http://` or `https://` URL of the module.
+    pub uri: String,
+    /// The Envoy cluster that reaches `uri`'s host (Envoy fetches through a cluster).
+    pub cluster: String,
+    /// Hex SHA-256 of the module; Envoy refuses a module that does not match.
+    pub sha256: String,
+    /// Fetch timeout, whole seconds; default 10.
+    #[serde(default = "default_fetch_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_fetch_secs() -> u64 {
+    10
+}
+
+impl WasmCode {
+    /// What is wrong with this code source, each as (field under `wasm`, reason).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (&self.remote, self.filename.is_empty()) {
+            (None, true) => out.push((
+                "filename",
+                "give filename (a path on the proxy) or remote {uri, cluster, sha256}".into(),
+            )),
+            (Some(_), false) => out.push(("remote", "give filename or remote, not both".into())),
+            _ => {}
+        }
+        if let Some(r) = &self.remote {
+            if !(r.uri.starts_with("http://") || r.uri.starts_with("https://")) {
+                out.push(("remote.uri", format!("{:?} is not an http(s) URL", r.uri)));
+            }
+            if r.cluster.is_empty() {
+                out.push((
+                    "remote.cluster",
+                    "must name the Envoy cluster that reaches uri".into(),
+                ));
+            }
+            if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push((
+                    "remote.sha256",
+                    "must be 64 hex digits (sha256sum of the module)".into(),
+                ));
+            }
+            if r.timeout_secs == 0 {
+                out.push(("remote.timeoutSecs", "must be at least 1".into()));
+            }
+        }
+        out
+    }
+
+    /// The `vm_config.code` (an `AsyncDataSource`) in Envoy's JSON form.
+    pub fn source_json(&self) -> serde_json::Value {
+        match &self.remote {
+            Some(r) => serde_json::json!({"remote": {
+                "http_uri": {"uri": r.uri, "cluster": r.cluster, "timeout": format!("{}s", r.timeout_secs)},
+                "sha256": r.sha256,
+            }}),
+            None => serde_json::json!({"local": {"filename": self.filename}}),
+        }
+    }
 }
 
 fn default_name() -> String {
@@ -76,7 +148,7 @@ pub fn render(
                     "vm_config": {
                         "vm_id": code.vm_id,
                         "runtime": code.runtime,
-                        "code": {"local": {"filename": code.filename}},
+                        "code": code.source_json(),
                     },
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -305,6 +377,7 @@ mod tests {
         .unwrap_or_else(|e| unreachable!("{e}"));
         let code = WasmCode {
             filename: "/x/sluice_filter.wasm".into(),
+            remote: None,
             vm_id: default_name(),
             root_id: default_name(),
             runtime: default_runtime(),
@@ -331,6 +404,7 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let code = WasmCode {
             filename: "/x/sluice_filter.wasm".into(),
+            remote: None,
             vm_id: default_name(),
             root_id: default_name(),
             runtime: default_runtime(),

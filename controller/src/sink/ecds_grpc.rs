@@ -17,11 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
+    async_data_source, data_source, http_uri, AsyncDataSource, DataSource, HttpUri,
+    RemoteDataSource, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, PluginConfig, VmConfig};
-use envoy_types::pb::google::protobuf::{Any, StringValue};
+use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, StringValue};
 use envoy_types::util::pack_any;
 use sluice_filter::config::FilterConfig;
 use tokio::sync::watch;
@@ -45,12 +46,7 @@ pub fn render(resource: &str, code: &WasmCode, config: &FilterConfig) -> Result<
             vm: Some(plugin_config::Vm::VmConfig(VmConfig {
                 vm_id: code.vm_id.clone(),
                 runtime: code.runtime.clone(),
-                code: Some(AsyncDataSource {
-                    specifier: Some(async_data_source::Specifier::Local(DataSource {
-                        specifier: Some(data_source::Specifier::Filename(code.filename.clone())),
-                        ..Default::default()
-                    })),
-                }),
+                code: Some(code_source(code)),
                 ..Default::default()
             })),
             configuration: Some(pack_any(StringValue { value: plugin })),
@@ -61,6 +57,30 @@ pub fn render(resource: &str, code: &WasmCode, config: &FilterConfig) -> Result<
         name: resource.to_string(),
         typed_config: Some(pack_any(wasm)),
     }))
+}
+
+fn code_source(code: &WasmCode) -> AsyncDataSource {
+    let specifier = match &code.remote {
+        Some(r) => async_data_source::Specifier::Remote(RemoteDataSource {
+            http_uri: Some(HttpUri {
+                uri: r.uri.clone(),
+                timeout: Some(ProtoDuration {
+                    seconds: i64::try_from(r.timeout_secs).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(r.cluster.clone())),
+            }),
+            sha256: r.sha256.clone(),
+            ..Default::default()
+        }),
+        None => async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::Filename(code.filename.clone())),
+            ..Default::default()
+        }),
+    };
+    AsyncDataSource {
+        specifier: Some(specifier),
+    }
 }
 
 /// One rollout's resource on a shared server.

@@ -350,6 +350,13 @@ mod fuzz {
         "maxAge",
         "sinks",
         "ecdsFile",
+        "ecdsGrpc",
+        "listen",
+        "minProxies",
+        "remote",
+        "uri",
+        "cluster",
+        "sha256",
         "path",
         "resource",
         "wasm",
@@ -535,4 +542,56 @@ fn a_webhook_ca_file_is_checked_when_the_spec_is() {
     ))
     .contains("no PEM certificate"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_ecds_grpc_sink_is_checked() {
+    let grpc = |sink: &str| {
+        GOOD.replace(
+            r#"    - ecdsFile:
+        path: /tmp/ecds/sluice.yaml
+        wasm: {filename: /tmp/sluice_filter.wasm}
+        proxies: ["http://127.0.0.1:9901"]"#,
+            &format!("    - ecdsGrpc: {sink}"),
+        )
+    };
+    let c = Rollout::parse(&grpc(
+        r#"{listen: "0.0.0.0:18000", wasm: {filename: /w.wasm}}"#,
+    ))
+    .unwrap_or_else(|e| unreachable!("{e}"));
+    let SinkSpec::EcdsGrpc(g) = &c.rollout.spec.sinks[0] else {
+        unreachable!("not ecdsGrpc")
+    };
+    assert_eq!(
+        (g.resource.as_str(), g.min_proxies, g.confirm_within),
+        ("sluice", 1, Duration::from_secs(10))
+    );
+    let got = problems(&grpc(
+        r#"{listen: "localhost", resource: "", minProxies: 0, confirmWithin: 0s, wasm: {}}"#,
+    ));
+    for want in [
+        "spec.sinks[0].ecdsGrpc.listen: \"localhost\" is not an address and port",
+        "spec.sinks[0].ecdsGrpc.minProxies: must be at least 1",
+        "spec.sinks[0].ecdsGrpc.resource: must not be empty",
+        "spec.sinks[0].ecdsGrpc.confirmWithin",
+        "spec.sinks[0].ecdsGrpc.wasm.filename: give filename",
+    ] {
+        assert!(got.contains(want), "missing {want:?} in:\n{got}");
+    }
+    let got = problems(&grpc(
+        r#"{listen: "127.0.0.1:18000", wasm: {filename: /w.wasm, remote: {uri: "ftp://x", cluster: "", sha256: "abc"}}}"#,
+    ));
+    for want in [
+        "spec.sinks[0].ecdsGrpc.wasm.remote: give filename or remote, not both",
+        "spec.sinks[0].ecdsGrpc.wasm.remote.uri: \"ftp://x\" is not an http(s) URL",
+        "spec.sinks[0].ecdsGrpc.wasm.remote.cluster: must name",
+        "spec.sinks[0].ecdsGrpc.wasm.remote.sha256: must be 64 hex digits",
+    ] {
+        assert!(got.contains(want), "missing {want:?} in:\n{got}");
+    }
+    let sha = "0".repeat(64);
+    let ok = problems(&grpc(&format!(
+        r#"{{listen: "127.0.0.1:18000", wasm: {{remote: {{uri: "http://sluice:8080/sluice_filter.wasm", cluster: sluice-http, sha256: "{sha}"}}}}}}"#
+    )));
+    assert_eq!(ok, "ok");
 }

@@ -36,6 +36,9 @@ pub struct Limits {
     pub detail_bytes: usize,
     /// Bytes of one encoded request (gRPC decode limit).
     pub request_bytes: usize,
+    /// HTTP/2 ping interval, and how long a peer has to answer one before its connection (and
+    /// its streams) are dropped.
+    pub keepalive: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -46,6 +49,7 @@ impl Default for Limits {
             metadata_bytes: 1024,
             detail_bytes: 2048,
             request_bytes: 64 * 1024,
+            keepalive: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -275,6 +279,15 @@ impl Hub {
         self.bump_events();
     }
 
+    /// Ends stream `conn` with `status` (sent to the peer if it still listens).
+    pub fn fail(&self, conn: u64, status: tonic::Status) {
+        let mut st = self.lock();
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.closing = Some(status);
+            c.wake.notify_one();
+        }
+    }
+
     /// Applies one request of stream `conn`. `Err` ends the stream with that status.
     pub fn receive(&self, conn: u64, req: DiscoveryRequest) -> Result<(), tonic::Status> {
         let result = self.apply(conn, req);
@@ -317,13 +330,29 @@ impl Hub {
             )));
         }
         let mut st = self.lock();
+        let Some(known) = st.conns.get(&conn).map(|c| c.node.is_some()) else {
+            return Err(tonic::Status::unavailable("stream closed"));
+        };
+        let identified = if known {
+            None
+        } else {
+            let node = node_info(req.node.as_ref(), &limits)?;
+            tracing::info!(proxy = %node.id, cluster = %node.cluster, resources = ?req.resource_names, "ecds stream opened");
+            let shared = st
+                .conns
+                .values()
+                .filter(|o| o.node.as_ref().is_some_and(|n| n.id == node.id))
+                .count();
+            if shared > 0 {
+                tracing::warn!(proxy = %node.id, streams = shared + 1, "several streams share this node id (a proxy reconnecting before its old connection closed, a hot restart, or proxies sharing a bootstrap's id): each must ACK every push");
+            }
+            Some(node)
+        };
         let Some(c) = st.conns.get_mut(&conn) else {
             return Err(tonic::Status::unavailable("stream closed"));
         };
-        if c.node.is_none() {
-            let node = node_info(req.node.as_ref(), &limits)?;
-            tracing::info!(proxy = %node.id, cluster = %node.cluster, resources = ?req.resource_names, "ecds stream opened");
-            c.node = Some(node);
+        if identified.is_some() {
+            c.node = identified;
         }
         c.subscribed = req.resource_names.iter().cloned().collect();
         let Some(sent) = &c.sent else {
@@ -417,14 +446,15 @@ impl Hub {
     /// `name` ACKed it (or a later one), or one NACKed it.
     pub fn confirmation(&self, name: &str, serial: u64) -> Confirmation {
         let st = self.lock();
-        let mut proxies = BTreeSet::new();
+        let streams = subscribed(&st, name);
+        // minProxies counts proxies, not streams.
+        let proxies = streams
+            .iter()
+            .map(|(n, _)| n.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
         let mut pending = None;
-        for c in st.conns.values() {
-            let Some(node) = &c.node else { continue };
-            if !c.subscribed.contains(name) {
-                continue;
-            }
-            proxies.insert(node.id.as_str());
+        for (node, c) in streams {
             if let Some(n) = &c.last_nack {
                 if n.serials.get(name).is_some_and(|s| *s >= serial) {
                     return Confirmation::Nacked {
@@ -439,12 +469,10 @@ impl Hub {
             }
         }
         match pending {
-            None => Confirmation::Acked {
-                proxies: proxies.len(),
-            },
+            None => Confirmation::Acked { proxies },
             Some(p) => Confirmation::Waiting {
                 pending: Some(p),
-                proxies: proxies.len(),
+                proxies,
             },
         }
     }
@@ -457,11 +485,7 @@ impl Hub {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for c in st.conns.values() {
-            let Some(node) = &c.node else { continue };
-            if !c.subscribed.contains(name) {
-                continue;
-            }
+        for (node, c) in subscribed(&st, name) {
             if c.acked.get(name).is_some_and(|(s, _)| *s >= r.serial) {
                 continue;
             }
@@ -517,6 +541,18 @@ impl Hub {
     pub fn streams(&self) -> usize {
         self.lock().conns.len()
     }
+}
+
+/// Every identified stream subscribed to `name`. Two streams with one node id are both kept:
+/// they may be two Envoys sharing a bootstrap's id, or a hot restart's parent and child, and
+/// each serves traffic with what it ACKed. A proxy's previous connection whose peer vanished
+/// without closing it holds confirmations back until HTTP/2 keepalive drops it.
+fn subscribed<'a>(st: &'a State, name: &str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+    st.conns
+        .values()
+        .filter(|c| c.subscribed.contains(name))
+        .filter_map(|c| Some((c.node.as_ref()?, c)))
+        .collect()
 }
 
 fn node_info(node: Option<&Node>, limits: &Limits) -> Result<NodeInfo, tonic::Status> {

@@ -77,9 +77,15 @@ impl ExtensionConfigDiscoveryService for Ecds {
                                 return;
                             }
                         }
-                        // The proxy closed its side or the connection broke: the writer
-                        // ends too (the hub no longer knows the stream).
-                        Ok(None) | Err(_) => {
+                        // A request tonic cannot decode (malformed, over the size limit):
+                        // the stream ends with that error, so the peer learns why.
+                        Err(status) => {
+                            hub.fail(conn, status);
+                            return;
+                        }
+                        // The proxy closed its side: the writer ends too (the hub no longer
+                        // knows the stream).
+                        Ok(None) => {
                             hub.disconnect(conn);
                             wake.notify_one();
                             return;
@@ -149,6 +155,9 @@ impl ExtensionConfigDiscoveryService for Ecds {
     }
 }
 
+/// Streams one HTTP/2 connection may open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+
 /// Binds `addr`; the error names the address.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -165,17 +174,24 @@ pub async fn serve(
     hub: Arc<Hub>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let limit = hub.limits.request_bytes;
+    let (limit, keepalive) = (hub.limits.request_bytes, hub.limits.keepalive);
     let svc = ExtensionConfigDiscoveryServiceServer::new(Ecds::new(hub, stop.clone()))
         .max_decoding_message_size(limit);
     let mut until = stop.clone();
     tonic::transport::Server::builder()
-        // A proxy that vanished without closing its connection is found within ~40 s and its
+        // A proxy that vanished without closing its connection is found within ~20 s and its
         // stream dropped, so it no longer holds confirmations back.
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .tcp_nodelay(true)
+        // Requests are small: a small receive window bounds what a proxy can make the server
+        // hold unread. Responses are bounded by the proxy's window (the response stream is
+        // polled only when there is room), and by hyper's send buffer (400 KiB per stream).
+        .initial_stream_window_size(Some(64 * 1024))
+        .initial_connection_window_size(Some(1024 * 1024))
+        // Envoy opens one stream per subscription; a simulated fleet may multiplex many.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(svc)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

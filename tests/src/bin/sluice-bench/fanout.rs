@@ -167,6 +167,7 @@ fn config(weight: f64) -> Result<FilterConfig> {
 fn code() -> Result<WasmCode> {
     Ok(WasmCode {
         filename: filter_wasm()?.display().to_string(),
+        remote: None,
         vm_id: "sluice".into(),
         root_id: "sluice".into(),
         runtime: "envoy.wasm.runtime.v8".into(),
