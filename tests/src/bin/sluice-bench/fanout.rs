@@ -249,7 +249,7 @@ async fn connected(sink: &EcdsGrpc, n: usize, within: Duration) -> Result<()> {
             .hub
             .proxies()
             .iter()
-            .filter(|p| p.subscribed.iter().any(|r| *r == sink.resource))
+            .filter(|p| p.subscribed.contains(&sink.resource))
             .count();
         if subscribed >= n {
             return Ok(());
@@ -340,11 +340,9 @@ async fn sim_case(args: &FanoutArgs) -> Result<Row> {
         min_proxies: 0,
         ..sink.clone()
     };
-    anyone
-        .push(&config(0.0)?, 1)
-        .await
-        .err()
-        .map(|e| eprintln!("[fanout] first push, before any proxy: {e}"));
+    if let Err(e) = anyone.push(&config(0.0)?, 1).await {
+        eprintln!("[fanout] first push, before any proxy: {e}");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib()?;
 
