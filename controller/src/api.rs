@@ -207,10 +207,7 @@ async fn route<B>(
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["metrics"]) => {
-            let all: Vec<Status> = registry
-                .values()
-                .map(|h| h.status.borrow().clone())
-                .collect();
+            let all: Vec<Status> = registry.values().map(|h| h.status_now()).collect();
             reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(&all))
         }
         (&Method::GET, ["wasm", file]) => match module {
@@ -313,6 +310,17 @@ fn judgement_name(j: &Judgement) -> &'static str {
         Judgement::Halt { .. } => "halt",
         Judgement::Fail { .. } => "fail",
     }
+}
+
+/// A rollout's ecdsGrpc sinks with their metric labels.
+fn ecds_sinks(s: &Status) -> impl Iterator<Item = (String, &crate::sink::ecds_grpc::SinkProxies)> {
+    s.proxies.iter().map(move |p| {
+        let labels = format!(
+            "rollout=\"{}\",resource=\"{}\",listen=\"{}\"",
+            s.name, p.resource, p.listen
+        );
+        (labels, p)
+    })
 }
 
 /// The daemon's own metrics in Prometheus text format.
@@ -430,6 +438,33 @@ pub fn metrics(all: &[Status]) -> String {
         "1 if the rollout stopped on an error (see /status `error`).",
         all.iter()
             .map(|s| (r(s), f64::from(u8::from(s.error.is_some()))))
+            .collect(),
+    );
+    family(
+        "sluice_rollout_ecds_proxies",
+        "gauge",
+        "ecdsGrpc sinks: streams of connected proxies subscribed to the rollout's resource.",
+        all.iter()
+            .flat_map(|s| ecds_sinks(s).map(|(l, p)| (l, p.proxies.len() as f64)))
+            .collect(),
+    );
+    family(
+        "sluice_rollout_ecds_proxies_current",
+        "gauge",
+        "ecdsGrpc sinks: of those, the ones that ACKed the version the server serves.",
+        all.iter()
+            .flat_map(|s| {
+                ecds_sinks(s).map(|(l, p)| {
+                    let current = p
+                        .proxies
+                        .iter()
+                        .filter(|x| {
+                            p.serving.is_some() && x.acked.get(&p.resource) == p.serving.as_ref()
+                        })
+                        .count();
+                    (l, current as f64)
+                })
+            })
             .collect(),
     );
     family(
