@@ -502,7 +502,7 @@ fn rbac_covers_what_the_wasmplugin_sink_does() {
         rules[0]["resources"],
         json!(["wasmplugins", "trafficextensions"])
     );
-    assert_eq!(rules[0]["verbs"], json!(["get", "patch", "update"]));
+    assert_eq!(rules[0]["verbs"], json!(["get", "update"]));
     let sa = &binding.doc["subjects"][0];
     assert_eq!(
         sa["name"],
