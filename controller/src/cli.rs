@@ -229,6 +229,8 @@ pub struct RunOptions {
     pub token: TokenSource,
     /// Host names accepted in requests besides addresses and `localhost`.
     pub allowed_hosts: Vec<String>,
+    /// A filter module to serve on the endpoint (`GET /wasm/sluice_filter.wasm`).
+    pub serve_wasm: Option<PathBuf>,
 }
 
 /// `sluice run`: one task per rollout, the HTTP endpoint, live progress; SIGTERM/ctrl-c
@@ -245,6 +247,15 @@ where
         bail!("give at least one rollout spec with -f");
     }
     let token = daemon_token(&opts.token, &opts.state_dir, opts.listen)?;
+    // Read before any rollout starts: a proxy told to fetch the module must find it.
+    let module = match &opts.serve_wasm {
+        Some(path) => {
+            let m = crate::wasm_module::WasmModule::load(path)?;
+            tracing::info!(path = %path.display(), bytes = m.len(), sha256 = m.sha256(), "serving the filter module");
+            Some(Arc::new(m))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = BTreeMap::new();
     let mut joins = Vec::new();
@@ -365,6 +376,7 @@ where
         listener,
         registry.clone(),
         access,
+        module,
         async move {
             let _ = api_stop.wait_for(|s| *s).await;
         },

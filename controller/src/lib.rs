@@ -17,4 +17,5 @@ pub mod snapshot;
 pub mod source;
 pub mod spec;
 pub mod store;
+pub mod wasm_module;
 pub mod yaml;

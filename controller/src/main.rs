@@ -53,6 +53,10 @@ enum Command {
         /// and `localhost`; repeatable.
         #[arg(long = "allow-host")]
         allowed_hosts: Vec<String>,
+        /// Serve this filter module on the endpoint, `GET /wasm/sluice_filter.wasm` (and its
+        /// SHA-256 at `….sha256`), for proxies that fetch it over HTTP (Istio's WasmPlugin).
+        #[arg(long, value_name = "FILE")]
+        serve_wasm: Option<PathBuf>,
         /// No progress lines on stdout (logs still go to stderr).
         #[arg(long)]
         quiet: bool,
@@ -169,6 +173,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             quiet,
             token_file,
             allowed_hosts,
+            serve_wasm,
         } => {
             let token = match (token_file, std::env::var(cli::TOKEN_ENV)) {
                 (Some(f), _) => cli::TokenSource::File(f),
@@ -183,6 +188,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 progress: !quiet,
                 token,
                 allowed_hosts,
+                serve_wasm,
             };
             let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c)?)))?;
             let stopped: Vec<String> = finals

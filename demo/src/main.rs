@@ -258,6 +258,7 @@ async fn run_rollout(
         // Operator token generated into the state directory, as `sluice run` does by default.
         token: cli::TokenSource::StateDir,
         allowed_hosts: Vec::new(),
+        serve_wasm: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();

@@ -619,16 +619,33 @@ async fn an_envoy_restarted_mid_stage_and_one_joining_serve_the_current_weight(
     .await?;
     assert_eq!(assignment(&joined, "probe", 300).await?, reference);
 
-    // The controller lists all four as connected, each with the pushed version ACKed.
+    // The controller lists all four as connected, each with the version it serves ACKed; and
+    // each Envoy's filter reports that version as the one it runs.
     let status = controller
         .status()
         .await
         .ok_or_else(|| anyhow::anyhow!("no /status"))?;
-    let text = status.to_string();
+    let sink = &status[0]["proxies"][0];
+    let serving = sink["serving"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no version served: {status}"))?;
+    let listed = sink["proxies"].as_array().cloned().unwrap_or_default();
     for id in ["edge-0", "edge-1", "edge-new-warm", "edge-new"] {
-        assert!(
-            text.contains(&format!("\"{id}\"")),
-            "{id} not in /status: {text}"
+        let proxy = listed
+            .iter()
+            .find(|p| p["id"] == id)
+            .ok_or_else(|| anyhow::anyhow!("{id} not in /status: {sink}"))?;
+        assert_eq!(proxy["acked"]["sluice"], serving, "{proxy}");
+        assert_eq!(proxy["last_nack"], Value::Null, "{proxy}");
+    }
+    assert_eq!(listed.len(), 4, "{sink}");
+    for envoy in envoys.iter().chain([&warm, &joined]) {
+        let prom = envoy.admin().prometheus().await?;
+        assert_eq!(
+            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            Some(serving as f64),
+            "{:?}",
+            envoy.node_id()
         );
     }
     assert_eq!(controller.state()["weight"], 30.0);
@@ -773,5 +790,40 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
             envoy.node_id()
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_envoys_sharing_a_node_id_count_once_and_the_push_is_not_confirmed(
+) -> anyhow::Result<()> {
+    // An operator mistake: three Envoys, two of them started with the same node id. The
+    // controller must not count them as three proxies.
+    let xds = free_port()?;
+    let stable = Upstream::start("stable", model("stable")).await?;
+    let canary = Upstream::start("canary", model("canary")).await?;
+    let mut envoys = Vec::new();
+    for id in ["edge-0", "edge-0", "edge-1"] {
+        envoys.push(fleet_envoy(id, xds, &stable, &canary).await?);
+    }
+    let mut controller = Controller::new(&admins(&envoys), xds, json!([10, 100]), 3, |_| {})?;
+    controller.start()?;
+    let hold = wait_for(
+        Duration::from_secs(40),
+        "the rollout holds with too few proxies",
+        || async {
+            let s = controller.status().await;
+            let hold = s.as_ref().and_then(|s| s[0]["state"]["hold"].as_str());
+            Ok::<_, ()>(
+                hold.filter(|h| h.starts_with("push failed"))
+                    .map(str::to_string),
+            )
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    eprintln!("the rollout holds: {hold}");
+    assert!(hold.contains("2 proxies connected"), "{hold}");
+    assert!(hold.contains("minProxies 3"), "{hold}");
+    assert_eq!(controller.state()["weight"], 0.0);
     Ok(())
 }

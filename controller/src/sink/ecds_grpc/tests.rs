@@ -786,6 +786,20 @@ async fn status_lists_each_proxy_with_its_acked_version_and_last_nack() {
         since.as_u64().is_some_and(|ms| ms > 1_700_000_000_000),
         "{since}"
     );
+    let mut st = crate::daemon::Status::stopped("r", vec![1.0], "x".into());
+    st.proxies = vec![sink.proxies()];
+    let text = crate::api::metrics(&[st]);
+    let labels = format!("rollout=\"r\",resource=\"sluice\",listen=\"{}\"", s.addr);
+    assert!(
+        text.contains(&format!("sluice_rollout_ecds_proxies{{{labels}}} 2\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "sluice_rollout_ecds_proxies_current{{{labels}}} 1\n"
+        )),
+        "{text}"
+    );
 }
 
 /// A TCP relay to `to` that forwards until frozen, then holds both connections open and
