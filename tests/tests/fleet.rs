@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_filter::config::Plan;
+use sluice_tests::xds::{accept_decodable, Received, Verdict};
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, EnvoyConfig,
-    HttpClient, Load, Reply, Request, Upstream,
+    HttpClient, Identity, Load, Reply, Request, Upstream, XdsClient,
 };
 
 const BOOTSTRAP: &str = "envoy/fleet/envoy.yaml";
@@ -825,5 +826,79 @@ async fn two_envoys_sharing_a_node_id_count_once_and_the_push_is_not_confirmed(
     assert!(hold.contains("2 proxies connected"), "{hold}");
     assert!(hold.contains("minProxies 3"), "{hold}");
     assert_eq!(controller.state()["weight"], 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nacking_proxy_holds_the_rollout_until_it_leaves_the_fleet() -> anyhow::Result<()> {
+    // Two real Envoys and, on the same server, simulated proxies: 20 that accept everything,
+    // and one that rejects every configuration with a canary weight above 0 (as a proxy with a
+    // broken module would). Once that one is taken out of the fleet, the rollout carries on.
+    let (_stable, _canary, envoys, mut controller) =
+        fleet_with_controller(2, 0, json!([10, 100]), |spec| {
+            spec["spec"]["schedule"]["bake"] = json!("1s");
+        })
+        .await?;
+    let traffic = Traffic::start(urls(&envoys));
+    controller.start()?;
+    let xds = format!("127.0.0.1:{}", controller.xds);
+    wait_until(
+        Duration::from_secs(20),
+        "the controller listens",
+        || async { tokio::net::TcpStream::connect(&xds).await.is_ok() },
+    )
+    .await?;
+    let mut good = Vec::new();
+    for i in 0..20 {
+        good.push(
+            XdsClient::connect(
+                &xds,
+                Identity::new(format!("sim-{i}")),
+                "sluice",
+                accept_decodable(),
+            )
+            .await?,
+        );
+    }
+    let rejects: Verdict = Arc::new(|r: &Received| {
+        let weighted = r
+            .config
+            .as_deref()
+            .is_some_and(|c| c.contains("\"weight\":") && !c.contains("\"weight\":0"));
+        weighted.then(|| "module sluice_filter.wasm: cannot be compiled here".to_string())
+    });
+    let bad = XdsClient::connect(&xds, Identity::new("sim-bad"), "sluice", rejects).await?;
+    let hold = wait_for(
+        Duration::from_secs(40),
+        "the rollout holds on sim-bad's NACK",
+        || async {
+            let s = controller.status().await;
+            let hold = s.as_ref().and_then(|s| s[0]["state"]["hold"].as_str());
+            Ok::<_, ()>(hold.filter(|h| h.contains("sim-bad")).map(str::to_string))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    assert!(hold.contains("cannot be compiled here"), "{hold}");
+    assert!(!bad.state().nacks.is_empty());
+    assert_eq!(controller.state()["weight"], 0.0);
+
+    // Taken out: the next attempt is confirmed by everyone left, and the rollout finishes.
+    drop(bad);
+    controller
+        .exited(PROMOTED, Duration::from_secs(120))
+        .await?;
+    traffic.stop().await;
+    // Every simulated proxy that stayed ACKed the final configuration.
+    for client in &good {
+        let state = client.state();
+        assert!(state.nacks.is_empty(), "{}", client.id());
+        let config = state.config.unwrap_or_default();
+        assert!(
+            config.contains("\"weight\":100"),
+            "{}: {config}",
+            client.id()
+        );
+    }
     Ok(())
 }
