@@ -484,6 +484,22 @@ async fn a_good_canary_is_promoted_on_all_three_envoys() -> anyhow::Result<()> {
     traffic.stop().await;
     assert_eq!(controller.state()["phase"]["phase"], "promoted");
     assert_eq!(controller.pushed_weights(), vec![10.0, 50.0, 100.0]);
+    // The data plane agrees: every Envoy's filter runs the last pushed version.
+    let audit = controller.audit();
+    let last = audit
+        .iter()
+        .rfind(|r| r["record"] == "push")
+        .ok_or_else(|| anyhow::anyhow!("no push in the audit log"))?;
+    eprintln!("last push: {last}");
+    for envoy in &envoys {
+        let prom = envoy.admin().prometheus().await?;
+        assert_eq!(
+            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            last["version"].as_f64(),
+            "{:?}",
+            envoy.node_id()
+        );
+    }
     // Every Envoy now sends everyone to the canary, and the canary answers.
     for (i, envoy) in envoys.iter().enumerate() {
         let before = canary.count();
