@@ -155,6 +155,9 @@ struct State {
     resources: BTreeMap<String, Resource>,
     conns: BTreeMap<u64, Conn>,
     next_serial: u64,
+    /// Per resource, the latest NACK: (serial rejected, proxy, detail). Kept when the proxy
+    /// disconnects: it does not serve that push either way.
+    nacks: BTreeMap<String, (u64, String, String)>,
 }
 
 /// The shared state of one ECDS server (one `listen` address).
@@ -179,12 +182,8 @@ pub enum Confirmation {
     Acked { proxies: usize },
     /// A proxy NACKed the push.
     Nacked { proxy: String, detail: String },
-    /// Not yet: the first proxy still to ACK with the version it has ACKed, and the
-    /// number of distinct subscribed proxies.
-    Waiting {
-        pending: Option<(String, Option<u64>)>,
-        proxies: usize,
-    },
+    /// Not yet: the first proxy still to ACK, with the version it has ACKed.
+    Waiting { pending: (String, Option<u64>) },
 }
 
 impl Hub {
@@ -370,10 +369,16 @@ impl Hub {
                 detail: cut(&err.message, limits.detail_bytes),
                 at: SystemTime::now(),
             };
-            if let Some(node) = &c.node {
-                tracing::warn!(proxy = %node.id, versions = ?nack.versions, detail = %nack.detail, "ecds NACK");
-            }
+            let proxy = c.node.as_ref().map(|n| n.to_string()).unwrap_or_default();
+            tracing::warn!(%proxy, versions = ?nack.versions, detail = %nack.detail, "ecds NACK");
+            let latest: Vec<(String, u64)> =
+                nack.serials.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let detail = nack.detail.clone();
             c.last_nack = Some(nack);
+            for (name, serial) in latest {
+                st.nacks
+                    .insert(name, (serial, proxy.clone(), detail.clone()));
+            }
         } else if req.version_info == sent.version_info {
             let carried = sent.carried.clone();
             c.acked.extend(carried);
@@ -446,34 +451,29 @@ impl Hub {
     /// `name` ACKed it (or a later one), or one NACKed it.
     pub fn confirmation(&self, name: &str, serial: u64) -> Confirmation {
         let st = self.lock();
-        let streams = subscribed(&st, name);
-        // minProxies counts proxies, not streams.
-        let proxies = streams
-            .iter()
-            .map(|(n, _)| n.id.as_str())
-            .collect::<BTreeSet<_>>()
-            .len();
-        let mut pending = None;
-        for (node, c) in streams {
-            if let Some(n) = &c.last_nack {
-                if n.serials.get(name).is_some_and(|s| *s >= serial) {
-                    return Confirmation::Nacked {
-                        proxy: node.to_string(),
-                        detail: n.detail.clone(),
-                    };
-                }
-            }
-            let acked = c.acked.get(name);
-            if acked.is_none_or(|(s, _)| *s < serial) && pending.is_none() {
-                pending = Some((node.to_string(), acked.map(|(_, v)| *v)));
+        if let Some((s, proxy, detail)) = st.nacks.get(name) {
+            if *s >= serial {
+                return Confirmation::Nacked {
+                    proxy: proxy.clone(),
+                    detail: detail.clone(),
+                };
             }
         }
-        match pending {
-            None => Confirmation::Acked { proxies },
-            Some(p) => Confirmation::Waiting {
-                pending: Some(p),
-                proxies,
-            },
+        // Called on every ACK while a push waits: stop at the first stream still behind, so
+        // the scans of one push stay far below streams x ACKs.
+        let mut proxies = BTreeSet::new();
+        for (node, c) in subscribed_iter(&st, name) {
+            let acked = c.acked.get(name);
+            if acked.is_none_or(|(s, _)| *s < serial) {
+                return Confirmation::Waiting {
+                    pending: (node.to_string(), acked.map(|(_, v)| *v)),
+                };
+            }
+            // minProxies counts proxies, not streams.
+            proxies.insert(node.id.as_str());
+        }
+        Confirmation::Acked {
+            proxies: proxies.len(),
         }
     }
 
@@ -547,12 +547,18 @@ impl Hub {
 /// they may be two Envoys sharing a bootstrap's id, or a hot restart's parent and child, and
 /// each serves traffic with what it ACKed. A proxy's previous connection whose peer vanished
 /// without closing it holds confirmations back until HTTP/2 keepalive drops it.
-fn subscribed<'a>(st: &'a State, name: &str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+fn subscribed<'a>(st: &'a State, name: &'a str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+    subscribed_iter(st, name).collect()
+}
+
+fn subscribed_iter<'a>(
+    st: &'a State,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a NodeInfo, &'a Conn)> + 'a {
     st.conns
         .values()
-        .filter(|c| c.subscribed.contains(name))
+        .filter(move |c| c.subscribed.contains(name))
         .filter_map(|c| Some((c.node.as_ref()?, c)))
-        .collect()
 }
 
 fn node_info(node: Option<&Node>, limits: &Limits) -> Result<NodeInfo, tonic::Status> {

@@ -885,3 +885,38 @@ async fn a_proxy_that_vanished_without_closing_is_dropped_by_keepalive() {
     let ids: Vec<String> = s.hub.proxies().into_iter().map(|p| p.id).collect();
     assert_eq!(ids, ["envoy-live"]);
 }
+
+#[tokio::test]
+async fn a_nack_counts_even_if_the_proxy_disconnects_right_after() {
+    let s = server(Limits::default()).await;
+    let mut good = Proxy::open(s.addr, "envoy-good", &["sluice"]).await;
+    let mut bad = Proxy::open(s.addr, "envoy-bad", &["sluice"]).await;
+    // Both served before the push: the NACK and the disconnect come before the good ACK.
+    while s.hub.proxies().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sink = s.sink("sluice", 1, Duration::from_secs(10));
+    let push = tokio::spawn(async move { sink.push(&config(5.0), 9).await });
+    let r = bad.next().await.unwrap_or_else(|e| panic!("{e}"));
+    bad.nack("", &r, "no such cluster: shadow").await;
+    // Dropped once the server has the NACK (dropping first could cancel it in flight).
+    while !s.hub.proxies().iter().any(|p| p.last_nack.is_some()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(bad);
+    while s.hub.proxies().len() > 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = good.next().await.unwrap_or_else(|e| panic!("{e}"));
+    good.ack(&r).await;
+    let err = push
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("envoy-bad") && err.contains("no such cluster: shadow"),
+        "{err}"
+    );
+}
