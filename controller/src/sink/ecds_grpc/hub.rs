@@ -66,6 +66,8 @@ pub struct Resource {
     pub config: FilterConfig,
     /// The encoded `TypedExtensionConfig`.
     pub any: Arc<Any>,
+    /// When this serial was set.
+    pub set_at: Instant,
 }
 
 /// What one response carried, per resource: (serial, version).
@@ -95,6 +97,8 @@ pub struct Nack {
 struct Conn {
     node: Option<NodeInfo>,
     connected_since: SystemTime,
+    /// When its first request said who it is.
+    identified_at: Instant,
     subscribed: BTreeSet<String>,
     sent: Option<Sent>,
     /// Per resource: (serial, version) of the last ACKed response carrying it.
@@ -235,6 +239,7 @@ impl Hub {
                     version,
                     config,
                     any: Arc::new(any),
+                    set_at: Instant::now(),
                 },
             );
             serial
@@ -256,6 +261,7 @@ impl Hub {
             Conn {
                 node: None,
                 connected_since: SystemTime::now(),
+                identified_at: Instant::now(),
                 subscribed: BTreeSet::new(),
                 sent: None,
                 acked: BTreeMap::new(),
@@ -352,6 +358,7 @@ impl Hub {
         };
         if identified.is_some() {
             c.node = identified;
+            c.identified_at = Instant::now();
         }
         c.subscribed = req.resource_names.iter().cloned().collect();
         let Some(sent) = &c.sent else {
@@ -498,12 +505,14 @@ impl Hub {
                     continue;
                 }
             }
-            let sent_at = c
+            // From when it was sent the current serial, or, not yet sent it, from when it
+            // could have been (a proxy that just connected, or one that does not read).
+            let since = c
                 .sent
                 .as_ref()
                 .filter(|s| s.carried.get(name).is_some_and(|(s, _)| *s >= r.serial))
-                .map(|s| s.at);
-            if sent_at.is_none_or(|at| at.elapsed() > grace) {
+                .map_or_else(|| c.identified_at.max(r.set_at), |s| s.at);
+            if since.elapsed() > grace {
                 let has = c
                     .acked
                     .get(name)
