@@ -299,6 +299,12 @@ impl Controller {
         Ok(())
     }
 
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -916,5 +922,58 @@ async fn a_nacking_proxy_holds_the_rollout_until_it_leaves_the_fleet() -> anyhow
             client.id()
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rollback_a_proxy_rejects_is_pushed_again_until_it_is_confirmed() -> anyhow::Result<()> {
+    // A bad canary (25 % errors) on two real Envoys, and a simulated proxy that rejects any
+    // configuration with the canary at 0 %: the rollback cannot be confirmed while it is there.
+    let (_stable, canary, envoys, mut controller) =
+        fleet_with_controller(2, 4, json!([10, 50, 100]), |_| {}).await?;
+    let traffic = Traffic::start(urls(&envoys));
+    controller.start()?;
+    let xds = format!("127.0.0.1:{}", controller.xds);
+    wait_until(
+        Duration::from_secs(20),
+        "the controller listens",
+        || async { tokio::net::TcpStream::connect(&xds).await.is_ok() },
+    )
+    .await?;
+    let rejects_zero: Verdict = Arc::new(|r: &Received| {
+        let zero = r.config.as_deref().is_some_and(|c| {
+            c.contains("\"name\":\"canary\",\"weight\":0.0")
+                || c.contains("\"name\":\"canary\",\"weight\":0}")
+        });
+        zero.then(|| "refusing the rollback".to_string())
+    });
+    let bad = XdsClient::connect(&xds, Identity::new("sim-bad"), "sluice", rejects_zero).await?;
+    // The rollback is decided, rejected, and pushed again (a fresh response each time).
+    bad.wait(Duration::from_secs(120), "two rejected rollbacks", |s| {
+        s.nacks.len() >= 2
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    // Decided but not confirmed: the confirmed weight is still the canary's, the 0 % push
+    // pending, and the daemon has not finished.
+    let state = controller.state();
+    assert_eq!(state["phase"]["phase"], "rolled_back", "{state}");
+    assert_ne!(state["weight"], 0.0, "{state}");
+    assert_eq!(state["pending"]["weight"], 0.0, "{state}");
+    assert!(controller.running(), "{}", controller.log());
+    // The Envoys took the rollback anyway: nobody reaches the canary.
+    let before = canary.count();
+    for envoy in &envoys {
+        assert_eq!(share(&assignment(envoy, "probe", 200).await?), 0.0);
+    }
+    assert_eq!(canary.count(), before);
+    // Gone, the next attempt is confirmed and the rollout ends rolled back.
+    drop(bad);
+    controller
+        .exited(ROLLED_BACK, Duration::from_secs(60))
+        .await?;
+    traffic.stop().await;
+    assert_eq!(controller.state()["phase"]["phase"], "rolled_back");
+    assert_eq!(controller.pushed_weights().last(), Some(&0.0));
     Ok(())
 }
