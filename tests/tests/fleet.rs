@@ -1,9 +1,11 @@
 //! A fleet of real Envoys (`envoy/fleet/envoy.yaml`), each with its own node id and ports, taking
 //! the Sluice filter's configuration from the controller's ECDS gRPC server, in front of real
-//! upstreams: the shipped files are valid, an Envoy without a controller serves the control,
-//! rollouts promote and roll back on every proxy, proxies that restart or join get the current
-//! weight at once, a NACK holds the rollout naming the proxy, and the controller can die and
-//! come back without the fleet noticing.
+//! upstreams: the shipped files are valid and agree with each other; an Envoy without a
+//! controller serves the control; rollouts promote and roll back on every proxy; proxies that
+//! restart or join get the current weight; a NACK holds the rollout naming the proxy (and a
+//! rejected rollback is pushed again) until that proxy leaves; duplicate node ids count once;
+//! and the controller can die and come back without the fleet noticing. Simulated proxies
+//! (`sluice_tests::xds`) join the real Envoys where a test needs one that misbehaves on cue.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
