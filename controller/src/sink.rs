@@ -1,6 +1,9 @@
 //! Sinks: where the controller pushes the filter configuration with new weights, and how it
 //! learns that every proxy accepted it. A push that is not confirmed is an error, never a
 //! success: the rollout holds instead of assuming traffic moved.
+//!
+//! - [`ecds_file`]: an ECDS file that Envoys on this host watch, confirmed through their admin.
+//! - [`ecds_grpc`]: the controller as the Envoys' ECDS gRPC server, confirmed by their ACKs.
 
 use std::future::Future;
 use std::time::Duration;

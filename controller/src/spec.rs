@@ -13,6 +13,7 @@
 //!   guardrails: {...}          # the judge's config
 //!   sources: [{envoyAdmin: {endpoints: [http://127.0.0.1:9901]}}]
 //!   sinks: [{ecdsFile: {path: /etc/envoy/ecds/sluice.yaml, wasm: {filename: /etc/envoy/sluice_filter.wasm}, proxies: [http://127.0.0.1:9901]}}]
+//!   # or: [{ecdsGrpc: {listen: "0.0.0.0:18000", resource: sluice, wasm: {...}, minProxies: 1, confirmWithin: 10s}}]
 //!   notifications: [{webhook: {url: http://127.0.0.1:8080/hook, format: json}}]
 //! ```
 //!

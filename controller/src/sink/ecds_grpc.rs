@@ -129,24 +129,21 @@ impl Sink for EcdsGrpc {
             if woke.is_err() || left.is_zero() {
                 return Err(match found {
                     Confirmation::Waiting {
-                        pending: Some((proxy, acked)),
-                        ..
+                        pending: (proxy, acked),
                     } => SinkError::Unconfirmed {
                         proxy,
                         version,
                         waited: started.elapsed(),
                         in_force: acked.map_or("none".into(), |v| v.to_string()),
                     },
-                    Confirmation::Acked { proxies } | Confirmation::Waiting { proxies, .. } => {
-                        SinkError::TooFewProxies {
-                            listen: self.listen.to_string(),
-                            resource: self.resource.clone(),
-                            version,
-                            connected: proxies,
-                            min: self.min_proxies,
-                            waited: started.elapsed(),
-                        }
-                    }
+                    Confirmation::Acked { proxies } => SinkError::TooFewProxies {
+                        listen: self.listen.to_string(),
+                        resource: self.resource.clone(),
+                        version,
+                        connected: proxies,
+                        min: self.min_proxies,
+                        waited: started.elapsed(),
+                    },
                     Confirmation::Nacked { proxy, detail } => SinkError::Nacked {
                         proxy,
                         version,

@@ -66,6 +66,8 @@ pub struct Resource {
     pub config: FilterConfig,
     /// The encoded `TypedExtensionConfig`.
     pub any: Arc<Any>,
+    /// When this serial was set.
+    pub set_at: Instant,
 }
 
 /// What one response carried, per resource: (serial, version).
@@ -95,6 +97,8 @@ pub struct Nack {
 struct Conn {
     node: Option<NodeInfo>,
     connected_since: SystemTime,
+    /// When its first request said who it is.
+    identified_at: Instant,
     subscribed: BTreeSet<String>,
     sent: Option<Sent>,
     /// Per resource: (serial, version) of the last ACKed response carrying it.
@@ -155,6 +159,9 @@ struct State {
     resources: BTreeMap<String, Resource>,
     conns: BTreeMap<u64, Conn>,
     next_serial: u64,
+    /// Per resource, the latest NACK: (serial rejected, proxy, detail). Kept when the proxy
+    /// disconnects: it does not serve that push either way.
+    nacks: BTreeMap<String, (u64, String, String)>,
 }
 
 /// The shared state of one ECDS server (one `listen` address).
@@ -179,12 +186,8 @@ pub enum Confirmation {
     Acked { proxies: usize },
     /// A proxy NACKed the push.
     Nacked { proxy: String, detail: String },
-    /// Not yet: the first proxy still to ACK with the version it has ACKed, and the
-    /// number of distinct subscribed proxies.
-    Waiting {
-        pending: Option<(String, Option<u64>)>,
-        proxies: usize,
-    },
+    /// Not yet: the first proxy still to ACK, with the version it has ACKed.
+    Waiting { pending: (String, Option<u64>) },
 }
 
 impl Hub {
@@ -236,6 +239,7 @@ impl Hub {
                     version,
                     config,
                     any: Arc::new(any),
+                    set_at: Instant::now(),
                 },
             );
             serial
@@ -257,6 +261,7 @@ impl Hub {
             Conn {
                 node: None,
                 connected_since: SystemTime::now(),
+                identified_at: Instant::now(),
                 subscribed: BTreeSet::new(),
                 sent: None,
                 acked: BTreeMap::new(),
@@ -353,6 +358,7 @@ impl Hub {
         };
         if identified.is_some() {
             c.node = identified;
+            c.identified_at = Instant::now();
         }
         c.subscribed = req.resource_names.iter().cloned().collect();
         let Some(sent) = &c.sent else {
@@ -370,10 +376,16 @@ impl Hub {
                 detail: cut(&err.message, limits.detail_bytes),
                 at: SystemTime::now(),
             };
-            if let Some(node) = &c.node {
-                tracing::warn!(proxy = %node.id, versions = ?nack.versions, detail = %nack.detail, "ecds NACK");
-            }
+            let proxy = c.node.as_ref().map(|n| n.to_string()).unwrap_or_default();
+            tracing::warn!(%proxy, versions = ?nack.versions, detail = %nack.detail, "ecds NACK");
+            let latest: Vec<(String, u64)> =
+                nack.serials.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let detail = nack.detail.clone();
             c.last_nack = Some(nack);
+            for (name, serial) in latest {
+                st.nacks
+                    .insert(name, (serial, proxy.clone(), detail.clone()));
+            }
         } else if req.version_info == sent.version_info {
             let carried = sent.carried.clone();
             c.acked.extend(carried);
@@ -446,34 +458,29 @@ impl Hub {
     /// `name` ACKed it (or a later one), or one NACKed it.
     pub fn confirmation(&self, name: &str, serial: u64) -> Confirmation {
         let st = self.lock();
-        let streams = subscribed(&st, name);
-        // minProxies counts proxies, not streams.
-        let proxies = streams
-            .iter()
-            .map(|(n, _)| n.id.as_str())
-            .collect::<BTreeSet<_>>()
-            .len();
-        let mut pending = None;
-        for (node, c) in streams {
-            if let Some(n) = &c.last_nack {
-                if n.serials.get(name).is_some_and(|s| *s >= serial) {
-                    return Confirmation::Nacked {
-                        proxy: node.to_string(),
-                        detail: n.detail.clone(),
-                    };
-                }
-            }
-            let acked = c.acked.get(name);
-            if acked.is_none_or(|(s, _)| *s < serial) && pending.is_none() {
-                pending = Some((node.to_string(), acked.map(|(_, v)| *v)));
+        if let Some((s, proxy, detail)) = st.nacks.get(name) {
+            if *s >= serial {
+                return Confirmation::Nacked {
+                    proxy: proxy.clone(),
+                    detail: detail.clone(),
+                };
             }
         }
-        match pending {
-            None => Confirmation::Acked { proxies },
-            Some(p) => Confirmation::Waiting {
-                pending: Some(p),
-                proxies,
-            },
+        // Called on every ACK while a push waits: stop at the first stream still behind, so
+        // the scans of one push stay far below streams x ACKs.
+        let mut proxies = BTreeSet::new();
+        for (node, c) in subscribed_iter(&st, name) {
+            let acked = c.acked.get(name);
+            if acked.is_none_or(|(s, _)| *s < serial) {
+                return Confirmation::Waiting {
+                    pending: (node.to_string(), acked.map(|(_, v)| *v)),
+                };
+            }
+            // minProxies counts proxies, not streams.
+            proxies.insert(node.id.as_str());
+        }
+        Confirmation::Acked {
+            proxies: proxies.len(),
         }
     }
 
@@ -498,12 +505,14 @@ impl Hub {
                     continue;
                 }
             }
-            let sent_at = c
+            // From when it was sent the current serial, or, not yet sent it, from when it
+            // could have been (a proxy that just connected, or one that does not read).
+            let since = c
                 .sent
                 .as_ref()
                 .filter(|s| s.carried.get(name).is_some_and(|(s, _)| *s >= r.serial))
-                .map(|s| s.at);
-            if sent_at.is_none_or(|at| at.elapsed() > grace) {
+                .map_or_else(|| c.identified_at.max(r.set_at), |s| s.at);
+            if since.elapsed() > grace {
                 let has = c
                     .acked
                     .get(name)
@@ -547,12 +556,18 @@ impl Hub {
 /// they may be two Envoys sharing a bootstrap's id, or a hot restart's parent and child, and
 /// each serves traffic with what it ACKed. A proxy's previous connection whose peer vanished
 /// without closing it holds confirmations back until HTTP/2 keepalive drops it.
-fn subscribed<'a>(st: &'a State, name: &str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+fn subscribed<'a>(st: &'a State, name: &'a str) -> Vec<(&'a NodeInfo, &'a Conn)> {
+    subscribed_iter(st, name).collect()
+}
+
+fn subscribed_iter<'a>(
+    st: &'a State,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a NodeInfo, &'a Conn)> + 'a {
     st.conns
         .values()
-        .filter(|c| c.subscribed.contains(name))
+        .filter(move |c| c.subscribed.contains(name))
         .filter_map(|c| Some((c.node.as_ref()?, c)))
-        .collect()
 }
 
 fn node_info(node: Option<&Node>, limits: &Limits) -> Result<NodeInfo, tonic::Status> {

@@ -885,3 +885,146 @@ async fn a_proxy_that_vanished_without_closing_is_dropped_by_keepalive() {
     let ids: Vec<String> = s.hub.proxies().into_iter().map(|p| p.id).collect();
     assert_eq!(ids, ["envoy-live"]);
 }
+
+#[tokio::test]
+async fn a_nack_counts_even_if_the_proxy_disconnects_right_after() {
+    let s = server(Limits::default()).await;
+    let mut good = Proxy::open(s.addr, "envoy-good", &["sluice"]).await;
+    let mut bad = Proxy::open(s.addr, "envoy-bad", &["sluice"]).await;
+    // Both served before the push: the NACK and the disconnect come before the good ACK.
+    while s.hub.proxies().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sink = s.sink("sluice", 1, Duration::from_secs(10));
+    let push = tokio::spawn(async move { sink.push(&config(5.0), 9).await });
+    let r = bad.next().await.unwrap_or_else(|e| panic!("{e}"));
+    bad.nack("", &r, "no such cluster: shadow").await;
+    // Dropped once the server has the NACK (dropping first could cancel it in flight).
+    while !s.hub.proxies().iter().any(|p| p.last_nack.is_some()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(bad);
+    while s.hub.proxies().len() > 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = good.next().await.unwrap_or_else(|e| panic!("{e}"));
+    good.ack(&r).await;
+    let err = push
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("envoy-bad") && err.contains("no such cluster: shadow"),
+        "{err}"
+    );
+}
+
+fn request(node_id: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        node: Some(node(node_id)),
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        type_url: TYPE_URL.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_proxy_is_a_straggler_only_once_it_had_time_to_ack() {
+    let hub = Hub::new(Limits::default());
+    let any = render("sluice", &code(), &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    hub.set("sluice", 4, config(1.0), any);
+    let (conn, _) = hub.connect();
+    assert!(hub.receive(conn, request("p", &["sluice"], "", "")).is_ok());
+    // Just identified, not yet sent anything: not a straggler within the grace.
+    assert_eq!(
+        hub.stragglers("sluice", Duration::from_secs(60)),
+        Vec::<String>::new()
+    );
+    let found = hub.stragglers("sluice", Duration::ZERO);
+    assert_eq!(
+        found,
+        ["proxy \"p\" (cluster \"fleet\") serves version none, not the confirmed 4"]
+    );
+    let sent = hub.next_response(conn).ok().flatten().unwrap_or_default();
+    assert_eq!(sent.version_info, "4");
+    assert_eq!(hub.next_response(conn).ok().flatten(), None, "sent twice");
+    assert_eq!(
+        hub.stragglers("sluice", Duration::from_secs(60)),
+        Vec::<String>::new()
+    );
+    assert_eq!(hub.stragglers("sluice", Duration::ZERO).len(), 1);
+    assert!(hub
+        .receive(conn, request("p", &["sluice"], "4", &sent.nonce))
+        .is_ok());
+    assert_eq!(
+        hub.stragglers("sluice", Duration::ZERO),
+        Vec::<String>::new()
+    );
+    // A NACK of the next one is reported at once, grace or not.
+    let any = render("sluice", &code(), &config(5.0)).unwrap_or_else(|e| panic!("{e}"));
+    hub.set("sluice", 5, config(5.0), any);
+    let sent = hub.next_response(conn).ok().flatten().unwrap_or_default();
+    let mut nack = request("p", &["sluice"], "4", &sent.nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "bad".into(),
+        ..Default::default()
+    });
+    assert!(hub.receive(conn, nack).is_ok());
+    assert_eq!(
+        hub.stragglers("sluice", Duration::from_secs(60)),
+        ["proxy \"p\" (cluster \"fleet\") rejected version 5: bad"]
+    );
+}
+
+#[test]
+fn what_is_kept_per_proxy_is_bounded() {
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    let limits = Limits::default();
+    let hub = Hub::new(limits);
+    let (conn, _) = hub.connect();
+    // Metadata of 1,000 long fields, nested deep: kept as at most metadata_bytes.
+    let mut deep = Value {
+        kind: Some(Kind::StringValue("x".repeat(10_000))),
+    };
+    for _ in 0..100 {
+        deep = Value {
+            kind: Some(Kind::ListValue(ListValue { values: vec![deep] })),
+        };
+    }
+    let fields = (0..1_000)
+        .map(|i| (format!("key-{i}"), deep.clone()))
+        .collect();
+    let mut req = request("p", &["sluice"], "", "");
+    if let Some(n) = req.node.as_mut() {
+        n.metadata = Some(Struct { fields });
+    }
+    assert!(hub.receive(conn, req).is_ok());
+    let any = render("sluice", &code(), &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    hub.set("sluice", 1, config(1.0), any);
+    let sent = hub.next_response(conn).ok().flatten().unwrap_or_default();
+    let mut nack = request("p", &["sluice"], "", &sent.nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "e".repeat(1_000_000),
+        ..Default::default()
+    });
+    assert!(hub.receive(conn, nack).is_ok());
+    let listed = hub.proxies();
+    assert!(
+        listed[0].metadata.len() <= limits.metadata_bytes + 4,
+        "{}",
+        listed[0].metadata.len()
+    );
+    assert!(
+        listed[0].metadata.starts_with("{\"key-"),
+        "{}",
+        &listed[0].metadata[..20]
+    );
+    let detail = listed[0].last_nack.as_ref().map_or(0, |n| n.detail.len());
+    assert!(detail <= limits.detail_bytes + 4, "{detail}");
+}
