@@ -187,15 +187,26 @@ pub fn render(file: &Path, stage: Option<usize>, weight: Option<f64>) -> anyhow:
     };
     let config = c.render(w).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&config)?);
+    let into = match c.rollout.spec.sinks.first() {
+        Some(crate::spec::SinkSpec::IstioWasmPlugin(w)) => format!(
+            "into {} of {:?} {}/{}",
+            w.kind.config_path().join("."),
+            w.kind,
+            w.namespace,
+            w.name
+        ),
+        Some(crate::spec::SinkSpec::EcdsFile(e)) => format!(
+            "into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>",
+            e.resource
+        ),
+        Some(crate::spec::SinkSpec::EcdsGrpc(g)) => format!(
+            "out from the ecdsGrpc server on {} as resource {:?}, version_info <version>",
+            g.listen, g.resource
+        ),
+        None => "to the sinks".into(),
+    };
     eprintln!(
-        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes into the sink's ECDS file as the `configuration` of resource {:?}, version_info <version>; the shadow section is pushed only in the shadow stage",
-        c.rollout
-            .spec
-            .sinks
-            .iter()
-            .map(|s| s.resource())
-            .next()
-            .unwrap_or("sluice")
+        "note: each push of this configuration also sets \"revision\": \"<version>@<write time, Unix ms>\" (so Envoy evaluates every write afresh) and goes {into}; the shadow section is pushed only in the shadow stage"
     );
     Ok(())
 }
@@ -267,10 +278,13 @@ where
                         .parse::<SocketAddr>()
                         .map_or(g.listen.clone(), |a| a.to_string())
                 ),
+                crate::spec::SinkSpec::IstioWasmPlugin(w) => {
+                    format!("{:?} {}/{}", w.kind, w.namespace, w.name)
+                }
             };
             if let Some(other) = sink_paths.insert(key.clone(), name.clone()) {
                 bail!(
-                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file)",
+                    "{}: spec.sinks: {key} is already the sink of rollout {other:?}; give each rollout its own filter (ECDS resource and file, or Istio object)",
                     f.display(),
                 );
             }
@@ -296,7 +310,8 @@ where
             sinks.push(
                 AnySink::from_spec(sink, &servers)
                     .await
-                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?,
+                    .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?
+                    .reading(&source),
             );
         }
         let ecds_grpc: Vec<crate::sink::ecds_grpc::EcdsGrpc> = sinks

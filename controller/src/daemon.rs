@@ -17,6 +17,7 @@ use crate::notify::{Notice, Notifier};
 use crate::rollout::{self, Command, Effect, EventKind, Input, Judgement, Phase, State};
 use crate::sink::ecds_file::EcdsFile;
 use crate::sink::ecds_grpc::{EcdsGrpc, Servers};
+use crate::sink::istio::IstioWasmPlugin;
 use crate::sink::{Sink, SinkError};
 use crate::source::envoy_admin::{AdminHub, EnvoyAdmin};
 use crate::source::prometheus::Prometheus;
@@ -145,6 +146,7 @@ impl Source for AnySource {
 #[derive(Debug, Clone)]
 pub enum AnySink {
     EcdsFile(EcdsFile),
+    IstioWasmPlugin(IstioWasmPlugin<AnySource>),
     EcdsGrpc(EcdsGrpc),
 }
 
@@ -180,7 +182,31 @@ impl AnySink {
                     .collect(),
                 confirm_within: f.confirm_within,
             }),
+            SinkSpec::IstioWasmPlugin(w) => AnySink::IstioWasmPlugin(IstioWasmPlugin {
+                target: crate::sink::istio::Target {
+                    kind: w.kind,
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                },
+                kube: crate::sink::istio::Kube::new(w.context.clone()),
+                source: None,
+                min_proxies: w.min_proxies,
+                confirm_within: w.confirm_within,
+                max_conflicts: w.max_conflicts,
+                poll: crate::sink::istio::POLL,
+            }),
         })
+    }
+
+    /// This sink, confirming from `source` where it confirms from the data plane.
+    pub fn reading(self, source: &AnySource) -> AnySink {
+        match self {
+            AnySink::IstioWasmPlugin(s) => AnySink::IstioWasmPlugin(IstioWasmPlugin {
+                source: Some(source.clone()),
+                ..s
+            }),
+            other => other,
+        }
     }
 }
 
@@ -192,6 +218,7 @@ impl Sink for AnySink {
     ) -> Result<crate::sink::Receipt, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.push(config, version).await,
+            AnySink::IstioWasmPlugin(s) => s.push(config, version).await,
             AnySink::EcdsGrpc(s) => s.push(config, version).await,
         }
     }
@@ -203,6 +230,7 @@ impl Sink for AnySink {
     ) -> Result<Option<String>, SinkError> {
         match self {
             AnySink::EcdsFile(s) => s.in_force(config, version).await,
+            AnySink::IstioWasmPlugin(s) => s.in_force(config, version).await,
             AnySink::EcdsGrpc(s) => s.in_force(config, version).await,
         }
     }
@@ -296,6 +324,9 @@ pub struct Status {
     pub proxy_restarts: u64,
     /// Seconds from decision to confirmation of the last push.
     pub last_push_latency_secs: Option<f64>,
+    /// Proxies by the configuration version they report running (`sluice_config_revision`),
+    /// at the last evaluation; see [`crosscheck`].
+    pub proxies_by_revision: BTreeMap<u64, usize>,
     pub events: Arc<Vec<EventRecord>>,
     /// Why this rollout stopped running (its state could not be loaded, or a file could not
     /// be written); `None` while it runs or after it ended normally.
@@ -436,6 +467,7 @@ impl Status {
             observed_requests: BTreeMap::new(),
             proxy_restarts: 0,
             last_push_latency_secs: None,
+            proxies_by_revision: BTreeMap::new(),
             events: Arc::default(),
             error: None,
             proxies: Vec::new(),
@@ -504,6 +536,7 @@ where
         let status = Status::initial(&name, stages, state.clone(), &plan, now);
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let cross_grace = crosscheck::grace(&self.checked);
         let runner = Runner {
             task: self,
             plan,
@@ -516,6 +549,8 @@ where
             split_repushed: None,
             split_hold: None,
             unverified: None,
+            cross: crosscheck::CrossCheck::default(),
+            cross_grace,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
         Ok((
@@ -549,6 +584,10 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     split_hold: Option<String>,
     /// Why the last check of what the proxies serve could not be made, if it could not.
     unverified: Option<String>,
+    /// The data plane's revisions against the sinks' confirmation.
+    cross: crosscheck::CrossCheck,
+    /// Seconds after a confirmation a proxy may still report the version before.
+    cross_grace: f64,
 }
 
 /// Requests (all variants) since the confirmation before the observed split is compared with
@@ -801,6 +840,10 @@ where
         let experiment = spec.experiment.name.clone();
         let now = self.task.clock.now();
         let scraped = self.task.source.scrape(&experiment).await;
+        let crossed = match &scraped {
+            Ok(s) => self.cross_check(s, now).await?,
+            Err(_) => None,
+        };
         // An origin whose answers come from different proxies is an error too.
         let scraped = scraped.and_then(|s| self.accumulator.add(SystemTime::now(), &s));
         let mut diverged = None;
@@ -832,7 +875,9 @@ where
                 )
             }
         };
-        if let Some(reason) = &self.unverified {
+        if let Some(reason) = &crossed {
+            assessment.judgement = crosscheck::hold_on(assessment.judgement, reason);
+        } else if let Some(reason) = &self.unverified {
             if !matches!(assessment.judgement, Judgement::Fail { .. }) {
                 assessment.judgement = Judgement::Hold {
                     reason: format!("cannot check what the proxies serve: {reason}"),
@@ -970,6 +1015,8 @@ fn control_of(checked: &Checked) -> String {
 
 /// Statuses of several rollouts by name, for the HTTP endpoint.
 pub type Registry = Arc<BTreeMap<String, Handle>>;
+
+mod crosscheck;
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use sluice_filter::config::FilterConfig;
 
 pub mod ecds_file;
 pub mod ecds_grpc;
+pub mod istio;
 
 /// Proof that a push took effect.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +64,8 @@ pub enum SinkError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Istio(#[from] istio::IstioError),
 }
 
 /// Pushes filter configurations to proxies.

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub mod envoy_admin;
 pub mod exposition;
 pub mod prometheus;
+pub mod revision;
 pub mod series;
 
 pub use exposition::Sample;
@@ -363,6 +364,11 @@ impl Accumulator {
             }
         }
         let key = series::key(id)?;
+        // A gauge, read per origin (see [`revision`]): summed, or read as a counter that went
+        // down, it would be wrong.
+        if key.name == sluice_filter::metrics::CONFIG_REVISION {
+            return None;
+        }
         if self.local.len() <= i {
             self.local.resize(i + 1, u32::MAX);
         }

@@ -234,6 +234,7 @@ fn default_max_age() -> Duration {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub enum SinkSpec {
     EcdsFile(EcdsFileSpec),
+    IstioWasmPlugin(IstioWasmPluginSpec),
     EcdsGrpc(EcdsGrpcSpec),
 }
 
@@ -243,6 +244,8 @@ impl SinkSpec {
         match self {
             SinkSpec::EcdsFile(f) => &f.resource,
             SinkSpec::EcdsGrpc(g) => &g.resource,
+            // istiod names the filter after the object (`<namespace>.<name>`).
+            SinkSpec::IstioWasmPlugin(w) => &w.name,
         }
     }
 }
@@ -264,8 +267,59 @@ pub struct EcdsGrpcSpec {
     pub confirm_within: Duration,
 }
 
+/// The `istioWasmPlugin` sink: the filter configuration goes into an Istio object's
+/// `pluginConfig`; confirmed by `sluice_config_revision` from the rollout's source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IstioWasmPluginSpec {
+    /// The object's name and namespace.
+    pub name: String,
+    pub namespace: String,
+    /// `WasmPlugin` (default) or `TrafficExtension` (Istio 1.30+).
+    #[serde(default)]
+    pub kind: crate::sink::istio::ObjectKind,
+    /// Kubeconfig context; default: the kubeconfig's current one, or the pod's service
+    /// account when there is no kubeconfig.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Fewest proxies that must report the pushed version for a push to be confirmed.
+    #[serde(default = "default_min_proxies")]
+    pub min_proxies: usize,
+    /// istiod's push, and a source like Prometheus that scrapes every so often, take time.
+    #[serde(default = "default_istio_confirm", with = "duration")]
+    pub confirm_within: Duration,
+    /// Conflicting writes (another writer changed the object meanwhile) retried in one push.
+    #[serde(default = "default_max_conflicts")]
+    pub max_conflicts: u32,
+}
+
 fn default_min_proxies() -> usize {
     1
+}
+
+fn default_istio_confirm() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_conflicts() -> u32 {
+    5
+}
+
+/// Whether `s` is a DNS-1123 label (a namespace) or, with `dots`, subdomain (an object name).
+fn dns_name(s: &str, dots: bool) -> bool {
+    let max = if dots { 253 } else { 63 };
+    !s.is_empty()
+        && s.len() <= max
+        && (dots || !s.contains('.'))
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -517,6 +571,10 @@ impl Rollout {
                     format!("spec.sinks[{i}].ecdsFile.confirmWithin"),
                     f.confirm_within,
                 ),
+                SinkSpec::IstioWasmPlugin(w) => wait(
+                    format!("spec.sinks[{i}].istioWasmPlugin.confirmWithin"),
+                    w.confirm_within,
+                ),
                 SinkSpec::EcdsGrpc(g) => wait(
                     format!("spec.sinks[{i}].ecdsGrpc.confirmWithin"),
                     g.confirm_within,
@@ -572,12 +630,16 @@ impl Rollout {
             problem("spec.sinks", "at least one sink is required".into());
         }
         for (i, sink) in s.sinks.iter().enumerate() {
-            let (kind, code) = match sink {
-                SinkSpec::EcdsFile(f) => ("ecdsFile", &f.wasm),
-                SinkSpec::EcdsGrpc(g) => ("ecdsGrpc", &g.wasm),
+            let code = match sink {
+                SinkSpec::EcdsFile(f) => Some(("ecdsFile", &f.wasm)),
+                SinkSpec::EcdsGrpc(g) => Some(("ecdsGrpc", &g.wasm)),
+                // The Istio object says where the code comes from.
+                SinkSpec::IstioWasmPlugin(_) => None,
             };
-            for (field, why) in code.problems() {
-                problem(&format!("spec.sinks[{i}].{kind}.wasm.{field}"), why);
+            if let Some((kind, code)) = code {
+                for (field, why) in code.problems() {
+                    problem(&format!("spec.sinks[{i}].{kind}.wasm.{field}"), why);
+                }
             }
             match sink {
                 SinkSpec::EcdsFile(f) => {
@@ -591,6 +653,33 @@ impl Rollout {
                         problem(
                             &format!("spec.sinks[{i}].ecdsFile.path"),
                             "must not be empty".into(),
+                        );
+                    }
+                }
+                SinkSpec::IstioWasmPlugin(w) => {
+                    let at = |field: &str| format!("spec.sinks[{i}].istioWasmPlugin.{field}");
+                    if !dns_name(&w.name, true) {
+                        problem(
+                            &at("name"),
+                            format!("{:?} is not a Kubernetes object name (lower-case letters, digits, '-' and '.')", w.name),
+                        );
+                    }
+                    if !dns_name(&w.namespace, false) {
+                        problem(
+                            &at("namespace"),
+                            format!("{:?} is not a Kubernetes namespace (lower-case letters, digits and '-', at most 63)", w.namespace),
+                        );
+                    }
+                    if w.min_proxies == 0 {
+                        problem(
+                            &at("minProxies"),
+                            "must be at least 1: a push nobody reports is not confirmed".into(),
+                        );
+                    }
+                    if w.max_conflicts > 100 {
+                        problem(
+                            &at("maxConflicts"),
+                            format!("{} is above 100", w.max_conflicts),
                         );
                     }
                 }

@@ -30,8 +30,11 @@ struct FakeSource {
     /// Keyless requests added to the control's at each read (counted in requests and in
     /// `sluice_missing_key_total`, as the filter counts them), and their total so far.
     keyless: Arc<Mutex<(f64, f64)>>,
-    /// The proxies whose traffic is counted.
+    /// The proxies whose traffic is counted; their filter reports the version they serve
+    /// (`sluice_config_revision`).
     proxies: Option<FakeSink>,
+    /// More proxies, which report only a revision each (origin, version).
+    strays: Arc<Mutex<Vec<(String, f64)>>>,
 }
 
 impl Source for FakeSource {
@@ -73,14 +76,25 @@ impl Source for FakeSource {
             .into(),
             value,
         };
-        Ok(vec![OriginScrape::from_samples(
-            "fake",
-            vec![
-                sample(metrics::REQUESTS, "stable", stable + keyless),
-                sample(metrics::REQUESTS, "canary", canary),
-                sample(metrics::MISSING_KEY, "stable", keyless),
-            ],
-        )])
+        let revision = |value: f64| crate::source::Sample {
+            name: metrics::CONFIG_REVISION.into(),
+            labels: [("experiment".to_string(), experiment.to_string())].into(),
+            value,
+        };
+        let mut samples = vec![
+            sample(metrics::REQUESTS, "stable", stable + keyless),
+            sample(metrics::REQUESTS, "canary", canary),
+            sample(metrics::MISSING_KEY, "stable", keyless),
+        ];
+        if let Some((version, _)) = proxies.serving() {
+            samples.push(revision(version as f64));
+        }
+        let mut out = vec![OriginScrape::from_samples("fake", samples)];
+        let strays = self.strays.lock().map(|s| s.clone()).unwrap_or_default();
+        for (origin, v) in strays {
+            out.push(OriginScrape::from_samples(&origin, vec![revision(v)]));
+        }
+        Ok(out)
     }
 }
 
@@ -690,5 +704,65 @@ async fn keyless_requests_at_the_control_are_not_a_diverged_split() {
     assert_eq!(sink.pushed(), vec![1.0, 10.0, 100.0]);
     let audit = audit_of(&dir);
     assert!(!audit.contains("diverged"), "{audit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proxy_the_sink_does_not_reach_is_caught_by_its_revision_and_holds() {
+    let dir = temp_dir("crosscheck");
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.status.borrow().state.weight, 1.0);
+    assert_eq!(
+        h.status.borrow().proxies_by_revision,
+        BTreeMap::from([(1, 1)])
+    );
+    // A proxy the sink does not push to serves its bootstrap's default (revision 0); the
+    // sink keeps confirming its own proxies.
+    set(&source.strays, vec![("pod-x".to_string(), 0.0)]);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(
+        s.state.weight, 1.0,
+        "raised although a proxy runs another version"
+    );
+    assert_eq!(s.proxies_by_revision, BTreeMap::from([(0, 1), (1, 1)]));
+    let hold = s.state.hold.clone().unwrap_or_default();
+    assert_eq!(
+        hold,
+        "the data plane disagrees with the sinks' confirmation: 1 of 2 proxies reporting run another version than the confirmed 1: pod-x at 0"
+    );
+    let audit = audit_of(&dir);
+    let records: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"record\":\"crosscheck\""))
+        .collect();
+    assert_eq!(
+        records.len(),
+        1,
+        "one record per change of verdict: {records:?}"
+    );
+    assert!(
+        records[0].contains("\"agrees\":false") && records[0].contains("\"pod-x\":0"),
+        "{}",
+        records[0]
+    );
+    // It takes the configuration: the hold ends and the rollout goes on.
+    set(&source.strays, vec![("pod-x".to_string(), 1.0)]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = h.status.borrow().clone();
+    assert_eq!(s.state.weight, 10.0);
+    assert!(audit_of(&dir).contains("\"agrees\":true"));
+    // The next push is cross-checked too: after the grace the straggler holds it again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let hold = h.status.borrow().state.hold.clone().unwrap_or_default();
+    assert!(hold.ends_with("confirmed 2: pod-x at 1"), "{hold}");
     let _ = std::fs::remove_dir_all(&dir);
 }

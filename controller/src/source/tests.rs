@@ -341,3 +341,33 @@ fn a_restart_soon_after_the_last_answer_is_a_restart_though_uptime_grew() {
         (1, 130.0)
     );
 }
+
+#[test]
+fn the_revision_gauge_is_not_accumulated_and_its_drop_is_no_restart() {
+    let revision = |v: f64| Sample {
+        name: sluice_filter::metrics::CONFIG_REVISION.into(),
+        labels: [("experiment".into(), "e".into())].into(),
+        value: v,
+    };
+    let at = |requests: f64, rev: f64| {
+        OriginScrape::from_samples(
+            "a",
+            vec![
+                sample("sluice_requests_total", "canary", requests),
+                revision(rev),
+            ],
+        )
+    };
+    let mut acc = Accumulator::default();
+    add(&mut acc, &[at(100.0, 7.0)]);
+    // A proxy without an identity whose filter went back to a configuration without a
+    // revision (its bootstrap default): its counters did not go down, so no restart.
+    let r = add(&mut acc, &[at(120.0, 0.0)]);
+    assert_eq!(acc.restarts_of("a"), 0);
+    assert_eq!(r.sum("sluice_requests_total", &[]), 120.0);
+    assert_eq!(r.sum(sluice_filter::metrics::CONFIG_REVISION, &[]), 0.0);
+    assert!(r
+        .series
+        .keys()
+        .all(|k| k.name != sluice_filter::metrics::CONFIG_REVISION));
+}

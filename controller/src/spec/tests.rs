@@ -595,3 +595,59 @@ fn an_ecds_grpc_sink_is_checked() {
     )));
     assert_eq!(ok, "ok");
 }
+
+#[test]
+fn the_istio_sink_is_read_with_defaults_and_checked() {
+    let istio = |sink: &str| {
+        GOOD.replace(
+            r#"    - ecdsFile:
+        path: /tmp/ecds/sluice.yaml
+        wasm: {filename: /tmp/sluice_filter.wasm}
+        proxies: ["http://127.0.0.1:9901"]"#,
+            &format!("    - istioWasmPlugin: {sink}"),
+        )
+    };
+    let c = Rollout::parse(&istio("{name: sluice, namespace: shop}"))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let [SinkSpec::IstioWasmPlugin(w)] = c.rollout.spec.sinks.as_slice() else {
+        unreachable!("one istio sink")
+    };
+    assert_eq!(w.kind, crate::sink::istio::ObjectKind::WasmPlugin);
+    assert_eq!(
+        (
+            w.min_proxies,
+            w.confirm_within,
+            w.max_conflicts,
+            w.context.as_deref()
+        ),
+        (1, Duration::from_secs(60), 5, None)
+    );
+    let c = Rollout::parse(&istio(
+        "{name: sluice.v2, namespace: shop, kind: TrafficExtension, context: prod, minProxies: 3, confirmWithin: 2m, maxConflicts: 0}",
+    ))
+    .unwrap_or_else(|e| unreachable!("{e}"));
+    let [SinkSpec::IstioWasmPlugin(w)] = c.rollout.spec.sinks.as_slice() else {
+        unreachable!("one istio sink")
+    };
+    assert_eq!(w.kind, crate::sink::istio::ObjectKind::TrafficExtension);
+    assert_eq!(w.confirm_within, Duration::from_secs(120));
+    let bad = problems(&istio(
+        "{name: Sluice_1, namespace: a.b, minProxies: 0, confirmWithin: 0s, maxConflicts: 1000}",
+    ));
+    for expected in [
+        "spec.sinks[0].istioWasmPlugin.name: \"Sluice_1\" is not a Kubernetes object name",
+        "spec.sinks[0].istioWasmPlugin.namespace: \"a.b\" is not a Kubernetes namespace",
+        "spec.sinks[0].istioWasmPlugin.minProxies: must be at least 1",
+        "spec.sinks[0].istioWasmPlugin.confirmWithin:",
+        "spec.sinks[0].istioWasmPlugin.maxConflicts: 1000 is above 100",
+    ] {
+        assert!(bad.contains(expected), "{expected} not in {bad}");
+    }
+    let unknown = problems(&istio("{name: s, namespace: n, kind: EnvoyFilter}"));
+    assert!(
+        unknown.contains("spec.sinks[0].istioWasmPlugin.kind") && unknown.contains("WasmPlugin"),
+        "{unknown}"
+    );
+    let unknown = problems(&istio("{name: s, namespace: n, plugin: x}"));
+    assert!(unknown.contains("plugin"), "{unknown}");
+}
