@@ -190,7 +190,8 @@ pub async fn serve(
         // polled only when there is room), and by hyper's send buffer (400 KiB per stream).
         .initial_stream_window_size(Some(64 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
-        // Envoy opens one stream per subscription; a simulated fleet may multiplex many.
+        // Envoy opens one stream per subscription; the limit (tonic sets none) bounds what one
+        // connection can make the server hold, with room for clients multiplexing many.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(svc)
         .serve_with_incoming_shutdown(
