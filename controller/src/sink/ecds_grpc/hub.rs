@@ -39,6 +39,8 @@ pub struct Limits {
     /// HTTP/2 ping interval, and how long a peer has to answer one before its connection (and
     /// its streams) are dropped.
     pub keepalive: std::time::Duration,
+    /// How long a new stream may take to send its first request (Envoy sends it at once).
+    pub first_request: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +52,7 @@ impl Default for Limits {
             detail_bytes: 2048,
             request_bytes: 64 * 1024,
             keepalive: std::time::Duration::from_secs(10),
+            first_request: std::time::Duration::from_secs(30),
         }
     }
 }

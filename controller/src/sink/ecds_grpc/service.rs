@@ -69,7 +69,34 @@ impl ExtensionConfigDiscoveryService for Ecds {
         let reader = {
             let hub = hub.clone();
             let wake = wake.clone();
+            let first = hub.limits.first_request;
             tokio::spawn(async move {
+                // A stream that never says who it is would be held for nothing.
+                match tokio::time::timeout(first, requests.message()).await {
+                    Ok(Ok(Some(req))) => {
+                        if hub.receive(conn, req).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(None)) => {
+                        hub.disconnect(conn);
+                        wake.notify_one();
+                        return;
+                    }
+                    Ok(Err(status)) => {
+                        hub.fail(conn, status);
+                        return;
+                    }
+                    Err(_) => {
+                        hub.fail(
+                            conn,
+                            Status::deadline_exceeded(format!(
+                                "no request within {first:?} of opening the stream"
+                            )),
+                        );
+                        return;
+                    }
+                }
                 loop {
                     match requests.message().await {
                         Ok(Some(req)) => {

@@ -1066,3 +1066,33 @@ async fn a_proxy_gone_between_response_and_ack_neither_blocks_nor_counts() {
     let r = back.next().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.version_info, "2");
 }
+
+#[tokio::test]
+async fn a_stream_that_never_sends_a_request_is_closed() {
+    let limits = Limits {
+        first_request: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let s = server(limits).await;
+    let mut client = ExtensionConfigDiscoveryServiceClient::new(channel(s.addr).await);
+    let silent = futures_util::stream::pending::<DiscoveryRequest>();
+    let answer = client.stream_extension_configs(silent).await;
+    let code = match answer {
+        Err(e) => Some(e.code()),
+        Ok(r) => {
+            let mut r = r.into_inner();
+            match tokio::time::timeout(Duration::from_secs(10), r.message()).await {
+                Ok(Err(e)) => Some(e.code()),
+                _ => None,
+            }
+        }
+    };
+    assert_eq!(code, Some(tonic::Code::DeadlineExceeded));
+    for _ in 0..500 {
+        if s.hub.streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.hub.streams(), 0, "the silent stream is still held");
+}
