@@ -1096,3 +1096,30 @@ async fn a_stream_that_never_sends_a_request_is_closed() {
     }
     assert_eq!(s.hub.streams(), 0, "the silent stream is still held");
 }
+
+#[test]
+fn requests_that_change_nothing_wake_no_one() {
+    let hub = Hub::new(Limits::default());
+    let any = render("sluice", &code(), &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    hub.set("sluice", 1, config(1.0), any);
+    let (conn, _) = hub.connect();
+    let mut events = hub.events();
+    events.borrow_and_update();
+    assert!(hub.receive(conn, request("p", &["sluice"], "", "")).is_ok());
+    assert!(events.has_changed().unwrap_or(false), "identifying is news");
+    events.borrow_and_update();
+    let sent = hub.next_response(conn).ok().flatten().unwrap_or_default();
+    for _ in 0..1000 {
+        assert!(hub
+            .receive(conn, request("p", &["sluice"], "1", "stale"))
+            .is_ok());
+    }
+    assert!(
+        !events.has_changed().unwrap_or(true),
+        "stale nonces woke the pushes"
+    );
+    assert!(hub
+        .receive(conn, request("p", &["sluice"], "1", &sent.nonce))
+        .is_ok());
+    assert!(events.has_changed().unwrap_or(false), "an ACK is news");
+}
