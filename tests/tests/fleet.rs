@@ -1,9 +1,11 @@
 //! A fleet of real Envoys (`envoy/fleet/envoy.yaml`), each with its own node id and ports, taking
 //! the Sluice filter's configuration from the controller's ECDS gRPC server, in front of real
-//! upstreams: the shipped files are valid, an Envoy without a controller serves the control,
-//! rollouts promote and roll back on every proxy, proxies that restart or join get the current
-//! weight at once, a NACK holds the rollout naming the proxy, and the controller can die and
-//! come back without the fleet noticing.
+//! upstreams: the shipped files are valid and agree with each other; an Envoy without a
+//! controller serves the control; rollouts promote and roll back on every proxy; proxies that
+//! restart or join get the current weight; a NACK holds the rollout naming the proxy (and a
+//! rejected rollback is pushed again) until that proxy leaves; duplicate node ids count once;
+//! and the controller can die and come back without the fleet noticing. Simulated proxies
+//! (`sluice_tests::xds`) join the real Envoys where a test needs one that misbehaves on cue.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_filter::config::Plan;
+use sluice_tests::xds::{accept_decodable, Received, Verdict};
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, EnvoyConfig,
-    HttpClient, Load, Reply, Request, Upstream,
+    HttpClient, Identity, Load, Reply, Request, Upstream, XdsClient,
 };
 
 const BOOTSTRAP: &str = "envoy/fleet/envoy.yaml";
@@ -298,6 +301,12 @@ impl Controller {
         Ok(())
     }
 
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -483,6 +492,22 @@ async fn a_good_canary_is_promoted_on_all_three_envoys() -> anyhow::Result<()> {
     traffic.stop().await;
     assert_eq!(controller.state()["phase"]["phase"], "promoted");
     assert_eq!(controller.pushed_weights(), vec![10.0, 50.0, 100.0]);
+    // The data plane agrees: every Envoy's filter runs the last pushed version.
+    let audit = controller.audit();
+    let last = audit
+        .iter()
+        .rfind(|r| r["record"] == "push")
+        .ok_or_else(|| anyhow::anyhow!("no push in the audit log"))?;
+    eprintln!("last push: {last}");
+    for envoy in &envoys {
+        let prom = envoy.admin().prometheus().await?;
+        assert_eq!(
+            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            last["version"].as_f64(),
+            "{:?}",
+            envoy.node_id()
+        );
+    }
     // Every Envoy now sends everyone to the canary, and the canary answers.
     for (i, envoy) in envoys.iter().enumerate() {
         let before = canary.count();
@@ -619,16 +644,33 @@ async fn an_envoy_restarted_mid_stage_and_one_joining_serve_the_current_weight(
     .await?;
     assert_eq!(assignment(&joined, "probe", 300).await?, reference);
 
-    // The controller lists all four as connected, each with the pushed version ACKed.
+    // The controller lists all four as connected, each with the version it serves ACKed; and
+    // each Envoy's filter reports that version as the one it runs.
     let status = controller
         .status()
         .await
         .ok_or_else(|| anyhow::anyhow!("no /status"))?;
-    let text = status.to_string();
+    let sink = &status[0]["proxies"][0];
+    let serving = sink["serving"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no version served: {status}"))?;
+    let listed = sink["proxies"].as_array().cloned().unwrap_or_default();
     for id in ["edge-0", "edge-1", "edge-new-warm", "edge-new"] {
-        assert!(
-            text.contains(&format!("\"{id}\"")),
-            "{id} not in /status: {text}"
+        let proxy = listed
+            .iter()
+            .find(|p| p["id"] == id)
+            .ok_or_else(|| anyhow::anyhow!("{id} not in /status: {sink}"))?;
+        assert_eq!(proxy["acked"]["sluice"], serving, "{proxy}");
+        assert_eq!(proxy["last_nack"], Value::Null, "{proxy}");
+    }
+    assert_eq!(listed.len(), 4, "{sink}");
+    for envoy in envoys.iter().chain([&warm, &joined]) {
+        let prom = envoy.admin().prometheus().await?;
+        assert_eq!(
+            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            Some(serving as f64),
+            "{:?}",
+            envoy.node_id()
         );
     }
     assert_eq!(controller.state()["weight"], 30.0);
@@ -773,5 +815,167 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
             envoy.node_id()
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_envoys_sharing_a_node_id_count_once_and_the_push_is_not_confirmed(
+) -> anyhow::Result<()> {
+    // An operator mistake: three Envoys, two of them started with the same node id. The
+    // controller must not count them as three proxies.
+    let xds = free_port()?;
+    let stable = Upstream::start("stable", model("stable")).await?;
+    let canary = Upstream::start("canary", model("canary")).await?;
+    let mut envoys = Vec::new();
+    for id in ["edge-0", "edge-0", "edge-1"] {
+        envoys.push(fleet_envoy(id, xds, &stable, &canary).await?);
+    }
+    let mut controller = Controller::new(&admins(&envoys), xds, json!([10, 100]), 3, |_| {})?;
+    controller.start()?;
+    let hold = wait_for(
+        Duration::from_secs(40),
+        "the rollout holds with too few proxies",
+        || async {
+            let s = controller.status().await;
+            let hold = s.as_ref().and_then(|s| s[0]["state"]["hold"].as_str());
+            Ok::<_, ()>(
+                hold.filter(|h| h.starts_with("push failed"))
+                    .map(str::to_string),
+            )
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    eprintln!("the rollout holds: {hold}");
+    assert!(hold.contains("2 proxies connected"), "{hold}");
+    assert!(hold.contains("minProxies 3"), "{hold}");
+    assert_eq!(controller.state()["weight"], 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nacking_proxy_holds_the_rollout_until_it_leaves_the_fleet() -> anyhow::Result<()> {
+    // Two real Envoys and, on the same server, simulated proxies: 20 that accept everything,
+    // and one that rejects every configuration with a canary weight above 0 (as a proxy with a
+    // broken module would). Once that one is taken out of the fleet, the rollout carries on.
+    let (_stable, _canary, envoys, mut controller) =
+        fleet_with_controller(2, 0, json!([10, 100]), |spec| {
+            spec["spec"]["schedule"]["bake"] = json!("1s");
+        })
+        .await?;
+    let traffic = Traffic::start(urls(&envoys));
+    controller.start()?;
+    let xds = format!("127.0.0.1:{}", controller.xds);
+    wait_until(
+        Duration::from_secs(20),
+        "the controller listens",
+        || async { tokio::net::TcpStream::connect(&xds).await.is_ok() },
+    )
+    .await?;
+    let mut good = Vec::new();
+    for i in 0..20 {
+        good.push(
+            XdsClient::connect(
+                &xds,
+                Identity::new(format!("sim-{i}")),
+                "sluice",
+                accept_decodable(),
+            )
+            .await?,
+        );
+    }
+    let rejects: Verdict = Arc::new(|r: &Received| {
+        let weighted = r
+            .config
+            .as_deref()
+            .is_some_and(|c| c.contains("\"weight\":") && !c.contains("\"weight\":0"));
+        weighted.then(|| "module sluice_filter.wasm: cannot be compiled here".to_string())
+    });
+    let bad = XdsClient::connect(&xds, Identity::new("sim-bad"), "sluice", rejects).await?;
+    let hold = wait_for(
+        Duration::from_secs(40),
+        "the rollout holds on sim-bad's NACK",
+        || async {
+            let s = controller.status().await;
+            let hold = s.as_ref().and_then(|s| s[0]["state"]["hold"].as_str());
+            Ok::<_, ()>(hold.filter(|h| h.contains("sim-bad")).map(str::to_string))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    assert!(hold.contains("cannot be compiled here"), "{hold}");
+    assert!(!bad.state().nacks.is_empty());
+    assert_eq!(controller.state()["weight"], 0.0);
+
+    // Taken out: the next attempt is confirmed by everyone left, and the rollout finishes.
+    drop(bad);
+    controller
+        .exited(PROMOTED, Duration::from_secs(120))
+        .await?;
+    traffic.stop().await;
+    // Every simulated proxy that stayed ACKed the final configuration.
+    for client in &good {
+        let state = client.state();
+        assert!(state.nacks.is_empty(), "{}", client.id());
+        let config = state.config.unwrap_or_default();
+        assert!(
+            config.contains("\"weight\":100"),
+            "{}: {config}",
+            client.id()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rollback_a_proxy_rejects_is_pushed_again_until_it_is_confirmed() -> anyhow::Result<()> {
+    // A bad canary (25 % errors) on two real Envoys, and a simulated proxy that rejects any
+    // configuration with the canary at 0 %: the rollback cannot be confirmed while it is there.
+    let (_stable, canary, envoys, mut controller) =
+        fleet_with_controller(2, 4, json!([10, 50, 100]), |_| {}).await?;
+    let traffic = Traffic::start(urls(&envoys));
+    controller.start()?;
+    let xds = format!("127.0.0.1:{}", controller.xds);
+    wait_until(
+        Duration::from_secs(20),
+        "the controller listens",
+        || async { tokio::net::TcpStream::connect(&xds).await.is_ok() },
+    )
+    .await?;
+    let rejects_zero: Verdict = Arc::new(|r: &Received| {
+        let zero = r.config.as_deref().is_some_and(|c| {
+            c.contains("\"name\":\"canary\",\"weight\":0.0")
+                || c.contains("\"name\":\"canary\",\"weight\":0}")
+        });
+        zero.then(|| "refusing the rollback".to_string())
+    });
+    let bad = XdsClient::connect(&xds, Identity::new("sim-bad"), "sluice", rejects_zero).await?;
+    // The rollback is decided, rejected, and pushed again (a fresh response each time).
+    bad.wait(Duration::from_secs(120), "two rejected rollbacks", |s| {
+        s.nacks.len() >= 2
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", controller.log()))?;
+    // Decided but not confirmed: the confirmed weight is still the canary's, the 0 % push
+    // pending, and the daemon has not finished.
+    let state = controller.state();
+    assert_eq!(state["phase"]["phase"], "rolled_back", "{state}");
+    assert_ne!(state["weight"], 0.0, "{state}");
+    assert_eq!(state["pending"]["weight"], 0.0, "{state}");
+    assert!(controller.running(), "{}", controller.log());
+    // The Envoys took the rollback anyway: nobody reaches the canary.
+    let before = canary.count();
+    for envoy in &envoys {
+        assert_eq!(share(&assignment(envoy, "probe", 200).await?), 0.0);
+    }
+    assert_eq!(canary.count(), before);
+    // Gone, the next attempt is confirmed and the rollout ends rolled back.
+    drop(bad);
+    controller
+        .exited(ROLLED_BACK, Duration::from_secs(60))
+        .await?;
+    traffic.stop().await;
+    assert_eq!(controller.state()["phase"]["phase"], "rolled_back");
+    assert_eq!(controller.pushed_weights().last(), Some(&0.0));
     Ok(())
 }

@@ -12,7 +12,9 @@
 //! Cases:
 //! - `file1`: the ECDS file sink on one real Envoy (`envoy/ecds.yaml`), the baseline;
 //! - `envoy1`, `envoy3`: `ecdsGrpc` with 1 and 3 real Envoys (`envoy/fleet/envoy.yaml`, each
-//!   its own node id);
+//!   its own node id); `envoy1` then restarts its Envoy `--restarts` times and times how long
+//!   it serves the default config: from admin `/ready` saying LIVE until the controller's
+//!   config is in force (the shipped bootstrap serves without waiting for the controller);
 //! - `sim`: `ecdsGrpc` with `--clients` simulated Envoys (`xds-clients`, a child process holding
 //!   one stream per client, each on its own connection, ACKing like Envoy; see
 //!   `sluice_tests::xds`). This process's resident memory is read before they connect and once
@@ -54,6 +56,9 @@ pub struct FanoutArgs {
     /// Pause between pushes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     gap_ms: u64,
+    /// `envoy1`: restarts of the Envoy, each timed from LIVE until the config is in force.
+    #[arg(long, default_value_t = 10)]
+    restarts: usize,
 }
 
 #[derive(Parser)]
@@ -244,7 +249,7 @@ async fn connected(sink: &EcdsGrpc, n: usize, within: Duration) -> Result<()> {
             .hub
             .proxies()
             .iter()
-            .filter(|p| p.subscribed.iter().any(|r| *r == sink.resource))
+            .filter(|p| p.subscribed.contains(&sink.resource))
             .count();
         if subscribed >= n {
             return Ok(());
@@ -271,6 +276,39 @@ async fn envoy_case(args: &FanoutArgs, n: usize) -> Result<Row> {
     }
     connected(&sink, n, Duration::from_secs(30)).await?;
     let latencies = pushes(&sink, args, 1).await?;
+    let mut note = "ACK = Envoy applied the config".to_string();
+    if n == 1 {
+        // How long a restarted Envoy serves the default config: from admin `/ready` saying LIVE
+        // until the controller's config is in force.
+        let mut gaps = Vec::new();
+        for _ in 0..args.restarts {
+            envoys[0].restart().await?;
+            let live = Instant::now();
+            loop {
+                let stats = envoys[0].admin().stats().await?;
+                if stats
+                    .get("extension_config_discovery.http_filter.sluice.update_success")
+                    .unwrap_or(0)
+                    >= 1
+                {
+                    break;
+                }
+                if live.elapsed() > Duration::from_secs(30) {
+                    bail!("the restarted Envoy got no config within 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            gaps.push(live.elapsed().as_secs_f64() * 1e3);
+        }
+        if !gaps.is_empty() {
+            note = format!(
+                "{note}; after a restart, LIVE → config in force: p50 {:.0} ms, max {:.0} ms ({} restarts)",
+                quantile(&gaps, 0.5),
+                gaps.iter().copied().fold(0.0, f64::max),
+                gaps.len()
+            );
+        }
+    }
     let _ = stop_tx.send(true);
     drop(envoys);
     Ok(Row {
@@ -278,7 +316,7 @@ async fn envoy_case(args: &FanoutArgs, n: usize) -> Result<Row> {
         proxies: n,
         latencies_ms: latencies,
         per_proxy_kib: None,
-        note: "ACK = Envoy applied the config".into(),
+        note,
     })
 }
 
@@ -302,11 +340,9 @@ async fn sim_case(args: &FanoutArgs) -> Result<Row> {
         min_proxies: 0,
         ..sink.clone()
     };
-    anyone
-        .push(&config(0.0)?, 1)
-        .await
-        .err()
-        .map(|e| eprintln!("[fanout] first push, before any proxy: {e}"));
+    if let Err(e) = anyone.push(&config(0.0)?, 1).await {
+        eprintln!("[fanout] first push, before any proxy: {e}");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib()?;
 
