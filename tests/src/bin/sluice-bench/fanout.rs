@@ -87,11 +87,9 @@ struct Row {
 }
 
 pub fn run(args: FanoutArgs) -> Result<()> {
-    // The daemon's runtime: multi-threaded, as `sluice run` has it.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
+    // The daemon's runtime (one thread, mimalloc's options), as `sluice run` has it.
+    let runtime =
+        sluice_controller::daemon::runtime().context("building the daemon's tokio runtime")?;
     runtime.block_on(async {
         let mut rows = Vec::new();
         for case in &args.cases {
