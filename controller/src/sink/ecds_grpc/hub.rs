@@ -39,6 +39,8 @@ pub struct Limits {
     /// HTTP/2 ping interval, and how long a peer has to answer one before its connection (and
     /// its streams) are dropped.
     pub keepalive: std::time::Duration,
+    /// How long a new stream may take to send its first request (Envoy sends it at once).
+    pub first_request: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +52,7 @@ impl Default for Limits {
             detail_bytes: 2048,
             request_bytes: 64 * 1024,
             keepalive: std::time::Duration::from_secs(10),
+            first_request: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -296,6 +299,11 @@ impl Hub {
     /// Applies one request of stream `conn`. `Err` ends the stream with that status.
     pub fn receive(&self, conn: u64, req: DiscoveryRequest) -> Result<(), tonic::Status> {
         let result = self.apply(conn, req);
+        // A request that changed nothing (a stale nonce, a repeat) wakes no one: a peer
+        // flooding them costs the server the parsing only.
+        if result.as_ref().is_ok_and(|changed| !changed) {
+            return Ok(());
+        }
         let mut st = self.lock();
         if let Some(c) = st.conns.get_mut(&conn) {
             if let Err(e) = &result {
@@ -305,10 +313,11 @@ impl Hub {
         }
         drop(st);
         self.bump_events();
-        result
+        result.map(|_| ())
     }
 
-    fn apply(&self, conn: u64, req: DiscoveryRequest) -> Result<(), tonic::Status> {
+    /// Whether the request changed what the hub knows of the stream.
+    fn apply(&self, conn: u64, req: DiscoveryRequest) -> Result<bool, tonic::Status> {
         let limits = self.limits;
         if req.type_url != TYPE_URL {
             return Err(tonic::Status::invalid_argument(format!(
@@ -356,18 +365,23 @@ impl Hub {
         let Some(c) = st.conns.get_mut(&conn) else {
             return Err(tonic::Status::unavailable("stream closed"));
         };
+        let mut changed = identified.is_some();
         if identified.is_some() {
             c.node = identified;
             c.identified_at = Instant::now();
         }
-        c.subscribed = req.resource_names.iter().cloned().collect();
+        let subscribed: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        if subscribed != c.subscribed {
+            c.subscribed = subscribed;
+            changed = true;
+        }
         let Some(sent) = &c.sent else {
-            return Ok(());
+            return Ok(changed);
         };
         // A nonce other than the last one answers a response the proxy has since been sent
         // a newer one for: it says nothing about what the proxy now runs.
         if req.response_nonce.is_empty() || req.response_nonce != sent.nonce {
-            return Ok(());
+            return Ok(changed);
         }
         if let Some(err) = &req.error_detail {
             let nack = Nack {
@@ -386,11 +400,13 @@ impl Hub {
                 st.nacks
                     .insert(name, (serial, proxy.clone(), detail.clone()));
             }
+            changed = true;
         } else if req.version_info == sent.version_info {
             let carried = sent.carried.clone();
             c.acked.extend(carried);
+            changed = true;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The response stream `conn` should be sent next, if any: the current configuration of

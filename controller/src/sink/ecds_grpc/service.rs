@@ -69,7 +69,34 @@ impl ExtensionConfigDiscoveryService for Ecds {
         let reader = {
             let hub = hub.clone();
             let wake = wake.clone();
+            let first = hub.limits.first_request;
             tokio::spawn(async move {
+                // A stream that never says who it is would be held for nothing.
+                match tokio::time::timeout(first, requests.message()).await {
+                    Ok(Ok(Some(req))) => {
+                        if hub.receive(conn, req).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(None)) => {
+                        hub.disconnect(conn);
+                        wake.notify_one();
+                        return;
+                    }
+                    Ok(Err(status)) => {
+                        hub.fail(conn, status);
+                        return;
+                    }
+                    Err(_) => {
+                        hub.fail(
+                            conn,
+                            Status::deadline_exceeded(format!(
+                                "no request within {first:?} of opening the stream"
+                            )),
+                        );
+                        return;
+                    }
+                }
                 loop {
                     match requests.message().await {
                         Ok(Some(req)) => {
@@ -190,7 +217,8 @@ pub async fn serve(
         // polled only when there is room), and by hyper's send buffer (400 KiB per stream).
         .initial_stream_window_size(Some(64 * 1024))
         .initial_connection_window_size(Some(1024 * 1024))
-        // Envoy opens one stream per subscription; a simulated fleet may multiplex many.
+        // Envoy opens one stream per subscription; the limit (tonic sets none) bounds what one
+        // connection can make the server hold, with room for clients multiplexing many.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(svc)
         .serve_with_incoming_shutdown(

@@ -611,10 +611,10 @@ async fn one_stream_may_subscribe_to_several_rollouts_resources() {
 async fn a_thousand_streams_are_served_and_confirm_one_push() {
     let s = server(Limits::default()).await;
     let mut proxies = Vec::new();
-    // Ten connections of a hundred streams: more than one connection's default stream limit.
-    for c in 0..10 {
+    // Four connections of 250 streams each.
+    for c in 0..4 {
         let ch = channel(s.addr).await;
-        for i in 0..100 {
+        for i in 0..250 {
             proxies.push(
                 Proxy::open_on(
                     ch.clone(),
@@ -1027,4 +1027,99 @@ fn what_is_kept_per_proxy_is_bounded() {
     );
     let detail = listed[0].last_nack.as_ref().map_or(0, |n| n.detail.len());
     assert!(detail <= limits.detail_bytes + 4, "{detail}");
+}
+
+#[tokio::test]
+async fn a_proxy_gone_between_response_and_ack_neither_blocks_nor_counts() {
+    let s = server(Limits::default()).await;
+    let mut stays = Proxy::open(s.addr, "envoy-stays", &["sluice"]).await;
+    let mut goes = Proxy::open(s.addr, "envoy-goes", &["sluice"]).await;
+    while s.hub.proxies().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let two = s.sink("sluice", 2, Duration::from_millis(800));
+    let push = tokio::spawn(async move { two.push(&config(5.0), 1).await });
+    let r = goes.next().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.version_info, "1");
+    drop(goes);
+    let r = stays.next().await.unwrap_or_else(|e| panic!("{e}"));
+    stays.ack(&r).await;
+    // minProxies 2: one left is too few; minProxies 1: the one left confirms.
+    let err = push
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("1 proxies connected") && err.contains("minProxies 2"),
+        "{err}"
+    );
+    let one = s.sink("sluice", 1, Duration::from_secs(10));
+    let pushing = one.clone();
+    let push = tokio::spawn(async move { pushing.push(&config(5.0), 2).await });
+    let r = stays.next().await.unwrap_or_else(|e| panic!("{e}"));
+    stays.ack(&r).await;
+    assert!(push.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
+    // Back, it is sent the current version at once.
+    let mut back = Proxy::open(s.addr, "envoy-goes", &["sluice"]).await;
+    let r = back.next().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.version_info, "2");
+}
+
+#[tokio::test]
+async fn a_stream_that_never_sends_a_request_is_closed() {
+    let limits = Limits {
+        first_request: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let s = server(limits).await;
+    let mut client = ExtensionConfigDiscoveryServiceClient::new(channel(s.addr).await);
+    let silent = futures_util::stream::pending::<DiscoveryRequest>();
+    let answer = client.stream_extension_configs(silent).await;
+    let code = match answer {
+        Err(e) => Some(e.code()),
+        Ok(r) => {
+            let mut r = r.into_inner();
+            match tokio::time::timeout(Duration::from_secs(10), r.message()).await {
+                Ok(Err(e)) => Some(e.code()),
+                _ => None,
+            }
+        }
+    };
+    assert_eq!(code, Some(tonic::Code::DeadlineExceeded));
+    for _ in 0..500 {
+        if s.hub.streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.hub.streams(), 0, "the silent stream is still held");
+}
+
+#[test]
+fn requests_that_change_nothing_wake_no_one() {
+    let hub = Hub::new(Limits::default());
+    let any = render("sluice", &code(), &config(1.0)).unwrap_or_else(|e| panic!("{e}"));
+    hub.set("sluice", 1, config(1.0), any);
+    let (conn, _) = hub.connect();
+    let mut events = hub.events();
+    events.borrow_and_update();
+    assert!(hub.receive(conn, request("p", &["sluice"], "", "")).is_ok());
+    assert!(events.has_changed().unwrap_or(false), "identifying is news");
+    events.borrow_and_update();
+    let sent = hub.next_response(conn).ok().flatten().unwrap_or_default();
+    for _ in 0..1000 {
+        assert!(hub
+            .receive(conn, request("p", &["sluice"], "1", "stale"))
+            .is_ok());
+    }
+    assert!(
+        !events.has_changed().unwrap_or(true),
+        "stale nonces woke the pushes"
+    );
+    assert!(hub
+        .receive(conn, request("p", &["sluice"], "1", &sent.nonce))
+        .is_ok());
+    assert!(events.has_changed().unwrap_or(false), "an ACK is news");
 }
