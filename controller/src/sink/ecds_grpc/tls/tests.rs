@@ -507,3 +507,40 @@ fn a_server_without_tls_beyond_loopback_is_warned_about() {
     assert!(in_clear(at("127.0.0.1:18000"), None).is_none());
     assert!(in_clear(at("[::1]:18000"), None).is_none());
 }
+
+#[tokio::test]
+async fn peers_that_never_finish_the_handshake_hold_no_one_up_and_are_dropped() {
+    let pki = pki("stall", true);
+    let s = running(&pki.spec).await;
+    let _ = s.sink.hub.set(
+        "sluice",
+        7,
+        secret_config(5.0),
+        super::super::render("sluice", &code(), &secret_config(5.0))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        stalled.push(
+            tokio::net::TcpStream::connect(s.sink.listen)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    let client = leaf(&pki.ca, &["envoy-1"], false);
+    let got = first_response(s.sink.listen, client_tls(&pki.ca.pem, Some(&client))).await;
+    assert!(
+        got.as_ref()
+            .is_ok_and(|r| r.contains("version_info: \"7\"")),
+        "{got:?}"
+    );
+    // The server closes a connection whose handshake has not finished (10 s): reading it
+    // ends (EOF or reset) instead of waiting forever.
+    let mut one = stalled.swap_remove(0);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(30), one.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a stalled handshake was kept open: {closed:?}"
+    );
+}
