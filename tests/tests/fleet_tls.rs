@@ -294,6 +294,12 @@ async fn an_envoy_without_a_client_certificate_gets_nothing_and_the_push_is_unco
     );
     assert_ne!(controller.state()["weight"], 50.0, "{}", controller.state());
     assert_eq!(updates(&envoy).await, 0, "{}", envoy.log_tail(30));
+    // Envoy counts the refused attempts as failed updates.
+    let stats = envoy.admin().stats().await?;
+    let failures = stats
+        .get("extension_config_discovery.http_filter.sluice.update_failure")
+        .unwrap_or(0);
+    assert!(failures >= 1, "update_failure {failures}");
     // Envoy serves its default config: everyone to the control.
     assert_eq!(to_canary(&envoy, "plain").await?, 0);
     let status = controller.status().await;
