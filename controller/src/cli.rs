@@ -319,7 +319,7 @@ where
         let mut sinks = Vec::with_capacity(spec.sinks.len());
         for (i, sink) in spec.sinks.iter().enumerate() {
             sinks.push(
-                AnySink::from_spec(sink, &servers)
+                AnySink::from_spec(sink, &servers, &name)
                     .await
                     .with_context(|| format!("{}: spec.sinks[{i}]", f.display()))?
                     .reading(&source),

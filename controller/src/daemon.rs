@@ -151,9 +151,14 @@ pub enum AnySink {
 }
 
 impl AnySink {
-    /// The sink `spec` describes; an ecdsGrpc sink joins (or starts) the server on its
-    /// `listen` address in `servers`, and fails when that address cannot be bound.
-    pub async fn from_spec(spec: &SinkSpec, servers: &Servers) -> Result<AnySink, std::io::Error> {
+    /// The sink `spec` of `rollout` describes; an ecdsGrpc sink joins (or starts) the server
+    /// on its `listen` address in `servers`, and fails when that address cannot be bound or
+    /// its tls block is unusable or differs from the other rollouts' on that address.
+    pub async fn from_spec(
+        spec: &SinkSpec,
+        servers: &Servers,
+        rollout: &str,
+    ) -> Result<AnySink, std::io::Error> {
         Ok(match spec {
             SinkSpec::EcdsGrpc(g) => {
                 let listen: std::net::SocketAddr = g.listen.parse().map_err(|e| {
@@ -163,12 +168,13 @@ impl AnySink {
                     )
                 })?;
                 AnySink::EcdsGrpc(EcdsGrpc {
-                    hub: servers.hub(listen).await?,
+                    hub: servers.join(listen, g.tls.as_ref(), rollout).await?,
                     listen,
                     resource: g.resource.clone(),
                     code: g.wasm.clone(),
                     min_proxies: g.min_proxies,
                     confirm_within: g.confirm_within,
+                    tls: g.tls.is_some(),
                 })
             }
             SinkSpec::EcdsFile(f) => AnySink::EcdsFile(EcdsFile {

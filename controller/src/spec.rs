@@ -13,7 +13,8 @@
 //!   guardrails: {...}          # the judge's config
 //!   sources: [{envoyAdmin: {endpoints: [http://127.0.0.1:9901]}}]
 //!   sinks: [{ecdsFile: {path: /etc/envoy/ecds/sluice.yaml, wasm: {filename: /etc/envoy/sluice_filter.wasm}, proxies: [http://127.0.0.1:9901]}}]
-//!   # or: [{ecdsGrpc: {listen: "0.0.0.0:18000", resource: sluice, wasm: {...}, minProxies: 1, confirmWithin: 10s}}]
+//!   # or: [{ecdsGrpc: {listen: "0.0.0.0:18000", resource: sluice, wasm: {...}, minProxies: 1, confirmWithin: 10s,
+//!   #              tls: {certFile: ..., keyFile: ..., clientCaFile: ...}}}]
 //!   notifications: [{webhook: {url: http://127.0.0.1:8080/hook, format: json}}]
 //! ```
 //!
@@ -265,6 +266,9 @@ pub struct EcdsGrpcSpec {
     pub min_proxies: usize,
     #[serde(default = "default_confirm", with = "duration")]
     pub confirm_within: Duration,
+    /// TLS (mutual with `clientCaFile`); without it the server speaks plain gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::sink::ecds_grpc::tls::TlsSpec>,
 }
 
 /// The `istioWasmPlugin` sink: the filter configuration goes into an Istio object's
@@ -705,6 +709,14 @@ impl Rollout {
                             "must not be empty".into(),
                         );
                     }
+                    if let Some(Err(e)) = g.tls.as_ref().map(|t| t.load()) {
+                        let field = if e.field.is_empty() {
+                            String::new()
+                        } else {
+                            format!(".{}", e.field)
+                        };
+                        problem(&format!("spec.sinks[{i}].ecdsGrpc.tls{field}"), e.why);
+                    }
                 }
             }
         }
@@ -943,4 +955,4 @@ mod opt_duration {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -651,6 +651,8 @@ async fn an_envoy_restarted_mid_stage_and_one_joining_serve_the_current_weight(
         .await
         .ok_or_else(|| anyhow::anyhow!("no /status"))?;
     let sink = &status[0]["proxies"][0];
+    // No tls block: /status says the configuration travels in clear.
+    assert_eq!(sink["tls"], false, "{sink}");
     let serving = sink["serving"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no version served: {status}"))?;

@@ -4,6 +4,7 @@
 //!
 //! - [`hub`]: what one `listen` address serves and what each connected proxy ACKed/NACKed.
 //! - [`service`]: the gRPC service and server over a hub.
+//! - [`tls`]: the optional (mutual) TLS that keeps the configuration's secret from eavesdroppers.
 //! - [`Servers`]: one server per `listen` address, shared by the rollouts naming it.
 //!
 //! A push replaces the rollout's resource on the hub; every subscribed stream is sent it at
@@ -32,6 +33,7 @@ use super::{Receipt, Sink, SinkError};
 
 pub mod hub;
 pub mod service;
+pub mod tls;
 
 pub use hub::{Confirmation, Hub, Limits, ProxyStatus};
 
@@ -92,6 +94,8 @@ pub struct EcdsGrpc {
     pub code: WasmCode,
     pub min_proxies: usize,
     pub confirm_within: Duration,
+    /// Whether the server speaks TLS (shown in `/status`).
+    pub tls: bool,
 }
 
 impl Sink for EcdsGrpc {
@@ -199,6 +203,9 @@ pub struct SinkProxies {
     pub resource: String,
     /// The push version the server serves for the resource (`None` before the first push).
     pub serving: Option<u64>,
+    /// Whether the server speaks TLS; `false` means the configuration, secret included,
+    /// travels in clear.
+    pub tls: bool,
     /// Every proxy connected and subscribed to the resource.
     pub proxies: Vec<ProxyStatus>,
 }
@@ -209,6 +216,7 @@ impl EcdsGrpc {
             listen: self.listen.to_string(),
             resource: self.resource.clone(),
             serving: self.hub.resource(&self.resource).map(|r| r.version),
+            tls: self.tls,
             proxies: self
                 .hub
                 .proxies()
@@ -219,10 +227,18 @@ impl EcdsGrpc {
     }
 }
 
+/// A running server: its hub, its tls block and the rollout that started it.
+#[derive(Debug)]
+struct Running {
+    hub: Arc<Hub>,
+    tls: Option<tls::TlsSpec>,
+    by: String,
+}
+
 /// The ecdsGrpc servers of one controller process, by `listen` address.
 #[derive(Debug)]
 pub struct Servers {
-    hubs: Mutex<BTreeMap<SocketAddr, Arc<Hub>>>,
+    hubs: Mutex<BTreeMap<SocketAddr, Running>>,
     stop: watch::Receiver<bool>,
     limits: Limits,
 }
@@ -237,31 +253,69 @@ impl Servers {
         }
     }
 
-    /// The hub serving `addr`, binding and starting its server on first use.
+    /// The hub serving `addr` in plain text, binding and starting its server on first use.
     pub async fn hub(&self, addr: SocketAddr) -> Result<Arc<Hub>, std::io::Error> {
-        if let Some(h) = self.lock().get(&addr) {
-            return Ok(h.clone());
+        self.join(addr, None, "").await
+    }
+
+    /// The hub serving `addr` for `rollout`, binding and starting its server (with `tls`)
+    /// on first use. Every rollout on one address must give the same `tls` block; files
+    /// that cannot be read or parsed are errors naming the field and the file.
+    pub async fn join(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&tls::TlsSpec>,
+        rollout: &str,
+    ) -> Result<Arc<Hub>, std::io::Error> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        if let Some(r) = self.lock().get(&addr) {
+            if r.tls.as_ref() != tls {
+                let show = |t: Option<&tls::TlsSpec>| t.map_or("none".into(), |t| t.to_string());
+                return Err(invalid(format!(
+                    "ecdsGrpc.tls: rollouts sharing the ecdsGrpc server on {addr} must give the same tls block: rollout {:?} gives {}, rollout {rollout:?} gives {}",
+                    r.by,
+                    show(r.tls.as_ref()),
+                    show(tls)
+                )));
+            }
+            return Ok(r.hub.clone());
+        }
+        let config = tls
+            .map(|t| t.load().map_err(|e| invalid(format!("ecdsGrpc.{e}"))))
+            .transpose()?;
+        if let Some(warning) = tls::in_clear(addr, tls) {
+            tracing::warn!(listen = %addr, "{warning}");
         }
         let listener = service::bind(addr).await?;
         let hub = Hub::new(self.limits);
-        self.lock().insert(addr, hub.clone());
+        self.lock().insert(
+            addr,
+            Running {
+                hub: hub.clone(),
+                tls: tls.cloned(),
+                by: rollout.to_string(),
+            },
+        );
         let (h, stop) = (hub.clone(), self.stop.clone());
         tokio::spawn(async move {
-            tracing::info!(listen = %addr, "ecdsGrpc server running");
-            if let Err(e) = service::serve(listener, h, stop).await {
+            tracing::info!(listen = %addr, tls = config.is_some(), "ecdsGrpc server running");
+            if let Err(e) = service::serve(listener, h, stop, config).await {
                 tracing::error!(listen = %addr, error = %e, "ecdsGrpc server stopped");
             }
         });
         Ok(hub)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Arc<Hub>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Running>> {
         self.hubs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every server's connected proxies, for `/status`.
     pub fn proxies(&self) -> BTreeMap<SocketAddr, Vec<ProxyStatus>> {
-        self.lock().iter().map(|(a, h)| (*a, h.proxies())).collect()
+        self.lock()
+            .iter()
+            .map(|(a, r)| (*a, r.hub.proxies()))
+            .collect()
     }
 }
 

@@ -544,6 +544,17 @@ fn a_webhook_ca_file_is_checked_when_the_spec_is() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The problems of the good spec with its sink replaced by `ecdsGrpc: <sink>`.
+pub(crate) fn problems_with_grpc_sink(sink: &str) -> String {
+    problems(&GOOD.replace(
+        r#"    - ecdsFile:
+        path: /tmp/ecds/sluice.yaml
+        wasm: {filename: /tmp/sluice_filter.wasm}
+        proxies: ["http://127.0.0.1:9901"]"#,
+        &format!("    - ecdsGrpc: {sink}"),
+    ))
+}
+
 #[test]
 fn an_ecds_grpc_sink_is_checked() {
     let grpc = |sink: &str| {

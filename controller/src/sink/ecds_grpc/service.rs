@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 use futures_util::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::hub::Hub;
@@ -195,17 +196,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     })
 }
 
-/// Serves `hub` on `listener` until `stop` turns true.
+/// Serves `hub` on `listener` until `stop` turns true; over TLS with `tls`.
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
     stop: watch::Receiver<bool>,
+    tls: Option<ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
     let (limit, keepalive) = (hub.limits.request_bytes, hub.limits.keepalive);
     let svc = ExtensionConfigDiscoveryServiceServer::new(Ecds::new(hub, stop.clone()))
         .max_decoding_message_size(limit);
     let mut until = stop.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         // A proxy that vanished without closing its connection is found within ~20 s and its
         // stream dropped, so it no longer holds confirmations back.
         .http2_keepalive_interval(Some(keepalive))

@@ -22,7 +22,7 @@ use super::hub::TYPE_URL;
 use super::*;
 use crate::sink::ecds_file::WasmCode;
 
-fn config(weight: f64) -> FilterConfig {
+pub(super) fn config(weight: f64) -> FilterConfig {
     let mut c: FilterConfig = serde_json::from_str(
         r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
             "variants": [{"name": "control"}, {"name": "canary", "weight": 0}]}]}"#,
@@ -32,7 +32,7 @@ fn config(weight: f64) -> FilterConfig {
     c
 }
 
-fn code() -> WasmCode {
+pub(super) fn code() -> WasmCode {
     serde_json::from_value(serde_json::json!({"filename": "/x/sluice_filter.wasm"}))
         .unwrap_or_else(|e| unreachable!("{e}"))
 }
@@ -57,7 +57,7 @@ async fn server(limits: Limits) -> Server {
         .unwrap_or_else(|e| unreachable!("{e}"));
     let hub = Hub::new(limits);
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(service::serve(listener, hub.clone(), stop_rx));
+    tokio::spawn(service::serve(listener, hub.clone(), stop_rx, None));
     Server {
         hub,
         addr,
@@ -74,12 +74,13 @@ impl Server {
             code: code(),
             min_proxies,
             confirm_within,
+            tls: false,
         }
     }
 }
 
 /// One xDS stream as a proxy holds it.
-struct Proxy {
+pub(super) struct Proxy {
     send: mpsc::Sender<DiscoveryRequest>,
     recv: tonic::Streaming<DiscoveryResponse>,
     node: Node,
@@ -94,7 +95,7 @@ async fn channel(addr: SocketAddr) -> Channel {
         .unwrap_or_else(|e| unreachable!("{e}"))
 }
 
-fn node(id: &str) -> Node {
+pub(super) fn node(id: &str) -> Node {
     Node {
         id: id.into(),
         cluster: "fleet".into(),
@@ -108,7 +109,12 @@ impl Proxy {
         Proxy::open_on(channel(addr).await, node(id), names, TYPE_URL).await
     }
 
-    async fn open_on(channel: Channel, node: Node, names: &[&str], type_url: &str) -> Proxy {
+    pub(super) async fn open_on(
+        channel: Channel,
+        node: Node,
+        names: &[&str],
+        type_url: &str,
+    ) -> Proxy {
         let (send, rx) = mpsc::channel(16);
         let mut client = ExtensionConfigDiscoveryServiceClient::new(channel);
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -133,7 +139,7 @@ impl Proxy {
         }
     }
 
-    async fn next(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
+    pub(super) async fn next(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
         match tokio::time::timeout(Duration::from_secs(10), self.recv.message()).await {
             Ok(Ok(Some(r))) => Ok(r),
             Ok(Ok(None)) => Err(tonic::Status::cancelled("stream ended")),
@@ -149,7 +155,7 @@ impl Proxy {
             .is_err()
     }
 
-    async fn ack(&self, r: &DiscoveryResponse) {
+    pub(super) async fn ack(&self, r: &DiscoveryResponse) {
         self.reply(&r.version_info, &r.nonce, None).await;
     }
 
@@ -175,14 +181,14 @@ impl Proxy {
     }
 }
 
-fn tokio_stream_from(
+pub(super) fn tokio_stream_from(
     mut rx: mpsc::Receiver<DiscoveryRequest>,
 ) -> impl futures_util::Stream<Item = DiscoveryRequest> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// The filter configuration a response carries for its only resource.
-fn carried(r: &DiscoveryResponse) -> (String, FilterConfig, String) {
+pub(super) fn carried(r: &DiscoveryResponse) -> (String, FilterConfig, String) {
     assert_eq!(r.type_url, TYPE_URL);
     assert_eq!(r.resources.len(), 1, "{r:?}");
     let any = &r.resources[0];
@@ -218,7 +224,7 @@ fn carried(r: &DiscoveryResponse) -> (String, FilterConfig, String) {
     (tec.name, config, file)
 }
 
-fn weight(c: &FilterConfig) -> Option<f64> {
+pub(super) fn weight(c: &FilterConfig) -> Option<f64> {
     c.experiments[0].variants[1].weight
 }
 

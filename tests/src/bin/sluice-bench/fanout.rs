@@ -235,6 +235,7 @@ async fn grpc_sink(
         code: code()?,
         min_proxies: min,
         confirm_within: Duration::from_secs(10),
+        tls: false,
     };
     Ok((servers, sink, listen))
 }
