@@ -1,6 +1,6 @@
 //! Every demo scenario end to end with real processes: `sluice-demo run` starts a real Envoy
 //! with the Sluice filter, the model servers, the synthetic users and the controller, on free
-//! ports, with a compressed schedule (5 → 25 → 100 %, 2 s warm-up, 6 s bake, a look every
+//! ports, with a compressed schedule (5 → 25 → 100 %, 2 s warm-up, 10 s bake, a look every
 //! second); the fault of a bad scenario starts when the canary reaches 25 %. Each test checks
 //! the final state the scenario must reach, the reason naming the right guardrail, and for a
 //! rollback the time from fault injection to Envoy's last request to the canary, measured at
@@ -31,7 +31,11 @@ fn run(scenario: &str, dir: &Path) -> anyhow::Result<(Value, String)> {
     let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-demo"))
         .args(["run", "--scenario", scenario, "--ports", &ports()?])
-        .args(["--stages", "5,25,100", "--warmup", "2s", "--bake", "6s"])
+        // A fault must be caught within the 25 % stage: at 100 % there is no concurrent control
+        // left to compare with. With six scenarios sharing two cores, a 6 s bake left the
+        // conversion drop (clicks arrive by beacon, after the answer) a margin of a second or
+        // two, and one loaded run promoted it; 10 s leaves room without weakening any check.
+        .args(["--stages", "5,25,100", "--warmup", "2s", "--bake", "10s"])
         .args(["--interval", "1s", "--tail", "1s", "--halt-grace", "3s"])
         .args(["--duration-limit", "120s"])
         .arg("--out")
