@@ -88,6 +88,12 @@ pub const SHADOW_DELTA: &str = "sluice_shadow_delta";
 /// before `@` in the config's `revision`; 0 for a config without one, such as a bootstrap's
 /// default). Any sink's push can be confirmed from the data plane with it.
 pub const CONFIG_REVISION: &str = "sluice_config_revision";
+/// Gauge per experiment and treatment (labels `experiment`, `variant`): 1 while the data-plane
+/// breaker holds the treatment out of traffic, else 0. Cleared by a new config revision.
+pub const BREAKER_TRIPPED: &str = "sluice_breaker_tripped";
+/// Counter per experiment, treatment and reason (labels `experiment`, `variant`, `reason`):
+/// the breaker's trips. A counter, so a trip stays visible after a new revision clears it.
+pub const BREAKER_TRIPS: &str = "sluice_breaker_trips_total";
 
 /// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
 pub const SHADOW_SKIP_REASONS: [&str; 5] = [
