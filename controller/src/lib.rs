@@ -1,7 +1,6 @@
 //! Sluice controller library: sources read the filter's counters, [`snapshot`] models them,
 //! the [`judge`] decides, [`rollout`] and [`daemon`] walk the ramp, sinks push weights;
 //! [`simulate`] and [`plan`] back the judge's promises with numbers.
-pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod daemon;

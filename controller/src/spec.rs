@@ -433,7 +433,9 @@ impl Checked {
     /// on the first run. With it: nothing to do (the file was read at load).
     pub fn use_state_secret(&mut self, state_dir: &Path) -> Result<(), String> {
         if self.secret.is_none() {
-            self.secret = Some(crate::secret::read_or_generate(&crate::secret::state_path(state_dir, self.name()))?);
+            self.secret = Some(crate::secret::read_or_generate(
+                &crate::secret::state_path(state_dir, self.name()),
+            )?);
         }
         Ok(())
     }

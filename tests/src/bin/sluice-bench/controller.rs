@@ -1024,7 +1024,7 @@ mod tests {
     /// would serve every experiment and the benchmark would measure the wrong work.
     #[test]
     fn the_admin_sources_filter_is_understood() {
-        let query = sluice_controller::admin::Admin::exposition_query(&["r0", "ranker-v2"]);
+        let query = sluice_controller::source::admin::Admin::exposition_query(&["r0", "ranker-v2"]);
         let Some((_, query)) = query.split_once('?') else {
             unreachable!("{query} has a query string")
         };
