@@ -2,6 +2,7 @@
 //! the [`judge`] decides, [`rollout`] and [`daemon`] walk the ramp, sinks push weights;
 //! [`simulate`] and [`plan`] back the judge's promises with numbers.
 pub mod api;
+pub mod assess;
 pub mod cli;
 pub mod daemon;
 pub mod durable;

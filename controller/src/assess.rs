@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::config::{ConfigError, GuardrailConfig};
-use super::{Decision, Evaluation, Judge};
 use crate::daemon::{Assess, Assessment, Context};
+use crate::judge::config::{ConfigError, GuardrailConfig};
+use crate::judge::{Decision, Evaluation, Judge};
 use crate::rollout::Judgement;
 use crate::snapshot::Snapshot;
 use crate::source::Reading;
