@@ -190,7 +190,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 allowed_hosts,
                 serve_wasm,
             };
-            let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c)?)))?;
+            let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c))))?;
             let stopped: Vec<String> = finals
                 .iter()
                 .filter_map(|s| Some(format!("{}: {}", s.name, s.error.as_ref()?)))

@@ -269,7 +269,7 @@ async fn run_rollout(
         .spawn(move || {
             let result = runtime.block_on(async move {
                 tokio::select! {
-                    r = cli::run(opts, |c| Ok(Assessor::from_spec(c)?)) => Some(r),
+                    r = cli::run(opts, |c| Ok(Assessor::from_spec(c))) => Some(r),
                     _ = stop_rx => None,
                 }
             });

@@ -883,7 +883,7 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
                 walls: walls.clone(),
             },
             sinks: vec![ConfirmingSink],
-            judge: Assessor::from_spec(&checked)?,
+            judge: Assessor::from_spec(&checked),
             store,
             notifier: Notifier::new(&[]),
             clock: SystemClock,
