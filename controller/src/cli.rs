@@ -1,5 +1,8 @@
 //! The rollout commands of the `sluice` binary: `validate`, `render`, `run`, `status` and the
-//! operator commands. `main.rs` only parses arguments and calls these.
+//! operator commands; [`judge`] is `sluice judge` (a replay through the judge). `main.rs` only
+//! parses arguments and calls these.
+
+pub mod judge;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

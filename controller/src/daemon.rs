@@ -184,7 +184,7 @@ impl AnySink {
                 proxies: f
                     .proxies
                     .iter()
-                    .map(|p| crate::admin::Admin::new(p, Duration::from_secs(2)))
+                    .map(|p| crate::source::admin::Admin::new(p, Duration::from_secs(2)))
                     .collect(),
                 confirm_within: f.confirm_within,
             }),

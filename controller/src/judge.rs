@@ -13,15 +13,14 @@
 //!
 //! [`Judge`] folds snapshots through that pipeline one at a time (the state it keeps: the
 //! ledger, the mixture parameters fixed at first use, breach streaks); [`replay`] is the same
-//! over a slice. [`config`] holds [`GuardrailConfig`]; [`assess`] plugs the judge into the
-//! daemon; [`command`] is `sluice judge`. Methods and references: `docs/statistics.md`.
+//! over a slice. [`config`] holds [`GuardrailConfig`]. The judge knows nothing of the daemon
+//! or the command line: `crate::assess` plugs it into the daemon, `crate::cli::judge` is
+//! `sluice judge`. Methods and references: `docs/statistics.md`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub mod assess;
-pub mod command;
 pub mod config;
 pub mod guardrail;
 pub mod ledger;

@@ -1,8 +1,8 @@
 //! Sluice controller library: sources read the filter's counters, [`snapshot`] models them,
 //! the [`judge`] decides, [`rollout`] and [`daemon`] walk the ramp, sinks push weights;
 //! [`simulate`] and [`plan`] back the judge's promises with numbers.
-pub mod admin;
 pub mod api;
+pub mod assess;
 pub mod cli;
 pub mod daemon;
 pub mod durable;

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_controller::assess::Assessor;
 use sluice_controller::cli::{self, RunOptions, DEFAULT_LISTEN};
-use sluice_controller::judge::assess::Assessor;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sluice_controller::rollout::{Command as Operator, Phase};
-use sluice_controller::{judge, plan, simulate};
+use sluice_controller::{plan, simulate};
 
 #[derive(Parser)]
 #[command(
@@ -97,7 +97,7 @@ enum Command {
         file: PathBuf,
     },
     /// Replay counter snapshots (JSON lines) through the judge and print every evaluation.
-    Judge(judge::command::JudgeArgs),
+    Judge(cli::judge::JudgeArgs),
     /// Run synthetic rollouts through the judge: false-rollback rate, power, time to detect.
     Simulate(simulate::SimulateArgs),
     /// Samples and bake time each stage needs for the judge's sequential tests.
@@ -190,7 +190,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 allowed_hosts,
                 serve_wasm,
             };
-            let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c)?)))?;
+            let finals = runtime()?.block_on(cli::run(opts, |c| Ok(Assessor::from_spec(c))))?;
             let stopped: Vec<String> = finals
                 .iter()
                 .filter_map(|s| Some(format!("{}: {}", s.name, s.error.as_ref()?)))
@@ -231,7 +231,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             )?;
         }
         Command::Judge(args) => {
-            judge::command::run(&args, &mut stdout.lock())?;
+            cli::judge::run(&args, &mut stdout.lock())?;
         }
         Command::Simulate(args) => simulate::run(&args, &mut stdout.lock())?,
         Command::Plan(args) => plan::run(&args, &mut stdout.lock())?,

@@ -5,8 +5,6 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::spec::Checked;
-
 /// Bytes of a generated secret (hex-encoded into twice as many characters).
 const GENERATED_BYTES: usize = 32;
 
@@ -56,21 +54,10 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-impl Checked {
-    /// Without `spec.secretFile`: the secret kept in `<state_dir>/<name>.secret`, generated
-    /// on the first run. With it: nothing to do (the file was read at load).
-    pub fn use_state_secret(&mut self, state_dir: &Path) -> Result<(), String> {
-        if self.secret.is_none() {
-            self.secret = Some(read_or_generate(&state_path(state_dir, self.name()))?);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Rollout, SECRET_PLACEHOLDER};
+    use crate::spec::{Checked, Rollout, SECRET_PLACEHOLDER};
 
     fn spec(extra: &str) -> String {
         format!(

@@ -63,7 +63,7 @@ pub enum SinkError {
         cluster: String,
     },
     #[error(transparent)]
-    Admin(#[from] crate::admin::AdminError),
+    Admin(#[from] crate::source::admin::AdminError),
     #[error(transparent)]
     Istio(#[from] istio::IstioError),
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub mod admin;
 pub mod envoy_admin;
 pub mod exposition;
 pub mod prometheus;
@@ -147,10 +148,7 @@ impl OriginScrape {
     pub fn from_samples(origin: &str, samples: Vec<Sample>) -> OriginScrape {
         OriginScrape {
             origin: Arc::from(origin),
-            ids: samples
-                .iter()
-                .map(|s| series::intern(SeriesKey::of(s)))
-                .collect(),
+            ids: samples.iter().map(|s| series::intern(s.key())).collect(),
             values: Arc::new(samples.iter().map(|s| s.value).collect()),
             identity: None,
             unknown: 0,

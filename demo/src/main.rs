@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use sluice_controller::assess::Assessor;
 use sluice_controller::cli::{self, RunOptions};
-use sluice_controller::judge::assess::Assessor;
 use sluice_controller::duration::parse_duration;
 use sluice_demo::models::{ModelServer, Role};
 use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
@@ -265,7 +265,7 @@ async fn run_rollout(
         .spawn(move || {
             let result = runtime.block_on(async move {
                 tokio::select! {
-                    r = cli::run(opts, |c| Ok(Assessor::from_spec(c)?)) => Some(r),
+                    r = cli::run(opts, |c| Ok(Assessor::from_spec(c))) => Some(r),
                     _ = stop_rx => None,
                 }
             });

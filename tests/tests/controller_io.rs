@@ -7,9 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use sluice_controller::admin::Admin;
 use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
 use sluice_controller::sink::{Sink, SinkError};
+use sluice_controller::source::admin::Admin;
 use sluice_controller::source::envoy_admin::EnvoyAdmin;
 use sluice_controller::source::exposition::{AnyReader, Format};
 use sluice_controller::source::{series, Accumulator, Source};

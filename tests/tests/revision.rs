@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_controller::admin::Admin as ControllerAdmin;
 use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
 use sluice_controller::sink::Sink;
+use sluice_controller::source::admin::Admin as ControllerAdmin;
 use sluice_controller::source::envoy_admin::EnvoyAdmin;
 use sluice_controller::source::prometheus::Prometheus as PrometheusSource;
 use sluice_controller::source::revision::Revisions;

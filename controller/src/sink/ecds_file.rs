@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sluice_filter::config::FilterConfig;
 
 use super::{Receipt, Sink, SinkError};
-use crate::admin::{regex_escape, Admin};
+use crate::source::admin::{regex_escape, Admin};
 
 /// How Envoy loads the filter's code; rendered into every pushed configuration (both ECDS
 /// sinks). Exactly one of `filename` and `remote`.

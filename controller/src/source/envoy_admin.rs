@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::exposition::{self, Format};
 use super::series::{self, Admission, ExperimentId, SeriesId, SeriesKey, Slot, SlotTables, Slots};
 use super::{Identity, Limits, OriginScrape, Source, SourceError};
-use crate::admin::{encode, regex_escape};
+use crate::source::admin::{encode, regex_escape};
 
 mod conn;
 

@@ -185,6 +185,35 @@ impl Sample {
     pub fn label(&self, name: &str) -> Option<&str> {
         self.labels.get(name).map(String::as_str)
     }
+
+    /// The identity of this sample's series (origin labels dropped).
+    pub fn key(&self) -> series::SeriesKey {
+        series::SeriesKey::new(
+            self.name.clone(),
+            self.labels.iter().map(|(k, v)| (k.clone(), v.clone())),
+        )
+    }
+}
+
+/// The slot of series text `text` (`name` or `name{labels}`, exactly as written before the
+/// value). Text seen before is a hash lookup; new text is parsed (an error says what is
+/// wrong with it) and interned.
+pub fn slot(text: &str) -> Result<Slot, String> {
+    match admitted_slot(text, &series::admit_all)? {
+        Ok(slot) => Ok(slot),
+        Err(_) => Err("not admitted".into()),
+    }
+}
+
+/// [`slot`] for text that `admit` accepts; `Ok(Err(why))` when it does not (the text is
+/// then not interned).
+pub fn admitted_slot(
+    text: &str,
+    admit: series::Admit<'_>,
+) -> Result<Result<Slot, series::Admission>, String> {
+    series::slot_of(text.as_bytes(), 0, admit, || {
+        parse_series(text).map(|s| s.key())
+    })
 }
 
 /// A malformed exposition: where (`line 3`, `metric family 2 (name)`) and what is wrong.
@@ -350,7 +379,7 @@ impl<'a> Reader<'a> {
         if !known {
             let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
             let end = series_end(line).map_err(at)?;
-            match series::admitted_slot(&line[..end], self.admit).map_err(at)? {
+            match admitted_slot(&line[..end], self.admit).map_err(at)? {
                 Ok(slot) => self.slots.put(self.n, slot),
                 Err(why) => {
                     // Not kept: still a sample, so its value must be one.

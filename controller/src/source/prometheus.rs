@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use super::{series, Identity, Limits, OriginScrape, Sample, SeriesKey, Source, SourceError};
+use super::{series, Identity, Limits, OriginScrape, Sample, Source, SourceError};
 
 /// What Prometheus holds of one instance's identity: uptime, hot-restart epoch, and the
 /// uptime sample's own time (Unix seconds).
@@ -89,7 +89,7 @@ impl Prometheus {
             .http
             .post(&url)
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("query={}", crate::admin::encode(q)))
+            .body(format!("query={}", crate::source::admin::encode(q)))
             .send()
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -254,7 +254,7 @@ impl Source for Prometheus {
         for (origin, samples) in by_origin {
             let ids = samples
                 .iter()
-                .map(|s| series::try_intern(SeriesKey::of(s)))
+                .map(|s| series::try_intern(s.key()))
                 .collect::<Result<Arc<[_]>, _>>()
                 .map_err(|reason| SourceError::Invalid {
                     origin: self.base.clone(),

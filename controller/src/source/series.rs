@@ -13,8 +13,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
-use super::exposition;
-
 /// A series' number in this process.
 pub type SeriesId = u32;
 
@@ -85,14 +83,6 @@ impl SeriesKey {
         SeriesKey { name, labels }
     }
 
-    /// The identity of a parsed sample.
-    pub fn of(sample: &exposition::Sample) -> SeriesKey {
-        SeriesKey::new(
-            sample.name.clone(),
-            sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())),
-        )
-    }
-
     pub fn label(&self, name: &str) -> Option<&str> {
         self.labels
             .iter()
@@ -104,7 +94,7 @@ impl SeriesKey {
 /// A series as one exposition wrote it, its id and experiment. `text` is what identifies the
 /// series in that exposition's format: in the text format the bytes before the value, in the
 /// protobuf format the family name and the metric's encoded labels (see
-/// [`exposition::protobuf`]). Sources keep the slots of an endpoint's last scrape in order and
+/// [`super::exposition::protobuf`]). Sources keep the slots of an endpoint's last scrape in order and
 /// compare each new sample with the slot at the same position first, which is all the work an
 /// unchanged sample needs. `group` numbers the first `group_len` bytes of `text` (see
 /// [`GroupId`]): once one sample of a metric matched its slot, the metric's next samples only
@@ -286,24 +276,6 @@ pub fn try_intern(key: SeriesKey) -> Result<SeriesId, String> {
     Ok(table.key(key))
 }
 
-/// The slot of series text `text` (`name` or `name{labels}`, exactly as written before the
-/// value). Text seen before is a hash lookup; new text is parsed (an error says what is
-/// wrong with it) and interned.
-pub fn slot(text: &str) -> Result<Slot, String> {
-    match admitted_slot(text, &admit_all)? {
-        Ok(slot) => Ok(slot),
-        Err(_) => Err("not admitted".into()),
-    }
-}
-
-/// [`slot`] for text that `admit` accepts; `Ok(Err(why))` when it does not (the text is
-/// then not interned).
-pub fn admitted_slot(text: &str, admit: Admit<'_>) -> Result<Result<Slot, Admission>, String> {
-    slot_of(text.as_bytes(), 0, admit, || {
-        exposition::parse_series(text).map(|s| SeriesKey::of(&s))
-    })
-}
-
 /// The slot of a series written as `text` in some exposition format, whose first
 /// `group_len` bytes it shares with other series (0: none); `key` says which series that is,
 /// and is only called for text never seen before, which is interned only if `admit` keeps
@@ -366,6 +338,7 @@ pub fn key(id: SeriesId) -> Option<Arc<SeriesKey>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::exposition::slot;
 
     #[test]
     fn the_same_series_written_differently_is_one_id() {

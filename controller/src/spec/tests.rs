@@ -154,6 +154,27 @@ fn guardrail_errors_are_reported_with_their_field_path() {
 }
 
 #[test]
+fn guardrails_are_read_once_into_the_judge_config() {
+    let with = GOOD.replace(
+        "  sources:",
+        "  guardrails: {consecutive: 5, errorRate: {ceiling: 0.02}}\n  sources:",
+    );
+    let c = Rollout::parse(&with).unwrap_or_else(|e| unreachable!("{e}"));
+    let g = &c.rollout.spec.guardrails;
+    assert_eq!(g.consecutive, 5);
+    assert_eq!(g.error_rate.ceiling, Some(0.02));
+    // Fields not written keep the judge's defaults; absent and `null` mean all defaults.
+    assert_eq!(g.alpha, GuardrailConfig::default().alpha);
+    for text in [
+        GOOD.to_string(),
+        GOOD.replace("  sources:", "  guardrails: null\n  sources:"),
+    ] {
+        let c = Rollout::parse(&text).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.rollout.spec.guardrails, GuardrailConfig::default());
+    }
+}
+
+#[test]
 fn the_documented_example_is_a_valid_spec() {
     let doc = include_str!("../../../docs/rollout.md");
     let start = doc

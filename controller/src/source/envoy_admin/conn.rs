@@ -7,7 +7,7 @@
 //! parser hyper uses); the body — by `Content-Length`, chunked, or up to the close — is
 //! handed to the caller as slices of one fixed read buffer per connection, so an answer
 //! costs no allocation, no copy and no task or channel hand-off (docs/benchmarks.md,
-//! "Controller cost"). Other admin calls keep using [`crate::admin`].
+//! "Controller cost"). Other admin calls keep using [`crate::source::admin`].
 //!
 //! A connection is reused only when the last answer was read to its end and nothing
 //! followed it; one the Envoy closed while idle is noticed when the next request gets no

@@ -38,8 +38,8 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
+use sluice_controller::assess::Assessor;
 use sluice_controller::daemon::{AnySource, SystemClock, Task};
-use sluice_controller::judge::assess::Assessor;
 use sluice_controller::notify::Notifier;
 use sluice_controller::sink::{Receipt, Sink, SinkError};
 use sluice_controller::source::envoy_admin::AdminHub;
@@ -883,7 +883,7 @@ async fn drive(args: RunArgs) -> Result<RunReport> {
                 walls: walls.clone(),
             },
             sinks: vec![ConfirmingSink],
-            judge: Assessor::from_spec(&checked)?,
+            judge: Assessor::from_spec(&checked),
             store,
             notifier: Notifier::new(&[]),
             clock: SystemClock,
@@ -1024,7 +1024,7 @@ mod tests {
     /// would serve every experiment and the benchmark would measure the wrong work.
     #[test]
     fn the_admin_sources_filter_is_understood() {
-        let query = sluice_controller::admin::Admin::exposition_query(&["r0", "ranker-v2"]);
+        let query = sluice_controller::source::admin::Admin::exposition_query(&["r0", "ranker-v2"]);
         let Some((_, query)) = query.split_once('?') else {
             unreachable!("{query} has a query string")
         };

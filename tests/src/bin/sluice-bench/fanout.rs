@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use sluice_controller::admin::Admin;
 use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
 use sluice_controller::sink::ecds_grpc::{EcdsGrpc, Servers};
 use sluice_controller::sink::Sink;
+use sluice_controller::source::admin::Admin;
 use sluice_filter::config::FilterConfig;
 use sluice_tests::xds::{accept_decodable, channel, Identity, XdsClient};
 use sluice_tests::{filter_wasm, free_port, Envoy, EnvoyConfig};

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::config::{ConfigError, GuardrailConfig};
-use super::{Decision, Evaluation, Judge};
 use crate::daemon::{Assess, Assessment, Context};
+use crate::judge::config::GuardrailConfig;
+use crate::judge::{Decision, Evaluation, Judge};
 use crate::rollout::Judgement;
 use crate::snapshot::Snapshot;
 use crate::source::Reading;
@@ -19,12 +19,13 @@ pub struct Assessor {
 }
 
 impl Assessor {
-    /// The judge of a rollout spec: `spec.guardrails`, with the schedule's warm-up.
-    pub fn from_spec(checked: &Checked) -> Result<Assessor, ConfigError> {
+    /// The judge of a rollout spec: `spec.guardrails` (checked when the spec was), with the
+    /// schedule's warm-up.
+    pub fn from_spec(checked: &Checked) -> Assessor {
         let spec = &checked.rollout.spec;
-        let mut config = GuardrailConfig::from_value(spec.guardrails.clone(), "spec.guardrails")?;
+        let mut config = spec.guardrails.clone();
         config.warmup = spec.schedule.warmup.as_secs_f64();
-        Ok(Assessor::new(config))
+        Assessor::new(config)
     }
 
     pub fn new(config: GuardrailConfig) -> Assessor {

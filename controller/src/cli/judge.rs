@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::config::{ConfigError, GuardrailConfig};
-use super::{Evaluation, Judge, Label};
+use crate::judge::config::{ConfigError, GuardrailConfig};
+use crate::judge::{Evaluation, Judge, Label};
 use crate::snapshot::{self, SnapshotError};
 
 /// Arguments of `sluice judge`.
