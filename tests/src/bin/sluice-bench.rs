@@ -8,6 +8,8 @@
 //!   at a fixed request rate and records Envoy's CPU per request (schedstat, and utime+stime
 //!   from `/proc/<pid>/stat`) and latency percentiles. Prints the medians and their ratios to
 //!   case (a) as a Markdown table.
+//! - `sluice-bench instructions`: instructions per request of each case, Envoy under valgrind's
+//!   callgrind, with where they ran (see [`instructions`]).
 //! - `sluice-bench load`: the load generator alone, against any URL.
 //! - `sluice-bench shadow`: the cost of shadowing every request, Sluice's shadow against Envoy's
 //!   native mirroring, and the primary's latency with a slow shadow (see [`shadow`]).
@@ -48,6 +50,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod controller;
 #[path = "sluice-bench/fanout.rs"]
 mod fanout;
+#[path = "sluice-bench/instructions.rs"]
+mod instructions;
 #[path = "sluice-bench/promproto.rs"]
 mod promproto;
 #[path = "sluice-bench/shadow.rs"]
@@ -72,6 +76,9 @@ enum Cmd {
     /// Shadow every request: Sluice's shadow against Envoy's native mirroring (CPU, saturation
     /// throughput) and the primary's latency with a 10x slower shadow.
     Shadow(shadow::ShadowArgs),
+    /// Instructions per request of each filter case, counted by valgrind's callgrind in the
+    /// measured Envoy (repeatable where CPU seconds are not), with where they ran.
+    Instructions(instructions::InstructionsArgs),
     /// Controller cost: CPU per tick and peak RSS with many simulated Envoys and rollouts.
     Controller(controller::ControllerArgs),
     /// Push fan-out: decision → every proxy ACKed, for the ECDS file sink on one Envoy and the
@@ -174,6 +181,7 @@ fn main() -> Result<()> {
         Cmd::Burst(args) => current_thread()?.block_on(burst(args)),
         Cmd::Shadow(args) => current_thread()?.block_on(shadow::run(args)),
         Cmd::Controller(args) => current_thread()?.block_on(controller::run(args)),
+        Cmd::Instructions(args) => current_thread()?.block_on(instructions::run(args)),
         // These build their own (multi-threaded) runtimes.
         Cmd::Fanout(args) => fanout::run(args),
         Cmd::XdsClients(args) => fanout::clients(args),
