@@ -556,13 +556,18 @@ mod tests {
         assert_eq!(by_name(&s, "aa").trips_per_hour, Some(0.0));
         // 2× (1 %) is below both ceilings: never trips.
         assert_eq!(by_name(&s, "2x").detected, Some(0.0));
-        // 20× (10 %) trips in every run; every request failing trips fast: 50 canary
-        // requests at 30 req/s take about 1.7 s, the rule then needs nothing more.
-        assert_eq!(by_name(&s, "20x").detected, Some(1.0));
+        // 20× (10 %) is twice the ceiling: most runs trip within 30 s (98 % within 60 s in
+        // the documented 200-run simulation, 80 % within 30 s here).
+        let moderate = by_name(&s, "20x").detected.unwrap_or(0.0);
+        assert!(moderate >= 0.5, "{moderate}");
+        // Every request failing: the healthy requests of the window's last buckets make up
+        // `min_requests`, so it trips after some 15 failures (0.5 s at 30 req/s), never
+        // waiting for 50 failed requests (1.7 s).
         let hard = by_name(&s, "rate_1");
         assert_eq!(hard.detected, Some(1.0));
         let median = hard.seconds_median.unwrap_or(f64::MAX);
-        assert!((1.0..3.0).contains(&median), "{median}");
+        assert!(median < 1.0, "{median}");
+        assert!(hard.seconds_max.unwrap_or(f64::MAX) < 1.7, "{hard:?}");
     }
 
     #[test]
