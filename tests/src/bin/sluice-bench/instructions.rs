@@ -61,6 +61,10 @@ pub struct InstructionsArgs {
     /// Keep callgrind's files (one directory per case) here instead of a temporary directory.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// Also print, per case, the call tree below each call between generated code and Envoy
+    /// (the host calls and the VM's entry points, by address: identify them by their counts).
+    #[arg(long)]
+    tree: bool,
     /// Seconds to wait for an Envoy under valgrind to become ready.
     #[arg(long, default_value_t = 600)]
     ready_timeout: u64,
@@ -178,7 +182,13 @@ struct Dump {
     out_of_generated: (u64, u64),
     /// Calls from Envoy's code into generated code: count, inclusive instructions.
     into_generated: (u64, u64),
+    /// Every call edge, caller function → callee function (callgrind's names: addresses inside
+    /// the stripped binary): count, inclusive instructions. Kept only for `--tree`.
+    edges: HashMap<(Callee, Callee), (u64, u64)>,
 }
+
+/// A function as callgrind names it, with the region it is in.
+type Callee = (Region, String);
 
 impl Dump {
     fn total(&self) -> u64 {
@@ -193,6 +203,11 @@ impl Dump {
         self.out_of_generated.1 += other.out_of_generated.1;
         self.into_generated.0 += other.into_generated.0;
         self.into_generated.1 += other.into_generated.1;
+        for (k, (n, c)) in &other.edges {
+            let e = self.edges.entry(k.clone()).or_default();
+            e.0 += n;
+            e.1 += c;
+        }
     }
 }
 
@@ -253,7 +268,7 @@ impl Layout {
 }
 
 /// Parses one callgrind output file (format version 1, event `Ir` only, as this driver asks).
-fn parse(text: &str, layout: &Layout) -> Result<(Option<u32>, Dump)> {
+fn parse(text: &str, layout: &Layout, edges: bool) -> Result<(Option<u32>, Dump)> {
     // Callgrind compresses repeated names to `(id)`; objects and functions have a table each,
     // shared by the caller (`ob`, `fn`) and callee (`cob`, `cfn`) forms.
     let mut objects: HashMap<String, String> = HashMap::new();
@@ -293,6 +308,14 @@ fn parse(text: &str, layout: &Layout) -> Result<(Option<u32>, Dump)> {
             if let Some(count) = pending_call.take() {
                 let callee_ob = cob.take().unwrap_or_else(|| ob.clone());
                 let callee = layout.region(&callee_ob, &cfn);
+                if edges {
+                    let e = dump
+                        .edges
+                        .entry(((region, func.clone()), (callee, cfn.clone())))
+                        .or_default();
+                    e.0 += count;
+                    e.1 += cost;
+                }
                 match (region, callee) {
                     (Region::Generated, Region::Envoy) => {
                         dump.out_of_generated.0 += count;
@@ -349,6 +372,7 @@ fn read_new_dumps(
     dir: &Path,
     seen: &mut HashSet<PathBuf>,
     layout: &Layout,
+    edges: bool,
 ) -> Result<BTreeMap<u32, Dump>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -363,7 +387,7 @@ fn read_new_dumps(
         seen.insert(path.clone());
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let (thread, dump) = parse(&text, layout)?;
+        let (thread, dump) = parse(&text, layout, edges)?;
         out.entry(thread.unwrap_or(0))
             .or_insert_with(Dump::default)
             .add(&dump);
@@ -395,11 +419,12 @@ fn dump(
     dir: &Path,
     seen: &mut HashSet<PathBuf>,
     layout: &Layout,
+    edges: bool,
 ) -> Result<BTreeMap<u32, Dump>> {
     callgrind_control(&[&format!("--dump={reason}")], pid)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let dumps = read_new_dumps(dir, seen, layout)?;
+        let dumps = read_new_dumps(dir, seen, layout, edges)?;
         if !dumps.is_empty() {
             return Ok(dumps);
         }
@@ -580,18 +605,18 @@ async fn measure(
     );
     let mut seen = HashSet::new();
     // Whatever was dumped so far (nothing, normally) is not part of any repetition.
-    read_new_dumps(dir, &mut seen, &layout)?;
+    read_new_dumps(dir, &mut seen, &layout, false)?;
     let mut repetitions = Vec::new();
     for r in 0..args.repeats {
         callgrind_control(&["--zero"], pid)?;
         let t0 = Instant::now();
         let run = load(args.requests, format!("{}-r{r}", spec.name)).await?;
         let loaded_for = t0.elapsed();
-        let load_dumps = dump(pid, &format!("load{r}"), dir, &mut seen, &layout)?;
+        let load_dumps = dump(pid, &format!("load{r}"), dir, &mut seen, &layout, args.tree)?;
         callgrind_control(&["--zero"], pid)?;
         let t1 = Instant::now();
         tokio::time::sleep(loaded_for).await;
-        let idle_dumps = dump(pid, &format!("idle{r}"), dir, &mut seen, &layout)?;
+        let idle_dumps = dump(pid, &format!("idle{r}"), dir, &mut seen, &layout, false)?;
         let idle_for = t1.elapsed();
         let rep = Repetition {
             requests: run.ok,
@@ -726,5 +751,108 @@ fn print_report(cases: &[Counted], args: &InstructionsArgs) {
         }
         let _ = writeln!(out, "{row}");
     }
+    if args.tree {
+        for c in cases {
+            if let Some(r) = c.repetitions.last() {
+                let _ = writeln!(
+                    out,
+                    "\nCall tree of {} (last repetition, per request):\n",
+                    c.label
+                );
+                print_tree(&mut out, r);
+            }
+        }
+    }
     println!("{out}");
+}
+
+/// The calls crossing between generated code and Envoy, and below each, three levels of callees
+/// (calls per request, inclusive instructions per call). Callgrind keeps caller → callee edges,
+/// not paths: below the first level a function's callees are those of all its callers.
+fn print_tree(out: &mut String, r: &Repetition) {
+    let mut edges: HashMap<&(Callee, Callee), (u64, u64)> = HashMap::new();
+    for d in r.load.values() {
+        for (k, (n, c)) in &d.edges {
+            let e = edges.entry(k).or_default();
+            e.0 += n;
+            e.1 += c;
+        }
+    }
+    let per = r.requests.max(1) as f64;
+    let crossing = |from: Region, to: Region| {
+        let mut v: Vec<(&Callee, u64, u64)> = Vec::new();
+        for ((caller, callee), (n, c)) in &edges {
+            if caller.0 == from && callee.0 == to {
+                match v.iter_mut().find(|(k, _, _)| *k == callee) {
+                    Some(e) => {
+                        e.1 += n;
+                        e.2 += c;
+                    }
+                    None => v.push((callee, *n, *c)),
+                }
+            }
+        }
+        v.sort_by_key(|e| std::cmp::Reverse(e.2));
+        v
+    };
+    fn below(
+        out: &mut String,
+        edges: &HashMap<&(Callee, Callee), (u64, u64)>,
+        f: &Callee,
+        depth: usize,
+        per: f64,
+    ) {
+        if depth == 0 {
+            return;
+        }
+        let mut kids: Vec<(&Callee, u64, u64)> = edges
+            .iter()
+            .filter(|((caller, _), _)| caller == f)
+            .map(|((_, callee), (n, c))| (callee, *n, *c))
+            .collect();
+        kids.sort_by_key(|e| std::cmp::Reverse(e.2));
+        for (callee, n, c) in kids.into_iter().take(8) {
+            if (c as f64 / per) < 100.0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{:indent$}- {} [{:?}] {:.2}/request, {:.0} per call",
+                "",
+                callee.1,
+                callee.0,
+                n as f64 / per,
+                c as f64 / n.max(1) as f64,
+                indent = 2 * (4 - depth)
+            );
+            below(out, edges, callee, depth - 1, per);
+        }
+    }
+    for (title, from, to) in [
+        (
+            "generated code → Envoy (host calls)",
+            Region::Generated,
+            Region::Envoy,
+        ),
+        (
+            "Envoy → generated code (entries into the VM)",
+            Region::Envoy,
+            Region::Generated,
+        ),
+    ] {
+        let _ = writeln!(out, "{title}:");
+        for (callee, n, c) in crossing(from, to).into_iter().take(12) {
+            let _ = writeln!(
+                out,
+                "- {} {:.2}/request, {:.0} per call, {:.0} per request",
+                callee.1,
+                n as f64 / per,
+                c as f64 / n.max(1) as f64,
+                c as f64 / per
+            );
+            if from == Region::Generated {
+                below(out, &edges, callee, 3, per);
+            }
+        }
+    }
 }
