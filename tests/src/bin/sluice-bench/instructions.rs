@@ -855,3 +855,106 @@ fn print_tree(out: &mut String, r: &Repetition) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            envoy_path: "/opt/envoy".into(),
+            ranges: vec![(0x1000, 0x2000)],
+        }
+    }
+
+    // A dump shaped like callgrind's: compressed names, a call into generated code, a call out
+    // of it back into Envoy, and a call without `cob=` right after one with it.
+    const DUMP: &str = "# callgrind format
+version: 1
+thread: 3
+positions: line
+events: Ir
+summary: 960
+
+ob=(1) /opt/envoy
+fl=(1) ???
+fn=(1) 0x0000000000001000
+0 100
+cob=(2) ???
+cfi=(1)
+cfn=(2) 0x0000000000900000
+calls=2 0
+0 5000
+fn=(3) 0x0000000000001100
+0 50
+cfn=(4) 0x0000000000001200
+calls=1 0
+0 30
+
+ob=(2)
+fl=(1)
+fn=(2)
+0 700
+cob=(1)
+cfn=(3)
+calls=3 0
+0 150
+cfn=(5) 0x0000000000900100
+calls=4 0
+0 80
+fn=(6) 0x0000000000001800
+0 40
+
+ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6
+fl=(2) memcpy.S
+fn=(7) memcpy
+0 20
+";
+
+    #[test]
+    fn regions_of_self_cost() {
+        let (thread, dump) = parse(DUMP, &layout(), true).unwrap();
+        assert_eq!(thread, Some(3));
+        assert_eq!(dump.by_region.get(&Region::Envoy), Some(&150));
+        assert_eq!(dump.by_region.get(&Region::Generated), Some(&700));
+        // `???` inside the binary's mapping: tcmalloc's section.
+        assert_eq!(dump.by_region.get(&Region::Tcmalloc), Some(&40));
+        assert_eq!(dump.by_region.get(&Region::Libc), Some(&20));
+        // Inclusive costs of calls are not self costs.
+        assert_eq!(dump.total(), 910);
+    }
+
+    #[test]
+    fn crossings_and_callee_object_per_call() {
+        let (_, dump) = parse(DUMP, &layout(), true).unwrap();
+        assert_eq!(dump.into_generated, (2, 5000));
+        // The call to 0x900100 has no `cob=`: its object is the caller's (generated), not the
+        // previous call's (Envoy), so it is not a host call.
+        assert_eq!(dump.out_of_generated, (3, 150));
+        let own = dump.edges.get(&(
+            (Region::Generated, "0x0000000000900000".into()),
+            (Region::Generated, "0x0000000000900100".into()),
+        ));
+        assert_eq!(own, Some(&(4, 80)));
+    }
+
+    #[test]
+    fn idle_is_subtracted_scaled_to_the_loaded_run() {
+        let (_, d) = parse(DUMP, &layout(), false).unwrap();
+        let mut small = Dump::default();
+        small.by_region.insert(Region::Envoy, 91);
+        let rep = Repetition {
+            requests: 10,
+            load: BTreeMap::from([(1, d.clone()), (2, small.clone())]),
+            idle: BTreeMap::from([(1, small.clone())]),
+            scale: 2.0,
+            failed: 0,
+        };
+        assert!(d.edges.is_empty());
+        // (910 + 91 − 2 × 91) / 10
+        assert!((rep.per_request(|x| x.total() as f64, None) - 81.9).abs() < 1e-9);
+        assert_eq!(rep.worker(), Some(1));
+        // Thread 1 alone: (910 − 182) / 10.
+        assert!((rep.per_request(|x| x.total() as f64, Some(1)) - 72.8).abs() < 1e-9);
+    }
+}
