@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Instructions per request of each filter benchmark case: every case's Envoy runs under
 # valgrind's callgrind at a low fixed rate, counters zeroed after a warm-up and dumped after a
-# fixed number of requests, an idle dump of the same length subtracted, twice per case. Counts,
-# unlike CPU seconds on a shared machine, repeat to within a fraction of a per cent, so a change
-# to the filter can be judged in one run. Slow: valgrind runs Envoy some 50x slower (start-up
+# fixed number of requests, an idle dump of the same length subtracted, three times per case.
+# Counts, unlike CPU seconds on a shared machine, mostly repeat to within a fraction of a per
+# cent (a repetition now and then runs a few per cent more), so a change to the filter can be
+# judged in one run: compare the two builds in the same run (--wasm-b), by median and minimum. Slow: valgrind runs Envoy some 50x slower (start-up
 # alone takes a minute or two per case on a loaded 2-core machine).
 #
 #   scripts/bench-instructions.sh                                  # none,noop,lua,sluice,shadow-off,mirror,shadow

@@ -53,7 +53,7 @@ pub struct InstructionsArgs {
     #[arg(long, default_value_t = 400)]
     warmup: usize,
     /// Measured repetitions per case (each followed by an idle dump of the same length).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// A second build of the Sluice filter, counted as case `sluice-b` (add it to --cases).
     #[arg(long)]
@@ -61,6 +61,10 @@ pub struct InstructionsArgs {
     /// Keep callgrind's files (one directory per case) here instead of a temporary directory.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// Also print, per case, the call tree below each call between generated code and Envoy
+    /// (the host calls and the VM's entry points, by address: identify them by their counts).
+    #[arg(long)]
+    tree: bool,
     /// Seconds to wait for an Envoy under valgrind to become ready.
     #[arg(long, default_value_t = 600)]
     ready_timeout: u64,
@@ -178,7 +182,13 @@ struct Dump {
     out_of_generated: (u64, u64),
     /// Calls from Envoy's code into generated code: count, inclusive instructions.
     into_generated: (u64, u64),
+    /// Every call edge, caller function → callee function (callgrind's names: addresses inside
+    /// the stripped binary): count, inclusive instructions. Kept only for `--tree`.
+    edges: HashMap<(Callee, Callee), (u64, u64)>,
 }
+
+/// A function as callgrind names it, with the region it is in.
+type Callee = (Region, String);
 
 impl Dump {
     fn total(&self) -> u64 {
@@ -193,6 +203,11 @@ impl Dump {
         self.out_of_generated.1 += other.out_of_generated.1;
         self.into_generated.0 += other.into_generated.0;
         self.into_generated.1 += other.into_generated.1;
+        for (k, (n, c)) in &other.edges {
+            let e = self.edges.entry(k.clone()).or_default();
+            e.0 += n;
+            e.1 += c;
+        }
     }
 }
 
@@ -253,7 +268,7 @@ impl Layout {
 }
 
 /// Parses one callgrind output file (format version 1, event `Ir` only, as this driver asks).
-fn parse(text: &str, layout: &Layout) -> Result<(Option<u32>, Dump)> {
+fn parse(text: &str, layout: &Layout, edges: bool) -> Result<(Option<u32>, Dump)> {
     // Callgrind compresses repeated names to `(id)`; objects and functions have a table each,
     // shared by the caller (`ob`, `fn`) and callee (`cob`, `cfn`) forms.
     let mut objects: HashMap<String, String> = HashMap::new();
@@ -293,6 +308,14 @@ fn parse(text: &str, layout: &Layout) -> Result<(Option<u32>, Dump)> {
             if let Some(count) = pending_call.take() {
                 let callee_ob = cob.take().unwrap_or_else(|| ob.clone());
                 let callee = layout.region(&callee_ob, &cfn);
+                if edges {
+                    let e = dump
+                        .edges
+                        .entry(((region, func.clone()), (callee, cfn.clone())))
+                        .or_default();
+                    e.0 += count;
+                    e.1 += cost;
+                }
                 match (region, callee) {
                     (Region::Generated, Region::Envoy) => {
                         dump.out_of_generated.0 += count;
@@ -349,6 +372,7 @@ fn read_new_dumps(
     dir: &Path,
     seen: &mut HashSet<PathBuf>,
     layout: &Layout,
+    edges: bool,
 ) -> Result<BTreeMap<u32, Dump>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -363,7 +387,7 @@ fn read_new_dumps(
         seen.insert(path.clone());
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let (thread, dump) = parse(&text, layout)?;
+        let (thread, dump) = parse(&text, layout, edges)?;
         out.entry(thread.unwrap_or(0))
             .or_insert_with(Dump::default)
             .add(&dump);
@@ -395,11 +419,12 @@ fn dump(
     dir: &Path,
     seen: &mut HashSet<PathBuf>,
     layout: &Layout,
+    edges: bool,
 ) -> Result<BTreeMap<u32, Dump>> {
     callgrind_control(&[&format!("--dump={reason}")], pid)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let dumps = read_new_dumps(dir, seen, layout)?;
+        let dumps = read_new_dumps(dir, seen, layout, edges)?;
         if !dumps.is_empty() {
             return Ok(dumps);
         }
@@ -580,18 +605,18 @@ async fn measure(
     );
     let mut seen = HashSet::new();
     // Whatever was dumped so far (nothing, normally) is not part of any repetition.
-    read_new_dumps(dir, &mut seen, &layout)?;
+    read_new_dumps(dir, &mut seen, &layout, false)?;
     let mut repetitions = Vec::new();
     for r in 0..args.repeats {
         callgrind_control(&["--zero"], pid)?;
         let t0 = Instant::now();
         let run = load(args.requests, format!("{}-r{r}", spec.name)).await?;
         let loaded_for = t0.elapsed();
-        let load_dumps = dump(pid, &format!("load{r}"), dir, &mut seen, &layout)?;
+        let load_dumps = dump(pid, &format!("load{r}"), dir, &mut seen, &layout, args.tree)?;
         callgrind_control(&["--zero"], pid)?;
         let t1 = Instant::now();
         tokio::time::sleep(loaded_for).await;
-        let idle_dumps = dump(pid, &format!("idle{r}"), dir, &mut seen, &layout)?;
+        let idle_dumps = dump(pid, &format!("idle{r}"), dir, &mut seen, &layout, false)?;
         let idle_for = t1.elapsed();
         let rep = Repetition {
             requests: run.ok,
@@ -665,14 +690,14 @@ fn print_report(cases: &[Counted], args: &InstructionsArgs) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nInstructions per request (callgrind Ir, all threads, idle subtracted), {} repetitions × {} requests at {} req/s after {} warm-up requests; median of repetitions, [min–max]:\n",
+        "\nInstructions per request (callgrind Ir, all threads, idle subtracted), {} repetitions × {} requests at {} req/s after {} warm-up requests; median and minimum of repetitions, and their spread ((max − min) / median). Noise here only adds work (a timer, a collection, the allocator returning memory), so compare builds by the minimum as well:\n",
         args.repeats, args.requests, args.rate, args.warmup
     );
     let _ = writeln!(
         out,
-        "| case | instructions/request | spread | vs (a) | over (b) | worker thread | failed |"
+        "| case | instructions/request | minimum | spread | vs (a) | over (b) | worker thread | failed |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in cases {
         let t = per(c, &total);
         let m = median(t.clone());
@@ -680,11 +705,10 @@ fn print_report(cases: &[Counted], args: &InstructionsArgs) {
         let hi = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0}–{:.0} ({:.1} %) | {} | {} | {:.0} | {} |",
+            "| {} | {:.0} | {:.0} | {:.1} % | {} | {} | {:.0} | {} |",
             c.label,
             m,
             lo,
-            hi,
             100.0 * (hi - lo) / m.abs().max(1.0),
             baseline.map_or("-".into(), |b| format!("{:.3}x", m / b)),
             floor.map_or("-".into(), |f| format!("{:+.0}", m - f)),
@@ -726,5 +750,211 @@ fn print_report(cases: &[Counted], args: &InstructionsArgs) {
         }
         let _ = writeln!(out, "{row}");
     }
+    if args.tree {
+        for c in cases {
+            if let Some(r) = c.repetitions.last() {
+                let _ = writeln!(
+                    out,
+                    "\nCall tree of {} (last repetition, per request):\n",
+                    c.label
+                );
+                print_tree(&mut out, r);
+            }
+        }
+    }
     println!("{out}");
+}
+
+/// The calls crossing between generated code and Envoy, and below each, three levels of callees
+/// (calls per request, inclusive instructions per call). Callgrind keeps caller → callee edges,
+/// not paths: below the first level a function's callees are those of all its callers.
+fn print_tree(out: &mut String, r: &Repetition) {
+    let mut edges: HashMap<&(Callee, Callee), (u64, u64)> = HashMap::new();
+    for d in r.load.values() {
+        for (k, (n, c)) in &d.edges {
+            let e = edges.entry(k).or_default();
+            e.0 += n;
+            e.1 += c;
+        }
+    }
+    let per = r.requests.max(1) as f64;
+    let crossing = |from: Region, to: Region| {
+        let mut v: Vec<(&Callee, u64, u64)> = Vec::new();
+        for ((caller, callee), (n, c)) in &edges {
+            if caller.0 == from && callee.0 == to {
+                match v.iter_mut().find(|(k, _, _)| *k == callee) {
+                    Some(e) => {
+                        e.1 += n;
+                        e.2 += c;
+                    }
+                    None => v.push((callee, *n, *c)),
+                }
+            }
+        }
+        v.sort_by_key(|e| std::cmp::Reverse(e.2));
+        v
+    };
+    fn below(
+        out: &mut String,
+        edges: &HashMap<&(Callee, Callee), (u64, u64)>,
+        f: &Callee,
+        depth: usize,
+        per: f64,
+    ) {
+        if depth == 0 {
+            return;
+        }
+        let mut kids: Vec<(&Callee, u64, u64)> = edges
+            .iter()
+            .filter(|((caller, _), _)| caller == f)
+            .map(|((_, callee), (n, c))| (callee, *n, *c))
+            .collect();
+        kids.sort_by_key(|e| std::cmp::Reverse(e.2));
+        for (callee, n, c) in kids.into_iter().take(8) {
+            if (c as f64 / per) < 100.0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{:indent$}- {} [{:?}] {:.2}/request, {:.0} per call",
+                "",
+                callee.1,
+                callee.0,
+                n as f64 / per,
+                c as f64 / n.max(1) as f64,
+                indent = 2 * (4 - depth)
+            );
+            below(out, edges, callee, depth - 1, per);
+        }
+    }
+    for (title, from, to) in [
+        (
+            "generated code → Envoy (host calls)",
+            Region::Generated,
+            Region::Envoy,
+        ),
+        (
+            "Envoy → generated code (entries into the VM)",
+            Region::Envoy,
+            Region::Generated,
+        ),
+    ] {
+        let _ = writeln!(out, "{title}:");
+        for (callee, n, c) in crossing(from, to).into_iter().take(12) {
+            let _ = writeln!(
+                out,
+                "- {} {:.2}/request, {:.0} per call, {:.0} per request",
+                callee.1,
+                n as f64 / per,
+                c as f64 / n.max(1) as f64,
+                c as f64 / per
+            );
+            if from == Region::Generated {
+                below(out, &edges, callee, 3, per);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            envoy_path: "/opt/envoy".into(),
+            ranges: vec![(0x1000, 0x2000)],
+        }
+    }
+
+    // A dump shaped like callgrind's: compressed names, a call into generated code, a call out
+    // of it back into Envoy, and a call without `cob=` right after one with it.
+    const DUMP: &str = "# callgrind format
+version: 1
+thread: 3
+positions: line
+events: Ir
+summary: 960
+
+ob=(1) /opt/envoy
+fl=(1) ???
+fn=(1) 0x0000000000001000
+0 100
+cob=(2) ???
+cfi=(1)
+cfn=(2) 0x0000000000900000
+calls=2 0
+0 5000
+fn=(3) 0x0000000000001100
+0 50
+cfn=(4) 0x0000000000001200
+calls=1 0
+0 30
+
+ob=(2)
+fl=(1)
+fn=(2)
+0 700
+cob=(1)
+cfn=(3)
+calls=3 0
+0 150
+cfn=(5) 0x0000000000900100
+calls=4 0
+0 80
+fn=(6) 0x0000000000001800
+0 40
+
+ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6
+fl=(2) memcpy.S
+fn=(7) memcpy
+0 20
+";
+
+    #[test]
+    fn regions_of_self_cost() {
+        let (thread, dump) = parse(DUMP, &layout(), true).unwrap();
+        assert_eq!(thread, Some(3));
+        assert_eq!(dump.by_region.get(&Region::Envoy), Some(&150));
+        assert_eq!(dump.by_region.get(&Region::Generated), Some(&700));
+        // `???` inside the binary's mapping: tcmalloc's section.
+        assert_eq!(dump.by_region.get(&Region::Tcmalloc), Some(&40));
+        assert_eq!(dump.by_region.get(&Region::Libc), Some(&20));
+        // Inclusive costs of calls are not self costs.
+        assert_eq!(dump.total(), 910);
+    }
+
+    #[test]
+    fn crossings_and_callee_object_per_call() {
+        let (_, dump) = parse(DUMP, &layout(), true).unwrap();
+        assert_eq!(dump.into_generated, (2, 5000));
+        // The call to 0x900100 has no `cob=`: its object is the caller's (generated), not the
+        // previous call's (Envoy), so it is not a host call.
+        assert_eq!(dump.out_of_generated, (3, 150));
+        let own = dump.edges.get(&(
+            (Region::Generated, "0x0000000000900000".into()),
+            (Region::Generated, "0x0000000000900100".into()),
+        ));
+        assert_eq!(own, Some(&(4, 80)));
+    }
+
+    #[test]
+    fn idle_is_subtracted_scaled_to_the_loaded_run() {
+        let (_, d) = parse(DUMP, &layout(), false).unwrap();
+        let mut small = Dump::default();
+        small.by_region.insert(Region::Envoy, 91);
+        let rep = Repetition {
+            requests: 10,
+            load: BTreeMap::from([(1, d.clone()), (2, small.clone())]),
+            idle: BTreeMap::from([(1, small.clone())]),
+            scale: 2.0,
+            failed: 0,
+        };
+        assert!(d.edges.is_empty());
+        // (910 + 91 − 2 × 91) / 10
+        assert!((rep.per_request(|x| x.total() as f64, None) - 81.9).abs() < 1e-9);
+        assert_eq!(rep.worker(), Some(1));
+        // Thread 1 alone: (910 − 182) / 10.
+        assert!((rep.per_request(|x| x.total() as f64, Some(1)) - 72.8).abs() < 1e-9);
+    }
 }
