@@ -207,28 +207,11 @@ impl Histogram {
     /// Quantile `q` in `[0, 1]`, interpolated linearly inside the bucket as Prometheus's
     /// `histogram_quantile` does. `None` for an empty histogram.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        use sluice_controller::judge::guardrail::{histogram_quantile, BucketQuantile};
         let total = self.buckets.last().map(|(_, c)| *c)?;
-        if total <= 0.0 {
-            return None;
+        match histogram_quantile(self.buckets.iter().copied(), total, q)? {
+            BucketQuantile::Within(x) | BucketQuantile::Beyond(x) => Some(x),
         }
-        let rank = q.clamp(0.0, 1.0) * total;
-        let mut lower = (0.0, 0.0);
-        for &(le, cum) in &self.buckets {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return Some(lower.0);
-                }
-                let width = cum - lower.1;
-                let frac = if width > 0.0 {
-                    (rank - lower.1) / width
-                } else {
-                    1.0
-                };
-                return Some(lower.0 + (le - lower.0) * frac);
-            }
-            lower = (le, cum);
-        }
-        Some(lower.0)
     }
 
     pub fn mean(&self) -> Option<f64> {
