@@ -6,6 +6,7 @@ pub mod assess;
 pub mod cli;
 pub mod daemon;
 pub mod durable;
+pub mod duration;
 pub mod judge;
 pub mod notify;
 pub mod plan;

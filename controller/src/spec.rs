@@ -839,31 +839,12 @@ impl Checked {
     }
 }
 
-/// The longest duration any field accepts (a year): far beyond any sensible bake or timeout,
-/// and small enough that adding it to a clock reading can never overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
 /// The shortest evaluation interval: each look scrapes every proxy, so a shorter one only
 /// loads the proxies (and Envoy's own stats flush is seconds apart anyway).
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The longest source timeout and push confirmation wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
-
-/// A number of seconds as a [`Duration`], refused when negative, not finite or longer than
-/// [`MAX_DURATION`] (`shown` is how the value was written, for the message).
-fn seconds(secs: f64, shown: &str) -> Result<Duration, String> {
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{shown} is not a valid duration"));
-    }
-    match Duration::try_from_secs_f64(secs) {
-        Ok(d) if d <= MAX_DURATION => Ok(d),
-        _ => Err(format!(
-            "{shown} is longer than the longest duration accepted ({})",
-            format_duration(MAX_DURATION)
-        )),
-    }
-}
 
 /// `sluice check`: a filter configuration (JSON) validated as the filter does (type errors named
 /// by field path, `experiments[0].variants[1].weight: expected a number, ...`), after a UTF-8
@@ -876,111 +857,8 @@ pub fn check_filter_config(text: &str) -> Result<Plan, String> {
     Plan::from_json(text.as_bytes()).map_err(|e| e.to_string())
 }
 
-/// A number as a message shows it: `1e300`, not three hundred digits.
-fn number(v: f64) -> String {
-    if v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
-        format!("{v:e}")
-    } else {
-        v.to_string()
-    }
-}
-
-/// Durations written as `500ms`, `30s`, `10m`, `2h` (or a bare number of seconds), at most
-/// [`MAX_DURATION`].
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m, 500ms"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    seconds(secs, &format!("{s:?}"))
-}
-
-/// Renders a duration the way [`parse_duration`] reads it.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(3_600_000) && ms > 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// Reads a duration field: text such as `30s` or a number of seconds. Shared with the judge's
-/// configuration (`judge::config`).
-pub(crate) fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    struct Visitor;
-    impl serde::de::Visitor<'_> for Visitor {
-        type Value = Duration;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a duration like 30s, 10m, 500ms, or a number of seconds")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse_duration(v).map_err(E::custom)
-        }
-
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
-            seconds(v, &number(v)).map_err(E::custom)
-        }
-
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
-            // Exact for every value up to the cap; anything larger is refused by `seconds`.
-            seconds(v as f64, &v.to_string()).map_err(E::custom)
-        }
-
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
-            seconds(v as f64, &v.to_string()).map_err(E::custom)
-        }
-    }
-    d.deserialize_any(Visitor)
-}
-
-mod duration {
-    use super::*;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        deserialize_duration(d)
-    }
-}
-
-mod opt_duration {
-    use super::*;
-
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => duration::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        duration::deserialize(d).map(Some)
-    }
-}
+pub use crate::duration::{deserialize as deserialize_duration, format_duration, parse_duration, MAX_DURATION};
+use crate::duration::{as_text as duration, opt_as_text as opt_duration};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sluice_controller::assess::Assessor;
 use sluice_controller::cli::{self, RunOptions};
-use sluice_controller::spec::parse_duration;
+use sluice_controller::duration::parse_duration;
 use sluice_demo::models::{ModelServer, Role};
 use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
 
@@ -56,7 +56,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         port_offset: u16,
         /// Switch the canary to its faulty behaviour after this long (e.g. `30s`).
-        #[arg(long, value_parser = duration_arg)]
+        #[arg(long, value_parser = parse_duration)]
         fault_after: Option<Duration>,
     },
     /// Only the synthetic users, against a running Envoy; prints what they saw as JSON.
@@ -67,7 +67,7 @@ enum Cmd {
         rate: f64,
         #[arg(long, default_value_t = 5000)]
         users: u64,
-        #[arg(long, value_parser = duration_arg, default_value = "20s")]
+        #[arg(long, value_parser = parse_duration, default_value = "20s")]
         duration: Duration,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -96,7 +96,7 @@ struct RunArgs {
     #[arg(long, default_value = ".work/demo")]
     out: PathBuf,
     /// Stop everything after this long, whatever the rollout's state.
-    #[arg(long, value_parser = duration_arg, default_value = "240s")]
+    #[arg(long, value_parser = parse_duration, default_value = "240s")]
     duration_limit: Duration,
     /// Requests per second from the synthetic users.
     #[arg(long, default_value_t = 300.0)]
@@ -114,7 +114,7 @@ struct RunArgs {
     fault_at_weight: Option<f64>,
     /// Wait this long after the trigger before injecting the fault (e.g. past a stage's
     /// warm-up, so the stage holds healthy evidence first, as the rollback benchmark does).
-    #[arg(long, value_parser = duration_arg, default_value = "0s")]
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
     fault_delay: Duration,
     /// Move every port by this much (to run beside another Envoy).
     #[arg(long, default_value_t = 0)]
@@ -127,26 +127,22 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = Schedule::default().stages)]
     stages: Vec<f64>,
     /// Bake time per stage (after its warm-up).
-    #[arg(long, value_parser = duration_arg, default_value = "12s")]
+    #[arg(long, value_parser = parse_duration, default_value = "12s")]
     bake: Duration,
     /// Data ignored after each weight change.
-    #[arg(long, value_parser = duration_arg, default_value = "3s")]
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
     warmup: Duration,
     /// How often the controller evaluates.
-    #[arg(long, value_parser = duration_arg, default_value = "2s")]
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
     interval: Duration,
     /// Keep the users and the recorder running this long after the rollout ends, so the
     /// report shows where traffic went afterwards.
-    #[arg(long, value_parser = duration_arg, default_value = "3s")]
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
     tail: Duration,
     /// End the run once a halt (sample-ratio mismatch) has lasted this long: a halt waits for
     /// a human, so nothing else happens after it.
-    #[arg(long, value_parser = duration_arg, default_value = "6s")]
+    #[arg(long, value_parser = parse_duration, default_value = "6s")]
     halt_grace: Duration,
-}
-
-fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
 }
 
 fn main() -> std::process::ExitCode {

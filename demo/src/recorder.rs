@@ -61,30 +61,12 @@ impl Histogram {
     /// Prometheus' `histogram_quantile` does); `None` without observations. A quantile in the
     /// `+Inf` bucket is reported as the largest finite bound.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        use sluice_controller::judge::guardrail::{histogram_quantile, BucketQuantile};
         let total = *self.cumulative.last()?;
-        if total <= 0.0 {
-            return None;
+        let pairs = self.le.iter().copied().zip(self.cumulative.iter().copied());
+        match histogram_quantile(pairs, total, q)? {
+            BucketQuantile::Within(x) | BucketQuantile::Beyond(x) => Some(x),
         }
-        let rank = q.clamp(0.0, 1.0) * total;
-        let mut prev_le = 0.0;
-        let mut prev_c = 0.0;
-        for (le, c) in self.le.iter().zip(&self.cumulative) {
-            if *c >= rank {
-                if le.is_infinite() {
-                    return Some(prev_le);
-                }
-                let in_bucket = c - prev_c;
-                let frac = if in_bucket > 0.0 {
-                    (rank - prev_c) / in_bucket
-                } else {
-                    1.0
-                };
-                return Some(prev_le + (le - prev_le) * frac);
-            }
-            prev_le = *le;
-            prev_c = *c;
-        }
-        Some(prev_le)
     }
 
     /// Per-bucket counts (not cumulative), paired with each bucket's upper bound.

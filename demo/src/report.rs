@@ -230,15 +230,9 @@ pub struct Summary {
 
 /// Wilson score interval for `successes` out of `n` at 95 %.
 pub fn wilson(successes: f64, n: f64) -> Option<(f64, f64)> {
-    if n <= 0.0 {
-        return None;
-    }
-    let p = (successes / n).clamp(0.0, 1.0);
-    let z2 = Z95 * Z95;
-    let denom = 1.0 + z2 / n;
-    let centre = (p + z2 / (2.0 * n)) / denom;
-    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+    (n > 0.0).then(|| {
+        sluice_controller::judge::sequential::wilson(successes.clamp(0.0, n), n, Z95)
+    })
 }
 
 fn points_with_envoy(series: &Series) -> Vec<(&Point, &BTreeMap<String, VariantPoint>)> {

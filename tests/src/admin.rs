@@ -98,20 +98,25 @@ impl Sample {
 pub struct Samples(pub Vec<Sample>);
 
 impl Samples {
-    /// Parses the text format (comments skipped, label values unescaped, timestamps ignored).
+    /// Parses the text format (comments skipped, label values unescaped, timestamps ignored)
+    /// with the controller's reader, so the tests read Envoy's answers as the controller does.
     pub fn parse(text: &str) -> Result<Samples> {
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+        let samples = sluice_controller::source::exposition::parse(text, "").map_err(|e| {
+            Error::Parse {
+                what: format!("prometheus exposition, {}", e.at),
+                reason: e.reason,
             }
-            out.push(parse_sample(line).map_err(|reason| Error::Parse {
-                what: format!("prometheus line {}: {line:?}", n + 1),
-                reason,
-            })?);
-        }
-        Ok(Samples(out))
+        })?;
+        Ok(Samples(
+            samples
+                .into_iter()
+                .map(|s| Sample {
+                    name: s.name,
+                    labels: s.labels,
+                    value: s.value,
+                })
+                .collect(),
+        ))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Sample> {
@@ -207,100 +212,16 @@ impl Histogram {
     /// Quantile `q` in `[0, 1]`, interpolated linearly inside the bucket as Prometheus's
     /// `histogram_quantile` does. `None` for an empty histogram.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        use sluice_controller::judge::guardrail::{histogram_quantile, BucketQuantile};
         let total = self.buckets.last().map(|(_, c)| *c)?;
-        if total <= 0.0 {
-            return None;
+        match histogram_quantile(self.buckets.iter().copied(), total, q)? {
+            BucketQuantile::Within(x) | BucketQuantile::Beyond(x) => Some(x),
         }
-        let rank = q.clamp(0.0, 1.0) * total;
-        let mut lower = (0.0, 0.0);
-        for &(le, cum) in &self.buckets {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return Some(lower.0);
-                }
-                let width = cum - lower.1;
-                let frac = if width > 0.0 {
-                    (rank - lower.1) / width
-                } else {
-                    1.0
-                };
-                return Some(lower.0 + (le - lower.0) * frac);
-            }
-            lower = (le, cum);
-        }
-        Some(lower.0)
     }
 
     pub fn mean(&self) -> Option<f64> {
         (self.count > 0.0).then(|| self.sum / self.count)
     }
-}
-
-fn parse_sample(line: &str) -> Result<Sample, String> {
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => return Err("no value".into()),
-    };
-    let mut labels = BTreeMap::new();
-    let rest = if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices().peekable();
-        let end;
-        loop {
-            // label name up to '='
-            while chars.peek().is_some_and(|(_, c)| *c == ',' || *c == ' ') {
-                chars.next();
-            }
-            match chars.peek() {
-                Some((i, '}')) => {
-                    end = *i;
-                    break;
-                }
-                None => return Err("unterminated labels".into()),
-                _ => {}
-            }
-            let mut key = String::new();
-            for (_, c) in chars.by_ref() {
-                if c == '=' {
-                    break;
-                }
-                key.push(c);
-            }
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                return Err(format!("label {key}: expected '\"'"));
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, c)) => value.push(c),
-                        None => return Err("dangling escape".into()),
-                    },
-                    Some((_, '"')) => break,
-                    Some((_, c)) => value.push(c),
-                    None => return Err(format!("label {key}: unterminated value")),
-                }
-            }
-            labels.insert(key.trim().to_string(), value);
-        }
-        &body[end + 1..]
-    } else {
-        rest
-    };
-    let value = rest
-        .split_whitespace()
-        .next()
-        .ok_or_else(|| "no value".to_string())?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().map_err(|e| format!("value {v:?}: {e}"))?,
-    };
-    Ok(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
 }
 
 /// Counters and gauges of plain `/stats` by name. Histogram summaries (`P0(...) P25(...)`) are

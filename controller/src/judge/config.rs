@@ -502,11 +502,11 @@ mod seconds {
     pub fn serialize<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         // A value set in code may be anything: clamp instead of panicking.
         let d =
-            std::time::Duration::try_from_secs_f64(v.max(0.0)).unwrap_or(crate::spec::MAX_DURATION);
-        s.serialize_str(&crate::spec::format_duration(d))
+            std::time::Duration::try_from_secs_f64(v.max(0.0)).unwrap_or(crate::duration::MAX_DURATION);
+        s.serialize_str(&crate::duration::format_duration(d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        crate::spec::deserialize_duration(d).map(|d| d.as_secs_f64())
+        crate::duration::deserialize(d).map(|d| d.as_secs_f64())
     }
 }

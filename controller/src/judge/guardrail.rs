@@ -297,21 +297,52 @@ pub fn count_above(h: &Histogram, x: f64) -> f64 {
 /// The `q`-quantile by linear interpolation inside its bucket, as Prometheus does; `None` if
 /// empty or in the `+Inf` bucket.
 pub fn quantile(h: &Histogram, q: f64) -> Option<f64> {
-    if h.count == 0 {
+    let cumulative = h.buckets.iter().map(|b| (b.le, b.count as f64));
+    match histogram_quantile(cumulative, h.count as f64, q)? {
+        BucketQuantile::Within(x) => Some(x),
+        BucketQuantile::Beyond(_) => None,
+    }
+}
+
+/// Where a quantile of a bucketed histogram falls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BucketQuantile {
+    /// Inside a bucket with a finite bound, interpolated linearly.
+    Within(f64),
+    /// Above the largest finite bound (given; 0 if there is none), where nothing is known.
+    Beyond(f64),
+}
+
+/// The `q`-quantile (`q` clamped to [0, 1]) of a histogram given as `(upper bound, cumulative
+/// count)` pairs in increasing order of bound, `total` observations in all (those above the
+/// last finite bound included; a `+Inf` pair may end the list). Interpolates linearly inside
+/// the bucket that holds it, the first bucket starting at 0, as Prometheus'
+/// `histogram_quantile` does. `None` without observations. The one implementation shared by
+/// the judge, the demo's report and the integration tests.
+pub fn histogram_quantile(
+    cumulative: impl IntoIterator<Item = (f64, f64)>,
+    total: f64,
+    q: f64,
+) -> Option<BucketQuantile> {
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
-    let rank = q * h.count as f64;
+    let rank = q.clamp(0.0, 1.0) * total;
     let mut lower = 0.0;
     let mut below = 0.0;
-    for b in &h.buckets {
-        let c = b.count as f64;
-        if c >= rank && c > below {
-            return Some(lower + (b.le - lower) * (rank - below) / (c - below));
+    for (le, c) in cumulative {
+        if le.is_infinite() {
+            break;
         }
-        lower = b.le;
+        if c >= rank && c > below {
+            return Some(BucketQuantile::Within(
+                lower + (le - lower) * (rank - below) / (c - below),
+            ));
+        }
+        lower = le;
         below = c;
     }
-    None
+    Some(BucketQuantile::Beyond(lower))
 }
 
 /// Name of a latency quantile guardrail: `latency_p99`, `latency_p999`, `latency_p50`.

@@ -122,7 +122,10 @@ pub fn wilson(x: f64, n: f64, z: f64) -> (f64, f64) {
     let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At x = 0 (x = n) the bound is exactly 0 (1); the subtraction would leave rounding dust.
+    let lo = if x <= 0.0 { 0.0 } else { (centre - half).max(0.0) };
+    let hi = if x >= n { 1.0 } else { (centre + half).min(1.0) };
+    (lo, hi)
 }
 
 /// Dirichlet-multinomial mixture e-value of observed counts against the probabilities
@@ -324,6 +327,15 @@ mod tests {
         let (lo, hi) = wilson(10.0, 100.0, 1.96);
         assert!(lo < 0.1 && hi > 0.1 && lo > 0.04 && hi < 0.18);
         assert_eq!(wilson(0.0, 0.0, 1.96), (0.0, 1.0));
+        // None (all) of n: the lower (upper) bound is exactly 0 (1), whatever n.
+        for n in [1.0, 7.0, 50.0, 1e6] {
+            let (lo, hi) = wilson(0.0, n, 1.96);
+            assert_eq!(lo, 0.0, "n {n}");
+            assert!(hi > 0.0 && hi < 1.0, "n {n}: {hi}");
+            let (lo, hi) = wilson(n, n, 1.96);
+            assert_eq!(hi, 1.0, "n {n}");
+            assert!(lo > 0.0 && lo < 1.0, "n {n}: {lo}");
+        }
     }
 
     #[test]

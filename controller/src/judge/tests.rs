@@ -961,3 +961,40 @@ fn impossible_counts_at_the_full_stage_hold_too() {
     assert_eq!(e.decision, Decision::Hold, "{}", e.reason);
     assert!(e.reason.contains("impossible"), "{}", e.reason);
 }
+
+#[test]
+fn histogram_quantile_interpolates_and_says_when_it_is_past_the_last_bound() {
+    use crate::judge::guardrail::{histogram_quantile, BucketQuantile};
+    let finite = [(10.0, 2.0), (20.0, 2.0), (40.0, 6.0)];
+    // rank 3 of 6 lies a quarter into (20, 40]; rank 0 at the start of the first non-empty
+    // bucket's lower bound (0); all of it at the last bound.
+    assert_eq!(
+        histogram_quantile(finite, 6.0, 0.5),
+        Some(BucketQuantile::Within(25.0))
+    );
+    assert_eq!(
+        histogram_quantile(finite, 6.0, 0.0),
+        Some(BucketQuantile::Within(0.0))
+    );
+    assert_eq!(
+        histogram_quantile(finite, 6.0, 1.0),
+        Some(BucketQuantile::Within(40.0))
+    );
+    assert_eq!(
+        histogram_quantile(finite, 6.0, 7.0),
+        Some(BucketQuantile::Within(40.0))
+    );
+    // Two of eight above 40: the 0.9-quantile is beyond what the buckets say, whether the
+    // `+Inf` bucket is listed or only counted in the total.
+    let with_inf = [(10.0, 2.0), (20.0, 2.0), (40.0, 6.0), (f64::INFINITY, 8.0)];
+    assert_eq!(
+        histogram_quantile(finite, 8.0, 0.9),
+        Some(BucketQuantile::Beyond(40.0))
+    );
+    assert_eq!(
+        histogram_quantile(with_inf, 8.0, 0.9),
+        Some(BucketQuantile::Beyond(40.0))
+    );
+    assert_eq!(histogram_quantile(finite, 0.0, 0.5), None);
+    assert_eq!(histogram_quantile([], 3.0, 0.5), Some(BucketQuantile::Beyond(0.0)));
+}

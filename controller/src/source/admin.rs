@@ -203,15 +203,29 @@ pub(crate) fn regex_escape(s: &str) -> String {
         .collect()
 }
 
+/// Everything but the unreserved characters of RFC 3986 (letters, digits, `-_.~`).
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Percent-encodes a query or form value.
 pub(crate) fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_keep_only_unreserved_characters() {
+        assert_eq!(encode("aZ09-_.~"), "aZ09-_.~");
+        assert_eq!(
+            encode("sluice_requests_total\\.experiment=(a|b); é/+"),
+            "sluice_requests_total%5C.experiment%3D%28a%7Cb%29%3B%20%C3%A9%2F%2B"
+        );
+        assert_eq!(encode(""), "");
     }
-    out
 }
