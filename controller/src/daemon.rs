@@ -78,6 +78,12 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock reading (Unix seconds) as a [`SystemTime`]; a reading before 1970 or not finite
+/// is the epoch itself.
+fn system_time(unix: f64) -> SystemTime {
+    UNIX_EPOCH + Duration::try_from_secs_f64(unix.max(0.0)).unwrap_or_default()
+}
+
 /// Tokio's clock from a fixed origin: follows `tokio::time::pause()` and `advance()`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokioClock {
@@ -883,7 +889,7 @@ where
             Err(_) => None,
         };
         // An origin whose answers come from different proxies is an error too.
-        let scraped = scraped.and_then(|s| self.accumulator.add(SystemTime::now(), &s));
+        let scraped = scraped.and_then(|s| self.accumulator.add(system_time(now), &s));
         let trips = match &scraped {
             Ok(reading) => self.breaker.new_trips(reading, &experiment, &treatment),
             Err(_) => BTreeMap::new(),

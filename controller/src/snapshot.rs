@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use sluice_filter::metrics;
 
 use crate::source::Reading;
 
@@ -236,14 +237,13 @@ impl Snapshot {
             let label = |l: &str| key.label(l).unwrap_or("").to_string();
             let name = key.name.as_str();
             match name {
-                "sluice_requests_total" => c.requests += n,
-                "sluice_responses_total" => *c.responses.entry(label("class")).or_default() += n,
-                "sluice_local_replies_total" => c.local_replies += n,
-                "sluice_upstream_resets_total" => c.upstream_resets += n,
-                "sluice_missing_key_total" => c.missing_key += n,
-                "sluice_outcomes_total" => *c.outcomes.entry(label("outcome")).or_default() += n,
-                "sluice_exposures_total" => *c.exposures.get_or_insert(0) += n,
-                "sluice_replicate_requests_total" => {
+                metrics::REQUESTS => c.requests += n,
+                metrics::RESPONSES => *c.responses.entry(label("class")).or_default() += n,
+                metrics::LOCAL_REPLIES => c.local_replies += n,
+                metrics::UPSTREAM_RESETS => c.upstream_resets += n,
+                metrics::MISSING_KEY => c.missing_key += n,
+                metrics::OUTCOMES => *c.outcomes.entry(label("outcome")).or_default() += n,
+                metrics::REPLICATE_REQUESTS => {
                     // The filter numbers its 32 groups from 0; a label beyond the cap is not ours.
                     if let Some(r) = key
                         .label("replicate")
@@ -256,33 +256,40 @@ impl Snapshot {
                         c.replicates[r] += n;
                     }
                 }
-                _ => {
-                    if let Some(h) = histogram_part(name, "sluice_latency_ms") {
-                        c.latency.add_series(h, key.label("le"), *value);
-                    } else if let Some(h) = histogram_part(name, "sluice_prediction") {
-                        c.prediction.add_series(h, key.label("le"), *value);
-                    } else if let Some(rest) = name.strip_prefix("sluice_shadow_") {
-                        let s = c.shadow.get_or_insert_with(ShadowCounters::default);
-                        match rest {
-                            "requests_total" => s.requests += n,
-                            "compared_total" => s.compared += n,
-                            "agree_total" => *s.agree.entry(label("field")).or_default() += n,
-                            "disagree_total" => *s.disagree.entry(label("field")).or_default() += n,
-                            "errors_total" => s.errors += n,
-                            "timeouts_total" => s.timeouts += n,
-                            _ => {
-                                if let Some(h) = histogram_part(name, "sluice_shadow_latency_ms") {
-                                    s.latency.add_series(h, key.label("le"), *value);
-                                } else if let Some(h) = histogram_part(name, "sluice_shadow_delta")
-                                {
-                                    s.deltas.entry(label("field")).or_default().add_series(
-                                        h,
-                                        key.label("le"),
-                                        *value,
-                                    );
-                                }
+                _ if SHADOW_SERIES.contains(&name)
+                    || SHADOW_HISTOGRAMS
+                        .iter()
+                        .any(|&h| histogram_part(name, h).is_some()) =>
+                {
+                    // Any shadow series the filter exports marks the variant as shadowed.
+                    let s = c.shadow.get_or_insert_with(ShadowCounters::default);
+                    match name {
+                        metrics::SHADOW_REQUESTS => s.requests += n,
+                        metrics::SHADOW_COMPARED => s.compared += n,
+                        metrics::SHADOW_AGREE => *s.agree.entry(label("field")).or_default() += n,
+                        metrics::SHADOW_DISAGREE => {
+                            *s.disagree.entry(label("field")).or_default() += n
+                        }
+                        metrics::SHADOW_ERRORS => s.errors += n,
+                        metrics::SHADOW_TIMEOUTS => s.timeouts += n,
+                        _ => {
+                            if let Some(h) = histogram_part(name, metrics::SHADOW_LATENCY) {
+                                s.latency.add_series(h, key.label("le"), *value);
+                            } else if let Some(h) = histogram_part(name, metrics::SHADOW_DELTA) {
+                                s.deltas.entry(label("field")).or_default().add_series(
+                                    h,
+                                    key.label("le"),
+                                    *value,
+                                );
                             }
                         }
+                    }
+                }
+                _ => {
+                    if let Some(h) = histogram_part(name, metrics::LATENCY) {
+                        c.latency.add_series(h, key.label("le"), *value);
+                    } else if let Some(h) = histogram_part(name, metrics::PREDICTION) {
+                        c.prediction.add_series(h, key.label("le"), *value);
                     }
                 }
             }
@@ -299,6 +306,23 @@ impl Snapshot {
         }
     }
 }
+
+/// The filter's per-variant shadow counters and gauges (see `sluice_filter::metrics`).
+const SHADOW_SERIES: [&str; 10] = [
+    metrics::SHADOW_REQUESTS,
+    metrics::SHADOW_SKIPPED,
+    metrics::SHADOW_COMPARED,
+    metrics::SHADOW_AGREE,
+    metrics::SHADOW_DISAGREE,
+    metrics::SHADOW_MISSING,
+    metrics::SHADOW_ERRORS,
+    metrics::SHADOW_5XX,
+    metrics::SHADOW_TIMEOUTS,
+    metrics::SHADOW_BYTES_IN_FLIGHT,
+];
+
+/// The filter's per-variant shadow histograms.
+const SHADOW_HISTOGRAMS: [&str; 2] = [metrics::SHADOW_LATENCY, metrics::SHADOW_DELTA];
 
 /// Most replicate groups a snapshot may carry (the filter exports 32).
 pub const MAX_REPLICATES: usize = 256;

@@ -763,6 +763,15 @@ impl Rollout {
         if let Err(e) = self.spec.guardrails.check("spec.guardrails") {
             problems.extend(e.problems);
         }
+        // The filter counts requests, not exposures: a per-exposure metric would never have a
+        // denominator in a rollout (replayed snapshots may carry one: `sluice judge`).
+        for (i, b) in self.spec.guardrails.business.iter().enumerate() {
+            if b.per == crate::judge::config::Per::Exposure {
+                problems.push(format!(
+                    "spec.guardrails.business[{i}].per: the filter does not count exposures; use request"
+                ));
+            }
+        }
         let secret = match &self.spec.secret_file {
             Some(f) => match crate::secret::read(Path::new(f)) {
                 Ok(s) => Some(s),

@@ -8,6 +8,7 @@
 //! report choose its windows afterwards. A source that does not answer leaves a gap (the
 //! point records that), never a zero.
 
+use sluice_filter::metrics;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -226,41 +227,49 @@ pub fn variants_of(samples: &[Sample], experiment: &str) -> BTreeMap<String, Var
         let v = out.entry(variant.to_string()).or_default();
         let label = |k: &str| s.label(k).unwrap_or("").to_string();
         match s.name.as_str() {
-            "sluice_requests_total" => v.requests += s.value,
-            "sluice_responses_total" => *v.responses.entry(label("class")).or_default() += s.value,
-            "sluice_local_replies_total" => v.local_replies += s.value,
-            "sluice_upstream_resets_total" => v.upstream_resets += s.value,
-            "sluice_missing_key_total" => v.missing_key += s.value,
-            "sluice_events_total" => v.events += s.value,
-            "sluice_outcomes_total" => *v.outcomes.entry(label("outcome")).or_default() += s.value,
-            "sluice_shadow_requests_total" => v.shadow.requests += s.value,
-            "sluice_shadow_compared_total" => v.shadow.compared += s.value,
-            "sluice_shadow_errors_total" => v.shadow.errors += s.value,
-            "sluice_shadow_timeouts_total" => v.shadow.timeouts += s.value,
-            "sluice_shadow_agree_total" => {
-                *v.shadow.agree.entry(label("field")).or_default() += s.value
-            }
-            "sluice_shadow_disagree_total" => {
+            metrics::REQUESTS => v.requests += s.value,
+            metrics::RESPONSES => *v.responses.entry(label("class")).or_default() += s.value,
+            metrics::LOCAL_REPLIES => v.local_replies += s.value,
+            metrics::UPSTREAM_RESETS => v.upstream_resets += s.value,
+            metrics::MISSING_KEY => v.missing_key += s.value,
+            metrics::EVENTS => v.events += s.value,
+            metrics::OUTCOMES => *v.outcomes.entry(label("outcome")).or_default() += s.value,
+            metrics::SHADOW_REQUESTS => v.shadow.requests += s.value,
+            metrics::SHADOW_COMPARED => v.shadow.compared += s.value,
+            metrics::SHADOW_ERRORS => v.shadow.errors += s.value,
+            metrics::SHADOW_TIMEOUTS => v.shadow.timeouts += s.value,
+            metrics::SHADOW_AGREE => *v.shadow.agree.entry(label("field")).or_default() += s.value,
+            metrics::SHADOW_DISAGREE => {
                 *v.shadow.disagree.entry(label("field")).or_default() += s.value
             }
-            "sluice_latency_ms_sum" => v.latency_ms.sum += s.value,
-            "sluice_latency_ms_count" => v.latency_ms.count += s.value,
-            "sluice_prediction_sum" => v.prediction.sum += s.value,
-            "sluice_prediction_count" => v.prediction.count += s.value,
-            name @ ("sluice_latency_ms_bucket" | "sluice_prediction_bucket") => {
-                let which = if name == "sluice_latency_ms_bucket" {
-                    "latency"
-                } else {
-                    "prediction"
+            name => {
+                let (which, part) = match (
+                    name.strip_prefix(metrics::LATENCY),
+                    name.strip_prefix(metrics::PREDICTION),
+                ) {
+                    (Some(part), _) => ("latency", part),
+                    (_, Some(part)) => ("prediction", part),
+                    _ => continue,
                 };
-                if let Some(le) = s.label("le").and_then(parse_le) {
-                    buckets
-                        .entry((variant.to_string(), which))
-                        .or_default()
-                        .push((le, s.value));
+                let h = if which == "latency" {
+                    &mut v.latency_ms
+                } else {
+                    &mut v.prediction
+                };
+                match part {
+                    "_sum" => h.sum += s.value,
+                    "_count" => h.count += s.value,
+                    "_bucket" => {
+                        if let Some(le) = s.label("le").and_then(parse_le) {
+                            buckets
+                                .entry((variant.to_string(), which))
+                                .or_default()
+                                .push((le, s.value));
+                        }
+                    }
+                    _ => {}
                 }
             }
-            _ => {}
         }
     }
     for ((variant, which), mut bs) in buckets {

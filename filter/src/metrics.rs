@@ -17,6 +17,9 @@
 use crate::config::{Experiment, Plan, Unit};
 use crate::shadow::{FieldKind, Shadow};
 
+/// What every metric name below starts with (sources ask Envoy and Prometheus for it).
+pub const PREFIX: &str = "sluice_";
+
 /// Requests assigned to a variant (QA overrides excluded).
 pub const REQUESTS: &str = "sluice_requests_total";
 /// Keyed requests of a per-user experiment by replicate group; label `replicate` = `0`..`31`

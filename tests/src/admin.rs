@@ -260,6 +260,7 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_filter::metrics;
 
     const TEXT: &str = r#"# TYPE envoy_cluster_upstream_rq counter
 envoy_cluster_upstream_rq{envoy_response_code="200",envoy_cluster_name="stable"} 7
@@ -297,7 +298,7 @@ server_live 1
             Some(1.0)
         );
         assert_eq!(
-            s.get("sluice_requests_total", &[("variant", "canary")]),
+            s.get(metrics::REQUESTS, &[("variant", "canary")]),
             Some(3.0)
         );
         assert_eq!(s.get("server_live", &[]), Some(1.0));

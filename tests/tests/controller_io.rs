@@ -5,6 +5,7 @@
 //! rejected — by Envoy itself. The daemon stays small and responsive against hostile metrics
 //! endpoints.
 
+use sluice_filter::metrics;
 use std::time::{Duration, SystemTime};
 
 use sluice_controller::sink::ecds_file::{EcdsFile, WasmCode};
@@ -79,12 +80,9 @@ async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Resul
     let mut acc = Accumulator::default();
     let r = acc.add(SystemTime::now(), &source.scrape("demo").await?)?;
     assert_eq!(r.unidentified, 0, "Envoy tells its uptime");
-    assert_eq!(r.sum("sluice_requests_total", &[]), seen as f64);
-    assert!(r.sum("sluice_requests_total", &[("variant", "canary")]) > 0.0);
-    assert_eq!(
-        r.sum("sluice_responses_total", &[("class", "2xx")]),
-        seen as f64
-    );
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), seen as f64);
+    assert!(r.sum(metrics::REQUESTS, &[("variant", "canary")]) > 0.0);
+    assert_eq!(r.sum(metrics::RESPONSES, &[("class", "2xx")]), seen as f64);
     assert!(source
         .scrape("other")
         .await?
@@ -138,10 +136,7 @@ async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Resul
         .await?;
     let seen_after = envoy_requests(&envoy).await?;
     let r = acc.add(SystemTime::now(), &source.scrape("demo").await?)?;
-    assert_eq!(
-        r.sum("sluice_requests_total", &[]),
-        (seen + seen_after) as f64
-    );
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), (seen + seen_after) as f64);
     assert_eq!(r.restarts, 1);
     Ok(())
 }
@@ -230,7 +225,7 @@ async fn prometheus_source_reads_envoy_counts_and_detects_staleness() -> anyhow:
             match source.scrape("demo").await {
                 Ok(s) => Accumulator::default()
                     .add(SystemTime::now(), &s)
-                    .is_ok_and(|r| r.sum("sluice_requests_total", &[]) == 300.0),
+                    .is_ok_and(|r| r.sum(metrics::REQUESTS, &[]) == 300.0),
                 Err(_) => false,
             }
         },
@@ -239,7 +234,7 @@ async fn prometheus_source_reads_envoy_counts_and_detects_staleness() -> anyhow:
     let s = source.scrape("demo").await?;
     assert!(s.iter().all(|o| o.identity.is_some()), "{s:?}");
     let r = acc.add(SystemTime::now(), &s)?;
-    assert_eq!(r.sum("sluice_responses_total", &[("class", "2xx")]), 300.0);
+    assert_eq!(r.sum(metrics::RESPONSES, &[("class", "2xx")]), 300.0);
     // Envoy goes away: within a few seconds the data is stale, never "zero traffic".
     drop(envoy);
     sluice_tests::wait_until(Duration::from_secs(30), "stale data reported", || async {
@@ -382,7 +377,7 @@ async fn two_envoys_alternating_behind_one_address_hold_and_inflate_nothing() ->
                     errors.is_empty(),
                     "an answer was counted after the alternation was seen"
                 );
-                let total = r.sum("sluice_requests_total", &[]);
+                let total = r.sum(metrics::REQUESTS, &[]);
                 assert!(
                     total <= most,
                     "{total} requests read, {most} counted by either Envoy"

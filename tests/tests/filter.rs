@@ -5,6 +5,7 @@
 //! (natively), so these tests also prove that the controller side and the wasm filter agree on
 //! who is in which variant.
 
+use sluice_filter::metrics;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -229,11 +230,7 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
 
     let total_requests = n + 2 * 2000 + 100 + beacon_users;
     let stats = envoy.admin().prometheus().await?;
-    let requests = stats.by_label(
-        "sluice_requests_total",
-        "variant",
-        &[("experiment", "demo")],
-    );
+    let requests = stats.by_label(metrics::REQUESTS, "variant", &[("experiment", "demo")]);
     assert_eq!(requests.values().sum::<f64>(), total_requests as f64);
     let canary_requests = canary as f64
         + responses[..2000]
@@ -244,16 +241,13 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         + clicks.get("canary").copied().unwrap_or(0.0);
     assert_eq!(requests.get("canary").copied(), Some(canary_requests));
     assert_eq!(
-        sluice(&stats, "sluice_missing_key_total", "demo", "stable"),
+        sluice(&stats, metrics::MISSING_KEY, "demo", "stable"),
         100.0
     );
-    assert_eq!(
-        sluice(&stats, "sluice_missing_key_total", "demo", "canary"),
-        0.0
-    );
+    assert_eq!(sluice(&stats, metrics::MISSING_KEY, "demo", "canary"), 0.0);
     for (variant, want) in &clicks {
         let got = stats.sum(
-            "sluice_outcomes_total",
+            metrics::OUTCOMES,
             &[
                 ("experiment", "demo"),
                 ("variant", variant),
@@ -263,10 +257,10 @@ async fn demo_splits_sticks_ignores_spoofing_and_attributes_events() -> anyhow::
         assert_eq!(got, *want, "clicks for {variant}");
     }
     assert_eq!(
-        stats.sum("sluice_events_rejected_total", &[("experiment", "demo")]),
+        stats.sum(metrics::EVENTS_REJECTED, &[("experiment", "demo")]),
         bad.len() as f64
     );
-    assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
+    assert_eq!(stats.sum(metrics::ERRORS, &[]), 0.0);
     Ok(())
 }
 
@@ -507,7 +501,7 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
     let stats = envoy.admin().prometheus().await?;
     let rejected = |reason: &str| {
         stats.sum(
-            "sluice_events_rejected_total",
+            metrics::EVENTS_REJECTED,
             &[("experiment", "t"), ("reason", reason)],
         )
     };
@@ -521,12 +515,12 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
         assert_eq!(rejected(reason), *n, "rejected for {reason}");
     }
     assert_eq!(
-        stats.sum("sluice_events_rejected_total", &[("experiment", "t")]),
+        stats.sum(metrics::EVENTS_REJECTED, &[("experiment", "t")]),
         want.values().sum::<f64>()
     );
     let outcome = |variant: &str, o: &str| {
         stats.sum(
-            "sluice_outcomes_total",
+            metrics::OUTCOMES,
             &[("experiment", "t"), ("variant", variant), ("outcome", o)],
         )
     };
@@ -538,8 +532,8 @@ async fn forged_beacons_are_refused_and_counted_by_reason() -> anyhow::Result<()
     );
     assert_eq!(outcome("stable", "click"), 1.0);
     assert_eq!(outcome("stable", "purchase"), 0.0);
-    assert_eq!(sluice(&stats, "sluice_events_total", "t", "canary"), 4.0);
-    assert_eq!(stats.sum("sluice_errors_total", &[]), 0.0);
+    assert_eq!(sluice(&stats, metrics::EVENTS, "t", "canary"), 4.0);
+    assert_eq!(stats.sum(metrics::ERRORS, &[]), 0.0);
     Ok(())
 }
 
@@ -642,17 +636,17 @@ async fn one_beacon_counts_for_every_experiment_whose_token_it_carries() -> anyh
 
     let stats = envoy.admin().prometheus().await?;
     for ((e, v), n) in &want {
-        assert_eq!(sluice(&stats, "sluice_events_total", e, v), *n, "{e}/{v}");
+        assert_eq!(sluice(&stats, metrics::EVENTS, e, v), *n, "{e}/{v}");
     }
     assert_eq!(
         stats.sum(
-            "sluice_events_rejected_total",
+            metrics::EVENTS_REJECTED,
             &[("experiment", "b"), ("reason", "no_token")]
         ),
         1.0
     );
     assert_eq!(
-        stats.sum("sluice_events_rejected_total", &[("experiment", "a")]),
+        stats.sum(metrics::EVENTS_REJECTED, &[("experiment", "a")]),
         0.0
     );
     Ok(())
@@ -859,7 +853,7 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
             let stats = admin.prometheus().await.unwrap_or_default();
             ["stable", "canary"].iter().all(|v| {
                 stats
-                    .histogram("sluice_latency_ms", &[("experiment", "t"), ("variant", v)])
+                    .histogram(metrics::LATENCY, &[("experiment", "t"), ("variant", v)])
                     .is_some_and(|h| h.count == seen[*v].requests)
             })
         },
@@ -869,13 +863,9 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
     let mut unknown_total = 0.0;
     for (variant, s) in &seen {
         let l = [("experiment", "t"), ("variant", variant.as_str())];
-        assert_eq!(
-            stats.sum("sluice_requests_total", &l),
-            s.requests,
-            "{variant}"
-        );
+        assert_eq!(stats.sum(metrics::REQUESTS, &l), s.requests, "{variant}");
         for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-            let got = stats.sum("sluice_responses_total", &[l[0], l[1], ("class", class)]);
+            let got = stats.sum(metrics::RESPONSES, &[l[0], l[1], ("class", class)]);
             assert_eq!(
                 got,
                 s.classes.get(class).copied().unwrap_or(0.0),
@@ -883,12 +873,12 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
             );
         }
         for (outcome, want) in [("click", s.click), ("purchase", s.purchase)] {
-            let got = stats.sum("sluice_outcomes_total", &[l[0], l[1], ("outcome", outcome)]);
+            let got = stats.sum(metrics::OUTCOMES, &[l[0], l[1], ("outcome", outcome)]);
             assert_eq!(got, want, "{variant} {outcome}");
         }
         unknown_total += s.unknown;
         let prediction = stats
-            .histogram("sluice_prediction", &l)
+            .histogram(metrics::PREDICTION, &l)
             .ok_or_else(|| anyhow::anyhow!("no prediction histogram for {variant}"))?;
         assert_eq!(prediction.count, s.requests);
         // Envoy's histogram sums are approximate (log-linear bins): a few percent.
@@ -898,15 +888,15 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
             "{variant}: prediction sum {} vs {want_sum}",
             prediction.sum
         );
-        assert_eq!(stats.sum("sluice_local_replies_total", &l), 0.0);
+        assert_eq!(stats.sum(metrics::LOCAL_REPLIES, &l), 0.0);
     }
     assert_eq!(
-        stats.sum("sluice_outcomes_unknown_total", &[("experiment", "t")]),
+        stats.sum(metrics::OUTCOMES_UNKNOWN, &[("experiment", "t")]),
         unknown_total
     );
     let latency = |v: &str| {
         stats
-            .histogram("sluice_latency_ms", &[("experiment", "t"), ("variant", v)])
+            .histogram(metrics::LATENCY, &[("experiment", "t"), ("variant", v)])
             .and_then(|h| h.quantile(0.5))
             .unwrap_or(f64::NAN)
     };
@@ -942,21 +932,12 @@ async fn envoy_local_replies_and_upstream_resets_are_counted() -> anyhow::Result
     assert!(failed.iter().all(|r| r.status == 503));
     let stats = envoy.admin().prometheus().await?;
     let n = failed.len() as f64;
-    assert_eq!(
-        sluice(&stats, "sluice_local_replies_total", "t", "canary"),
-        n
-    );
-    assert_eq!(
-        sluice(&stats, "sluice_upstream_resets_total", "t", "canary"),
-        n
-    );
-    assert_eq!(
-        sluice(&stats, "sluice_local_replies_total", "t", "stable"),
-        0.0
-    );
+    assert_eq!(sluice(&stats, metrics::LOCAL_REPLIES, "t", "canary"), n);
+    assert_eq!(sluice(&stats, metrics::UPSTREAM_RESETS, "t", "canary"), n);
+    assert_eq!(sluice(&stats, metrics::LOCAL_REPLIES, "t", "stable"), 0.0);
     assert_eq!(
         stats.sum(
-            "sluice_responses_total",
+            metrics::RESPONSES,
             &[("experiment", "t"), ("variant", "canary"), ("class", "5xx")]
         ),
         n
@@ -996,14 +977,11 @@ async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Resul
         .iter()
         .all(|r| r.json().ok().map(|j| j["model"] == "stable") == Some(true)));
     let stats = envoy.admin().prometheus().await?;
+    assert_eq!(sluice(&stats, metrics::OVERRIDES, "t", "canary"), 50.0);
+    assert_eq!(sluice(&stats, metrics::REQUESTS, "t", "canary"), 0.0);
+    assert_eq!(sluice(&stats, metrics::REQUESTS, "t", "stable"), 50.0);
     assert_eq!(
-        sluice(&stats, "sluice_overrides_total", "t", "canary"),
-        50.0
-    );
-    assert_eq!(sluice(&stats, "sluice_requests_total", "t", "canary"), 0.0);
-    assert_eq!(sluice(&stats, "sluice_requests_total", "t", "stable"), 50.0);
-    assert_eq!(
-        stats.sum("sluice_overrides_denied_total", &[("experiment", "t")]),
+        stats.sum(metrics::OVERRIDES_DENIED, &[("experiment", "t")]),
         50.0
     );
     Ok(())
@@ -1142,11 +1120,7 @@ async fn ecds_weight_changes_are_fast_monotone_and_safe() -> anyhow::Result<()> 
     // Counters survived the reloads.
     let stats = envoy.admin().prometheus().await?;
     let total: f64 = stats
-        .by_label(
-            "sluice_requests_total",
-            "variant",
-            &[("experiment", "demo")],
-        )
+        .by_label(metrics::REQUESTS, "variant", &[("experiment", "demo")])
         .values()
         .sum();
     assert!(

@@ -7,6 +7,7 @@
 //! and the controller can die and come back without the fleet noticing. Simulated proxies
 //! (`sluice_tests::xds`) join the real Envoys where a test needs one that misbehaves on cue.
 
+use sluice_filter::metrics;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,7 +183,7 @@ async fn an_envoy_started_while_the_controller_is_down_serves_the_control() -> a
         // It is the default config doing this (the filter counted the requests under the
         // experiment), not a filter left out; and no config was ever received.
         let prom = envoy.admin().prometheus().await?;
-        let counted = prom.sum("sluice_requests_total", &[("experiment", "fleet")]);
+        let counted = prom.sum(metrics::REQUESTS, &[("experiment", "fleet")]);
         assert!(counted >= 300.0, "the filter counted {counted} requests");
         assert_eq!(updates(&envoy).await, 0, "{}", envoy.log_tail(20));
     }
@@ -502,7 +503,7 @@ async fn a_good_canary_is_promoted_on_all_three_envoys() -> anyhow::Result<()> {
     for envoy in &envoys {
         let prom = envoy.admin().prometheus().await?;
         assert_eq!(
-            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            prom.get(metrics::CONFIG_REVISION, &[("experiment", "fleet")]),
             last["version"].as_f64(),
             "{:?}",
             envoy.node_id()
@@ -669,7 +670,7 @@ async fn an_envoy_restarted_mid_stage_and_one_joining_serve_the_current_weight(
     for envoy in envoys.iter().chain([&warm, &joined]) {
         let prom = envoy.admin().prometheus().await?;
         assert_eq!(
-            prom.get("sluice_config_revision", &[("experiment", "fleet")]),
+            prom.get(metrics::CONFIG_REVISION, &[("experiment", "fleet")]),
             Some(serving as f64),
             "{:?}",
             envoy.node_id()

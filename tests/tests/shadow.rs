@@ -1,6 +1,7 @@
 //! Shadow traffic in a real Envoy: copies reach the shadow, answers are compared, and nothing
 //! the shadow does — differ, fail, reset, hang, or be too many — changes what clients see.
 
+use sluice_filter::metrics;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -75,7 +76,7 @@ async fn settled(envoy: &Envoy, compared: f64) -> anyhow::Result<Samples> {
         "shadow comparisons settled",
         || async {
             let stats = admin.prometheus().await.unwrap_or_default();
-            shadow_counter(&stats, "sluice_shadow_compared_total", &[]) >= compared
+            shadow_counter(&stats, metrics::SHADOW_COMPARED, &[]) >= compared
         },
     )
     .await;
@@ -84,14 +85,14 @@ async fn settled(envoy: &Envoy, compared: f64) -> anyhow::Result<Samples> {
         let count = |name| shadow_counter(&stats, name, &[]);
         anyhow::bail!(
             "{e}: {compared} expected; sent {}, compared {}, skipped {} (in flight {}, dispatch failed {}, no primary {}), errors {}, timeouts {}",
-            count("sluice_shadow_requests_total"),
-            count("sluice_shadow_compared_total"),
-            count("sluice_shadow_skipped_total"),
-            shadow_counter(&stats, "sluice_shadow_skipped_total", &[("reason", "in_flight")]),
-            shadow_counter(&stats, "sluice_shadow_skipped_total", &[("reason", "dispatch_failed")]),
-            shadow_counter(&stats, "sluice_shadow_skipped_total", &[("reason", "no_primary")]),
-            count("sluice_shadow_errors_total"),
-            count("sluice_shadow_timeouts_total"),
+            count(metrics::SHADOW_REQUESTS),
+            count(metrics::SHADOW_COMPARED),
+            count(metrics::SHADOW_SKIPPED),
+            shadow_counter(&stats, metrics::SHADOW_SKIPPED, &[("reason", "in_flight")]),
+            shadow_counter(&stats, metrics::SHADOW_SKIPPED, &[("reason", "dispatch_failed")]),
+            shadow_counter(&stats, metrics::SHADOW_SKIPPED, &[("reason", "no_primary")]),
+            count(metrics::SHADOW_ERRORS),
+            count(metrics::SHADOW_TIMEOUTS),
         );
     }
     Ok(stats)
@@ -121,17 +122,17 @@ async fn identical_shadow_agrees_fully_and_gets_a_clean_copy() -> anyhow::Result
     let stats = settled(&envoy, n as f64).await?;
     for field in ["status", "body", "score"] {
         assert_eq!(
-            shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", field)]),
+            shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", field)]),
             n as f64,
             "{field}"
         );
         assert_eq!(
-            shadow_counter(&stats, "sluice_shadow_disagree_total", &[("field", field)]),
+            shadow_counter(&stats, metrics::SHADOW_DISAGREE, &[("field", field)]),
             0.0
         );
     }
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_requests_total", &[]),
+        shadow_counter(&stats, metrics::SHADOW_REQUESTS, &[]),
         n as f64
     );
     // The copy: same method, path and user; marked; no routing or hop-by-hop headers.
@@ -186,27 +187,23 @@ async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Resul
     let stats = settled(&envoy, n as f64).await?;
     let differing = (n / 4) as f64;
     assert_eq!(
-        shadow_counter(
-            &stats,
-            "sluice_shadow_disagree_total",
-            &[("field", "score")]
-        ),
+        shadow_counter(&stats, metrics::SHADOW_DISAGREE, &[("field", "score")]),
         differing
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "score")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "score")]),
         n as f64 - differing
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_disagree_total", &[("field", "body")]),
+        shadow_counter(&stats, metrics::SHADOW_DISAGREE, &[("field", "body")]),
         differing
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "label")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "label")]),
         n as f64
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "status")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "status")]),
         n as f64
     );
 
@@ -217,7 +214,7 @@ async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Resul
         || async {
             let s = admin.prometheus().await.unwrap_or_default();
             s.histogram(
-                "sluice_shadow_delta",
+                metrics::SHADOW_DELTA,
                 &[L[0], L[1], ("field", "score"), ("sign", "pos")],
             )
             .is_some_and(|h| h.count == n as f64)
@@ -227,7 +224,7 @@ async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Resul
     let stats = admin.prometheus().await?;
     let pos = stats
         .histogram(
-            "sluice_shadow_delta",
+            metrics::SHADOW_DELTA,
             &[L[0], L[1], ("field", "score"), ("sign", "pos")],
         )
         .ok_or_else(|| anyhow::anyhow!("no delta histogram"))?;
@@ -268,20 +265,10 @@ async fn failing_and_slow_shadows_do_not_touch_the_primary() -> anyhow::Result<(
     let stats = settled(&envoy, n as f64).await?;
     // Answered 500: compared (a status disagreement) and counted as a compared 5xx, not as a
     // failed call.
+    assert_eq!(shadow_counter(&stats, metrics::SHADOW_5XX, &[]), n as f64);
+    assert_eq!(shadow_counter(&stats, metrics::SHADOW_ERRORS, &[]), 0.0);
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_5xx_total", &[]),
-        n as f64
-    );
-    assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_errors_total", &[]),
-        0.0
-    );
-    assert_eq!(
-        shadow_counter(
-            &stats,
-            "sluice_shadow_disagree_total",
-            &[("field", "status")]
-        ),
+        shadow_counter(&stats, metrics::SHADOW_DISAGREE, &[("field", "status")]),
         n as f64
     );
 
@@ -299,7 +286,7 @@ async fn failing_and_slow_shadows_do_not_touch_the_primary() -> anyhow::Result<(
     let admin = envoy.admin();
     wait_until(Duration::from_secs(10), "timeouts counted", || async {
         let s = admin.prometheus().await.unwrap_or_default();
-        shadow_counter(&s, "sluice_shadow_timeouts_total", &[]) == n as f64
+        shadow_counter(&s, metrics::SHADOW_TIMEOUTS, &[]) == n as f64
     })
     .await?;
     Ok(())
@@ -326,16 +313,16 @@ async fn an_unreachable_shadow_counts_errors_and_status_disagreement() -> anyhow
         "connection failures counted",
         || async {
             let s = admin.prometheus().await.unwrap_or_default();
-            shadow_counter(&s, "sluice_shadow_5xx_total", &[]) == n as f64
+            shadow_counter(&s, metrics::SHADOW_5XX, &[]) == n as f64
         },
     )
     .await?;
     let s = admin.prometheus().await?;
-    assert_eq!(shadow_counter(&s, "sluice_shadow_timeouts_total", &[]), 0.0);
-    assert_eq!(shadow_counter(&s, "sluice_shadow_errors_total", &[]), 0.0);
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_TIMEOUTS, &[]), 0.0);
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_ERRORS, &[]), 0.0);
     // Envoy answers for the unreachable shadow with a 503: what a user of it would have got.
     assert_eq!(
-        shadow_counter(&s, "sluice_shadow_disagree_total", &[("field", "status")]),
+        shadow_counter(&s, metrics::SHADOW_DISAGREE, &[("field", "status")]),
         n as f64
     );
     Ok(())
@@ -387,11 +374,7 @@ async fn writes_are_not_shadowed_by_default_and_big_bodies_are_skipped() -> anyh
     assert!(answered.iter().all(|r| r.status == 200));
     let stats = settled(&envoy, 20.0).await?;
     assert_eq!(
-        shadow_counter(
-            &stats,
-            "sluice_shadow_skipped_total",
-            &[("reason", "body_limit")]
-        ),
+        shadow_counter(&stats, metrics::SHADOW_SKIPPED, &[("reason", "body_limit")]),
         20.0
     );
     let copies = shadow.requests();
@@ -428,14 +411,10 @@ async fn the_in_flight_cap_skips_instead_of_queueing() -> anyhow::Result<()> {
     assert!(r.iter().all(|r| r.status == 200));
     // Every copy taken is compared or skipped once the shadow has answered.
     let stats = all_copies_ended(&envoy, Duration::from_secs(10)).await?;
-    let skipped = shadow_counter(
-        &stats,
-        "sluice_shadow_skipped_total",
-        &[("reason", "in_flight")],
-    );
-    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    let skipped = shadow_counter(&stats, metrics::SHADOW_SKIPPED, &[("reason", "in_flight")]);
+    let compared = shadow_counter(&stats, metrics::SHADOW_COMPARED, &[]);
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_requests_total", &[]),
+        shadow_counter(&stats, metrics::SHADOW_REQUESTS, &[]),
         n as f64
     );
     assert_eq!(compared + skipped, n as f64);
@@ -497,10 +476,10 @@ async fn peak_memory(
 /// The sum of every fate a copy can end in.
 fn fates(stats: &Samples) -> f64 {
     [
-        "sluice_shadow_compared_total",
-        "sluice_shadow_skipped_total",
-        "sluice_shadow_timeouts_total",
-        "sluice_shadow_errors_total",
+        metrics::SHADOW_COMPARED,
+        metrics::SHADOW_SKIPPED,
+        metrics::SHADOW_TIMEOUTS,
+        metrics::SHADOW_ERRORS,
     ]
     .iter()
     .map(|n| shadow_counter(stats, n, &[]))
@@ -512,7 +491,7 @@ async fn all_copies_ended(envoy: &Envoy, within: Duration) -> anyhow::Result<Sam
     let admin = envoy.admin();
     let ended = wait_until(within, "every copy taken ended in one fate", || async {
         let s = admin.prometheus().await.unwrap_or_default();
-        let taken = shadow_counter(&s, "sluice_shadow_requests_total", &[]);
+        let taken = shadow_counter(&s, metrics::SHADOW_REQUESTS, &[]);
         taken > 0.0 && taken == fates(&s)
     })
     .await;
@@ -520,11 +499,11 @@ async fn all_copies_ended(envoy: &Envoy, within: Duration) -> anyhow::Result<Sam
     if let Err(e) = ended {
         anyhow::bail!(
             "{e}: taken {}, compared {}, skipped {:?}, timeouts {}, errors {}",
-            shadow_counter(&s, "sluice_shadow_requests_total", &[]),
-            shadow_counter(&s, "sluice_shadow_compared_total", &[]),
-            s.by_label("sluice_shadow_skipped_total", "reason", &L),
-            shadow_counter(&s, "sluice_shadow_timeouts_total", &[]),
-            shadow_counter(&s, "sluice_shadow_errors_total", &[]),
+            shadow_counter(&s, metrics::SHADOW_REQUESTS, &[]),
+            shadow_counter(&s, metrics::SHADOW_COMPARED, &[]),
+            s.by_label(metrics::SHADOW_SKIPPED, "reason", &L),
+            shadow_counter(&s, metrics::SHADOW_TIMEOUTS, &[]),
+            shadow_counter(&s, metrics::SHADOW_ERRORS, &[]),
         );
     }
     Ok(s)
@@ -565,10 +544,10 @@ async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<(
         .all(|r| r.status == 200 && r.body.len() == SIZE));
     let stats = all_copies_ended(&envoy, Duration::from_secs(30)).await?;
     let rss_after = rss_mib(envoy.pid())?;
-    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    let compared = shadow_counter(&stats, metrics::SHADOW_COMPARED, &[]);
     let over = shadow_counter(
         &stats,
-        "sluice_shadow_skipped_total",
+        metrics::SHADOW_SKIPPED,
         &[("reason", "bytes_in_flight")],
     );
     eprintln!(
@@ -577,7 +556,7 @@ async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<(
          {compared} compared, {over} skipped over the bytes cap"
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_requests_total", &[]),
+        shadow_counter(&stats, metrics::SHADOW_REQUESTS, &[]),
         (n + 4) as f64
     );
     assert!(compared >= 4.0, "{compared} compared");
@@ -585,12 +564,12 @@ async fn big_answers_are_not_read_and_memory_stays_bounded() -> anyhow::Result<(
     assert_eq!(compared + over, (n + 4) as f64);
     // Compared by status only: neither body was read.
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "status")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "status")]),
         compared
     );
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "body")])
-            + shadow_counter(&stats, "sluice_shadow_disagree_total", &[("field", "body")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "body")])
+            + shadow_counter(&stats, metrics::SHADOW_DISAGREE, &[("field", "body")]),
         0.0
     );
     // Reading each 5 MB answer into the VM and letting Envoy buffer 8 of them grew RSS by
@@ -645,7 +624,7 @@ async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
             .prometheus()
             .await
             .ok()
-            .and_then(|s| s.get("sluice_shadow_bytes_in_flight", &[]))
+            .and_then(|s| s.get(metrics::SHADOW_BYTES_IN_FLIGHT, &[]))
     };
     let n = 300;
     let url = envoy.url(LISTENER, "/");
@@ -666,10 +645,10 @@ async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
     };
     assert!(responses.iter().all(|r| r.status == 200));
     let stats = all_copies_ended(&envoy, Duration::from_secs(20)).await?;
-    let compared = shadow_counter(&stats, "sluice_shadow_compared_total", &[]);
+    let compared = shadow_counter(&stats, metrics::SHADOW_COMPARED, &[]);
     let over = shadow_counter(
         &stats,
-        "sluice_shadow_skipped_total",
+        metrics::SHADOW_SKIPPED,
         &[("reason", "bytes_in_flight")],
     );
     eprintln!("[bytes] peak {peak} bytes in flight over {seen} samples; {compared} compared, {over} skipped over the cap");
@@ -683,7 +662,7 @@ async fn bytes_in_flight_stay_under_the_cap() -> anyhow::Result<()> {
     assert_eq!(compared + over, n as f64);
     // What was compared was read whole: bodies agree.
     assert_eq!(
-        shadow_counter(&stats, "sluice_shadow_agree_total", &[("field", "body")]),
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "body")]),
         compared
     );
     // Every byte is given back.
@@ -730,21 +709,18 @@ async fn compared_5xx_and_failed_calls_are_counted_apart() -> anyhow::Result<()>
     assert!(r.iter().all(|r| r.status == 200));
     let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
     let third = (n / 3) as f64;
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_REQUESTS, &[]), n as f64);
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_ERRORS, &[]), third);
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_5XX, &[]), third);
     assert_eq!(
-        shadow_counter(&s, "sluice_shadow_requests_total", &[]),
-        n as f64
-    );
-    assert_eq!(shadow_counter(&s, "sluice_shadow_errors_total", &[]), third);
-    assert_eq!(shadow_counter(&s, "sluice_shadow_5xx_total", &[]), third);
-    assert_eq!(
-        shadow_counter(&s, "sluice_shadow_compared_total", &[]),
+        shadow_counter(&s, metrics::SHADOW_COMPARED, &[]),
         2.0 * third
     );
     assert_eq!(
-        shadow_counter(&s, "sluice_shadow_disagree_total", &[("field", "status")]),
+        shadow_counter(&s, metrics::SHADOW_DISAGREE, &[("field", "status")]),
         third
     );
-    assert_eq!(shadow_counter(&s, "sluice_shadow_timeouts_total", &[]), 0.0);
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_TIMEOUTS, &[]), 0.0);
     Ok(())
 }
 
@@ -835,17 +811,11 @@ async fn config_pushes_lose_no_copies_in_flight() -> anyhow::Result<()> {
     assert!(responses.iter().all(|r| r.status == 200));
     assert!(pushes >= 3, "only {pushes} pushes during the load");
     let s = all_copies_ended(&envoy, Duration::from_secs(15)).await?;
-    assert_eq!(
-        shadow_counter(&s, "sluice_shadow_requests_total", &[]),
-        n as f64
-    );
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_REQUESTS, &[]), n as f64);
     // Nothing was skipped either: every copy was compared, and agreed.
+    assert_eq!(shadow_counter(&s, metrics::SHADOW_COMPARED, &[]), n as f64);
     assert_eq!(
-        shadow_counter(&s, "sluice_shadow_compared_total", &[]),
-        n as f64
-    );
-    assert_eq!(
-        shadow_counter(&s, "sluice_shadow_agree_total", &[("field", "score")]),
+        shadow_counter(&s, metrics::SHADOW_AGREE, &[("field", "score")]),
         n as f64
     );
     assert!(
@@ -1008,14 +978,14 @@ async fn copies_that_loop_back_are_neither_counted_nor_copied_again() -> anyhow:
     assert_eq!(shadow.count(), users_counted as u64);
     for stats in [&s, &s2] {
         // Counted once each, at the ingress; the copies were not counted at the sidecar.
-        assert_eq!(stats.sum("sluice_requests_total", &L), users_counted as f64);
-        assert_eq!(stats.sum("sluice_overrides_total", &L), 10.0);
+        assert_eq!(stats.sum(metrics::REQUESTS, &L), users_counted as f64);
+        assert_eq!(stats.sum(metrics::OVERRIDES, &L), 10.0);
         assert_eq!(
-            shadow_counter(stats, "sluice_shadow_requests_total", &[]),
+            shadow_counter(stats, metrics::SHADOW_REQUESTS, &[]),
             users_counted as f64
         );
         assert_eq!(
-            shadow_counter(stats, "sluice_shadow_compared_total", &[]),
+            shadow_counter(stats, metrics::SHADOW_COMPARED, &[]),
             users_counted as f64
         );
     }

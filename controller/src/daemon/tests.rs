@@ -194,13 +194,17 @@ impl FakeSink {
     }
 }
 
-/// Passes, except that it fails at and after weight `fail_at`.
+/// Passes, except that it fails at and after weight `fail_at`; keeps each reading's time.
 struct FakeJudge {
     fail_at: Option<f64>,
+    readings_at: Arc<Mutex<Vec<Option<std::time::SystemTime>>>>,
 }
 
 impl Assess for FakeJudge {
-    fn assess(&mut self, _reading: &Reading, ctx: &Context) -> Assessment {
+    fn assess(&mut self, reading: &Reading, ctx: &Context) -> Assessment {
+        if let Ok(mut at) = self.readings_at.lock() {
+            at.push(reading.at);
+        }
         let judgement = match self.fail_at {
             Some(w) if ctx.weight >= w => Judgement::Fail {
                 reason: "error rate".into(),
@@ -248,7 +252,10 @@ fn task_at(
         checked,
         source,
         sinks: vec![sink],
-        judge: FakeJudge { fail_at },
+        judge: FakeJudge {
+            fail_at,
+            readings_at: Arc::default(),
+        },
         notifier: Notifier::new(&[]),
         clock,
     }
@@ -288,6 +295,30 @@ async fn a_good_canary_is_promoted_through_the_schedule() {
             >= 70
     );
     assert!(audit.contains("\"promoted\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The daemon's time is its clock's: a reading is stamped with the injected clock, not the
+/// machine's (here a clock set in 1970).
+#[tokio::test(start_paused = true)]
+async fn readings_are_stamped_by_the_injected_clock() {
+    let dir = temp_dir("clock");
+    let epoch = 1_000_000.0;
+    let t = task(&dir, FakeSource::default(), FakeSink::default(), None);
+    let seen = t.judge.readings_at.clone();
+    run_to_end(t).await;
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(!seen.is_empty());
+    let end = epoch + 100.0;
+    for at in seen {
+        let secs = at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64());
+        assert!(
+            secs.is_some_and(|s| (epoch..end).contains(&s)),
+            "reading at {secs:?}, clock from {epoch}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,6 +1,7 @@
 use super::config::{BusinessConfig, ConfigError, CountModel};
 use super::*;
 use crate::snapshot::{Bucket, Counters, Health, Histogram, ShadowCounters};
+use sluice_filter::metrics;
 
 /// Latency histogram with `slow` of `n` requests above 100 ms (the rest at 10–20 ms).
 fn latency(n: u64, slow: u64) -> Histogram {
@@ -873,7 +874,7 @@ fn replicate_counts_are_read_from_the_filter_series() {
         .collect();
         labels.sort();
         Arc::new(SeriesKey {
-            name: "sluice_replicate_requests_total".into(),
+            name: metrics::REPLICATE_REQUESTS.into(),
             labels,
         })
     };

@@ -133,18 +133,26 @@ fn a_reading_becomes_a_snapshot() {
         })
     };
     let series = BTreeMap::from([
-        (key("sluice_requests_total", &[]), 10.0),
-        (key("sluice_responses_total", &[("class", "5xx")]), 2.0),
-        (key("sluice_latency_ms_bucket", &[("le", "5")]), 3.0),
-        (key("sluice_latency_ms_bucket", &[("le", "1")]), 1.0),
-        (key("sluice_latency_ms_bucket", &[("le", "+Inf")]), 10.0),
-        (key("sluice_latency_ms_count", &[]), 10.0),
-        (key("sluice_latency_ms_sum", &[]), 40.0),
-        (key("sluice_outcomes_total", &[("outcome", "click")]), 4.0),
+        // Not a series of the filter's (it counts no exposures): not read.
+        (key("sluice_exposures_total", &[]), 9.0),
+        (key(metrics::REQUESTS, &[]), 10.0),
+        (key(metrics::RESPONSES, &[("class", "5xx")]), 2.0),
         (
-            key("sluice_shadow_agree_total", &[("field", "status")]),
-            7.0,
+            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "5")]),
+            3.0,
         ),
+        (
+            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "1")]),
+            1.0,
+        ),
+        (
+            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "+Inf")]),
+            10.0,
+        ),
+        (key(&format!("{}_count", metrics::LATENCY), &[]), 10.0),
+        (key(&format!("{}_sum", metrics::LATENCY), &[]), 40.0),
+        (key(metrics::OUTCOMES, &[("outcome", "click")]), 4.0),
+        (key(metrics::SHADOW_AGREE, &[("field", "status")]), 7.0),
     ]);
     let reading = Reading {
         unidentified: 0,
@@ -164,6 +172,7 @@ fn a_reading_becomes_a_snapshot() {
     );
     assert_eq!((c.latency.count, c.latency.sum), (10, 40.0));
     assert_eq!(c.outcomes["click"], 4);
+    assert_eq!(c.exposures, None);
     assert_eq!(c.shadow.as_ref().map(|s| s.agree["status"]), Some(7));
     assert_eq!(s.variants["control"], Counters::default());
     assert!(s.check().is_ok());

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use sluice_filter::metrics;
+
 use crate::source::exposition::{self, Format};
 
 /// Failure talking to one Envoy admin endpoint.
@@ -109,9 +111,10 @@ impl Admin {
         // (`wasmcustom.sluice_requests_total.experiment=.=<name>;.;variant=.=<v>;.;`), so Envoy
         // itself leaves out other experiments' series: a proxy serving many experiments
         // answers with the asked-for share only.
-        let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
-        let filter = format!("sluice_[a-z_]+\\.experiment=\\.=({});\\.;", names.join("|"));
-        format!("/stats/prometheus?filter={}", encode(&filter))
+        format!(
+            "/stats/prometheus?filter={}",
+            encode(&experiments_filter(experiments))
+        )
     }
 
     /// [`Admin::sluice_exposition`] with the query made by [`Admin::exposition_query`].
@@ -175,6 +178,19 @@ impl Admin {
 }
 
 /// `s` with the characters special in Envoy's (RE2) regular expressions escaped.
+/// The regex of admin `filter=` that keeps the filter's stats of `experiments` (names
+/// before tag extraction: [`metrics::name`]'s layout).
+pub(crate) fn experiments_filter(experiments: &[&str]) -> String {
+    let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
+    format!(
+        "{}[a-z_]+\\.{}({}){}",
+        regex_escape(metrics::PREFIX),
+        regex_escape(&format!("experiment{}", metrics::TAG_SEPARATOR)),
+        names.join("|"),
+        regex_escape(metrics::TAG_END)
+    )
+}
+
 pub(crate) fn regex_escape(s: &str) -> String {
     s.chars()
         .flat_map(|c| {

@@ -17,13 +17,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use sluice_filter::metrics;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exposition::{self, Format};
 use super::series::{self, Admission, ExperimentId, SeriesId, SeriesKey, Slot, SlotTables, Slots};
 use super::{Identity, Limits, OriginScrape, Source, SourceError};
-use crate::source::admin::{encode, regex_escape};
+use crate::source::admin::{encode, experiments_filter};
 
 mod conn;
 
@@ -117,10 +118,9 @@ fn query(experiments: &[&str]) -> String {
     // itself leaves out other experiments' series: a proxy serving many experiments answers
     // with the asked-for share only. `server.uptime` and `server.hot_restart_epoch` tell
     // one Envoy process from another (see [`Identity`]).
-    let names: Vec<String> = experiments.iter().map(|e| regex_escape(e)).collect();
     let filter = format!(
-        "sluice_[a-z_]+\\.experiment=\\.=({});\\.;|^server\\.(uptime|hot_restart_epoch)$",
-        names.join("|")
+        "{}|^server\\.(uptime|hot_restart_epoch)$",
+        experiments_filter(experiments)
     );
     format!("/stats/prometheus?filter={}", encode(&filter))
 }
@@ -454,7 +454,7 @@ async fn read_answer(
             }
         }
     };
-    let mut reader = exposition::AnyReader::with(format, "sluice_", slots, caps, admit);
+    let mut reader = exposition::AnyReader::with(format, metrics::PREFIX, slots, caps, admit);
     let mut current = 0;
     let mut each = |slot: &Slot, value: f64| {
         if parts

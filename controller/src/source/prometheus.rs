@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use sluice_filter::metrics;
 
 use super::{series, Identity, Limits, OriginScrape, Sample, Source, SourceError};
 
@@ -146,7 +147,8 @@ impl Prometheus {
 impl Source for Prometheus {
     async fn scrape(&self, experiment: &str) -> Result<Vec<OriginScrape>, SourceError> {
         let selector = format!(
-            "{{__name__=~\"sluice_.+\",experiment=\"{}\"}}",
+            "{{__name__=~\"{}.+\",experiment=\"{}\"}}",
+            metrics::PREFIX,
             experiment.replace('\\', "\\\\").replace('"', "\\\"")
         );
         let series = self.query(&selector).await?;

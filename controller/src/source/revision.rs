@@ -111,6 +111,7 @@ fn version_of(value: f64) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::source::Sample;
+    use sluice_filter::metrics;
 
     fn sample(name: &str, experiment: &str, value: f64) -> Sample {
         Sample {
@@ -136,7 +137,7 @@ mod tests {
                 ("variant".into(), "canary".into()),
             ]
             .into(),
-            ..sample("sluice_requests_total", e, 40.0)
+            ..sample(metrics::REQUESTS, e, 40.0)
         };
         let scrapes = [
             scrape(

@@ -1,4 +1,5 @@
 use super::*;
+use sluice_filter::metrics;
 
 fn sample(name: &str, variant: &str, value: f64) -> Sample {
     Sample {
@@ -15,8 +16,8 @@ fn scrape(origin: &str, requests: f64, errors: f64) -> OriginScrape {
     OriginScrape::from_samples(
         origin,
         vec![
-            sample("sluice_requests_total", "canary", requests),
-            sample("sluice_errors_total", "canary", errors),
+            sample(metrics::REQUESTS, "canary", requests),
+            sample(metrics::ERRORS, "canary", errors),
         ],
     )
 }
@@ -46,10 +47,7 @@ fn add(acc: &mut Accumulator, scrapes: &[OriginScrape]) -> Reading {
 fn origins_are_summed_and_origin_labels_dropped() {
     let mut acc = Accumulator::default();
     let r = add(&mut acc, &[scrape("a", 10.0, 1.0), scrape("b", 5.0, 0.0)]);
-    assert_eq!(
-        r.sum("sluice_requests_total", &[("variant", "canary")]),
-        15.0
-    );
+    assert_eq!(r.sum(metrics::REQUESTS, &[("variant", "canary")]), 15.0);
     assert_eq!(r.series.len(), 2);
 }
 
@@ -59,15 +57,15 @@ fn without_identity_a_restart_is_told_by_counters_going_down_and_said_so() {
     add(&mut acc, &[scrape("a", 100.0, 7.0), scrape("b", 50.0, 0.0)]);
     // `a` restarted: its counters start again from small values.
     let r = add(&mut acc, &[scrape("a", 3.0, 7.0), scrape("b", 60.0, 0.0)]);
-    assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 3.0 + 60.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 100.0 + 3.0 + 60.0);
     // Even a counter that happened to be equal is carried once, not twice.
-    assert_eq!(r.sum("sluice_errors_total", &[]), 7.0 + 7.0);
+    assert_eq!(r.sum(metrics::ERRORS, &[]), 7.0 + 7.0);
     assert_eq!(acc.restarts_of("a"), 1);
     assert_eq!(acc.restarts_of("b"), 0);
     assert_eq!(r.restarts, 1);
     assert_eq!(r.unidentified, 2);
     let r = add(&mut acc, &[scrape("a", 10.0, 8.0)]);
-    assert_eq!(r.sum("sluice_requests_total", &[]), 100.0 + 10.0 + 60.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 100.0 + 10.0 + 60.0);
 }
 
 #[test]
@@ -79,32 +77,21 @@ fn a_series_missing_from_one_scrape_keeps_its_last_value_and_is_no_restart() {
             OriginScrape::from_samples(
                 "a",
                 vec![
-                    sample("sluice_requests_total", "stable", stable),
-                    sample("sluice_requests_total", "canary", canary),
+                    sample(metrics::REQUESTS, "stable", stable),
+                    sample(metrics::REQUESTS, "canary", canary),
                 ],
             )
         };
         add(&mut acc, &[id(both(1000.0, 1000.0), 0.0)]);
         add(&mut acc, &[id(both(2000.0, 2000.0), 10.0)]);
         // One scrape without the canary series.
-        let only_stable = OriginScrape::from_samples(
-            "a",
-            vec![sample("sluice_requests_total", "stable", 2500.0)],
-        );
+        let only_stable =
+            OriginScrape::from_samples("a", vec![sample(metrics::REQUESTS, "stable", 2500.0)]);
         let r = add(&mut acc, &[id(only_stable, 20.0)]);
-        assert_eq!(
-            r.sum("sluice_requests_total", &[("variant", "canary")]),
-            2000.0
-        );
+        assert_eq!(r.sum(metrics::REQUESTS, &[("variant", "canary")]), 2000.0);
         let r = add(&mut acc, &[id(both(3000.0, 4000.0), 30.0)]);
-        assert_eq!(
-            r.sum("sluice_requests_total", &[("variant", "stable")]),
-            3000.0
-        );
-        assert_eq!(
-            r.sum("sluice_requests_total", &[("variant", "canary")]),
-            4000.0
-        );
+        assert_eq!(r.sum(metrics::REQUESTS, &[("variant", "stable")]), 3000.0);
+        assert_eq!(r.sum(metrics::REQUESTS, &[("variant", "canary")]), 4000.0);
         assert_eq!(r.restarts, 0, "identified: {identified}");
     }
 }
@@ -116,7 +103,7 @@ fn a_restart_is_told_by_uptime_even_when_counters_did_not_go_down() {
     // 10 s later the proxy is up 5 s: a new process, which already counted 150.
     let r = add(&mut acc, &[told(scrape("a", 150.0, 2.0), 5.0, 10.0)]);
     assert_eq!(r.restarts, 1);
-    assert_eq!(r.sum("sluice_requests_total", &[]), 250.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 250.0);
     assert_eq!(r.unidentified, 0);
     // A hot restart: the epoch went up, uptime did not go down.
     let mut hot = told(scrape("a", 20.0, 0.0), 30.0, 40.0);
@@ -124,10 +111,7 @@ fn a_restart_is_told_by_uptime_even_when_counters_did_not_go_down() {
         id.hot_restart_epoch = 1.0;
     }
     let r = add(&mut acc, &[hot]);
-    assert_eq!(
-        (r.restarts, r.sum("sluice_requests_total", &[])),
-        (2, 270.0)
-    );
+    assert_eq!((r.restarts, r.sum(metrics::REQUESTS, &[])), (2, 270.0));
 }
 
 #[test]
@@ -137,7 +121,7 @@ fn an_endpoint_alternating_between_proxies_is_an_error_for_good_and_inflates_not
     let a = |t: f64, n: f64| told(scrape("lb", n, 0.0), 1000.0 + t, t);
     let b = |t: f64, n: f64| told(scrape("lb", n, 0.0), 400.0 + t, t);
     let first = add(&mut acc, &[a(0.0, 5000.0)]);
-    assert_eq!(first.sum("sluice_requests_total", &[]), 5000.0);
+    assert_eq!(first.sum(metrics::REQUESTS, &[]), 5000.0);
     let err = acc.add(SystemTime::UNIX_EPOCH, &[b(10.0, 2000.0)]).err();
     let err = err.map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("endpoint alternates between proxies"), "{err}");
@@ -184,7 +168,7 @@ fn an_error_of_one_origin_still_folds_in_the_others() {
         .is_err());
     // `b` was folded in regardless; `lb` counts what it had before.
     let r = add(&mut acc, &[scrape("b", 30.0, 0.0)]);
-    assert_eq!(r.sum("sluice_requests_total", &[]), 80.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 80.0);
 }
 
 #[test]
@@ -212,8 +196,8 @@ fn origins_sharing_an_id_list_add_up_as_origins_with_lists_of_their_own() {
     let mut separate = Accumulator::default();
     let own: Vec<OriginScrape> = scrapes.iter().map(own).collect();
     assert_eq!(r, add(&mut separate, &own));
-    assert_eq!(r.sum("sluice_requests_total", &[]), 10.0 + 5.0 + 20.0);
-    assert_eq!(r.sum("sluice_errors_total", &[]), 1.0 + 2.0 + 3.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 10.0 + 5.0 + 20.0);
+    assert_eq!(r.sum(metrics::ERRORS, &[]), 1.0 + 2.0 + 3.0);
 }
 
 #[test]
@@ -228,7 +212,7 @@ fn readings_never_decrease_across_restarts() {
             value + f64::from(step % 7)
         };
         let r = add(&mut acc, &[scrape("a", value, 0.0)]);
-        let total = r.sum("sluice_requests_total", &[]);
+        let total = r.sum(metrics::REQUESTS, &[]);
         assert!(total >= last, "step {step}: {total} < {last}");
         last = total;
     }
@@ -266,7 +250,7 @@ impl Rng {
 #[test]
 fn accumulated_totals_match_the_truth_over_random_histories() {
     let names = ["stable", "canary"];
-    let metrics = ["sluice_requests_total", "sluice_errors_total"];
+    let metrics = [metrics::REQUESTS, metrics::ERRORS];
     for seed in 0..300 {
         let mut rng = Rng::new(seed);
         let mut acc = Accumulator::default();
@@ -336,10 +320,7 @@ fn a_restart_soon_after_the_last_answer_is_a_restart_though_uptime_grew() {
     // Seen up 2 s at t = 0; restarted at t = 1; seen up 9 s at t = 10, counters lower.
     add(&mut acc, &[told(scrape("a", 100.0, 0.0), 2.0, 0.0)]);
     let r = add(&mut acc, &[told(scrape("a", 30.0, 0.0), 9.0, 10.0)]);
-    assert_eq!(
-        (r.restarts, r.sum("sluice_requests_total", &[])),
-        (1, 130.0)
-    );
+    assert_eq!((r.restarts, r.sum(metrics::REQUESTS, &[])), (1, 130.0));
 }
 
 #[test]
@@ -352,10 +333,7 @@ fn the_revision_gauge_is_not_accumulated_and_its_drop_is_no_restart() {
     let at = |requests: f64, rev: f64| {
         OriginScrape::from_samples(
             "a",
-            vec![
-                sample("sluice_requests_total", "canary", requests),
-                revision(rev),
-            ],
+            vec![sample(metrics::REQUESTS, "canary", requests), revision(rev)],
         )
     };
     let mut acc = Accumulator::default();
@@ -364,7 +342,7 @@ fn the_revision_gauge_is_not_accumulated_and_its_drop_is_no_restart() {
     // revision (its bootstrap default): its counters did not go down, so no restart.
     let r = add(&mut acc, &[at(120.0, 0.0)]);
     assert_eq!(acc.restarts_of("a"), 0);
-    assert_eq!(r.sum("sluice_requests_total", &[]), 120.0);
+    assert_eq!(r.sum(metrics::REQUESTS, &[]), 120.0);
     assert_eq!(r.sum(sluice_filter::metrics::CONFIG_REVISION, &[]), 0.0);
     assert!(r
         .series

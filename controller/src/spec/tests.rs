@@ -175,6 +175,20 @@ fn guardrails_are_read_once_into_the_judge_config() {
 }
 
 #[test]
+fn a_per_exposure_metric_is_refused_in_a_rollout() {
+    let text = GOOD.replace(
+        "  sources:",
+        "  guardrails: {business: [{outcome: click}, {outcome: buy, per: exposure}]}\n  sources:",
+    );
+    let got = problems(&text);
+    assert!(
+        got.contains("spec.guardrails.business[1].per: the filter does not count exposures"),
+        "{got}"
+    );
+    assert!(!got.contains("business[0]"), "{got}");
+}
+
+#[test]
 fn the_documented_example_is_a_valid_spec() {
     let doc = include_str!("../../../docs/rollout.md");
     let start = doc

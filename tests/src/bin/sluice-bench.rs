@@ -30,6 +30,7 @@
 //! On a machine with two or more cores the measured Envoys are pinned to CPU 1, and the upstream
 //! Envoy and this process to CPU 0, so the generator never competes with what it measures.
 
+use sluice_filter::metrics;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -546,7 +547,7 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
     for case in &cases {
         let prom = case.envoy.admin().prometheus().await?;
         if case.name == "sluice" {
-            let split = prom.by_label("sluice_requests_total", "variant", &[]);
+            let split = prom.by_label(metrics::REQUESTS, "variant", &[]);
             eprintln!("[bench] Sluice split over the whole run: {split:?}");
             if split.values().sum::<f64>() <= 0.0 {
                 bail!(

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::source::{OriginScrape, Sample, SourceError};
+use sluice_filter::metrics;
 use sluice_filter::metrics::CONFIG_REVISION;
 
 /// One request the API server saw.
@@ -117,7 +118,7 @@ impl Source for Proxies {
             .into_iter()
             .map(|(origin, v)| {
                 let requests = Sample {
-                    name: "sluice_requests_total".into(),
+                    name: metrics::REQUESTS.into(),
                     labels: [
                         ("experiment".to_string(), experiment.to_string()),
                         ("variant".to_string(), "canary".to_string()),

@@ -27,6 +27,7 @@
 //! After each part the driver reads every measured Envoy's cluster stats and checks that the
 //! shadowing cases really copied (nearly) every request, and that `off` copied none.
 
+use sluice_filter::metrics;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -497,10 +498,10 @@ async fn check_copies(cases: &[Case]) -> Result<Vec<Copies>> {
         let mut note = String::new();
         if case.name.starts_with("sluice") {
             let exp = [("experiment", "bench")];
-            let sent = prom.sum("sluice_shadow_requests_total", &exp);
-            let compared = prom.sum("sluice_shadow_compared_total", &exp);
-            let skipped = prom.by_label("sluice_shadow_skipped_total", "reason", &exp);
-            let agree = prom.by_label("sluice_shadow_agree_total", "field", &exp);
+            let sent = prom.sum(metrics::SHADOW_REQUESTS, &exp);
+            let compared = prom.sum(metrics::SHADOW_COMPARED, &exp);
+            let skipped = prom.by_label(metrics::SHADOW_SKIPPED, "reason", &exp);
+            let agree = prom.by_label(metrics::SHADOW_AGREE, "field", &exp);
             note = format!(
                 "filter: {sent} copies sent, {compared} compared, agreeing by field {agree:?}, skipped {skipped:?}"
             );
