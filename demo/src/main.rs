@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sluice_controller::cli::{self, RunOptions};
-use sluice_controller::judge::assess::Assessor;
 use sluice_controller::duration::parse_duration;
+use sluice_controller::judge::assess::Assessor;
 use sluice_demo::models::{ModelServer, Role};
 use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
 

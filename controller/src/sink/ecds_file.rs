@@ -285,7 +285,7 @@ pub struct FileContent {
 /// Reads back a file [`render`] wrote (or a YAML one of the same shape); `Err` says why it is
 /// not one.
 pub fn parse(text: &str) -> Result<FileContent, String> {
-    let doc: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let doc = crate::yaml::to_value(text).map_err(|e| e.to_string())?;
     let version = match &doc["version_info"] {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Number(n) => n.to_string(),
