@@ -1,17 +1,16 @@
 //! Reading the YAML (or JSON) documents a user writes — rollout specs, guardrail files — into a
 //! JSON value, once, before serde turns it into types.
 //!
-//! Two things are settled here, before `serde_yaml` sees the text:
+//! The parser is `serde-saphyr` (pure Rust, maintained; the Kubernetes client already brings
+//! it in), set to read YAML 1.2 as the project always has: `yes`/`on` stay text, `0755` and
+//! `1_000` stay text, a key given twice is an error. Settled here besides:
 //! - a UTF-8 byte-order mark (editors on some systems write one) is dropped, and a document
 //!   with nothing in it is refused instead of read as "all defaults";
-//! - nesting is bounded. libyaml's scanner walks its stack of possible keys, one entry per open
-//!   flow collection, for every token, so deeply nested flow maps (`{a: {a: {a: ...`) cost time
-//!   quadratic in the document (a 250 KB file took 11 s). `serde_yaml` would refuse the depth
-//!   anyway, but only after the whole stream has been scanned. [`check_depth`] runs the same
-//!   parser event by event and stops at the first collection past [`MAX_DEPTH`], so the scan
-//!   never carries more than that many open collections and stays linear.
-
-use std::mem::MaybeUninit;
+//! - nesting is bounded ([`MAX_DEPTH`]), block and flow alike, by the parser's budget, which
+//!   stops at the first collection past the bound: deeply nested flow maps (`{a: {a: ...`)
+//!   are refused while the scan is still shallow, so their cost stays linear in the text;
+//! - the parser's other budgets (events, nodes) are raised far above the default so that the
+//!   largest specs the limits allow are read whole (the spec's own limits bound them).
 
 /// The deepest nesting of collections (maps and lists, block or flow) a document may have:
 /// serde's own limit, far above any spec (which nests about eight levels).
@@ -26,6 +25,8 @@ pub enum YamlError {
     TooDeep { line: u64 },
     #[error("not valid YAML: {0}")]
     Syntax(String),
+    #[error("could not start a thread to read the document: {0}")]
+    Thread(String),
 }
 
 /// The text without a leading byte-order mark.
@@ -33,16 +34,78 @@ pub fn strip_bom(text: &str) -> &str {
     text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
+/// The parser's options: YAML 1.2 scalars, duplicate keys refused, nesting at most
+/// [`MAX_DEPTH`]. Also for the tests' reading of the shipped manifests.
+pub fn options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    // The scanner's own bound on open flow collections, just above the depth bound: the
+    // depth bound is met first and reported with its line.
+    budget.flow_nesting_limit = MAX_DEPTH + 1;
+    budget.max_events = 50_000_000;
+    budget.max_nodes = 25_000_000;
+    serde_saphyr::options! {
+        budget: Some(budget),
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+    }
+}
+
 /// Reads one YAML (or JSON) document as a JSON value.
 pub fn to_value(text: &str) -> Result<serde_json::Value, YamlError> {
     let text = strip_bom(text);
-    check_depth(text)?;
-    let value: serde_json::Value =
-        serde_yaml::from_str(text).map_err(|e| YamlError::Syntax(e.to_string()))?;
-    if value.is_null() && is_blank(text) {
+    if is_blank(text) {
         return Err(YamlError::Empty);
     }
-    Ok(value)
+    // The reader recurses once per level, some 20 KiB a level in a debug build: at the depth
+    // bound that is more than the 2 MiB stack of a test or runtime thread, so it reads on a
+    // thread of its own with room to spare (only the pages used are committed).
+    let read = || {
+        serde_saphyr::from_str_with_options::<serde_json::Value>(text, options()).map_err(|e| {
+            match too_deep(&e) {
+                Some(line) => YamlError::TooDeep { line },
+                None => YamlError::Syntax(e.to_string()),
+            }
+        })
+    };
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("yaml".into())
+            .stack_size(READER_STACK)
+            .spawn_scoped(scope, read)
+            .map_err(|e| YamlError::Thread(e.to_string()))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The stack of the thread that reads a document.
+const READER_STACK: usize = 16 << 20;
+
+/// The line where `e` says the nesting bound was passed: the depth budget, or the scanner's
+/// bound on open flow collections when it runs ahead of the parser.
+fn too_deep(e: &serde_saphyr::Error) -> Option<u64> {
+    use serde_saphyr::granit_parser::ErrorKind;
+    use serde_saphyr::{budget::BudgetBreach, Error, ExternalMessageSource};
+    match e.without_snippet() {
+        Error::Budget {
+            breach: BudgetBreach::Depth { .. },
+            location,
+        } => Some(location.line()),
+        Error::ExternalMessage {
+            source, location, ..
+        } => match source.as_ref() {
+            ExternalMessageSource::Parser(scan)
+                if matches!(scan.kind(), ErrorKind::RecursionLimitExceeded) =>
+            {
+                Some(location.line())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Only whitespace and comments.
@@ -51,55 +114,6 @@ fn is_blank(text: &str) -> bool {
         let l = l.trim();
         l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
     })
-}
-
-/// Parses `text` event by event with libyaml and refuses it at the first collection nested
-/// deeper than [`MAX_DEPTH`]. A syntax error is left for `serde_yaml` to report (same parser,
-/// same message).
-pub fn check_depth(text: &str) -> Result<(), YamlError> {
-    // The parser keeps a pointer to itself once it has its input: it lives on the heap and
-    // never moves.
-    let mut storage: Box<MaybeUninit<unsafe_libyaml::yaml_parser_t>> =
-        Box::new(MaybeUninit::uninit());
-    let parser = storage.as_mut_ptr();
-    // SAFETY: the calls follow libyaml's protocol, as serde_yaml's own loader does: initialize,
-    // set the input (which outlives the parser: `text` is borrowed for this whole function),
-    // parse events, delete each event after reading its type and mark, delete the parser.
-    unsafe {
-        if unsafe_libyaml::yaml_parser_initialize(parser).fail {
-            return Err(YamlError::Syntax("out of memory".into()));
-        }
-        unsafe_libyaml::yaml_parser_set_encoding(parser, unsafe_libyaml::YAML_UTF8_ENCODING);
-        unsafe_libyaml::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as u64);
-        let mut depth = 0usize;
-        let result = loop {
-            let mut event = MaybeUninit::<unsafe_libyaml::yaml_event_t>::uninit();
-            let event = event.as_mut_ptr();
-            if unsafe_libyaml::yaml_parser_parse(parser, event).fail {
-                break Ok(());
-            }
-            let kind = (*event).type_;
-            let line = (*event).start_mark.line + 1;
-            unsafe_libyaml::yaml_event_delete(event);
-            match kind {
-                unsafe_libyaml::YAML_SEQUENCE_START_EVENT
-                | unsafe_libyaml::YAML_MAPPING_START_EVENT => {
-                    depth += 1;
-                    if depth > MAX_DEPTH {
-                        break Err(YamlError::TooDeep { line });
-                    }
-                }
-                unsafe_libyaml::YAML_SEQUENCE_END_EVENT
-                | unsafe_libyaml::YAML_MAPPING_END_EVENT => {
-                    depth = depth.saturating_sub(1);
-                }
-                unsafe_libyaml::YAML_STREAM_END_EVENT => break Ok(()),
-                _ => {}
-            }
-        };
-        unsafe_libyaml::yaml_parser_delete(parser);
-        result
-    }
 }
 
 #[cfg(test)]

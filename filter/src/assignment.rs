@@ -137,6 +137,7 @@ impl Layout {
 
 /// A small, fast generator for per-request draws: a Weyl sequence through the same finalizer
 /// (SplitMix-style). Not cryptographic: it only has to spread requests evenly over buckets.
+/// Hand-written (a few lines over the finalizer above) rather than `rand`, to keep the wasm module small.
 #[derive(Debug, Clone, Copy)]
 pub struct Rng(u64);
 

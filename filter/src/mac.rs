@@ -94,6 +94,7 @@ fn split(b: &[u8; TAG_LEN]) -> (u64, u64) {
 }
 
 /// Compares without an early exit, so response time does not leak how much of a guess matched.
+/// (Hand-written, like the hex below, rather than a crate: a few lines, and the wasm module stays small.)
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -124,7 +125,8 @@ pub fn from_hex(hex: &[u8]) -> Option<[u8; TAG_LEN]> {
     Some(out)
 }
 
-fn nibble(b: u8) -> Option<u8> {
+/// The value of one hex digit, either case.
+pub(crate) fn nibble(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

@@ -4,6 +4,7 @@
 
 use crate::assignment::{bucket, Rng};
 use crate::config::{Experiment, KeySource, MissingKey, Unit};
+use crate::mac::{constant_time_eq, nibble};
 
 /// A host call failed; the request is served the control and the error counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -192,13 +193,14 @@ pub fn query_value(path: &[u8], name: &str) -> Option<Vec<u8>> {
     })
 }
 
+// Hand-written (15 lines) rather than the percent-encoding crate, to keep the wasm module small.
 fn percent_decode(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
         match s[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+            b'%' if i + 2 < s.len() => match (nibble(s[i + 1]), nibble(s[i + 2])) {
                 (Some(h), Some(l)) => {
                     out.push(h << 4 | l);
                     i += 2;
@@ -210,23 +212,6 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Compares secrets without an early exit, so response time does not leak the prefix length.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

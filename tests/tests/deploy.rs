@@ -98,9 +98,10 @@ fn manifests(sha256: &str) -> Vec<Manifest> {
         let text = std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .replace(PLACEHOLDER, sha256);
-        for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let doc: Value = serde::Deserialize::deserialize(de)
-                .unwrap_or_else(|e| panic!("{}#{index}: {e}", file.display()));
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple_with_options(&text, sluice_controller::yaml::options())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (index, doc) in docs.into_iter().enumerate() {
             if doc.is_null() {
                 continue;
             }
@@ -155,7 +156,8 @@ fn crds() -> Vec<Value> {
         .map(|f| {
             let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{e}"));
             let v: Value =
-                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                serde_saphyr::from_str_with_options(&text, sluice_controller::yaml::options())
+                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             v
         })
         .filter(|v| v["kind"] == "CustomResourceDefinition")
@@ -410,7 +412,7 @@ fn validate_core(docs: &[&Manifest]) -> Result<(), String> {
     let mut files = Vec::new();
     for (i, m) in docs.iter().enumerate() {
         let p = dir.path().join(format!("{i}.yaml"));
-        let text = serde_yaml::to_string(&m.doc).map_err(|e| e.to_string())?;
+        let text = serde_saphyr::to_string(&m.doc).map_err(|e| e.to_string())?;
         std::fs::write(&p, text).map_err(|e| e.to_string())?;
         files.push(p);
     }
@@ -906,7 +908,7 @@ fn gateway() -> (Value, Proxy) {
 fn write_config(config: &Value) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.path().join("envoy.yaml");
-    let text = serde_yaml::to_string(config).unwrap_or_else(|e| panic!("{e}"));
+    let text = serde_saphyr::to_string(config).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
     (dir, path)
 }
@@ -1193,10 +1195,11 @@ fn envoyfilter_path_files_agree() {
     );
     assert_eq!(filename, mounted);
     // The ProxyConfig annotation names every label the filter writes, and only those.
-    let proxy_config: Value = serde_yaml::from_str(
+    let proxy_config: Value = serde_saphyr::from_str_with_options(
         template["annotations"]["proxy.istio.io/config"]
             .as_str()
             .unwrap_or_default(),
+        sluice_controller::yaml::options(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let tags: Vec<&str> = proxy_config["extraStatTags"]
@@ -1263,7 +1266,8 @@ fn rollout_in(configmap: &Manifest) -> Value {
     let text = configmap.doc["data"]["rollout.yaml"]
         .as_str()
         .unwrap_or_else(|| panic!("{}: no data.rollout.yaml", configmap.at()));
-    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{}: {e}", configmap.at()))
+    serde_saphyr::from_str_with_options(text, sluice_controller::yaml::options())
+        .unwrap_or_else(|e| panic!("{}: {e}", configmap.at()))
 }
 
 /// The rollout in each ConfigMap is one the controller accepts.

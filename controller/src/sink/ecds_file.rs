@@ -282,25 +282,40 @@ pub struct FileContent {
     pub config: FilterConfig,
 }
 
+/// Why a file is not one [`render`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error(transparent)]
+    Yaml(#[from] crate::yaml::YamlError),
+    #[error("no version_info")]
+    NoVersion,
+    #[error("{0} missing")]
+    Missing(&'static str),
+    #[error("configuration.value: {0}")]
+    Config(String),
+}
+
 /// Reads back a file [`render`] wrote (or a YAML one of the same shape); `Err` says why it is
 /// not one.
-pub fn parse(text: &str) -> Result<FileContent, String> {
-    let doc: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+pub fn parse(text: &str) -> Result<FileContent, FileError> {
+    let doc = crate::yaml::to_value(text)?;
     let version = match &doc["version_info"] {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Number(n) => n.to_string(),
-        _ => return Err("no version_info".into()),
+        _ => return Err(FileError::NoVersion),
     };
     let resource = &doc["resources"][0];
     let name = resource["name"]
         .as_str()
-        .ok_or("resources[0].name missing")?
+        .ok_or(FileError::Missing("resources[0].name"))?
         .to_string();
     let value = resource["typed_config"]["config"]["configuration"]["value"]
         .as_str()
-        .ok_or("resources[0].typed_config.config.configuration.value missing")?;
+        .ok_or(FileError::Missing(
+            "resources[0].typed_config.config.configuration.value",
+        ))?;
     let mut config: FilterConfig =
-        serde_json::from_str(value).map_err(|e| format!("configuration.value: {e}"))?;
+        serde_json::from_str(value).map_err(|e| FileError::Config(e.to_string()))?;
     config.revision = None;
     Ok(FileContent {
         version,
@@ -367,6 +382,19 @@ impl EcdsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_push_says_what_is_missing() {
+        let say = |text: &str| parse(text).map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(say("a: 1\n"), Err("no version_info".into()));
+        assert_eq!(
+            say("version_info: 3\nresources: [{}]\n"),
+            Err("resources[0].name missing".into())
+        );
+        assert_eq!(say(""), Err("the document is empty".into()));
+        let bad = "version_info: '3'\nresources: [{name: x, typed_config: {config: {configuration: {value: 'nope'}}}}]\n";
+        assert!(matches!(parse(bad), Err(FileError::Config(_))));
+    }
 
     #[test]
     fn rendered_file_carries_the_config_as_a_string() {

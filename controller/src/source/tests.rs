@@ -218,28 +218,22 @@ fn readings_never_decrease_across_restarts() {
     }
 }
 
-/// A small deterministic generator (xorshift), so failures replay.
-pub(crate) struct Rng(u64);
+/// A seeded generator (xoshiro256++), so failures replay.
+pub(crate) struct Rng(rand_xoshiro::Xoshiro256PlusPlus);
 
 impl Rng {
     pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        Rng(rand::SeedableRng::seed_from_u64(seed))
     }
 
     /// True with probability `p`.
     pub(crate) fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+        rand::RngExt::random_bool(&mut self.0, p)
     }
 
+    /// Uniform in `0..n` (0 when `n` is 0).
     pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        rand::RngExt::random_range(&mut self.0, 0..n.max(1))
     }
 }
 

@@ -30,19 +30,35 @@ fn nesting_is_bounded_in_flow_and_block_style() {
 }
 
 #[test]
-fn syntax_errors_come_from_serde_yaml() {
+fn syntax_errors_name_the_line() {
     match to_value("a: [1, 2\nb: 3\n") {
         Err(YamlError::Syntax(m)) => assert!(m.contains("line"), "{m}"),
         other => unreachable!("{other:?}"),
     }
 }
 
-/// Deeply nested flow collections cost libyaml time quadratic in their depth: a 250 KB
-/// document of them is refused at the depth bound, before serde_yaml reads it (the time is
-/// measured in docs/benchmarks.md, not asserted here).
+/// A 250 KB document of nested flow collections is refused at the depth bound, while the scan
+/// is still shallow (the time is measured in docs/benchmarks.md, not asserted here).
 #[test]
 fn deep_flow_nesting_is_refused() {
     let n = 250_000 / 4;
     let text = "{a: ".repeat(n) + &"}".repeat(n);
     assert!(matches!(to_value(&text), Err(YamlError::TooDeep { .. })));
+}
+
+/// YAML 1.2 scalars, as specs have always been read: `yes`/`on`/`0755`/`1_000` stay text,
+/// `true`/numbers/`~` are typed, and a key given twice is an error, not a silent overwrite.
+#[test]
+fn scalars_are_read_as_yaml_1_2_and_duplicate_keys_are_refused() {
+    let value = to_value("a: yes\nb: on\nc: 0755\nd: 1_000\ne: true\nf: 1.5\ng: ~\nh: 12\n")
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    assert_eq!(
+        value,
+        serde_json::json!({"a": "yes", "b": "on", "c": "0755", "d": "1_000", "e": true,
+            "f": 1.5, "g": null, "h": 12})
+    );
+    assert!(matches!(
+        to_value("a: 1\nb: 2\na: 3\n"),
+        Err(YamlError::Syntax(_))
+    ));
 }
