@@ -574,18 +574,24 @@ async fn a_canary_that_is_down_or_times_out_trips_with_its_reason() -> anyhow::R
         "an unreachable canary trips for reset or local_reply, got {by_reason:?}"
     );
     drop(envoy);
-    // Timeouts: the canary answers after the route's timeout (asked for by the client).
+    // Timeouts: the canary answers after its route's timeout (100 ms).
     let slow = Upstream::start("canary", |_: &Request| {
         Reply::ok().delay(Duration::from_millis(400))
     })
     .await?;
-    let envoy = self::envoy(stable.port(), slow.port()).await?;
+    let envoy = EnvoyConfig::new("tests/envoy/rollout.yaml")
+        .port_to(10001, stable.port())
+        .port_to(10002, slow.port())
+        .ecds("tests/envoy/rollout")
+        .replace(
+            "route: { cluster: canary }",
+            "route: { cluster: canary, timeout: 0.1s }",
+        )
+        .concurrency(2)
+        .start()
+        .await?;
     push(&envoy, &config(50.0, Some(breaker()), 10)?, 10).await?;
-    let timeout = vec![(
-        "x-envoy-upstream-rq-timeout-ms".to_string(),
-        "100".to_string(),
-    )];
-    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"), 200, 100_000, timeout);
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"), 200, 100_000, vec![]);
     wait_until(
         Duration::from_secs(30),
         "the breaker trips on timeouts",
