@@ -150,7 +150,7 @@ impl Faulty {
         let failing = self.failing.clone();
         move |_: &Request| {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            if failing.load(Ordering::Relaxed) && i % every == 0 {
+            if failing.load(Ordering::Relaxed) && i.is_multiple_of(every) {
                 let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
                 f.get_or_insert_with(Instant::now);
                 return Reply::status(status).header("x-upstream", "canary");
