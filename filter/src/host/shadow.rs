@@ -2,10 +2,11 @@
 //!
 //! A copy's life: the stream captures headers (and body chunks as they pass, without holding
 //! them back) → at the end of the request it is queued → the root context's tick sends it
-//! with `dispatch_http_call`. The tick runs only while there is something to send: the first
-//! queued copy starts it, a tick that finds nothing queued stops it, because an idle timer is
-//! not free — every tick wakes the worker and enters the VM (docs/benchmarks.md, "What
-//! shadowing costs"). Sending from the root context is deliberate: Envoy cancels a
+//! with `dispatch_http_call`. The fast tick runs only while there is something to send: the
+//! first queued copy starts it, a tick that finds nothing queued stops it (back to the
+//! breaker's slower period if the plan has a breaker, else off), because an idle timer is not
+//! free — every tick wakes the worker and enters the VM (docs/benchmarks.md, "What shadowing
+//! costs"). Sending from the root context is deliberate: Envoy cancels a
 //! context's outstanding calls when that context ends, and a stream context ends as soon as
 //! the client has its answer, which must never wait for the shadow. The root context lives
 //! as long as the plugin, so the shadow's answer always comes back, to the root. The
