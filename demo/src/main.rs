@@ -16,7 +16,6 @@ use clap::{Args, Parser, Subcommand};
 use sluice_controller::assess::Assessor;
 use sluice_controller::cli::{self, RunOptions};
 use sluice_controller::duration::parse_duration;
-use sluice_controller::judge::assess::Assessor;
 use sluice_demo::models::{ModelServer, Role};
 use sluice_demo::recorder::{Recorder, RecorderConfig, RoutingProbe, Series};
 
