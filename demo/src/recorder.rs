@@ -18,6 +18,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use sluice_controller::source::exposition::{self, Sample};
+use sluice_filter::metrics;
 use tokio::sync::watch;
 
 /// A cumulative histogram: counts of observations `<= le[i]` (the last bound is `+Inf`).
@@ -148,6 +149,12 @@ pub struct VariantPoint {
     /// Prediction values × the filter's scale (1000 in the demo).
     pub prediction: Histogram,
     pub shadow: ShadowCounters,
+    /// `sluice_breaker_tripped`: 1 while the filter's breaker keeps this variant out.
+    #[serde(default)]
+    pub breaker_tripped: f64,
+    /// `sluice_breaker_trips_total` by `reason`.
+    #[serde(default)]
+    pub breaker_trips: BTreeMap<String, f64>,
 }
 
 impl VariantPoint {
@@ -202,6 +209,9 @@ pub struct Series {
     pub started_at: f64,
     /// Unix seconds when the scenario's fault was switched on.
     pub fault_injected_at: Option<f64>,
+    /// The experiment's `breaker` section, if it had one.
+    #[serde(default)]
+    pub breaker: Option<serde_json::Value>,
     pub points: Vec<Point>,
     /// Envoy's requests to the treatment's cluster, polled every few tens of milliseconds:
     /// when Envoy last routed a user there, from the proxy's side.
@@ -251,6 +261,10 @@ pub fn variants_of(samples: &[Sample], experiment: &str) -> BTreeMap<String, Var
             "sluice_missing_key_total" => v.missing_key += s.value,
             "sluice_events_total" => v.events += s.value,
             "sluice_outcomes_total" => *v.outcomes.entry(label("outcome")).or_default() += s.value,
+            metrics::BREAKER_TRIPPED => v.breaker_tripped += s.value,
+            metrics::BREAKER_TRIPS => {
+                *v.breaker_trips.entry(label("reason")).or_default() += s.value
+            }
             "sluice_shadow_requests_total" => v.shadow.requests += s.value,
             "sluice_shadow_compared_total" => v.shadow.compared += s.value,
             "sluice_shadow_errors_total" => v.shadow.errors += s.value,
@@ -395,6 +409,7 @@ impl Recorder {
             scenario: config.scenario.clone(),
             started_at: unix_now(),
             fault_injected_at: None,
+            breaker: None,
             points: Vec::new(),
             treatment_routing: None,
             treatment_last_arrival_at: None,

@@ -62,6 +62,29 @@ impl Scenario {
         }
     }
 
+    /// The outcome a correct controller reaches when the experiment has the filter's breaker:
+    /// the error spike's hard failures trip it in the data plane before the judge's verdict.
+    pub fn expected_with(self, breaker: bool) -> &'static str {
+        match self {
+            Scenario::ErrorSpike if breaker => {
+                "rolled back by the data plane: the filter's breaker takes the canary out first (cause breaker)"
+            }
+            _ => self.expected(),
+        }
+    }
+
+    /// [`Scenario::expectation`] when the experiment has the filter's breaker.
+    pub fn expectation_with(self, breaker: bool) -> Expectation {
+        match self {
+            Scenario::ErrorSpike if breaker => Expectation {
+                phase: "rolled_back".into(),
+                weight: Some(0.0),
+                reason_mentions: vec!["breaker".into()],
+            },
+            _ => self.expectation(),
+        }
+    }
+
     /// The end state, checkable: final phase, weight, and the guardrails the reason must name.
     pub fn expectation(self) -> Expectation {
         let rolled_back = |mentions: &[&str]| Expectation {
