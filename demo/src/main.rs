@@ -140,6 +140,10 @@ struct RunArgs {
     /// report shows where traffic went afterwards.
     #[arg(long, value_parser = duration_arg, default_value = "3s")]
     tail: Duration,
+    /// The error spike's share of the canary's answers that are 500 once the fault is on
+    /// (default: the scenario's).
+    #[arg(long)]
+    error_rate: Option<f64>,
     /// Run without the filter's breaker: only the controller takes a bad canary out.
     #[arg(long)]
     no_breaker: bool,
@@ -361,6 +365,7 @@ async fn start_models(
     seed: u64,
     ports: &Ports,
     faulty_from_start: bool,
+    error_rate: Option<f64>,
 ) -> anyhow::Result<Vec<ModelServer>> {
     let mut out = Vec::new();
     for (role, port) in [
@@ -369,7 +374,7 @@ async fn start_models(
         (Role::Shadow, ports.shadow),
     ] {
         let behaviour = if faulty_from_start {
-            scenario.faulty(role)
+            scenario.faulty_with(role, error_rate)
         } else {
             scenario.initial(role)
         };
@@ -386,7 +391,7 @@ async fn models_only(
     fault_after: Option<Duration>,
 ) -> anyhow::Result<()> {
     let ports = Ports::default().offset(port_offset);
-    let models = start_models(scenario, seed, &ports, false).await?;
+    let models = start_models(scenario, seed, &ports, false, None).await?;
     for m in &models {
         println!(
             "{:<6} http://{}/predict  {:?}",
@@ -490,6 +495,7 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
         args.seed,
         &ports,
         trigger == Some(FaultTrigger::FromStart),
+        args.error_rate,
     )
     .await?;
     let envoy = EnvoyProcess::start(&envoy_bin, &run, Duration::from_secs(60)).await?;
@@ -533,6 +539,7 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
     let injector = tokio::spawn(inject_fault(
         FaultPlan {
             scenario,
+            error_rate: args.error_rate,
             breaker,
             trigger,
             fixed_weight: weight,
@@ -639,6 +646,8 @@ fn now() -> f64 {
 /// What to inject and when.
 struct FaultPlan {
     scenario: Scenario,
+    /// The error spike's share of 500s, if not the scenario's.
+    error_rate: Option<f64>,
     /// The experiment has the filter's breaker.
     breaker: bool,
     trigger: Option<FaultTrigger>,
@@ -657,6 +666,7 @@ async fn inject_fault(
 ) -> (Option<f64>, Vec<ModelServer>) {
     let FaultPlan {
         scenario,
+        error_rate,
         breaker,
         trigger,
         fixed_weight,
@@ -693,7 +703,7 @@ async fn inject_fault(
                     }
                 }
                 for m in &models {
-                    m.set_behaviour(scenario.faulty(m.role()));
+                    m.set_behaviour(scenario.faulty_with(m.role(), error_rate));
                 }
                 fault_at = Some(now());
                 println!(
