@@ -145,6 +145,10 @@ fn a_reading_becomes_a_snapshot() {
             key("sluice_shadow_agree_total", &[("field", "status")]),
             7.0,
         ),
+        (
+            key("sluice_breaker_trips_total", &[("reason", "reset")]),
+            1.0,
+        ),
     ]);
     let reading = Reading {
         unidentified: 0,
@@ -165,6 +169,7 @@ fn a_reading_becomes_a_snapshot() {
     assert_eq!((c.latency.count, c.latency.sum), (10, 40.0));
     assert_eq!(c.outcomes["click"], 4);
     assert_eq!(c.shadow.as_ref().map(|s| s.agree["status"]), Some(7));
+    assert_eq!(c.breaker_trips, BTreeMap::from([("reset".to_string(), 1)]));
     assert_eq!(s.variants["control"], Counters::default());
     assert!(s.check().is_ok());
 }
