@@ -9,7 +9,7 @@
 //! counts = requests u32 | failures u32 × KINDS   (saturated at u32::MAX)
 //! ```
 //!
-//! With 16 variants that is about 3.9 KiB per experiment. Decoding checks every length and
+//! With 16 variants that is at most about 4.3 KiB per experiment. Decoding checks every length and
 //! value and returns `None` on anything malformed, so corrupt or foreign bytes are ignored
 //! rather than trusted.
 
