@@ -434,9 +434,9 @@ fn breaker_seen_after(s: &Series, fault_at: f64) -> Option<f64> {
     let before = s
         .points
         .iter()
+        .rev()
         .filter(|p| p.at <= fault_at)
-        .filter_map(trips)
-        .last()
+        .find_map(trips)
         .unwrap_or(0.0);
     s.points
         .iter()
