@@ -374,8 +374,9 @@ impl Default for Schedule {
 pub const DEMO_BREAKER_MIN_REQUESTS: u64 = 50;
 
 /// The demo's breaker: the canary's failure rate must exceed this (and 3 × stable's). Below
-/// the filter's default of 5 %, so the error spike's 20 % of 500s trips it in about 1.5 s at
-/// the 10 % stage (≈ 30 canary requests per second), before the controller's next looks.
+/// the filter's default of 5 %, so the error spike's 20 % of 500s trips it within a few
+/// seconds at the 10 % stage (≈ 30 canary requests per second), before the judge, which
+/// first needs post-warm-up evidence, fails it (the scenario test checks the order).
 pub const DEMO_BREAKER_MAX_ERROR_RATE: f64 = 0.03;
 
 /// A `breaker` section: a 10 s window, the control ratio 3 and the default significance.
