@@ -301,7 +301,12 @@ impl Window {
         if let Some(k) = failure {
             c.failures[k.index()] = 1;
         }
-        self.add_counts(now_ms / self.bucket_ms, variant, &c);
+        self.add(now_ms, variant, &c);
+    }
+
+    /// Counts many requests of `variant` at once (simulations, tests).
+    pub fn add(&mut self, now_ms: u64, variant: usize, counts: &Counts) {
+        self.add_counts(now_ms / self.bucket_ms, variant, counts);
     }
 
     fn add_counts(&mut self, id: u64, variant: usize, c: &Counts) {
@@ -442,12 +447,29 @@ pub fn judge(
         return Verdict::Hold;
     }
     let alpha = params.significance / BUCKETS as f64;
-    for buckets in 1..=BUCKETS {
-        let counts = window.suffix(now_ms, buckets);
-        let (Some(t), Some(c)) = (counts.get(variant), counts.get(control)) else {
-            return Verdict::Hold;
+    let now = now_ms / window.bucket_ms;
+    let (mut t, mut c) = (Counts::default(), Counts::default());
+    let add = |t: &mut Counts, c: &mut Counts, s: &Slot| {
+        if let (Some(st), Some(sc)) = (s.counts.get(variant), s.counts.get(control)) {
+            t.add(st);
+            c.add(sc);
+        }
+    };
+    // The suffixes grow one bucket at a time, as `Window::suffix` counts them: buckets
+    // stamped after `now` belong to all of them.
+    for s in window.slots.iter().filter(|s| s.id > now) {
+        add(&mut t, &mut c, s);
+    }
+    for age in 0..BUCKETS as u64 {
+        let Some(id) = now.checked_sub(age) else {
+            break;
         };
-        if let Some(trip) = test(params, alpha, t, c) {
+        if let Some(s) = window.slots.get((id % BUCKETS as u64) as usize) {
+            if s.id == id {
+                add(&mut t, &mut c, s);
+            }
+        }
+        if let Some(trip) = test(params, alpha, &t, &c) {
             return Verdict::Trip(Trip {
                 variant,
                 at_ms: now_ms,
