@@ -552,6 +552,7 @@ where
         }
         let restarted = loaded.is_some();
         let state = loaded.unwrap_or_else(|| State::new(&name, now));
+        let confirmed = (restarted && state.pending.is_none()).then_some(state.version);
         let stages = plan.stages.iter().map(|s| s.weight).collect();
         let status = Status::initial(&name, stages, state.clone(), &plan, now);
         let (status_tx, status_rx) = watch::channel(status.clone());
@@ -573,6 +574,7 @@ where
             cross_grace,
             breaker: breaker::Watch::default(),
             cause: None,
+            confirmed,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
         Ok((
@@ -614,6 +616,9 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     breaker: breaker::Watch,
     /// The cause of a rollback the input being applied may make (see [`EventRecord::cause`]).
     cause: Option<&'static str>,
+    /// The version the proxies confirmed last, when this process knows it (the state keeps
+    /// only the last version pushed).
+    confirmed: Option<u64>,
 }
 
 /// Requests (all variants) since the confirmation before the observed split is compared with
@@ -808,7 +813,14 @@ where
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
             let now = self.task.clock.now();
+            let confirming = match &input {
+                Input::PushConfirmed { version } => Some(*version),
+                _ => None,
+            };
             let effects = rollout::step(&mut self.state, &self.plan, input, now);
+            if confirming.is_some() && self.state.pending.is_none() {
+                self.confirmed = confirming;
+            }
             // Persist before acting: a crash between the two replays the decision safely.
             self.task.store.save(&self.state).await?;
             for effect in effects {
@@ -1015,11 +1027,11 @@ where
         }
     }
 
-    /// The push versions of this rollout a proxy may serve now: the confirmed one and the one
-    /// under way.
+    /// The push versions of this rollout a proxy may serve now: the last one pushed (confirmed
+    /// or under way) and the last one confirmed.
     fn versions(&self) -> Vec<u64> {
         let mut v = vec![self.state.version];
-        v.extend(self.state.pending.as_ref().map(|p| p.version));
+        v.extend(self.confirmed.filter(|c| *c != self.state.version));
         v
     }
 
