@@ -26,7 +26,10 @@ pub enum DurationError {
     UnknownUnit { unit: String, shown: String },
     #[error("{shown} is not a valid duration")]
     Invalid { shown: String },
-    #[error("{shown} is longer than the longest duration accepted ({})", format_duration(MAX_DURATION))]
+    #[error(
+        "{shown} is longer than the longest duration accepted ({})",
+        format_duration(MAX_DURATION)
+    )]
     TooLong { shown: String },
 }
 

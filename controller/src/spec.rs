@@ -857,8 +857,10 @@ pub fn check_filter_config(text: &str) -> Result<Plan, String> {
     Plan::from_json(text.as_bytes()).map_err(|e| e.to_string())
 }
 
-pub use crate::duration::{deserialize as deserialize_duration, format_duration, parse_duration, MAX_DURATION};
 use crate::duration::{as_text as duration, opt_as_text as opt_duration};
+pub use crate::duration::{
+    deserialize as deserialize_duration, format_duration, parse_duration, MAX_DURATION,
+};
 
 #[cfg(test)]
 pub(crate) mod tests;

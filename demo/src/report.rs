@@ -230,9 +230,7 @@ pub struct Summary {
 
 /// Wilson score interval for `successes` out of `n` at 95 %.
 pub fn wilson(successes: f64, n: f64) -> Option<(f64, f64)> {
-    (n > 0.0).then(|| {
-        sluice_controller::judge::sequential::wilson(successes.clamp(0.0, n), n, Z95)
-    })
+    (n > 0.0).then(|| sluice_controller::judge::sequential::wilson(successes.clamp(0.0, n), n, Z95))
 }
 
 fn points_with_envoy(series: &Series) -> Vec<(&Point, &BTreeMap<String, VariantPoint>)> {

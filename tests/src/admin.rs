@@ -101,12 +101,11 @@ impl Samples {
     /// Parses the text format (comments skipped, label values unescaped, timestamps ignored)
     /// with the controller's reader, so the tests read Envoy's answers as the controller does.
     pub fn parse(text: &str) -> Result<Samples> {
-        let samples = sluice_controller::source::exposition::parse(text, "").map_err(|e| {
-            Error::Parse {
+        let samples =
+            sluice_controller::source::exposition::parse(text, "").map_err(|e| Error::Parse {
                 what: format!("prometheus exposition, {}", e.at),
                 reason: e.reason,
-            }
-        })?;
+            })?;
         Ok(Samples(
             samples
                 .into_iter()

@@ -27,7 +27,13 @@ fn documented_forms_are_read() {
 
 #[test]
 fn other_units_and_malformed_text_are_refused_with_the_text_named() {
-    for (text, unit) in [("1d", "d"), ("2w", "w"), ("3M", "M"), ("1e5", "e"), ("5 min", "min")] {
+    for (text, unit) in [
+        ("1d", "d"),
+        ("2w", "w"),
+        ("3M", "M"),
+        ("1e5", "e"),
+        ("5 min", "min"),
+    ] {
         assert_eq!(
             parse_duration(text),
             Err(DurationError::UnknownUnit {

@@ -501,8 +501,8 @@ mod seconds {
 
     pub fn serialize<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         // A value set in code may be anything: clamp instead of panicking.
-        let d =
-            std::time::Duration::try_from_secs_f64(v.max(0.0)).unwrap_or(crate::duration::MAX_DURATION);
+        let d = std::time::Duration::try_from_secs_f64(v.max(0.0))
+            .unwrap_or(crate::duration::MAX_DURATION);
         s.serialize_str(&crate::duration::format_duration(d))
     }
 

@@ -123,8 +123,16 @@ pub fn wilson(x: f64, n: f64, z: f64) -> (f64, f64) {
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
     // At x = 0 (x = n) the bound is exactly 0 (1); the subtraction would leave rounding dust.
-    let lo = if x <= 0.0 { 0.0 } else { (centre - half).max(0.0) };
-    let hi = if x >= n { 1.0 } else { (centre + half).min(1.0) };
+    let lo = if x <= 0.0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if x >= n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
     (lo, hi)
 }
 

@@ -996,5 +996,8 @@ fn histogram_quantile_interpolates_and_says_when_it_is_past_the_last_bound() {
         Some(BucketQuantile::Beyond(40.0))
     );
     assert_eq!(histogram_quantile(finite, 0.0, 0.5), None);
-    assert_eq!(histogram_quantile([], 3.0, 0.5), Some(BucketQuantile::Beyond(0.0)));
+    assert_eq!(
+        histogram_quantile([], 3.0, 0.5),
+        Some(BucketQuantile::Beyond(0.0))
+    );
 }
