@@ -427,6 +427,14 @@ pub fn metrics(all: &[Status]) -> String {
             .collect(),
     );
     family(
+        "sluice_rollout_breaker_tripped",
+        "gauge",
+        "1 once the filter's breaker took the rollout's treatment out of traffic (the rollout was rolled back by the data plane).",
+        all.iter()
+            .map(|s| (r(s), f64::from(u8::from(s.breaker.is_some()))))
+            .collect(),
+    );
+    family(
         "sluice_rollout_push_errors_total",
         "counter",
         "Pushes that failed or were rejected.",

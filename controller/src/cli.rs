@@ -509,11 +509,30 @@ pub fn progress_line(s: &Status) -> String {
     if let Some(h) = &s.state.hold {
         line.push_str(&format!("  HELD: {h}"));
     }
+    if let Some(t) = &s.breaker {
+        line.push_str(&format!("  BREAKER: {}", breaker_text(t)));
+    }
     line.push_str(&format!("  judge: {}", judgement_text(&s.last_judgement)));
     if let Some(e) = &s.error {
         line.push_str(&format!("  STOPPED: {e}"));
     }
     line
+}
+
+/// A breaker trip in a few words: variant, failure kind, trips and proxies.
+fn breaker_text(t: &crate::daemon::breaker::Trip) -> String {
+    let n: u64 = t.trips.values().sum();
+    format!(
+        "{} tripped in the data plane{} ({n} trip{}, gauge up on {} prox{})",
+        t.variant,
+        t.reason
+            .as_deref()
+            .map(|r| format!(" on {r}"))
+            .unwrap_or_default(),
+        if n == 1 { "" } else { "s" },
+        t.tripped_on.len(),
+        if t.tripped_on.len() == 1 { "y" } else { "ies" }
+    )
 }
 
 /// `sluice status`: a table of every rollout of a running daemon.
@@ -560,6 +579,12 @@ pub async fn status(endpoint: &str) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             state
         );
+        if let Ok(t) = serde_json::from_value(s["breaker"].clone()) {
+            println!(
+                "  breaker: {}: rolled back, cause breaker",
+                breaker_text(&t)
+            );
+        }
         for line in proxy_lines(&s) {
             println!("  {line}");
         }
@@ -656,4 +681,36 @@ pub async fn control(
     }
     println!("{name}: {}", body.trim());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breaker_trip_shows_in_the_progress_line_and_survives_the_status_json() {
+        let trip = crate::daemon::breaker::Trip {
+            variant: "canary".into(),
+            reason: Some("5xx".into()),
+            trips: BTreeMap::from([("5xx".into(), 2), ("reset".into(), 1)]),
+            tripped_on: vec!["http://a".into()],
+            seen_at: 5.0,
+        };
+        let mut s = Status::stopped("r", vec![10.0], "x".into());
+        s.error = None;
+        assert!(!progress_line(&s).contains("BREAKER"));
+        s.breaker = Some(trip.clone());
+        let line = progress_line(&s);
+        assert!(
+            line.contains(
+                "BREAKER: canary tripped in the data plane on 5xx (3 trips, gauge up on 1 proxy)"
+            ),
+            "{line}"
+        );
+        // What `sluice status` reads back from `/status`.
+        let json = serde_json::to_value(&s).unwrap_or_default();
+        let back: crate::daemon::breaker::Trip =
+            serde_json::from_value(json["breaker"].clone()).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(back, trip);
+    }
 }

@@ -347,6 +347,10 @@ pub struct Status {
     /// filled in when `/status` is asked ([`Handle::status_now`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub proxies: Vec<crate::sink::ecds_grpc::SinkProxies>,
+    /// The trip of the treatment by the filter's breaker, once the controller saw one (the
+    /// rollout was then rolled back by the data plane; see [`breaker`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<breaker::Trip>,
 }
 
 /// A notable event, as kept in the status and written to the audit log.
@@ -356,6 +360,9 @@ pub struct EventRecord {
     pub kind: EventKind,
     pub message: String,
     pub weight: f64,
+    /// For a rollback: what caused it (`breaker`, `judge`, `operator`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<&'static str>,
 }
 
 /// Most recent events kept in the status.
@@ -483,6 +490,7 @@ impl Status {
             events: Arc::default(),
             error: None,
             proxies: Vec::new(),
+            breaker: None,
         }
     }
 
@@ -544,6 +552,7 @@ where
         }
         let restarted = loaded.is_some();
         let state = loaded.unwrap_or_else(|| State::new(&name, now));
+        let confirmed = (restarted && state.pending.is_none()).then_some(state.version);
         let stages = plan.stages.iter().map(|s| s.weight).collect();
         let status = Status::initial(&name, stages, state.clone(), &plan, now);
         let (status_tx, status_rx) = watch::channel(status.clone());
@@ -563,6 +572,9 @@ where
             unverified: None,
             cross: crosscheck::CrossCheck::default(),
             cross_grace,
+            breaker: breaker::Watch::default(),
+            cause: None,
+            confirmed,
         };
         let join = tokio::spawn(runner.run(cmd_rx, shutdown, restarted, exit_when_final));
         Ok((
@@ -600,6 +612,13 @@ struct Runner<S: Source, K: Sink, A: Assess, C: Clock> {
     cross: crosscheck::CrossCheck,
     /// Seconds after a confirmation a proxy may still report the version before.
     cross_grace: f64,
+    /// New trips of the filter's breaker.
+    breaker: breaker::Watch,
+    /// The cause of a rollback the input being applied may make (see [`EventRecord::cause`]).
+    cause: Option<&'static str>,
+    /// The version the proxies confirmed last, when this process knows it (the state keeps
+    /// only the last version pushed).
+    confirmed: Option<u64>,
 }
 
 /// Requests (all variants) since the confirmation before the observed split is compared with
@@ -691,6 +710,8 @@ where
     ) -> Result<State, TaskError> {
         tokio::pin!(shutdown);
         if restarted {
+            // Before the restart's push clears it: a trip made while no controller ran.
+            self.check_breaker_on_restart().await?;
             self.apply(Input::Restarted).await?;
         }
         let period = self.task.checked.rollout.spec.schedule.interval;
@@ -781,10 +802,25 @@ where
 
     /// Steps the machine, persists, then carries out the effects (pushes feed back in).
     async fn apply(&mut self, input: Input) -> Result<(), TaskError> {
+        let cause = match &input {
+            Input::Command(Command::Abort) => Some("operator"),
+            Input::Judged {
+                judgement: Judgement::Fail { .. },
+                ..
+            } => Some(self.cause.unwrap_or("judge")),
+            _ => None,
+        };
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
             let now = self.task.clock.now();
+            let confirming = match &input {
+                Input::PushConfirmed { version } => Some(*version),
+                _ => None,
+            };
             let effects = rollout::step(&mut self.state, &self.plan, input, now);
+            if confirming.is_some() && self.state.pending.is_none() {
+                self.confirmed = confirming;
+            }
             // Persist before acting: a crash between the two replays the decision safely.
             self.task.store.save(&self.state).await?;
             for effect in effects {
@@ -794,7 +830,10 @@ where
                         weight,
                         shadow,
                     } => queue.push(self.push(version, weight, shadow).await),
-                    Effect::Event { kind, message } => self.event(kind, message).await?,
+                    Effect::Event { kind, message } => {
+                        let cause = cause.filter(|_| kind == EventKind::RolledBack);
+                        self.event(kind, message, cause).await?
+                    }
                 }
             }
         }
@@ -852,12 +891,26 @@ where
         let experiment = spec.experiment.name.clone();
         let now = self.task.clock.now();
         let scraped = self.task.source.scrape(&experiment).await;
+        let treatment = self.task.checked.treatment.clone();
+        let tripped_on = match &scraped {
+            Ok(s) => breaker::tripped_proxies(s, &experiment, &treatment, &self.versions()),
+            Err(_) => Vec::new(),
+        };
         let crossed = match &scraped {
             Ok(s) => self.cross_check(s, now).await?,
             Err(_) => None,
         };
         // An origin whose answers come from different proxies is an error too.
         let scraped = scraped.and_then(|s| self.accumulator.add(system_time(now), &s));
+        let trips = match &scraped {
+            Ok(reading) => self.breaker.new_trips(reading, &experiment, &treatment),
+            Err(_) => BTreeMap::new(),
+        };
+        if let Some(trip) = breaker::Trip::of(&treatment, trips, tripped_on, now) {
+            // The data plane already took the treatment out: whatever the judge would say,
+            // the rollout goes back to 0 and never raises again.
+            return self.tripped(trip).await;
+        }
         let mut diverged = None;
         let (mut assessment, data_at) = match scraped {
             Ok(reading) => {
@@ -974,13 +1027,68 @@ where
         }
     }
 
-    async fn event(&mut self, kind: EventKind, message: String) -> Result<(), TaskError> {
+    /// The push versions of this rollout a proxy may serve now: the last one pushed (confirmed
+    /// or under way) and the last one confirmed.
+    fn versions(&self) -> Vec<u64> {
+        let mut v = vec![self.state.version];
+        v.extend(self.confirmed.filter(|c| *c != self.state.version));
+        v
+    }
+
+    /// Rolls back for a breaker trip the data plane made.
+    async fn tripped(&mut self, trip: breaker::Trip) -> Result<(), TaskError> {
+        tracing::warn!(rollout = %self.status.name, variant = %trip.variant, reason = ?trip.reason, trips = ?trip.trips, proxies = ?trip.tripped_on, "the filter's breaker tripped the treatment");
+        let reason = trip.describe();
+        self.status.breaker = Some(trip);
+        self.cause = Some("breaker");
+        let applied = self
+            .apply(Input::Judged {
+                judgement: Judgement::Fail { reason },
+                data_at: self.task.clock.now(),
+            })
+            .await;
+        self.cause = None;
+        applied
+    }
+
+    /// After a restart: reads the proxies once for a trip of the versions the persisted state
+    /// names (the counter cannot show it as new: its baseline is taken now).
+    async fn check_breaker_on_restart(&mut self) -> Result<(), TaskError> {
+        if self.state.phase.is_final() || self.state.phase == Phase::Pending {
+            return Ok(());
+        }
+        let spec = &self.task.checked.rollout.spec;
+        let experiment = spec.experiment.name.clone();
+        let Ok(scrapes) = self.task.source.scrape(&experiment).await else {
+            return Ok(());
+        };
+        let treatment = self.task.checked.treatment.clone();
+        let tripped_on =
+            breaker::tripped_proxies(&scrapes, &experiment, &treatment, &self.versions());
+        let now = self.task.clock.now();
+        match breaker::Trip::of(&treatment, BTreeMap::new(), tripped_on, now) {
+            Some(trip) => self.tripped(trip).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn event(
+        &mut self,
+        kind: EventKind,
+        message: String,
+        cause: Option<&'static str>,
+    ) -> Result<(), TaskError> {
         let at = self.task.clock.now();
         let record = EventRecord {
             at,
             kind,
             message: message.clone(),
             weight: self.state.weight,
+            cause,
+        };
+        let breaker = match cause {
+            Some("breaker") => serde_json::to_value(&self.status.breaker).ok(),
+            _ => None,
         };
         tracing::info!(rollout = %self.status.name, ?kind, %message, "rollout event");
         self.task
@@ -988,7 +1096,7 @@ where
             .audit(&serde_json::json!({
                 "at": at, "rollout": self.status.name, "record": "decision",
                 "kind": kind, "message": message, "phase": self.state.phase,
-                "weight": self.state.weight,
+                "weight": self.state.weight, "cause": cause, "breaker": breaker,
             }))
             .await?;
         self.task.notifier.send(Notice {
@@ -997,6 +1105,7 @@ where
             message,
             at,
             weight: self.state.weight,
+            cause,
         });
         let events = Arc::make_mut(&mut self.status.events);
         events.push(record);
@@ -1028,6 +1137,7 @@ fn control_of(checked: &Checked) -> String {
 /// Statuses of several rollouts by name, for the HTTP endpoint.
 pub type Registry = Arc<BTreeMap<String, Handle>>;
 
+pub mod breaker;
 mod crosscheck;
 
 #[cfg(test)]

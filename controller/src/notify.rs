@@ -20,6 +20,10 @@ pub struct Notice {
     pub at: f64,
     /// Confirmed treatment weight when the event happened.
     pub weight: f64,
+    /// For a rollback: what caused it (`breaker`: the filter's breaker took the treatment out
+    /// of traffic; `judge`: a guardrail failed; `operator`: an abort).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<&'static str>,
 }
 
 impl Notice {

@@ -18,6 +18,7 @@ use crate::judge::{Decision, Judge, Kind, Label};
 use crate::plan;
 use crate::snapshot::{Bucket, Counters, Histogram, Snapshot};
 
+pub mod breaker;
 pub mod rng;
 
 use rng::Rng;
@@ -52,6 +53,15 @@ pub struct SimulateArgs {
     pub threads: Option<usize>,
     #[arg(long)]
     pub json: bool,
+    #[command(subcommand)]
+    pub what: Option<SimulateWhat>,
+}
+
+/// What `sluice simulate` simulates instead of the judge's rollouts.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SimulateWhat {
+    /// The filter's data-plane breaker: false trips at A/A, time to trip under faults.
+    Breaker(breaker::BreakerArgs),
 }
 
 /// Simulation failure.
@@ -65,6 +75,8 @@ pub enum SimulateError {
     Output(#[from] std::io::Error),
     #[error("encoding output: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Breaker(#[from] breaker::BreakerSimError),
 }
 
 /// Every scenario, in the order `sluice simulate` runs them.
@@ -874,6 +886,9 @@ fn population(name: &str) -> (usize, f64) {
 
 /// Runs `sluice simulate`.
 pub fn run(args: &SimulateArgs, out: &mut impl Write) -> Result<(), SimulateError> {
+    if let Some(SimulateWhat::Breaker(b)) = &args.what {
+        return Ok(breaker::run(b, out)?);
+    }
     if args.runs == 0 {
         return Err(SimulateError::Runs);
     }

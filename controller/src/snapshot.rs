@@ -88,6 +88,11 @@ pub struct Counters {
     /// export them (experiments not assigned per user).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replicates: Vec<u64>,
+    /// `sluice_breaker_trips_total` by `reason`: trips of this variant by the filter's breaker.
+    /// The judge does not read them; the daemon acts on a trip before asking it (see
+    /// `daemon::breaker`). Kept so a replay shows when the data plane took the variant out.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub breaker_trips: BTreeMap<String, u64>,
 }
 
 /// A cumulative histogram as Prometheus exports it. The `+Inf` bucket is `count`; `buckets`
@@ -243,6 +248,7 @@ impl Snapshot {
                 metrics::UPSTREAM_RESETS => c.upstream_resets += n,
                 metrics::MISSING_KEY => c.missing_key += n,
                 metrics::OUTCOMES => *c.outcomes.entry(label("outcome")).or_default() += n,
+                metrics::BREAKER_TRIPS => *c.breaker_trips.entry(label("reason")).or_default() += n,
                 metrics::REPLICATE_REQUESTS => {
                     // The filter numbers its 32 groups from 0; a label beyond the cap is not ours.
                     if let Some(r) = key
@@ -597,6 +603,7 @@ impl Counters {
             missing_key: self.missing_key.checked_sub(earlier.missing_key)?,
             latency: self.latency.since(&earlier.latency)?,
             outcomes: map_since(&self.outcomes, &earlier.outcomes)?,
+            breaker_trips: map_since(&self.breaker_trips, &earlier.breaker_trips)?,
             exposures,
             prediction: self.prediction.since(&earlier.prediction)?,
             shadow,
@@ -618,6 +625,7 @@ impl Counters {
         self.missing_key = add_count(self.missing_key, other.missing_key);
         self.latency.add(&other.latency);
         map_add(&mut self.outcomes, &other.outcomes);
+        map_add(&mut self.breaker_trips, &other.breaker_trips);
         if let Some(e) = other.exposures {
             let x = self.exposures.get_or_insert(0);
             *x = add_count(*x, e);
@@ -669,6 +677,7 @@ impl Counters {
         fill(&mut c.missing_key, earlier.missing_key, &mut f);
         c.latency.fill(&earlier.latency, &mut f);
         fill_map(&mut c.outcomes, &earlier.outcomes, &mut f);
+        fill_map(&mut c.breaker_trips, &earlier.breaker_trips, &mut f);
         if let Some(e) = earlier.exposures.filter(|&e| e > 0) {
             fill(c.exposures.get_or_insert(0), e, &mut f);
         }

@@ -362,9 +362,11 @@ impl Accumulator {
             }
         }
         let key = series::key(id)?;
-        // A gauge, read per origin (see [`revision`]): summed, or read as a counter that went
-        // down, it would be wrong.
-        if key.name == sluice_filter::metrics::CONFIG_REVISION {
+        // Gauges, read per origin (see [`revision`], and the daemon's breaker watch): summed,
+        // or read as a counter that went down, they would be wrong.
+        if key.name == sluice_filter::metrics::CONFIG_REVISION
+            || key.name == sluice_filter::metrics::BREAKER_TRIPPED
+        {
             return None;
         }
         if self.local.len() <= i {

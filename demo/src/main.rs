@@ -7,6 +7,7 @@
 //! - `sluice-demo users`: the synthetic users against a running Envoy;
 //! - `sluice-demo report`: re-renders a report from a recorded run.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -139,6 +140,19 @@ struct RunArgs {
     /// report shows where traffic went afterwards.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     tail: Duration,
+    /// The error spike's share of the canary's answers that are 500 once the fault is on
+    /// (default: the scenario's).
+    #[arg(long)]
+    error_rate: Option<f64>,
+    /// Run without the filter's breaker: only the controller takes a bad canary out.
+    #[arg(long)]
+    no_breaker: bool,
+    /// The breaker's `min_requests`: fewest canary requests in the window before it can trip.
+    #[arg(long, default_value_t = stack::DEMO_BREAKER_MIN_REQUESTS)]
+    breaker_min_requests: u64,
+    /// The breaker's `max_error_rate`.
+    #[arg(long, default_value_t = stack::DEMO_BREAKER_MAX_ERROR_RATE)]
+    breaker_max_error_rate: f64,
     /// End the run once a halt (sample-ratio mismatch) has lasted this long: a halt waits for
     /// a human, so nothing else happens after it.
     #[arg(long, value_parser = parse_duration, default_value = "6s")]
@@ -347,6 +361,7 @@ async fn start_models(
     seed: u64,
     ports: &Ports,
     faulty_from_start: bool,
+    error_rate: Option<f64>,
 ) -> anyhow::Result<Vec<ModelServer>> {
     let mut out = Vec::new();
     for (role, port) in [
@@ -355,7 +370,7 @@ async fn start_models(
         (Role::Shadow, ports.shadow),
     ] {
         let behaviour = if faulty_from_start {
-            scenario.faulty(role)
+            scenario.faulty_with(role, error_rate)
         } else {
             scenario.initial(role)
         };
@@ -372,7 +387,7 @@ async fn models_only(
     fault_after: Option<Duration>,
 ) -> anyhow::Result<()> {
     let ports = Ports::default().offset(port_offset);
-    let models = start_models(scenario, seed, &ports, false).await?;
+    let models = start_models(scenario, seed, &ports, false, None).await?;
     for m in &models {
         println!(
             "{:<6} http://{}/predict  {:?}",
@@ -425,7 +440,10 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
         warmup: args.warmup,
         interval: args.interval,
         shadow: args.shadow.then(|| Duration::from_secs(15)),
+        breaker: (!args.no_breaker)
+            .then(|| stack::breaker_json(args.breaker_min_requests, args.breaker_max_error_rate)),
     };
+    let breaker = schedule.breaker.is_some();
     std::fs::write(run.rollout_spec(), stack::rollout_spec(&run, &schedule))
         .with_context(|| format!("writing {}", run.rollout_spec().display()))?;
 
@@ -446,9 +464,12 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
     println!(
         "sluice demo: scenario {} (expected: {}), run directory {}",
         scenario.name(),
-        scenario.expected(),
+        scenario.expected_with(breaker),
         run.root.display()
     );
+    if let Some(b) = &schedule.breaker {
+        println!("breaker in the filter: {b}");
+    }
     if mode == Mode::Rollout {
         println!(
             "ramp {} %, each stage: warm-up {:?} + bake {:?}; evaluated every {:?}; {} req/s from {} users",
@@ -470,6 +491,7 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
         args.seed,
         &ports,
         trigger == Some(FaultTrigger::FromStart),
+        args.error_rate,
     )
     .await?;
     let envoy = EnvoyProcess::start(&envoy_bin, &run, Duration::from_secs(60)).await?;
@@ -513,6 +535,8 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
     let injector = tokio::spawn(inject_fault(
         FaultPlan {
             scenario,
+            error_rate: args.error_rate,
+            breaker,
             trigger,
             fixed_weight: weight,
             delay: args.fault_delay,
@@ -589,7 +613,8 @@ async fn run_demo(args: RunArgs, mode: Mode) -> anyhow::Result<Option<bool>> {
         .and_then(ModelServer::last_request_at);
     drop(models);
     recorder.set_routing(Some(routing), canary_last_arrival);
-    let series = recorder.finish().await;
+    let mut series = recorder.finish().await;
+    series.breaker = schedule.breaker.clone();
     drop(envoy);
     let written = finish(&run, series, tallies, scenario, mode == Mode::Rollout)?;
     println!("\n{}", report::summary_text(&written.summary));
@@ -617,6 +642,10 @@ fn now() -> f64 {
 /// What to inject and when.
 struct FaultPlan {
     scenario: Scenario,
+    /// The error spike's share of 500s, if not the scenario's.
+    error_rate: Option<f64>,
+    /// The experiment has the filter's breaker.
+    breaker: bool,
     trigger: Option<FaultTrigger>,
     /// The weight in force without a controller.
     fixed_weight: f64,
@@ -633,6 +662,8 @@ async fn inject_fault(
 ) -> (Option<f64>, Vec<ModelServer>) {
     let FaultPlan {
         scenario,
+        error_rate,
+        breaker,
         trigger,
         fixed_weight,
         delay,
@@ -668,14 +699,14 @@ async fn inject_fault(
                     }
                 }
                 for m in &models {
-                    m.set_behaviour(scenario.faulty(m.role()));
+                    m.set_behaviour(scenario.faulty_with(m.role(), error_rate));
                 }
                 fault_at = Some(now());
                 println!(
                     "{:>6.1}s  FAULT INJECTED: {} ({})",
                     point.t + delay.as_secs_f64(),
                     scenario.name(),
-                    scenario.expected()
+                    scenario.expected_with(breaker)
                 );
             }
         }
@@ -700,6 +731,7 @@ async fn print_progress(
     let mut last_printed = -5.0;
     let mut previous: Option<sluice_demo::recorder::Point> = None;
     let mut last_state: Option<String> = None;
+    let mut previous_trips: Option<BTreeMap<String, f64>> = None;
     loop {
         tokio::select! {
             changed = latest.changed() => if changed.is_err() { return },
@@ -708,6 +740,16 @@ async fn print_progress(
         let Some(point) = latest.borrow_and_update().clone() else {
             continue;
         };
+        if let Some(line) = breaker_line(&point, previous_trips.as_ref()) {
+            println!("{:>6.1}s  ⚡ {line}", point.t);
+        }
+        if let Some(v) = &point.variants {
+            previous_trips = Some(
+                v.iter()
+                    .map(|(name, p)| (name.clone(), p.breaker_trips.values().sum::<f64>()))
+                    .collect(),
+            );
+        }
         if let Some(r) = &point.rollout {
             let state = rollout_state_line(r);
             if last_state.as_ref() != Some(&state) {
@@ -758,6 +800,32 @@ async fn print_progress(
     }
 }
 
+/// A line when Envoy's counters show a new trip of the filter's breaker since the previous
+/// point: which variant, on which failures. The filter acts on its own within a second; the
+/// controller's rollback (a `▶` line) follows at its next evaluation.
+fn breaker_line(
+    point: &sluice_demo::recorder::Point,
+    previous: Option<&BTreeMap<String, f64>>,
+) -> Option<String> {
+    let previous = previous?;
+    let mut out = Vec::new();
+    for (name, v) in point.variants.as_ref()? {
+        let trips: f64 = v.breaker_trips.values().sum();
+        if trips > previous.get(name).copied().unwrap_or(0.0) {
+            let reason = v
+                .breaker_trips
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(r, _)| r.as_str())
+                .unwrap_or("?");
+            out.push(format!(
+                "BREAKER TRIPPED in the data plane: {name} ({reason}) — the filter sends its users to the control"
+            ));
+        }
+    }
+    (!out.is_empty()).then(|| out.join("; "))
+}
+
 /// The rollout's state in words: phase, stage, weights, and why it holds or ended.
 fn rollout_state_line(r: &sluice_demo::recorder::RolloutPoint) -> String {
     let mut line = match (r.phase.as_str(), r.stage) {
@@ -785,6 +853,7 @@ fn finish(
     scenario: Scenario,
     with_controller: bool,
 ) -> anyhow::Result<report::Written> {
+    let breaker = series.breaker.is_some();
     let save = |name: &str, value: &dyn erased::Json| -> anyhow::Result<()> {
         let path = run.root.join(name);
         std::fs::write(&path, value.to_json()?)
@@ -801,9 +870,9 @@ fn finish(
             series,
             audit,
             users: tallies,
-            expected: Some(scenario.expected().into()),
+            expected: Some(scenario.expected_with(breaker).into()),
             // Without a controller nothing decides, so there is nothing to check.
-            expectation: with_controller.then(|| scenario.expectation()),
+            expectation: with_controller.then(|| scenario.expectation_with(breaker)),
         },
     )?)
 }
@@ -824,6 +893,7 @@ fn rerender(out: &Path) -> anyhow::Result<()> {
         .and_then(|s| <Scenario as clap::ValueEnum>::from_str(s, false).ok());
     // A run with a controller left its status in the series.
     let with_controller = series.points.iter().any(|p| p.rollout.is_some());
+    let breaker = series.breaker.is_some();
     let audit = report::read_audit(
         &out.join("state")
             .join(format!("{}.audit.jsonl", series.experiment)),
@@ -834,10 +904,10 @@ fn rerender(out: &Path) -> anyhow::Result<()> {
             series,
             audit,
             users,
-            expected: scenario.map(|s| s.expected().to_string()),
+            expected: scenario.map(|s| s.expected_with(breaker).to_string()),
             expectation: scenario
                 .filter(|_| with_controller)
-                .map(Scenario::expectation),
+                .map(|s| s.expectation_with(breaker)),
         },
     )?;
     println!("{}", report::summary_text(&written.summary));

@@ -131,6 +131,12 @@ pub struct VariantPoint {
     /// Prediction values × the filter's scale (1000 in the demo).
     pub prediction: Histogram,
     pub shadow: ShadowCounters,
+    /// `sluice_breaker_tripped`: 1 while the filter's breaker keeps this variant out.
+    #[serde(default)]
+    pub breaker_tripped: f64,
+    /// `sluice_breaker_trips_total` by `reason`.
+    #[serde(default)]
+    pub breaker_trips: BTreeMap<String, f64>,
 }
 
 impl VariantPoint {
@@ -185,6 +191,9 @@ pub struct Series {
     pub started_at: f64,
     /// Unix seconds when the scenario's fault was switched on.
     pub fault_injected_at: Option<f64>,
+    /// The experiment's `breaker` section, if it had one.
+    #[serde(default)]
+    pub breaker: Option<serde_json::Value>,
     pub points: Vec<Point>,
     /// Envoy's requests to the treatment's cluster, polled every few tens of milliseconds:
     /// when Envoy last routed a user there, from the proxy's side.
@@ -234,6 +243,10 @@ pub fn variants_of(samples: &[Sample], experiment: &str) -> BTreeMap<String, Var
             metrics::MISSING_KEY => v.missing_key += s.value,
             metrics::EVENTS => v.events += s.value,
             metrics::OUTCOMES => *v.outcomes.entry(label("outcome")).or_default() += s.value,
+            metrics::BREAKER_TRIPPED => v.breaker_tripped += s.value,
+            metrics::BREAKER_TRIPS => {
+                *v.breaker_trips.entry(label("reason")).or_default() += s.value
+            }
             metrics::SHADOW_REQUESTS => v.shadow.requests += s.value,
             metrics::SHADOW_COMPARED => v.shadow.compared += s.value,
             metrics::SHADOW_ERRORS => v.shadow.errors += s.value,
@@ -386,6 +399,7 @@ impl Recorder {
             scenario: config.scenario.clone(),
             started_at: unix_now(),
             fault_injected_at: None,
+            breaker: None,
             points: Vec::new(),
             treatment_routing: None,
             treatment_last_arrival_at: None,

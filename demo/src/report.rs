@@ -45,6 +45,9 @@ pub struct AuditRecord {
     pub version: Option<u64>,
     #[serde(default)]
     pub decision_to_confirmation_secs: Option<f64>,
+    /// For a rollback: `breaker` (the filter's breaker tripped first), `judge`, `operator`.
+    #[serde(default)]
+    pub cause: Option<String>,
 }
 
 /// Failure to read inputs or write the report.
@@ -165,6 +168,14 @@ pub struct RollbackTiming {
     pub decision_to_confirmation_secs: Option<f64>,
     /// Fault → Envoy's last request to the treatment: the time to rollback.
     pub fault_to_zero_traffic_secs: Option<f64>,
+    /// What caused the rollback (the decision's `cause` in the audit log): `breaker` when the
+    /// filter took the treatment out before the controller's judge.
+    #[serde(default)]
+    pub cause: Option<String>,
+    /// The first recorder point (one a second) whose Envoy counters showed a new breaker trip
+    /// of the treatment after the fault: the filter had tripped by then.
+    #[serde(default)]
+    pub breaker_seen_at: Option<f64>,
 }
 
 /// Per-variant figures over the whole run (from Envoy's counters).
@@ -333,6 +344,8 @@ pub fn summarize(input: &ReportInput) -> Summary {
                 decision_to_confirmation_secs: rollback_push
                     .and_then(|p| p.decision_to_confirmation_secs),
                 fault_to_zero_traffic_secs: envoy_last.map(|e| e - fault_at),
+                cause: rollback_decision.and_then(|d| d.cause.clone()),
+                breaker_seen_at: breaker_seen_after(s, fault_at),
             }
         });
 
@@ -398,6 +411,32 @@ pub fn summarize(input: &ReportInput) -> Summary {
     summary
 }
 
+/// When the recorder first saw the treatment's breaker trip count above its value at `fault_at`.
+fn breaker_seen_after(s: &Series, fault_at: f64) -> Option<f64> {
+    let trips = |p: &Point| -> Option<f64> {
+        Some(
+            p.variants
+                .as_ref()?
+                .get(&s.treatment)?
+                .breaker_trips
+                .values()
+                .sum(),
+        )
+    };
+    let before = s
+        .points
+        .iter()
+        .rev()
+        .filter(|p| p.at <= fault_at)
+        .find_map(trips)
+        .unwrap_or(0.0);
+    s.points
+        .iter()
+        .filter(|p| p.at > fault_at)
+        .find(|p| trips(p).is_some_and(|n| n > before))
+        .map(|p| p.at)
+}
+
 /// The one-screen text summary printed at the end of a run.
 pub fn summary_text(s: &Summary) -> String {
     let mut out = String::new();
@@ -438,14 +477,27 @@ pub fn summary_text(s: &Summary) -> String {
             "time to rollback (fault → Envoy's last request to the canary): {}",
             secs(r.fault_to_zero_traffic_secs)
         );
-        let _ = writeln!(
-            out,
-            "  = detection {} (fault → rollback decision) + {} (decision → Envoy stops routing); \
-             controller saw the push confirmed {} after deciding",
-            secs(r.detection_secs),
-            secs(r.decision_to_envoy_secs),
-            secs(r.decision_to_confirmation_secs),
-        );
+        if r.cause.as_deref() == Some("breaker") {
+            // The filter took the canary out before the controller decided: the decision
+            // follows the traffic stop, so "detection + decision → Envoy" does not apply.
+            let _ = writeln!(
+                out,
+                "  = the filter's breaker, in the data plane (its trip seen in Envoy's counters {} after the fault, read once a second); \
+                 the controller recorded the rollback, cause breaker, {} after the fault and saw weight 0 confirmed {} after deciding",
+                secs(r.breaker_seen_at.map(|b| b - r.fault_at)),
+                secs(r.detection_secs),
+                secs(r.decision_to_confirmation_secs),
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  = detection {} (fault → rollback decision) + {} (decision → Envoy stops routing); \
+                 controller saw the push confirmed {} after deciding",
+                secs(r.detection_secs),
+                secs(r.decision_to_envoy_secs),
+                secs(r.decision_to_confirmation_secs),
+            );
+        }
     } else if let Some(t) = s.time_to_rollback_secs {
         let _ = writeln!(
             out,
@@ -855,6 +907,13 @@ fn markers(input: &ReportInput) -> Vec<Marker> {
             color: "#000000",
             label: "fault injected".into(),
         });
+        if let Some(b) = breaker_seen_after(&input.series, f) {
+            out.push(Marker {
+                t: b - input.series.started_at,
+                color: "#9467bd",
+                label: "breaker tripped".into(),
+            });
+        }
     }
     out
 }
@@ -1413,6 +1472,7 @@ mod tests {
             treatment: "canary".into(),
             started_at: 100.0,
             fault_injected_at: Some(130.0),
+            breaker: None,
             points: vec![Point {
                 t: 40.0,
                 at: 140.0,
@@ -1442,6 +1502,7 @@ mod tests {
                 weight: Some(0.0),
                 version: Some(1),
                 decision_to_confirmation_secs: Some(0.1),
+                cause: None,
             },
             AuditRecord {
                 at: 134.0,
@@ -1451,6 +1512,7 @@ mod tests {
                 weight: Some(10.0),
                 version: None,
                 decision_to_confirmation_secs: None,
+                cause: None,
             },
             AuditRecord {
                 at: 135.5,
@@ -1460,6 +1522,7 @@ mod tests {
                 weight: Some(0.0),
                 version: Some(5),
                 decision_to_confirmation_secs: Some(1.5),
+                cause: None,
             },
         ];
         let expect = |phase: &str, mentions: &[&str]| Expectation {
@@ -1488,5 +1551,89 @@ mod tests {
         assert!(!expect("rolled_back", &["latency"]).met_by(&s));
         assert!(!expect("promoted", &[]).met_by(&s));
         assert!(summary_text(&s).contains("time to rollback"));
+    }
+
+    #[test]
+    fn a_breaker_rollback_shows_its_cause_and_when_the_trip_was_seen() {
+        let point = |at: f64, trips: f64| {
+            let canary = VariantPoint {
+                breaker_trips: [("5xx".to_string(), trips)].into(),
+                breaker_tripped: f64::from(u8::from(trips > 1.0)),
+                ..VariantPoint::default()
+            };
+            Point {
+                t: at - 100.0,
+                at,
+                variants: Some([("canary".to_string(), canary)].into()),
+                ..Point::default()
+            }
+        };
+        let series = Series {
+            experiment: "demo".into(),
+            control: "stable".into(),
+            treatment: "canary".into(),
+            started_at: 100.0,
+            fault_injected_at: Some(130.0),
+            breaker: Some(serde_json::json!({"min_requests": 50})),
+            // One trip from before the fault (an earlier run's), the new one seen at 132.
+            points: vec![point(129.0, 1.0), point(131.0, 1.0), point(132.0, 2.0)],
+            treatment_routing: Some(crate::recorder::Routing {
+                every_secs: 0.05,
+                requests: 500.0,
+                last_increase_seen_at: Some(131.4),
+                previous_poll_at: Some(131.35),
+                polls: 700,
+                failed_polls: 0,
+            }),
+            ..Series::default()
+        };
+        let audit = vec![
+            AuditRecord {
+                at: 133.2,
+                record: "push".into(),
+                kind: None,
+                message: None,
+                weight: Some(0.0),
+                version: Some(4),
+                decision_to_confirmation_secs: Some(0.2),
+                cause: None,
+            },
+            AuditRecord {
+                at: 133.2,
+                record: "decision".into(),
+                kind: Some("rolled_back".into()),
+                message: Some("rolled back: breaker: the data plane took canary out".into()),
+                weight: Some(10.0),
+                version: None,
+                decision_to_confirmation_secs: None,
+                cause: Some("breaker".into()),
+            },
+        ];
+        let input = ReportInput {
+            series,
+            audit,
+            users: None,
+            expected: None,
+            expectation: Some(crate::scenario::Scenario::ErrorSpike.expectation_with(true)),
+        };
+        let s = summarize(&input);
+        let r = s.rollback.clone().unwrap_or_default();
+        assert_eq!(r.cause.as_deref(), Some("breaker"));
+        assert_eq!(r.breaker_seen_at, Some(132.0));
+        assert!(r
+            .fault_to_zero_traffic_secs
+            .is_some_and(|t| (t - 1.4).abs() < 1e-9));
+        assert_eq!(s.as_expected, Some(true), "{s:?}");
+        let text = summary_text(&s);
+        assert!(
+            text.contains("= the filter's breaker, in the data plane (its trip seen in Envoy's counters 2.00 s after the fault"),
+            "{text}"
+        );
+        assert!(markers(&input)
+            .iter()
+            .any(|m| m.label == "breaker tripped" && m.t == 32.0));
+        // The same run judged without a breaker expects the judge's guardrails instead.
+        let without = crate::scenario::Scenario::ErrorSpike.expectation_with(false);
+        assert!(!without.met_by(&s));
     }
 }

@@ -6,13 +6,18 @@ use serde::{Deserialize, Serialize};
 use crate::models::{Behaviour, Role};
 use crate::report::Expectation;
 
+/// The error spike's share of the canary's answers that are 500, once the fault is on: a hard
+/// fault both the filter's breaker and the controller's judge see within seconds at the 10 %
+/// stage (≈ 30 canary requests per second).
+pub const ERROR_SPIKE_RATE: f64 = 0.2;
+
 /// A scenario, chosen with `--scenario`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     /// The canary is as good as stable (slightly better): promoted to 100 %.
     Good,
-    /// The canary starts answering 8 % of requests with 500.
+    /// The canary starts answering 20 % of requests with 500 (`--error-rate` sets another share).
     ErrorSpike,
     /// The canary becomes three times slower.
     Latency,
@@ -59,6 +64,29 @@ impl Scenario {
             Scenario::ConversionDrop => "rolled back: canary conversion below stable's",
             Scenario::Drift => "rolled back: canary prediction distribution drifted",
             Scenario::Srm => "halted: observed split does not match the weights (SRM)",
+        }
+    }
+
+    /// The outcome a correct controller reaches when the experiment has the filter's breaker:
+    /// the error spike's hard failures trip it in the data plane before the judge's verdict.
+    pub fn expected_with(self, breaker: bool) -> &'static str {
+        match self {
+            Scenario::ErrorSpike if breaker => {
+                "rolled back by the data plane: the filter's breaker takes the canary out first (cause breaker)"
+            }
+            _ => self.expected(),
+        }
+    }
+
+    /// [`Scenario::expectation`] when the experiment has the filter's breaker.
+    pub fn expectation_with(self, breaker: bool) -> Expectation {
+        match self {
+            Scenario::ErrorSpike if breaker => Expectation {
+                phase: "rolled_back".into(),
+                weight: Some(0.0),
+                reason_mentions: vec!["breaker".into()],
+            },
+            _ => self.expectation(),
         }
     }
 
@@ -121,6 +149,17 @@ impl Scenario {
         }
     }
 
+    /// [`Scenario::faulty`], with the error spike's share of 500s set to `error_rate` if given.
+    pub fn faulty_with(self, role: Role, error_rate: Option<f64>) -> Behaviour {
+        let b = self.faulty(role);
+        match error_rate {
+            Some(r) if self == Scenario::ErrorSpike && role != Role::Stable => {
+                Behaviour { error_rate: r, ..b }
+            }
+            _ => b,
+        }
+    }
+
     /// Behaviour of `role` once the fault is on.
     pub fn faulty(self, role: Role) -> Behaviour {
         let base = self.initial(role);
@@ -130,7 +169,7 @@ impl Scenario {
         match self {
             Scenario::Good | Scenario::Srm => base,
             Scenario::ErrorSpike => Behaviour {
-                error_rate: 0.08,
+                error_rate: ERROR_SPIKE_RATE,
                 ..base
             },
             Scenario::Latency => Behaviour {

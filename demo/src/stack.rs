@@ -348,6 +348,9 @@ pub struct Schedule {
     pub interval: Duration,
     /// A shadow stage of this length first, with copies to the shadow model.
     pub shadow: Option<Duration>,
+    /// The experiment's `breaker` section (see `filter/README.md`); `None`: no breaker.
+    #[serde(default)]
+    pub breaker: Option<serde_json::Value>,
 }
 
 impl Default for Schedule {
@@ -359,8 +362,31 @@ impl Default for Schedule {
             warmup: Duration::from_secs(3),
             interval: Duration::from_secs(2),
             shadow: None,
+            breaker: Some(breaker_json(
+                DEMO_BREAKER_MIN_REQUESTS,
+                DEMO_BREAKER_MAX_ERROR_RATE,
+            )),
         }
     }
+}
+
+/// The demo's breaker: fewest canary requests in the window before it can trip.
+pub const DEMO_BREAKER_MIN_REQUESTS: u64 = 50;
+
+/// The demo's breaker: the canary's failure rate must exceed this (and 3 × stable's). Below
+/// the filter's default of 5 %, so the error spike's 20 % of 500s trips it within a few
+/// seconds at the 10 % stage (≈ 30 canary requests per second), before the judge, which
+/// first needs post-warm-up evidence, fails it (the scenario test checks the order).
+pub const DEMO_BREAKER_MAX_ERROR_RATE: f64 = 0.03;
+
+/// A `breaker` section: a 10 s window, the control ratio 3 and the default significance.
+pub fn breaker_json(min_requests: u64, max_error_rate: f64) -> serde_json::Value {
+    serde_json::json!({
+        "window_seconds": 10,
+        "min_requests": min_requests,
+        "max_error_rate": max_error_rate,
+        "max_ratio_to_control": 3.0,
+    })
 }
 
 /// The experiment as in the shipped ECDS file, plus a shadow section when `shadow` is set.
@@ -460,7 +486,13 @@ pub fn rollout_spec(run: &RunDir, schedule: &Schedule) -> String {
          metadata:\n  name: {EXPERIMENT}\n\
          spec:\n  experiment: {experiment}\n  treatment: {TREATMENT}\n\
          \x20 schedule:\n    stages: [{stages}]\n    bake: {bake}\n    warmup: {warmup}\n    interval: {interval}\n",
-        experiment = experiment_json(schedule.shadow.is_some()),
+        experiment = {
+            let mut e = experiment_json(schedule.shadow.is_some());
+            if let Some(b) = &schedule.breaker {
+                e["breaker"] = b.clone();
+            }
+            e
+        },
         stages = stages.join(", "),
         bake = secs(schedule.bake),
         warmup = secs(schedule.warmup),
@@ -607,6 +639,7 @@ mod tests {
                 ..Schedule::default()
             };
             let text = rollout_spec(&run, &schedule);
+            assert!(text.contains(r#""breaker":{"#), "{text}");
             let checked = sluice_controller::spec::Rollout::parse(&text);
             assert!(
                 checked.is_ok(),

@@ -2,7 +2,9 @@
 //! with the Sluice filter, the model servers, the synthetic users and the controller, on free
 //! ports, with a compressed schedule (5 → 25 → 100 %, 2 s warm-up, 10 s bake, a look every
 //! second); the fault of a bad scenario starts when the canary reaches 25 %. Each test checks
-//! the final state the scenario must reach, the reason naming the right guardrail, and for a
+//! the final state the scenario must reach, the reason naming the right guardrail (for the error
+//! spike, the filter's breaker, which the demo's experiment has; and without it, the judge's
+//! error guardrails), and for a
 //! rollback the time from fault injection to Envoy's last request to the canary, measured at
 //! the proxy (its `upstream_rq_total` counter for the canary cluster).
 
@@ -27,6 +29,11 @@ fn ports() -> anyhow::Result<String> {
 
 /// Runs one scenario to its end; returns the run's `summary.json` and the demo's output.
 fn run(scenario: &str, dir: &Path) -> anyhow::Result<(Value, String)> {
+    run_with(scenario, dir, &[])
+}
+
+/// [`run`] with more arguments for `sluice-demo run`.
+fn run_with(scenario: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<(Value, String)> {
     let log_path = dir.join("demo.log");
     let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-demo"))
@@ -38,6 +45,7 @@ fn run(scenario: &str, dir: &Path) -> anyhow::Result<(Value, String)> {
         .args(["--stages", "5,25,100", "--warmup", "2s", "--bake", "10s"])
         .args(["--interval", "1s", "--tail", "1s", "--halt-grace", "3s"])
         .args(["--duration-limit", "120s"])
+        .args(extra)
         .arg("--out")
         .arg(dir.join("run"))
         .stdin(Stdio::null())
@@ -96,8 +104,17 @@ fn run(scenario: &str, dir: &Path) -> anyhow::Result<(Value, String)> {
 
 /// The checks every rolled-back scenario shares; returns fault → zero canary traffic.
 fn rolled_back(scenario: &str, guardrail: &[&str]) -> anyhow::Result<f64> {
+    rolled_back_with(scenario, guardrail, &[]).map(|(t, _, _)| t)
+}
+
+/// [`rolled_back`] with more arguments; also returns the summary and the demo's output.
+fn rolled_back_with(
+    scenario: &str,
+    guardrail: &[&str],
+    extra: &[&str],
+) -> anyhow::Result<(f64, Value, String)> {
     let dir = tempfile::tempdir()?;
-    let (s, output) = run(scenario, dir.path())?;
+    let (s, output) = run_with(scenario, dir.path(), extra)?;
     let reason = s["final_reason"].as_str().unwrap_or("");
     assert_eq!(s["final_phase"], "rolled_back", "{output}");
     assert_eq!(s["final_weight"], 0.0, "{output}");
@@ -149,7 +166,7 @@ fn rolled_back(scenario: &str, guardrail: &[&str]) -> anyhow::Result<f64> {
         decided - fault,
         last_routed - decided
     );
-    Ok(to_zero)
+    Ok((to_zero, s, output))
 }
 
 #[test]
@@ -173,8 +190,37 @@ fn good_is_promoted_to_100_percent() -> anyhow::Result<()> {
 }
 
 #[test]
-fn error_spike_is_rolled_back_by_an_error_guardrail() -> anyhow::Result<()> {
-    rolled_back("error-spike", &["error_rate", "error_ceiling"]).map(|_| ())
+fn error_spike_is_taken_out_by_the_breaker_first() -> anyhow::Result<()> {
+    // The demo's experiment has the filter's breaker: it trips the canary in the data plane
+    // before the controller's judge has post-warm-up evidence, and the controller records the
+    // rollback with cause breaker.
+    let (_, s, output) = rolled_back_with("error-spike", &["breaker"], &[])?;
+    let r = &s["rollback"];
+    assert_eq!(r["cause"], "breaker", "{r}\n{output}");
+    let (Some(fault), Some(seen)) = (r["fault_at"].as_f64(), r["breaker_seen_at"].as_f64()) else {
+        anyhow::bail!("the recorder never saw the trip: {r}\n{output}");
+    };
+    assert!(seen > fault, "{r}");
+    assert!(
+        output.contains("⚡ BREAKER TRIPPED in the data plane: canary (5xx)"),
+        "no live line for the trip:\n{output}"
+    );
+    assert!(
+        output.contains("= the filter's breaker, in the data plane"),
+        "{output}"
+    );
+    Ok(())
+}
+
+#[test]
+fn error_spike_without_a_breaker_is_rolled_back_by_an_error_guardrail() -> anyhow::Result<()> {
+    let (_, s, _) = rolled_back_with(
+        "error-spike",
+        &["error_rate", "error_ceiling"],
+        &["--no-breaker"],
+    )?;
+    assert_eq!(s["rollback"]["cause"], "judge", "{}", s["rollback"]);
+    Ok(())
 }
 
 #[test]

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::assignment::{Layout, BUCKETS};
 use crate::shadow::{self, Shadow, ShadowConfig};
 
+pub mod breaker;
 pub(crate) mod whole;
+
+pub use breaker::BreakerConfig;
 
 use whole::{optional_whole, whole};
 
@@ -157,6 +160,9 @@ pub struct ExperimentConfig {
     /// Shadow traffic with response comparison (see `shadow`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowConfig>,
+    /// Data-plane circuit breaker for the treatments (see `breaker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
 }
 
 fn default_variant_header() -> String {
@@ -546,6 +552,8 @@ pub struct Experiment {
     pub beacon: Option<BeaconConfig>,
     pub prediction: Option<PredictionConfig>,
     pub shadow: Option<Shadow>,
+    /// Checked `breaker` section: the treatments' trip rule.
+    pub breaker: Option<crate::breaker::Params>,
 }
 
 /// A checked unit of assignment.
@@ -576,6 +584,19 @@ impl Plan {
             .as_deref()
             .and_then(Revision::parse)
             .map_or(0, |r| r.version)
+    }
+
+    /// The [`crate::breaker::Epoch`] of this plan: trips hold while it stays the same. The
+    /// push version of a controller revision (a retry of the same version keeps trips);
+    /// otherwise a digest of the free-form revision, so a hand-edited config with a new
+    /// revision clears them too.
+    pub fn breaker_epoch(&self) -> crate::breaker::Epoch {
+        let version = self.push_version();
+        let digest = match (&self.revision, version) {
+            (Some(r), 0) => crate::assignment::hash("sluice-breaker-epoch", r.as_bytes()) | 1,
+            _ => 0,
+        };
+        crate::breaker::Epoch { version, digest }
     }
 
     /// Parses and validates a configuration.
@@ -1002,6 +1023,11 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
         None => None,
     };
 
+    let breaker = match &e.breaker {
+        Some(b) => Some(breaker::check(b, &format!("{path}.breaker"))?),
+        None => None,
+    };
+
     Ok(Experiment {
         name: e.name.clone(),
         salt,
@@ -1020,6 +1046,7 @@ fn check_experiment(e: &ExperimentConfig, path: &str) -> Result<Experiment, Conf
             ..p.clone()
         }),
         shadow,
+        breaker,
     })
 }
 

@@ -6,7 +6,8 @@
 //!
 //! Per request it makes few host calls: the key header(s), the clock, the routing header and
 //! a counter on the way in; the status, the clock, the outcome and prediction headers and
-//! their metrics on the way out.
+//! their metrics on the way out; with a breaker, `response.flags` at the end of the stream
+//! (see `host/breaker.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -16,6 +17,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
+mod breaker;
 mod shadow;
 
 use crate::assignment::Rng;
@@ -60,10 +62,11 @@ struct Active {
     table_key: Option<Key>,
     /// Per experiment with a beacon: events per user key in this worker.
     limits: Vec<Option<SharedLimit>>,
+    breakers: breaker::Breakers,
 }
 
 impl Active {
-    fn configure(plan: Plan, seed: u64) -> Result<Active, String> {
+    fn configure(plan: Plan, seed: u64, plugin: &str) -> Result<Active, String> {
         let catalog = Catalog::for_plan(&plan);
         let mut ids = Vec::with_capacity(catalog.specs.len());
         for spec in &catalog.specs {
@@ -94,7 +97,9 @@ impl Active {
                     .map_err(|s| format!("setting {}: {s:?}", crate::metrics::CONFIG_REVISION))?;
             }
         }
+        let breakers = breaker::Breakers::new(&plan, plugin);
         Ok(Active {
+            breakers,
             plan,
             catalog,
             ids,
@@ -212,6 +217,9 @@ impl Context for Root {
     }
 
     fn on_done(&mut self) -> bool {
+        if let Some(a) = &self.active {
+            a.breakers.retire();
+        }
         // A replaced config's root waits for its shadow copies (host/shadow.rs).
         self.active.as_ref().is_none_or(|a| shadow::close(a))
     }
@@ -244,7 +252,13 @@ impl RootContext for Root {
             }
         };
         let seed = now_nanos().unwrap_or(0) ^ (u64::from(self.context_id) << 32);
-        match Active::configure(plan, seed) {
+        // Names the breakers' shared state: plugins sharing a VM keep theirs apart.
+        let plugin = hostcalls::get_property(vec!["plugin_name"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
+        match Active::configure(plan, seed, &plugin).and_then(|a| breaker::start(&a).map(|()| a)) {
             Ok(active) => {
                 log(
                     LogLevel::Info,
@@ -279,6 +293,7 @@ impl RootContext for Root {
             captures: Vec::new(),
             queued: Vec::new(),
             primary: None,
+            answer: None,
         }))
     }
 
@@ -288,7 +303,12 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         match &self.active {
-            Some(active) => shadow::send_queued(active),
+            Some(active) => {
+                if shadow::ticking(active) {
+                    shadow::send_queued(active);
+                }
+                breaker::tick(active);
+            }
             None => shadow::stop_tick(None),
         }
     }
@@ -346,6 +366,14 @@ struct Stream {
     queued: Vec<u64>,
     /// The primary's answer as captured so far, for the queued copies.
     primary: Option<shadow::PrimaryCapture>,
+    /// What the response headers said, for the breaker (`None` until they pass).
+    answer: Option<Answer>,
+}
+
+/// The response headers' status and, for a non-2xx answer, Envoy's code details.
+struct Answer {
+    status: Option<u16>,
+    details: Option<Vec<u8>>,
 }
 
 impl Context for Stream {}
@@ -388,7 +416,11 @@ impl HttpContext for Stream {
             };
             active.rng.set(rng);
             match decided {
-                Ok(Some(a)) => {
+                Ok(Some(mut a)) => {
+                    if a.counted() && active.breakers.tripped(i, a.variant) {
+                        // The breaker holds this treatment out: its units get the control.
+                        a.variant = exp.control;
+                    }
                     let token = exposure_token(&active, i, exp, &mut view, a, now_secs);
                     self.route(&active, i, exp, a, token, &mut view);
                 }
@@ -459,6 +491,7 @@ impl HttpContext for Stream {
         let Some(active) = self.active.clone() else {
             return;
         };
+        self.count_for_breakers(&active);
         for c in self.captures.drain(..) {
             shadow::abandon(&active, &c);
         }
@@ -492,6 +525,12 @@ impl HttpContext for Stream {
                     .ok()
                     .flatten()
             };
+            self.answer = Some(Answer {
+                status: status
+                    .as_deref()
+                    .and_then(|s| std::str::from_utf8(s).ok()?.trim().parse().ok()),
+                details: details.clone(),
+            });
             let elapsed_ms = match (self.start, now()) {
                 (Some(start), Ok(end)) => Some(
                     end.duration_since(start)
@@ -585,6 +624,44 @@ impl HttpContext for Stream {
 }
 
 impl Stream {
+    /// At the end of the stream: counts the request, failed or not, in the breaker of every
+    /// experiment that has one and assigned it. The flags (resets, timeouts, the client gone)
+    /// are complete only now; a request that never had response headers reads its status and
+    /// details here too.
+    fn count_for_breakers(&mut self, active: &Active) {
+        let breakers = &active.breakers;
+        if !self
+            .applied
+            .iter()
+            .any(|a| a.assignment.counted() && breakers.counts(a.experiment))
+        {
+            return;
+        }
+        let property = |path: Vec<&str>| hostcalls::get_property(path).ok().flatten();
+        let flags = property(vec!["response", "flags"])
+            .map_or(0, |b| crate::breaker::flags_from_property(&b));
+        let answer = self.answer.take().unwrap_or_else(|| Answer {
+            status: property(vec!["response", "code"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .and_then(|b| u16::try_from(u64::from_le_bytes(b)).ok())
+                .filter(|&s| s != 0),
+            details: property(vec!["response", "code_details"]),
+        });
+        let failure = crate::breaker::classify(&crate::breaker::Facts {
+            status: answer.status,
+            code_details: answer.details.as_deref().unwrap_or_default(),
+            flags,
+        });
+        let Some(now) = now_millis() else {
+            return;
+        };
+        for a in &self.applied {
+            if a.assignment.counted() {
+                breakers.record(a.experiment, a.assignment.variant, now, failure);
+            }
+        }
+    }
+
     /// Starts shadow captures for the experiments that shadow this request.
     fn start_shadows(&mut self, active: &Active, view: &mut HostRequest, end_of_stream: bool) {
         let routing: Vec<&str> = active.routing_headers.iter().map(String::as_str).collect();

@@ -8,6 +8,7 @@
 //! - [`beacon`]: exposure tokens, why a beacon is refused, the per-user event limit;
 //! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
 //! - [`shadow`]: shadow sampling, the copy's headers, comparison of the two answers;
+//! - [`breaker`]: failure classification, the sliding window, the trip rule, shared state;
 //! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
 //! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
 //! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
@@ -17,6 +18,7 @@
 
 pub mod assignment;
 pub mod beacon;
+pub mod breaker;
 pub mod config;
 pub mod mac;
 pub mod metrics;

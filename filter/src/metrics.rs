@@ -97,6 +97,10 @@ pub const BREAKER_TRIPPED: &str = "sluice_breaker_tripped";
 /// Counter per experiment, treatment and reason (labels `experiment`, `variant`, `reason`):
 /// the breaker's trips. A counter, so a trip stays visible after a new revision clears it.
 pub const BREAKER_TRIPS: &str = "sluice_breaker_trips_total";
+/// Values of [`BREAKER_TRIPS`]' `reason` label: the kind of hard failure most frequent in the
+/// window when the breaker tripped, in the order of [`BreakerMetrics::trips`] (by
+/// [`crate::breaker::FailureKind::index`]).
+pub const BREAKER_REASONS: [&str; crate::breaker::KINDS] = crate::breaker::REASONS;
 
 /// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
 pub const SHADOW_SKIP_REASONS: [&str; 5] = [
@@ -149,6 +153,17 @@ pub struct VariantMetrics {
     pub events: Option<usize>,
     pub prediction: Option<usize>,
     pub shadow: Option<ShadowMetrics>,
+    /// For a treatment (not the control) of an experiment with a breaker.
+    pub breaker: Option<BreakerMetrics>,
+}
+
+/// Positions of one treatment's breaker metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerMetrics {
+    /// [`BREAKER_TRIPPED`].
+    pub tripped: usize,
+    /// [`BREAKER_TRIPS`], parallel to [`BREAKER_REASONS`].
+    pub trips: [usize; crate::breaker::KINDS],
 }
 
 /// Positions of one variant's shadow metrics.
@@ -329,7 +344,7 @@ impl Catalog {
             .as_ref()
             .map(|_| self.add(PREDICTION_INVALID, Kind::Counter, &exp));
         let mut variants = Vec::with_capacity(e.variants.len());
-        for v in &e.variants {
+        for (index, v) in e.variants.iter().enumerate() {
             let l = [("experiment", e.name.as_str()), ("variant", v.as_str())];
             let class = |c: &'static str| {
                 [
@@ -391,6 +406,12 @@ impl Catalog {
                     .as_ref()
                     .map(|_| self.add(PREDICTION, Kind::Histogram, &l)),
                 shadow: e.shadow.as_ref().map(|s| self.add_shadow(s, &e.name, v)),
+                breaker: (e.breaker.is_some() && index != e.control).then(|| BreakerMetrics {
+                    tripped: self.add(BREAKER_TRIPPED, Kind::Gauge, &l),
+                    trips: BREAKER_REASONS.map(|r| {
+                        self.add(BREAKER_TRIPS, Kind::Counter, &[l[0], l[1], ("reason", r)])
+                    }),
+                }),
             });
         }
         ExperimentMetrics {
@@ -576,6 +597,55 @@ mod tests {
                 spec.name,
                 format!("{CONFIG_REVISION}.experiment=.={};.;", e.name)
             );
+        }
+    }
+
+    #[test]
+    fn a_breaker_gives_each_treatment_a_gauge_and_a_counter_per_reason() {
+        let plan = |breaker: &str| {
+            let json = format!(
+                r#"{{"version": 1, "experiments": [{{"name": "e", "unit": {{"type": "request"}},
+                    "variants": [{{"name": "a", "weight": 50}}, {{"name": "b", "control": true}},
+                                 {{"name": "c", "weight": 10}}]{breaker}}}]}}"#
+            );
+            match Plan::from_json(json.as_bytes()) {
+                Ok(p) => p,
+                Err(e) => unreachable!("valid config: {e}"),
+            }
+        };
+        let without = Catalog::for_plan(&plan(""));
+        assert!(without.experiments[0]
+            .variants
+            .iter()
+            .all(|v| v.breaker.is_none()));
+        assert!(!without
+            .specs
+            .iter()
+            .any(|s| s.name.starts_with("sluice_breaker")));
+        let with = Catalog::for_plan(&plan(r#", "breaker": {"min_requests": 20}"#));
+        let variants = &with.experiments[0].variants;
+        // The control (b) is never tripped: no breaker metrics for it.
+        assert!(variants[1].breaker.is_none());
+        for (v, name) in [(0, "a"), (2, "c")] {
+            let Some(b) = &variants[v].breaker else {
+                unreachable!("treatment {name} has breaker metrics")
+            };
+            let gauge = &with.specs[b.tripped];
+            assert_eq!(gauge.kind, Kind::Gauge);
+            assert_eq!(
+                gauge.name,
+                format!("{BREAKER_TRIPPED}.experiment=.=e;.;variant=.={name};.;")
+            );
+            for (pos, reason) in b.trips.iter().zip(BREAKER_REASONS) {
+                let counter = &with.specs[*pos];
+                assert_eq!(counter.kind, Kind::Counter);
+                assert_eq!(
+                    counter.name,
+                    format!(
+                        "{BREAKER_TRIPS}.experiment=.=e;.;variant=.={name};.;reason=.={reason};.;"
+                    )
+                );
+            }
         }
     }
 

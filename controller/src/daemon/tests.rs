@@ -35,6 +35,26 @@ struct FakeSource {
     proxies: Option<FakeSink>,
     /// More proxies, which report only a revision each (origin, version).
     strays: Arc<Mutex<Vec<(String, f64)>>>,
+    /// The proxies' breaker for the canary, as the filter reports it.
+    breaker: Arc<Mutex<FakeBreaker>>,
+}
+
+/// The filter's breaker series for the canary: the trip counter (reason `5xx`), and the gauge,
+/// 1 while the proxies serve the version it tripped in (a new version clears it).
+#[derive(Clone, Copy, Default)]
+struct FakeBreaker {
+    trips: f64,
+    tripped_in: Option<u64>,
+}
+
+impl FakeSource {
+    /// The proxies' breaker trips the canary in the version they serve now.
+    fn trip(&self) {
+        let version = self.proxies.as_ref().and_then(|p| p.serving()).map(|s| s.0);
+        let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        b.trips += 1.0;
+        b.tripped_in = version;
+    }
 }
 
 impl Source for FakeSource {
@@ -88,6 +108,16 @@ impl Source for FakeSource {
         ];
         if let Some((version, _)) = proxies.serving() {
             samples.push(revision(version as f64));
+            let b = self.breaker.lock().map(|b| *b).unwrap_or_default();
+            let tripped = if b.tripped_in == Some(version) {
+                1.0
+            } else {
+                0.0
+            };
+            samples.push(sample(metrics::BREAKER_TRIPPED, "canary", tripped));
+            let mut trips = sample(metrics::BREAKER_TRIPS, "canary", b.trips);
+            trips.labels.insert("reason".into(), "5xx".into());
+            samples.push(trips);
         }
         let mut out = vec![OriginScrape::from_samples("fake", samples)];
         let strays = self.strays.lock().map(|s| s.clone()).unwrap_or_default();
@@ -795,5 +825,121 @@ async fn a_proxy_the_sink_does_not_reach_is_caught_by_its_revision_and_holds() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let hold = h.status.borrow().state.hold.clone().unwrap_or_default();
     assert!(hold.ends_with("confirmed 2: pod-x at 1"), "{hold}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_trip_rolls_back_with_cause_breaker_and_never_raises() {
+    let dir = temp_dir("breaker");
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    // Trips an earlier run of the experiment made, still in the proxies' counter.
+    set(
+        &source.breaker,
+        FakeBreaker {
+            trips: 2.0,
+            tripped_in: None,
+        },
+    );
+    let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(sink.pushed(), vec![1.0, 10.0], "old trips held the rollout");
+    source.trip();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = h.status.borrow().clone();
+    let Phase::RolledBack { reason } = &s.state.phase else {
+        unreachable!("{:?}", s.state.phase)
+    };
+    assert!(reason.starts_with("breaker: "), "{reason}");
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 0.0]);
+    let trip = s
+        .breaker
+        .as_ref()
+        .unwrap_or_else(|| unreachable!("no trip in the status"));
+    assert_eq!(trip.reason.as_deref(), Some("5xx"));
+    assert_eq!(trip.trips.get("5xx"), Some(&1));
+    assert_eq!(trip.tripped_on, vec!["fake".to_string()]);
+    let rolled = s
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::RolledBack)
+        .unwrap_or_else(|| unreachable!("no rollback event"));
+    assert_eq!(rolled.cause, Some("breaker"));
+    let audit = audit_of(&dir);
+    let decision = audit
+        .lines()
+        .find(|l| l.contains("\"rolled_back\"") && l.contains("\"decision\""))
+        .unwrap_or_else(|| unreachable!("{audit}"));
+    assert!(decision.contains("\"cause\":\"breaker\""), "{decision}");
+    assert!(decision.contains("\"tripped_on\":[\"fake\"]"), "{decision}");
+    // The clearing push set the gauge back to 0; the counter stays. Nothing is raised again.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 0.0]);
+    assert_eq!(h.status.borrow().state.weight, 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_judge_failure_names_its_cause() {
+    let dir = temp_dir("cause-judge");
+    let end = run_to_end(task(
+        &dir,
+        FakeSource::default(),
+        FakeSink::default(),
+        Some(10.0),
+    ))
+    .await;
+    assert!(matches!(end.phase, Phase::RolledBack { .. }));
+    let audit = audit_of(&dir);
+    assert!(audit.contains("\"cause\":\"judge\""), "{audit}");
+    assert!(!audit.contains("\"cause\":\"breaker\""), "{audit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trip_made_while_no_controller_ran_rolls_back_before_the_restart_push() {
+    let dir = temp_dir("breaker-restart");
+    let clock = TokioClock::starting_at(1_000_000.0);
+    let sink = FakeSink::default();
+    let source = FakeSource {
+        proxies: Some(sink.clone()),
+        ..FakeSource::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (_h, join) = task_at(&dir, source.clone(), sink.clone(), None, clock)
+        .spawn(
+            async move {
+                let _ = stop_rx.await;
+            },
+            false,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let _ = stop_tx.send(());
+    let saved = match join.await {
+        Ok(Ok(s)) => s,
+        other => unreachable!("{other:?}"),
+    };
+    assert_eq!(saved.weight, 10.0);
+    // The filter trips while the controller is down: the first reading after the restart
+    // already holds the trip, so only the gauge tells it.
+    source.trip();
+    let (h, _join) = task_at(&dir, source, sink.clone(), None, clock)
+        .spawn(std::future::pending(), false)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let s = h.status.borrow().clone();
+    assert!(
+        matches!(&s.state.phase, Phase::RolledBack { reason } if reason.starts_with("breaker")),
+        "{:?}",
+        s.state.phase
+    );
+    // The weight was not pushed again first (that push would have cleared the gauge).
+    assert_eq!(sink.pushed(), vec![1.0, 10.0, 0.0]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -107,6 +107,7 @@ fn notice() -> Notice {
         message: "promoted".into(),
         at: 1.0,
         weight: 100.0,
+        cause: None,
     }
 }
 

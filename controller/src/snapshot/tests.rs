@@ -153,6 +153,7 @@ fn a_reading_becomes_a_snapshot() {
         (key(&format!("{}_sum", metrics::LATENCY), &[]), 40.0),
         (key(metrics::OUTCOMES, &[("outcome", "click")]), 4.0),
         (key(metrics::SHADOW_AGREE, &[("field", "status")]), 7.0),
+        (key(metrics::BREAKER_TRIPS, &[("reason", "reset")]), 1.0),
     ]);
     let reading = Reading {
         unidentified: 0,
@@ -174,6 +175,7 @@ fn a_reading_becomes_a_snapshot() {
     assert_eq!(c.outcomes["click"], 4);
     assert_eq!(c.exposures, None);
     assert_eq!(c.shadow.as_ref().map(|s| s.agree["status"]), Some(7));
+    assert_eq!(c.breaker_trips, BTreeMap::from([("reset".to_string(), 1)]));
     assert_eq!(s.variants["control"], Counters::default());
     assert!(s.check().is_ok());
 }

@@ -627,3 +627,145 @@ fn whole_numbers_refuse_fractions_negatives_and_overflow_naming_the_field() {
             .contains("unsupported version 2")
     );
 }
+
+/// VALID with a `breaker` section (given as JSON) added to the experiment.
+fn with_breaker(section: &str) -> String {
+    variant_of_valid(
+        r#""prediction": {"header": "x-model-score"}"#,
+        &format!(r#""prediction": {{"header": "x-model-score"}}, "breaker": {section}"#),
+    )
+}
+
+fn breaker_of(json: &str) -> Option<crate::breaker::Params> {
+    match Plan::from_json(json.as_bytes()) {
+        Ok(p) => p.experiments[0].breaker,
+        Err(e) => unreachable!("{e}"),
+    }
+}
+
+#[test]
+fn breaker_defaults_and_values() {
+    assert_eq!(breaker_of(VALID), None);
+    let d = breaker_of(&with_breaker("{}"));
+    assert_eq!(
+        d,
+        Some(crate::breaker::Params {
+            window_ms: 10_000,
+            min_requests: 50,
+            max_error_rate: 0.05,
+            max_ratio_to_control: 3.0,
+            significance: breaker::DEFAULT_SIGNIFICANCE,
+        })
+    );
+    // The example of the docs, whole numbers written as floats (as through Istio's Struct).
+    let p = breaker_of(&with_breaker(
+        r#"{"window_seconds": 5.0, "min_requests": 2e1, "max_error_rate": 0.1, "max_ratio_to_control": 2, "significance": 0.001}"#,
+    ));
+    assert_eq!(
+        p,
+        Some(crate::breaker::Params {
+            window_ms: 5_000,
+            min_requests: 20,
+            max_error_rate: 0.1,
+            max_ratio_to_control: 2.0,
+            significance: 0.001,
+        })
+    );
+}
+
+#[test]
+fn breaker_errors_name_the_field() {
+    let f = "experiments[0].breaker";
+    for (section, want) in [
+        (r#"{"window_seconds": 0}"#, format!("{f}.window_seconds: must be 1 to 3600")),
+        (r#"{"window_seconds": 3601}"#, format!("{f}.window_seconds: must be 1 to 3600")),
+        (
+            r#"{"window_seconds": 1.5}"#,
+            format!("{f}.window_seconds: expected a whole number, at least 0, found floating point `1.5`"),
+        ),
+        (r#"{"min_requests": 0}"#, format!("{f}.min_requests: must be 1 to 1000000")),
+        (
+            r#"{"max_error_rate": 0}"#,
+            format!("{f}.max_error_rate: must be a fraction above 0 and below 1 (0.05 is 5 %)"),
+        ),
+        (
+            r#"{"max_error_rate": 5}"#,
+            format!("{f}.max_error_rate: must be a fraction above 0 and below 1 (0.05 is 5 %)"),
+        ),
+        (
+            r#"{"max_error_rate": "5%"}"#,
+            format!("{f}.max_error_rate: expected a number, found string \"5%\""),
+        ),
+        (r#"{"max_ratio_to_control": 0.5}"#, format!("{f}.max_ratio_to_control: must be 1 to 1000")),
+        (r#"{"max_ratio_to_control": 1e9}"#, format!("{f}.max_ratio_to_control: must be 1 to 1000")),
+        (r#"{"significance": 0}"#, format!("{f}.significance: must be above 0 and at most 0.1")),
+        (r#"{"significance": 0.5}"#, format!("{f}.significance: must be above 0 and at most 0.1")),
+        (r#"{"significance": -1e-4}"#, format!("{f}.significance: must be above 0 and at most 0.1")),
+    ] {
+        assert_eq!(error_of(&with_breaker(section)), want, "{section}");
+    }
+    let e = error_of(&with_breaker(r#"{"max_errors": 3}"#));
+    assert!(
+        e.starts_with(&format!("{f}.max_errors: unknown field `max_errors`")),
+        "{e}"
+    );
+    let e = error_of(&with_breaker("true"));
+    assert!(e.starts_with(f), "{e}");
+}
+
+#[test]
+fn breaker_round_trips_through_the_wire_format() {
+    let json = with_breaker(r#"{"window_seconds": 30, "max_error_rate": 0.02}"#);
+    let parsed: FilterConfig = match serde_json::from_str(&json) {
+        Ok(c) => c,
+        Err(e) => unreachable!("{e}"),
+    };
+    let again: FilterConfig = match serde_json::to_string(&parsed).map(|s| serde_json::from_str(&s))
+    {
+        Ok(Ok(c)) => c,
+        _ => unreachable!("round trip"),
+    };
+    assert_eq!(parsed, again);
+    let b = parsed.experiments[0].breaker.clone();
+    assert_eq!(b.as_ref().map(|b| b.window_seconds), Some(30));
+    assert_eq!(b.as_ref().map(|b| b.min_requests), Some(50));
+    // The controller's re-weighting keeps the section.
+    let moved = parsed.with_weights("ranker", &[("canary".to_string(), 10.0)]);
+    assert_eq!(moved.map(|c| c.experiments[0].breaker.clone()), Ok(b));
+}
+
+#[test]
+fn breaker_epoch_follows_the_push_version() {
+    let epoch = |revision: Option<&str>| {
+        let json = match revision {
+            Some(r) => VALID.replacen(
+                r#""version": 1,"#,
+                &format!(r#""version": 1, "revision": "{r}","#),
+                1,
+            ),
+            None => VALID.to_string(),
+        };
+        match Plan::from_json(json.as_bytes()) {
+            Ok(p) => p.breaker_epoch(),
+            Err(e) => unreachable!("{e}"),
+        }
+    };
+    assert_eq!(
+        epoch(None),
+        crate::breaker::Epoch {
+            version: 0,
+            digest: 0
+        }
+    );
+    // A retry of push 12 keeps its trips; push 13 clears them.
+    assert_eq!(epoch(Some("12@1000")), epoch(Some("12@2000")));
+    assert_eq!(epoch(Some("12@1000")).version, 12);
+    assert_eq!(epoch(Some("12@1000")).digest, 0);
+    assert_ne!(epoch(Some("12@1000")), epoch(Some("13@1000")));
+    // Free-form revisions: each its own epoch, never equal to "no revision".
+    let a = epoch(Some("hand-edit-1"));
+    assert_eq!(a.version, 0);
+    assert_ne!(a.digest, 0);
+    assert_ne!(a, epoch(Some("hand-edit-2")));
+    assert_eq!(a, epoch(Some("hand-edit-1")));
+}

@@ -529,13 +529,20 @@ pub fn enqueue(active: &Active, c: Capture) {
     }
 }
 
-/// Stops the root context's tick (also when no plan is active any more).
-pub fn stop_tick(table: Option<&Table>) {
-    if hostcalls::set_tick_period(Duration::ZERO).is_ok() {
-        if let Some(t) = table {
-            t.ticking.set(false);
+/// Stops the shadow's tick (also when no plan is active any more): the timer goes back to
+/// the breaker's period if the plan has a breaker, else it stops.
+pub fn stop_tick(active: Option<&Active>) {
+    let period = active.map_or(Duration::ZERO, super::breaker::idle_period);
+    if hostcalls::set_tick_period(period).is_ok() {
+        if let Some(a) = active {
+            a.shadow.ticking.set(false);
         }
     }
+}
+
+/// Whether the shadow's tick is running (copies queued or sent recently).
+pub fn ticking(active: &Active) -> bool {
+    active.shadow.ticking.get()
 }
 
 /// Root tick: sends every queued copy; stops the tick if there was none.
@@ -614,7 +621,7 @@ pub fn send_queued(active: &Active) {
     // Stopping one tick late, not as soon as the queue is empty, keeps the timer running
     // under steady traffic instead of re-arming it for every copy.
     if queued == 0 {
-        stop_tick(Some(&active.shadow));
+        stop_tick(Some(active));
     }
     finish_if_closing(active);
 }
@@ -835,7 +842,7 @@ fn finish_if_closing(active: &Active) {
         return;
     }
     active.shadow.closing.set(false);
-    stop_tick(Some(&active.shadow));
+    stop_tick(Some(active));
     if hostcalls::done().is_err() {
         log(
             LogLevel::Warn,

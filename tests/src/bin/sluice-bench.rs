@@ -146,7 +146,8 @@ struct FilterArgs {
     /// Seconds of unmeasured load before each measured run (connections, JIT, caches).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Cases to run, from: none, noop, sluice, lua, weighted.
+    /// Cases to run, from: none, noop, sluice, breaker (Sluice with a data-plane breaker), lua,
+    /// weighted.
     #[arg(
         long,
         value_delimiter = ',',
@@ -440,13 +441,18 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
             "none" => ("none", "(a) no filter", "bench/envoy/proxy-none.yaml"),
             "noop" => ("noop", "(b) no-op wasm", "bench/envoy/proxy-noop.yaml"),
             "sluice" => ("sluice", "(c) Sluice", "bench/envoy/proxy-sluice.yaml"),
+            "breaker" => (
+                "breaker",
+                "(c') + breaker",
+                "bench/envoy/proxy-breaker.yaml",
+            ),
             "lua" => ("lua", "(d) Lua hash", "bench/envoy/proxy-lua.yaml"),
             "weighted" => (
                 "weighted",
                 "(e) weighted_clusters",
                 "bench/envoy/proxy-weighted.yaml",
             ),
-            other => bail!("unknown case {other:?} (none, noop, sluice, lua, weighted)"),
+            other => bail!("unknown case {other:?} (none, noop, sluice, breaker, lua, weighted)"),
         };
         if name == "noop" {
             noop_filter_wasm()?;
@@ -457,7 +463,9 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
             .await
         {
             Ok(e) => e,
-            Err(sluice_tests::Error::WasmMissing { path, build }) if name == "sluice" => {
+            Err(sluice_tests::Error::WasmMissing { path, build })
+                if name == "sluice" || name == "breaker" =>
+            {
                 eprintln!(
                     "[bench] skipping (c): {} not built (`{build}`)",
                     path.display()
@@ -538,7 +546,7 @@ async fn filter_bench(args: FilterArgs) -> Result<()> {
     // splitting case must have sent about 10 % to the canary cluster.
     for case in &cases {
         let prom = case.envoy.admin().prometheus().await?;
-        if case.name == "sluice" {
+        if case.name == "sluice" || case.name == "breaker" {
             let split = prom.by_label(metrics::REQUESTS, "variant", &[]);
             eprintln!("[bench] Sluice split over the whole run: {split:?}");
             if split.values().sum::<f64>() <= 0.0 {
@@ -620,6 +628,32 @@ fn print_table(cases: &[Case], args: &FilterArgs) {
             median(c.results.iter().map(|m| m.p99_ms).collect()),
             ratios(c, |m| m.p99_ms),
             c.results.iter().map(|m| m.failed).sum::<usize>()
+        );
+    }
+    // The breaker's own cost: (c') − (c) per round, as a fraction of (a) in the same round.
+    let by_name = |n: &str| cases.iter().find(|c| c.name == n);
+    if let (Some(base), Some(on), Some(off)) = (baseline, by_name("breaker"), by_name("sluice")) {
+        let deltas: Vec<f64> = on
+            .results
+            .iter()
+            .zip(&off.results)
+            .map(|(a, b)| a.cpu_us_per_req - b.cpu_us_per_req)
+            .collect();
+        let fractions: Vec<f64> = deltas
+            .iter()
+            .zip(&base.results)
+            .map(|(d, b)| d / b.cpu_us_per_req)
+            .collect();
+        println!(
+            "\nBreaker bookkeeping, (c') − (c): {:.2} µs/request median over rounds, {:.3}x of (a) \
+             (median of per-round fractions; per round: {})",
+            median(deltas.clone()),
+            median(fractions.clone()),
+            fractions
+                .iter()
+                .map(|f| format!("{f:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     println!("\nPer round (CPU µs/request; p99 ms):\n");

@@ -1,0 +1,354 @@
+//! `sluice run` with the filter's breaker, end to end against a real Envoy with two workers: a
+//! canary that fails hard is taken out by the filter itself, and the controller records that as
+//! a rollback caused by the data plane (audit, events, `sluice status`, `/metrics`), pushes
+//! weight 0 and never raises again; a good canary with a breaker configured is promoted
+//! without a trip.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sluice_filter::metrics::{BREAKER_TRIPPED, BREAKER_TRIPS};
+use sluice_tests::{
+    filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request,
+    Upstream,
+};
+
+const LISTENER: u16 = 10000;
+const ADMIN: u16 = 9901;
+
+/// Answers 200 with a score, or 500 to every `error_every`-th user (0: never).
+fn model(error_every: u64) -> impl Fn(&Request) -> Reply + Send + Sync {
+    move |req: &Request| {
+        let i: u64 = req
+            .user()
+            .and_then(|u| u.strip_prefix("u-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if error_every > 0 && i.is_multiple_of(error_every) {
+            return Reply::status(500);
+        }
+        Reply::json(json!({"score": 0.5})).header("x-model-score", "0.5")
+    }
+}
+
+async fn stack(canary_error_every: u64) -> anyhow::Result<(Upstream, Upstream, Envoy)> {
+    let stable = Upstream::start("stable", model(0)).await?;
+    let canary = Upstream::start("canary", model(canary_error_every)).await?;
+    let envoy = EnvoyConfig::new("tests/envoy/rollout.yaml")
+        .port_to(10001, stable.port())
+        .port_to(10002, canary.port())
+        .ecds("tests/envoy/rollout")
+        .concurrency(2)
+        .start()
+        .await?;
+    Ok((stable, canary, envoy))
+}
+
+/// Steady traffic from 4,000 users until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(url: String) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = HttpClient::new();
+            let mut i: u64 = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let mut batch = tokio::task::JoinSet::new();
+                for _ in 0..20 {
+                    let (client, url) = (client.clone(), url.clone());
+                    let user = format!("u-{}", i % 4000);
+                    i += 1;
+                    batch.spawn(async move {
+                        let _ = client
+                            .send(
+                                hyper::Method::GET,
+                                &url,
+                                &[("x-user-id", &user)],
+                                Vec::<u8>::new(),
+                            )
+                            .await;
+                    });
+                }
+                while batch.join_next().await.is_some() {}
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Traffic { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+    spec: PathBuf,
+    listen: u16,
+}
+
+impl Run {
+    /// A rollout of experiment `r` with `breaker` in its experiment, evaluated every
+    /// `interval`: long enough that the filter acts well before the judge could.
+    fn new(envoy: &Envoy, stages: Value, interval: &str, breaker: Value) -> anyhow::Result<Run> {
+        let dir = tempfile::tempdir()?;
+        let ecds = envoy.ecds_file("sluice.yaml")?;
+        let admin = format!("http://{}", envoy.addr(ADMIN));
+        let spec = json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "Rollout",
+            "metadata": {"name": "r"},
+            "spec": {
+                "experiment": {
+                    "name": "r",
+                    "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+                    "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
+                    "prediction": {"header": "x-model-score"},
+                    "breaker": breaker,
+                },
+                "schedule": {"stages": stages, "bake": "4s", "warmup": "1s", "interval": interval},
+                "guardrails": {
+                    "promotion": "noBreach",
+                    "minRequests": 100,
+                    "latency": {"quantiles": [{
+                        "quantile": 0.99,
+                        "margin": {"relative": 0.9, "absolute": 0.2},
+                        "tolerance": {"relative": 0.9, "absolute": 0.2},
+                        "sloMs": 1000,
+                    }]},
+                },
+                "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
+                "sinks": [{"ecdsFile": {
+                    "path": ecds.display().to_string(),
+                    "wasm": {"filename": filter_wasm()?.display().to_string()},
+                    "proxies": [admin],
+                    "confirmWithin": "5s",
+                }}],
+            }
+        });
+        let path = dir.path().join("rollout.yaml");
+        std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
+        Ok(Run {
+            dir,
+            spec: path,
+            listen: free_port()?,
+        })
+    }
+
+    /// `sluice run`, staying up after the rollout ends when `stay` (to be asked and watched).
+    fn start(&self, stay: bool) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sluice.log"))?;
+        let mut c = Command::new(sluice_bin()?);
+        c.arg("run");
+        if !stay {
+            c.arg("--exit-when-done");
+        }
+        Ok(c.arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.listen))
+            .arg("-f")
+            .arg(&self.spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?)
+    }
+
+    fn state(&self) -> Value {
+        std::fs::read_to_string(self.dir.path().join("state/r.state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("state/r.audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn pushed_weights(&self) -> Vec<f64> {
+        self.audit()
+            .iter()
+            .filter(|r| r["record"] == "push")
+            .filter_map(|r| r["weight"].as_f64())
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.listen)
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let r = HttpClient::new()
+            .get(&format!("{}{path}", self.endpoint()))
+            .await
+            .ok()?;
+        Some(r.text())
+    }
+}
+
+/// The breaker series of the canary in Envoy's admin: (trips, tripped gauge).
+async fn breaker_series(envoy: &Envoy) -> anyhow::Result<(f64, Option<f64>)> {
+    let samples = envoy.admin().prometheus().await?;
+    let canary = [("experiment", "r"), ("variant", "canary")];
+    let trips = samples.find(BREAKER_TRIPS, &canary).map(|s| s.value).sum();
+    let tripped = samples
+        .find(BREAKER_TRIPPED, &canary)
+        .map(|s| s.value)
+        .next();
+    Ok((trips, tripped))
+}
+
+#[tokio::test]
+async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> anyhow::Result<()> {
+    // Half the canary's users get 500: the filter trips it about a second after it gets
+    // traffic, long before the controller's next look (every 5 s).
+    let (_stable, canary, envoy) = stack(2).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let run = Run::new(
+        &envoy,
+        json!([10, 50, 100]),
+        "5s",
+        json!({"window_seconds": 10, "min_requests": 20, "max_error_rate": 0.05, "max_ratio_to_control": 3}),
+    )?;
+    let mut child = run.start(true)?;
+    let rolled_back = wait_until(
+        Duration::from_secs(60),
+        "the rollout is rolled back and weight 0 confirmed",
+        || async {
+            run.state()["phase"]["phase"] == "rolled_back" && run.state()["pending"].is_null()
+        },
+    )
+    .await;
+    if let Err(e) = rolled_back {
+        let _ = child.kill();
+        anyhow::bail!("{e}\n{}\n{}", run.log(), envoy.log_tail(40));
+    }
+    let state = run.state();
+    let reason = state["phase"]["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("breaker: "), "{state}\n{}", run.log());
+    assert_eq!(state["weight"], 0.0);
+    let audit = run.audit();
+    let decision = audit
+        .iter()
+        .find(|r| r["record"] == "decision" && r["kind"] == "rolled_back")
+        .ok_or_else(|| anyhow::anyhow!("no rollback decision: {audit:?}"))?;
+    assert_eq!(decision["cause"], "breaker", "{decision}");
+    assert_eq!(decision["breaker"]["variant"], "canary", "{decision}");
+    // Seen by the trip counter (reason 5xx), or by the gauge when the first reading already
+    // held the trip.
+    assert!(
+        decision["breaker"]["trips"]["5xx"].as_u64() >= Some(1)
+            || decision["breaker"]["tripped_on"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+        "{decision}"
+    );
+
+    // The clearing push (weight 0, a new version) set the gauge back to 0; the counter stays.
+    wait_until(
+        Duration::from_secs(10),
+        "the gauge is cleared by the new revision",
+        || async {
+            breaker_series(&envoy)
+                .await
+                .is_ok_and(|(trips, tripped)| trips >= 1.0 && tripped == Some(0.0))
+        },
+    )
+    .await?;
+
+    // `sluice status` and `/metrics` say so.
+    let out = Command::new(sluice_bin()?)
+        .args(["status", "--endpoint", &run.endpoint()])
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{status}");
+    assert!(
+        status.contains("breaker: canary tripped in the data plane"),
+        "{status}"
+    );
+    let metrics = run.get("/metrics").await.unwrap_or_default();
+    assert!(
+        metrics.contains("sluice_rollout_breaker_tripped{rollout=\"r\"} 1"),
+        "{metrics}"
+    );
+
+    // Several more looks (the trip counter is still up): nothing is raised, the canary gets
+    // nothing.
+    let before = canary.count();
+    let looks = |audit: &[Value]| audit.iter().filter(|r| r["record"] == "evaluation").count();
+    let evaluations = looks(&run.audit());
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    traffic.stop().await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(run.pushed_weights(), vec![10.0, 0.0], "{}", run.log());
+    assert_eq!(
+        canary.count(),
+        before,
+        "the canary got traffic after the rollback"
+    );
+    assert_eq!(
+        looks(&run.audit()),
+        evaluations,
+        "a final rollout is not evaluated"
+    );
+    assert_eq!(run.state()["phase"]["phase"], "rolled_back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_good_canary_with_a_breaker_is_promoted_without_a_trip() -> anyhow::Result<()> {
+    let (_stable, _canary, envoy) = stack(0).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
+    let run = Run::new(
+        &envoy,
+        json!([10, 50, 100]),
+        "500ms",
+        json!({"window_seconds": 10, "min_requests": 20, "max_error_rate": 0.05, "max_ratio_to_control": 3}),
+    )?;
+    let mut child = run.start(false)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let exited = loop {
+        if child.try_wait()?.is_some() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    traffic.stop().await;
+    if !exited {
+        let _ = child.kill();
+        anyhow::bail!("sluice run still running after 120 s\n{}", run.log());
+    }
+    assert_eq!(run.state()["phase"]["phase"], "promoted", "{}", run.log());
+    assert_eq!(run.pushed_weights(), vec![10.0, 50.0, 100.0]);
+    let (trips, tripped) = breaker_series(&envoy).await?;
+    assert_eq!(trips, 0.0);
+    assert_ne!(tripped, Some(1.0));
+    assert!(!run.log().contains("breaker tripped"), "{}", run.log());
+    Ok(())
+}
