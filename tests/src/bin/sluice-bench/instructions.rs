@@ -35,8 +35,8 @@ use super::{open_loop, LoadArgs};
 
 #[derive(Parser)]
 pub struct InstructionsArgs {
-    /// Cases to count, from: none, noop, lua, sluice, sluice-assign, sluice-outcomes, weighted,
-    /// shadow-off, mirror, shadow (and sluice-b with --wasm-b).
+    /// Cases to count, from: none, noop, lua, sluice, sluice-assign, sluice-outcomes, breaker,
+    /// weighted, shadow-off, mirror, shadow (and sluice-b with --wasm-b).
     #[arg(
         long,
         value_delimiter = ',',
@@ -85,7 +85,7 @@ const OUTCOMES_AND_PREDICTION: &str = "\"header\": \"x-sluice-variant\",
 const PREDICTION: &str = "\"names\": [\"click\", \"purchase\"]},
                                 \"prediction\": {\"header\": \"x-model-score\", \"scale\": 1000}";
 
-const CASES: [CaseSpec; 11] = [
+const CASES: [CaseSpec; 12] = [
     CaseSpec {
         name: "none",
         label: "(a) no filter",
@@ -122,6 +122,13 @@ const CASES: [CaseSpec; 11] = [
         label: "(c) without prediction",
         file: "bench/envoy/proxy-sluice.yaml",
         replace: &[(PREDICTION, "\"names\": [\"click\", \"purchase\"]}")],
+    },
+    // (c) with the data-plane breaker on: the difference is the breaker's bookkeeping.
+    CaseSpec {
+        name: "breaker",
+        label: "(c') Sluice with the breaker",
+        file: "bench/envoy/proxy-breaker.yaml",
+        replace: &[],
     },
     CaseSpec {
         name: "weighted",
