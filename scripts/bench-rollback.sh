@@ -29,7 +29,7 @@
 #   scripts/bench-rollback.sh                     # 7 repetitions per case at 1 s (~10 min)
 #   REPS=3 CASES=breaker scripts/bench-rollback.sh
 #   CASES=controller WEIGHT=50 STAGES=10,50,100 ERROR_RATE=0.08 INTERVALS="1s 5s" \
-#     scripts/bench-rollback.sh                   # the controller-only run of 2026-11-23
+#     scripts/bench-rollback.sh                   # controller only, 8 % errors at the 50 % stage
 #
 # Output is also saved under target/bench/.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"

@@ -30,9 +30,8 @@ use sluice_filter::metrics;
 /// the disk go to blocking threads, see [`crate::durable::off_thread`]).
 ///
 /// The work is waiting on sockets: a tick of 10 rollouts over 1000 Envoys is ~0.1 s of CPU
-/// every 10 s. On one thread no task is handed between threads, which measured about a
-/// fifth less CPU per tick than tokio's multi-threaded scheduler (docs/benchmarks.md,
-/// "Controller cost").
+/// every 10 s. On one thread no task is handed between threads: about a fifth less CPU per
+/// tick than tokio's multi-threaded scheduler (docs/benchmarks.md, "Controller cost").
 ///
 /// It also keeps memory freed at the end of a tick for the next one ([`keep_freed_memory`]).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -50,10 +49,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// system.
 ///
 /// A tick allocates the same ~30 MiB every time (answers' values, one read per Envoy) and frees
-/// it at the end. With mimalloc's default of 1 s, those pages went back to the system between
-/// ticks and the next tick faulted in fresh zeroed ones: about a quarter of a tick's CPU, in
-/// the kernel (docs/benchmarks.md, "Controller cost"). Kept for a minute, every interval up to a minute
-/// reuses them; memory a shrinking workload no longer needs still goes back.
+/// it at the end. With mimalloc's default of 1 s, those pages would go back to the system
+/// between ticks and each tick would fault in fresh zeroed ones: about a quarter of a tick's
+/// CPU, in the kernel (docs/benchmarks.md, "Controller cost"). Kept for a minute, they are
+/// reused at every interval up to a minute; memory a shrinking workload no longer needs still
+/// goes back.
 const FREED_MEMORY_KEPT_MS: std::os::raw::c_long = 60_000;
 
 fn keep_freed_memory() {

@@ -386,8 +386,8 @@ fn with_lists(outcomes: usize, variants: usize) -> Vec<u8> {
 }
 
 /// 100,000 outcome names or variants are refused by the documented caps, naming the list (a
-/// check of every entry against every earlier one took minutes on such lists; the time is in
-/// docs/benchmarks.md, not asserted here).
+/// check of every entry against every earlier one would take minutes on such lists; the time
+/// is in docs/benchmarks.md, not asserted here).
 #[test]
 fn huge_lists_are_refused_by_their_caps() {
     for (outcomes, variants, field) in [

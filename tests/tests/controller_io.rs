@@ -328,7 +328,7 @@ async fn alternating_proxy(upstreams: Vec<std::net::SocketAddr>) -> anyhow::Resu
 
 /// Two real Envoys answering in turn behind one admin address: the source holds with
 /// "endpoint alternates between proxies" and never reads more requests than one of them
-/// counted (read as restarts, the counts were inflated 4.6x).
+/// counted (read as restarts, every switch would add the other Envoy's counts again).
 #[tokio::test]
 async fn two_envoys_alternating_behind_one_address_hold_and_inflate_nothing() -> anyhow::Result<()>
 {

@@ -346,8 +346,8 @@ fn one_hundred_thousand_business_outcomes_validate() {
             business.join(", ")
         ),
     );
-    // Checking each entry against every earlier one took minutes in a debug build; the time
-    // is measured in docs/benchmarks.md, not asserted here.
+    // Checking each entry against every earlier one would take minutes here in a debug build;
+    // the time is measured in docs/benchmarks.md, not asserted here.
     assert_eq!(problems(&text), "ok");
 }
 
