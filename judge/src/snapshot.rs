@@ -3,7 +3,8 @@
 //! A [`Snapshot`] holds the cumulative counters of every variant of one experiment at one
 //! time, the weights in force, and whether the source trusted its data. One snapshot per line,
 //! as JSON, is the format `sluice judge` replays (field reference: `docs/statistics.md`).
-//! [`Snapshot::from_reading`] builds one from a source's [`Reading`].
+//! The controller builds one from a source's reading (its `snapshot::from_reading`); this
+//! crate knows no source.
 //!
 //! [`interval`] turns two consecutive snapshots into the counts of the time between them; it
 //! survives counter resets (see [`ResetPolicy`]) and never yields negative traffic. A variant,
@@ -16,9 +17,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sluice_filter::metrics;
-
-use crate::source::Reading;
 
 /// Counters of one experiment at one time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,10 +132,57 @@ pub struct ShadowCounters {
 pub enum SnapshotError {
     #[error("line {line}: {reason}")]
     Line { line: usize, reason: String },
-    #[error("line {line}: {reason}")]
-    Invalid { line: usize, reason: String },
+    #[error("line {line}: {source}")]
+    Invalid {
+        line: usize,
+        #[source]
+        source: InvalidSnapshot,
+    },
     #[error("no snapshots: the file is empty")]
     Empty,
+}
+
+/// Why a snapshot is refused: structural problems the judge cannot work around, each naming
+/// the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidSnapshot {
+    #[error("`at` must be a finite number of Unix seconds")]
+    At,
+    #[error("control {0:?} is not among the variants")]
+    UnknownControl(String),
+    #[error("`canary` is required when there are several treatments")]
+    CanaryRequired,
+    #[error("canary {0:?} is not among the variants")]
+    UnknownCanary(String),
+    #[error("weights.{variant}: {weight} is not a percentage")]
+    NotAPercentage { variant: String, weight: f64 },
+    #[error("weights add up to {0}, not 100")]
+    WeightsTotal(f64),
+    #[error("variants.{0}.replicates: at most {MAX_REPLICATES} replicate groups")]
+    TooManyReplicates(String),
+    #[error("variants.{variant}.{field}: more than {MAX_COUNT}, beyond any real counter")]
+    CountTooLarge { variant: String, field: String },
+    #[error("variants.{variant}.{histogram}: {source}")]
+    Histogram {
+        variant: String,
+        /// `latency` or `prediction`.
+        histogram: &'static str,
+        #[source]
+        source: InvalidHistogram,
+    },
+}
+
+/// Why a histogram is refused.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum InvalidHistogram {
+    #[error("bucket bounds must increase ({le} after {previous})")]
+    BoundsNotIncreasing { previous: f64, le: f64 },
+    #[error("bucket counts must be cumulative (le {le})")]
+    NotCumulative { le: f64 },
+    #[error("bucket bounds must be finite (the +Inf bucket is `count`)")]
+    InfiniteBound,
+    #[error("a bucket holds more than `count`")]
+    OverCount,
 }
 
 /// The largest count a snapshot may hold: 2^53, the largest integer a float holds exactly (the
@@ -166,217 +211,78 @@ impl Snapshot {
     }
 
     /// Structural problems the judge cannot work around.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvalidSnapshot> {
         if !self.at.is_finite() {
-            return Err("`at` must be a finite number of Unix seconds".into());
+            return Err(InvalidSnapshot::At);
         }
         if !self.variants.contains_key(&self.control) && !self.weights.contains_key(&self.control) {
-            return Err(format!(
-                "control {:?} is not among the variants",
-                self.control
-            ));
+            return Err(InvalidSnapshot::UnknownControl(self.control.clone()));
         }
         if self.canary_name().is_none() {
-            return Err("`canary` is required when there are several treatments".into());
+            return Err(InvalidSnapshot::CanaryRequired);
         }
         // A misspelt canary would otherwise be judged on no data forever.
         if let Some(c) = &self.canary {
             if !self.variants.contains_key(c) && !self.weights.contains_key(c) {
-                return Err(format!("canary {c:?} is not among the variants"));
+                return Err(InvalidSnapshot::UnknownCanary(c.clone()));
             }
         }
         for (v, w) in &self.weights {
             if !(w.is_finite() && (0.0..=100.0).contains(w)) {
-                return Err(format!("weights.{v}: {w} is not a percentage"));
+                return Err(InvalidSnapshot::NotAPercentage {
+                    variant: v.clone(),
+                    weight: *w,
+                });
             }
         }
         let total: f64 = self.weights.values().sum();
         if !self.weights.is_empty() && (total - 100.0).abs() > 0.005 {
-            return Err(format!("weights add up to {total}, not 100"));
+            return Err(InvalidSnapshot::WeightsTotal(total));
         }
         for (v, c) in &self.variants {
             if c.replicates.len() > MAX_REPLICATES {
-                return Err(format!(
-                    "variants.{v}.replicates: at most {MAX_REPLICATES} replicate groups"
-                ));
+                return Err(InvalidSnapshot::TooManyReplicates(v.clone()));
             }
             if let Some(field) = c.count_over(MAX_COUNT) {
-                return Err(format!(
-                    "variants.{v}.{field}: more than {MAX_COUNT}, beyond any real counter"
-                ));
+                return Err(InvalidSnapshot::CountTooLarge {
+                    variant: v.clone(),
+                    field,
+                });
             }
-            c.latency
-                .check()
-                .map_err(|e| format!("variants.{v}.latency: {e}"))?;
-            c.prediction
-                .check()
-                .map_err(|e| format!("variants.{v}.prediction: {e}"))?;
+            for (histogram, h) in [("latency", &c.latency), ("prediction", &c.prediction)] {
+                h.check().map_err(|source| InvalidSnapshot::Histogram {
+                    variant: v.clone(),
+                    histogram,
+                    source,
+                })?;
+            }
         }
         Ok(())
     }
-
-    /// A snapshot from a source's summed counters. `weights` are the ones in force.
-    pub fn from_reading(
-        reading: &Reading,
-        experiment: &str,
-        control: &str,
-        canary: &str,
-        weights: BTreeMap<String, f64>,
-        at: f64,
-    ) -> Snapshot {
-        let mut variants: BTreeMap<String, Counters> = BTreeMap::new();
-        for v in weights.keys().map(String::as_str).chain([control, canary]) {
-            variants.entry(v.to_string()).or_default();
-        }
-        for (key, value) in &reading.series {
-            if key.label("experiment") != Some(experiment) {
-                continue;
-            }
-            let Some(variant) = key.label("variant") else {
-                continue;
-            };
-            let c = variants.entry(variant.to_string()).or_default();
-            // Summed counters are integral; rounding only removes float noise. The cast
-            // saturates; the clamp keeps sums over series far from overflowing.
-            let n = (value.max(0.0).round() as u64).min(MAX_COUNT);
-            let label = |l: &str| key.label(l).unwrap_or("").to_string();
-            let name = key.name.as_str();
-            match name {
-                metrics::REQUESTS => c.requests += n,
-                metrics::RESPONSES => *c.responses.entry(label("class")).or_default() += n,
-                metrics::LOCAL_REPLIES => c.local_replies += n,
-                metrics::UPSTREAM_RESETS => c.upstream_resets += n,
-                metrics::MISSING_KEY => c.missing_key += n,
-                metrics::OUTCOMES => *c.outcomes.entry(label("outcome")).or_default() += n,
-                metrics::BREAKER_TRIPS => *c.breaker_trips.entry(label("reason")).or_default() += n,
-                metrics::REPLICATE_REQUESTS => {
-                    // The filter numbers its 32 groups from 0; a label beyond the cap is not ours.
-                    if let Some(r) = key
-                        .label("replicate")
-                        .and_then(|r| r.parse::<usize>().ok())
-                        .filter(|&r| r < MAX_REPLICATES)
-                    {
-                        if c.replicates.len() <= r {
-                            c.replicates.resize(r + 1, 0);
-                        }
-                        c.replicates[r] += n;
-                    }
-                }
-                _ if SHADOW_SERIES.contains(&name)
-                    || SHADOW_HISTOGRAMS
-                        .iter()
-                        .any(|&h| histogram_part(name, h).is_some()) =>
-                {
-                    // Any shadow series the filter exports marks the variant as shadowed.
-                    let s = c.shadow.get_or_insert_with(ShadowCounters::default);
-                    match name {
-                        metrics::SHADOW_REQUESTS => s.requests += n,
-                        metrics::SHADOW_COMPARED => s.compared += n,
-                        metrics::SHADOW_AGREE => *s.agree.entry(label("field")).or_default() += n,
-                        metrics::SHADOW_DISAGREE => {
-                            *s.disagree.entry(label("field")).or_default() += n
-                        }
-                        metrics::SHADOW_ERRORS => s.errors += n,
-                        metrics::SHADOW_TIMEOUTS => s.timeouts += n,
-                        _ => {
-                            if let Some(h) = histogram_part(name, metrics::SHADOW_LATENCY) {
-                                s.latency.add_series(h, key.label("le"), *value);
-                            } else if let Some(h) = histogram_part(name, metrics::SHADOW_DELTA) {
-                                s.deltas.entry(label("field")).or_default().add_series(
-                                    h,
-                                    key.label("le"),
-                                    *value,
-                                );
-                            }
-                        }
-                    }
-                }
-                _ => {
-                    if let Some(h) = histogram_part(name, metrics::LATENCY) {
-                        c.latency.add_series(h, key.label("le"), *value);
-                    } else if let Some(h) = histogram_part(name, metrics::PREDICTION) {
-                        c.prediction.add_series(h, key.label("le"), *value);
-                    }
-                }
-            }
-        }
-        Snapshot {
-            at,
-            experiment: experiment.to_string(),
-            control: control.to_string(),
-            canary: Some(canary.to_string()),
-            weights,
-            variants,
-            health: Health::Ok,
-            stage_started_at: None,
-        }
-    }
 }
-
-/// The filter's per-variant shadow counters and gauges (see `sluice_filter::metrics`).
-const SHADOW_SERIES: [&str; 10] = [
-    metrics::SHADOW_REQUESTS,
-    metrics::SHADOW_SKIPPED,
-    metrics::SHADOW_COMPARED,
-    metrics::SHADOW_AGREE,
-    metrics::SHADOW_DISAGREE,
-    metrics::SHADOW_MISSING,
-    metrics::SHADOW_ERRORS,
-    metrics::SHADOW_5XX,
-    metrics::SHADOW_TIMEOUTS,
-    metrics::SHADOW_BYTES_IN_FLIGHT,
-];
-
-/// The filter's per-variant shadow histograms.
-const SHADOW_HISTOGRAMS: [&str; 2] = [metrics::SHADOW_LATENCY, metrics::SHADOW_DELTA];
 
 /// Most replicate groups a snapshot may carry (the filter exports 32).
 pub const MAX_REPLICATES: usize = 256;
 
-/// Which part of histogram `base` a series name is.
-fn histogram_part<'a>(name: &'a str, base: &str) -> Option<&'a str> {
-    name.strip_prefix(base)
-        .filter(|rest| matches!(*rest, "_bucket" | "_sum" | "_count"))
-}
-
 impl Histogram {
-    fn add_series(&mut self, part: &str, le: Option<&str>, value: f64) {
-        let n = (value.max(0.0).round() as u64).min(MAX_COUNT);
-        match (part, le) {
-            ("_sum", _) => self.sum += value,
-            ("_count", _) => self.count += n,
-            ("_bucket", Some(le)) => match le.parse::<f64>() {
-                Ok(b) if b.is_finite() => {
-                    match self.buckets.binary_search_by(|x| x.le.total_cmp(&b)) {
-                        Ok(i) => self.buckets[i].count += n,
-                        Err(i) => self.buckets.insert(i, Bucket { le: b, count: n }),
-                    }
-                }
-                // The +Inf bucket repeats `_count`.
-                _ => {}
-            },
-            _ => {}
-        }
-    }
-
     /// Bounds increasing, counts cumulative and at most `count`.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvalidHistogram> {
         for w in self.buckets.windows(2) {
             if w[1].le <= w[0].le {
-                return Err(format!(
-                    "bucket bounds must increase ({} after {})",
-                    w[1].le, w[0].le
-                ));
+                return Err(InvalidHistogram::BoundsNotIncreasing {
+                    previous: w[0].le,
+                    le: w[1].le,
+                });
             }
             if w[1].count < w[0].count {
-                return Err(format!("bucket counts must be cumulative (le {})", w[1].le));
+                return Err(InvalidHistogram::NotCumulative { le: w[1].le });
             }
         }
         if self.buckets.iter().any(|b| !b.le.is_finite()) {
-            return Err("bucket bounds must be finite (the +Inf bucket is `count`)".into());
+            return Err(InvalidHistogram::InfiniteBound);
         }
         if self.buckets.last().is_some_and(|b| b.count > self.count) {
-            return Err("a bucket holds more than `count`".into());
+            return Err(InvalidHistogram::OverCount);
         }
         Ok(())
     }
@@ -839,9 +745,9 @@ pub fn read_lines(text: &str) -> Result<Vec<Snapshot>, SnapshotError> {
                 line: i + 1,
                 reason: line_error(&e),
             })?;
-        snap.check().map_err(|reason| SnapshotError::Invalid {
+        snap.check().map_err(|source| SnapshotError::Invalid {
             line: i + 1,
-            reason,
+            source,
         })?;
         out.push(snap);
     }

@@ -1,6 +1,4 @@
 use super::*;
-use crate::source::{Reading, SeriesKey};
-use std::sync::Arc;
 
 fn counters(requests: u64, errors: u64) -> Counters {
     Counters {
@@ -118,71 +116,9 @@ fn histograms_are_checked() {
     assert_eq!(h.per_bucket(), vec![3, 1, 2]);
 }
 
-#[test]
-fn a_reading_becomes_a_snapshot() {
-    let key = |name: &str, extra: &[(&str, &str)]| {
-        let mut labels: Vec<(String, String)> = [("experiment", "e"), ("variant", "canary")]
-            .iter()
-            .chain(extra)
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        labels.sort();
-        Arc::new(SeriesKey {
-            name: name.into(),
-            labels,
-        })
-    };
-    let series = BTreeMap::from([
-        // Not a series of the filter's (it counts no exposures): not read.
-        (key("sluice_exposures_total", &[]), 9.0),
-        (key(metrics::REQUESTS, &[]), 10.0),
-        (key(metrics::RESPONSES, &[("class", "5xx")]), 2.0),
-        (
-            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "5")]),
-            3.0,
-        ),
-        (
-            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "1")]),
-            1.0,
-        ),
-        (
-            key(&format!("{}_bucket", metrics::LATENCY), &[("le", "+Inf")]),
-            10.0,
-        ),
-        (key(&format!("{}_count", metrics::LATENCY), &[]), 10.0),
-        (key(&format!("{}_sum", metrics::LATENCY), &[]), 40.0),
-        (key(metrics::OUTCOMES, &[("outcome", "click")]), 4.0),
-        (key(metrics::SHADOW_AGREE, &[("field", "status")]), 7.0),
-        (key(metrics::BREAKER_TRIPS, &[("reason", "reset")]), 1.0),
-    ]);
-    let reading = Reading {
-        unidentified: 0,
-        unknown: 0,
-        at: None,
-        series,
-        restarts: 0,
-    };
-    let weights = BTreeMap::from([("control".into(), 95.0), ("canary".into(), 5.0)]);
-    let s = Snapshot::from_reading(&reading, "e", "control", "canary", weights, 100.0);
-    let c = &s.variants["canary"];
-    assert_eq!(c.requests, 10);
-    assert_eq!(c.errors(), 2);
-    assert_eq!(
-        c.latency.buckets.iter().map(|b| b.le).collect::<Vec<_>>(),
-        vec![1.0, 5.0]
-    );
-    assert_eq!((c.latency.count, c.latency.sum), (10, 40.0));
-    assert_eq!(c.outcomes["click"], 4);
-    assert_eq!(c.exposures, None);
-    assert_eq!(c.shadow.as_ref().map(|s| s.agree["status"]), Some(7));
-    assert_eq!(c.breaker_trips, BTreeMap::from([("reset".to_string(), 1)]));
-    assert_eq!(s.variants["control"], Counters::default());
-    assert!(s.check().is_ok());
-}
-
 /// The ledger's rollout totals of `snaps` (warm-up none), per variant: requests and 5xx.
 fn ledger_totals(snaps: &[Snapshot], policy: ResetPolicy) -> BTreeMap<String, (u64, u64)> {
-    let ledger = crate::judge::ledger::clean(snaps, 0.0, policy);
+    let ledger = crate::ledger::clean(snaps, 0.0, policy);
     ledger
         .rollout
         .variants
@@ -237,15 +173,15 @@ fn a_variant_missing_from_one_snapshot_is_unknown_not_counted_twice() {
 
 #[test]
 fn the_good_fixture_with_one_canary_entry_removed_is_judged_the_same() {
-    let text = include_str!("../../tests/data/good.jsonl");
-    let config = include_str!("../../tests/data/guardrails.yaml");
-    let Ok(config) = crate::judge::config::GuardrailConfig::from_text(config) else {
+    let text = include_str!("../../../controller/tests/data/good.jsonl");
+    let config = include_str!("../../../controller/tests/data/guardrails.yaml");
+    let Ok(config) = crate::config::GuardrailConfig::from_text(config) else {
         panic!("the fixture config does not load");
     };
     let full = read_lines(text).unwrap_or_default();
     assert!(full.len() > 20);
     let decisions = |snaps: &[Snapshot]| {
-        crate::judge::replay(&config, snaps)
+        crate::replay(&config, snaps)
             .iter()
             .map(|e| format!("{:?}", e.decision))
             .collect::<Vec<_>>()
@@ -284,12 +220,12 @@ fn the_good_fixture_with_one_canary_entry_removed_is_judged_the_same() {
 /// whole history again.
 #[test]
 fn ledger_totals_match_the_truth_over_random_histories() {
-    use crate::source::tests::Rng;
+    use rand::{RngExt, SeedableRng};
     let names = ["control", "canary"];
     let mut resets_seen = 0;
     let mut incomplete = 0;
     for seed in 0..400 {
-        let mut rng = Rng::new(seed);
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
         // Per variant (requests, 5xx): the process' counters now, at its last complete
         // snapshot, and where its counting started; the truth readable so far.
         let mut now = [(20_000u64, 200u64); 2];
@@ -301,7 +237,7 @@ fn ledger_totals_match_the_truth_over_random_histories() {
         let steps = 50;
         for step in 0..steps {
             if step > 0 {
-                if now[0].0 > 5_000 && now[1].0 > 5_000 && rng.chance(0.04) {
+                if now[0].0 > 5_000 && now[1].0 > 5_000 && rng.random_bool(0.04) {
                     // A restart: counted since the last complete snapshot is lost.
                     for v in 0..2 {
                         readable[v].0 += complete[v].0 - start[v].0;
@@ -313,9 +249,9 @@ fn ledger_totals_match_the_truth_over_random_histories() {
                     fresh = true;
                 }
                 for c in &mut now {
-                    let add = 1 + rng.below(400);
+                    let add = 1 + rng.random_range(0..400);
                     c.0 += add;
-                    c.1 += rng.below(add / 50 + 1);
+                    c.1 += rng.random_range(0..add / 50 + 1);
                 }
             }
             let mut s = snap(
@@ -327,13 +263,13 @@ fn ledger_totals_match_the_truth_over_random_histories() {
             let mut whole = true;
             if !fresh && step + 1 < steps {
                 for name in names {
-                    if rng.chance(0.06) {
+                    if rng.random_bool(0.06) {
                         s.variants.remove(name);
                         whole = false;
-                    } else if rng.chance(0.04) {
+                    } else if rng.random_bool(0.04) {
                         s.variants.insert(name.to_string(), Counters::default());
                         whole = false;
-                    } else if rng.chance(0.06) {
+                    } else if rng.random_bool(0.06) {
                         if let Some(c) = s.variants.get_mut(name) {
                             c.responses.remove("5xx");
                             whole = whole
@@ -356,7 +292,7 @@ fn ledger_totals_match_the_truth_over_random_histories() {
         }
         let exact = ledger_totals(&snaps, ResetPolicy::SinceRestart);
         let discard = ledger_totals(&snaps, ResetPolicy::Discard);
-        resets_seen += crate::judge::ledger::clean(&snaps, 0.0, ResetPolicy::SinceRestart).resets;
+        resets_seen += crate::ledger::clean(&snaps, 0.0, ResetPolicy::SinceRestart).resets;
         for (v, name) in names.iter().enumerate() {
             let got = exact.get(*name).copied().unwrap_or_default();
             assert_eq!(got, readable[v], "seed {seed}: {name} (requests, 5xx)");
