@@ -68,16 +68,19 @@ pub fn from_reading(
                     metrics::SHADOW_REQUESTS => s.requests += n,
                     metrics::SHADOW_COMPARED => s.compared += n,
                     metrics::SHADOW_AGREE => *s.agree.entry(label("field")).or_default() += n,
-                    metrics::SHADOW_DISAGREE => {
-                        *s.disagree.entry(label("field")).or_default() += n
-                    }
+                    metrics::SHADOW_DISAGREE => *s.disagree.entry(label("field")).or_default() += n,
                     metrics::SHADOW_ERRORS => s.errors += n,
                     metrics::SHADOW_TIMEOUTS => s.timeouts += n,
                     _ => {
                         if let Some(h) = histogram_part(name, metrics::SHADOW_LATENCY) {
                             add_series(&mut s.latency, h, key.label("le"), *value);
                         } else if let Some(h) = histogram_part(name, metrics::SHADOW_DELTA) {
-                            add_series(s.deltas.entry(label("field")).or_default(), h, key.label("le"), *value);
+                            add_series(
+                                s.deltas.entry(label("field")).or_default(),
+                                h,
+                                key.label("le"),
+                                *value,
+                            );
                         }
                     }
                 }

@@ -106,4 +106,3 @@ fn replicate_counts_are_read_from_the_filter_series() {
     let back = read_lines(&line).unwrap_or_default();
     assert_eq!(back.first(), Some(&s));
 }
-

@@ -108,12 +108,129 @@ fn histograms_are_checked() {
         count: 4,
     };
     assert!(h.check().is_err());
+    assert_eq!(h.check(), Err(InvalidHistogram::NotCumulative { le: 5.0 }));
+    let inf = Histogram {
+        buckets: vec![Bucket {
+            le: f64::INFINITY,
+            count: 1,
+        }],
+        sum: 0.0,
+        count: 1,
+    };
+    assert_eq!(inf.check(), Err(InvalidHistogram::InfiniteBound));
+    let over = Histogram {
+        buckets: vec![Bucket { le: 1.0, count: 5 }],
+        sum: 0.0,
+        count: 4,
+    };
+    assert_eq!(over.check(), Err(InvalidHistogram::OverCount));
     let h = Histogram {
         buckets: vec![Bucket { le: 1.0, count: 3 }, Bucket { le: 5.0, count: 4 }],
         sum: 0.0,
         count: 6,
     };
     assert_eq!(h.per_bucket(), vec![3, 1, 2]);
+}
+
+/// Each problem is its own variant, and its message still names the field it is about.
+#[test]
+fn snapshot_problems_are_typed_and_name_the_field() {
+    let good = snap(1.0, counters(10, 1), counters(5, 0));
+    assert_eq!(good.check(), Ok(()));
+    let check = |edit: &dyn Fn(&mut Snapshot)| {
+        let mut s = good.clone();
+        edit(&mut s);
+        let e = s.check().err();
+        let text = e.as_ref().map(ToString::to_string).unwrap_or_default();
+        (e, text)
+    };
+    let (e, text) = check(&|s| s.at = f64::NAN);
+    assert_eq!(e, Some(InvalidSnapshot::At));
+    assert!(text.contains("`at`"), "{text}");
+    let (e, text) = check(&|s| s.control = "contrl".into());
+    assert_eq!(e, Some(InvalidSnapshot::UnknownControl("contrl".into())));
+    assert_eq!(text, "control \"contrl\" is not among the variants");
+    let (e, _) = check(&|s| {
+        s.variants.insert("b".into(), Counters::default());
+    });
+    assert_eq!(e, Some(InvalidSnapshot::CanaryRequired));
+    let (e, text) = check(&|s| s.canary = Some("canry".into()));
+    assert_eq!(e, Some(InvalidSnapshot::UnknownCanary("canry".into())));
+    assert_eq!(text, "canary \"canry\" is not among the variants");
+    let (e, text) = check(&|s| {
+        s.weights.insert("canary".into(), 110.0);
+    });
+    assert!(
+        matches!(e, Some(InvalidSnapshot::NotAPercentage { ref variant, .. }) if variant == "canary")
+    );
+    assert_eq!(text, "weights.canary: 110 is not a percentage");
+    let (e, text) = check(&|s| {
+        s.weights.insert("canary".into(), 90.0);
+    });
+    assert_eq!(e, Some(InvalidSnapshot::WeightsTotal(180.0)));
+    assert_eq!(text, "weights add up to 180, not 100");
+    let (e, text) = check(&|s| {
+        if let Some(c) = s.variants.get_mut("canary") {
+            c.replicates = vec![1; MAX_REPLICATES + 1];
+        }
+    });
+    assert_eq!(e, Some(InvalidSnapshot::TooManyReplicates("canary".into())));
+    assert!(text.starts_with("variants.canary.replicates: "), "{text}");
+    let (e, text) = check(&|s| {
+        if let Some(c) = s.variants.get_mut("control") {
+            c.outcomes.insert("click".into(), MAX_COUNT + 1);
+        }
+    });
+    assert_eq!(
+        e,
+        Some(InvalidSnapshot::CountTooLarge {
+            variant: "control".into(),
+            field: "outcomes.click".into()
+        })
+    );
+    assert!(
+        text.starts_with("variants.control.outcomes.click: more than "),
+        "{text}"
+    );
+    let (e, text) = check(&|s| {
+        if let Some(c) = s.variants.get_mut("canary") {
+            c.prediction.buckets = vec![Bucket { le: 5.0, count: 0 }, Bucket { le: 1.0, count: 0 }];
+        }
+    });
+    assert_eq!(
+        e,
+        Some(InvalidSnapshot::Histogram {
+            variant: "canary".into(),
+            histogram: "prediction",
+            source: InvalidHistogram::BoundsNotIncreasing {
+                previous: 5.0,
+                le: 1.0
+            },
+        })
+    );
+    assert_eq!(
+        text,
+        "variants.canary.prediction: bucket bounds must increase (1 after 5)"
+    );
+    // Through the JSON-lines reader: the line, then the same message.
+    let line = serde_json::to_string(&snap(1.0, counters(10, 1), counters(5, 0)))
+        .unwrap_or_default()
+        .replace("\"canary\":10.0", "\"canary\":90.0");
+    let err = read_lines(&line).err();
+    assert!(
+        matches!(
+            err,
+            Some(SnapshotError::Invalid {
+                line: 1,
+                source: InvalidSnapshot::WeightsTotal(_)
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.map(|e| e.to_string()).unwrap_or_default(),
+        "line 1: weights add up to 180, not 100"
+    );
 }
 
 /// The ledger's rollout totals of `snaps` (warm-up none), per variant: requests and 5xx.
