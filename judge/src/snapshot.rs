@@ -87,8 +87,8 @@ pub struct Counters {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replicates: Vec<u64>,
     /// `sluice_breaker_trips_total` by `reason`: trips of this variant by the filter's breaker.
-    /// The judge does not read them; the daemon acts on a trip before asking it (see
-    /// `daemon::breaker`). Kept so a replay shows when the data plane took the variant out.
+    /// The judge does not read them; the controller's daemon acts on a trip before asking it
+    /// (its `daemon::breaker`). Kept so a replay shows when the data plane took the variant out.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub breaker_trips: BTreeMap<String, u64>,
 }
