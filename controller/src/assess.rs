@@ -8,7 +8,7 @@ use crate::daemon::{Assess, Assessment, Context};
 use crate::judge::config::GuardrailConfig;
 use crate::judge::{Decision, Evaluation, Judge};
 use crate::rollout::Judgement;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot};
 use crate::source::Reading;
 use crate::spec::Checked;
 
@@ -40,7 +40,7 @@ impl Assessor {
             (ctx.control.clone(), (100.0 - ctx.weight).max(0.0)),
             (ctx.treatment.clone(), ctx.weight),
         ]);
-        let mut snap = Snapshot::from_reading(
+        let mut snap = snapshot::from_reading(
             reading,
             &ctx.experiment,
             &ctx.control,

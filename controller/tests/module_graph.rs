@@ -9,6 +9,9 @@
 //! cycle, naming each edge of it with a file and line that makes it.
 //!
 //! `cargo test -p sluice-controller --test module_graph -- --nocapture` also prints the graph.
+//!
+//! Between crates Cargo forbids cycles; the judge crate is also held to being pure (what it
+//! may depend on, and no clock, file or network calls in its code).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -567,7 +570,7 @@ fn cyclic(g: &Graph) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-const CRATES: [&str; 2] = ["controller", "filter"];
+const CRATES: [&str; 3] = ["controller", "filter", "judge"];
 
 #[test]
 fn no_module_cycles() {
@@ -646,4 +649,94 @@ fn tempfile_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-module-graph-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// What the judge crate may depend on: data formats and statistics, nothing that does I/O,
+/// and no Sluice crate but the filter's (for its wording of type errors). A new dependency is
+/// a decision: add it here with the reason.
+const JUDGE_DEPENDENCIES: [&str; 8] = [
+    "sluice-filter",
+    "serde",
+    "serde_json",
+    "serde_path_to_error",
+    "thiserror",
+    "statrs",
+    "humantime",
+    "serde-saphyr",
+];
+
+/// The names listed in one `[section]` of a Cargo manifest.
+fn manifest_section(text: &str, section: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            inside = line == format!("[{section}]");
+        } else if inside && !line.is_empty() && !line.starts_with('#') {
+            if let Some((name, _)) = line.split_once('=') {
+                out.push(name.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_judge_crate_stays_pure() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = std::fs::read_to_string(root.join("judge/Cargo.toml")).unwrap();
+    let deps = manifest_section(&manifest, "dependencies");
+    assert!(deps.iter().any(|d| d == "statrs"), "{deps:?}");
+    let extra: Vec<&String> = deps
+        .iter()
+        .filter(|d| !JUDGE_DEPENDENCIES.contains(&d.as_str()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "judge/Cargo.toml: not a pure dependency: {extra:?}"
+    );
+    // Time, files, network and the environment reach the judge only as data.
+    let impure = [
+        "SystemTime",
+        "Instant",
+        "std::fs",
+        "std::net",
+        "std::env",
+        "std::io",
+    ];
+    let mut found = Vec::new();
+    for f in files(&crate_src("judge")) {
+        let idents: Vec<&str> = f.tokens.iter().filter_map(|t| ident(Some(t))).collect();
+        let paths: Vec<String> = f
+            .tokens
+            .windows(3)
+            .filter_map(|w| match w {
+                [(Token::Ident(a), line), (Token::PathSep, _), (Token::Ident(b), _)] => {
+                    Some(format!("{a}::{b}:{line}"))
+                }
+                _ => None,
+            })
+            .collect();
+        for name in impure {
+            if !name.contains("::") && idents.contains(&name) {
+                found.push(format!("{}: {name}", f.path.display()));
+            }
+            for p in paths.iter().filter(|p| p.starts_with(&format!("{name}:"))) {
+                found.push(format!("{}: {p}", f.path.display()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "the judge does I/O or reads a clock: {found:?}"
+    );
+}
+
+/// The manifest reader sees only its own section.
+#[test]
+fn manifest_sections_are_read_alone() {
+    let text = "[package]\nname = \"x\"\n[dependencies]\n# why\nserde = \"1\"\n\
+                tokio = { workspace = true }\n[dev-dependencies]\nrand = \"0.10\"\n";
+    assert_eq!(manifest_section(text, "dependencies"), ["serde", "tokio"]);
+    assert_eq!(manifest_section(text, "dev-dependencies"), ["rand"]);
 }

@@ -494,8 +494,8 @@ impl GuardrailConfig {
     }
 }
 
-/// Durations as `30s`, `2m`, `500ms` or a number of seconds (read as `spec.rs` reads them,
-/// with the same bounds).
+/// Durations as `30s`, `2m`, `500ms` or a number of seconds, read by [`crate::duration`] (as
+/// the controller's rollout spec reads them, with the same bounds).
 mod seconds {
     use super::*;
 

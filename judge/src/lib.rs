@@ -13,18 +13,29 @@
 //!
 //! [`Judge`] folds snapshots through that pipeline one at a time (the state it keeps: the
 //! ledger, the mixture parameters fixed at first use, breach streaks); [`replay`] is the same
-//! over a slice. [`config`] holds [`GuardrailConfig`]. The judge knows nothing of the daemon
-//! or the command line: `crate::assess` plugs it into the daemon, `crate::cli::judge` is
-//! `sluice judge`. Methods and references: `docs/statistics.md`.
+//! over a slice. [`config`] holds [`GuardrailConfig`]; [`snapshot`] the counters it reads and
+//! their JSON-lines format. Methods and references: `docs/statistics.md`.
+//!
+//! The crate is pure: no I/O, no clock, no async runtime, and nothing of the controller (which
+//! depends on it, so Cargo keeps it that way). The controller turns a source's reading into a
+//! [`snapshot::Snapshot`] (`sluice_controller::snapshot::from_reading`), plugs the judge into
+//! its daemon (`sluice_controller::assess`) and replays files with `sluice judge`.
+//!
+//! Its modules, each using only those listed after it: the pipeline ([`guardrail`],
+//! [`ledger`], [`sequential`]); [`config`]; [`snapshot`]; and two readers of what users write,
+//! shared with the controller's spec: [`duration`] and [`yaml`].
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 pub mod config;
+pub mod duration;
 pub mod guardrail;
 pub mod ledger;
 pub mod sequential;
+pub mod snapshot;
+pub mod yaml;
 
 pub use config::{GuardrailConfig, Promotion};
 use guardrail::{Arms, Draft, Frozen};

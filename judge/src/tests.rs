@@ -1,7 +1,6 @@
 use super::config::{BusinessConfig, ConfigError, CountModel};
 use super::*;
 use crate::snapshot::{Bucket, Counters, Health, Histogram, ShadowCounters};
-use sluice_filter::metrics;
 
 /// Latency histogram with `slow` of `n` requests above 100 ms (the rest at 10–20 ms).
 fn latency(n: u64, slow: u64) -> Histogram {
@@ -859,51 +858,6 @@ fn a_handful_of_errors_does_not_prove_non_inferiority() {
     assert_eq!(verdict(&e, "error_rate").label, Label::Pass);
 }
 
-#[test]
-fn replicate_counts_are_read_from_the_filter_series() {
-    use crate::source::{Reading, SeriesKey};
-    use std::sync::Arc;
-    let key = |variant: &str, replicate: &str| {
-        let mut labels: Vec<(String, String)> = [
-            ("experiment", "e"),
-            ("variant", variant),
-            ("replicate", replicate),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        labels.sort();
-        Arc::new(SeriesKey {
-            name: metrics::REPLICATE_REQUESTS.into(),
-            labels,
-        })
-    };
-    let series = BTreeMap::from([
-        (key("canary", "0"), 3.0),
-        (key("canary", "2"), 5.0),
-        (key("control", "1"), 7.0),
-        // Not a group the filter makes: ignored.
-        (key("control", "x"), 9.0),
-        (key("control", "100000"), 9.0),
-    ]);
-    let reading = Reading {
-        at: None,
-        series,
-        restarts: 0,
-        unidentified: 0,
-        unknown: 0,
-    };
-    let weights = BTreeMap::from([("control".into(), 50.0), ("canary".into(), 50.0)]);
-    let s = Snapshot::from_reading(&reading, "e", "control", "canary", weights, 1.0);
-    assert_eq!(s.variants["canary"].replicates, vec![3, 0, 5]);
-    assert_eq!(s.variants["control"].replicates, vec![0, 7]);
-    // And through the JSON-lines format.
-    let line = serde_json::to_string(&s).unwrap_or_default();
-    assert!(line.contains(r#""replicates":[3,0,5]"#), "{line}");
-    let back = crate::snapshot::read_lines(&line).unwrap_or_default();
-    assert_eq!(back.first(), Some(&s));
-}
-
 /// Envoy publishes histograms at its stats flush and counters live, so over a short window a
 /// variant can show more latencies than responses (71 for 59, seen with Prometheus and a 1 s
 /// flush), and responses lag requests by what is in flight: not a data error.
@@ -964,7 +918,7 @@ fn impossible_counts_at_the_full_stage_hold_too() {
 
 #[test]
 fn histogram_quantile_interpolates_and_says_when_it_is_past_the_last_bound() {
-    use crate::judge::guardrail::{histogram_quantile, BucketQuantile};
+    use crate::guardrail::{histogram_quantile, BucketQuantile};
     let finite = [(10.0, 2.0), (20.0, 2.0), (40.0, 6.0)];
     // rank 3 of 6 lies a quarter into (20, 40]; rank 0 at the start of the first non-empty
     // bucket's lower bound (0); all of it at the last bound.
