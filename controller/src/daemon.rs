@@ -450,6 +450,11 @@ fn after_tick(started: f64, period: Duration) -> Duration {
     Duration::from_secs_f64((next - started).max(0.0))
 }
 
+/// Why the configuration for a weight could not be rendered.
+#[derive(Debug, thiserror::Error)]
+#[error("render: {0}")]
+pub struct RenderError(sluice_filter::config::ConfigError);
+
 /// Why a rollout task stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -754,12 +759,8 @@ where
         &self,
         weight: f64,
         shadow: bool,
-    ) -> Result<sluice_filter::config::FilterConfig, String> {
-        let mut c = self
-            .task
-            .checked
-            .render(weight)
-            .map_err(|e| format!("render: {e}"))?;
+    ) -> Result<sluice_filter::config::FilterConfig, RenderError> {
+        let mut c = self.task.checked.render(weight).map_err(RenderError)?;
         if !shadow {
             for e in &mut c.experiments {
                 e.shadow = None;
@@ -779,7 +780,7 @@ where
         let config = match self.config(self.state.weight, shadow) {
             Ok(c) => c,
             Err(e) => {
-                self.unverified = Some(e);
+                self.unverified = Some(e.to_string());
                 return Ok(());
             }
         };
@@ -854,7 +855,12 @@ where
     async fn push(&mut self, version: u64, weight: f64, shadow: bool) -> Input {
         let config = match self.config(weight, shadow) {
             Ok(c) => c,
-            Err(error) => return Input::PushFailed { version, error },
+            Err(e) => {
+                return Input::PushFailed {
+                    version,
+                    error: e.to_string(),
+                }
+            }
         };
         let decided = self
             .state

@@ -45,7 +45,26 @@ struct Hook {
     format: WebhookFormat,
     /// The client (https:// URLs are verified against the system's roots plus the hook's
     /// `caFile`), or why none could be built: then every delivery is logged as failed.
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, Arc<ClientError>>,
+}
+
+/// Why a webhook has no client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    CaFile(#[from] crate::spec::CaFileError),
+    #[error("{0}")]
+    Build(#[from] reqwest::Error),
+}
+
+impl Hook {
+    fn client(w: &crate::spec::WebhookSpec) -> Result<reqwest::Client, ClientError> {
+        let extra = w.ca_certificates()?;
+        Ok(reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .tls_certs_merge(extra)
+            .build()?)
+    }
 }
 
 /// The configured webhooks.
@@ -64,13 +83,7 @@ impl Notifier {
                 .map(|NotificationSpec::Webhook(w)| Hook {
                     url: w.url.clone(),
                     format: w.format,
-                    http: w.ca_certificates().and_then(|extra| {
-                        reqwest::Client::builder()
-                            .timeout(TIMEOUT)
-                            .tls_certs_merge(extra)
-                            .build()
-                            .map_err(|e| e.to_string())
-                    }),
+                    http: Hook::client(w).map_err(Arc::new),
                 })
                 .collect(),
             in_flight: Arc::default(),

@@ -13,31 +13,61 @@ pub fn state_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join(format!("{name}.secret"))
 }
 
+/// Why a secret could not be read or generated.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Reading, writing or creating the directory of `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The secret at `path` is not one the filter accepts.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: sluice_filter::config::ConfigError,
+    },
+    #[error("reading /dev/urandom: {0}")]
+    Random(std::io::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SecretError + '_ {
+    move |source| SecretError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// A secret file's content, surrounding whitespace removed, checked as the filter checks it.
-pub fn read(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read(path: &Path) -> Result<String, SecretError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
     let secret = text.trim().to_string();
-    sluice_filter::config::Secret::new("secret", &secret)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    sluice_filter::config::Secret::new("secret", &secret).map_err(|source| {
+        SecretError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     Ok(secret)
 }
 
 /// The secret kept at `path`, generated there (mode 0600) if there is none yet.
-pub fn read_or_generate(path: &Path) -> Result<String, String> {
+pub fn read_or_generate(path: &Path) -> Result<String, SecretError> {
     if !path.exists() {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let mut bytes = [0u8; GENERATED_BYTES];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut bytes))
-            .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+            .map_err(SecretError::Random)?;
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         match write_private(path, &hex) {
             Ok(()) => {}
             // Another process created it first: use theirs.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(io(path)(e)),
         }
     }
     read(path)

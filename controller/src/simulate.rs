@@ -126,8 +126,8 @@ impl Population {
             let a = (u.sigma * rng.normal() - 0.5 * u.sigma * u.sigma).exp();
             p.activity.push(a);
             p.total += a;
-            p.bucket.push((rng.uniform() * 10_000.0) as u32);
-            p.replicate.push((rng.next_u64() % groups as u64) as usize);
+            p.bucket.push(rng.below(10_000) as u32);
+            p.replicate.push(rng.below(groups as u64) as usize);
         }
         p
     }

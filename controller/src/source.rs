@@ -75,15 +75,30 @@ impl Default for RawLimits {
     }
 }
 
-impl TryFrom<RawLimits> for Limits {
-    type Error = String;
+/// A limit outside its range, named by its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {value} is outside {lo}..={hi}")]
+pub struct LimitError {
+    pub field: &'static str,
+    pub value: u64,
+    pub lo: u64,
+    pub hi: u64,
+}
 
-    fn try_from(r: RawLimits) -> Result<Limits, String> {
-        let check = |field: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
+impl TryFrom<RawLimits> for Limits {
+    type Error = LimitError;
+
+    fn try_from(r: RawLimits) -> Result<Limits, LimitError> {
+        let check = |field: &'static str, value: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&value) {
                 Ok(())
             } else {
-                Err(format!("{field}: {v} is outside {lo}..={hi}"))
+                Err(LimitError {
+                    field,
+                    value,
+                    lo,
+                    hi,
+                })
             }
         };
         check("maxLineBytes", r.max_line_bytes as u64, 256, 16 << 20)?;

@@ -61,6 +61,18 @@ impl Default for Ports {
     }
 }
 
+/// Why `--ports` was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortsError {
+    #[error("{text:?}: {source}")]
+    NotPort {
+        text: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("give six ports (listener,admin,stable,canary,shadow,controller), got {0}")]
+    Count(usize),
+}
+
 impl Ports {
     /// Every port moved by `offset`, to run beside another demo or the examples.
     pub fn offset(self, offset: u16) -> Ports {
@@ -77,16 +89,20 @@ impl Ports {
 
     /// Six ports in the order listener, admin, stable, canary, shadow, controller, separated
     /// by commas (as `--ports` takes them).
-    pub fn parse(text: &str) -> Result<Ports, String> {
+    pub fn parse(text: &str) -> Result<Ports, PortsError> {
         let ports: Vec<u16> = text
             .split(',')
-            .map(|p| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}")))
+            .map(|p| {
+                p.trim()
+                    .parse::<u16>()
+                    .map_err(|source| PortsError::NotPort {
+                        text: p.to_string(),
+                        source,
+                    })
+            })
             .collect::<Result<_, _>>()?;
         let [listener, admin, stable, canary, shadow, controller] = ports[..] else {
-            return Err(format!(
-                "give six ports (listener,admin,stable,canary,shadow,controller), got {}",
-                ports.len()
-            ));
+            return Err(PortsError::Count(ports.len()));
         };
         Ok(Ports {
             listener,
@@ -601,8 +617,12 @@ mod tests {
     fn ports_parse_in_order() {
         let p = Ports::parse("1,2,3,4,5,6").unwrap_or_default();
         assert_eq!((p.listener, p.admin, p.canary, p.controller), (1, 2, 4, 6));
-        assert!(Ports::parse("1,2,3").is_err());
-        assert!(Ports::parse("1,2,3,4,5,x").is_err());
+        assert_eq!(Ports::parse("1,2,3"), Err(PortsError::Count(3)));
+        let bad = Ports::parse("1,2,3,4,5,x").map_err(|e| e.to_string());
+        assert!(
+            matches!(&bad, Err(e) if e.starts_with("\"x\": ")),
+            "{bad:?}"
+        );
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Samples {
         let samples =
             sluice_controller::source::exposition::parse(text, "").map_err(|e| Error::Parse {
                 what: format!("prometheus exposition, {}", e.at),
-                reason: e.reason,
+                reason: e.reason.to_string(),
             })?;
         Ok(Samples(
             samples

@@ -1,156 +1,61 @@
-//! A small seeded random source (xoshiro256**, seeded through SplitMix64) and the exact
-//! samplers the simulator needs: binomial by Beta splitting, so a draw costs O(log n) whatever
-//! n is, and multinomial by conditional binomials.
+//! The simulator's seeded random source: xoshiro256++ from `rand_xoshiro`, one stream per
+//! (seed, scenario, run), and the draws the simulator needs, exact samplers from `rand_distr`
+//! (binomial by BTPE and Poisson by PTRS cost O(1) whatever the count, so a rollout of a
+//! million requests costs what one of a hundred does). Multinomial counts are conditional
+//! binomials, which `rand_distr` does not offer for integer counts.
+
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Binomial, Distribution, Poisson, StandardNormal};
+use rand_xoshiro::{SplitMix64, Xoshiro256PlusPlus};
 
 /// Reproducible pseudo-random numbers.
 #[derive(Debug, Clone)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub struct Rng(Xoshiro256PlusPlus);
 
 impl Rng {
-    /// A stream determined by `keys` (e.g. seed, scenario, run).
+    /// A stream determined by `keys` (e.g. seed, scenario, run): the keys are folded through
+    /// SplitMix64 into one 64-bit seed, which seeds the generator (through SplitMix64 again).
     pub fn new(keys: &[u64]) -> Rng {
-        let mut x = 0x5EED_u64;
-        for &k in keys {
-            let mut y = x ^ k.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-            x = splitmix(&mut y);
-        }
-        let mut s = [0; 4];
-        for v in &mut s {
-            *v = splitmix(&mut x);
-        }
-        Rng { s }
+        let seed = keys.iter().fold(0x5EED_u64, |acc, &k| {
+            rand::Rng::next_u64(&mut SplitMix64::seed_from_u64(acc ^ k.rotate_left(32)))
+        });
+        Rng(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
+        rand::Rng::next_u64(&mut self.0)
     }
 
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+    /// Uniform integer in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0.random_range(0..n.max(1))
     }
 
-    /// Standard normal (Box–Muller).
+    /// Standard normal.
     pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        StandardNormal.sample(&mut self.0)
     }
 
-    /// Gamma(shape, 1) for shape ≥ 1 (Marsaglia & Tsang 2000).
-    pub fn gamma(&mut self, shape: f64) -> f64 {
-        let d = shape - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = self.normal();
-            let v = (1.0 + c * x).powi(3);
-            if v <= 0.0 {
-                continue;
-            }
-            let u = self.uniform();
-            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
-                return d * v;
-            }
-        }
-    }
-
-    /// Beta(a, b) for a, b ≥ 1.
-    pub fn beta(&mut self, a: f64, b: f64) -> f64 {
-        let x = self.gamma(a);
-        let y = self.gamma(b);
-        x / (x + y)
-    }
-
-    /// Binomial(n, p), exact. Large n: the median order statistic of n uniforms is
-    /// Beta-distributed; which side of p it falls on splits the problem in half.
+    /// Binomial(n, p), exact; `p` outside [0, 1] is clamped, NaN gives 0.
     pub fn binomial(&mut self, n: u64, p: f64) -> u64 {
-        if n == 0 || p <= 0.0 {
+        if n == 0 || p.is_nan() {
             return 0;
         }
-        if p >= 1.0 {
-            return n;
-        }
-        if p > 0.5 {
-            return n - self.binomial(n, 1.0 - p);
-        }
-        if (n as f64) * p < 16.0 {
-            return self.binomial_inversion(n, p);
-        }
-        let i = n.div_ceil(2);
-        let y = self.beta(i as f64, (n + 1 - i) as f64);
-        if y >= p {
-            // Every uniform below p is among the i − 1 below y, uniform on (0, y).
-            self.binomial(i - 1, p / y)
-        } else {
-            // The i smallest are below p; the other n − i are uniform on (y, 1).
-            i + self.binomial(n - i, (p - y) / (1.0 - y))
-        }
+        Binomial::new(n, p.clamp(0.0, 1.0)).map_or(0, |d| d.sample(&mut self.0))
     }
 
-    /// Inversion by the recurrence of binomial probabilities; for small n·p.
-    fn binomial_inversion(&mut self, n: u64, p: f64) -> u64 {
-        let q = 1.0 - p;
-        let s = p / q;
-        let a = (n as f64 + 1.0) * s;
-        let mut r = q.powf(n as f64);
-        let mut u = self.uniform();
-        let mut x = 0u64;
-        while u > r {
-            u -= r;
-            x += 1;
-            if x > n {
-                // Rounding left a sliver of mass unclaimed: start over.
-                return self.binomial_inversion(n, p);
-            }
-            r *= a / x as f64 - s;
-        }
-        x
-    }
-
-    /// Poisson(mean), exact: Gamma splitting for large means (the m-th arrival time of a
-    /// unit-rate process is Gamma(m); Knuth, TAOCP vol. 2, 3.4.1), inversion for small ones.
+    /// Poisson(mean), exact; a mean that is not a positive finite number gives 0.
     pub fn poisson(&mut self, mean: f64) -> u64 {
-        if mean.is_nan() || mean <= 0.0 {
+        if !(mean > 0.0) || !mean.is_finite() {
             return 0;
         }
-        if mean < 16.0 {
-            let limit = (-mean).exp();
-            let mut x = 0u64;
-            let mut prod = self.uniform();
-            while prod > limit {
-                x += 1;
-                prod *= self.uniform();
-            }
-            return x;
-        }
-        let m = (mean * 0.875).floor() as u64;
-        let g = self.gamma(m as f64);
-        if g < mean {
-            m + self.poisson(mean - g)
-        } else {
-            // The first m − 1 arrivals are uniform on (0, g): those before `mean` count.
-            self.binomial(m - 1, mean / g)
-        }
+        // A Poisson draw is a whole number held in an f64; the cast saturates far above any
+        // count the simulator asks for.
+        Poisson::new(mean).map_or(0, |d| d.sample(&mut self.0) as u64)
     }
 
-    /// Multinomial counts of `n` over `probs` (which sum to 1), into `out`.
+    /// Multinomial counts of `n` over `probs` (which sum to 1), into `out`: each category's
+    /// count is binomial given what the categories before it took.
     pub fn multinomial(&mut self, n: u64, probs: &[f64], out: &mut Vec<u64>) {
         out.clear();
         let mut left = n;
@@ -163,7 +68,7 @@ impl Rng {
             let k = if left == 0 || mass <= 0.0 {
                 0
             } else {
-                self.binomial(left, (p / mass).clamp(0.0, 1.0))
+                self.binomial(left, p / mass)
             };
             out.push(k);
             left -= k;
@@ -216,18 +121,43 @@ mod tests {
     }
 
     #[test]
+    fn degenerate_parameters_give_the_obvious_counts() {
+        let mut rng = Rng::new(&[4]);
+        assert_eq!(rng.binomial(0, 0.5), 0);
+        assert_eq!(rng.binomial(50, 0.0), 0);
+        assert_eq!(rng.binomial(50, 1.0), 50);
+        assert_eq!(rng.binomial(50, 1.5), 50);
+        assert_eq!(rng.binomial(50, f64::NAN), 0);
+        assert_eq!(rng.poisson(0.0), 0);
+        assert_eq!(rng.poisson(-1.0), 0);
+        assert_eq!(rng.poisson(f64::NAN), 0);
+        assert_eq!(rng.poisson(f64::INFINITY), 0);
+        assert_eq!(rng.below(0), 0);
+    }
+
+    #[test]
     fn streams_are_reproducible_and_distinct() {
         let a: Vec<u64> = (0..5).map(|_| Rng::new(&[7, 1]).next_u64()).collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         assert_ne!(Rng::new(&[7, 1]).next_u64(), Rng::new(&[7, 2]).next_u64());
+        // The order of the keys matters: (seed 1, run 2) is not (seed 2, run 1).
+        assert_ne!(Rng::new(&[1, 2]).next_u64(), Rng::new(&[2, 1]).next_u64());
     }
 
     #[test]
-    fn multinomial_conserves_the_total() {
+    fn multinomial_conserves_the_total_and_follows_the_probabilities() {
         let mut rng = Rng::new(&[3]);
         let mut out = Vec::new();
         rng.multinomial(12_345, &[0.2, 0.3, 0.1, 0.4], &mut out);
         assert_eq!(out.iter().sum::<u64>(), 12_345);
         assert_eq!(out.len(), 4);
+        // Each category is Binomial(n, p) marginally: within 5 standard deviations.
+        let n = 1_000_000u64;
+        let probs = [0.2, 0.3, 0.1, 0.4];
+        rng.multinomial(n, &probs, &mut out);
+        for (k, p) in out.iter().zip(probs) {
+            let sd = (n as f64 * p * (1.0 - p)).sqrt();
+            assert!((*k as f64 - n as f64 * p).abs() < 5.0 * sd, "{out:?}");
+        }
     }
 }

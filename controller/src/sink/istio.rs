@@ -227,22 +227,29 @@ pub fn with_config(
     mut got: DynamicObject,
     kind: ObjectKind,
     config: serde_json::Value,
-) -> Result<DynamicObject, String> {
+) -> Result<DynamicObject, MissingPath> {
     let path = kind.config_path();
-    let (last, parents) = path.split_last().ok_or("empty path")?;
+    let (last, parents) = path
+        .split_last()
+        .ok_or_else(|| MissingPath("empty path".into()))?;
     let mut at = &mut got.data;
     for (i, p) in parents.iter().enumerate() {
         at = match at.get_mut(*p) {
             Some(next) if next.is_object() => next,
-            _ => return Err(parents[..=i].join(".")),
+            _ => return Err(MissingPath(parents[..=i].join("."))),
         };
     }
     let Some(obj) = at.as_object_mut() else {
-        return Err(parents.join("."));
+        return Err(MissingPath(parents.join(".")));
     };
     obj.insert((*last).to_string(), config);
     Ok(got)
 }
+
+/// The part of an object's path to `pluginConfig` that is missing or not an object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingPath(pub String);
 
 /// The `pluginConfig` of `got`, if it has one.
 pub fn config_of(got: &DynamicObject, kind: ObjectKind) -> Option<&serde_json::Value> {
@@ -257,17 +264,35 @@ pub fn confirmation(
     revisions: &Revisions,
     version: u64,
     min_proxies: usize,
-) -> Result<usize, String> {
+) -> Result<usize, NotConfirmed> {
     let n = revisions.by_origin.len();
     if !revisions.other_than(version).is_empty() {
-        return Err(format!("proxies by revision: {}", revisions.describe()));
+        return Err(NotConfirmed::Revisions(revisions.describe()));
     }
     if n < min_proxies {
-        return Err(format!(
-            "{n} proxies report the experiment's revision, minProxies is {min_proxies}"
-        ));
+        return Err(NotConfirmed::TooFew { n, min_proxies });
     }
     Ok(n)
+}
+
+/// Why the proxies do not confirm a version yet.
+#[derive(Debug, thiserror::Error)]
+pub enum NotConfirmed {
+    /// Some proxy runs another revision: all of them, described by revision.
+    #[error("proxies by revision: {0}")]
+    Revisions(String),
+    #[error("{n} proxies report the experiment's revision, minProxies is {min_proxies}")]
+    TooFew { n: usize, min_proxies: usize },
+    /// The proxies' revisions could not be read.
+    #[error("source: {0}")]
+    Source(String),
+    #[error(transparent)]
+    Other(Box<IstioError>),
+    #[error("experiment {experiment}: {why}")]
+    Experiment {
+        experiment: String,
+        why: Box<NotConfirmed>,
+    },
 }
 
 impl<S: Source + Sync> IstioWasmPlugin<S> {
@@ -315,13 +340,13 @@ impl<S: Source + Sync> IstioWasmPlugin<S> {
         let name = &self.target.name;
         for _ in 0..=self.max_conflicts {
             let got = api.get(name).await.map_err(|e| self.api_error(e))?;
-            let updated = with_config(got, self.target.kind, config.clone()).map_err(|path| {
-                IstioError::NotWasm {
+            let updated = with_config(got, self.target.kind, config.clone()).map_err(
+                |MissingPath(path)| IstioError::NotWasm {
                     object: self.target.to_string(),
                     path,
                     kind: self.target.kind,
-                }
-            })?;
+                },
+            )?;
             match api.replace(name, &PostParams::default(), &updated).await {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -361,14 +386,18 @@ impl<S: Source + Sync> IstioWasmPlugin<S> {
     }
 
     /// `Ok` once every experiment of `config` is confirmed at `version`, else why not.
-    async fn confirmed(&self, config: &FilterConfig, version: u64) -> Result<(), String> {
+    async fn confirmed(&self, config: &FilterConfig, version: u64) -> Result<(), NotConfirmed> {
         let revisions = self.revisions(config).await.map_err(|e| match e {
-            IstioError::Source { reason, .. } => format!("source: {reason}"),
-            other => other.to_string(),
+            IstioError::Source { reason, .. } => NotConfirmed::Source(reason),
+            other => NotConfirmed::Other(Box::new(other)),
         })?;
         for (experiment, r) in revisions {
-            confirmation(&r, version, self.min_proxies)
-                .map_err(|why| format!("experiment {experiment}: {why}"))?;
+            confirmation(&r, version, self.min_proxies).map_err(|why| {
+                NotConfirmed::Experiment {
+                    experiment,
+                    why: Box::new(why),
+                }
+            })?;
         }
         Ok(())
     }
@@ -405,7 +434,7 @@ impl<S: Source + Send + Sync> Sink for IstioWasmPlugin<S> {
                     object: self.target.to_string(),
                     version,
                     waited: started.elapsed(),
-                    seen: why,
+                    seen: why.to_string(),
                 }
                 .into());
             }

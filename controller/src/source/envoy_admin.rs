@@ -52,7 +52,7 @@ const ID_LISTS_KEPT: usize = 4;
 struct Endpoint {
     base: Arc<str>,
     /// Where `base` points, or why it cannot be read.
-    target: Result<conn::Target, String>,
+    target: Result<conn::Target, conn::ConnError>,
     state: tokio::sync::Mutex<EndpointState>,
 }
 
@@ -382,7 +382,7 @@ impl AdminHub {
                     ))),
                 }
             }
-            Err(e) => Err(ReadError::unreachable(e.clone())),
+            Err(e) => Err(ReadError::unreachable(e.to_string())),
         };
         self.slot_tables
             .lock()
@@ -430,7 +430,7 @@ async fn read_answer(
     let head = conn
         .get(target, query, Format::Protobuf.accept(), timeout)
         .await
-        .map_err(ReadError::unreachable)?;
+        .map_err(|e| ReadError::unreachable(e.to_string()))?;
     if !(200..300).contains(&head.status) {
         return Err(ReadError::invalid(format!("HTTP status {}", head.status)));
     }
@@ -473,20 +473,12 @@ async fn read_answer(
     };
     // A body that breaks off is a connection problem; one that cannot be read, an invalid
     // answer.
-    let mut parse_error = None;
-    let body = conn
-        .read_body(&mut |chunk: &[u8]| {
-            reader.feed(chunk, &mut each).map_err(|e| {
-                let e = e.to_string();
-                parse_error = Some(e.clone());
-                e
-            })
-        })
-        .await;
-    if let Some(e) = parse_error {
-        return Err(ReadError::invalid(e));
-    }
-    body.map_err(ReadError::unreachable)?;
+    conn.read_body(&mut |chunk: &[u8]| reader.feed(chunk, &mut each))
+        .await
+        .map_err(|e| match e {
+            conn::BodyError::Data(e) => ReadError::invalid(e.to_string()),
+            conn::BodyError::Conn(e) => ReadError::unreachable(e.to_string()),
+        })?;
     let tally = reader
         .finish(&mut each)
         .map_err(|e| ReadError::invalid(e.to_string()))?;

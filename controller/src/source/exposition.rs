@@ -86,12 +86,9 @@ pub struct Tally {
 impl Tally {
     /// Counts a `sluice_` sample against `caps.series`.
     #[inline]
-    fn series(&self, caps: &Caps) -> Result<(), String> {
+    fn series(&self, caps: &Caps) -> Result<(), Malformed> {
         if self.kept + self.unlabelled + self.unknown >= caps.series {
-            return Err(format!(
-                "over {} series in one answer (limit `maxSeries`)",
-                caps.series
-            ));
+            return Err(Malformed::TooManySeries(caps.series));
         }
         Ok(())
     }
@@ -103,7 +100,7 @@ impl Tally {
         if self.bytes > caps.body_bytes {
             return Err(ParseError {
                 at: "the answer".into(),
-                reason: format!("over {} bytes (limit `maxBodyBytes`)", caps.body_bytes),
+                reason: Malformed::BodyTooLong(caps.body_bytes),
             });
         }
         Ok(())
@@ -198,10 +195,10 @@ impl Sample {
 /// The slot of series text `text` (`name` or `name{labels}`, exactly as written before the
 /// value). Text seen before is a hash lookup; new text is parsed (an error says what is
 /// wrong with it) and interned.
-pub fn slot(text: &str) -> Result<Slot, String> {
+pub fn slot(text: &str) -> Result<Slot, Malformed> {
     match admitted_slot(text, &series::admit_all)? {
         Ok(slot) => Ok(slot),
-        Err(_) => Err("not admitted".into()),
+        Err(_) => Err(Malformed::NotAdmitted),
     }
 }
 
@@ -210,18 +207,84 @@ pub fn slot(text: &str) -> Result<Slot, String> {
 pub fn admitted_slot(
     text: &str,
     admit: series::Admit<'_>,
-) -> Result<Result<Slot, series::Admission>, String> {
+) -> Result<Result<Slot, series::Admission>, Malformed> {
     series::slot_of(text.as_bytes(), 0, admit, || {
         parse_series(text).map(|s| s.key())
     })
 }
 
 /// A malformed exposition: where (`line 3`, `metric family 2 (name)`) and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{at}: {reason}")]
 pub struct ParseError {
     pub at: String,
-    pub reason: String,
+    pub reason: Malformed,
+}
+
+/// What is wrong with an exposition, a sample or a series in it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Malformed {
+    #[error("over {0} bytes (limit `maxBodyBytes`)")]
+    BodyTooLong(u64),
+    #[error("over {0} bytes (limit `maxLineBytes`)")]
+    LineTooLong(usize),
+    #[error("over {0} series in one answer (limit `maxSeries`)")]
+    TooManySeries(usize),
+    #[error("not UTF-8: {0}")]
+    LineNotUtf8(std::str::Utf8Error),
+    #[error("not UTF-8: not an exposition")]
+    NotUtf8,
+    /// A line of another metric that is not a sample at all; `start` is its beginning.
+    #[error("not a Prometheus sample ({why}): {start:?}")]
+    NotSample { why: Box<Malformed>, start: String },
+    #[error("no metric name")]
+    NoMetricName,
+    #[error("sample has no value")]
+    NoValue,
+    #[error("{0}: missing value")]
+    MissingValue(String),
+    #[error("{series}: invalid value {value:?}")]
+    InvalidValue { series: String, value: String },
+    #[error("{series}: value {value} is not a count")]
+    SeriesNotCount { series: String, value: f64 },
+    #[error("a sample's value {0} is not a count")]
+    NotCount(f64),
+    #[error("invalid metric name {0:?}")]
+    InvalidName(String),
+    #[error("unterminated label value")]
+    UnterminatedLabelValue,
+    #[error("expected `name=\"value\"` or `}}` in the label set")]
+    ExpectedLabel,
+    #[error("unterminated label set")]
+    UnterminatedLabelSet,
+    #[error("label {0:?}: value is not quoted")]
+    Unquoted(String),
+    #[error("label {0:?}: unterminated value")]
+    UnterminatedValue(String),
+    #[error("{name}: unexpected {rest:?} after the label set")]
+    AfterLabels { name: String, rest: String },
+    #[error("not admitted")]
+    NotAdmitted,
+    #[error(transparent)]
+    Intern(#[from] series::InternError),
+    /// Protobuf: a field or length prefix that cannot be decoded.
+    #[error("{0}")]
+    Wire(&'static str),
+    #[error("metric type {0} is not read")]
+    MetricType(u64),
+    /// Protobuf: a name or label that should be text is not.
+    #[error("{0} is not UTF-8")]
+    FieldNotUtf8(&'static str),
+    #[error("length {len} is over the limit of {most} bytes (`maxLineBytes`, at least {least})")]
+    FamilyTooLong { len: u64, most: usize, least: usize },
+    #[error("the answer ends inside it ({0} bytes of it arrived)")]
+    EndsInside(usize),
+}
+
+impl From<&'static str> for Malformed {
+    fn from(wire: &'static str) -> Malformed {
+        Malformed::Wire(wire)
+    }
 }
 
 /// Parses a whole exposition. Only samples whose name starts with `prefix` are kept (pass ""
@@ -341,7 +404,7 @@ impl<'a> Reader<'a> {
     fn too_long(&self, line: usize) -> ParseError {
         ParseError {
             at: format!("line {line}"),
-            reason: format!("over {} bytes (limit `maxLineBytes`)", self.caps.line_bytes),
+            reason: Malformed::LineTooLong(self.caps.line_bytes),
         }
     }
 
@@ -377,7 +440,7 @@ impl<'a> Reader<'a> {
             line.len() > t.len() && line[t.len()].is_ascii_whitespace() && line.starts_with(t)
         });
         if !known {
-            let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
+            let line = std::str::from_utf8(line).map_err(|e| at(Malformed::LineNotUtf8(e)))?;
             let end = series_end(line).map_err(at)?;
             match admitted_slot(&line[..end], self.admit).map_err(at)? {
                 Ok(slot) => self.slots.put(self.n, slot),
@@ -395,10 +458,10 @@ impl<'a> Reader<'a> {
         let slot = &self.slots[self.n];
         let value = value_after(&slot.text, &line[slot.text.len()..]).map_err(at)?;
         if !value.is_finite() {
-            return Err(at(format!(
-                "{}: value {value} is not a count",
-                String::from_utf8_lossy(&slot.text)
-            )));
+            return Err(at(Malformed::SeriesNotCount {
+                series: String::from_utf8_lossy(&slot.text).into_owned(),
+                value,
+            }));
         }
         each(slot, value);
         self.tally.kept += 1;
@@ -409,12 +472,11 @@ impl<'a> Reader<'a> {
     /// A line of another metric than the prefix's: an identity gauge is noted, anything else
     /// skipped, but only if it is a sample at all (an HTML page or other text answered with
     /// status 200 must not read as an exposition without series).
-    fn other_line(&mut self, line: &[u8]) -> Result<(), String> {
-        let text =
-            std::str::from_utf8(line).map_err(|_| "not UTF-8: not an exposition".to_string())?;
-        let not_sample = |e: String| {
-            let start: String = text.chars().take(40).collect();
-            format!("not a Prometheus sample ({e}): {start:?}")
+    fn other_line(&mut self, line: &[u8]) -> Result<(), Malformed> {
+        let text = std::str::from_utf8(line).map_err(|_| Malformed::NotUtf8)?;
+        let not_sample = |e: Malformed| Malformed::NotSample {
+            why: Box::new(e),
+            start: text.chars().take(40).collect(),
         };
         let end = series_end(text).map_err(not_sample)?;
         let name_end = text.find('{').unwrap_or(end).min(end);
@@ -424,7 +486,7 @@ impl<'a> Reader<'a> {
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
         {
-            return Err(not_sample("no metric name".into()));
+            return Err(not_sample(Malformed::NoMetricName));
         }
         let value = value_after(name.as_bytes(), &line[end..]).map_err(not_sample)?;
         self.tally.identity(name.as_bytes(), value);
@@ -442,7 +504,7 @@ fn sample_lines<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (usi
 }
 
 /// The value token after series text `name`: `value [timestamp]`.
-fn value_after(name: &[u8], rest: &[u8]) -> Result<f64, String> {
+fn value_after(name: &[u8], rest: &[u8]) -> Result<f64, Malformed> {
     let rest = rest.trim_ascii_start();
     // Counters are integers: read them in the same pass that finds the token's end (exact up
     // to 15 digits, below 2^53), and leave anything else to the general parser.
@@ -462,20 +524,23 @@ fn value_after(name: &[u8], rest: &[u8]) -> Result<f64, String> {
     let token = &rest[..end];
     let name = String::from_utf8_lossy(name);
     if token.is_empty() {
-        return Err(format!("{name}: missing value"));
+        return Err(Malformed::MissingValue(name.into_owned()));
     }
     let v = String::from_utf8_lossy(token);
-    parse_value(&v).ok_or_else(|| format!("{name}: invalid value {v:?}"))
+    parse_value(&v).ok_or_else(|| Malformed::InvalidValue {
+        series: name.into_owned(),
+        value: v.into_owned(),
+    })
 }
 
 /// Where a line's series text (`name` or `name{labels}`) ends. Label values are quoted
 /// strings and may hold `}` or spaces.
-fn series_end(line: &str) -> Result<usize, String> {
+fn series_end(line: &str) -> Result<usize, Malformed> {
     let b = line.as_bytes();
     let name_end = b
         .iter()
         .position(|&c| c == b'{' || c.is_ascii_whitespace())
-        .ok_or_else(|| "sample has no value".to_string())?;
+        .ok_or(Malformed::NoValue)?;
     if b[name_end] != b'{' {
         return Ok(name_end);
     }
@@ -491,14 +556,14 @@ fn series_end(line: &str) -> Result<usize, String> {
         i += 1;
     }
     Err(if quoted {
-        "unterminated label value".into()
+        Malformed::UnterminatedLabelValue
     } else {
-        "expected `name=\"value\"` or `}` in the label set".into()
+        Malformed::ExpectedLabel
     })
 }
 
 /// Parses series text, `name` or `name{label="value",...}`, into a sample with value 0.
-pub fn parse_series(text: &str) -> Result<Sample, String> {
+pub fn parse_series(text: &str) -> Result<Sample, Malformed> {
     let name_end = text.find('{').unwrap_or(text.len());
     let name = &text[..name_end];
     if name.is_empty()
@@ -506,13 +571,16 @@ pub fn parse_series(text: &str) -> Result<Sample, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     {
-        return Err(format!("invalid metric name {name:?}"));
+        return Err(Malformed::InvalidName(name.to_string()));
     }
     let mut labels = BTreeMap::new();
     if name_end < text.len() {
         let (parsed, rest) = parse_labels(&text[name_end + 1..])?;
         if !rest.trim().is_empty() {
-            return Err(format!("{name}: unexpected {rest:?} after the label set"));
+            return Err(Malformed::AfterLabels {
+                name: name.to_string(),
+                rest: rest.to_string(),
+            });
         }
         labels = parsed;
     }
@@ -533,7 +601,7 @@ fn parse_value(v: &str) -> Option<f64> {
 }
 
 /// Parses `k="v",k2="v2"}` and returns the labels and what follows the `}`.
-fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), Malformed> {
     let mut labels = BTreeMap::new();
     let mut chars = s.char_indices().peekable();
     loop {
@@ -546,7 +614,7 @@ fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
             }
         }
         let Some((start, c)) = chars.next() else {
-            return Err("unterminated label set".into());
+            return Err(Malformed::UnterminatedLabelSet);
         };
         if c == '}' {
             return Ok((labels, &s[start + 1..]));
@@ -561,11 +629,11 @@ fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
             }
         }
         if !eq {
-            return Err("expected `name=\"value\"` or `}` in the label set".into());
+            return Err(Malformed::ExpectedLabel);
         }
         let key = s[start..key_end].trim().to_string();
         if !matches!(chars.next(), Some((_, '"'))) {
-            return Err(format!("label {key:?}: value is not quoted"));
+            return Err(Malformed::Unquoted(key));
         }
         let mut value = String::new();
         let mut closed = false;
@@ -584,7 +652,7 @@ fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
             }
         }
         if !closed {
-            return Err(format!("label {key:?}: unterminated value"));
+            return Err(Malformed::UnterminatedValue(key));
         }
         labels.insert(key, value);
     }

@@ -258,9 +258,9 @@ impl Source for Prometheus {
                 .iter()
                 .map(|s| series::try_intern(s.key()))
                 .collect::<Result<Arc<[_]>, _>>()
-                .map_err(|reason| SourceError::Invalid {
+                .map_err(|e| SourceError::Invalid {
                     origin: self.base.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
             let identity = match identities.get(&origin) {
                 Some((Some(uptime), epoch, Some(at)))

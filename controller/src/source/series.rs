@@ -262,16 +262,23 @@ pub fn intern(key: SeriesKey) -> SeriesId {
     write().key(key)
 }
 
+/// Why a new series was not interned: the process-wide table is full.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InternError {
+    #[error("over {MAX_INTERNED} distinct series read since the controller started: the source writes ever new series")]
+    Series,
+    #[error("over {MAX_INTERNED} distinct series (or {} MiB of series text) read since the controller started: the endpoint writes ever new series", MAX_INTERNED_BYTES >> 20)]
+    Text,
+}
+
 /// [`intern`], refusing a new series once the table holds [`MAX_INTERNED`].
-pub fn try_intern(key: SeriesKey) -> Result<SeriesId, String> {
+pub fn try_intern(key: SeriesKey) -> Result<SeriesId, InternError> {
     if let Some(&id) = read().by_key.get(&key) {
         return Ok(id);
     }
     let mut table = write();
     if table.keys.len() >= MAX_INTERNED {
-        return Err(format!(
-            "over {MAX_INTERNED} distinct series read since the controller started: the source writes ever new series"
-        ));
+        return Err(InternError::Series);
     }
     Ok(table.key(key))
 }
@@ -279,13 +286,13 @@ pub fn try_intern(key: SeriesKey) -> Result<SeriesId, String> {
 /// The slot of a series written as `text` in some exposition format, whose first
 /// `group_len` bytes it shares with other series (0: none); `key` says which series that is,
 /// and is only called for text never seen before, which is interned only if `admit` keeps
-/// it (`Ok(Err(why))` otherwise) and the table has room.
-pub fn slot_of(
+/// it (`Ok(Err(why))` otherwise) and the table has room; an error of `key` is handed back.
+pub fn slot_of<E: From<InternError>>(
     text: &[u8],
     group_len: usize,
     admit: Admit<'_>,
-    key: impl FnOnce() -> Result<SeriesKey, String>,
-) -> Result<Result<Slot, Admission>, String> {
+    key: impl FnOnce() -> Result<SeriesKey, E>,
+) -> Result<Result<Slot, Admission>, E> {
     if let Some(s) = read().by_text.get(text) {
         return Ok(Ok(s.clone()));
     }
@@ -296,10 +303,7 @@ pub fn slot_of(
     }
     let mut table = write();
     if table.by_text.len() >= MAX_INTERNED || table.bytes + text.len() > MAX_INTERNED_BYTES {
-        return Err(format!(
-            "over {MAX_INTERNED} distinct series (or {} MiB of series text) read since the controller started: the endpoint writes ever new series",
-            MAX_INTERNED_BYTES >> 20
-        ));
+        return Err(InternError::Text.into());
     }
     table.bytes += text.len();
     let id = table.key(key);

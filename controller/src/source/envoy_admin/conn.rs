@@ -30,12 +30,12 @@ pub struct Target {
 
 impl Target {
     /// The target of `base` (`http://host:port[/prefix]`), or what is wrong with it.
-    pub fn parse(base: &str) -> Result<Target, String> {
-        let uri: hyper::Uri = base.parse().map_err(|e| format!("not a URL ({e})"))?;
+    pub fn parse(base: &str) -> Result<Target, ConnError> {
+        let uri: hyper::Uri = base.parse().map_err(ConnError::NotUrl)?;
         if uri.scheme_str() != Some("http") {
-            return Err("only http:// admin endpoints can be read".into());
+            return Err(ConnError::NotHttp);
         }
-        let authority = uri.authority().ok_or("the URL has no host")?;
+        let authority = uri.authority().ok_or(ConnError::NoHost)?;
         let authority = match authority.port_u16() {
             Some(_) => authority.to_string(),
             None => format!("{}:80", authority.host()),
@@ -110,15 +110,70 @@ impl Default for Conn {
     }
 }
 
+/// Why a request to an admin endpoint got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("not a URL ({0})")]
+    NotUrl(hyper::http::uri::InvalidUri),
+    #[error("only http:// admin endpoints can be read")]
+    NotHttp,
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("no connection")]
+    NoConnection,
+    #[error("cannot send the request: {0}")]
+    Send(std::io::Error),
+    #[error("cannot read the answer: {0}")]
+    Read(std::io::Error),
+    #[error("the connection closed before any answer")]
+    ClosedBeforeAnswer,
+    #[error("the connection closed inside the answer's head")]
+    ClosedInHead,
+    #[error("the connection closed inside the answer")]
+    ClosedInBody,
+    #[error("the answer's head is over {READ_BUFFER} bytes")]
+    HeadTooLong,
+    #[error("the answer has over {MAX_HEADERS} header lines")]
+    TooManyHeaders,
+    #[error("not an HTTP/1.1 answer ({0})")]
+    NotHttp11(httparse::Error),
+    #[error("Content-Length {0:?} is not a length")]
+    BadLength(String),
+    #[error("the answer has two different Content-Lengths")]
+    TwoLengths,
+    #[error("no answer's head was read")]
+    NoHead,
+    #[error("chunked body: expected {what}, got byte {byte:#04x}")]
+    ChunkExpected { what: &'static str, byte: u8 },
+    #[error("chunked body: bad chunk size byte {0:#04x}")]
+    ChunkSizeByte(u8),
+    #[error("chunked body: a chunk size over 15 hex digits")]
+    ChunkSizeTooLong,
+}
+
+/// Why a body could not be read: the connection or its framing, or what the caller's `data`
+/// said of the bytes handed to it.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError<E> {
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error(transparent)]
+    Data(E),
+}
+
 /// Why an exchange failed: `Stale` if a reused connection gave no answer at all (the Envoy
 /// closed it while idle), so the request may be sent again on a new one.
 enum Failure {
     Stale,
-    Error(String),
+    Error(ConnError),
 }
 
-impl From<String> for Failure {
-    fn from(e: String) -> Failure {
+impl From<ConnError> for Failure {
+    fn from(e: ConnError) -> Failure {
         Failure::Error(e)
     }
 }
@@ -133,7 +188,7 @@ impl Conn {
         path_and_query: &str,
         accept: &str,
         connect_within: Duration,
-    ) -> Result<Head, String> {
+    ) -> Result<Head, ConnError> {
         if self.body != Body::Idle || !self.keep_alive || self.start != self.end {
             self.drop_connection();
         }
@@ -164,7 +219,7 @@ impl Conn {
                 Err(Failure::Stale) if reused => self.drop_connection(),
                 Err(Failure::Stale) => {
                     self.drop_connection();
-                    return Err("the connection closed before any answer".into());
+                    return Err(ConnError::ClosedBeforeAnswer);
                 }
                 Err(Failure::Error(e)) => {
                     self.drop_connection();
@@ -187,13 +242,13 @@ impl Conn {
     /// Writes the request and reads the answer's head.
     async fn exchange(&mut self) -> Result<Head, Failure> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(Failure::Error("no connection".into()));
+            return Err(Failure::Error(ConnError::NoConnection));
         };
         if let Err(e) = stream.write_all(&self.request).await {
             return Err(if is_reset(&e) {
                 Failure::Stale
             } else {
-                Failure::Error(format!("cannot send the request: {e}"))
+                Failure::Error(ConnError::Send(e))
             });
         }
         let mut received = false;
@@ -203,47 +258,39 @@ impl Conn {
             }
             if self.end == self.buf.len() {
                 if self.start == 0 {
-                    return Err(Failure::Error(format!(
-                        "the answer's head is over {READ_BUFFER} bytes"
-                    )));
+                    return Err(Failure::Error(ConnError::HeadTooLong));
                 }
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
             }
             let Some(stream) = self.stream.as_mut() else {
-                return Err(Failure::Error("no connection".into()));
+                return Err(Failure::Error(ConnError::NoConnection));
             };
             match stream.read(&mut self.buf[self.end..]).await {
                 Ok(0) if !received => return Err(Failure::Stale),
-                Ok(0) => {
-                    return Err(Failure::Error(
-                        "the connection closed inside the answer's head".into(),
-                    ))
-                }
+                Ok(0) => return Err(Failure::Error(ConnError::ClosedInHead)),
                 Ok(n) => {
                     received = true;
                     self.end += n;
                 }
                 Err(e) if !received && is_reset(&e) => return Err(Failure::Stale),
-                Err(e) => return Err(Failure::Error(format!("cannot read the answer: {e}"))),
+                Err(e) => return Err(Failure::Error(ConnError::Read(e))),
             }
         }
     }
 
     /// Parses the head at `buf[start..end]` if it is complete, setting how the body is
     /// delimited and consuming the head; interim (1xx) heads are skipped.
-    fn parse_head(&mut self) -> Result<Option<Head>, String> {
+    fn parse_head(&mut self) -> Result<Option<Head>, ConnError> {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut answer = httparse::Response::new(&mut headers);
             let used = match answer.parse(&self.buf[self.start..self.end]) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Ok(None),
-                Err(httparse::Error::TooManyHeaders) => {
-                    return Err(format!("the answer has over {MAX_HEADERS} header lines"))
-                }
-                Err(e) => return Err(format!("not an HTTP/1.1 answer ({e})")),
+                Err(httparse::Error::TooManyHeaders) => return Err(ConnError::TooManyHeaders),
+                Err(e) => return Err(ConnError::NotHttp11(e)),
             };
             let status = answer.code.unwrap_or(0);
             let mut length: Option<u64> = None;
@@ -256,9 +303,9 @@ impl Conn {
                     let n = value()
                         .trim()
                         .parse::<u64>()
-                        .map_err(|_| format!("Content-Length {:?} is not a length", value()))?;
+                        .map_err(|_| ConnError::BadLength(value().into_owned()))?;
                     if length.is_some_and(|l| l != n) {
-                        return Err("the answer has two different Content-Lengths".into());
+                        return Err(ConnError::TwoLengths);
                     }
                     length = Some(n);
                 } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -308,21 +355,21 @@ impl Conn {
 
     /// Reads the body of the answer whose head [`Conn::get`] returned, handing each run of
     /// its bytes to `data` as it arrives.
-    pub async fn read_body(
+    pub async fn read_body<E>(
         &mut self,
-        data: &mut impl FnMut(&[u8]) -> Result<(), String>,
-    ) -> Result<(), String> {
+        data: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), BodyError<E>> {
         let mut reads = 0u32;
         loop {
             let input = &self.buf[self.start..self.end];
             let (used, done) = match &mut self.body {
                 Body::Idle => return Ok(()),
-                Body::Unread => return Err("no answer's head was read".into()),
+                Body::Unread => return Err(ConnError::NoHead.into()),
                 Body::Length(left) => {
                     let take = input
                         .len()
                         .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    data(&input[..take])?;
+                    data(&input[..take]).map_err(BodyError::Data)?;
                     *left -= take as u64;
                     (take, *left == 0)
                 }
@@ -331,7 +378,7 @@ impl Conn {
                     (used, *state == Chunked::Done)
                 }
                 Body::UntilClose => {
-                    data(input)?;
+                    data(input).map_err(BodyError::Data)?;
                     (input.len(), false)
                 }
             };
@@ -358,16 +405,16 @@ impl Conn {
             // Every byte buffered was used (a body never leaves a partial run), so the
             // whole buffer is free.
             let Some(stream) = self.stream.as_mut() else {
-                return Err("no connection".into());
+                return Err(ConnError::NoConnection.into());
             };
             match stream.read(&mut self.buf[self.end..]).await {
                 Ok(0) if self.body == Body::UntilClose => {
                     self.drop_connection();
                     return Ok(());
                 }
-                Ok(0) => return Err("the connection closed inside the answer".into()),
+                Ok(0) => return Err(ConnError::ClosedInBody.into()),
                 Ok(n) => self.end += n,
-                Err(e) => return Err(format!("cannot read the answer: {e}")),
+                Err(e) => return Err(ConnError::Read(e).into()),
             }
         }
     }
@@ -379,11 +426,11 @@ fn is_reset(e: &std::io::Error) -> bool {
     matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
 }
 
-async fn connect(target: &Target, within: Duration) -> Result<TcpStream, String> {
+async fn connect(target: &Target, within: Duration) -> Result<TcpStream, ConnError> {
     let stream = tokio::time::timeout(within, TcpStream::connect(&target.authority))
         .await
-        .map_err(|_| format!("no connection within {within:?}"))?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|_| ConnError::ConnectTimeout(within))?
+        .map_err(ConnError::Connect)?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
@@ -426,16 +473,16 @@ impl Chunked {
 
     /// Decodes `input`, handing each run of data to `data`; returns the bytes used, which are
     /// all of `input` unless the body ends inside it.
-    fn decode(
+    fn decode<E>(
         &mut self,
         input: &[u8],
-        data: &mut impl FnMut(&[u8]) -> Result<(), String>,
-    ) -> Result<usize, String> {
+        data: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<usize, BodyError<E>> {
         let mut i = 0;
         while i < input.len() {
             if let Chunked::Data(left) = *self {
                 let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-                data(&input[i..i + take])?;
+                data(&input[i..i + take]).map_err(BodyError::Data)?;
                 i += take;
                 *self = if left == take as u64 {
                     Chunked::DataCr
@@ -446,11 +493,11 @@ impl Chunked {
             }
             let b = input[i];
             i += 1;
-            let expect = |want: u8, what: &str| {
+            let expect = |want: u8, what: &'static str| {
                 if b == want {
                     Ok(())
                 } else {
-                    Err(format!("chunked body: expected {what}, got byte {b:#04x}"))
+                    Err(ConnError::ChunkExpected { what, byte: b })
                 }
             };
             *self = match *self {
@@ -465,9 +512,9 @@ impl Chunked {
                     _ => {
                         let v = (b as char)
                             .to_digit(16)
-                            .ok_or_else(|| format!("chunked body: bad chunk size byte {b:#04x}"))?;
+                            .ok_or(ConnError::ChunkSizeByte(b))?;
                         if digits >= 15 {
-                            return Err("chunked body: a chunk size over 15 hex digits".into());
+                            return Err(ConnError::ChunkSizeTooLong.into());
                         }
                         Chunked::Size {
                             size: size << 4 | u64::from(v),

@@ -20,7 +20,7 @@
 //! `_count`, and is left out); the quantiles (label `quantile`), `_sum` and `_count` for a
 //! summary. A malformed message is an error naming its family, never skipped.
 
-use super::{Caps, ParseError, Tally};
+use super::{Caps, Malformed, ParseError, Tally};
 use crate::source::series::{self, Admission, GroupId, SeriesKey, Slot, Slots, NO_GROUP};
 
 /// Largest metric family read: a bound on what one answer can make the reader hold.
@@ -140,10 +140,7 @@ impl<'a> Reader<'a> {
         if !self.carry.is_empty() {
             return Err(ParseError {
                 at: format!("metric family {}", self.families + 1),
-                reason: format!(
-                    "the answer ends inside it ({} bytes of it arrived)",
-                    self.carry.len()
-                ),
+                reason: Malformed::EndsInside(self.carry.len()),
             });
         }
         self.slots.truncate(self.n);
@@ -160,15 +157,17 @@ impl<'a> Reader<'a> {
                 Ok(len) if len <= most => Ok(Some((head, len))),
                 _ => Err(ParseError {
                     at: at(),
-                    reason: format!(
-                        "length {len} is over the limit of {most} bytes (`maxLineBytes`, at least {MIN_FAMILY_CAP})"
-                    ),
+                    reason: Malformed::FamilyTooLong {
+                        len,
+                        most,
+                        least: MIN_FAMILY_CAP,
+                    },
                 }),
             },
             Ok(None) => Ok(None),
             Err(reason) => Err(ParseError {
                 at: at(),
-                reason: reason.into(),
+                reason: Malformed::Wire(reason),
             }),
         }
     }
@@ -190,7 +189,7 @@ impl<'a> Reader<'a> {
             at: format!("metric family {number} ({})", String::from_utf8_lossy(name)),
             reason,
         };
-        head.map_err(|e: WireError| at(e.into()))?;
+        head.map_err(|e: WireError| at(Malformed::Wire(e)))?;
         if !name.starts_with(self.prefix) {
             if kind == 1
                 && (name == super::UPTIME.as_bytes() || name == super::HOT_RESTART_EPOCH.as_bytes())
@@ -218,7 +217,7 @@ impl<'a> Reader<'a> {
             0 | 1 | 3 => Kind::Single,
             2 => Kind::Summary,
             4 => Kind::Histogram,
-            other => return Err(at(format!("metric type {other} is not read"))),
+            other => return Err(at(Malformed::MetricType(other))),
         };
         for field in Fields::new(msg) {
             if let (4, Wire::Bytes(metric), _) = field.map_err(|e| at(e.into()))? {
@@ -241,7 +240,7 @@ impl<'a> Reader<'a> {
         kind: Kind,
         msg: &[u8],
         each: &mut impl FnMut(&Slot, f64),
-    ) -> Result<(), String> {
+    ) -> Result<(), Malformed> {
         self.key.clear();
         self.key.push(0);
         self.key.extend_from_slice(name);
@@ -306,7 +305,7 @@ impl<'a> Reader<'a> {
         bound: Option<f64>,
         value: f64,
         each: &mut impl FnMut(&Slot, f64),
-    ) -> Result<(), String> {
+    ) -> Result<(), Malformed> {
         self.tally.series(&self.caps)?;
         let bound = bound.map(|b| b.to_bits().to_le_bytes());
         let known = match (self.slots.get(self.n), self.group) {
@@ -347,7 +346,7 @@ impl<'a> Reader<'a> {
             self.slots.put(self.n, slot);
         }
         if !value.is_finite() {
-            return Err(format!("a sample's value {value} is not a count"));
+            return Err(Malformed::NotCount(value));
         }
         each(&self.slots[self.n], value);
         self.tally.kept += 1;
@@ -408,9 +407,9 @@ fn point_of(kind: Kind, msg: &[u8]) -> Result<(f64, f64), WireError> {
 
 /// The series a slot text (see [`Reader::metric`]) stands for; `base` is where the sample's
 /// part starts.
-fn series_key(key: &[u8], base: usize) -> Result<SeriesKey, String> {
-    let utf8 = |b: &[u8], what: &str| {
-        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+fn series_key(key: &[u8], base: usize) -> Result<SeriesKey, Malformed> {
+    let utf8 = |b: &[u8], what: &'static str| {
+        String::from_utf8(b.to_vec()).map_err(|_| Malformed::FieldNotUtf8(what))
     };
     let name_end = key[1..]
         .iter()
