@@ -11,6 +11,7 @@
 //! - [`breaker`]: failure classification, the sliding window, the trip rule, shared state;
 //! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
 //! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
+//! - [`decision`]: the shim's decisions as effects (metric updates, headers, local replies);
 //! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
 //!
 //! The data plane never panics: unwrap/expect/panic are denied by lint, host errors are
@@ -20,6 +21,7 @@ pub mod assignment;
 pub mod beacon;
 pub mod breaker;
 pub mod config;
+pub mod decision;
 pub mod mac;
 pub mod metrics;
 pub mod request;

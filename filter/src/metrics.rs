@@ -102,21 +102,9 @@ pub const BREAKER_TRIPS: &str = "sluice_breaker_trips_total";
 /// [`crate::breaker::FailureKind::index`]).
 pub const BREAKER_REASONS: [&str; crate::breaker::KINDS] = crate::breaker::REASONS;
 
-/// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
-pub const SHADOW_SKIP_REASONS: [&str; 5] = [
-    "in_flight",
-    "body_limit",
-    "dispatch_failed",
-    "no_primary",
-    "bytes_in_flight",
-];
-/// Index of each reason in [`SHADOW_SKIP_REASONS`].
-pub const SKIP_IN_FLIGHT: usize = 0;
-pub const SKIP_BODY_LIMIT: usize = 1;
-pub const SKIP_DISPATCH_FAILED: usize = 2;
-pub const SKIP_NO_PRIMARY: usize = 3;
-/// Holding this copy's bodies would take the worker over `max_bytes_in_flight`.
-pub const SKIP_BYTES_IN_FLIGHT: usize = 4;
+/// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`] (by
+/// [`crate::shadow::Skip::index`]).
+pub const SHADOW_SKIP_REASONS: [&str; 5] = crate::shadow::SKIP_REASONS;
 
 /// Status classes in [`RESPONSES`], indexed by `status / 100 - 1`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];

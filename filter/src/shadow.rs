@@ -571,13 +571,53 @@ pub fn classify(status: u16, elapsed_ms: u64, timeout_ms: u64) -> Option<Reply> 
     None
 }
 
+/// Why a copy was taken but not compared: the `reason` label of
+/// `sluice_shadow_skipped_total`, a bounded set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The experiment already had `max_in_flight` copies outstanding.
+    InFlight,
+    /// The request body was over `max_body_bytes`.
+    BodyLimit,
+    /// The copy could not be made or sent (a host call failed, no such cluster).
+    DispatchFailed,
+    /// The primary ended without a complete answer to compare with.
+    NoPrimary,
+    /// Holding this copy's bodies would take the worker over `max_bytes_in_flight`.
+    BytesInFlight,
+}
+
+/// The labels of [`Skip`], in the order of [`Skip::index`].
+pub const SKIP_REASONS: [&str; 5] = [
+    "in_flight",
+    "body_limit",
+    "dispatch_failed",
+    "no_primary",
+    "bytes_in_flight",
+];
+
+impl Skip {
+    /// Every reason, in the order of the metric positions.
+    pub const ALL: [Skip; 5] = [
+        Skip::InFlight,
+        Skip::BodyLimit,
+        Skip::DispatchFailed,
+        Skip::NoPrimary,
+        Skip::BytesInFlight,
+    ];
+
+    /// Position in [`Skip::ALL`] and [`SKIP_REASONS`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// How a copy ends. Every copy taken ends in exactly one fate, which is what makes
 /// `requests = compared + skipped + timeouts + errors` hold in the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
     Compared,
-    /// Index into [`crate::metrics::SHADOW_SKIP_REASONS`].
-    Skipped(usize),
+    Skipped(Skip),
     Timeout,
     Error,
 }
@@ -586,12 +626,12 @@ pub enum Fate {
 /// completed; otherwise it ended early). `dropped` is a reason the copy was given up
 /// after it was sent (e.g. its bodies would exceed the bytes cap). A failed shadow call is
 /// reported as such whatever else happened: it is what the shadow did.
-pub fn fate(reply: &Reply, primary: bool, dropped: Option<usize>) -> Fate {
+pub fn fate(reply: &Reply, primary: bool, dropped: Option<Skip>) -> Fate {
     match (reply, dropped) {
         (Reply::Timeout, _) => Fate::Timeout,
         (Reply::Failed, _) => Fate::Error,
         (Reply::Answer(_), Some(reason)) => Fate::Skipped(reason),
-        (Reply::Answer(_), None) if !primary => Fate::Skipped(crate::metrics::SKIP_NO_PRIMARY),
+        (Reply::Answer(_), None) if !primary => Fate::Skipped(Skip::NoPrimary),
         (Reply::Answer(_), None) => Fate::Compared,
     }
 }
@@ -748,6 +788,46 @@ impl LogBudget {
 /// Whether a sample threshold takes a bucket.
 pub fn sampled(sample: u32, bucket: u32) -> bool {
     sample >= BUCKETS || bucket < sample
+}
+
+/// Whether a request is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Not eligible or not sampled: nothing is counted.
+    NotSampled,
+    /// Sampled but skipped at once (counted as taken, then skipped).
+    Skipped(Skip),
+    /// Taken: from here on the copy ends in exactly one [`Fate`].
+    Taken,
+}
+
+/// The sampling decision for a request in `variant` sent with `method`: eligible, then in
+/// the sample by its user's bucket (`user_bucket`, for `sample_by: user`; a request without a
+/// user key is not sampled) or by a random bucket (`draw`, called only when needed), then
+/// within the experiment's `max_in_flight` given the copies outstanding now.
+pub fn sample(
+    cfg: &Shadow,
+    variant: usize,
+    method: &[u8],
+    user_bucket: Option<u32>,
+    draw: impl FnOnce() -> u32,
+    in_flight: u32,
+) -> Sampling {
+    if !cfg.eligible(method, variant) {
+        return Sampling::NotSampled;
+    }
+    let bucket = match (cfg.sample_by, user_bucket) {
+        (SampleBy::User, Some(b)) => b,
+        (SampleBy::User, None) => return Sampling::NotSampled,
+        (SampleBy::Request, _) => draw(),
+    };
+    if !sampled(cfg.sample, bucket) {
+        return Sampling::NotSampled;
+    }
+    if in_flight >= cfg.max_in_flight {
+        return Sampling::Skipped(Skip::InFlight);
+    }
+    Sampling::Taken
 }
 
 #[cfg(test)]
