@@ -417,6 +417,8 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn user_experiments_count_requests_by_replicate_group() {

@@ -82,6 +82,8 @@ pub fn echo_cookie(echo: &EchoConfig, variant: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn outcomes_config() -> OutcomesConfig {
         OutcomesConfig {

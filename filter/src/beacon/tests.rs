@@ -3,6 +3,9 @@ use crate::config::Plan;
 use crate::mac::PURPOSE_EXPOSURE;
 use crate::request::variant_of_key;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
 fn plan() -> Plan {

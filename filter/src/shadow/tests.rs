@@ -2,6 +2,9 @@ use super::*;
 use crate::config::Plan;
 use crate::mac::{self, Key};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 fn plan(shadow: &str) -> Result<Plan, ConfigError> {
     let json = format!(
         r#"{{"version": 1, "secret": "0123456789abcdef-test", "experiments": [{{"name": "e",
