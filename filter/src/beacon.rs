@@ -12,8 +12,8 @@
 
 use std::cell::RefCell;
 
-use crate::config::{BeaconConfig, Experiment, Unit};
 use crate::mac::{self, Key};
+use crate::plan::{BeaconConfig, Experiment, Unit};
 use crate::request::{self, Assignment, Basis, HostFault, RequestView};
 use crate::response::{self, Outcome};
 

@@ -14,7 +14,7 @@
 //! label values are restricted by config validation to `[A-Za-z0-9_-]`, so they cannot break
 //! this encoding.
 
-use crate::config::{Experiment, Plan, Unit};
+use crate::plan::{Experiment, Plan, Unit};
 use crate::shadow::{FieldKind, Shadow};
 
 /// What every metric name below starts with (sources ask Envoy and Prometheus for it).

@@ -1,7 +1,7 @@
 //! Response side, pure: status classes, outcome and prediction parsing, Envoy's response
 //! code details, and the exposure cookie.
 
-use crate::config::{EchoConfig, OutcomesConfig, PredictionConfig};
+use crate::plan::{EchoConfig, OutcomesConfig, PredictionConfig};
 
 /// Index into [`crate::metrics::STATUS_CLASSES`] for a `:status` value.
 pub fn status_class(status: &[u8]) -> Option<usize> {

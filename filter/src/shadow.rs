@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::assignment::BUCKETS;
-use crate::config::ConfigError;
+use crate::check::ConfigError;
 use crate::mac::{self, Key};
 
 /// Header added to every shadow request (with a [`marker`]) so the shadow service can skip
@@ -61,27 +61,27 @@ pub struct ShadowConfig {
     /// Shadow call timeout.
     #[serde(
         default = "default_timeout_ms",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub timeout_ms: u64,
     /// Most request or response body bytes buffered; a request body over it is not shadowed,
     /// a primary response body over it is compared by status only.
     #[serde(
         default = "default_max_body_bytes",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_body_bytes: usize,
     /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
     #[serde(
         default = "default_max_in_flight",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_in_flight: u32,
     /// Most bytes of copies (headers, request bodies, both answers' bodies) the filter holds
     /// per Envoy worker; a copy that would go over it is skipped.
     #[serde(
         default = "default_max_bytes_in_flight",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_bytes_in_flight: usize,
     /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
@@ -93,7 +93,7 @@ pub struct ShadowConfig {
     /// Most disagreement log lines per minute per worker; 0 disables the log.
     #[serde(
         default = "default_log_per_minute",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub log_per_minute: u32,
 }
@@ -233,7 +233,7 @@ pub fn check(
         return Err(invalid(format!("{path}.cluster"), "must not be empty"));
     }
     let sample =
-        crate::config::percent_to_buckets(&format!("{path}.sample_percent"), c.sample_percent)?;
+        crate::check::percent_to_buckets(&format!("{path}.sample_percent"), c.sample_percent)?;
     if c.sample_by == SampleBy::User && !user_unit {
         return Err(invalid(
             format!("{path}.sample_by"),
@@ -301,7 +301,7 @@ pub fn check(
     };
     for (i, f) in c.compare.fields.iter().enumerate() {
         let field = format!("{path}.compare.fields[{i}]");
-        crate::config::check_name(&format!("{field}.name"), &f.name)?;
+        crate::check::check_name(&format!("{field}.name"), &f.name)?;
         if ["status", "body"].contains(&f.name.as_str()) {
             return Err(invalid(
                 format!("{field}.name"),

@@ -145,7 +145,7 @@ fn rejections_have_distinct_labels_statuses_and_positions() {
         assert_eq!(r.index(), i);
         assert!((400..500).contains(&r.status()));
         assert!(!r.message().is_empty());
-        assert!(crate::config::check_name("reason", r.label()).is_ok());
+        assert!(crate::check::check_name("reason", r.label()).is_ok());
     }
     let mut labels: Vec<_> = Rejection::ALL.iter().map(|r| r.label()).collect();
     labels.sort_unstable();

@@ -3,8 +3,8 @@
 
 use super::{HeaderOp, LocalReply, MetricUpdate};
 use crate::beacon::{self as logic, Refusal};
-use crate::config::Experiment;
 use crate::metrics::ExperimentMetrics;
+use crate::plan::Experiment;
 use crate::response;
 
 /// What the shim does for one beacon.
