@@ -156,6 +156,5 @@ impl Rng {
     }
 }
 
-// Property tests need proptest, which is not built for wasm32.
-#[cfg(all(test, not(target_arch = "wasm32")))]
+#[cfg(test)]
 mod tests;

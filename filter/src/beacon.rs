@@ -10,8 +10,12 @@
 //! check a token. The variant the event is attributed to is the token's, and it must still be
 //! the user's variant now.
 
-use crate::config::{BeaconConfig, Experiment};
+use std::cell::RefCell;
+
 use crate::mac::{self, Key};
+use crate::plan::{BeaconConfig, Experiment, Unit};
+use crate::request::{self, Assignment, Basis, HostFault, RequestView};
+use crate::response::{self, Outcome};
 
 /// The token format's version, its first field.
 pub const TOKEN_VERSION: &str = "1";
@@ -308,6 +312,146 @@ impl UserLimit {
     pub fn bytes(&self) -> usize {
         self.slots.len() * std::mem::size_of::<Slot>()
     }
+}
+
+/// Why one experiment did not count a beacon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Refused for a reason the client is told (and that is counted by reason).
+    Rejected(Rejection),
+    /// A host call failed or the plan lacks what a beacon needs (counted in
+    /// `sluice_errors_total`).
+    Fault,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        Refusal::Rejected(r)
+    }
+}
+
+impl From<HostFault> for Refusal {
+    fn from(_: HostFault) -> Self {
+        Refusal::Fault
+    }
+}
+
+/// What checking a beacon needs besides the request: the plan's keys and the experiment's
+/// per-user event table (all present whenever the experiment has a beacon).
+#[derive(Clone, Copy)]
+pub struct Checker<'a> {
+    pub exposure_key: Option<&'a Key>,
+    pub table_key: Option<&'a Key>,
+    pub limit: Option<&'a RefCell<UserLimit>>,
+}
+
+/// One experiment's verdict on a beacon at `path` (with its query) sent with `method`: the
+/// variant and the outcome to count. The checks run in order, cheapest and least revealing
+/// first: method, event name, user key, token, then the user's event budget (spent only by a
+/// beacon that passed every other check).
+pub fn check_event(
+    exp: &Experiment,
+    checker: Checker<'_>,
+    view: &mut impl RequestView,
+    path: &[u8],
+    method: &[u8],
+    now_secs: u64,
+) -> Result<(usize, usize), Refusal> {
+    let (Some(b), Some(o), Unit::User { keys, .. }) = (&exp.beacon, &exp.outcomes, &exp.unit)
+    else {
+        return Err(Refusal::Fault);
+    };
+    let (Some(exposure_key), Some(table_key)) = (checker.exposure_key, checker.table_key) else {
+        return Err(Refusal::Fault);
+    };
+    if !method_allowed(b, method) {
+        return Err(Rejection::Method.into());
+    }
+    let name = request::query_value(path, &b.param).ok_or(Rejection::NoName)?;
+    let Outcome::Known(outcome) = response::outcome(o, &name) else {
+        return Err(Rejection::UnknownName.into());
+    };
+    let user = request::user_key(keys, view)?.ok_or(Rejection::NoKey)?;
+    let token = find_token(b, exp, view, path)?;
+    let current = request::variant_of_key(exp, &user);
+    let variant = verify(
+        exposure_key,
+        exp,
+        b.max_age_seconds,
+        &token,
+        &user,
+        current,
+        now_secs,
+    )?;
+    let Some(limit) = checker.limit else {
+        return Err(Refusal::Fault);
+    };
+    let Ok(mut limit) = limit.try_borrow_mut() else {
+        return Err(Refusal::Fault);
+    };
+    if !limit.admit(table_key.hash64(&user), now_secs) {
+        return Err(Rejection::OverLimit.into());
+    }
+    Ok((variant, outcome))
+}
+
+/// The beacon's token for `exp`: from the token header (comma-separated values), the query
+/// parameter or the token cookie, the first that names this experiment.
+pub fn find_token(
+    b: &BeaconConfig,
+    exp: &Experiment,
+    view: &mut impl RequestView,
+    path: &[u8],
+) -> Result<Vec<u8>, Refusal> {
+    let mut candidates: Vec<Vec<u8>> = Vec::new();
+    if let Some(h) = view.header(&b.token_header)? {
+        candidates.extend(split_tokens(&h).map(<[u8]>::to_vec));
+    }
+    if let Some(q) = request::query_value(path, &b.token_param) {
+        candidates.push(q);
+    }
+    if let Some(name) = &b.token_cookie {
+        if let Some(c) = view.header("cookie")? {
+            if let Some(v) = request::cookie_value(&c, name) {
+                candidates.push(v.to_vec());
+            }
+        }
+    }
+    if let Some(t) = candidates
+        .iter()
+        .find(|t| token_experiment(t) == Some(exp.name.as_bytes()))
+    {
+        return Ok(t.clone());
+    }
+    if candidates.iter().any(|t| token_experiment(t).is_none()) {
+        return Err(Rejection::Malformed.into());
+    }
+    Err(Rejection::NoToken.into())
+}
+
+/// The exposure token of a request assigned `a` in `exp`, if the experiment has a beacon:
+/// only a user whose key chose the variant is exposed (not a QA override, not a keyless
+/// request, not without a clock).
+pub fn exposure_token(
+    exp: &Experiment,
+    key: Option<&Key>,
+    a: &Assignment,
+    view: &mut impl RequestView,
+    now_secs: u64,
+) -> Result<Option<String>, HostFault> {
+    let (Some(_), Some(key), Unit::User { keys, .. }) = (&exp.beacon, key, &exp.unit) else {
+        return Ok(None);
+    };
+    if a.basis != Basis::Key || now_secs == 0 {
+        return Ok(None);
+    }
+    let Some(user) = request::user_key(keys, view)? else {
+        return Ok(None);
+    };
+    Ok(exp
+        .variants
+        .get(a.variant)
+        .map(|variant| issue(key, &exp.name, &user, variant, now_secs)))
 }
 
 #[cfg(test)]

@@ -138,6 +138,8 @@ pub(crate) fn nibble(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const SECRET: &[u8] = b"0123456789abcdef-test-secret";
 

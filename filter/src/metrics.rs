@@ -14,7 +14,7 @@
 //! label values are restricted by config validation to `[A-Za-z0-9_-]`, so they cannot break
 //! this encoding.
 
-use crate::config::{Experiment, Plan, Unit};
+use crate::plan::{Experiment, Plan, Unit};
 use crate::shadow::{FieldKind, Shadow};
 
 /// What every metric name below starts with (sources ask Envoy and Prometheus for it).
@@ -102,21 +102,9 @@ pub const BREAKER_TRIPS: &str = "sluice_breaker_trips_total";
 /// [`crate::breaker::FailureKind::index`]).
 pub const BREAKER_REASONS: [&str; crate::breaker::KINDS] = crate::breaker::REASONS;
 
-/// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`].
-pub const SHADOW_SKIP_REASONS: [&str; 5] = [
-    "in_flight",
-    "body_limit",
-    "dispatch_failed",
-    "no_primary",
-    "bytes_in_flight",
-];
-/// Index of each reason in [`SHADOW_SKIP_REASONS`].
-pub const SKIP_IN_FLIGHT: usize = 0;
-pub const SKIP_BODY_LIMIT: usize = 1;
-pub const SKIP_DISPATCH_FAILED: usize = 2;
-pub const SKIP_NO_PRIMARY: usize = 3;
-/// Holding this copy's bodies would take the worker over `max_bytes_in_flight`.
-pub const SKIP_BYTES_IN_FLIGHT: usize = 4;
+/// Why a shadow copy was skipped, in the order of [`ShadowMetrics::skipped`] (by
+/// [`crate::shadow::Skip::index`]).
+pub const SHADOW_SKIP_REASONS: [&str; 5] = crate::shadow::SKIP_REASONS;
 
 /// Status classes in [`RESPONSES`], indexed by `status / 100 - 1`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -429,6 +417,8 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn user_experiments_count_requests_by_replicate_group() {

@@ -3,8 +3,8 @@
 //! values through [`RequestView`] and carries out the result.
 
 use crate::assignment::{bucket, Rng};
-use crate::config::{Experiment, KeySource, MissingKey, Unit};
 use crate::mac::{constant_time_eq, nibble};
+use crate::plan::{Experiment, KeySource, MissingKey, Unit};
 
 /// A host call failed; the request is served the control and the error counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

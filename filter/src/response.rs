@@ -1,7 +1,7 @@
 //! Response side, pure: status classes, outcome and prediction parsing, Envoy's response
 //! code details, and the exposure cookie.
 
-use crate::config::{EchoConfig, OutcomesConfig, PredictionConfig};
+use crate::plan::{EchoConfig, OutcomesConfig, PredictionConfig};
 
 /// Index into [`crate::metrics::STATUS_CLASSES`] for a `:status` value.
 pub fn status_class(status: &[u8]) -> Option<usize> {
@@ -82,6 +82,8 @@ pub fn echo_cookie(echo: &EchoConfig, variant: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn outcomes_config() -> OutcomesConfig {
         OutcomesConfig {

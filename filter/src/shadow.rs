@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::assignment::BUCKETS;
-use crate::config::ConfigError;
+use crate::check::ConfigError;
 use crate::mac::{self, Key};
 
 /// Header added to every shadow request (with a [`marker`]) so the shadow service can skip
@@ -61,27 +61,27 @@ pub struct ShadowConfig {
     /// Shadow call timeout.
     #[serde(
         default = "default_timeout_ms",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub timeout_ms: u64,
     /// Most request or response body bytes buffered; a request body over it is not shadowed,
     /// a primary response body over it is compared by status only.
     #[serde(
         default = "default_max_body_bytes",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_body_bytes: usize,
     /// Most shadow calls outstanding per Envoy worker; beyond it copies are skipped, never queued.
     #[serde(
         default = "default_max_in_flight",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_in_flight: u32,
     /// Most bytes of copies (headers, request bodies, both answers' bodies) the filter holds
     /// per Envoy worker; a copy that would go over it is skipped.
     #[serde(
         default = "default_max_bytes_in_flight",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub max_bytes_in_flight: usize,
     /// Methods that are shadowed (upper case); default: GET, HEAD, OPTIONS.
@@ -93,7 +93,7 @@ pub struct ShadowConfig {
     /// Most disagreement log lines per minute per worker; 0 disables the log.
     #[serde(
         default = "default_log_per_minute",
-        deserialize_with = "crate::config::whole::whole"
+        deserialize_with = "crate::check::whole::whole"
     )]
     pub log_per_minute: u32,
 }
@@ -233,7 +233,7 @@ pub fn check(
         return Err(invalid(format!("{path}.cluster"), "must not be empty"));
     }
     let sample =
-        crate::config::percent_to_buckets(&format!("{path}.sample_percent"), c.sample_percent)?;
+        crate::check::percent_to_buckets(&format!("{path}.sample_percent"), c.sample_percent)?;
     if c.sample_by == SampleBy::User && !user_unit {
         return Err(invalid(
             format!("{path}.sample_by"),
@@ -301,7 +301,7 @@ pub fn check(
     };
     for (i, f) in c.compare.fields.iter().enumerate() {
         let field = format!("{path}.compare.fields[{i}]");
-        crate::config::check_name(&format!("{field}.name"), &f.name)?;
+        crate::check::check_name(&format!("{field}.name"), &f.name)?;
         if ["status", "body"].contains(&f.name.as_str()) {
             return Err(invalid(
                 format!("{field}.name"),
@@ -571,13 +571,53 @@ pub fn classify(status: u16, elapsed_ms: u64, timeout_ms: u64) -> Option<Reply> 
     None
 }
 
+/// Why a copy was taken but not compared: the `reason` label of
+/// `sluice_shadow_skipped_total`, a bounded set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The experiment already had `max_in_flight` copies outstanding.
+    InFlight,
+    /// The request body was over `max_body_bytes`.
+    BodyLimit,
+    /// The copy could not be made or sent (a host call failed, no such cluster).
+    DispatchFailed,
+    /// The primary ended without a complete answer to compare with.
+    NoPrimary,
+    /// Holding this copy's bodies would take the worker over `max_bytes_in_flight`.
+    BytesInFlight,
+}
+
+/// The labels of [`Skip`], in the order of [`Skip::index`].
+pub const SKIP_REASONS: [&str; 5] = [
+    "in_flight",
+    "body_limit",
+    "dispatch_failed",
+    "no_primary",
+    "bytes_in_flight",
+];
+
+impl Skip {
+    /// Every reason, in the order of the metric positions.
+    pub const ALL: [Skip; 5] = [
+        Skip::InFlight,
+        Skip::BodyLimit,
+        Skip::DispatchFailed,
+        Skip::NoPrimary,
+        Skip::BytesInFlight,
+    ];
+
+    /// Position in [`Skip::ALL`] and [`SKIP_REASONS`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// How a copy ends. Every copy taken ends in exactly one fate, which is what makes
 /// `requests = compared + skipped + timeouts + errors` hold in the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
     Compared,
-    /// Index into [`crate::metrics::SHADOW_SKIP_REASONS`].
-    Skipped(usize),
+    Skipped(Skip),
     Timeout,
     Error,
 }
@@ -586,12 +626,12 @@ pub enum Fate {
 /// completed; otherwise it ended early). `dropped` is a reason the copy was given up
 /// after it was sent (e.g. its bodies would exceed the bytes cap). A failed shadow call is
 /// reported as such whatever else happened: it is what the shadow did.
-pub fn fate(reply: &Reply, primary: bool, dropped: Option<usize>) -> Fate {
+pub fn fate(reply: &Reply, primary: bool, dropped: Option<Skip>) -> Fate {
     match (reply, dropped) {
         (Reply::Timeout, _) => Fate::Timeout,
         (Reply::Failed, _) => Fate::Error,
         (Reply::Answer(_), Some(reason)) => Fate::Skipped(reason),
-        (Reply::Answer(_), None) if !primary => Fate::Skipped(crate::metrics::SKIP_NO_PRIMARY),
+        (Reply::Answer(_), None) if !primary => Fate::Skipped(Skip::NoPrimary),
         (Reply::Answer(_), None) => Fate::Compared,
     }
 }
@@ -748,6 +788,46 @@ impl LogBudget {
 /// Whether a sample threshold takes a bucket.
 pub fn sampled(sample: u32, bucket: u32) -> bool {
     sample >= BUCKETS || bucket < sample
+}
+
+/// Whether a request is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Not eligible or not sampled: nothing is counted.
+    NotSampled,
+    /// Sampled but skipped at once (counted as taken, then skipped).
+    Skipped(Skip),
+    /// Taken: from here on the copy ends in exactly one [`Fate`].
+    Taken,
+}
+
+/// The sampling decision for a request in `variant` sent with `method`: eligible, then in
+/// the sample by its user's bucket (`user_bucket`, for `sample_by: user`; a request without a
+/// user key is not sampled) or by a random bucket (`draw`, called only when needed), then
+/// within the experiment's `max_in_flight` given the copies outstanding now.
+pub fn sample(
+    cfg: &Shadow,
+    variant: usize,
+    method: &[u8],
+    user_bucket: Option<u32>,
+    draw: impl FnOnce() -> u32,
+    in_flight: u32,
+) -> Sampling {
+    if !cfg.eligible(method, variant) {
+        return Sampling::NotSampled;
+    }
+    let bucket = match (cfg.sample_by, user_bucket) {
+        (SampleBy::User, Some(b)) => b,
+        (SampleBy::User, None) => return Sampling::NotSampled,
+        (SampleBy::Request, _) => draw(),
+    };
+    if !sampled(cfg.sample, bucket) {
+        return Sampling::NotSampled;
+    }
+    if in_flight >= cfg.max_in_flight {
+        return Sampling::Skipped(Skip::InFlight);
+    }
+    Sampling::Taken
 }
 
 #[cfg(test)]

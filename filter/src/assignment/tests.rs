@@ -1,6 +1,10 @@
 use super::*;
+#[cfg(not(target_arch = "wasm32"))]
 use proptest::prelude::*;
 use std::hash::Hasher;
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 #[test]
 fn fnv1a_matches_published_vectors() {
@@ -75,6 +79,7 @@ fn layout_serves_each_treatment_from_its_reserved_slice() {
 
 /// A random experiment shape: caps for up to four treatments, and a sequence of weight
 /// vectors within those caps.
+#[cfg(not(target_arch = "wasm32"))]
 fn ramp() -> impl Strategy<Value = (Vec<u32>, Vec<Vec<u32>>)> {
     (1usize..=4)
         .prop_flat_map(|n| prop::collection::vec(1u32..=BUCKETS, n))
@@ -94,6 +99,7 @@ fn ramp() -> impl Strategy<Value = (Vec<u32>, Vec<Vec<u32>>)> {
         })
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 proptest! {
     /// Between any two weight vectors, a bucket that changes variant moves only between the
     /// control and a treatment whose weight moved in that direction, and never between two

@@ -3,6 +3,9 @@ use crate::config::Plan;
 use crate::mac::PURPOSE_EXPOSURE;
 use crate::request::variant_of_key;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
 fn plan() -> Plan {
@@ -142,7 +145,7 @@ fn rejections_have_distinct_labels_statuses_and_positions() {
         assert_eq!(r.index(), i);
         assert!((400..500).contains(&r.status()));
         assert!(!r.message().is_empty());
-        assert!(crate::config::check_name("reason", r.label()).is_ok());
+        assert!(crate::check::check_name("reason", r.label()).is_ok());
     }
     let mut labels: Vec<_> = Rejection::ALL.iter().map(|r| r.label()).collect();
     labels.sort_unstable();

@@ -1,5 +1,8 @@
 use super::*;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 pub(crate) fn params() -> Params {
     Params {
         window_ms: 10_000,

@@ -1,5 +1,8 @@
 use super::*;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 const VALID: &str = r#"{
   "version": 1,
   "secret": "0123456789abcdef-valid",

@@ -44,12 +44,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
 use super::{log, now_millis, Active, HostRequest};
+use crate::decision;
 use crate::mac::{self, Key};
-use crate::metrics::{
-    SKIP_BODY_LIMIT, SKIP_BYTES_IN_FLIGHT, SKIP_DISPATCH_FAILED, SKIP_IN_FLIGHT, SKIP_NO_PRIMARY,
-};
 use crate::request::{self, RequestView};
-use crate::shadow::{self, Answer, Budget, Fate, FieldResult, LogBudget, Reply, SHADOW_HEADER};
+use crate::shadow::{self, Answer, Budget, Fate, LogBudget, Reply, Sampling, Skip, SHADOW_HEADER};
 
 /// How often the root context sends queued copies. Also the most a copy waits to be sent.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -147,7 +145,7 @@ struct Entry {
     primary_gone: bool,
     shadow: Option<Reply>,
     /// Why the copy was given up after it was sent, if it was.
-    dropped: Option<usize>,
+    dropped: Option<Skip>,
     shadow_held: Reservation,
 }
 
@@ -242,11 +240,9 @@ impl Table {
     }
 }
 
-fn skip(active: &Active, experiment: usize, variant: usize, reason: usize) {
+fn skip(active: &Active, experiment: usize, variant: usize, reason: Skip) {
     if let Some(m) = shadow_metrics(active, experiment, variant) {
-        if let Some(&pos) = m.skipped.get(reason) {
-            active.increment(pos);
-        }
+        active.apply(decision::shadow::skipped(m, reason));
     }
 }
 
@@ -349,20 +345,15 @@ pub fn start(
     routing_headers: &[&str],
 ) -> Option<Capture> {
     let cfg = config(active, experiment)?;
-    if !cfg.eligible(method, variant) {
-        return None;
-    }
-    let bucket = match (cfg.sample_by, user_bucket) {
-        (shadow::SampleBy::User, Some(b)) => b,
-        (shadow::SampleBy::User, None) => return None,
-        (shadow::SampleBy::Request, _) => {
-            let mut rng = active.rng.get();
-            let b = rng.bucket();
-            active.rng.set(rng);
-            b
-        }
+    let draw = || {
+        let mut rng = active.rng.get();
+        let b = rng.bucket();
+        active.rng.set(rng);
+        b
     };
-    if !shadow::sampled(cfg.sample, bucket) {
+    let in_flight = active.shadow.in_flight(experiment);
+    let sampling = shadow::sample(cfg, variant, method, user_bucket, draw, in_flight);
+    if sampling == Sampling::NotSampled {
         return None;
     }
     if let Some(&id) = active
@@ -374,10 +365,9 @@ pub fn start(
     }
     // Taken: from here on the copy ends in exactly one fate.
     if let Some(m) = shadow_metrics(active, experiment, variant) {
-        active.increment(m.requests);
+        active.apply(decision::shadow::sampled(m, sampling));
     }
-    if active.shadow.in_flight(experiment) >= cfg.max_in_flight {
-        skip(active, experiment, variant, SKIP_IN_FLIGHT);
+    if sampling != Sampling::Taken {
         return None;
     }
     let original: Vec<(String, Vec<u8>)> =
@@ -385,13 +375,13 @@ pub fn start(
             Ok(h) => h.into_iter().collect(),
             Err(_) => {
                 active.count_error(experiment);
-                skip(active, experiment, variant, SKIP_DISPATCH_FAILED);
+                skip(active, experiment, variant, Skip::DispatchFailed);
                 return None;
             }
         };
     let Some(key) = key(active) else {
         // A plan with a shadow always has a secret; without one no copy could be marked.
-        skip(active, experiment, variant, SKIP_DISPATCH_FAILED);
+        skip(active, experiment, variant, Skip::DispatchFailed);
         return None;
     };
     let path = original
@@ -416,7 +406,7 @@ pub fn start(
     let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
     let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     let Some(held) = Reservation::take(size, cfg.max_bytes_in_flight) else {
-        skip(active, experiment, variant, SKIP_BYTES_IN_FLIGHT);
+        skip(active, experiment, variant, Skip::BytesInFlight);
         return None;
     };
     let id = active.shadow.next_id.get().wrapping_add(1);
@@ -441,15 +431,15 @@ pub fn request_body(active: &Active, captures: &mut Vec<Capture>, size: usize) {
     }
     captures.retain_mut(|c| {
         let Some(cfg) = config(active, c.experiment) else {
-            give_up(active, c, SKIP_DISPATCH_FAILED);
+            give_up(active, c, Skip::DispatchFailed);
             return false;
         };
         if !c.body.room_for(size, cfg.max_body_bytes) {
-            give_up(active, c, SKIP_BODY_LIMIT);
+            give_up(active, c, Skip::BodyLimit);
             return false;
         }
         if !c.held.grow(size, cfg.max_bytes_in_flight) {
-            give_up(active, c, SKIP_BYTES_IN_FLIGHT);
+            give_up(active, c, Skip::BytesInFlight);
             return false;
         }
         true
@@ -467,20 +457,20 @@ pub fn request_body(active: &Active, captures: &mut Vec<Capture>, size: usize) {
         Err(_) => {
             for c in captures.drain(..) {
                 active.count_error(c.experiment);
-                give_up(active, &c, SKIP_DISPATCH_FAILED);
+                give_up(active, &c, Skip::DispatchFailed);
             }
         }
     }
 }
 
-fn give_up(active: &Active, c: &Capture, reason: usize) {
+fn give_up(active: &Active, c: &Capture, reason: Skip) {
     skip(active, c.experiment, c.variant, reason);
     active.shadow.adjust_in_flight(c.experiment, false);
 }
 
 /// Drops a capture that will never be sent (its stream ended before the request did).
 pub fn abandon(active: &Active, c: &Capture) {
-    give_up(active, c, SKIP_NO_PRIMARY);
+    give_up(active, c, Skip::NoPrimary);
 }
 
 /// Queues a complete copy for the next tick, starting the tick if it is not running.
@@ -526,7 +516,7 @@ pub fn enqueue(active: &Active, c: Capture) {
             LogLevel::Warn,
             "cannot start the shadow timer; copy dropped",
         );
-        end(active, id, Fate::Skipped(SKIP_DISPATCH_FAILED));
+        end(active, id, Fate::Skipped(Skip::DispatchFailed));
     }
 }
 
@@ -614,10 +604,10 @@ pub fn send_queued(active: &Active) {
         entries.queued = ids;
     });
     for id in failed {
-        end(active, id, Fate::Skipped(SKIP_DISPATCH_FAILED));
+        end(active, id, Fate::Skipped(Skip::DispatchFailed));
     }
     for id in over_budget {
-        end(active, id, Fate::Skipped(SKIP_BYTES_IN_FLIGHT));
+        end(active, id, Fate::Skipped(Skip::BytesInFlight));
     }
     // Stopping one tick late, not as soon as the queue is empty, keeps the timer running
     // under steady traffic instead of re-arming it for every copy.
@@ -667,7 +657,7 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
             if !answer.room_for(body_size, cfg.max_body_bytes) {
                 // Truncated: compared by status only.
             } else if !e.shadow_held.grow(body_size, cfg.max_bytes_in_flight) {
-                e.dropped = Some(SKIP_BYTES_IN_FLIGHT);
+                e.dropped = Some(Skip::BytesInFlight);
             } else {
                 match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
                     Ok(Some(b)) => answer.body = b,
@@ -764,7 +754,7 @@ pub fn primary_done(active: &Active, ids: &mut Vec<u64>, p: PrimaryCapture) {
                 .get_mut(&id)
                 .map(|e| {
                     if shared.over_budget {
-                        e.dropped = e.dropped.or(Some(SKIP_BYTES_IN_FLIGHT));
+                        e.dropped = e.dropped.or(Some(Skip::BytesInFlight));
                     }
                     e.primary = Some(shared.clone());
                 })
@@ -812,15 +802,13 @@ fn end(active: &Active, id: u64, fate: Fate) {
     let Some(m) = shadow_metrics(active, e.experiment, e.variant) else {
         return;
     };
-    match fate {
-        Fate::Timeout => active.increment(m.timeouts),
-        Fate::Error => active.increment(m.errors),
-        Fate::Skipped(reason) => skip(active, e.experiment, e.variant, reason),
-        Fate::Compared => match (&e.primary, &e.shadow) {
-            (Some(primary), Some(Reply::Answer(copy))) => record(active, &e, &primary.answer, copy),
-            // Unreachable by `fate`; still one fate per copy.
-            _ => skip(active, e.experiment, e.variant, SKIP_NO_PRIMARY),
-        },
+    match (fate, &e.primary, &e.shadow) {
+        (Fate::Compared, Some(primary), Some(Reply::Answer(copy))) => {
+            record(active, &e, &primary.answer, copy);
+        }
+        // Unreachable by `fate`; still one fate per copy.
+        (Fate::Compared, _, _) => active.apply(decision::shadow::skipped(m, Skip::NoPrimary)),
+        (fate, _, _) => active.apply(decision::shadow::ended(m, fate)),
     }
     drop(e);
     finish_if_closing(active);
@@ -852,6 +840,8 @@ fn finish_if_closing(active: &Active) {
     }
 }
 
+/// Counts a compared copy ([`crate::decision::shadow::compared`]) and logs its disagreements
+/// within the log budget.
 fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
     let (Some(exp), Some(m)) = (
         active.plan.experiments.get(e.experiment),
@@ -862,70 +852,14 @@ fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
     let Some(cfg) = &exp.shadow else {
         return;
     };
-    let c = shadow::compare(cfg, primary, copy);
-    active.increment(m.compared);
-    if (500..600).contains(&copy.status) {
-        active.increment(m.five_xx);
-    }
-    let verdict = |i: usize, agree: bool| {
-        let list = if agree { &m.agree } else { &m.disagree };
-        if let Some(&pos) = list.get(i) {
-            active.increment(pos);
-        }
-    };
-    let variant = exp.variants.get(e.variant).map_or("", String::as_str);
-    let mut lines = Vec::new();
-    verdict(0, c.status_agree);
-    if !c.status_agree {
-        lines.push((
-            "status".to_string(),
-            primary.status.to_string(),
-            copy.status.to_string(),
-        ));
-    }
-    if let Some(agree) = c.body_agree {
-        verdict(1, agree);
-        if !agree {
-            lines.push((
-                "body".to_string(),
-                "(hash)".to_string(),
-                "(hash)".to_string(),
-            ));
-        }
-    }
-    for (k, (field, result)) in cfg.fields.iter().zip(&c.fields).enumerate() {
-        let delta = match result {
-            FieldResult::Agree { delta } => {
-                verdict(k + 2, true);
-                *delta
-            }
-            FieldResult::Disagree {
-                delta,
-                primary,
-                shadow,
-            } => {
-                verdict(k + 2, false);
-                lines.push((field.name.clone(), primary.clone(), shadow.clone()));
-                *delta
-            }
-            FieldResult::Missing => {
-                if let Some(&pos) = m.missing.get(k) {
-                    active.increment(pos);
-                }
-                None
-            }
-        };
-        if let (Some(d), Some(Some(hist))) = (delta, m.deltas.get(k)) {
-            if let Some((negative, v)) = shadow::scaled_delta(field, d) {
-                active.record(hist[usize::from(negative)], v);
-            }
-        }
-    }
-    if lines.is_empty() || cfg.log_per_minute == 0 {
+    let compared = decision::shadow::compared(cfg, m, primary, copy);
+    active.apply(compared.updates);
+    if compared.disagreements.is_empty() || cfg.log_per_minute == 0 {
         return;
     }
+    let variant = exp.variants.get(e.variant).map_or("", String::as_str);
     let now_secs = now_millis().unwrap_or(0) / 1000;
-    for (field, p, s) in lines {
+    for d in compared.disagreements {
         let mut budget = active.shadow.log_budget.get();
         let allowed = budget.take(now_secs, cfg.log_per_minute);
         active.shadow.log_budget.set(budget);
@@ -934,7 +868,14 @@ fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
         }
         log(
             LogLevel::Info,
-            &shadow::disagreement_line(&exp.name, variant, &e.request_id, &field, &p, &s),
+            &shadow::disagreement_line(
+                &exp.name,
+                variant,
+                &e.request_id,
+                &d.field,
+                &d.primary,
+                &d.shadow,
+            ),
         );
     }
 }

@@ -2,6 +2,9 @@ use super::*;
 use crate::config::Plan;
 use std::collections::HashMap;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 struct Fake(HashMap<String, Vec<u8>>);
 
 impl Fake {

@@ -2,6 +2,9 @@ use super::*;
 use crate::config::Plan;
 use crate::mac::{self, Key};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 fn plan(shadow: &str) -> Result<Plan, ConfigError> {
     let json = format!(
         r#"{{"version": 1, "secret": "0123456789abcdef-test", "experiments": [{{"name": "e",
@@ -312,16 +315,15 @@ fn timeouts_and_failures_are_told_from_answers() {
 
 #[test]
 fn every_copy_has_exactly_one_fate() {
-    use crate::metrics::{SKIP_BYTES_IN_FLIGHT, SKIP_NO_PRIMARY};
     let ok = Reply::Answer(answer(200, ""));
     assert_eq!(fate(&ok, true, None), Fate::Compared);
-    assert_eq!(fate(&ok, false, None), Fate::Skipped(SKIP_NO_PRIMARY));
+    assert_eq!(fate(&ok, false, None), Fate::Skipped(Skip::NoPrimary));
     assert_eq!(
-        fate(&ok, true, Some(SKIP_BYTES_IN_FLIGHT)),
-        Fate::Skipped(SKIP_BYTES_IN_FLIGHT)
+        fate(&ok, true, Some(Skip::BytesInFlight)),
+        Fate::Skipped(Skip::BytesInFlight)
     );
     for primary in [true, false] {
-        for dropped in [None, Some(SKIP_BYTES_IN_FLIGHT)] {
+        for dropped in [None, Some(Skip::BytesInFlight)] {
             assert_eq!(fate(&Reply::Timeout, primary, dropped), Fate::Timeout);
             assert_eq!(fate(&Reply::Failed, primary, dropped), Fate::Error);
         }
@@ -450,5 +452,45 @@ fn client_values_are_not_markers() {
     assert_ne!(
         marker(&k, t, 1, b"GET", b"/"),
         marker(&k, t, 2, b"GET", b"/")
+    );
+}
+
+#[test]
+fn sampling_checks_eligibility_sample_then_the_in_flight_cap() {
+    // POST only, canary only (variant 1), 50 % of buckets, at most 2 copies in flight.
+    let s = checked(
+        r#"{"cluster": "shadow", "sample_percent": 50, "methods": ["POST"],
+            "variants": ["canary"], "max_in_flight": 2}"#,
+    );
+    let half = BUCKETS / 2;
+    let never = || unreachable!("drew a bucket for a request that cannot be sampled");
+    assert_eq!(sample(&s, 1, b"GET", None, never, 0), Sampling::NotSampled);
+    assert_eq!(sample(&s, 0, b"POST", None, never, 0), Sampling::NotSampled);
+    assert_eq!(
+        sample(&s, 1, b"POST", None, || half, 0),
+        Sampling::NotSampled
+    );
+    assert_eq!(
+        sample(&s, 1, b"POST", None, || half - 1, 1),
+        Sampling::Taken
+    );
+    assert_eq!(
+        sample(&s, 1, b"POST", None, || 0, 2),
+        Sampling::Skipped(Skip::InFlight)
+    );
+    // By user: the user's bucket decides, and a request without a key is not sampled.
+    let mut by_user = s.clone();
+    by_user.sample_by = SampleBy::User;
+    assert_eq!(
+        sample(&by_user, 1, b"POST", Some(0), never, 0),
+        Sampling::Taken
+    );
+    assert_eq!(
+        sample(&by_user, 1, b"POST", Some(half), never, 0),
+        Sampling::NotSampled
+    );
+    assert_eq!(
+        sample(&by_user, 1, b"POST", None, never, 0),
+        Sampling::NotSampled
     );
 }
