@@ -514,6 +514,35 @@ impl Answer {
     }
 }
 
+/// Whether to read a shadow answer's body of `size` bytes: only if the comparison reads
+/// bodies, there is one and the copy was not `given_up` already, and only if it fits
+/// `max_body_bytes`; a body over it is not read, and marks `answer` truncated (compared by
+/// status only).
+pub fn wants_body(cfg: &Shadow, answer: &mut Answer, size: usize, given_up: bool) -> bool {
+    cfg.needs_body() && size > 0 && !given_up && answer.room_for(size, cfg.max_body_bytes)
+}
+
+/// What capturing the primary's answer needs, for the copies of one request: the largest
+/// body limit and bytes cap of their experiments, and whether any of them compares bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrimaryNeeds {
+    pub limit: usize,
+    pub cap: usize,
+    pub needs_body: bool,
+}
+
+impl PrimaryNeeds {
+    pub fn of<'a>(configs: impl IntoIterator<Item = &'a Shadow>) -> PrimaryNeeds {
+        configs
+            .into_iter()
+            .fold(PrimaryNeeds::default(), |n, cfg| PrimaryNeeds {
+                limit: n.limit.max(cfg.max_body_bytes),
+                cap: n.cap.max(cfg.max_bytes_in_flight),
+                needs_body: n.needs_body || cfg.needs_body(),
+            })
+    }
+}
+
 /// Bytes held by copies against a cap (`max_bytes_in_flight`). The host keeps one per worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Budget {

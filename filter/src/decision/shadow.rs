@@ -21,6 +21,11 @@ pub fn sampled(m: &ShadowMetrics, sampling: Sampling) -> Vec<MetricUpdate> {
     }
 }
 
+/// The latency of a copy whose shadow answered, in `elapsed_ms` since it was sent.
+pub fn answered(m: &ShadowMetrics, elapsed_ms: u64) -> MetricUpdate {
+    MetricUpdate::Record(m.latency, elapsed_ms)
+}
+
 /// The counter of a copy skipped for `reason`.
 pub fn skipped(m: &ShadowMetrics, reason: Skip) -> Option<MetricUpdate> {
     m.skipped

@@ -2,7 +2,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use super::beacon::{answer, echo_headers, token_headers};
-use super::shadow::{compared, ended, sampled, skipped, Disagreement};
+use super::shadow::{answered, compared, ended, sampled, skipped, Disagreement};
 use super::{HeaderOp, MetricUpdate};
 use crate::beacon::{check_event, exposure_token, issue, Checker, Refusal, Rejection, UserLimit};
 use crate::config::Plan;
@@ -354,6 +354,7 @@ fn sampling_and_fates_count_once_each() {
         Some(MetricUpdate::Increment(m.errors))
     );
     assert_eq!(ended(&m, Fate::Compared), None);
+    assert_eq!(answered(&m, 42), MetricUpdate::Record(m.latency, 42));
 }
 
 #[test]

@@ -47,7 +47,9 @@ use super::{log, now_millis, Active, HostRequest};
 use crate::decision;
 use crate::mac::{self, Key};
 use crate::request::{self, RequestView};
-use crate::shadow::{self, Answer, Budget, Fate, LogBudget, Reply, Sampling, Skip, SHADOW_HEADER};
+use crate::shadow::{
+    self, Answer, Budget, Fate, LogBudget, PrimaryNeeds, Reply, Sampling, Skip, SHADOW_HEADER,
+};
 
 /// How often the root context sends queued copies. Also the most a copy waits to be sent.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -645,18 +647,15 @@ pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize
             return Some(id);
         }
         if let Some(m) = shadow_metrics(active, e.experiment, e.variant) {
-            active.record(m.latency, elapsed);
+            active.apply([decision::shadow::answered(m, elapsed)]);
         }
         let mut answer = Answer {
             status,
             ..Answer::default()
         };
-        // Read only what the comparison uses: nothing if it compares status only, nothing if
-        // the body is over the limit (it would be compared by status only anyway).
-        if cfg.needs_body() && body_size > 0 && e.dropped.is_none() {
-            if !answer.room_for(body_size, cfg.max_body_bytes) {
-                // Truncated: compared by status only.
-            } else if !e.shadow_held.grow(body_size, cfg.max_bytes_in_flight) {
+        // Read only what the comparison uses.
+        if shadow::wants_body(cfg, &mut answer, body_size, e.dropped.is_some()) {
+            if !e.shadow_held.grow(body_size, cfg.max_bytes_in_flight) {
                 e.dropped = Some(Skip::BytesInFlight);
             } else {
                 match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
@@ -696,12 +695,11 @@ pub fn primary_start(
     status: u16,
     content_length: Option<usize>,
 ) -> PrimaryCapture {
-    let (mut limit, mut cap, mut needs_body) = (0, 0, false);
-    for cfg in experiments.filter_map(|i| config(active, i)) {
-        limit = limit.max(cfg.max_body_bytes);
-        cap = cap.max(cfg.max_bytes_in_flight);
-        needs_body |= cfg.needs_body();
-    }
+    let PrimaryNeeds {
+        limit,
+        cap,
+        needs_body,
+    } = PrimaryNeeds::of(experiments.filter_map(|i| config(active, i)));
     let mut answer = Answer {
         status,
         ..Answer::default()

@@ -494,3 +494,53 @@ fn sampling_checks_eligibility_sample_then_the_in_flight_cap() {
         Sampling::NotSampled
     );
 }
+
+#[test]
+fn a_shadow_body_is_read_only_when_compared_present_and_within_the_limit() {
+    let mut s = checked(FIELDS);
+    s.max_body_bytes = 100;
+    let fresh = || Answer {
+        status: 200,
+        ..Answer::default()
+    };
+    let mut a = fresh();
+    assert!(wants_body(&s, &mut a, 100, false));
+    assert!(!a.truncated);
+    // Over the limit: not read, compared by status only.
+    let mut a = fresh();
+    assert!(!wants_body(&s, &mut a, 101, false));
+    assert!(a.truncated);
+    // No body, or a copy already given up: nothing to read, and not truncated.
+    for (size, given_up) in [(0, false), (10, true)] {
+        let mut a = fresh();
+        assert!(!wants_body(&s, &mut a, size, given_up));
+        assert!(!a.truncated);
+    }
+    // A comparison of status only reads no body.
+    let mut status_only = s.clone();
+    status_only.fields.clear();
+    status_only.compare_body = false;
+    assert!(!wants_body(&status_only, &mut fresh(), 10, false));
+}
+
+#[test]
+fn the_primary_is_captured_for_the_most_demanding_copy() {
+    let mut a = checked(FIELDS);
+    a.max_body_bytes = 1_000;
+    a.max_bytes_in_flight = 50_000;
+    let mut b = a.clone();
+    b.fields.clear();
+    b.compare_body = false;
+    b.max_body_bytes = 5_000;
+    b.max_bytes_in_flight = 20_000;
+    assert_eq!(
+        PrimaryNeeds::of([&a, &b]),
+        PrimaryNeeds {
+            limit: 5_000,
+            cap: 50_000,
+            needs_body: true
+        }
+    );
+    assert!(!PrimaryNeeds::of([&b]).needs_body);
+    assert_eq!(PrimaryNeeds::of([]), PrimaryNeeds::default());
+}
