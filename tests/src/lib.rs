@@ -13,6 +13,7 @@
 //!   behaviour chosen by a closure, every received request recorded.
 //! - [`client`]: one request, or thousands from distinct users with bounded concurrency.
 //! - [`prometheus`]: a real Prometheus on loopback scraping given Envoys.
+//! - [`traffic`]: steady background traffic from many users while a rollout runs.
 //! - [`wait`]: poll a condition until it holds or a deadline passes.
 //! - [`xds`]: simulated Envoys on the xDS side: ECDS clients that ACK (or NACK) like Envoy.
 //!
@@ -48,6 +49,7 @@ pub mod envoy;
 pub mod error;
 pub mod paths;
 pub mod prometheus;
+pub mod traffic;
 pub mod upstream;
 pub mod wait;
 pub mod xds;
@@ -58,6 +60,7 @@ pub use envoy::{inline_filter_config, validate, Envoy, EnvoyConfig};
 pub use error::{Error, Result};
 pub use paths::{envoy_bin, filter_wasm, free_port, noop_filter_wasm, repo_root, sluice_bin};
 pub use prometheus::Prometheus;
+pub use traffic::Traffic;
 pub use upstream::{Reply, Request, Upstream};
 pub use wait::{wait_for, wait_until};
 pub use xds::{Identity, XdsClient};

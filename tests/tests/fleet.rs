@@ -19,7 +19,7 @@ use sluice_filter::config::Plan;
 use sluice_tests::xds::{accept_decodable, Received, Verdict};
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, EnvoyConfig,
-    HttpClient, Identity, Load, Reply, Request, Upstream, XdsClient,
+    HttpClient, Identity, Load, Reply, Request, Traffic, Upstream, XdsClient,
 };
 
 const BOOTSTRAP: &str = "envoy/fleet/envoy.yaml";
@@ -391,49 +391,6 @@ impl Drop for Controller {
     }
 }
 
-/// Steady traffic from 4,000 users spread over every Envoy, until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(urls: Vec<String>) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let client = HttpClient::new();
-            let mut i: u64 = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut batch = tokio::task::JoinSet::new();
-                for _ in 0..24 {
-                    let url = urls[(i % urls.len() as u64) as usize].clone();
-                    let (client, user) = (client.clone(), format!("u-{}", i % 4000));
-                    i += 1;
-                    batch.spawn(async move {
-                        let _ = client
-                            .send(
-                                hyper::Method::GET,
-                                &url,
-                                &[("x-user-id", &user)],
-                                Vec::<u8>::new(),
-                            )
-                            .await;
-                    });
-                }
-                while batch.join_next().await.is_some() {}
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-    }
-}
-
 /// A fleet: the two models and `n` Envoys (`edge-0`, `edge-1`, ...) pointed at `xds`.
 async fn fleet(
     n: usize,
@@ -485,7 +442,7 @@ async fn fleet_with_controller(
 async fn a_good_canary_is_promoted_on_all_three_envoys() -> anyhow::Result<()> {
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(3, 0, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller
         .exited(PROMOTED, Duration::from_secs(150))
@@ -523,7 +480,7 @@ async fn a_bad_canary_is_rolled_back_on_all_three_envoys() -> anyhow::Result<()>
     // 25 % of the canary's users get errors.
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(3, 4, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller
         .exited(ROLLED_BACK, Duration::from_secs(150))
@@ -766,7 +723,7 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
             spec["spec"]["schedule"]["bake"] = json!("6s");
         })
         .await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller.at_weight(20.0, Duration::from_secs(60)).await?;
     let reference = assignment(&envoys[0], "probe", 300).await?;
@@ -866,7 +823,7 @@ async fn a_nacking_proxy_holds_the_rollout_until_it_leaves_the_fleet() -> anyhow
             spec["spec"]["schedule"]["bake"] = json!("1s");
         })
         .await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     let xds = format!("127.0.0.1:{}", controller.xds);
     wait_until(
@@ -936,7 +893,7 @@ async fn a_rollback_a_proxy_rejects_is_pushed_again_until_it_is_confirmed() -> a
     // configuration with the canary at 0 %: the rollback cannot be confirmed while it is there.
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(2, 4, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     let xds = format!("127.0.0.1:{}", controller.xds);
     wait_until(
