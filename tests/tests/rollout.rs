@@ -391,9 +391,11 @@ async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence
 
     // Restarted, then stopped by SIGTERM mid-stage: it persists and exits 0, still at 50 %.
     let mut child = run.start()?;
-    wait_until(Duration::from_secs(30), "the restarted daemon answers", || async {
-        run.status().await.is_some()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted daemon answers",
+        || async { run.status().await.is_some() },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
     let term = Command::new("kill")
