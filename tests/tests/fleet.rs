@@ -620,8 +620,19 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
     // An Envoy started now, with no controller to ask, serves the control only.
     let late = fleet_envoy("edge-late", controller.xds, &stable, &canary).await?;
     assert_eq!(share(&assignment(&late, "probe", 300).await?), 0.0);
-    // Still so a while later (its retries find nobody), and the others are unchanged.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Still so after it tried again and found nobody (a failed connection to cluster `sluice`
+    // more than now), and the others are unchanged.
+    let failed = |stats: &sluice_tests::Stats| stats.get("cluster.sluice.upstream_cx_connect_fail");
+    let before = failed(&late.admin().stats().await?).unwrap_or(0);
+    wait_for(
+        Duration::from_secs(30),
+        "edge-late retries the controller",
+        || async {
+            let now = failed(&late.admin().stats().await?).unwrap_or(0);
+            Ok::<_, sluice_tests::Error>((now > before).then_some(()))
+        },
+    )
+    .await?;
     assert_eq!(share(&assignment(&late, "probe", 300).await?), 0.0);
     assert_eq!(assignment(&envoys[1], "probe", 300).await?, reference);
 
