@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test of the project, from a fresh clone on a fresh machine: set-up, formatting, lints
-# (native and wasm32), the wasm builds, the fast tier (unit, property, judge, state machine:
-# `cargo test` at the root, no Envoy), the real-Envoy tier (crate sluice-tests and the demo's
-# end-to-end scenarios), and the filter's pure tests on wasm32 under Node. Exits non-zero on
+# (native and wasm32), the wasm builds, both test tiers — the fast tier (unit, property, judge,
+# state machine: `cargo test` at the root, no Envoy) and the real-Envoy tier (crate
+# sluice-tests and the demo's end-to-end scenarios) — and the filter's pure tests on wasm32
+# under Node. Exits non-zero on
 # the first failure. Builds into the default ./target so the integration tests find the wasm.
 #
 #   scripts/test.sh          everything
@@ -24,13 +25,9 @@ trap 'rc=$?; if [[ $rc -ne 0 ]]; then printf "\n\033[1;31mFAILED\033[0m in secti
 
 # The fast tier is the workspace's default members (root Cargo.toml): every crate but
 # sluice-tests, and the demo without its `real-envoy` scenarios.
-fast_tier() {
+if [[ $FAST -eq 1 ]]; then
     section "fast tier: cargo test (unit, property, judge, state machine; no Envoy)"
     cargo test
-}
-
-if [[ $FAST -eq 1 ]]; then
-    fast_tier
     section "fast tier passed in $((SECONDS - START))s"
     exit 0
 fi
@@ -58,11 +55,11 @@ ls -l "$WASM_DIR/sluice_filter.wasm" "$WASM_DIR/sluice_noop_filter.wasm"
 section "build the sluice binary (the rollout tests run it as a process)"
 cargo build -p sluice-controller --bin sluice
 
-fast_tier
-
-section "real-Envoy tier: sluice-tests and the demo's scenarios"
-cargo test -p sluice-tests
-cargo test -p sluice-demo --features real-envoy --test scenarios
+# Both tiers in one cargo run: the whole workspace resolves its dependencies' features once,
+# where a run per tier (default members, then -p sluice-tests, then -p sluice-demo) would build
+# the shared dependencies once per resolution.
+section "fast tier + real-Envoy tier: cargo test --workspace --features sluice-demo/real-envoy"
+cargo test --workspace --features sluice-demo/real-envoy
 
 section "sluice-filter pure tests on wasm32 (wasm-bindgen-test under node)"
 cargo test -p sluice-filter --target wasm32-unknown-unknown
