@@ -400,9 +400,8 @@ mod tests {
             args(0.005, 0.005, true, true),
         ] {
             let mut out = Vec::new();
-            run(&a, &mut out).unwrap_or_else(|e| unreachable!("{e}"));
-            let v: serde_json::Value =
-                serde_json::from_slice(&out).unwrap_or_else(|e| unreachable!("{e}"));
+            run(&a, &mut out).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
             assert!(
                 (v["delta"].as_f64().unwrap_or(0.0) - 0.005).abs() < 1e-12,
                 "{v}"

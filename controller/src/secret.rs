@@ -120,7 +120,7 @@ spec:
                 "sluice-secret-{tag}-{}-{nanos}",
                 std::process::id()
             ));
-            std::fs::create_dir_all(&p).unwrap_or_else(|e| unreachable!("{e}"));
+            std::fs::create_dir_all(&p).unwrap();
             TempDir(p)
         }
 
@@ -136,7 +136,7 @@ spec:
     }
 
     fn parse(text: &str) -> Checked {
-        Rollout::parse(text).unwrap_or_else(|e| unreachable!("{e:?}"))
+        Rollout::parse(text).unwrap()
     }
 
     #[test]
@@ -144,10 +144,9 @@ spec:
         let dir = TempDir::new("gen");
         let mut c = parse(&spec(""));
         // Before `run` resolves it, renders carry the placeholder (and still validate).
-        let shown = c.render(5.0).unwrap_or_else(|e| unreachable!("{e}"));
+        let shown = c.render(5.0).unwrap();
         assert_eq!(shown.secret.as_deref(), Some(SECRET_PLACEHOLDER));
-        c.use_state_secret(dir.path())
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        c.use_state_secret(dir.path()).unwrap();
         let first = c.secret.clone().unwrap_or_default();
         assert_eq!(first.len(), 2 * GENERATED_BYTES);
         let path = state_path(dir.path(), "r");
@@ -159,20 +158,16 @@ spec:
                 .unwrap_or(0);
             assert_eq!(mode & 0o777, 0o600);
         }
-        let pushed = c.render(5.0).unwrap_or_else(|e| unreachable!("{e}"));
+        let pushed = c.render(5.0).unwrap();
         assert_eq!(pushed.secret.as_deref(), Some(first.as_str()));
         // A restart reads the same secret back.
         let mut again = parse(&spec(""));
-        again
-            .use_state_secret(dir.path())
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        again.use_state_secret(dir.path()).unwrap();
         assert_eq!(again.secret.as_deref(), Some(first.as_str()));
         // Another state dir, another secret.
         let other = TempDir::new("other");
         let mut third = parse(&spec(""));
-        third
-            .use_state_secret(other.path())
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        third.use_state_secret(other.path()).unwrap();
         assert_ne!(third.secret.as_deref(), Some(first.as_str()));
     }
 
@@ -180,16 +175,15 @@ spec:
     fn a_secret_file_is_read_trimmed_and_checked() {
         let dir = TempDir::new("file");
         let file = dir.path().join("s");
-        std::fs::write(&file, "0123456789abcdef0123\n").unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
         let text = spec(&format!("  secretFile: {}\n", file.display()));
         let mut c = parse(&text);
         assert_eq!(c.secret.as_deref(), Some("0123456789abcdef0123"));
-        c.use_state_secret(dir.path())
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        c.use_state_secret(dir.path()).unwrap();
         assert_eq!(c.secret.as_deref(), Some("0123456789abcdef0123"));
         assert!(!state_path(dir.path(), "r").exists(), "nothing generated");
 
-        std::fs::write(&file, "short").unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&file, "short").unwrap();
         let err = Rollout::parse(&text)
             .err()
             .map(|e| e.problems.join("; "))

@@ -123,7 +123,7 @@ mod tests {
     #[tokio::test]
     async fn state_round_trips_and_audit_appends() {
         let dir = std::env::temp_dir().join(format!("sluice-store-{}", std::process::id()));
-        let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+        let store = Store::new(&dir, "r").unwrap();
         assert!(matches!(store.load(), Ok(None)));
         let state = State::new("r", 5.0);
         assert!(store.save(&state).await.is_ok());

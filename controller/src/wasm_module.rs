@@ -137,26 +137,26 @@ mod tests {
     #[test]
     fn digest_is_sha256_of_the_bytes() {
         let mut bytes = WASM_HEADER.to_vec();
-        let m = WasmModule::from_bytes(bytes.clone()).unwrap_or_else(|| unreachable!());
+        let m = WasmModule::from_bytes(bytes.clone()).unwrap();
         // sha256 of the 8-byte empty module, computed independently (`printf ... | sha256sum`).
         assert_eq!(
             m.sha256(),
             "93a44bbb96c751218e4c00d479e4c14358122a389acca16205b1e4d0dc5f9476"
         );
         bytes.push(0);
-        let other = WasmModule::from_bytes(bytes).unwrap_or_else(|| unreachable!());
+        let other = WasmModule::from_bytes(bytes).unwrap();
         assert_ne!(other.sha256(), m.sha256());
         assert_eq!(other.len(), 9);
     }
 
     #[test]
     fn serves_the_module_and_its_digest_only() {
-        let m = WasmModule::from_bytes(WASM_HEADER.to_vec()).unwrap_or_else(|| unreachable!());
-        let r = reply(&m, FILE_NAME).unwrap_or_else(|| unreachable!());
+        let m = WasmModule::from_bytes(WASM_HEADER.to_vec()).unwrap();
+        let r = reply(&m, FILE_NAME).unwrap();
         assert_eq!(r.headers()["content-type"], "application/wasm");
         assert_eq!(r.headers()["x-sluice-sha256"], m.sha256());
         assert_eq!(r.headers()["etag"], format!("\"{}\"", m.sha256()));
-        let r = reply(&m, &format!("{FILE_NAME}.sha256")).unwrap_or_else(|| unreachable!());
+        let r = reply(&m, &format!("{FILE_NAME}.sha256")).unwrap();
         assert_eq!(r.headers()["content-type"], "text/plain");
         for other in [
             "",
@@ -176,9 +176,9 @@ mod tests {
         // Version 2 of the binary format is not something Envoy loads.
         assert!(WasmModule::from_bytes(vec![0, 0x61, 0x73, 0x6d, 2, 0, 0, 0]).is_none());
         let dir = std::env::temp_dir().join(format!("sluice-wasm-module-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("x.wasm");
-        std::fs::write(&p, b"not wasm").unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&p, b"not wasm").unwrap();
         let e = WasmModule::load(&p).map(|_| ()).unwrap_err();
         assert!(e.to_string().contains("not a WebAssembly module"), "{e}");
         let e = WasmModule::load(&dir.join("missing.wasm"))

@@ -30,13 +30,13 @@ impl Dir {
     fn new(name: &str) -> Dir {
         let dir = std::env::temp_dir().join(format!("sluice-grpc-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::create_dir_all(&dir).unwrap();
         Dir(dir)
     }
 
     fn file(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&path, text).unwrap();
         path
     }
 
@@ -55,7 +55,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap()
 }
 
 fn run(dir: &Dir, files: &[&Path]) -> Output {
@@ -73,14 +73,14 @@ fn run(dir: &Dir, files: &[&Path]) -> Output {
     }
     cmd.env("SLUICE_LOG", "error")
         .output()
-        .unwrap_or_else(|e| unreachable!("cannot run sluice: {e}"))
+        .expect("cannot run sluice")
 }
 
 #[test]
 fn a_listen_address_that_cannot_be_bound_is_an_error_naming_it() {
     let dir = Dir::new("taken");
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| unreachable!("{e}"));
-    let addr = taken.local_addr().unwrap_or_else(|e| unreachable!("{e}"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
     let f = dir.file("a.yaml", &spec("a", &addr.to_string(), "sluice"));
     let out = run(&dir, &[&f]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -123,7 +123,7 @@ async fn rollouts_naming_one_listen_share_its_server() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = serde_json::Value::Null;
     let shared = loop {

@@ -32,13 +32,13 @@ impl Dir {
     fn new(name: &str) -> Dir {
         let dir = std::env::temp_dir().join(format!("sluice-input-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::create_dir_all(&dir).unwrap();
         Dir(dir)
     }
 
     fn file(&self, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
         let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&path, text).unwrap();
         path
     }
 }
@@ -58,8 +58,7 @@ fn data(name: &str) -> PathBuf {
 fn sluice(args: &[&str], files: &[&Path]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(args).args(files).env("SLUICE_LOG", "error");
-    cmd.output()
-        .unwrap_or_else(|e| unreachable!("cannot run sluice: {e}"))
+    cmd.output().expect("cannot run sluice")
 }
 
 fn stderr(out: &Output) -> String {
@@ -349,9 +348,7 @@ async fn a_prometheus_timestamp_from_the_far_past_is_stale_not_a_panic() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     for stamp in ["-Inf", "-1e300"] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
             "http://{}",
             listener

@@ -20,9 +20,7 @@ fn judge(config: &str, snapshots: &str, json: bool) -> (bool, String, String) {
     if json {
         cmd.arg("--json");
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| unreachable!("cannot run sluice: {e}"));
+    let out = cmd.output().expect("cannot run sluice");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -33,7 +31,7 @@ fn judge(config: &str, snapshots: &str, json: bool) -> (bool, String, String) {
 fn evaluations(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| unreachable!("{e}: {l}")))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
 
@@ -79,7 +77,7 @@ fn a_bad_rollout_is_rolled_back_on_the_error_rate() {
     let first = evals
         .iter()
         .find(|e| e["decision"] == "roll_back")
-        .unwrap_or_else(|| unreachable!("never rolled back"));
+        .expect("never rolled back");
     assert!(first["reason"]
         .as_str()
         .unwrap_or("")
@@ -112,7 +110,7 @@ fn a_bad_config_is_refused_with_its_field_path() {
         .arg("-s")
         .arg(data("good.jsonl"))
         .output()
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -636,12 +636,11 @@ mod tests {
 
     #[test]
     fn run_dir_is_a_rewritten_copy_and_the_spec_loads() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         let wasm = tmp.path().join("f.wasm");
         std::fs::write(&wasm, b"\0asm").ok();
         let ports = Ports::default().offset(1000);
-        let run = prepare(&repo_root(), &tmp.path().join("run"), &wasm, ports, 7.5)
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        let run = prepare(&repo_root(), &tmp.path().join("run"), &wasm, ports, 7.5).unwrap();
         let yaml = std::fs::read_to_string(&run.envoy_yaml).unwrap_or_default();
         for p in [11000, 10901, 11001, 11002, 11003] {
             assert!(yaml.contains(&format!("port_value: {p} ")), "{p}");

@@ -429,9 +429,8 @@ mod tests {
             );
             Plan::from_json(json.as_bytes())
         };
-        let Ok(user) = plan(r#"{"type": "user", "keys": [{"header": "x-user-id"}]}"#) else {
-            unreachable!("valid config")
-        };
+        let user =
+            plan(r#"{"type": "user", "keys": [{"header": "x-user-id"}]}"#).expect("valid config");
         let c = Catalog::for_plan(&user);
         for (v, name) in c.experiments[0].variants.iter().zip(["control", "canary"]) {
             assert_eq!(v.replicates.len(), REPLICATES);
@@ -446,9 +445,7 @@ mod tests {
             }
         }
         // Requests assigned one by one are independent already: no groups needed.
-        let Ok(request) = plan(r#"{"type": "request"}"#) else {
-            unreachable!("valid config")
-        };
+        let request = plan(r#"{"type": "request"}"#).expect("valid config");
         let c = Catalog::for_plan(&request);
         assert!(c.experiments[0]
             .variants
@@ -504,9 +501,8 @@ mod tests {
     #[test]
     fn every_name_leaves_its_base_and_labels_after_istio_tag_extraction() {
         let example = crate::config::tests::readme_example();
-        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
-            unreachable!("the README example is valid (config tests)")
-        };
+        let plan = Plan::from_json(example.as_bytes())
+            .expect("the README example is valid (config tests)");
         let catalog = Catalog::for_plan(&plan);
         let bases = [
             REQUESTS,
@@ -576,9 +572,8 @@ mod tests {
     #[test]
     fn every_experiment_has_a_revision_gauge() {
         let example = crate::config::tests::readme_example();
-        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
-            unreachable!("the README example is valid (config tests)")
-        };
+        let plan = Plan::from_json(example.as_bytes())
+            .expect("the README example is valid (config tests)");
         let catalog = Catalog::for_plan(&plan);
         for (e, m) in plan.experiments.iter().zip(&catalog.experiments) {
             let spec = &catalog.specs[m.config_revision];
@@ -598,10 +593,7 @@ mod tests {
                     "variants": [{{"name": "a", "weight": 50}}, {{"name": "b", "control": true}},
                                  {{"name": "c", "weight": 10}}]{breaker}}}]}}"#
             );
-            match Plan::from_json(json.as_bytes()) {
-                Ok(p) => p,
-                Err(e) => unreachable!("valid config: {e}"),
-            }
+            Plan::from_json(json.as_bytes()).expect("valid config")
         };
         let without = Catalog::for_plan(&plan(""));
         assert!(without.experiments[0]
@@ -642,9 +634,8 @@ mod tests {
     #[test]
     fn every_label_is_listed_and_has_a_stats_tag_in_the_shipped_bootstraps() {
         let example = crate::config::tests::readme_example();
-        let Ok(plan) = Plan::from_json(example.as_bytes()) else {
-            unreachable!("the README example is valid (config tests)")
-        };
+        let plan = Plan::from_json(example.as_bytes())
+            .expect("the README example is valid (config tests)");
         let catalog = Catalog::for_plan(&plan);
         let mut used: Vec<&str> = catalog
             .specs

@@ -30,10 +30,8 @@ fn layout(treatments: &[(u32, u32)]) -> Layout {
 
 #[test]
 fn golden_vectors() {
-    let vectors: Vec<Vector> = match serde_json::from_str(include_str!("golden.json")) {
-        Ok(v) => v,
-        Err(e) => unreachable!("golden.json: {e}"),
-    };
+    let vectors: Vec<Vector> =
+        serde_json::from_str(include_str!("golden.json")).expect("golden.json");
     assert!(vectors.len() >= 25, "the golden file lost vectors");
     for v in &vectors {
         let b = bucket(&v.salt, v.key.as_bytes());

@@ -361,10 +361,9 @@ impl Envoy {
 
     /// The admin client.
     pub fn admin(&self) -> &Admin {
-        // Set before `start` returns.
         self.admin
             .as_ref()
-            .unwrap_or_else(|| unreachable!("Envoy returned before its admin address was known"))
+            .expect("`start` returns only once the admin address is known")
     }
 
     /// The port that replaced `original` in the config. Panics if the config had no such port,

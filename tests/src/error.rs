@@ -60,6 +60,10 @@ pub enum Error {
     #[error("xds {what}: {reason}")]
     Xds { what: String, reason: String },
 
+    /// `sluice run` ended otherwise than expected, or is not running.
+    #[error("sluice run: {0}")]
+    Sluice(String),
+
     /// Filesystem or process trouble.
     #[error("{context}: {source}")]
     Io {

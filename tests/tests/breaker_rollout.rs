@@ -6,15 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_filter::metrics::{BREAKER_TRIPPED, BREAKER_TRIPS};
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request,
-    Upstream,
+    Traffic, Upstream,
 };
 
 const LISTENER: u16 = 10000;
@@ -46,49 +44,6 @@ async fn stack(canary_error_every: u64) -> anyhow::Result<(Upstream, Upstream, E
         .start()
         .await?;
     Ok((stable, canary, envoy))
-}
-
-/// Steady traffic from 4,000 users until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(url: String) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let client = HttpClient::new();
-            let mut i: u64 = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut batch = tokio::task::JoinSet::new();
-                for _ in 0..20 {
-                    let (client, url) = (client.clone(), url.clone());
-                    let user = format!("u-{}", i % 4000);
-                    i += 1;
-                    batch.spawn(async move {
-                        let _ = client
-                            .send(
-                                hyper::Method::GET,
-                                &url,
-                                &[("x-user-id", &user)],
-                                Vec::<u8>::new(),
-                            )
-                            .await;
-                    });
-                }
-                while batch.join_next().await.is_some() {}
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-    }
 }
 
 struct Run {

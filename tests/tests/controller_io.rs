@@ -91,8 +91,22 @@ async fn admin_source_reads_the_counts_and_survives_a_restart() -> anyhow::Resul
 
     // The source asks for the protobuf format; Envoy's text format holds the same samples
     // (and the `+Inf` buckets, which repeat `_count`). Histograms change at the stats flush
-    // (every second here), so the two are read after one with no traffic in between.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // (every second here), so the two are read once a flush has taken in every request (the
+    // latency histogram counts them all), with no traffic in between.
+    sluice_tests::wait_for(
+        Duration::from_secs(30),
+        "a stats flush holding every request's latency",
+        || async {
+            let latency = envoy
+                .admin()
+                .prometheus()
+                .await?
+                .histogram(metrics::LATENCY, &[("experiment", "demo")])
+                .map_or(0.0, |h| h.count);
+            Ok::<_, sluice_tests::Error>((latency == seen as f64).then_some(()))
+        },
+    )
+    .await?;
     let admin = Admin::new(
         &format!("http://{}", envoy.addr(ADMIN)),
         Duration::from_secs(2),

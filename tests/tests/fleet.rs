@@ -8,25 +8,19 @@
 //! (`sluice_tests::xds`) join the real Envoys where a test needs one that misbehaves on cue.
 
 use sluice_filter::metrics;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_filter::config::Plan;
 use sluice_tests::xds::{accept_decodable, Received, Verdict};
 use sluice_tests::{
-    filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, EnvoyConfig,
-    HttpClient, Identity, Load, Reply, Request, Upstream, XdsClient,
+    filter_wasm, free_port, sluice_bin, validate, wait_for, wait_until, Envoy, Identity, Load,
+    Reply, Request, SluiceRun, Traffic, Upstream, XdsClient,
 };
 
-const BOOTSTRAP: &str = "envoy/fleet/envoy.yaml";
-const LISTENER: u16 = 10000;
-const ADMIN: u16 = 9901;
-/// The controller's address in the bootstrap (cluster `sluice`).
-const XDS: u16 = 18000;
+use sluice_tests::fleet::{ADMIN, BOOTSTRAP, LISTENER};
 
 /// A model answering 200 with its name.
 fn model(name: &'static str) -> impl Fn(&Request) -> Reply + Send + Sync {
@@ -59,20 +53,14 @@ async fn fleet_envoy_with(
     canary: &Upstream,
     warming: bool,
 ) -> anyhow::Result<Envoy> {
-    let mut config = EnvoyConfig::new(BOOTSTRAP);
+    let mut config = sluice_tests::fleet::envoy(id, xds, stable, canary);
     if warming {
         config = config.replace(
             WITHOUT_WARMING,
             "apply_default_config_without_warming: false",
         );
     }
-    Ok(config
-        .port_to(XDS, xds)
-        .port_to(10001, stable.port())
-        .port_to(10002, canary.port())
-        .node(id, "fleet")
-        .start()
-        .await?)
+    Ok(config.start().await?)
 }
 
 /// Sends one request from each of `users` fresh users through `envoy`; returns how many were
@@ -224,15 +212,24 @@ fn flaky(name: &'static str, error_every: u64) -> impl Fn(&Request) -> Reply + S
     }
 }
 
-/// The controller (`sluice run`) of a fleet: its spec, state and log in a temp dir.
+/// The controller (`sluice run --exit-when-done`) of a fleet, with its ECDS server's port.
 struct Controller {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
+    run: SluiceRun,
     /// Its ECDS server.
     xds: u16,
-    /// Its HTTP API.
-    api: u16,
-    child: Option<Child>,
+}
+
+impl std::ops::Deref for Controller {
+    type Target = SluiceRun;
+    fn deref(&self) -> &SluiceRun {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for Controller {
+    fn deref_mut(&mut self) -> &mut SluiceRun {
+        &mut self.run
+    }
 }
 
 impl Controller {
@@ -245,7 +242,6 @@ impl Controller {
         min_proxies: usize,
         tweak: impl FnOnce(&mut Value),
     ) -> anyhow::Result<Controller> {
-        let dir = tempfile::tempdir()?;
         let mut spec = json!({
             "apiVersion": "sluice.dev/v1alpha1",
             "kind": "Rollout",
@@ -270,167 +266,14 @@ impl Controller {
             }
         });
         tweak(&mut spec);
-        let path = dir.path().join("fleet.yaml");
-        std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
         Ok(Controller {
-            dir,
-            spec: path,
+            run: SluiceRun::new(&spec)?,
             xds,
-            api: free_port()?,
-            child: None,
         })
     }
 
     fn start(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("sluice.log"))?;
-        self.child = Some(
-            Command::new(sluice_bin()?)
-                .args(["run", "--exit-when-done", "--state-dir"])
-                .arg(self.dir.path().join("state"))
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{}", self.api))
-                .arg("-f")
-                .arg(&self.spec)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?,
-        );
-        Ok(())
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// SIGKILL.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn state(&self) -> Value {
-        std::fs::read_to_string(self.dir.path().join("state/fleet.state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
-    }
-
-    fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("state/fleet.audit.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn pushed_weights(&self) -> Vec<f64> {
-        self.audit()
-            .iter()
-            .filter(|r| r["record"] == "push")
-            .filter_map(|r| r["weight"].as_f64())
-            .collect()
-    }
-
-    async fn status(&self) -> Option<Value> {
-        let url = format!("http://127.0.0.1:{}/status", self.api);
-        HttpClient::new().get(&url).await.ok()?.json().ok()
-    }
-
-    /// Waits until the state file says `weight` is confirmed (or fails with the log).
-    async fn at_weight(&self, weight: f64, within: Duration) -> anyhow::Result<()> {
-        wait_until(within, &format!("weight {weight} confirmed"), || async {
-            self.state()["weight"] == weight
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\nstate: {}\n{}", self.state(), self.log()))
-    }
-
-    /// Waits for `sluice run --exit-when-done` to exit with `code`.
-    async fn exited(&mut self, code: i32, within: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let Some(child) = self.child.as_mut() else {
-            anyhow::bail!("the controller is not running");
-        };
-        loop {
-            if let Some(status) = child.try_wait()? {
-                anyhow::ensure!(
-                    status.code() == Some(code),
-                    "sluice run exited with {status}, expected {code}:\n{}",
-                    self.log()
-                );
-                self.child = None;
-                return Ok(());
-            }
-            if start.elapsed() > within {
-                let _ = child.kill();
-                anyhow::bail!("sluice run still running after {within:?}:\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- sluice log ---\n{}\n--- end ---", self.log());
-        }
-    }
-}
-
-/// Steady traffic from 4,000 users spread over every Envoy, until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(urls: Vec<String>) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let client = HttpClient::new();
-            let mut i: u64 = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut batch = tokio::task::JoinSet::new();
-                for _ in 0..24 {
-                    let url = urls[(i % urls.len() as u64) as usize].clone();
-                    let (client, user) = (client.clone(), format!("u-{}", i % 4000));
-                    i += 1;
-                    batch.spawn(async move {
-                        let _ = client
-                            .send(
-                                hyper::Method::GET,
-                                &url,
-                                &[("x-user-id", &user)],
-                                Vec::<u8>::new(),
-                            )
-                            .await;
-                    });
-                }
-                while batch.join_next().await.is_some() {}
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
+        Ok(self.run.start(&["--exit-when-done"])?)
     }
 }
 
@@ -485,7 +328,7 @@ async fn fleet_with_controller(
 async fn a_good_canary_is_promoted_on_all_three_envoys() -> anyhow::Result<()> {
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(3, 0, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller
         .exited(PROMOTED, Duration::from_secs(150))
@@ -523,7 +366,7 @@ async fn a_bad_canary_is_rolled_back_on_all_three_envoys() -> anyhow::Result<()>
     // 25 % of the canary's users get errors.
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(3, 4, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller
         .exited(ROLLED_BACK, Duration::from_secs(150))
@@ -701,11 +544,7 @@ async fn an_envoy_that_nacks_fails_the_push_with_its_message_and_the_rollout_hol
         .enumerate()
     {
         envoys.push(
-            EnvoyConfig::new(BOOTSTRAP)
-                .port_to(XDS, xds)
-                .port_to(10001, stable.port())
-                .port_to(10002, canary.port())
-                .node(&format!("edge-{i}"), "fleet")
+            sluice_tests::fleet::envoy(&format!("edge-{i}"), xds, &stable, &canary)
                 .cwd(cwd)
                 .start()
                 .await?,
@@ -766,7 +605,7 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
             spec["spec"]["schedule"]["bake"] = json!("6s");
         })
         .await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     controller.at_weight(20.0, Duration::from_secs(60)).await?;
     let reference = assignment(&envoys[0], "probe", 300).await?;
@@ -781,8 +620,19 @@ async fn the_fleet_outlives_its_controller_and_the_restarted_controller_resumes(
     // An Envoy started now, with no controller to ask, serves the control only.
     let late = fleet_envoy("edge-late", controller.xds, &stable, &canary).await?;
     assert_eq!(share(&assignment(&late, "probe", 300).await?), 0.0);
-    // Still so a while later (its retries find nobody), and the others are unchanged.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Still so after it tried again and found nobody (a failed connection to cluster `sluice`
+    // more than now), and the others are unchanged.
+    let failed = |stats: &sluice_tests::Stats| stats.get("cluster.sluice.upstream_cx_connect_fail");
+    let before = failed(&late.admin().stats().await?).unwrap_or(0);
+    wait_for(
+        Duration::from_secs(30),
+        "edge-late retries the controller",
+        || async {
+            let now = failed(&late.admin().stats().await?).unwrap_or(0);
+            Ok::<_, sluice_tests::Error>((now > before).then_some(()))
+        },
+    )
+    .await?;
     assert_eq!(share(&assignment(&late, "probe", 300).await?), 0.0);
     assert_eq!(assignment(&envoys[1], "probe", 300).await?, reference);
 
@@ -866,7 +716,7 @@ async fn a_nacking_proxy_holds_the_rollout_until_it_leaves_the_fleet() -> anyhow
             spec["spec"]["schedule"]["bake"] = json!("1s");
         })
         .await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     let xds = format!("127.0.0.1:{}", controller.xds);
     wait_until(
@@ -936,7 +786,7 @@ async fn a_rollback_a_proxy_rejects_is_pushed_again_until_it_is_confirmed() -> a
     // configuration with the canary at 0 %: the rollback cannot be confirmed while it is there.
     let (_stable, canary, envoys, mut controller) =
         fleet_with_controller(2, 4, json!([10, 50, 100]), |_| {}).await?;
-    let traffic = Traffic::start(urls(&envoys));
+    let traffic = Traffic::spread(urls(&envoys), 24, 4000);
     controller.start()?;
     let xds = format!("127.0.0.1:{}", controller.xds);
     wait_until(

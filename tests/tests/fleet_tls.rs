@@ -5,7 +5,6 @@
 //! configuration (nor its secret) and the push is not confirmed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rcgen::{
@@ -13,14 +12,10 @@ use rcgen::{
 };
 use serde_json::{json, Value};
 use sluice_tests::{
-    filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Load, Reply,
-    Request, Upstream,
+    filter_wasm, free_port, wait_until, Envoy, Load, Reply, Request, SluiceRun, Upstream,
 };
 
-const BOOTSTRAP: &str = "envoy/fleet/envoy.yaml";
-const LISTENER: u16 = 10000;
-const ADMIN: u16 = 9901;
-const XDS: u16 = 18000;
+use sluice_tests::fleet::{ADMIN, LISTENER};
 /// The name the server's certificate carries and Envoy checks.
 const SERVER_NAME: &str = "sluice.sluice-system.svc";
 
@@ -107,90 +102,39 @@ fn model(name: &'static str) -> impl Fn(&Request) -> Reply + Send + Sync {
     move |_req: &Request| Reply::json(json!({"model": name})).header("x-model-score", "0.5")
 }
 
-/// `sluice run` with one stage at 50 % and the ecdsGrpc sink over TLS.
-struct Controller {
-    dir: tempfile::TempDir,
-    api: u16,
-    child: Child,
-}
-
-impl Controller {
-    fn start(pki: &Pki, xds: u16, admin: &str) -> anyhow::Result<Controller> {
-        let dir = tempfile::tempdir()?;
-        let spec = json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "Rollout",
-            "metadata": {"name": "fleet"},
-            "spec": {
-                "experiment": {
-                    "name": "fleet",
-                    "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
-                    "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
-                    "echo": {"header": "x-sluice-variant"},
+/// `sluice run` with one stage at 50 % and the ecdsGrpc sink over TLS, started.
+fn controller(pki: &Pki, xds: u16, admin: &str) -> anyhow::Result<SluiceRun> {
+    let spec = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "fleet"},
+        "spec": {
+            "experiment": {
+                "name": "fleet",
+                "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+                "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
+                "echo": {"header": "x-sluice-variant"},
+            },
+            "schedule": {"stages": [50], "bake": "10m", "warmup": "1s", "interval": "500ms"},
+            "guardrails": {"promotion": "noBreach", "minRequests": 100},
+            "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
+            "sinks": [{"ecdsGrpc": {
+                "listen": format!("127.0.0.1:{xds}"),
+                "resource": "sluice",
+                "wasm": {"filename": show(&filter_wasm()?)},
+                "minProxies": 1,
+                "confirmWithin": "5s",
+                "tls": {
+                    "certFile": show(&pki.path("server.pem")),
+                    "keyFile": show(&pki.path("server-key.pem")),
+                    "clientCaFile": show(&pki.path("ca.pem")),
                 },
-                "schedule": {"stages": [50], "bake": "10m", "warmup": "1s", "interval": "500ms"},
-                "guardrails": {"promotion": "noBreach", "minRequests": 100},
-                "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
-                "sinks": [{"ecdsGrpc": {
-                    "listen": format!("127.0.0.1:{xds}"),
-                    "resource": "sluice",
-                    "wasm": {"filename": show(&filter_wasm()?)},
-                    "minProxies": 1,
-                    "confirmWithin": "5s",
-                    "tls": {
-                        "certFile": show(&pki.path("server.pem")),
-                        "keyFile": show(&pki.path("server-key.pem")),
-                        "clientCaFile": show(&pki.path("ca.pem")),
-                    },
-                }}],
-            }
-        });
-        let path = dir.path().join("fleet.yaml");
-        std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
-        let api = free_port()?;
-        let log = std::fs::File::create(dir.path().join("sluice.log"))?;
-        let child = Command::new(sluice_bin()?)
-            .args(["run", "--state-dir"])
-            .arg(dir.path().join("state"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{api}"))
-            .arg("-f")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        Ok(Controller { dir, api, child })
-    }
-
-    fn state(&self) -> Value {
-        std::fs::read_to_string(self.dir.path().join("state/fleet.state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
-    }
-
-    async fn status(&self) -> Value {
-        let url = format!("http://127.0.0.1:{}/status", self.api);
-        match HttpClient::new().get(&url).await {
-            Ok(r) => r.json().unwrap_or(Value::Null),
-            Err(_) => Value::Null,
+            }}],
         }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- sluice log ---\n{}\n--- end ---", self.log());
-        }
-    }
+    });
+    let mut run = SluiceRun::new(&spec)?;
+    run.start(&[])?;
+    Ok(run)
 }
 
 /// How many filter configurations `envoy` accepted from the controller.
@@ -223,22 +167,18 @@ async fn to_canary(envoy: &Envoy, tag: &str) -> anyhow::Result<usize> {
 
 /// The CA, the controller's server certificate and Envoy's client certificate; an Envoy of
 /// the fleet (with or without its certificate) and the controller over it.
-async fn setup(client_cert: bool) -> anyhow::Result<(Pki, Upstream, Upstream, Envoy, Controller)> {
+async fn setup(client_cert: bool) -> anyhow::Result<(Pki, Upstream, Upstream, Envoy, SluiceRun)> {
     let pki = Pki::new()?;
     pki.leaf("server", SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth)?;
     pki.leaf("envoy", "edge-tls", ExtendedKeyUsagePurpose::ClientAuth)?;
     let stable = Upstream::start("stable", model("stable")).await?;
     let canary = Upstream::start("canary", model("canary")).await?;
     let xds = free_port()?;
-    let envoy = EnvoyConfig::new(BOOTSTRAP)
+    let envoy = sluice_tests::fleet::envoy("edge-tls", xds, &stable, &canary)
         .replace(CLUSTER, &transport_socket(&pki, client_cert))
-        .port_to(XDS, xds)
-        .port_to(10001, stable.port())
-        .port_to(10002, canary.port())
-        .node("edge-tls", "fleet")
         .start()
         .await?;
-    let controller = Controller::start(&pki, xds, &format!("http://{}", envoy.addr(ADMIN)))?;
+    let controller = controller(&pki, xds, &format!("http://{}", envoy.addr(ADMIN)))?;
     Ok((pki, stable, canary, envoy, controller))
 }
 
@@ -265,7 +205,7 @@ async fn an_envoy_with_a_client_certificate_takes_the_filter_over_mutual_tls() -
         (120..=280).contains(&canary),
         "{canary} of 400 to the canary"
     );
-    let status = controller.status().await;
+    let status = controller.status().await.unwrap_or(Value::Null);
     let sink = &status[0]["proxies"][0];
     assert_eq!(sink["tls"], true, "{status}");
     let listed = sink["proxies"].as_array().cloned().unwrap_or_default();
@@ -281,7 +221,7 @@ async fn an_envoy_without_a_client_certificate_gets_nothing_and_the_push_is_unco
     let (_pki, _stable, _canary, envoy, controller) = setup(false).await?;
     // The controller pushes (and retries); none of it is ever confirmed.
     wait_until(Duration::from_secs(60), "two pushes failed", || async {
-        controller.status().await[0]["push_errors"]
+        controller.status().await.unwrap_or(Value::Null)[0]["push_errors"]
             .as_u64()
             .is_some_and(|n| n >= 2)
     })
@@ -302,7 +242,7 @@ async fn an_envoy_without_a_client_certificate_gets_nothing_and_the_push_is_unco
     assert!(failures >= 1, "update_failure {failures}");
     // Envoy serves its default config: everyone to the control.
     assert_eq!(to_canary(&envoy, "plain").await?, 0);
-    let status = controller.status().await;
+    let status = controller.status().await.unwrap_or(Value::Null);
     let sink = &status[0]["proxies"][0];
     assert_eq!(sink["tls"], true, "{status}");
     assert_eq!(sink["proxies"], json!([]), "{sink}");

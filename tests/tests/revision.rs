@@ -21,7 +21,7 @@ use sluice_controller::source::Source;
 use sluice_filter::config::FilterConfig;
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, wait_for, Envoy, EnvoyConfig, HttpClient, Prometheus,
-    Reply, Upstream,
+    Reply, Traffic, Upstream,
 };
 
 const ADMIN: u16 = 9901;
@@ -168,49 +168,6 @@ async fn the_gauge_follows_every_ecds_push_on_every_worker_through_both_sources(
     Ok(())
 }
 
-/// Steady traffic of 2,000 users to `url` until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(url: String) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let client = HttpClient::new();
-            let mut i: u64 = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut batch = tokio::task::JoinSet::new();
-                for _ in 0..20 {
-                    let (client, url) = (client.clone(), url.clone());
-                    let user = format!("u-{}", i % 2000);
-                    i += 1;
-                    batch.spawn(async move {
-                        let _ = client
-                            .send(
-                                hyper::Method::GET,
-                                &url,
-                                &[("x-user-id", &user)],
-                                Vec::<u8>::new(),
-                            )
-                            .await;
-                    });
-                }
-                while batch.join_next().await.is_some() {}
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-    }
-}
-
 /// `sluice run` on `spec` in `dir`, listening on `listen`; its log in `dir/sluice.log`.
 fn sluice_run(dir: &std::path::Path, spec: &Value, listen: u16) -> anyhow::Result<Child> {
     let path = dir.join("rollout.yaml");
@@ -297,7 +254,7 @@ async fn a_proxy_serving_another_revision_holds_the_rollout_until_it_runs_the_co
             }}],
         }
     });
-    let traffic = Traffic::start(a.url(LISTENER, "/"));
+    let traffic = Traffic::spread(vec![a.url(LISTENER, "/")], 20, 2000);
     let run = Killed(sluice_run(dir.path(), &spec, listen)?);
     let log = || std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
     let b_admin = admin_url(&b);
@@ -635,7 +592,7 @@ async fn the_istio_sink_is_confirmed_by_the_proxies_through_prometheus() -> anyh
         json!({"prometheus": {"url": prometheus.url(), "maxAge": "10s"}}),
         "30s",
     );
-    let traffic = Traffic::start(a.url(LISTENER, "/"));
+    let traffic = Traffic::spread(vec![a.url(LISTENER, "/")], 20, 2000);
     let mut run = Killed(sluice_run_with_kubeconfig(
         dir.path(),
         &spec,

@@ -8,14 +8,12 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
     filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request,
-    Upstream,
+    Traffic, Upstream,
 };
 
 const LISTENER: u16 = 10000;
@@ -52,49 +50,6 @@ async fn envoy(stable: &Upstream, canary: &Upstream) -> anyhow::Result<Envoy> {
         .ecds("tests/envoy/rollout")
         .start()
         .await?)
-}
-
-/// Steady traffic from 4,000 users until dropped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(url: String) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let client = HttpClient::new();
-            let mut i: u64 = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let mut batch = tokio::task::JoinSet::new();
-                for _ in 0..20 {
-                    let (client, url) = (client.clone(), url.clone());
-                    let user = format!("u-{}", i % 4000);
-                    i += 1;
-                    batch.spawn(async move {
-                        let _ = client
-                            .send(
-                                hyper::Method::GET,
-                                &url,
-                                &[("x-user-id", &user)],
-                                Vec::<u8>::new(),
-                            )
-                            .await;
-                    });
-                }
-                while batch.join_next().await.is_some() {}
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-    }
 }
 
 /// The guardrails used by these tests: a few hundred canary requests per 4 s stage prove
@@ -371,9 +326,15 @@ async fn a_bad_treatment_is_rolled_back_and_envoy_stops_routing_to_it() -> anyho
     assert_eq!(state["phase"]["phase"], "rolled_back", "{}", run.log());
     assert_eq!(state["weight"], 0.0);
     assert_eq!(pushed_weights(&run).last(), Some(&0.0));
-    // No request reaches the canary any more.
+    // No request reaches the canary any more: not one of the next 500 answered.
     let before = canary.count();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = traffic.answered();
+    wait_until(
+        Duration::from_secs(60),
+        "500 more requests answered",
+        || async { traffic.answered() >= sent + 500 },
+    )
+    .await?;
     traffic.stop().await;
     assert_eq!(
         canary.count(),
@@ -430,7 +391,13 @@ async fn kill_9_mid_rollout_then_restart_resumes_without_raising_on_old_evidence
 
     // Restarted, then stopped by SIGTERM mid-stage: it persists and exits 0, still at 50 %.
     let mut child = run.start()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted daemon answers",
+        || async { run.status().await.is_some() },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
@@ -541,7 +508,12 @@ async fn an_envoy_restart_mid_stage_does_not_corrupt_the_counts() -> anyhow::Res
     let canary_before = canary.count();
     let total_before = upstreams();
     let traffic = Traffic::start(url.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "1,000 requests through the restarted Envoy",
+        || async { upstreams() >= total_before + 1000 },
+    )
+    .await?;
     traffic.stop().await;
     counts_agree(&run, upstreams, 1).await?;
     // The restarted Envoy loaded the last pushed configuration: still 50 %.
@@ -609,8 +581,24 @@ async fn prometheus_down_holds_then_the_rollout_continues_and_webhooks_hear_of_i
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
-    // Held past the bake's end: no advance without fresh evidence.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Held past the bake's end (1 s warm-up and 4 s bake from the stage's start, then one more
+    // 500 ms look): no advance without fresh evidence.
+    let since = run.state()["since"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("no stage start in the state\n{}", run.log()))?;
+    wait_until(
+        Duration::from_secs(30),
+        "an evaluation past the bake's end",
+        || async {
+            run.status().await.is_some_and(|s| {
+                s[0]["last_evaluated_at"]
+                    .as_f64()
+                    .is_some_and(|t| t >= since + 5.5)
+            })
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log()))?;
     assert_eq!(run.state()["weight"], 10.0, "{}", run.log());
 
     prometheus.resume().await?;

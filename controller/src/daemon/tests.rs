@@ -246,9 +246,9 @@ fn task_at(
     fail_at: Option<f64>,
     clock: TokioClock,
 ) -> Task<FakeSource, FakeSink, FakeJudge, TokioClock> {
-    let checked = Rollout::parse(SPEC).unwrap_or_else(|e| unreachable!("{e}"));
+    let checked = Rollout::parse(SPEC).unwrap();
     Task {
-        store: Store::new(dir, "r").unwrap_or_else(|e| unreachable!("{e}")),
+        store: Store::new(dir, "r").unwrap(),
         checked,
         source,
         sinks: vec![sink],
@@ -262,9 +262,7 @@ fn task_at(
 }
 
 async fn run_to_end(t: Task<FakeSource, FakeSink, FakeJudge, TokioClock>) -> State {
-    let (_h, join) = t
-        .spawn(std::future::pending(), true)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let (_h, join) = t.spawn(std::future::pending(), true).unwrap();
     match join.await {
         Ok(Ok(s)) => s,
         other => unreachable!("{other:?}"),
@@ -345,7 +343,7 @@ async fn no_data_holds_and_a_rejected_push_holds_without_raising() {
     *source.down.lock().unwrap_or_else(|e| e.into_inner()) = true;
     let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
         .spawn(std::future::pending(), true)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let s = h.status.borrow().clone();
     assert_eq!(sink.pushed(), vec![1.0], "raised without data");
@@ -388,7 +386,7 @@ async fn an_operator_command_is_answered_once_applied_or_said_to_be_queued() {
     let sink = FakeSink::default();
     let (h, join) = task(&dir, source.clone(), sink.clone(), None)
         .spawn(std::future::pending(), true)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Reads now take 5 s; a command that arrives mid-read is applied once the step ends.
     *source.delay.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_secs(5);
@@ -440,7 +438,7 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
             },
             false,
         )
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await; // stage 2 (10 %) started at ~26 s
     let _ = stop_tx.send(());
     let saved = match join.await {
@@ -453,7 +451,7 @@ async fn shutdown_persists_and_a_restart_resumes_without_raising() {
     let sink2 = FakeSink::default();
     let (h, _join) = task_at(&dir, FakeSource::default(), sink2.clone(), None, clock)
         .spawn(std::future::pending(), true)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(
         sink2.pushed(),
@@ -514,14 +512,14 @@ async fn a_crash_between_a_raise_and_its_confirmation_converges_on_restart() {
     };
     let (h, join) = task_at(&dir, source.clone(), sink.clone(), None, clock)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(h.status.borrow().state.weight, 1.0);
     // From now on the proxies load what is written but never confirm it.
     set(&sink.unconfirmed, true);
     tokio::time::sleep(Duration::from_secs(30)).await;
     // The status is published once a step ends; this one never ends: read the state file.
-    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
+    let store = Store::new(&dir, "r").unwrap();
     let before = store
         .load()
         .ok()
@@ -540,7 +538,7 @@ async fn a_crash_between_a_raise_and_its_confirmation_converges_on_restart() {
     set(&sink.unconfirmed, false);
     let (h, _join) = task_at(&dir, source, sink.clone(), None, clock)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = h.status.borrow().clone();
     // The proxies serve the state's weight again, as the version the state confirmed.
@@ -567,7 +565,7 @@ async fn proxies_serving_another_configuration_get_the_state_pushed_again() {
     let sink = FakeSink::default();
     let (h, _join) = task(&dir, FakeSource::default(), sink.clone(), None)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let version = h.status.borrow().state.version;
     // Someone else writes the watched file: the proxies serve 50 %.
@@ -598,7 +596,7 @@ async fn an_observed_split_far_from_the_weight_holds_and_re_pushes() {
     set(&source.split, Some(0.5));
     let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let s = h.status.borrow().clone();
     assert_eq!(s.state.weight, 1.0, "raised while the split was off");
@@ -638,7 +636,7 @@ async fn a_failing_task_stops_with_its_cause_and_a_consistent_state() {
     let sink = FakeSink::default();
     let (h, join) = task(&dir, FakeSource::default(), sink.clone(), None)
         .spawn(std::future::pending(), true)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let audit = dir.join("r.audit.jsonl");
     let _ = std::fs::remove_file(&audit);
@@ -651,8 +649,8 @@ async fn a_failing_task_stops_with_its_cause_and_a_consistent_state() {
     assert!(error.to_lowercase().contains("directory"), "{error}");
     assert_eq!(h.status.borrow().error.as_deref(), Some(error.as_str()));
     // What was persisted still passes every check.
-    let store = Store::new(&dir, "r").unwrap_or_else(|e| unreachable!("{e}"));
-    let checked = Rollout::parse(SPEC).unwrap_or_else(|e| unreachable!("{e}"));
+    let store = Store::new(&dir, "r").unwrap();
+    let checked = Rollout::parse(SPEC).unwrap();
     let saved = store.load().ok().flatten();
     assert!(saved.is_some_and(|s| s.check(&plan_of(&checked), "r").is_ok()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -778,7 +776,7 @@ async fn a_proxy_the_sink_does_not_reach_is_caught_by_its_revision_and_holds() {
     };
     let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(h.status.borrow().state.weight, 1.0);
     assert_eq!(
@@ -846,7 +844,7 @@ async fn a_breaker_trip_rolls_back_with_cause_breaker_and_never_raises() {
     );
     let (h, _join) = task(&dir, source.clone(), sink.clone(), None)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(sink.pushed(), vec![1.0, 10.0], "old trips held the rollout");
     source.trip();
@@ -857,10 +855,7 @@ async fn a_breaker_trip_rolls_back_with_cause_breaker_and_never_raises() {
     };
     assert!(reason.starts_with("breaker: "), "{reason}");
     assert_eq!(sink.pushed(), vec![1.0, 10.0, 0.0]);
-    let trip = s
-        .breaker
-        .as_ref()
-        .unwrap_or_else(|| unreachable!("no trip in the status"));
+    let trip = s.breaker.as_ref().expect("no trip in the status");
     assert_eq!(trip.reason.as_deref(), Some("5xx"));
     assert_eq!(trip.trips.get("5xx"), Some(&1));
     assert_eq!(trip.tripped_on, vec!["fake".to_string()]);
@@ -868,13 +863,13 @@ async fn a_breaker_trip_rolls_back_with_cause_breaker_and_never_raises() {
         .events
         .iter()
         .find(|e| e.kind == EventKind::RolledBack)
-        .unwrap_or_else(|| unreachable!("no rollback event"));
+        .expect("no rollback event");
     assert_eq!(rolled.cause, Some("breaker"));
     let audit = audit_of(&dir);
     let decision = audit
         .lines()
         .find(|l| l.contains("\"rolled_back\"") && l.contains("\"decision\""))
-        .unwrap_or_else(|| unreachable!("{audit}"));
+        .unwrap_or_else(|| panic!("{audit}"));
     assert!(decision.contains("\"cause\":\"breaker\""), "{decision}");
     assert!(decision.contains("\"tripped_on\":[\"fake\"]"), "{decision}");
     // The clearing push set the gauge back to 0; the counter stays. Nothing is raised again.
@@ -918,7 +913,7 @@ async fn a_trip_made_while_no_controller_ran_rolls_back_before_the_restart_push(
             },
             false,
         )
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     let _ = stop_tx.send(());
     let saved = match join.await {
@@ -931,7 +926,7 @@ async fn a_trip_made_while_no_controller_ran_rolls_back_before_the_restart_push(
     source.trip();
     let (h, _join) = task_at(&dir, source, sink.clone(), None, clock)
         .spawn(std::future::pending(), false)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let s = h.status.borrow().clone();
     assert!(

@@ -17,20 +17,17 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
-    let mut ca =
-        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| unreachable!("{e}"));
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(DnType::CommonName, "sluice test CA");
-    let ca_cert = ca
-        .self_signed(&ca_key)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, &ca_key);
-    let key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
+    let key = KeyPair::generate().unwrap();
     let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
         .and_then(|p| p.signed_by(&key, &issuer))
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -40,7 +37,7 @@ fn pki() -> Pki {
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             )
         })
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     Pki {
         ca_pem: ca_cert.pem(),
         server,
@@ -49,9 +46,7 @@ fn pki() -> Pki {
 
 /// An HTTPS server on 127.0.0.1 that answers 200 to every request and hands over each body.
 async fn https_server(config: rustls::ServerConfig) -> (u16, mpsc::UnboundedReceiver<String>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::unbounded_channel();
@@ -124,9 +119,9 @@ async fn an_https_webhook_is_delivered_and_its_certificate_verified() {
     let pki = pki();
     let (port, mut bodies) = https_server(pki.server).await;
     let dir = std::env::temp_dir().join(format!("sluice-notify-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+    std::fs::create_dir_all(&dir).unwrap();
     let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap_or_else(|e| unreachable!("{e}"));
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     let ca_file = Some(ca_file.display().to_string());
 
     // Trusting the test CA (as a webhook behind a private CA would be configured): delivered,
@@ -140,7 +135,7 @@ async fn an_https_webhook_is_delivered_and_its_certificate_verified() {
         n.flush().await;
         let body = bodies
             .try_recv()
-            .unwrap_or_else(|e| unreachable!("{host}: not delivered: {e}"));
+            .unwrap_or_else(|e| panic!("{host}: not delivered: {e}"));
         let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         assert_eq!(json["text"], notice().text(), "{body}");
     }

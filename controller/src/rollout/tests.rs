@@ -235,8 +235,8 @@ fn a_restart_never_replays_an_unconfirmed_raise_and_re_pushes_the_confirmed_weig
     confirm(&mut s, &p, 0.0);
     pass(&mut s, &p, 71.0); // decides 10 %, crash before confirmation
     assert_eq!(s.pending.as_ref().map(|p| p.weight), Some(10.0));
-    let mut restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default())
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let mut restored: State =
+        serde_json::from_str(&serde_json::to_string(&s).unwrap_or_default()).unwrap();
     assert_eq!(restored.check(&p, "r"), Ok(()));
     let fx = step(&mut restored, &p, Input::Restarted, 100.0);
     // The 10 % may have reached the proxies: the confirmed 1 % goes out again, as a new version.

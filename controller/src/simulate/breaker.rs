@@ -548,10 +548,7 @@ mod tests {
 
     #[test]
     fn detects_hard_faults_and_not_noise() {
-        let s = match summaries(&args()) {
-            Ok(s) => s,
-            Err(e) => unreachable!("{e}"),
-        };
+        let s = summaries(&args()).unwrap();
         // A/A at 0.5 % against a 5 % ceiling: no trip in 40 × 3 min.
         assert_eq!(by_name(&s, "aa").trips_per_hour, Some(0.0));
         // 2× (1 %) is below both ceilings: never trips.
@@ -576,10 +573,7 @@ mod tests {
         a.min_requests = 10;
         a.multipliers = vec![];
         a.hours = 0.01;
-        let s = match summaries(&a) {
-            Ok(s) => s,
-            Err(e) => unreachable!("{e}"),
-        };
+        let s = summaries(&a).unwrap();
         let hard = by_name(&s, "rate_1");
         assert!(hard.seconds_max.unwrap_or(f64::MAX) <= 1.0, "{hard:?}");
     }

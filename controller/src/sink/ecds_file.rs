@@ -402,7 +402,7 @@ mod tests {
             r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
                 "variants": [{"name": "a"}, {"name": "b", "weight": 5}]}]}"#,
         )
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
         let code = WasmCode {
             filename: "/x/sluice_filter.wasm".into(),
             remote: None,
@@ -416,8 +416,7 @@ mod tests {
         let value = doc["resources"][0]["typed_config"]["config"]["configuration"]["value"]
             .as_str()
             .unwrap_or_default();
-        let back: FilterConfig =
-            serde_json::from_str(value).unwrap_or_else(|e| unreachable!("{e}"));
+        let back: FilterConfig = serde_json::from_str(value).unwrap();
         assert_eq!(back, config);
     }
 
@@ -427,7 +426,7 @@ mod tests {
             r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
                 "variants": [{"name": "a"}, {"name": "b", "weight": 5}]}]}"#,
         )
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
         let dir = std::env::temp_dir().join(format!("sluice-ecds-check-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let code = WasmCode {

@@ -730,8 +730,10 @@ mod tests {
         let (url, seen) = endpoint().await;
         let requests = || seen.lock().map(|s| s.clone()).unwrap_or_default();
         let hub = AdminHub::new();
-        // Shared for up to 100 ms.
-        let interval = Duration::from_millis(200);
+        // Shared for up to half the interval: a second, the most there is, so that "within the
+        // window" holds on a loaded machine too.
+        let interval = Duration::from_secs(2);
+        let window = interval / 2;
         let a = EnvoyAdmin::shared(
             &hub,
             std::slice::from_ref(&url),
@@ -755,8 +757,9 @@ mod tests {
         assert_eq!(only(a.scrape("hub-a").await), Some(("hub-a".into(), 2.0)));
         assert_eq!(requests().len(), 2);
 
-        // Past the window, two rollouts asking at once make one request between them.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Past the window (a sleep is at least as long as asked), two rollouts asking at once
+        // make one request between them.
+        tokio::time::sleep(window + Duration::from_millis(50)).await;
         let (ra, rb) = tokio::join!(a.scrape("hub-a"), b.scrape("hub-b"));
         assert_eq!(only(ra), Some(("hub-a".into(), 3.0)));
         assert_eq!(only(rb), Some(("hub-b".into(), 3.0)));
@@ -941,14 +944,10 @@ mod tests {
             },
         )
         .await;
-        let started = std::time::Instant::now();
+        // The line cap ends the scrape: a reader that kept going would end at the 2 s timeout
+        // with a timeout error instead.
         let e = error_of(&source(endless), "cap-line").await;
         assert!(e.contains("maxLineBytes"), "{e}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
 
         let many: String = (0..30_000)
             .map(|i| {

@@ -31,7 +31,7 @@ fn problems(text: &str) -> String {
 
 #[test]
 fn a_good_spec_is_checked_with_defaults() {
-    let c = Rollout::parse(GOOD).unwrap_or_else(|e| unreachable!("{e}"));
+    let c = Rollout::parse(GOOD).unwrap();
     assert_eq!(c.treatment, "canary");
     assert_eq!(
         c.stages,
@@ -51,7 +51,7 @@ fn a_good_spec_is_checked_with_defaults() {
         ]
     );
     assert_eq!(c.rollout.spec.schedule.interval, Duration::from_secs(1));
-    let rendered = c.render(10.0).unwrap_or_else(|e| unreachable!("{e}"));
+    let rendered = c.render(10.0).unwrap();
     assert_eq!(rendered.experiments[0].variants[1].weight, Some(10.0));
     assert_eq!(rendered.experiments[0].variants[0].weight, None);
 }
@@ -159,7 +159,7 @@ fn guardrails_are_read_once_into_the_judge_config() {
         "  sources:",
         "  guardrails: {consecutive: 5, errorRate: {ceiling: 0.02}}\n  sources:",
     );
-    let c = Rollout::parse(&with).unwrap_or_else(|e| unreachable!("{e}"));
+    let c = Rollout::parse(&with).unwrap();
     let g = &c.rollout.spec.guardrails;
     assert_eq!(g.consecutive, 5);
     assert_eq!(g.error_rate.ceiling, Some(0.02));
@@ -169,7 +169,7 @@ fn guardrails_are_read_once_into_the_judge_config() {
         GOOD.to_string(),
         GOOD.replace("  sources:", "  guardrails: null\n  sources:"),
     ] {
-        let c = Rollout::parse(&text).unwrap_or_else(|e| unreachable!("{e}"));
+        let c = Rollout::parse(&text).unwrap();
         assert_eq!(c.rollout.spec.guardrails, GuardrailConfig::default());
     }
 }
@@ -194,10 +194,8 @@ fn the_documented_example_is_a_valid_spec() {
     let start = doc
         .find("```yaml\n")
         .map(|i| i + "```yaml\n".len())
-        .unwrap_or_else(|| unreachable!("docs/rollout.md has no yaml block"));
-    let len = doc[start..]
-        .find("```")
-        .unwrap_or_else(|| unreachable!("unterminated yaml block"));
+        .expect("docs/rollout.md has no yaml block");
+    let len = doc[start..].find("```").expect("unterminated yaml block");
     match Rollout::parse(&doc[start..start + len]) {
         Ok(c) => assert_eq!(c.stages.len(), 6),
         Err(e) => unreachable!("docs/rollout.md example: {e}"),
@@ -465,7 +463,7 @@ mod fuzz {
     }
 
     fn good() -> Value {
-        crate::yaml::to_value(GOOD).unwrap_or_else(|e| unreachable!("{e}"))
+        crate::yaml::to_value(GOOD).unwrap()
     }
 
     /// Parses, and for an accepted spec renders every stage and prints every duration.
@@ -604,7 +602,7 @@ fn an_ecds_grpc_sink_is_checked() {
     let c = Rollout::parse(&grpc(
         r#"{listen: "0.0.0.0:18000", wasm: {filename: /w.wasm}}"#,
     ))
-    .unwrap_or_else(|e| unreachable!("{e}"));
+    .unwrap();
     let SinkSpec::EcdsGrpc(g) = &c.rollout.spec.sinks[0] else {
         unreachable!("not ecdsGrpc")
     };
@@ -653,8 +651,7 @@ fn the_istio_sink_is_read_with_defaults_and_checked() {
             &format!("    - istioWasmPlugin: {sink}"),
         )
     };
-    let c = Rollout::parse(&istio("{name: sluice, namespace: shop}"))
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let c = Rollout::parse(&istio("{name: sluice, namespace: shop}")).unwrap();
     let [SinkSpec::IstioWasmPlugin(w)] = c.rollout.spec.sinks.as_slice() else {
         unreachable!("one istio sink")
     };
@@ -671,7 +668,7 @@ fn the_istio_sink_is_read_with_defaults_and_checked() {
     let c = Rollout::parse(&istio(
         "{name: sluice.v2, namespace: shop, kind: TrafficExtension, context: prod, minProxies: 3, confirmWithin: 2m, maxConflicts: 0}",
     ))
-    .unwrap_or_else(|e| unreachable!("{e}"));
+    .unwrap();
     let [SinkSpec::IstioWasmPlugin(w)] = c.rollout.spec.sinks.as_slice() else {
         unreachable!("one istio sink")
     };

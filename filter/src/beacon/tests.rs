@@ -18,14 +18,14 @@ fn plan() -> Plan {
             "beacon": {{"path": "/sluice/event", "max_age_seconds": 600}}
         }}]}}"#
     );
-    Plan::from_json(json.as_bytes()).unwrap_or_else(|e| unreachable!("{e}"))
+    Plan::from_json(json.as_bytes()).unwrap()
 }
 
 fn key(plan: &Plan) -> Key {
     plan.secret
         .as_ref()
         .map(|s| s.key(PURPOSE_EXPOSURE))
-        .unwrap_or_else(|| unreachable!("no secret"))
+        .expect("no secret")
 }
 
 /// A user in `variant`, found by the assignment itself.
@@ -158,10 +158,7 @@ fn rejections_have_distinct_labels_statuses_and_positions() {
 #[test]
 fn only_post_unless_get_is_allowed() {
     let plan = plan();
-    let b = plan.experiments[0]
-        .beacon
-        .clone()
-        .unwrap_or_else(|| unreachable!());
+    let b = plan.experiments[0].beacon.clone().unwrap();
     assert!(method_allowed(&b, b"POST"));
     assert!(!method_allowed(&b, b"GET"));
     assert!(!method_allowed(&b, b"PUT"));
@@ -182,10 +179,7 @@ fn tokens_are_found_in_lists() {
 #[test]
 fn cookie_is_scoped_to_the_beacon_and_not_cross_site() {
     let plan = plan();
-    let mut b = plan.experiments[0]
-        .beacon
-        .clone()
-        .unwrap_or_else(|| unreachable!());
+    let mut b = plan.experiments[0].beacon.clone().unwrap();
     assert_eq!(token_cookie(&b, "t"), None);
     b.token_cookie = Some("sluice_exposure".into());
     assert_eq!(

@@ -38,10 +38,7 @@ fn variant_of_valid(from: &str, to: &str) -> String {
 #[test]
 fn valid_config_becomes_a_plan() {
     let plan = Plan::from_json(VALID.as_bytes()).map_err(|e| e.to_string());
-    let plan = match plan {
-        Ok(p) => p,
-        Err(e) => unreachable!("{e}"),
-    };
+    let plan = plan.unwrap();
     let e = &plan.experiments[0];
     assert_eq!(e.salt, "ranker");
     assert_eq!(e.control, 0);
@@ -62,9 +59,9 @@ fn valid_config_becomes_a_plan() {
 
 #[test]
 fn wire_format_round_trips() {
-    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap_or_else(|e| unreachable!("{e}"));
+    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap();
     let text = serde_json::to_string(&parsed).unwrap_or_default();
-    let again: FilterConfig = serde_json::from_str(&text).unwrap_or_else(|e| unreachable!("{e}"));
+    let again: FilterConfig = serde_json::from_str(&text).unwrap();
     assert_eq!(parsed, again);
 }
 
@@ -226,10 +223,10 @@ fn experiments_must_not_collide() {
 
 #[test]
 fn with_weights_renders_a_valid_config() {
-    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap_or_else(|e| unreachable!("{e}"));
+    let parsed: FilterConfig = serde_json::from_str(VALID).unwrap();
     let out = parsed.with_weights("ranker", &[("canary".into(), 25.0)]);
-    let out = out.unwrap_or_else(|e| unreachable!("{e}"));
-    let plan = Plan::from_config(&out).unwrap_or_else(|e| unreachable!("{e}"));
+    let out = out.unwrap();
+    let plan = Plan::from_config(&out).unwrap();
     assert_eq!(plan.experiments[0].layout.weights(2), vec![7500, 2500]);
     assert!(parsed
         .with_weights("ranker", &[("stable".into(), 25.0)])
@@ -272,7 +269,7 @@ fn secret_is_optional_bounded_printable_and_never_shown() {
     let good = "0123456789abcdef0123456789abcdef";
     match Plan::from_json(with(&format!("{good:?}")).as_bytes()) {
         Ok(p) => {
-            let s = p.secret.unwrap_or_else(|| unreachable!("secret dropped"));
+            let s = p.secret.expect("secret dropped");
             assert_eq!(format!("{s:?}"), "Secret(..)");
             // The plan carries the secret itself: its keys are the ones the secret derives.
             assert_eq!(
@@ -534,10 +531,7 @@ fn whole_numbers_may_be_written_as_integral_floats() {
                    "log_per_minute": 0.0}
       }]
     }"#;
-    let config: FilterConfig = match serde_json::from_str(json) {
-        Ok(c) => c,
-        Err(e) => unreachable!("{e}"),
-    };
+    let config: FilterConfig = serde_json::from_str(json).unwrap();
     assert_eq!(config.version, 1);
     let e = &config.experiments[0];
     assert_eq!(e.unit, UnitConfig::Switchback { slot_seconds: 60 });
@@ -568,10 +562,7 @@ fn whole_numbers_may_be_written_as_integral_floats() {
         (500, 1024, 8, 1_000_000, 0)
     );
     // What the controller renders back is integers again, and the same plan.
-    let rendered = match serde_json::to_string(&config) {
-        Ok(r) => r,
-        Err(e) => unreachable!("{e}"),
-    };
+    let rendered = serde_json::to_string(&config).unwrap();
     for field in [
         r#""version":1,"#,
         r#""slot_seconds":60}"#,
@@ -719,10 +710,7 @@ fn breaker_errors_name_the_field() {
 #[test]
 fn breaker_round_trips_through_the_wire_format() {
     let json = with_breaker(r#"{"window_seconds": 30, "max_error_rate": 0.02}"#);
-    let parsed: FilterConfig = match serde_json::from_str(&json) {
-        Ok(c) => c,
-        Err(e) => unreachable!("{e}"),
-    };
+    let parsed: FilterConfig = serde_json::from_str(&json).unwrap();
     let again: FilterConfig = match serde_json::to_string(&parsed).map(|s| serde_json::from_str(&s))
     {
         Ok(Ok(c)) => c,

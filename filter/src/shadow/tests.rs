@@ -17,11 +17,7 @@ fn plan(shadow: &str) -> Result<Plan, ConfigError> {
 
 fn checked(shadow: &str) -> Shadow {
     match plan(shadow) {
-        Ok(mut p) => p
-            .experiments
-            .remove(0)
-            .shadow
-            .unwrap_or_else(|| unreachable!()),
+        Ok(mut p) => p.experiments.remove(0).shadow.unwrap(),
         Err(e) => unreachable!("{e}"),
     }
 }

@@ -27,14 +27,13 @@ pub(super) fn config(weight: f64) -> FilterConfig {
         r#"{"version": 1, "experiments": [{"name": "e", "unit": {"type": "request"},
             "variants": [{"name": "control"}, {"name": "canary", "weight": 0}]}]}"#,
     )
-    .unwrap_or_else(|e| unreachable!("{e}"));
+    .unwrap();
     c.experiments[0].variants[1].weight = Some(weight);
     c
 }
 
 pub(super) fn code() -> WasmCode {
-    serde_json::from_value(serde_json::json!({"filename": "/x/sluice_filter.wasm"}))
-        .unwrap_or_else(|e| unreachable!("{e}"))
+    serde_json::from_value(serde_json::json!({"filename": "/x/sluice_filter.wasm"})).unwrap()
 }
 
 /// A server on a free loopback port; dropping the guard stops it.
@@ -45,16 +44,8 @@ struct Server {
 }
 
 async fn server(limits: Limits) -> Server {
-    let listener = service::bind(
-        "127.0.0.1:0"
-            .parse()
-            .unwrap_or_else(|e| unreachable!("{e}")),
-    )
-    .await
-    .unwrap_or_else(|e| unreachable!("{e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let listener = service::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let hub = Hub::new(limits);
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(service::serve(listener, hub.clone(), stop_rx, None));
@@ -89,10 +80,10 @@ pub(super) struct Proxy {
 
 async fn channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap()
         .connect()
         .await
-        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap()
 }
 
 pub(super) fn node(id: &str) -> Node {
@@ -129,7 +120,7 @@ impl Proxy {
         let recv = client
             .stream_extension_configs(stream)
             .await
-            .unwrap_or_else(|e| unreachable!("{e}"))
+            .unwrap()
             .into_inner();
         Proxy {
             send,
@@ -363,12 +354,12 @@ async fn a_slow_reader_is_sent_the_newest_config_not_every_one_it_missed() {
     let s = server(Limits::default()).await;
     // A proxy with a small window that does not read for a while.
     let ch = Channel::from_shared(format!("http://{}", s.addr))
-        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap()
         .initial_stream_window_size(Some(65_535))
         .initial_connection_window_size(Some(65_535))
         .connect()
         .await
-        .unwrap_or_else(|e| unreachable!("{e}"));
+        .unwrap();
     let mut p = Proxy::open_on(ch, node("slow"), &["sluice"], TYPE_URL).await;
     let mut big = code();
     big.filename = format!("/x/{}.wasm", "a".repeat(8 * 1024));
@@ -674,8 +665,8 @@ async fn stopping_the_server_ends_the_streams() {
 async fn rollouts_on_one_listen_share_a_server_and_a_taken_port_is_a_clear_error() {
     let (_stop, stop_rx) = watch::channel(false);
     let servers = Servers::new(stop_rx, Limits::default());
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| unreachable!("{e}"));
-    let addr = taken.local_addr().unwrap_or_else(|e| unreachable!("{e}"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
     let err = servers
         .hub(addr)
         .await
@@ -813,12 +804,8 @@ async fn status_lists_each_proxy_with_its_acked_version_and_last_nack() {
 async fn relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| unreachable!("{e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let frozen = Arc::new(AtomicBool::new(false));
     let f = frozen.clone();
     tokio::spawn(async move {

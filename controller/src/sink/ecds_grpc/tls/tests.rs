@@ -29,14 +29,11 @@ struct Ca {
 }
 
 fn new_ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
-    let mut params =
-        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| unreachable!("{e}"));
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params
-        .self_signed(&key)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let cert = params.self_signed(&key).unwrap();
     Ca {
         issuer: Issuer::new(params, key),
         pem: cert.pem(),
@@ -45,18 +42,15 @@ fn new_ca(name: &str) -> Ca {
 
 /// A certificate and its key (PEM) for `names`, signed by `ca`, for a server or a client.
 fn leaf(ca: &Ca, names: &[&str], server: bool) -> (String, String) {
-    let key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
+    let key = KeyPair::generate().unwrap();
     let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.extended_key_usages = vec![if server {
         ExtendedKeyUsagePurpose::ServerAuth
     } else {
         ExtendedKeyUsagePurpose::ClientAuth
     }];
-    let cert = params
-        .signed_by(&key, &ca.issuer)
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
@@ -68,13 +62,13 @@ impl Files {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("sluice-tls-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::create_dir_all(&dir).unwrap();
         Files(dir)
     }
 
     fn put(&self, name: &str, content: &str) -> String {
         let path = self.0.join(name);
-        std::fs::write(&path, content).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&path, content).unwrap();
         path.display().to_string()
     }
 }
@@ -112,8 +106,8 @@ fn pki(tag: &str, mutual: bool) -> Pki {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| unreachable!("{e}"));
-    l.local_addr().unwrap_or_else(|e| unreachable!("{e}"))
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 /// A server started the way `sluice run` starts it, serving version 7 with the secret.
@@ -209,7 +203,7 @@ async fn a_proxy_with_a_certificate_from_the_client_ca_confirms_a_push() {
     let s = running(&pki.spec).await;
     let client = leaf(&pki.ca, &["envoy-1"], false);
     let channel = Channel::from_shared(format!("https://localhost:{}", s.sink.listen.port()))
-        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap()
         .tls_config(client_tls(&pki.ca.pem, Some(&client)))
         .unwrap_or_else(|e| panic!("{e}"))
         .connect()
@@ -491,10 +485,7 @@ fn validate_reports_tls_problems_with_their_field_paths() {
 
 #[test]
 fn a_server_without_tls_beyond_loopback_is_warned_about() {
-    let at = |a: &str| {
-        a.parse::<SocketAddr>()
-            .unwrap_or_else(|e| unreachable!("{e}"))
-    };
+    let at = |a: &str| a.parse::<SocketAddr>().unwrap();
     let spec = TlsSpec {
         cert_file: "c".into(),
         key_file: "k".into(),

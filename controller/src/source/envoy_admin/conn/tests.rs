@@ -109,6 +109,8 @@ fn a_malformed_chunked_body_is_an_error_naming_what_is_wrong() {
 struct Scripted {
     base: String,
     accepted: Arc<AtomicUsize>,
+    /// Connections the server has closed (dropped its end of).
+    closed: Arc<AtomicUsize>,
 }
 
 type Answer = (Vec<Vec<u8>>, bool);
@@ -129,12 +131,24 @@ async fn scripted(answers: Vec<Answer>) -> Scripted {
     let (listener, addr) = listener().await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
-    let count = accepted.clone();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (count, gone) = (accepted.clone(), closed.clone());
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             let answers = answers.clone();
+            let gone = gone.clone();
             tokio::spawn(async move {
+                // Counted once the stream is dropped (locals drop in reverse order), whichever
+                // way the script ends.
+                struct Closed(Arc<AtomicUsize>);
+                impl Drop for Closed {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                let _closed = Closed(gone);
+                let mut stream = stream;
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
                 loop {
@@ -163,6 +177,7 @@ async fn scripted(answers: Vec<Answer>) -> Scripted {
     Scripted {
         base: format!("http://{addr}/e3"),
         accepted,
+        closed,
     }
 }
 
@@ -400,7 +415,15 @@ async fn a_kept_alive_connection_closed_while_idle_is_replaced_once() {
         Ok(b"ok".to_vec())
     );
     assert!(conn.stream.is_some());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait for the server to have closed its end (it does so right after the answer).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.closed.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(
         fetch(&mut conn, &s.base).await.map(|r| r.1),
         Ok(b"ok".to_vec())
