@@ -46,7 +46,7 @@ impl Rng {
 
     /// Poisson(mean), exact; a mean that is not a positive finite number gives 0.
     pub fn poisson(&mut self, mean: f64) -> u64 {
-        if !(mean > 0.0) || !mean.is_finite() {
+        if !mean.is_finite() || mean <= 0.0 {
             return 0;
         }
         // A Poisson draw is a whole number held in an f64; the cast saturates far above any
