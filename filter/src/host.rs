@@ -6,8 +6,8 @@
 //!
 //! Per request it makes few host calls: the key header(s), the clock, the routing header and
 //! a counter on the way in; the status, the clock, the outcome and prediction headers and
-//! their metrics on the way out; with a breaker, `response.flags` at the end of the stream
-//! (see `host/breaker.rs`).
+//! their metrics on the way out; with a breaker, `response.flags` at the end of a stream that
+//! did not end with an answer its headers already classify (see `host/breaker.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -294,6 +294,7 @@ impl RootContext for Root {
             queued: Vec::new(),
             primary: None,
             answer: None,
+            ended: false,
         }))
     }
 
@@ -319,7 +320,11 @@ fn now() -> Result<SystemTime, HostFault> {
 }
 
 fn now_millis() -> Option<u64> {
-    let d = now().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    millis(now().ok()?)
+}
+
+fn millis(t: SystemTime) -> Option<u64> {
+    let d = t.duration_since(UNIX_EPOCH).ok()?;
     u64::try_from(d.as_millis()).ok()
 }
 
@@ -368,12 +373,17 @@ struct Stream {
     primary: Option<shadow::PrimaryCapture>,
     /// What the response headers said, for the breaker (`None` until they pass).
     answer: Option<Answer>,
+    /// The response passed this filter to its end (headers, body or trailers with end of
+    /// stream).
+    ended: bool,
 }
 
 /// The response headers' status and, for a non-2xx answer, Envoy's code details.
 struct Answer {
     status: Option<u16>,
     details: Option<Vec<u8>>,
+    /// When the headers passed (ms since the epoch), if the clock could be read.
+    at_ms: Option<u64>,
 }
 
 impl Context for Stream {}
@@ -474,6 +484,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.ended |= end_of_stream;
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
@@ -484,6 +495,11 @@ impl HttpContext for Stream {
         if end_of_stream {
             self.finish_primary(&active);
         }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        self.ended = true;
         Action::Continue
     }
 
@@ -501,6 +517,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        self.ended = end_of_stream;
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
@@ -525,14 +542,16 @@ impl HttpContext for Stream {
                     .ok()
                     .flatten()
             };
+            let end = now().ok();
             self.answer = Some(Answer {
                 status: status
                     .as_deref()
                     .and_then(|s| std::str::from_utf8(s).ok()?.trim().parse().ok()),
                 details: details.clone(),
+                at_ms: end.and_then(millis),
             });
-            let elapsed_ms = match (self.start, now()) {
-                (Some(start), Ok(end)) => Some(
+            let elapsed_ms = match (self.start, end) {
+                (Some(start), Some(end)) => Some(
                     end.duration_since(start)
                         .unwrap_or(Duration::ZERO)
                         .as_millis(),
@@ -626,8 +645,10 @@ impl HttpContext for Stream {
 impl Stream {
     /// At the end of the stream: counts the request, failed or not, in the breaker of every
     /// experiment that has one and assigned it. The flags (resets, timeouts, the client gone)
-    /// are complete only now; a request that never had response headers reads its status and
-    /// details here too.
+    /// are complete only now, and read only where they can change the class
+    /// ([`response::flags_needed`]): a stream that ended with an answer that is no failure by
+    /// its headers costs no host call here and is counted at the time its headers passed. A
+    /// request that never had response headers reads its status and details here too.
     fn count_for_breakers(&mut self, active: &Active) {
         let breakers = &active.breakers;
         if !self
@@ -637,22 +658,32 @@ impl Stream {
         {
             return;
         }
-        let property = |path: Vec<&str>| hostcalls::get_property(path).ok().flatten();
-        let flags = property(vec!["response", "flags"])
-            .map_or(0, |b| crate::breaker::flags_from_property(&b));
+        let property = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+        let headers_passed = self.answer.is_some();
         let answer = self.answer.take().unwrap_or_else(|| Answer {
-            status: property(vec!["response", "code"])
+            status: property(&["response", "code"])
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .and_then(|b| u16::try_from(u64::from_le_bytes(b)).ok())
                 .filter(|&s| s != 0),
-            details: property(vec!["response", "code_details"]),
+            details: property(&["response", "code_details"]),
+            at_ms: None,
         });
-        let failure = crate::breaker::classify(&crate::breaker::Facts {
+        let mut facts = crate::breaker::Facts {
             status: answer.status,
             code_details: answer.details.as_deref().unwrap_or_default(),
-            flags,
-        });
-        let Some(now) = now_millis() else {
+            flags: 0,
+        };
+        let needed = response::flags_needed(headers_passed.then_some(&facts), self.ended);
+        if needed {
+            facts.flags = property(&["response", "flags"])
+                .map_or(0, |b| crate::breaker::flags_from_property(&b));
+        }
+        let failure = crate::breaker::classify(&facts);
+        let at = match answer.at_ms {
+            Some(t) if !needed => Some(t),
+            _ => now_millis(),
+        };
+        let Some(now) = at else {
             return;
         };
         for a in &self.applied {
