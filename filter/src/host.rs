@@ -5,9 +5,11 @@
 //! failure; here every host error is a [`HostFault`] that serves the control and is counted.
 //!
 //! Per request it makes few host calls: the key header(s), the clock, the routing header and
-//! a counter on the way in; the status, the clock, the outcome and prediction headers and
-//! their metrics on the way out; with a breaker, `response.flags` at the end of a stream that
-//! did not end with an answer its headers already classify (see `host/breaker.rs`).
+//! a counter on the way in; on the way out the response's headers (all in one call when an
+//! outcome or prediction header is configured, else `:status` alone), the clock, and the
+//! metrics that [`crate::effects::count_response`] decides; with a breaker, `response.flags`
+//! only at the end of a stream that did not end with an answer its headers already classify
+//! (see `host/breaker.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
