@@ -10,6 +10,7 @@
 #   scripts/bench-instructions.sh                                  # none,noop,lua,sluice,shadow-off,mirror,shadow
 #   scripts/bench-instructions.sh --cases noop,sluice,sluice-assign,sluice-outcomes
 #   scripts/bench-instructions.sh --cases sluice,sluice-b --wasm-b /path/to/other/sluice_filter.wasm
+#   scripts/bench-instructions.sh --cases breaker,breaker-b --wasm-b /path/to/other/sluice_filter.wasm
 #   scripts/bench-instructions.sh --keep target/bench/callgrind      # keep callgrind's files
 #
 # Arguments go to `sluice-bench instructions` (see `--help`). Output is also saved under

@@ -5,8 +5,10 @@
 //! failure; here every host error is a [`HostFault`] that serves the control and is counted.
 //!
 //! Per request it makes few host calls: the key header(s), the clock, the routing header and
-//! a counter on the way in; the status, the clock, the outcome and prediction headers and
-//! their metrics on the way out; with a breaker, `response.flags` at the end of the stream
+//! a counter on the way in; on the way out the response's headers (all in one call when an
+//! outcome or prediction header is configured, else `:status` alone), the clock, and the
+//! metrics that [`crate::effects::count_response`] decides; with a breaker, `response.flags`
+//! only at the end of a stream that did not end with an answer its headers already classify
 //! (see `host/breaker.rs`).
 
 use std::cell::{Cell, RefCell};
@@ -24,6 +26,7 @@ mod shadow;
 use crate::assignment::Rng;
 use crate::beacon::UserLimit;
 use crate::config::{BeaconLimit, Experiment, Plan, Unit};
+use crate::effects;
 use crate::mac::{self, Key};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
@@ -65,6 +68,8 @@ struct Active {
     /// Per experiment with a beacon: events per user key in this worker.
     limits: Vec<Option<SharedLimit>>,
     breakers: breaker::Breakers,
+    /// Metric updates decided and not yet applied (a buffer reused by every response).
+    pending: RefCell<Vec<effects::Effect>>,
 }
 
 impl Active {
@@ -112,6 +117,7 @@ impl Active {
             exposure_key,
             table_key,
             limits,
+            pending: RefCell::new(Vec::with_capacity(16)),
         })
     }
 
@@ -124,6 +130,22 @@ impl Active {
     fn record(&self, position: usize, value: u64) {
         if let Some(&id) = self.ids.get(position) {
             let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// Decides metric updates into the worker's reusable buffer (no allocation once it has
+    /// grown) and applies them.
+    fn effects(&self, decide: impl FnOnce(&mut Vec<effects::Effect>)) {
+        let Ok(mut out) = self.pending.try_borrow_mut() else {
+            return;
+        };
+        out.clear();
+        decide(&mut out);
+        for e in out.iter() {
+            match *e {
+                effects::Effect::Increment(pos) => self.increment(pos),
+                effects::Effect::Record(pos, value) => self.record(pos, value),
+            }
         }
     }
 
@@ -296,6 +318,7 @@ impl RootContext for Root {
             queued: Vec::new(),
             primary: None,
             answer: None,
+            ended: false,
         }))
     }
 
@@ -321,7 +344,11 @@ fn now() -> Result<SystemTime, HostFault> {
 }
 
 fn now_millis() -> Option<u64> {
-    let d = now().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    millis(now().ok()?)
+}
+
+fn millis(t: SystemTime) -> Option<u64> {
+    let d = t.duration_since(UNIX_EPOCH).ok()?;
     u64::try_from(d.as_millis()).ok()
 }
 
@@ -350,12 +377,73 @@ impl RequestView for HostRequest {
     }
 }
 
+/// The response headers as read for counting.
+enum ResponseHeaders {
+    /// Nothing read (no counted experiment, or the host call failed).
+    None,
+    /// Only `:status`, by its own call.
+    Status(Option<Vec<u8>>),
+    /// Every header, serialised by the host in one call (see [`effects::find_pair`]).
+    Pairs(Vec<u8>),
+}
+
+impl ResponseHeaders {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        match self {
+            ResponseHeaders::None => None,
+            ResponseHeaders::Status(s) => s.as_deref().filter(|_| name == ":status"),
+            ResponseHeaders::Pairs(map) => effects::find_pair(map, name.as_bytes()),
+        }
+    }
+}
+
+/// The one host call the SDK offers only with a decoding that allocates every name and value
+/// (and panics on an unexpected status): here the serialised map is kept as one buffer and
+/// read in place.
+mod raw {
+    use proxy_wasm::types::{MapType, Status};
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(
+            map_type: MapType,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> Status;
+    }
+
+    /// All pairs of a header map, serialised (see [`crate::effects::Pairs`]).
+    pub fn header_map(map_type: MapType) -> Result<Vec<u8>, Status> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the host writes a pointer and a size; the pointer comes from the module's
+        // own `proxy_on_memory_allocate` (the SDK's, a `Vec<u8>` of exactly `size` bytes
+        // given up), so the buffer is ours to own and free, as the SDK's own decoding does.
+        match unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) } {
+            Status::Ok if data.is_null() => Ok(Vec::new()),
+            // SAFETY: see above; `size` bytes, all written by the host.
+            Status::Ok => Ok(unsafe { Vec::from_raw_parts(data, size, size) }),
+            s => Err(s),
+        }
+    }
+}
+
 /// One experiment's decision for the current request.
 struct Applied {
     experiment: usize,
     assignment: Assignment,
     /// The exposure token sent back with the response, for experiments with a beacon.
     token: Option<String>,
+}
+
+impl Applied {
+    fn served(&self) -> effects::Served {
+        effects::Served {
+            experiment: self.experiment,
+            variant: self.assignment.variant,
+            counted: self.assignment.counted(),
+        }
+    }
 }
 
 struct Stream {
@@ -370,12 +458,17 @@ struct Stream {
     primary: Option<shadow::PrimaryCapture>,
     /// What the response headers said, for the breaker (`None` until they pass).
     answer: Option<Answer>,
+    /// The response passed this filter to its end (headers, body or trailers with end of
+    /// stream).
+    ended: bool,
 }
 
 /// The response headers' status and, for a non-2xx answer, Envoy's code details.
 struct Answer {
     status: Option<u16>,
     details: Option<Vec<u8>>,
+    /// When the headers passed (ms since the epoch), if the clock could be read.
+    at_ms: Option<u64>,
 }
 
 impl Context for Stream {}
@@ -476,6 +569,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.ended |= end_of_stream;
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
@@ -486,6 +580,11 @@ impl HttpContext for Stream {
         if end_of_stream {
             self.finish_primary(&active);
         }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        self.ended = true;
         Action::Continue
     }
 
@@ -503,6 +602,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        self.ended = end_of_stream;
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
@@ -512,124 +612,108 @@ impl HttpContext for Stream {
         if self.applied.is_empty() {
             return Action::Continue;
         }
-        let counted = self.applied.iter().any(|a| a.assignment.counted());
-        let (class, details, elapsed_ms) = if counted {
-            let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
-                .ok()
-                .flatten();
-            let class = status.as_deref().and_then(response::status_class);
-            // Only non-2xx responses are worth a property read to tell Envoy's own replies
-            // (no upstream, reset, timeout) from the upstream's.
-            let details = if class == Some(1) {
-                None
-            } else {
-                hostcalls::get_property(vec!["response", "code_details"])
-                    .ok()
-                    .flatten()
-            };
-            self.answer = Some(Answer {
-                status: status
-                    .as_deref()
-                    .and_then(|s| std::str::from_utf8(s).ok()?.trim().parse().ok()),
-                details: details.clone(),
-            });
-            let elapsed_ms = match (self.start, now()) {
-                (Some(start), Ok(end)) => Some(
-                    end.duration_since(start)
-                        .unwrap_or(Duration::ZERO)
-                        .as_millis(),
-                ),
-                _ => None,
-            };
-            (class, details, elapsed_ms)
-        } else {
-            (None, None, None)
-        };
         // Token headers already set by this filter on this response: later tokens are added.
         let mut token_headers: Vec<&str> = Vec::new();
         for applied in &self.applied {
-            let Some(exp) = active.plan.experiments.get(applied.experiment) else {
+            let i = applied.experiment;
+            let (Some(exp), Some(em)) = (
+                active.plan.experiments.get(i),
+                active.catalog.experiments.get(i),
+            ) else {
                 continue;
             };
-            let Some(em) = active.catalog.experiments.get(applied.experiment) else {
+            // A variant without metrics is counted as an error by `effects::count_response`.
+            if em.variants.get(applied.assignment.variant).is_none() {
                 continue;
-            };
-            let Some(vm) = em.variants.get(applied.assignment.variant) else {
-                active.count_error(applied.experiment);
-                continue;
-            };
+            }
             let variant_name = exp
                 .variants
                 .get(applied.assignment.variant)
                 .map_or("", String::as_str);
-            echo(&active, applied.experiment, exp, variant_name);
+            echo(&active, i, exp, variant_name);
             if let Some(t) = &applied.token {
-                send_token(&active, applied.experiment, exp, t, &mut token_headers);
-            }
-            if !applied.assignment.counted() {
-                continue;
-            }
-            if let Some(c) = class.and_then(|c| vm.responses.get(c)) {
-                active.increment(*c);
-            }
-            if let Some(d) = &details {
-                if response::is_local_reply(d) {
-                    active.increment(vm.local_replies);
-                }
-                if response::is_upstream_reset(d) {
-                    active.increment(vm.upstream_resets);
-                }
-            }
-            if let Some(ms) = elapsed_ms {
-                active.record(vm.latency, u64::try_from(ms).unwrap_or(u64::MAX));
-            }
-            if let (Some(o), Some(header)) = (
-                &exp.outcomes,
-                exp.outcomes.as_ref().and_then(|o| o.header.as_ref()),
-            ) {
-                if let Ok(Some(v)) =
-                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, header)
-                {
-                    for outcome in response::outcomes(o, &v) {
-                        match outcome {
-                            response::Outcome::Known(k) => {
-                                if let Some(&pos) = vm.outcomes.get(k) {
-                                    active.increment(pos);
-                                }
-                            }
-                            response::Outcome::Unknown => {
-                                if let Some(pos) = em.outcomes_unknown {
-                                    active.increment(pos);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            if let (Some(p), Some(pos)) = (&exp.prediction, vm.prediction) {
-                if let Ok(Some(v)) =
-                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, &p.header)
-                {
-                    match response::prediction(p, &v) {
-                        Some(x) => active.record(pos, x),
-                        None => {
-                            if let Some(bad) = em.prediction_invalid {
-                                active.increment(bad);
-                            }
-                        }
-                    }
-                }
+                send_token(&active, i, exp, t, &mut token_headers);
             }
         }
+        self.count_response(&active);
         Action::Continue
     }
 }
 
 impl Stream {
+    /// Reads what counting needs of the response — `:status`, and the outcome and prediction
+    /// headers the config names, in one call for all of the response's headers when there
+    /// is more than `:status` to read; Envoy's code details only for a non-2xx answer — and
+    /// applies the metric updates [`effects::count_response`] decides. Keeps the status and
+    /// details for the breaker.
+    fn count_response(&mut self, active: &Active) {
+        let served = || self.applied.iter().map(Applied::served);
+        let counted = served().any(|s| s.counted);
+        let headers = if !counted {
+            ResponseHeaders::None
+        } else if effects::reads_more_than_status(&active.plan, served()) {
+            match raw::header_map(MapType::HttpResponseHeaders) {
+                Ok(map) => ResponseHeaders::Pairs(map),
+                Err(_) => ResponseHeaders::None,
+            }
+        } else {
+            ResponseHeaders::Status(
+                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+                    .ok()
+                    .flatten(),
+            )
+        };
+        let status = headers.get(":status");
+        let details = if counted && effects::details_needed(status) {
+            hostcalls::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        let end = if counted { now().ok() } else { None };
+        let elapsed_ms = match (self.start, end) {
+            (Some(start), Some(end)) => Some(
+                u64::try_from(
+                    end.duration_since(start)
+                        .unwrap_or(Duration::ZERO)
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+            ),
+            _ => None,
+        };
+        let answer = effects::Answer {
+            status,
+            details: details.as_deref(),
+            elapsed_ms,
+        };
+        let header = |name: &str| headers.get(name);
+        active.effects(|out| {
+            effects::count_response(
+                &active.plan,
+                &active.catalog,
+                served(),
+                &answer,
+                header,
+                out,
+            )
+        });
+        if counted {
+            self.answer = Some(Answer {
+                status: status.and_then(|s| std::str::from_utf8(s).ok()?.trim().parse().ok()),
+                details,
+                at_ms: end.and_then(millis),
+            });
+        }
+    }
+
     /// At the end of the stream: counts the request, failed or not, in the breaker of every
     /// experiment that has one and assigned it. The flags (resets, timeouts, the client gone)
-    /// are complete only now; a request that never had response headers reads its status and
-    /// details here too.
+    /// are complete only now, and read only where they can change the class
+    /// ([`response::flags_needed`]): a stream that ended with an answer that is no failure by
+    /// its headers costs no host call here and is counted at the time its headers passed. A
+    /// request that never had response headers reads its status and details here too.
     fn count_for_breakers(&mut self, active: &Active) {
         let breakers = &active.breakers;
         if !self
@@ -639,22 +723,32 @@ impl Stream {
         {
             return;
         }
-        let property = |path: Vec<&str>| hostcalls::get_property(path).ok().flatten();
-        let flags = property(vec!["response", "flags"])
-            .map_or(0, |b| crate::breaker::flags_from_property(&b));
+        let property = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+        let headers_passed = self.answer.is_some();
         let answer = self.answer.take().unwrap_or_else(|| Answer {
-            status: property(vec!["response", "code"])
+            status: property(&["response", "code"])
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .and_then(|b| u16::try_from(u64::from_le_bytes(b)).ok())
                 .filter(|&s| s != 0),
-            details: property(vec!["response", "code_details"]),
+            details: property(&["response", "code_details"]),
+            at_ms: None,
         });
-        let failure = crate::breaker::classify(&crate::breaker::Facts {
+        let mut facts = crate::breaker::Facts {
             status: answer.status,
             code_details: answer.details.as_deref().unwrap_or_default(),
-            flags,
-        });
-        let Some(now) = now_millis() else {
+            flags: 0,
+        };
+        let needed = response::flags_needed(headers_passed.then_some(&facts), self.ended);
+        if needed {
+            facts.flags = property(&["response", "flags"])
+                .map_or(0, |b| crate::breaker::flags_from_property(&b));
+        }
+        let failure = crate::breaker::classify(&facts);
+        let at = match answer.at_ms {
+            Some(t) if !needed => Some(t),
+            _ => now_millis(),
+        };
+        let Some(now) = at else {
             return;
         };
         for a in &self.applied {

@@ -1,6 +1,7 @@
 //! Response side, pure: status classes, outcome and prediction parsing, Envoy's response
 //! code details, and the exposure cookie.
 
+use crate::breaker::{self, Facts};
 use crate::plan::{EchoConfig, OutcomesConfig, PredictionConfig};
 
 /// Index into [`crate::metrics::STATUS_CLASSES`] for a `:status` value.
@@ -69,6 +70,25 @@ pub fn is_upstream_reset(code_details: &[u8]) -> bool {
     code_details.starts_with(b"upstream_reset")
 }
 
+/// Whether the breaker must read `response.flags` at the end of a stream to classify it, given
+/// what the response headers said (`None` if none passed) and whether the response passed
+/// this filter to its end (`ended`).
+///
+/// The flags that make a failure (timeouts, resets, no healthy upstream, overflow, no route or
+/// cluster) are set when Envoy gives up on the upstream; it then either answers itself, with a
+/// status and details that [`breaker::classify`] already places the same way without flags, or,
+/// if the answer had started, resets the stream, so that the response never ends. The flags that
+/// clear a failure (the client gone, overload) matter only for an answer that looks like one.
+/// So flags are read only for a stream without response headers, one that did not end, or
+/// one whose headers alone say failure: [`breaker::classify`] of the result is the same as
+/// with the flags always read.
+pub fn flags_needed(answer: Option<&Facts<'_>>, ended: bool) -> bool {
+    match answer {
+        None => true,
+        Some(f) => !ended || breaker::classify(&Facts { flags: 0, ..*f }).is_some(),
+    }
+}
+
 /// The `Set-Cookie` value for the exposure echo.
 pub fn echo_cookie(echo: &EchoConfig, variant: &str) -> Option<String> {
     let name = echo.cookie.as_ref()?;
@@ -135,6 +155,39 @@ mod tests {
             b"upstream_reset_before_response_started{remote_reset}"
         ));
         assert!(!is_upstream_reset(b"upstream_response_timeout"));
+    }
+
+    #[test]
+    fn flags_are_read_only_where_they_can_change_the_class() {
+        let ok = Facts {
+            status: Some(200),
+            code_details: b"",
+            flags: 0,
+        };
+        // A complete answer that is no failure by its headers: no flags needed.
+        assert!(!flags_needed(Some(&ok), true));
+        let not_found = Facts {
+            status: Some(404),
+            code_details: b"via_upstream",
+            flags: 0,
+        };
+        assert!(!flags_needed(Some(&not_found), true));
+        // The body was cut (a reset after a 2xx started), or no headers ever passed.
+        assert!(flags_needed(Some(&ok), false));
+        assert!(flags_needed(None, true));
+        // Headers that say failure: the flags may clear it (the client went away first).
+        let failed = Facts {
+            status: Some(503),
+            code_details: b"via_upstream",
+            flags: 0,
+        };
+        assert!(flags_needed(Some(&failed), true));
+        let no_route = Facts {
+            status: Some(404),
+            code_details: b"route_not_found",
+            flags: 0,
+        };
+        assert!(flags_needed(Some(&no_route), true));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! its listener balancing connections exactly over the workers): a canary answering 20 % 5xx is
 //! taken out of traffic, process-wide, within a second of its first failing answer; an A/A run
 //! at the control's natural error rate does not trip it; a trip made on one worker holds on the
-//! other; a new revision clears it; connection failures (canary down) and timeouts count.
+//! other; a new revision clears it; connection failures (canary down), timeouts and bodies cut
+//! off after a 200 count.
 //!
 //! Timing is measured, not slept: the canary upstream records when it sent its first failing
 //! answer and when it received every request; the bound asserted (1 s) is the one the breaker
@@ -641,6 +642,57 @@ async fn without_a_breaker_nothing_trips() -> anyhow::Result<()> {
         tripped(&envoy).await,
         None,
         "no breaker metrics without a breaker"
+    );
+    Ok(())
+}
+
+/// A canary whose answers start as 200 and are cut off mid-body: the response headers alone
+/// say success, so the breaker must read the stream's flags at its end (the response never
+/// ended) to count the reset.
+#[tokio::test]
+async fn a_canary_cutting_its_bodies_after_a_200_trips_for_reset() -> anyhow::Result<()> {
+    let stable = Upstream::start("stable", |_: &Request| Reply::ok()).await?;
+    let cutter = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cut_port = cutter.local_addr()?.port();
+    let serving = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = cutter.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // One request per connection: headers, then half the promised body, then close.
+                if socket.read(&mut buf).await.unwrap_or(0) > 0 {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"half\":")
+                        .await;
+                    let _ = socket.flush().await;
+                }
+            });
+        }
+    });
+    let envoy = envoy(stable.port(), cut_port).await?;
+    push(&envoy, &config(50.0, Some(breaker()), 11)?, 11).await?;
+    let traffic = Traffic::start(envoy.url(LISTENER, "/predict"), 200, 100_000, vec![]);
+    wait_until(
+        Duration::from_secs(30),
+        "the breaker trips on cut bodies",
+        || async { tripped(&envoy).await == Some(1.0) },
+    )
+    .await?;
+    traffic.stop().await;
+    serving.abort();
+    let prom = envoy.admin().prometheus().await?;
+    assert_eq!(
+        prom.sum(
+            metrics::BREAKER_TRIPS,
+            &[
+                ("experiment", EXPERIMENT),
+                ("variant", "canary"),
+                ("reason", "reset")
+            ]
+        ),
+        1.0,
+        "{:?}",
+        prom.by_label(metrics::BREAKER_TRIPS, "reason", &[])
     );
     Ok(())
 }

@@ -36,7 +36,7 @@ use super::{open_loop, LoadArgs};
 #[derive(Parser)]
 pub struct InstructionsArgs {
     /// Cases to count, from: none, noop, lua, sluice, sluice-assign, sluice-outcomes, breaker,
-    /// weighted, shadow-off, mirror, shadow (and sluice-b with --wasm-b).
+    /// weighted, shadow-off, mirror, shadow (and sluice-b, breaker-b with --wasm-b).
     #[arg(
         long,
         value_delimiter = ',',
@@ -55,7 +55,8 @@ pub struct InstructionsArgs {
     /// Measured repetitions per case (each followed by an idle dump of the same length).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// A second build of the Sluice filter, counted as case `sluice-b` (add it to --cases).
+    /// A second build of the Sluice filter, counted as cases `sluice-b` and `breaker-b` (add
+    /// them to --cases).
     #[arg(long)]
     wasm_b: Option<PathBuf>,
     /// Keep callgrind's files (one directory per case) here instead of a temporary directory.
@@ -85,7 +86,7 @@ const OUTCOMES_AND_PREDICTION: &str = "\"header\": \"x-sluice-variant\",
 const PREDICTION: &str = "\"names\": [\"click\", \"purchase\"]},
                                 \"prediction\": {\"header\": \"x-model-score\", \"scale\": 1000}";
 
-const CASES: [CaseSpec; 12] = [
+const CASES: [CaseSpec; 13] = [
     CaseSpec {
         name: "none",
         label: "(a) no filter",
@@ -158,6 +159,12 @@ const CASES: [CaseSpec; 12] = [
         name: "sluice-b",
         label: "(c) Sluice, build B",
         file: "bench/envoy/proxy-sluice.yaml",
+        replace: &[],
+    },
+    CaseSpec {
+        name: "breaker-b",
+        label: "(c') with the breaker, build B",
+        file: "bench/envoy/proxy-breaker.yaml",
         replace: &[],
     },
 ];
@@ -511,8 +518,9 @@ pub async fn run(args: InstructionsArgs) -> Result<()> {
                 CASES.map(|c| c.name).join(", ")
             );
         };
-        if spec.name == "sluice-b" && args.wasm_b.is_none() {
-            bail!("case sluice-b needs --wasm-b");
+        let build_b = spec.name.ends_with("-b");
+        if build_b && args.wasm_b.is_none() {
+            bail!("case {} needs --wasm-b", spec.name);
         }
         if spec.name == "noop" {
             noop_filter_wasm()?;
@@ -542,7 +550,7 @@ pub async fn run(args: InstructionsArgs) -> Result<()> {
         for (from, to) in spec.replace {
             config = config.replace(from, to);
         }
-        if spec.name == "sluice-b" {
+        if build_b {
             if let Some(w) = &args.wasm_b {
                 config = config.wasm(w);
             }

@@ -1,0 +1,203 @@
+//! Response side decisions, pure: which response headers counting needs, how to find them in
+//! one serialised header map, and which metric updates a response makes. The host shim reads
+//! the headers, hands them over, and applies the returned [`Effect`]s.
+
+use crate::config::Plan;
+use crate::metrics::Catalog;
+use crate::response::{self, Outcome};
+
+/// One metric update, by position in [`Catalog::specs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Add 1 to a counter.
+    Increment(usize),
+    /// Record a value in a histogram (or set a gauge).
+    Record(usize, u64),
+}
+
+/// A request's variant in one experiment, as the response sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub experiment: usize,
+    pub variant: usize,
+    /// Counted in the experiment's metrics (not a QA override).
+    pub counted: bool,
+}
+
+/// What the host read of a counted response: the raw `:status`, Envoy's response code
+/// details (read only for a non-2xx answer, see [`details_needed`]), and the time since the
+/// request's headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answer<'a> {
+    pub status: Option<&'a [u8]>,
+    pub details: Option<&'a [u8]>,
+    pub elapsed_ms: Option<u64>,
+}
+
+/// Whether the response code details are worth a property read: only a non-2xx answer can
+/// be Envoy's own reply or an upstream reset.
+pub fn details_needed(status: Option<&[u8]>) -> bool {
+    status.and_then(response::status_class) != Some(1)
+}
+
+/// Whether counting reads more response headers than `:status`: an outcome or prediction
+/// header of an experiment that counts this request. Then the shim fetches all of the
+/// response's headers in one call rather than one call per header: a host call that returns a
+/// value costs mostly its copy into the module, so one serialised map of a few headers beats
+/// two or more single reads (docs/benchmarks.md, *Where the filter's time goes*).
+pub fn reads_more_than_status(plan: &Plan, served: impl IntoIterator<Item = Served>) -> bool {
+    served.into_iter().filter(|s| s.counted).any(|s| {
+        plan.experiments.get(s.experiment).is_some_and(|e| {
+            e.prediction.is_some() || e.outcomes.as_ref().is_some_and(|o| o.header.is_some())
+        })
+    })
+}
+
+/// The first value of `name` in a header map serialised as proxy-wasm's host returns it
+/// (`get_header_map_pairs`): a little-endian u32 count, then each pair's name and value
+/// lengths as u32s, then each name and value followed by a NUL. Looked up in place, without
+/// allocating; `None` if absent or if the map is malformed.
+pub fn find_pair<'a>(map: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    Pairs::new(map).find(|(n, _)| *n == name).map(|(_, v)| v)
+}
+
+/// The pairs of a serialised header map, borrowed from it; stops at the first malformed pair.
+pub struct Pairs<'a> {
+    map: &'a [u8],
+    /// Pairs left to read.
+    left: usize,
+    /// Offset of the next pair's lengths.
+    sizes: usize,
+    /// Offset of the next pair's name.
+    data: usize,
+}
+
+impl<'a> Pairs<'a> {
+    pub fn new(map: &'a [u8]) -> Pairs<'a> {
+        let count = u32_at(map, 0).unwrap_or(0);
+        let data = count
+            .checked_mul(8)
+            .and_then(|s| s.checked_add(4))
+            .unwrap_or(usize::MAX);
+        Pairs {
+            map,
+            left: if data <= map.len() { count } else { 0 },
+            sizes: 4,
+            data,
+        }
+    }
+}
+
+impl<'a> Iterator for Pairs<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let pair = (|| {
+            let name_len = u32_at(self.map, self.sizes)?;
+            let value_len = u32_at(self.map, self.sizes.checked_add(4)?)?;
+            let name_end = self.data.checked_add(name_len)?;
+            let value_start = name_end.checked_add(1)?;
+            let value_end = value_start.checked_add(value_len)?;
+            let name = self.map.get(self.data..name_end)?;
+            let value = self.map.get(value_start..value_end)?;
+            Some((name, value, value_end.checked_add(1)?))
+        })();
+        match pair {
+            Some((name, value, next)) => {
+                self.left -= 1;
+                self.sizes += 8;
+                self.data = next;
+                Some((name, value))
+            }
+            None => {
+                self.left = 0;
+                None
+            }
+        }
+    }
+}
+
+fn u32_at(map: &[u8], at: usize) -> Option<usize> {
+    let bytes: [u8; 4] = map.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(bytes)).ok()
+}
+
+/// The metric updates a response makes, appended to `out`: per experiment that served the
+/// request, an error if its variant has no metrics; for a counted request its status class,
+/// Envoy's local reply and upstream reset, its latency, its outcomes (unknown names counted
+/// apart) and its prediction (or the prediction's being invalid). `header` finds a response
+/// header's first value by its lower-case name.
+pub fn count_response<'h>(
+    plan: &Plan,
+    catalog: &Catalog,
+    served: impl IntoIterator<Item = Served>,
+    answer: &Answer<'_>,
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+    out: &mut Vec<Effect>,
+) {
+    let class = answer.status.and_then(response::status_class);
+    for s in served {
+        let (Some(exp), Some(em)) = (
+            plan.experiments.get(s.experiment),
+            catalog.experiments.get(s.experiment),
+        ) else {
+            continue;
+        };
+        let Some(vm) = em.variants.get(s.variant) else {
+            out.push(Effect::Increment(em.errors));
+            continue;
+        };
+        if !s.counted {
+            continue;
+        }
+        if let Some(&c) = class.and_then(|c| vm.responses.get(c)) {
+            out.push(Effect::Increment(c));
+        }
+        if let Some(d) = answer.details {
+            if response::is_local_reply(d) {
+                out.push(Effect::Increment(vm.local_replies));
+            }
+            if response::is_upstream_reset(d) {
+                out.push(Effect::Increment(vm.upstream_resets));
+            }
+        }
+        if let Some(ms) = answer.elapsed_ms {
+            out.push(Effect::Record(vm.latency, ms));
+        }
+        if let Some((o, name)) = exp
+            .outcomes
+            .as_ref()
+            .and_then(|o| Some((o, o.header.as_deref()?)))
+        {
+            if let Some(v) = header(name) {
+                for outcome in response::outcomes(o, v) {
+                    let pos = match outcome {
+                        Outcome::Known(k) => vm.outcomes.get(k).copied(),
+                        Outcome::Unknown => em.outcomes_unknown,
+                    };
+                    if let Some(pos) = pos {
+                        out.push(Effect::Increment(pos));
+                    }
+                }
+            }
+        }
+        if let (Some(p), Some(pos)) = (&exp.prediction, vm.prediction) {
+            if let Some(v) = header(&p.header) {
+                match response::prediction(p, v) {
+                    Some(x) => out.push(Effect::Record(pos, x)),
+                    None => {
+                        if let Some(bad) = em.prediction_invalid {
+                            out.push(Effect::Increment(bad));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
