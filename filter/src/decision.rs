@@ -7,6 +7,7 @@
 //! positions), and below the shim.
 
 pub mod beacon;
+pub mod response;
 pub mod shadow;
 
 /// One metric update, by position in [`crate::metrics::Catalog::specs`].

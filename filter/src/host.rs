@@ -7,7 +7,7 @@
 //! Per request it makes few host calls: the key header(s), the clock, the routing header and
 //! a counter on the way in; on the way out the response's headers (all in one call when an
 //! outcome or prediction header is configured, else `:status` alone), the clock, and the
-//! metrics that [`crate::effects::count_response`] decides; with a breaker, `response.flags`
+//! metrics that [`crate::decision::response::count_response`] decides; with a breaker, `response.flags`
 //! only at the end of a stream that did not end with an answer its headers already classify
 //! (see `host/breaker.rs`).
 
@@ -26,7 +26,8 @@ mod shadow;
 use crate::assignment::Rng;
 use crate::beacon::UserLimit;
 use crate::config::{BeaconLimit, Experiment, Plan, Unit};
-use crate::effects;
+use crate::decision::response as decide;
+use crate::decision::MetricUpdate;
 use crate::mac::{self, Key};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
@@ -69,7 +70,7 @@ struct Active {
     limits: Vec<Option<SharedLimit>>,
     breakers: breaker::Breakers,
     /// Metric updates decided and not yet applied (a buffer reused by every response).
-    pending: RefCell<Vec<effects::Effect>>,
+    pending: RefCell<Vec<MetricUpdate>>,
 }
 
 impl Active {
@@ -133,20 +134,25 @@ impl Active {
         }
     }
 
+    /// Applies metric updates (a failed update is not retried: counters are best effort).
+    fn apply(&self, updates: impl IntoIterator<Item = MetricUpdate>) {
+        for u in updates {
+            match u {
+                MetricUpdate::Increment(pos) => self.increment(pos),
+                MetricUpdate::Record(pos, value) => self.record(pos, value),
+            }
+        }
+    }
+
     /// Decides metric updates into the worker's reusable buffer (no allocation once it has
-    /// grown) and applies them.
-    fn effects(&self, decide: impl FnOnce(&mut Vec<effects::Effect>)) {
+    /// grown) and applies them: the per-response path.
+    fn apply_decided(&self, decide: impl FnOnce(&mut Vec<MetricUpdate>)) {
         let Ok(mut out) = self.pending.try_borrow_mut() else {
             return;
         };
         out.clear();
         decide(&mut out);
-        for e in out.iter() {
-            match *e {
-                effects::Effect::Increment(pos) => self.increment(pos),
-                effects::Effect::Record(pos, value) => self.record(pos, value),
-            }
-        }
+        self.apply(out.iter().copied());
     }
 
     fn count_error(&self, experiment: usize) {
@@ -383,7 +389,7 @@ enum ResponseHeaders {
     None,
     /// Only `:status`, by its own call.
     Status(Option<Vec<u8>>),
-    /// Every header, serialised by the host in one call (see [`effects::find_pair`]).
+    /// Every header, serialised by the host in one call (see [`decide::find_pair`]).
     Pairs(Vec<u8>),
 }
 
@@ -392,7 +398,7 @@ impl ResponseHeaders {
         match self {
             ResponseHeaders::None => None,
             ResponseHeaders::Status(s) => s.as_deref().filter(|_| name == ":status"),
-            ResponseHeaders::Pairs(map) => effects::find_pair(map, name.as_bytes()),
+            ResponseHeaders::Pairs(map) => decide::find_pair(map, name.as_bytes()),
         }
     }
 }
@@ -412,7 +418,7 @@ mod raw {
         ) -> Status;
     }
 
-    /// All pairs of a header map, serialised (see [`crate::effects::Pairs`]).
+    /// All pairs of a header map, serialised (see [`crate::decision::response::Pairs`]).
     pub fn header_map(map_type: MapType) -> Result<Vec<u8>, Status> {
         let mut data: *mut u8 = std::ptr::null_mut();
         let mut size: usize = 0;
@@ -437,8 +443,8 @@ struct Applied {
 }
 
 impl Applied {
-    fn served(&self) -> effects::Served {
-        effects::Served {
+    fn served(&self) -> decide::Served {
+        decide::Served {
             experiment: self.experiment,
             variant: self.assignment.variant,
             counted: self.assignment.counted(),
@@ -622,7 +628,7 @@ impl HttpContext for Stream {
             ) else {
                 continue;
             };
-            // A variant without metrics is counted as an error by `effects::count_response`.
+            // A variant without metrics is counted as an error by `decide::count_response`.
             if em.variants.get(applied.assignment.variant).is_none() {
                 continue;
             }
@@ -644,14 +650,14 @@ impl Stream {
     /// Reads what counting needs of the response — `:status`, and the outcome and prediction
     /// headers the config names, in one call for all of the response's headers when there
     /// is more than `:status` to read; Envoy's code details only for a non-2xx answer — and
-    /// applies the metric updates [`effects::count_response`] decides. Keeps the status and
+    /// applies the metric updates [`decide::count_response`] decides. Keeps the status and
     /// details for the breaker.
     fn count_response(&mut self, active: &Active) {
         let served = || self.applied.iter().map(Applied::served);
         let counted = served().any(|s| s.counted);
         let headers = if !counted {
             ResponseHeaders::None
-        } else if effects::reads_more_than_status(&active.plan, served()) {
+        } else if decide::reads_more_than_status(&active.plan, served()) {
             match raw::header_map(MapType::HttpResponseHeaders) {
                 Ok(map) => ResponseHeaders::Pairs(map),
                 Err(_) => ResponseHeaders::None,
@@ -664,7 +670,7 @@ impl Stream {
             )
         };
         let status = headers.get(":status");
-        let details = if counted && effects::details_needed(status) {
+        let details = if counted && decide::details_needed(status) {
             hostcalls::get_property(vec!["response", "code_details"])
                 .ok()
                 .flatten()
@@ -683,14 +689,14 @@ impl Stream {
             ),
             _ => None,
         };
-        let answer = effects::Answer {
+        let answer = decide::Answer {
             status,
             details: details.as_deref(),
             elapsed_ms,
         };
         let header = |name: &str| headers.get(name);
-        active.effects(|out| {
-            effects::count_response(
+        active.apply_decided(|out| {
+            decide::count_response(
                 &active.plan,
                 &active.catalog,
                 served(),

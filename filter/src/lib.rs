@@ -8,8 +8,6 @@
 //! - [`request`]: which experiments apply, the user key, QA overrides, the variant chosen;
 //! - [`beacon`]: exposure tokens, why a beacon is refused, the per-user event limit;
 //! - [`response`]: status classes, outcomes, predictions, Envoy's response details;
-//! - [`effects`]: which response headers counting reads, and the metric updates a response
-//!   makes;
 //! - [`shadow`]: shadow sampling, the copy's headers, comparison of the two answers;
 //! - [`breaker`]: failure classification, the sliding window, the trip rule, shared state;
 //! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
@@ -26,7 +24,6 @@ pub mod breaker;
 mod check;
 pub mod config;
 pub mod decision;
-pub mod effects;
 pub mod mac;
 pub mod metrics;
 pub mod plan;

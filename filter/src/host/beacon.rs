@@ -9,20 +9,8 @@ use std::time::UNIX_EPOCH;
 use super::{log, now, Active, HostRequest};
 use crate::beacon::{self as logic, Checker, Refusal};
 use crate::config::Experiment;
-use crate::decision::{self, HeaderOp, MetricUpdate};
+use crate::decision::{self, HeaderOp};
 use crate::request::{self, Assignment, HostFault, RequestView};
-
-impl Active {
-    /// Applies metric updates (a failed update is not retried: counters are best effort).
-    pub(super) fn apply(&self, updates: impl IntoIterator<Item = MetricUpdate>) {
-        for u in updates {
-            match u {
-                MetricUpdate::Increment(pos) => self.increment(pos),
-                MetricUpdate::Record(pos, value) => self.record(pos, value),
-            }
-        }
-    }
-}
 
 /// Writes response headers; false if any write failed.
 fn write_headers<'a>(ops: impl IntoIterator<Item = Option<HeaderOp<'a>>>) -> bool {

@@ -1,19 +1,11 @@
 //! Response side decisions, pure: which response headers counting needs, how to find them in
 //! one serialised header map, and which metric updates a response makes. The host shim reads
-//! the headers, hands them over, and applies the returned [`Effect`]s.
+//! the headers, hands them over, and applies the returned [`MetricUpdate`]s.
 
-use crate::config::Plan;
+use super::MetricUpdate;
 use crate::metrics::Catalog;
+use crate::plan::Plan;
 use crate::response::{self, Outcome};
-
-/// One metric update, by position in [`Catalog::specs`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    /// Add 1 to a counter.
-    Increment(usize),
-    /// Record a value in a histogram (or set a gauge).
-    Record(usize, u64),
-}
 
 /// A request's variant in one experiment, as the response sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +128,7 @@ pub fn count_response<'h>(
     served: impl IntoIterator<Item = Served>,
     answer: &Answer<'_>,
     header: impl Fn(&str) -> Option<&'h [u8]>,
-    out: &mut Vec<Effect>,
+    out: &mut Vec<MetricUpdate>,
 ) {
     let class = answer.status.and_then(response::status_class);
     for s in served {
@@ -147,25 +139,25 @@ pub fn count_response<'h>(
             continue;
         };
         let Some(vm) = em.variants.get(s.variant) else {
-            out.push(Effect::Increment(em.errors));
+            out.push(MetricUpdate::Increment(em.errors));
             continue;
         };
         if !s.counted {
             continue;
         }
         if let Some(&c) = class.and_then(|c| vm.responses.get(c)) {
-            out.push(Effect::Increment(c));
+            out.push(MetricUpdate::Increment(c));
         }
         if let Some(d) = answer.details {
             if response::is_local_reply(d) {
-                out.push(Effect::Increment(vm.local_replies));
+                out.push(MetricUpdate::Increment(vm.local_replies));
             }
             if response::is_upstream_reset(d) {
-                out.push(Effect::Increment(vm.upstream_resets));
+                out.push(MetricUpdate::Increment(vm.upstream_resets));
             }
         }
         if let Some(ms) = answer.elapsed_ms {
-            out.push(Effect::Record(vm.latency, ms));
+            out.push(MetricUpdate::Record(vm.latency, ms));
         }
         if let Some((o, name)) = exp
             .outcomes
@@ -179,7 +171,7 @@ pub fn count_response<'h>(
                         Outcome::Unknown => em.outcomes_unknown,
                     };
                     if let Some(pos) = pos {
-                        out.push(Effect::Increment(pos));
+                        out.push(MetricUpdate::Increment(pos));
                     }
                 }
             }
@@ -187,10 +179,10 @@ pub fn count_response<'h>(
         if let (Some(p), Some(pos)) = (&exp.prediction, vm.prediction) {
             if let Some(v) = header(&p.header) {
                 match response::prediction(p, v) {
-                    Some(x) => out.push(Effect::Record(pos, x)),
+                    Some(x) => out.push(MetricUpdate::Record(pos, x)),
                     None => {
                         if let Some(bad) = em.prediction_invalid {
-                            out.push(Effect::Increment(bad));
+                            out.push(MetricUpdate::Increment(bad));
                         }
                     }
                 }

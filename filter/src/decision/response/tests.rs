@@ -1,3 +1,6 @@
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use super::*;
 use crate::metrics::ExperimentMetrics;
 
@@ -156,12 +159,12 @@ fn a_counted_answer_counts_its_class_latency_outcomes_and_prediction() {
     assert_eq!(
         out,
         vec![
-            Effect::Increment(vm.responses[1]),
-            Effect::Record(vm.latency, 12),
-            Effect::Increment(vm.outcomes[0]),
-            Effect::Increment(unknown),
-            Effect::Increment(vm.outcomes[1]),
-            Effect::Record(prediction, 735),
+            MetricUpdate::Increment(vm.responses[1]),
+            MetricUpdate::Record(vm.latency, 12),
+            MetricUpdate::Increment(vm.outcomes[0]),
+            MetricUpdate::Increment(unknown),
+            MetricUpdate::Increment(vm.outcomes[1]),
+            MetricUpdate::Record(prediction, 735),
         ]
     );
 }
@@ -180,9 +183,9 @@ fn envoys_own_replies_and_resets_are_counted_apart() {
     assert_eq!(
         out,
         vec![
-            Effect::Increment(vm.responses[4]),
-            Effect::Increment(vm.local_replies),
-            Effect::Increment(vm.upstream_resets),
+            MetricUpdate::Increment(vm.responses[4]),
+            MetricUpdate::Increment(vm.local_replies),
+            MetricUpdate::Increment(vm.upstream_resets),
         ]
     );
     // The upstream's own 404: a class, no local reply.
@@ -193,7 +196,7 @@ fn envoys_own_replies_and_resets_are_counted_apart() {
     };
     out.clear();
     count_response(&plan, &c, [served(0, 0, true)], &answer, |_| None, &mut out);
-    assert_eq!(out, vec![Effect::Increment(vm.responses[3])]);
+    assert_eq!(out, vec![MetricUpdate::Increment(vm.responses[3])]);
 }
 
 #[test]
@@ -213,8 +216,8 @@ fn an_invalid_prediction_is_counted_as_such() {
     assert_eq!(
         out,
         vec![
-            Effect::Increment(em.variants[1].responses[1]),
-            Effect::Increment(invalid),
+            MetricUpdate::Increment(em.variants[1].responses[1]),
+            MetricUpdate::Increment(invalid),
         ]
     );
 }
@@ -232,7 +235,7 @@ fn overrides_count_nothing_and_an_unknown_variant_is_an_error() {
     count_response(&plan, &c, [served(0, 1, false)], &answer, header, &mut out);
     assert_eq!(out, vec![]);
     count_response(&plan, &c, [served(1, 7, true)], &answer, header, &mut out);
-    assert_eq!(out, vec![Effect::Increment(experiment(&c, 1).errors)]);
+    assert_eq!(out, vec![MetricUpdate::Increment(experiment(&c, 1).errors)]);
     // Both experiments of one request: each counts into its own metrics.
     out.clear();
     count_response(
@@ -250,12 +253,12 @@ fn overrides_count_nothing_and_an_unknown_variant_is_an_error() {
     assert_eq!(
         out,
         vec![
-            Effect::Increment(a.responses[1]),
-            Effect::Record(a.latency, 3),
-            Effect::Increment(a.outcomes[0]),
-            Effect::Increment(b.responses[1]),
-            Effect::Record(b.latency, 3),
-            Effect::Increment(b.outcomes[0]),
+            MetricUpdate::Increment(a.responses[1]),
+            MetricUpdate::Record(a.latency, 3),
+            MetricUpdate::Increment(a.outcomes[0]),
+            MetricUpdate::Increment(b.responses[1]),
+            MetricUpdate::Record(b.latency, 3),
+            MetricUpdate::Increment(b.outcomes[0]),
         ]
     );
 }
