@@ -42,9 +42,21 @@ fn run_with(scenario: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<(Value
         // left to compare with. With six scenarios sharing two cores, a 6 s bake left the
         // conversion drop (clicks arrive by beacon, after the answer) a margin of a second or
         // two, and one loaded run promoted it; 10 s leaves room without weakening any check.
-        .args(["--stages", "5,25,100", "--warmup", "2s", "--bake", "10s"])
-        .args(["--interval", "1s", "--tail", "1s", "--halt-grace", "3s"])
-        .args(["--duration-limit", "120s"])
+        .args(
+            [
+                ("--stages", "5,25,100"),
+                ("--warmup", "2s"),
+                ("--bake", "10s"),
+                ("--interval", "1s"),
+                ("--tail", "1s"),
+                ("--halt-grace", "3s"),
+                ("--duration-limit", "120s"),
+            ]
+            .into_iter()
+            // A scenario's own value replaces the default.
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag, value]),
+        )
         .args(extra)
         .arg("--out")
         .arg(dir.join("run"))
@@ -230,7 +242,16 @@ fn latency_regression_is_rolled_back_by_a_latency_guardrail() -> anyhow::Result<
 
 #[test]
 fn conversion_drop_is_rolled_back_by_the_click_guardrail() -> anyhow::Result<()> {
-    rolled_back("conversion-drop", &["click_per_request"]).map(|_| ())
+    // Clicks arrive by beacon after the answer and a drop in them is a small difference in
+    // a rare outcome: at 25 % a 10 s bake gives the always-valid test about as many canary
+    // requests as it needs for the fault's 12 % → 6 %, so whether it is caught then depends on
+    // the seed's draws. 16 s gives it room; the fault is still caught within the 25 % stage.
+    rolled_back_with(
+        "conversion-drop",
+        &["click_per_request"],
+        &["--bake", "16s"],
+    )
+    .map(|_| ())
 }
 
 #[test]

@@ -905,10 +905,13 @@ async fn counters_match_the_traffic() -> anyhow::Result<()> {
         "canary p50 {} ms (it sleeps 25 ms)",
         latency("canary")
     );
+    // Relative to the canary's, not a fixed bound: a loaded machine slows both variants alike,
+    // and the 25 ms the canary sleeps is what the histogram must tell apart.
     assert!(
-        latency("stable") < 10.0,
-        "stable p50 {} ms",
-        latency("stable")
+        latency("stable") < latency("canary") - 10.0,
+        "stable p50 {} ms against the canary's {} ms",
+        latency("stable"),
+        latency("canary")
     );
     Ok(())
 }
