@@ -94,7 +94,6 @@ impl Ledger for Worker {
     }
 }
 
-type Reservation = table::Reservation<Worker>;
 /// A copy being captured by its stream.
 pub type Capture = table::Capture<Worker>;
 /// The primary's answer as it streams past, for the copies of one request.
@@ -281,16 +280,16 @@ pub fn start(
             .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
     );
     let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
-    let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let Some(held) = Reservation::take(size, cfg.max_bytes_in_flight) else {
-        skip(active, experiment, variant, Skip::BytesInFlight);
-        return None;
-    };
-    Some(
-        active
-            .shadow
-            .with(|t| t.capture(experiment, variant, headers, held)),
-    )
+    let started = active
+        .shadow
+        .with(|t| t.start_copy(experiment, variant, headers, cfg.max_bytes_in_flight));
+    match started {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            skip(active, experiment, variant, reason);
+            None
+        }
+    }
 }
 
 /// A request body chunk of `size` bytes passed: each capture that can hold it gets it (read

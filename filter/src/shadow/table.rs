@@ -368,6 +368,20 @@ impl<L: Ledger> Table<L> {
         }
     }
 
+    /// Starts a copy of a request whose copied `headers` are ready: their bytes are held under
+    /// `cap` (`max_bytes_in_flight`), or the copy is skipped.
+    pub fn start_copy(
+        &mut self,
+        experiment: usize,
+        variant: usize,
+        headers: Vec<(String, String)>,
+        cap: usize,
+    ) -> Result<Capture<L>, Skip> {
+        let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let held = Reservation::take(size, cap).ok_or(Skip::BytesInFlight)?;
+        Ok(self.capture(experiment, variant, headers, held))
+    }
+
     /// A capture of `experiment` ends before it was queued (its count goes; the caller counts
     /// its skip).
     pub fn give_up(&mut self, experiment: usize) {

@@ -131,6 +131,20 @@ fn a_capture_counts_in_flight_until_given_up() {
 }
 
 #[test]
+fn a_copy_starts_only_if_its_headers_fit_the_budget() {
+    let mut t = fresh();
+    let big = t.start_copy(0, 1, headers("r-1"), CAP);
+    let size = ":path/x-request-idr-1".len();
+    assert_eq!(big.as_ref().map(|c| (c.experiment, c.variant)), Ok((0, 1)));
+    assert_eq!((held(), t.in_flight(0)), (size, 1));
+    let over = t.start_copy(0, 1, headers("r-2"), 2 * size - 1);
+    assert_eq!(over.err(), Some(Skip::BytesInFlight));
+    assert_eq!((held(), t.in_flight(0)), (size, 1));
+    drop(big);
+    assert_eq!(held(), 0);
+}
+
+#[test]
 fn a_request_chunk_joins_a_capture_only_within_its_limits() {
     let mut t = fresh();
     let c = cfg();
