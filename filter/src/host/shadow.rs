@@ -271,15 +271,8 @@ pub fn start(
         n
     };
     let marker = shadow::marker(key, now_millis().unwrap_or(0), nonce, method, path);
-    let mut skip_headers: Vec<&str> = routing_headers.to_vec();
-    skip_headers.extend(
-        active
-            .plan
-            .experiments
-            .iter()
-            .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
-    );
-    let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
+    let headers =
+        decision::shadow::copy_headers(&active.plan, cfg, &original, routing_headers, &marker);
     let started = active
         .shadow
         .with(|t| t.start_copy(experiment, variant, headers, cfg.max_bytes_in_flight));
