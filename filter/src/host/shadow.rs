@@ -1,4 +1,9 @@
 //! Shadow calls in the host: per-worker bookkeeping of copies from capture to comparison.
+//! The table of copies, the bytes they hold and every decision about them (what a chunk
+//! joins, what the send queue sends or gives up, when a copy's fate is known, when a replaced
+//! configuration is done) are pure, in [`crate::shadow::table`]; their counters come from
+//! [`crate::decision::shadow`]. This shim reads from the host, calls them and applies what
+//! they return.
 //!
 //! A copy's life: the stream captures headers (and body chunks as they pass, without holding
 //! them back) → at the end of the request it is queued → the root context's tick sends it
@@ -27,9 +32,9 @@
 //! Memory: every byte a copy holds in the VM (its headers and request body until sent, the
 //! primary's body, the shadow's body) and, while its call is out, the expected size of the
 //! answer Envoy buffers for it (Envoy reads a call's whole answer before the filter sees it)
-//! is taken from one per-worker [`shadow::Budget`] shared by every plugin and config
-//! generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is skipped
-//! (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
+//! is taken from one per-worker [`shadow::Budget`] ([`Worker`]) shared by every plugin and
+//! config generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is
+//! skipped (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
 //! only when they fit `max_body_bytes`; a body over it is not read at all.
 //!
 //! Loops: a request whose [`SHADOW_HEADER`] verifies ([`arrival`]) is a copy made by a Sluice
@@ -546,13 +551,10 @@ fn record(active: &Active, e: &table::Entry<Worker>, primary: &Answer, copy: &An
     }
     let variant = exp.variants.get(e.variant).map_or("", String::as_str);
     let now_secs = now_millis().unwrap_or(0) / 1000;
-    for d in compared.disagreements {
-        if !active
-            .shadow
-            .with(|t| t.take_log_line(now_secs, cfg.log_per_minute))
-        {
-            break;
-        }
+    let allowed = active
+        .shadow
+        .with(|t| t.take_log_lines(now_secs, cfg.log_per_minute, compared.disagreements.len()));
+    for d in compared.disagreements.iter().take(allowed) {
         log(
             LogLevel::Info,
             &shadow::disagreement_line(

@@ -610,9 +610,12 @@ impl<L: Ledger> Table<L> {
         Some(e)
     }
 
-    /// Takes one disagreement log line from the budget of the minute of `now_secs`.
-    pub fn take_log_line(&mut self, now_secs: u64, per_minute: u32) -> bool {
-        self.log_budget.take(now_secs, per_minute)
+    /// How many of `wanted` disagreement log lines the budget of the minute of `now_secs`
+    /// allows (taking them).
+    pub fn take_log_lines(&mut self, now_secs: u64, per_minute: u32, wanted: usize) -> usize {
+        (0..wanted)
+            .take_while(|_| self.log_budget.take(now_secs, per_minute))
+            .count()
     }
 
     /// The host asks whether a replaced configuration is done: true if no copy is left;

@@ -425,8 +425,9 @@ fn a_removed_copy_answers_no_token() {
 #[test]
 fn disagreement_lines_are_limited_per_minute() {
     let mut t = fresh();
-    assert!(t.take_log_line(60, 2));
-    assert!(t.take_log_line(61, 2));
-    assert!(!t.take_log_line(119, 2));
-    assert!(t.take_log_line(120, 2));
+    assert_eq!(t.take_log_lines(60, 3, 2), 2);
+    assert_eq!(t.take_log_lines(61, 3, 2), 1);
+    assert_eq!(t.take_log_lines(119, 3, 5), 0);
+    assert_eq!(t.take_log_lines(120, 3, 5), 3);
+    assert_eq!(t.take_log_lines(180, 0, 5), 0);
 }
