@@ -21,6 +21,8 @@ use crate::assignment::BUCKETS;
 use crate::check::ConfigError;
 use crate::mac::{self, Key};
 
+pub mod table;
+
 /// Header added to every shadow request (with a [`marker`]) so the shadow service can skip
 /// side effects and a Sluice filter in front of it can tell a copy from a user request.
 pub const SHADOW_HEADER: &str = "x-sluice-shadow";

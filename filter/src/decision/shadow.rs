@@ -3,6 +3,7 @@
 
 use super::MetricUpdate;
 use crate::metrics::ShadowMetrics;
+use crate::plan::Plan;
 use crate::shadow::{self, Answer, Fate, FieldResult, Sampling, Shadow, Skip};
 
 /// The counters of a sampling decision: a copy taken counts in the requests, and a copy
@@ -19,6 +20,25 @@ pub fn sampled(m: &ShadowMetrics, sampling: Sampling) -> Vec<MetricUpdate> {
         .flatten()
         .collect(),
     }
+}
+
+/// The headers of a copy of a request of `plan` (see [`shadow::copy_headers`]): neither the
+/// `routing` headers set for it nor any experiment's override token header are copied, so the
+/// shadow routes the copy itself and never sees a token; `marker` marks it as a copy.
+pub fn copy_headers(
+    plan: &Plan,
+    cfg: &Shadow,
+    original: &[(String, Vec<u8>)],
+    routing: &[&str],
+    marker: &str,
+) -> Vec<(String, String)> {
+    let mut skip: Vec<&str> = routing.to_vec();
+    skip.extend(
+        plan.experiments
+            .iter()
+            .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
+    );
+    shadow::copy_headers(cfg, original, &skip, marker)
 }
 
 /// The latency of a copy whose shadow answered, in `elapsed_ms` since it was sent.

@@ -2,7 +2,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use super::beacon::{answer, echo_headers, token_headers};
-use super::shadow::{answered, compared, ended, sampled, skipped, Disagreement};
+use super::shadow::{answered, compared, copy_headers, ended, sampled, skipped, Disagreement};
 use super::{HeaderOp, MetricUpdate};
 use crate::beacon::{check_event, exposure_token, issue, Checker, Refusal, Rejection, UserLimit};
 use crate::config::Plan;
@@ -431,4 +431,41 @@ fn a_comparison_becomes_counters_deltas_and_lines() {
             shadow: "0.4".into()
         })
     );
+}
+
+#[test]
+fn a_copy_carries_neither_routing_nor_override_token_headers() {
+    let json = r#"{"version": 1, "secret": "0123456789abcdef0123456789abcdef", "experiments": [
+        {"name": "a", "header": "x-variant-a",
+         "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+         "variants": [{"name": "stable"}, {"name": "canary", "weight": 50}],
+         "override": {"token": "0123456789abcdef"},
+         "shadow": {"cluster": "shadow", "sample_percent": 100}},
+        {"name": "b", "header": "x-variant-b",
+         "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+         "variants": [{"name": "stable"}, {"name": "canary", "weight": 50}],
+         "override": {"token": "fedcba9876543210", "token_header": "x-b-token"}}]}"#;
+    let plan = Plan::from_json(json.as_bytes()).unwrap_or_else(|e| unreachable!("{e}"));
+    let Some(cfg) = plan.experiments[0].shadow.as_ref() else {
+        unreachable!("experiment a has a shadow")
+    };
+    let original: Vec<(String, Vec<u8>)> = [
+        (":path", "/predict"),
+        ("x-user-id", "u-1"),
+        ("x-variant-a", "canary"),
+        ("x-variant-b", "stable"),
+        ("x-sluice-override-token", "0123456789abcdef"),
+        ("x-b-token", "fedcba9876543210"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+    .collect();
+    let copied = copy_headers(&plan, cfg, &original, &["x-variant-a"], "v1.m");
+    let names: Vec<&str> = copied.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [":path", "x-user-id", "x-variant-b", "x-sluice-shadow"],
+        "the routing header set for the copy and both token headers stay out"
+    );
+    assert_eq!(copied.last().map(|(_, v)| v.as_str()), Some("v1.m"));
 }

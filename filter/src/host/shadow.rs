@@ -1,4 +1,9 @@
 //! Shadow calls in the host: per-worker bookkeeping of copies from capture to comparison.
+//! The table of copies, the bytes they hold and every decision about them (what a chunk
+//! joins, what the send queue sends or gives up, when a copy's fate is known, when a replaced
+//! configuration is done) are pure, in [`crate::shadow::table`]; their counters come from
+//! [`crate::decision::shadow`]. This shim reads from the host, calls them and applies what
+//! they return.
 //!
 //! A copy's life: the stream captures headers (and body chunks as they pass, without holding
 //! them back) → at the end of the request it is queued → the root context's tick sends it
@@ -27,19 +32,17 @@
 //! Memory: every byte a copy holds in the VM (its headers and request body until sent, the
 //! primary's body, the shadow's body) and, while its call is out, the expected size of the
 //! answer Envoy buffers for it (Envoy reads a call's whole answer before the filter sees it)
-//! is taken from one per-worker [`shadow::Budget`] shared by every plugin and config
-//! generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is skipped
-//! (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
+//! is taken from one per-worker [`shadow::Budget`] ([`Worker`]) shared by every plugin and
+//! config generation in the VM, capped by `max_bytes_in_flight`. A copy that would go over is
+//! skipped (`bytes_in_flight`). Bodies are read from the host only when the comparison needs them and
 //! only when they fit `max_body_bytes`; a body over it is not read at all.
 //!
 //! Loops: a request whose [`SHADOW_HEADER`] verifies ([`arrival`]) is a copy made by a Sluice
 //! filter with the same secret; it is routed but neither counted nor copied ([`route_copy`]).
 
 use std::cell::{Cell, OnceCell};
-use std::rc::Rc;
 use std::time::Duration;
 
-use fnv::FnvHashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
@@ -47,9 +50,8 @@ use super::{log, now_millis, Active, HostRequest};
 use crate::decision;
 use crate::mac::{self, Key};
 use crate::request::{self, RequestView};
-use crate::shadow::{
-    self, Answer, Budget, Fate, LogBudget, PrimaryNeeds, Reply, Sampling, Skip, SHADOW_HEADER,
-};
+use crate::shadow::table::{self, Ledger, Outcome};
+use crate::shadow::{self, Answer, Budget, Fate, Sampling, Skip, SHADOW_HEADER};
 
 /// How often the root context sends queued copies. Also the most a copy waits to be sent.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -70,14 +72,11 @@ fn gauge_add(delta: i64) {
     }
 }
 
-/// Bytes taken from the worker's budget, given back when dropped (so no path that forgets a
-/// copy can leak budget).
-#[derive(Debug, Default)]
-struct Reservation(usize);
+/// The worker's budget of shadow bytes, mirrored in the `sluice_shadow_bytes_in_flight` gauge.
+pub struct Worker;
 
-impl Reservation {
-    /// Takes `n` more bytes under `cap`; false (and nothing taken) if they do not fit.
-    fn grow(&mut self, n: usize, cap: usize) -> bool {
+impl Ledger for Worker {
+    fn take(n: usize, cap: usize) -> bool {
         let ok = HELD.with(|h| {
             let mut b = h.get();
             let ok = b.take(n, cap);
@@ -85,21 +84,12 @@ impl Reservation {
             ok
         });
         if ok {
-            self.0 += n;
             gauge_add(i64::try_from(n).unwrap_or(i64::MAX));
         }
         ok
     }
 
-    fn take(n: usize, cap: usize) -> Option<Reservation> {
-        let mut r = Reservation(0);
-        r.grow(n, cap).then_some(r)
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let n = self.0;
+    fn give_back(n: usize) {
         HELD.with(|h| {
             let mut b = h.get();
             b.give_back(n);
@@ -110,135 +100,24 @@ impl Drop for Reservation {
 }
 
 /// A copy being captured by its stream.
-pub struct Capture {
-    pub id: u64,
-    pub experiment: usize,
-    pub variant: usize,
-    headers: Vec<(String, String)>,
-    body: Answer,
-    held: Reservation,
-}
-
-/// A copy's headers and body, ready to send, with the bytes they hold.
-struct Request {
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    _held: Reservation,
-}
-
-/// The primary's answer once complete, shared by the copies of one request.
-pub struct Primary {
-    answer: Answer,
-    /// Holding its body would have gone over the bytes cap: its copies are skipped.
-    over_budget: bool,
-    _held: Reservation,
-}
-
-/// A copy from queueing to comparison (kept under its id in [`Entries`]).
-struct Entry {
-    experiment: usize,
-    variant: usize,
-    request_id: String,
-    /// Set once queued for sending; taken (and its bytes given back) when sent.
-    request: Option<Request>,
-    token: Option<u32>,
-    sent_at_ms: u64,
-    primary: Option<Rc<Primary>>,
-    primary_gone: bool,
-    shadow: Option<Reply>,
-    /// Why the copy was given up after it was sent, if it was.
-    dropped: Option<Skip>,
-    shadow_held: Reservation,
-}
-
-/// Every outstanding copy, reachable by its id and (once sent) by its call's token, so that
-/// each step of a copy costs the same however many are outstanding.
-#[derive(Default)]
-struct Entries {
-    by_id: FnvHashMap<u64, Entry>,
-    /// Ids of sent copies by token.
-    by_token: FnvHashMap<u32, u64>,
-    /// Ids of copies waiting to be sent, oldest first.
-    queued: Vec<u64>,
-}
-
-impl Entries {
-    fn remove(&mut self, id: u64) -> Option<Entry> {
-        let e = self.by_id.remove(&id)?;
-        if let Some(token) = e.token {
-            self.by_token.remove(&token);
-        }
-        Some(e)
-    }
-}
+pub type Capture = table::Capture<Worker>;
+/// The primary's answer as it streams past, for the copies of one request.
+pub type PrimaryCapture = table::PrimaryCapture<Worker>;
 
 /// Per-plugin shadow state, shared by the root context and the streams.
 #[derive(Default)]
 pub struct Table {
-    entries: Cell<Entries>,
-    next_id: Cell<u64>,
-    /// Outstanding copies per experiment (queued or sent).
-    in_flight: Cell<Vec<u32>>,
-    log_budget: Cell<LogBudget>,
-    /// Whether the root context's tick is running (set by the first queued copy, cleared by a
-    /// tick with nothing to send).
-    ticking: Cell<bool>,
-    /// Per experiment: the size Envoy is expected to buffer for a shadow answer (a maximum of
-    /// recent answers' sizes that decays), reserved while a call is out.
-    answer_estimate: Cell<Vec<usize>>,
-    /// The host asked the root context to finish (its config was replaced); it reports done
-    /// when the last copy has ended.
-    closing: Cell<bool>,
+    copies: Cell<table::Table<Worker>>,
     /// The key of copy markers, from the plan's secret (derived on first use).
     key: OnceCell<Option<Key>>,
 }
 
 impl Table {
-    fn with<R>(&self, f: impl FnOnce(&mut Entries) -> R) -> R {
-        let mut entries = self.entries.take();
-        let r = f(&mut entries);
-        self.entries.set(entries);
+    fn with<R>(&self, f: impl FnOnce(&mut table::Table<Worker>) -> R) -> R {
+        let mut copies = self.copies.take();
+        let r = f(&mut copies);
+        self.copies.set(copies);
         r
-    }
-
-    fn adjust_in_flight(&self, experiment: usize, up: bool) {
-        let mut v = self.in_flight.take();
-        if v.len() <= experiment {
-            v.resize(experiment + 1, 0);
-        }
-        v[experiment] = if up {
-            v[experiment].saturating_add(1)
-        } else {
-            v[experiment].saturating_sub(1)
-        };
-        self.in_flight.set(v);
-    }
-
-    fn in_flight(&self, experiment: usize) -> u32 {
-        let v = self.in_flight.take();
-        let n = v.get(experiment).copied().unwrap_or(0);
-        self.in_flight.set(v);
-        n
-    }
-
-    fn estimate(&self, experiment: usize) -> usize {
-        let v = self.answer_estimate.take();
-        let n = v.get(experiment).copied().unwrap_or(0);
-        self.answer_estimate.set(v);
-        n
-    }
-
-    fn observe_answer(&self, experiment: usize, size: usize) {
-        let mut v = self.answer_estimate.take();
-        if v.len() <= experiment {
-            v.resize(experiment + 1, 0);
-        }
-        v[experiment] = shadow::decayed_max(v[experiment], size);
-        self.answer_estimate.set(v);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.with(|e| e.by_id.is_empty())
     }
 }
 
@@ -353,7 +232,7 @@ pub fn start(
         active.rng.set(rng);
         b
     };
-    let in_flight = active.shadow.in_flight(experiment);
+    let in_flight = active.shadow.with(|t| t.in_flight(experiment));
     let sampling = shadow::sample(cfg, variant, method, user_bucket, draw, in_flight);
     if sampling == Sampling::NotSampled {
         return None;
@@ -397,32 +276,18 @@ pub fn start(
         n
     };
     let marker = shadow::marker(key, now_millis().unwrap_or(0), nonce, method, path);
-    let mut skip_headers: Vec<&str> = routing_headers.to_vec();
-    skip_headers.extend(
-        active
-            .plan
-            .experiments
-            .iter()
-            .filter_map(|e| Some(e.qa_override.as_ref()?.token_header.as_str())),
-    );
-    let headers = shadow::copy_headers(cfg, &original, &skip_headers, &marker);
-    let size = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let Some(held) = Reservation::take(size, cfg.max_bytes_in_flight) else {
-        skip(active, experiment, variant, Skip::BytesInFlight);
-        return None;
-    };
-    let id = active.shadow.next_id.get().wrapping_add(1);
-    active.shadow.next_id.set(id);
-    // Counted from capture so that the cap also bounds what captures hold.
-    active.shadow.adjust_in_flight(experiment, true);
-    Some(Capture {
-        id,
-        experiment,
-        variant,
-        headers,
-        body: Answer::default(),
-        held,
-    })
+    let headers =
+        decision::shadow::copy_headers(&active.plan, cfg, &original, routing_headers, &marker);
+    let started = active
+        .shadow
+        .with(|t| t.start_copy(experiment, variant, headers, cfg.max_bytes_in_flight));
+    match started {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            skip(active, experiment, variant, reason);
+            None
+        }
+    }
 }
 
 /// A request body chunk of `size` bytes passed: each capture that can hold it gets it (read
@@ -431,28 +296,22 @@ pub fn request_body(active: &Active, captures: &mut Vec<Capture>, size: usize) {
     if size == 0 {
         return;
     }
-    captures.retain_mut(|c| {
-        let Some(cfg) = config(active, c.experiment) else {
-            give_up(active, c, Skip::DispatchFailed);
-            return false;
-        };
-        if !c.body.room_for(size, cfg.max_body_bytes) {
-            give_up(active, c, Skip::BodyLimit);
-            return false;
-        }
-        if !c.held.grow(size, cfg.max_bytes_in_flight) {
-            give_up(active, c, Skip::BytesInFlight);
-            return false;
-        }
-        true
-    });
+    captures.retain_mut(
+        |c| match c.admit_chunk(size, config(active, c.experiment)) {
+            Ok(()) => true,
+            Err(reason) => {
+                give_up(active, c, reason);
+                false
+            }
+        },
+    );
     if captures.is_empty() {
         return;
     }
     match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size) {
         Ok(Some(chunk)) => {
             for c in captures.iter_mut() {
-                c.body.body.extend_from_slice(&chunk);
+                c.push_chunk(&chunk);
             }
         }
         Ok(None) => {}
@@ -467,7 +326,7 @@ pub fn request_body(active: &Active, captures: &mut Vec<Capture>, size: usize) {
 
 fn give_up(active: &Active, c: &Capture, reason: Skip) {
     skip(active, c.experiment, c.variant, reason);
-    active.shadow.adjust_in_flight(c.experiment, false);
+    active.shadow.with(|t| t.give_up(c.experiment));
 }
 
 /// Drops a capture that will never be sent (its stream ended before the request did).
@@ -477,42 +336,13 @@ pub fn abandon(active: &Active, c: &Capture) {
 
 /// Queues a complete copy for the next tick, starting the tick if it is not running.
 pub fn enqueue(active: &Active, c: Capture) {
-    let request_id = c
-        .headers
-        .iter()
-        .find(|(k, _)| k == "x-request-id")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
     let id = c.id;
-    active.shadow.with(|entries| {
-        entries.queued.push(id);
-        entries.by_id.insert(
-            id,
-            Entry {
-                experiment: c.experiment,
-                variant: c.variant,
-                request_id,
-                request: Some(Request {
-                    headers: c.headers,
-                    body: c.body.body,
-                    _held: c.held,
-                }),
-                token: None,
-                sent_at_ms: 0,
-                primary: None,
-                primary_gone: false,
-                shadow: None,
-                dropped: None,
-                shadow_held: Reservation::default(),
-            },
-        );
-    });
-    if active.shadow.ticking.get() {
+    if !active.shadow.with(|t| t.enqueue(c)) {
         return;
     }
     // From a stream context this sets the tick of the stream's root context.
     if hostcalls::set_tick_period(TICK).is_ok() {
-        active.shadow.ticking.set(true);
+        active.shadow.with(|t| t.set_ticking(true));
     } else {
         log(
             LogLevel::Warn,
@@ -528,92 +358,59 @@ pub fn stop_tick(active: Option<&Active>) {
     let period = active.map_or(Duration::ZERO, super::breaker::idle_period);
     if hostcalls::set_tick_period(period).is_ok() {
         if let Some(a) = active {
-            a.shadow.ticking.set(false);
+            a.shadow.with(|t| t.set_ticking(false));
         }
     }
 }
 
 /// Whether the shadow's tick is running (copies queued or sent recently).
 pub fn ticking(active: &Active) -> bool {
-    active.shadow.ticking.get()
+    active.shadow.with(|t| t.ticking())
 }
 
 /// Root tick: sends every queued copy; stops the tick if there was none.
 pub fn send_queued(active: &Active) {
-    let mut failed = Vec::new();
-    let mut over_budget = Vec::new();
-    let mut queued = 0;
     let now = now_millis().unwrap_or(0);
-    active.shadow.with(|entries| {
-        let mut ids = std::mem::take(&mut entries.queued);
-        for &id in &ids {
-            let Some(e) = entries.by_id.get_mut(&id) else {
-                continue;
-            };
-            // Dropped once sent: Envoy has its own copy of the request by then.
-            let Some(request) = e.request.take() else {
-                continue;
-            };
-            queued += 1;
-            let Some(cfg) = config(active, e.experiment) else {
-                failed.push(id);
-                continue;
-            };
-            // Envoy buffers the whole answer before the filter sees it: its expected size is
-            // held while the call is out. At most the whole cap, so that an answer larger
-            // than the cap can still go out alone, and its successors learn a new size.
-            let expected = active
-                .shadow
-                .estimate(e.experiment)
-                .min(cfg.max_bytes_in_flight);
-            if !e.shadow_held.grow(expected, cfg.max_bytes_in_flight) {
-                over_budget.push(id);
-                continue;
-            }
-            let h: Vec<(&str, &str)> = request
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            let body = &request.body;
-            let sent = hostcalls::dispatch_http_call(
-                &cfg.cluster,
-                h,
-                (!body.is_empty()).then_some(body.as_slice()),
-                vec![],
-                Duration::from_millis(cfg.timeout_ms),
+    let mut pass = active.shadow.with(table::Table::begin_sending);
+    while let Some(out) = active
+        .shadow
+        .with(|t| t.next_to_send(&mut pass, |i| config(active, i)))
+    {
+        let cfg = out.cfg;
+        let h: Vec<(&str, &str)> = out
+            .request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let body = &out.request.body;
+        let sent = hostcalls::dispatch_http_call(
+            &cfg.cluster,
+            h,
+            (!body.is_empty()).then_some(body.as_slice()),
+            vec![],
+            Duration::from_millis(cfg.timeout_ms),
+        );
+        if let Err(status) = &sent {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "shadow call to cluster {:?} failed: {status:?} (is the cluster defined?)",
+                    cfg.cluster
+                ),
             );
-            match sent {
-                Ok(token) => {
-                    e.token = Some(token);
-                    e.sent_at_ms = now;
-                    entries.by_token.insert(token, id);
-                }
-                Err(status) => {
-                    log(
-                        LogLevel::Warn,
-                        &format!(
-                            "shadow call to cluster {:?} failed: {status:?} (is the cluster defined?)",
-                            cfg.cluster
-                        ),
-                    );
-                    failed.push(id);
-                }
-            }
         }
-        // Keeps the allocation; nothing is queued while copies are being sent.
-        ids.clear();
-        entries.queued = ids;
-    });
-    for id in failed {
-        end(active, id, Fate::Skipped(Skip::DispatchFailed));
+        // The request is dropped (its bytes given back) once sent: Envoy has its own copy.
+        drop(out.request);
+        active
+            .shadow
+            .with(|t| t.sent(&mut pass, out.id, sent.ok(), now));
     }
-    for id in over_budget {
-        end(active, id, Fate::Skipped(Skip::BytesInFlight));
+    let sent = active.shadow.with(|t| t.end_sending(pass));
+    for (id, fate) in sent.ends {
+        end(active, id, fate);
     }
-    // Stopping one tick late, not as soon as the queue is empty, keeps the timer running
-    // under steady traffic instead of re-arming it for every copy.
-    if queued == 0 {
+    if sent.stop_tick {
         stop_tick(Some(active));
     }
     finish_if_closing(active);
@@ -622,69 +419,30 @@ pub fn send_queued(active: &Active) {
 /// Root callback: the shadow answered, failed or timed out.
 pub fn on_response(active: &Active, token: u32, headers: usize, body_size: usize) {
     let now = now_millis().unwrap_or(0);
-    let finished = active.shadow.with(|entries| {
-        let id = *entries.by_token.get(&token)?;
-        let e = entries.by_id.get_mut(&id)?;
-        let Some(cfg) = config(active, e.experiment) else {
-            e.shadow = Some(Reply::Failed);
-            return Some(id);
-        };
-        let elapsed = now.saturating_sub(e.sent_at_ms);
-        let status = if headers == 0 {
-            0
-        } else {
-            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-                .unwrap_or(0)
-        };
-        // Envoy frees its copy of the answer after this callback; what is read is held anew.
-        e.shadow_held = Reservation::default();
-        active.shadow.observe_answer(e.experiment, body_size);
-        if let Some(failure) = shadow::classify(status, elapsed, cfg.timeout_ms) {
-            e.shadow = Some(failure);
-            return Some(id);
+    let status = || {
+        if headers == 0 {
+            return 0;
         }
-        if let Some(m) = shadow_metrics(active, e.experiment, e.variant) {
-            active.apply([decision::shadow::answered(m, elapsed)]);
-        }
-        let mut answer = Answer {
-            status,
-            ..Answer::default()
-        };
-        // Read only what the comparison uses.
-        if shadow::wants_body(cfg, &mut answer, body_size, e.dropped.is_some()) {
-            if !e.shadow_held.grow(body_size, cfg.max_bytes_in_flight) {
-                e.dropped = Some(Skip::BytesInFlight);
-            } else {
-                match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-                    Ok(Some(b)) => answer.body = b,
-                    Ok(None) => {}
-                    Err(_) => {
-                        e.shadow = Some(Reply::Failed);
-                        return Some(id);
-                    }
-                }
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+            .unwrap_or(0)
+    };
+    let body =
+        || hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).map_err(|_| ());
+    let returned = active
+        .shadow
+        .with(|t| t.call_returned(token, now, body_size, |i| config(active, i), status, body));
+    if let Some(r) = returned {
+        if let Some((experiment, variant, elapsed)) = r.answered {
+            if let Some(m) = shadow_metrics(active, experiment, variant) {
+                active.apply([decision::shadow::answered(m, elapsed)]);
             }
         }
-        e.shadow = Some(Reply::Answer(answer));
-        Some(id)
-    });
-    if let Some(id) = finished {
-        settle(active, id);
+        settle(active, r.id);
     }
     finish_if_closing(active);
-}
-
-/// The primary's answer as it streams past, for the copies of one request.
-pub struct PrimaryCapture {
-    answer: Answer,
-    limit: usize,
-    cap: usize,
-    needs_body: bool,
-    over_budget: bool,
-    held: Reservation,
 }
 
 /// Stream callback: the primary's response headers are in. `content_length` lets a body that
@@ -695,70 +453,30 @@ pub fn primary_start(
     status: u16,
     content_length: Option<usize>,
 ) -> PrimaryCapture {
-    let PrimaryNeeds {
-        limit,
-        cap,
-        needs_body,
-    } = PrimaryNeeds::of(experiments.filter_map(|i| config(active, i)));
-    let mut answer = Answer {
+    PrimaryCapture::new(
+        experiments.filter_map(|i| config(active, i)),
         status,
-        ..Answer::default()
-    };
-    if let Some(n) = content_length.filter(|_| needs_body) {
-        answer.room_for(n, limit);
-    }
-    PrimaryCapture {
-        answer,
-        limit,
-        cap,
-        needs_body,
-        over_budget: false,
-        held: Reservation::default(),
-    }
+        content_length,
+    )
 }
 
 /// Stream callback: a chunk of `size` bytes of the primary's body passed.
 pub fn primary_body(p: &mut PrimaryCapture, size: usize) {
-    if !p.needs_body || size == 0 || p.over_budget || !p.answer.room_for(size, p.limit) {
-        return;
-    }
-    if !p.held.grow(size, p.cap) {
-        p.over_budget = true;
-        p.answer.body = Vec::new();
-        p.held = Reservation::default();
+    if !p.admit_chunk(size) {
         return;
     }
     match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size) {
-        Ok(Some(chunk)) => p.answer.body.extend_from_slice(&chunk),
+        Ok(Some(chunk)) => p.push_chunk(&chunk),
         Ok(None) => {}
-        Err(_) => {
-            p.answer.truncated = true;
-            p.answer.body = Vec::new();
-        }
+        Err(_) => p.chunk_unreadable(),
     }
 }
 
 /// Stream callback: the primary's answer is complete; `ids` are its copies.
 pub fn primary_done(active: &Active, ids: &mut Vec<u64>, p: PrimaryCapture) {
-    let shared = Rc::new(Primary {
-        answer: p.answer,
-        over_budget: p.over_budget,
-        _held: p.held,
-    });
+    let shared = p.done();
     for id in ids.drain(..) {
-        let found = active.shadow.with(|entries| {
-            entries
-                .by_id
-                .get_mut(&id)
-                .map(|e| {
-                    if shared.over_budget {
-                        e.dropped = e.dropped.or(Some(Skip::BytesInFlight));
-                    }
-                    e.primary = Some(shared.clone());
-                })
-                .is_some()
-        });
-        if found {
+        if active.shadow.with(|t| t.primary_done(id, &shared)) {
             settle(active, id);
         }
     }
@@ -766,47 +484,28 @@ pub fn primary_done(active: &Active, ids: &mut Vec<u64>, p: PrimaryCapture) {
 
 /// Stream callback: the primary ended without a complete answer.
 pub fn primary_gone(active: &Active, id: u64) {
-    active.shadow.with(|entries| {
-        if let Some(e) = entries.by_id.get_mut(&id) {
-            if e.primary.is_none() {
-                e.primary_gone = true;
-            }
-        }
-    });
+    active.shadow.with(|t| t.primary_gone(id));
     settle(active, id);
 }
 
-/// Ends a copy once its fate is known: the shadow's reply is in and either the primary is done
-/// or the reply needs no primary (a timeout or failure).
+/// Ends a copy once its fate is known ([`table::Table::settled`]).
 fn settle(active: &Active, id: u64) {
-    let fate = active.shadow.with(|entries| {
-        let e = entries.by_id.get(&id)?;
-        let reply = e.shadow.as_ref()?;
-        let failed = matches!(reply, Reply::Timeout | Reply::Failed);
-        (failed || e.primary.is_some() || e.primary_gone)
-            .then(|| shadow::fate(reply, e.primary.is_some(), e.dropped))
-    });
-    if let Some(fate) = fate {
+    if let Some(fate) = active.shadow.with(|t| t.settled(id)) {
         end(active, id, fate);
     }
 }
 
 /// Removes a copy and counts its one fate (comparing it if that is its fate).
 fn end(active: &Active, id: u64, fate: Fate) {
-    let Some(e) = active.shadow.with(|entries| entries.remove(id)) else {
+    let Some(e) = active.shadow.with(|t| t.remove(id)) else {
         return;
     };
-    active.shadow.adjust_in_flight(e.experiment, false);
     let Some(m) = shadow_metrics(active, e.experiment, e.variant) else {
         return;
     };
-    match (fate, &e.primary, &e.shadow) {
-        (Fate::Compared, Some(primary), Some(Reply::Answer(copy))) => {
-            record(active, &e, &primary.answer, copy);
-        }
-        // Unreachable by `fate`; still one fate per copy.
-        (Fate::Compared, _, _) => active.apply(decision::shadow::skipped(m, Skip::NoPrimary)),
-        (fate, _, _) => active.apply(decision::shadow::ended(m, fate)),
+    match e.outcome(fate) {
+        Outcome::Compare { primary, copy } => record(active, &e, primary, copy),
+        Outcome::Count(fate) => active.apply(decision::shadow::ended(m, fate)),
     }
     drop(e);
     finish_if_closing(active);
@@ -815,20 +514,15 @@ fn end(active: &Active, id: u64, fate: Fate) {
 /// Host callback: the plugin's config was replaced and its streams are gone. True if the
 /// root context can go now; otherwise it stays until its last copy has ended.
 pub fn close(active: &Active) -> bool {
-    if active.shadow.is_empty() {
-        return true;
-    }
-    active.shadow.closing.set(true);
-    false
+    active.shadow.with(table::Table::close)
 }
 
 /// Reports the root context done once closing and without copies. Works from any context of
 /// the plugin: the host finds the root by the plugin.
 fn finish_if_closing(active: &Active) {
-    if !active.shadow.closing.get() || !active.shadow.is_empty() {
+    if !active.shadow.with(table::Table::finish_if_closing) {
         return;
     }
-    active.shadow.closing.set(false);
     stop_tick(Some(active));
     if hostcalls::done().is_err() {
         log(
@@ -840,7 +534,7 @@ fn finish_if_closing(active: &Active) {
 
 /// Counts a compared copy ([`crate::decision::shadow::compared`]) and logs its disagreements
 /// within the log budget.
-fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
+fn record(active: &Active, e: &table::Entry<Worker>, primary: &Answer, copy: &Answer) {
     let (Some(exp), Some(m)) = (
         active.plan.experiments.get(e.experiment),
         shadow_metrics(active, e.experiment, e.variant),
@@ -857,13 +551,10 @@ fn record(active: &Active, e: &Entry, primary: &Answer, copy: &Answer) {
     }
     let variant = exp.variants.get(e.variant).map_or("", String::as_str);
     let now_secs = now_millis().unwrap_or(0) / 1000;
-    for d in compared.disagreements {
-        let mut budget = active.shadow.log_budget.get();
-        let allowed = budget.take(now_secs, cfg.log_per_minute);
-        active.shadow.log_budget.set(budget);
-        if !allowed {
-            break;
-        }
+    let allowed = active
+        .shadow
+        .with(|t| t.take_log_lines(now_secs, cfg.log_per_minute, compared.disagreements.len()));
+    for d in compared.disagreements.iter().take(allowed) {
         log(
             LogLevel::Info,
             &shadow::disagreement_line(
