@@ -573,7 +573,18 @@ impl HttpContext for Stream {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .and_then(|d| u64::try_from(d.as_millis()).ok());
-        if shadow::arrival(&active, &mut view, now_ms) {
+        // Without a secret no marker can be trusted: the marker header is removed unread (a
+        // removal that finds nothing costs the host less than a read that finds nothing).
+        let copy = if active.plan.secret.is_none() {
+            let _ = hostcalls::remove_map_value(
+                MapType::HttpRequestHeaders,
+                shadow_logic::SHADOW_HEADER,
+            );
+            false
+        } else {
+            shadow::arrival(&active, &mut view, now_ms)
+        };
+        if copy {
             // A Sluice filter's shadow copy: forwarded, but not counted and not copied again.
             shadow::route_copy(&active, &mut view, now_secs);
             return Action::Continue;
