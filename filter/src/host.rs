@@ -363,93 +363,23 @@ fn now_nanos() -> Option<u64> {
     u64::try_from(d.as_nanos()).ok()
 }
 
-/// Request headers read through the host, each fetched at most once. The first few are kept
-/// in place (a name up to [`NAME_INLINE`] bytes inline), so a request that reads only the
-/// marker, its key and a method allocates nothing but the host's copies of the values.
+/// Request headers read through the host, each fetched at most once.
 #[derive(Default)]
 struct HostRequest {
-    first: [Option<Cached>; 4],
-    more: Vec<Cached>,
-}
-
-const NAME_INLINE: usize = 24;
-
-/// A header name, inline when short.
-enum Name {
-    Inline(u8, [u8; NAME_INLINE]),
-    Heap(Box<str>),
-}
-
-impl Name {
-    fn new(name: &str) -> Name {
-        let b = name.as_bytes();
-        match u8::try_from(b.len()) {
-            Ok(len) if b.len() <= NAME_INLINE => {
-                let mut buf = [0; NAME_INLINE];
-                buf[..b.len()].copy_from_slice(b);
-                Name::Inline(len, buf)
-            }
-            _ => Name::Heap(name.into()),
-        }
-    }
-
-    fn is(&self, name: &str) -> bool {
-        match self {
-            Name::Inline(len, buf) => buf.get(..usize::from(*len)) == Some(name.as_bytes()),
-            Name::Heap(n) => &**n == name,
-        }
-    }
-}
-
-struct Cached {
-    name: Name,
-    value: Option<Vec<u8>>,
-}
-
-impl HostRequest {
-    fn lookup(&mut self, name: &str) -> Result<Option<&[u8]>, HostFault> {
-        let hit = self
-            .first
-            .iter()
-            .flatten()
-            .chain(&self.more)
-            .position(|c| c.name.is(name));
-        let i = match hit {
-            Some(i) => i,
-            None => {
-                let value = fault(hostcalls::get_map_value_bytes(
-                    MapType::HttpRequestHeaders,
-                    name,
-                ))?;
-                let entry = Cached {
-                    name: Name::new(name),
-                    value,
-                };
-                // Slots fill in order, so the index counts the filled ones first.
-                let filled = self.first.iter().flatten().count() + self.more.len();
-                match self.first.iter_mut().find(|s| s.is_none()) {
-                    Some(slot) => *slot = Some(entry),
-                    None => self.more.push(entry),
-                }
-                filled
-            }
-        };
-        let entry = self.first.iter().flatten().chain(&self.more).nth(i);
-        Ok(entry.and_then(|c| c.value.as_deref()))
-    }
+    cache: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl RequestView for HostRequest {
     fn header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostFault> {
-        Ok(self.lookup(name)?.map(<[u8]>::to_vec))
-    }
-
-    fn with_header<R>(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(Option<&[u8]>) -> R,
-    ) -> Result<R, HostFault> {
-        Ok(f(self.lookup(name)?))
+        if let Some((_, v)) = self.cache.iter().find(|(n, _)| n == name) {
+            return Ok(v.clone());
+        }
+        let v = fault(hostcalls::get_map_value_bytes(
+            MapType::HttpRequestHeaders,
+            name,
+        ))?;
+        self.cache.push((name.to_string(), v.clone()));
+        Ok(v)
     }
 }
 
@@ -573,18 +503,7 @@ impl HttpContext for Stream {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .and_then(|d| u64::try_from(d.as_millis()).ok());
-        // Without a secret no marker can be trusted: the marker header is removed unread (a
-        // removal that finds nothing costs the host less than a read that finds nothing).
-        let copy = if active.plan.secret.is_none() {
-            let _ = hostcalls::remove_map_value(
-                MapType::HttpRequestHeaders,
-                shadow_logic::SHADOW_HEADER,
-            );
-            false
-        } else {
-            shadow::arrival(&active, &mut view, now_ms)
-        };
-        if copy {
+        if shadow::arrival(&active, &mut view, now_ms) {
             // A Sluice filter's shadow copy: forwarded, but not counted and not copied again.
             shadow::route_copy(&active, &mut view, now_secs);
             return Action::Continue;
@@ -847,8 +766,7 @@ impl Stream {
 
     /// Starts shadow captures for the experiments that shadow this request.
     fn start_shadows(&mut self, active: &Active, view: &mut HostRequest, end_of_stream: bool) {
-        // Built only once an experiment shadows: most requests are not copied.
-        let mut routing: Vec<&str> = Vec::new();
+        let routing: Vec<&str> = active.routing_headers.iter().map(String::as_str).collect();
         for a in &self.applied {
             let Some(exp) = active.plan.experiments.get(a.experiment) else {
                 continue;
@@ -859,15 +777,13 @@ impl Stream {
             if !a.assignment.counted() {
                 continue;
             }
-            if routing.is_empty() {
-                routing.extend(active.routing_headers.iter().map(String::as_str));
-            }
             let method = view.header(":method").ok().flatten().unwrap_or_default();
             let user_bucket = match (&exp.unit, cfg.sample_by) {
                 (Unit::User { keys, .. }, shadow_logic::SampleBy::User) => {
-                    request::with_user_key(keys, view, |k| crate::assignment::bucket(&cfg.salt, k))
+                    request::user_key(keys, view)
                         .ok()
                         .flatten()
+                        .map(|k| crate::assignment::bucket(&cfg.salt, &k))
                 }
                 _ => None,
             };
@@ -968,8 +884,8 @@ impl Stream {
             active.increment(vm.requests);
             // Keyed requests also by replicate group (the key was read, and is cached, already).
             if let (request::Basis::Key, Unit::User { keys, .. }) = (a.basis, &exp.unit) {
-                let hash = |k: &[u8]| crate::assignment::hash(&exp.salt, k);
-                if let Ok(Some(h)) = request::with_user_key(keys, view, hash) {
+                if let Ok(Some(key)) = request::user_key(keys, view) {
+                    let h = crate::assignment::hash(&exp.salt, &key);
                     let group = crate::assignment::replicate_of(h, vm.replicates.len());
                     if let Some(&r) = vm.replicates.get(group) {
                         active.increment(r);

@@ -19,15 +19,6 @@ pub trait RequestView {
     fn path(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
         self.header(":path")
     }
-    /// Lends the first value of a request header to `f`, without copying it where the view
-    /// can (the host shim's cache); the default copies through [`RequestView::header`].
-    fn with_header<R>(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(Option<&[u8]>) -> R,
-    ) -> Result<R, HostFault> {
-        Ok(f(self.header(name)?.as_deref()))
-    }
 }
 
 /// How a request came to its variant.
@@ -99,15 +90,13 @@ pub fn assign(
         }
     }
     let (variant, basis) = match &exp.unit {
-        Unit::User { keys, missing } => {
-            match with_user_key(keys, view, |k| bucket(&exp.salt, k))? {
-                Some(b) => (exp.layout.variant_for(b), Basis::Key),
-                None => match missing {
-                    MissingKey::Control => (exp.control, Basis::MissingKey),
-                    MissingKey::Random => (exp.layout.variant_for(rng.bucket()), Basis::MissingKey),
-                },
-            }
-        }
+        Unit::User { keys, missing } => match user_key(keys, view)? {
+            Some(key) => (exp.layout.variant_for(bucket(&exp.salt, &key)), Basis::Key),
+            None => match missing {
+                MissingKey::Control => (exp.control, Basis::MissingKey),
+                MissingKey::Random => (exp.layout.variant_for(rng.bucket()), Basis::MissingKey),
+            },
+        },
         Unit::Request => (exp.layout.variant_for(rng.bucket()), Basis::Random),
         Unit::Switchback { slot_seconds } => {
             let slot = now_secs / slot_seconds;
@@ -135,30 +124,16 @@ pub fn user_key(
     keys: &[KeySource],
     view: &mut impl RequestView,
 ) -> Result<Option<Vec<u8>>, HostFault> {
-    with_user_key(keys, view, <[u8]>::to_vec)
-}
-
-/// `f` of the user key from the first source that has a non-empty value: the key is lent, not
-/// copied, unless it has to be decoded (a query parameter).
-pub fn with_user_key<R>(
-    keys: &[KeySource],
-    view: &mut impl RequestView,
-    mut f: impl FnMut(&[u8]) -> R,
-) -> Result<Option<R>, HostFault> {
-    let mut apply = |k: Option<&[u8]>| k.filter(|k| !k.is_empty()).map(&mut f);
     for source in keys {
         let found = match source {
-            KeySource::Header(h) => view.with_header(h, |v| apply(v.map(trim)))?,
-            KeySource::Cookie(name) => {
-                view.with_header("cookie", |c| apply(c.and_then(|c| cookie_value(c, name))))?
-            }
-            KeySource::Query(name) => {
-                let decoded = view.path()?.and_then(|p| query_value(&p, name));
-                apply(decoded.as_deref())
-            }
+            KeySource::Header(h) => view.header(h)?.map(|v| trim(&v).to_vec()),
+            KeySource::Cookie(name) => view
+                .header("cookie")?
+                .and_then(|c| cookie_value(&c, name).map(<[u8]>::to_vec)),
+            KeySource::Query(name) => view.path()?.and_then(|p| query_value(&p, name)),
         };
-        if found.is_some() {
-            return Ok(found);
+        if let Some(k) = found.filter(|k| !k.is_empty()) {
+            return Ok(Some(k));
         }
     }
     Ok(None)

@@ -72,64 +72,6 @@ fn key_sources_are_tried_in_order() {
     assert_eq!(user_key(&keys, &mut v), Ok(None));
 }
 
-/// A view that lends its values and counts the copies made through `header`.
-struct Lending {
-    headers: Fake,
-    copies: usize,
-}
-
-impl RequestView for Lending {
-    fn header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostFault> {
-        self.copies += 1;
-        self.headers.header(name)
-    }
-
-    fn with_header<R>(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(Option<&[u8]>) -> R,
-    ) -> Result<R, HostFault> {
-        Ok(f(self.headers.0.get(name).map(Vec::as_slice)))
-    }
-}
-
-#[test]
-fn a_lent_key_is_the_copied_key_without_a_copy() {
-    let exp = user_experiment("");
-    let keys = match &exp.unit {
-        Unit::User { keys, .. } => keys.clone(),
-        _ => unreachable!(),
-    };
-    let cases: [&[(&str, &str)]; 4] = [
-        &[("x-user-id", " alice "), ("cookie", "uid=bob")],
-        &[("x-user-id", "  "), ("cookie", "a=1; uid=\"bob\"")],
-        &[("cookie", "uid="), (":path", "/p?user=car%20ol")],
-        &[(":path", "/p")],
-    ];
-    for headers in cases {
-        let copied = user_key(&keys, &mut Fake::new(headers));
-        let mut lending = Lending {
-            headers: Fake::new(headers),
-            copies: 0,
-        };
-        let lent = with_user_key(&keys, &mut lending, <[u8]>::to_vec);
-        assert_eq!(lent, copied, "{headers:?}");
-        // Only a query key (decoded from the path) is read through a copy.
-        let from_query = headers.iter().any(|(n, _)| *n == ":path");
-        assert_eq!(lending.copies, usize::from(from_query), "{headers:?}");
-        // The bucket the assignment uses is the lent key's.
-        let bucket_lent = with_user_key(&keys, &mut Fake::new(headers), |k| {
-            crate::assignment::bucket(&exp.salt, k)
-        });
-        let bucket_copied = copied.map(|k| k.map(|k| crate::assignment::bucket(&exp.salt, &k)));
-        assert_eq!(bucket_lent, bucket_copied, "{headers:?}");
-    }
-    assert_eq!(
-        with_user_key(&keys, &mut Broken, <[u8]>::to_vec),
-        Err(HostFault)
-    );
-}
-
 #[test]
 fn cookie_and_query_parsing_edge_cases() {
     assert_eq!(cookie_value(b"uid=\"q\"", "uid"), Some(&b"q"[..]));
