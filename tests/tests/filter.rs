@@ -990,6 +990,31 @@ async fn override_needs_the_token_and_stays_out_of_the_counts() -> anyhow::Resul
     Ok(())
 }
 
+/// Without a secret no shadow marker can be trusted: a client's `x-sluice-shadow` never
+/// reaches the upstream, and its requests are routed and counted like any other.
+#[tokio::test]
+async fn a_client_marker_is_stripped_without_a_secret() -> anyhow::Result<()> {
+    let (stable, canary) = (named("stable").await?, named("canary").await?);
+    let config = user_upstream_config(0.0, json!({}));
+    let envoy = start_fixture(&config, &stable, canary.port(), canary.port()).await?;
+    let url = envoy.url(LISTENER, "/");
+    let answered = Load::new(&url)
+        .requests(20)
+        .header("x-sluice-shadow", "1")
+        .run()
+        .await?;
+    assert!(answered.iter().all(|r| r.status == 200));
+    let seen = stable.requests();
+    assert_eq!(seen.len(), 20);
+    assert!(
+        seen.iter().all(|r| r.header("x-sluice-shadow").is_none()),
+        "a client's marker reached the upstream"
+    );
+    let stats = envoy.admin().prometheus().await?;
+    assert_eq!(sluice(&stats, metrics::REQUESTS, "t", "stable"), 20.0);
+    Ok(())
+}
+
 /// A config the filter rejects keeps Envoy from loading it, with the field named in the log.
 #[test]
 fn invalid_static_config_is_rejected_naming_the_field() -> anyhow::Result<()> {
