@@ -28,6 +28,7 @@ use crate::beacon::UserLimit;
 use crate::config::{BeaconLimit, Experiment, Plan, Unit};
 use crate::decision::response as decide;
 use crate::decision::MetricUpdate;
+use crate::header_map;
 use crate::mac::{self, Key};
 use crate::metrics::{Catalog, Kind};
 use crate::request::{self, Assignment, HostFault, RequestView};
@@ -389,7 +390,7 @@ enum ResponseHeaders {
     None,
     /// Only `:status`, by its own call.
     Status(Option<Vec<u8>>),
-    /// Every header, serialised by the host in one call (see [`decide::find_pair`]).
+    /// Every header, serialised by the host in one call (see [`header_map`]).
     Pairs(Vec<u8>),
 }
 
@@ -398,7 +399,7 @@ impl ResponseHeaders {
         match self {
             ResponseHeaders::None => None,
             ResponseHeaders::Status(s) => s.as_deref().filter(|_| name == ":status"),
-            ResponseHeaders::Pairs(map) => decide::find_pair(map, name.as_bytes()),
+            ResponseHeaders::Pairs(map) => header_map::find_pair(map, name.as_bytes()),
         }
     }
 }
@@ -418,7 +419,7 @@ mod raw {
         ) -> Status;
     }
 
-    /// All pairs of a header map, serialised (see [`crate::decision::response::Pairs`]).
+    /// All pairs of a header map, serialised (see [`crate::header_map`]).
     pub fn header_map(map_type: MapType) -> Result<Vec<u8>, Status> {
         let mut data: *mut u8 = std::ptr::null_mut();
         let mut size: usize = 0;
@@ -612,9 +613,6 @@ impl HttpContext for Stream {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
-        if !self.queued.is_empty() {
-            self.start_primary(&active, end_of_stream);
-        }
         if self.applied.is_empty() {
             return Action::Continue;
         }
@@ -641,35 +639,48 @@ impl HttpContext for Stream {
                 send_token(&active, i, exp, t, &mut token_headers);
             }
         }
-        self.count_response(&active);
+        let headers = self.read_response(&active);
+        if !self.queued.is_empty() {
+            self.start_primary(&active, &headers, end_of_stream);
+        }
+        self.count_response(&active, &headers);
         Action::Continue
     }
 }
 
 impl Stream {
-    /// Reads what counting needs of the response — `:status`, and the outcome and prediction
-    /// headers the config names, in one call for all of the response's headers when there
-    /// is more than `:status` to read; Envoy's code details only for a non-2xx answer — and
-    /// applies the metric updates [`decide::count_response`] decides. Keeps the status and
-    /// details for the breaker.
-    fn count_response(&mut self, active: &Active) {
+    /// Reads the response headers this stream needs, in one host call for all of them when
+    /// more than `:status` is wanted: by counting (an outcome or prediction header,
+    /// [`decide::reads_more_than_status`]) or by the shadow copies waiting for the primary's
+    /// answer (`:status` and `content-length`); `:status` alone for counting otherwise.
+    fn read_response(&self, active: &Active) -> ResponseHeaders {
         let served = || self.applied.iter().map(Applied::served);
         let counted = served().any(|s| s.counted);
-        let headers = if !counted {
-            ResponseHeaders::None
-        } else if decide::reads_more_than_status(&active.plan, served()) {
+        if !self.queued.is_empty()
+            || (counted && decide::reads_more_than_status(&active.plan, served()))
+        {
             match raw::header_map(MapType::HttpResponseHeaders) {
                 Ok(map) => ResponseHeaders::Pairs(map),
                 Err(_) => ResponseHeaders::None,
             }
-        } else {
+        } else if counted {
             ResponseHeaders::Status(
                 hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
                     .ok()
                     .flatten(),
             )
-        };
-        let status = headers.get(":status");
+        } else {
+            ResponseHeaders::None
+        }
+    }
+
+    /// Applies the metric updates [`decide::count_response`] decides for the response
+    /// `headers` (Envoy's code details read too for a non-2xx answer), and keeps the status
+    /// and details for the breaker.
+    fn count_response(&mut self, active: &Active, headers: &ResponseHeaders) {
+        let served = || self.applied.iter().map(Applied::served);
+        let counted = served().any(|s| s.counted);
+        let status = headers.get(":status").filter(|_| counted);
         let details = if counted && decide::details_needed(status) {
             hostcalls::get_property(vec!["response", "code_details"])
                 .ok()
@@ -764,9 +775,13 @@ impl Stream {
         }
     }
 
-    /// Starts shadow captures for the experiments that shadow this request.
+    /// Starts shadow captures for the experiments that shadow this request. The request's
+    /// headers are read whole at most once: when the first copy is taken, or up front (and
+    /// `:method` taken from them) when an experiment copies every eligible request
+    /// ([`shadow_logic::Shadow::copies_all`]).
     fn start_shadows(&mut self, active: &Active, view: &mut HostRequest, end_of_stream: bool) {
         let routing: Vec<&str> = active.routing_headers.iter().map(String::as_str).collect();
+        let mut request: Option<Vec<u8>> = None;
         for a in &self.applied {
             let Some(exp) = active.plan.experiments.get(a.experiment) else {
                 continue;
@@ -777,7 +792,14 @@ impl Stream {
             if !a.assignment.counted() {
                 continue;
             }
-            let method = view.header(":method").ok().flatten().unwrap_or_default();
+            if request.is_none() && cfg.copies_all(a.assignment.variant) {
+                request = raw::header_map(MapType::HttpRequestHeaders).ok();
+            }
+            let method = match &request {
+                Some(map) => header_map::find_pair(map, b":method").map(<[u8]>::to_vec),
+                None => view.header(":method").ok().flatten(),
+            }
+            .unwrap_or_default();
             let user_bucket = match (&exp.unit, cfg.sample_by) {
                 (Unit::User { keys, .. }, shadow_logic::SampleBy::User) => {
                     request::user_key(keys, view)
@@ -794,6 +816,7 @@ impl Stream {
                 &method,
                 user_bucket,
                 &routing,
+                &mut request,
             ) {
                 self.captures.push(c);
             }
@@ -811,12 +834,11 @@ impl Stream {
     }
 
     /// Begins capturing the primary's answer for the queued copies.
-    fn start_primary(&mut self, active: &Active, end_of_stream: bool) {
+    fn start_primary(&mut self, active: &Active, headers: &ResponseHeaders, end_of_stream: bool) {
         let number = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-                .and_then(|s| std::str::from_utf8(&s).ok()?.trim().parse::<usize>().ok())
+            headers
+                .get(name)
+                .and_then(|s| std::str::from_utf8(s).ok()?.trim().parse::<usize>().ok())
         };
         let status = number(":status")
             .and_then(|s| u16::try_from(s).ok())

@@ -13,6 +13,7 @@
 //! - [`mac`]: keyed MACs (SipHash-2-4-128) over values the filter issues and trusts again;
 //! - [`metrics`]: every metric name, and the catalog of metrics a plan defines;
 //! - [`decision`]: the shim's decisions as effects (metric updates, headers, local replies);
+//! - [`header_map`]: header maps as the host serialises them, read in place;
 //! - `host` (wasm32-wasip1 only): the proxy-wasm shim, the one module that calls the host.
 //!
 //! The data plane never panics: unwrap/expect/panic are denied by lint, host errors are
@@ -24,6 +25,7 @@ pub mod breaker;
 mod check;
 pub mod config;
 pub mod decision;
+pub mod header_map;
 pub mod mac;
 pub mod metrics;
 pub mod plan;

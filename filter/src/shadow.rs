@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::assignment::BUCKETS;
 use crate::check::ConfigError;
+use crate::header_map::Pairs;
 use crate::mac::{self, Key};
 
 pub mod table;
@@ -379,6 +380,13 @@ impl Shadow {
         self.variants.get(variant).copied().unwrap_or(false)
             && self.methods.iter().any(|m| m.as_bytes() == method)
     }
+
+    /// Whether every eligible request of `variant` is sampled (`sample_percent` 100), so that
+    /// all of its request's headers will be read for the copy anyway: then the shim reads
+    /// them once, before sampling, rather than `:method` alone first.
+    pub fn copies_all(&self, variant: usize) -> bool {
+        self.sample >= BUCKETS && self.variants.get(variant).copied().unwrap_or(false)
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and ones Envoy recomputes; never copied.
@@ -395,20 +403,19 @@ const DROPPED_HEADERS: [&str; 10] = [
     "content-length",
 ];
 
-/// The headers of a shadow copy: the original ones minus hop-by-hop headers (including any
-/// the `connection` header names), minus `skip` (routing and override token headers), minus
-/// any [`SHADOW_HEADER`] a client sent, with the authority replaced if configured, plus
-/// [`SHADOW_HEADER`] set to `marker`. Values that are not UTF-8 are dropped: the host API
-/// takes text.
+/// The headers of a shadow copy: the `original` ones (a serialised header map, see
+/// [`crate::header_map`]) minus hop-by-hop headers (including any the `connection` header
+/// names), minus `skip` (routing and override token headers), minus any [`SHADOW_HEADER`] a
+/// client sent, with the authority replaced if configured, plus [`SHADOW_HEADER`] set to
+/// `marker`. Names or values that are not UTF-8 are dropped: the host API takes text.
 pub fn copy_headers(
     shadow: &Shadow,
-    original: &[(String, Vec<u8>)],
+    original: &[u8],
     skip: &[&str],
     marker: &str,
 ) -> Vec<(String, String)> {
-    let named_by_connection: Vec<String> = original
-        .iter()
-        .filter(|(k, _)| k == "connection")
+    let named_by_connection: Vec<String> = Pairs::new(original)
+        .filter(|(k, _)| *k == b"connection")
         .flat_map(|(_, v)| {
             String::from_utf8_lossy(v)
                 .split(',')
@@ -416,20 +423,17 @@ pub fn copy_headers(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut out: Vec<(String, String)> = original
-        .iter()
+    let mut out: Vec<(String, String)> = Pairs::new(original)
+        .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, std::str::from_utf8(v).ok()?)))
         .filter(|(k, _)| {
-            !DROPPED_HEADERS.contains(&k.as_str())
+            !DROPPED_HEADERS.contains(k)
                 && !named_by_connection.iter().any(|n| n == k)
-                && !skip.contains(&k.as_str())
-                && k != SHADOW_HEADER
+                && !skip.contains(k)
+                && *k != SHADOW_HEADER
         })
-        .filter_map(|(k, v)| {
-            let v = std::str::from_utf8(v).ok()?;
-            match (&shadow.authority, k.as_str()) {
-                (Some(a), ":authority") => Some((k.clone(), a.clone())),
-                _ => Some((k.clone(), v.to_string())),
-            }
+        .map(|(k, v)| match (&shadow.authority, k) {
+            (Some(a), ":authority") => (k.to_string(), a.clone()),
+            _ => (k.to_string(), v.to_string()),
         })
         .collect();
     out.push((SHADOW_HEADER.to_string(), marker.to_string()));

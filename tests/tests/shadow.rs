@@ -154,6 +154,51 @@ async fn identical_shadow_agrees_fully_and_gets_a_clean_copy() -> anyhow::Result
 }
 
 #[tokio::test]
+async fn a_sampled_share_gets_the_same_clean_copies() -> anyhow::Result<()> {
+    // Below 100 % the filter reads `:method` alone to sample, and the request's other headers
+    // only for a copy it takes: the copies must be as clean as when every request is copied.
+    let primary = Upstream::start("primary", model).await?;
+    let shadow = Upstream::start("shadow", model).await?;
+    let envoy = start(
+        &config(json!({"cluster": "shadow", "sample_percent": 50, "max_in_flight": 1000})),
+        &primary,
+        shadow.port(),
+    )
+    .await?;
+    let n = 400;
+    let responses = Load::new(envoy.url(LISTENER, "/predict?x=2"))
+        .requests(n)
+        .run()
+        .await?;
+    assert!(responses.iter().all(|r| r.status == 200));
+    // Copies are taken as their requests pass, so all of them are counted by now.
+    let taken = shadow_counter(
+        &envoy.admin().prometheus().await?,
+        metrics::SHADOW_REQUESTS,
+        &[],
+    );
+    // Half of 400: outside 140..=260 has a chance of about 1e-9 for fair draws.
+    assert!((140.0..=260.0).contains(&taken), "{taken} of {n} copied");
+    let stats = settled(&envoy, taken).await?;
+    assert_eq!(
+        shadow_counter(&stats, metrics::SHADOW_AGREE, &[("field", "status")]),
+        taken
+    );
+    let copies = shadow.requests();
+    assert_eq!(copies.len() as f64, taken);
+    for c in &copies {
+        assert_eq!(c.method, "GET");
+        assert_eq!(c.path, "/predict?x=2");
+        assert!(c
+            .header("x-sluice-shadow")
+            .is_some_and(|m| m.starts_with("v1.")));
+        assert_eq!(c.variant(), None, "routing header leaked to the shadow");
+        assert!(c.user().is_some());
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_known_share_of_disagreement_is_counted_with_deltas() -> anyhow::Result<()> {
     // Both services answer after a delay that varies by user, so that with 32 requests at a
     // time the answers come back in another order than the copies went out, and sometimes the

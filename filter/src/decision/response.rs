@@ -1,6 +1,6 @@
-//! Response side decisions, pure: which response headers counting needs, how to find them in
-//! one serialised header map, and which metric updates a response makes. The host shim reads
-//! the headers, hands them over, and applies the returned [`MetricUpdate`]s.
+//! Response side decisions, pure: which response headers counting needs, and which metric
+//! updates a response makes. The host shim reads the headers, hands them over, and applies
+//! the returned [`MetricUpdate`]s.
 
 use super::MetricUpdate;
 use crate::metrics::Catalog;
@@ -43,78 +43,6 @@ pub fn reads_more_than_status(plan: &Plan, served: impl IntoIterator<Item = Serv
             e.prediction.is_some() || e.outcomes.as_ref().is_some_and(|o| o.header.is_some())
         })
     })
-}
-
-/// The first value of `name` in a header map serialised as proxy-wasm's host returns it
-/// (`get_header_map_pairs`): a little-endian u32 count, then each pair's name and value
-/// lengths as u32s, then each name and value followed by a NUL. Looked up in place, without
-/// allocating; `None` if absent or if the map is malformed.
-pub fn find_pair<'a>(map: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    Pairs::new(map).find(|(n, _)| *n == name).map(|(_, v)| v)
-}
-
-/// The pairs of a serialised header map, borrowed from it; stops at the first malformed pair.
-pub struct Pairs<'a> {
-    map: &'a [u8],
-    /// Pairs left to read.
-    left: usize,
-    /// Offset of the next pair's lengths.
-    sizes: usize,
-    /// Offset of the next pair's name.
-    data: usize,
-}
-
-impl<'a> Pairs<'a> {
-    pub fn new(map: &'a [u8]) -> Pairs<'a> {
-        let count = u32_at(map, 0).unwrap_or(0);
-        let data = count
-            .checked_mul(8)
-            .and_then(|s| s.checked_add(4))
-            .unwrap_or(usize::MAX);
-        Pairs {
-            map,
-            left: if data <= map.len() { count } else { 0 },
-            sizes: 4,
-            data,
-        }
-    }
-}
-
-impl<'a> Iterator for Pairs<'a> {
-    type Item = (&'a [u8], &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
-            return None;
-        }
-        let pair = (|| {
-            let name_len = u32_at(self.map, self.sizes)?;
-            let value_len = u32_at(self.map, self.sizes.checked_add(4)?)?;
-            let name_end = self.data.checked_add(name_len)?;
-            let value_start = name_end.checked_add(1)?;
-            let value_end = value_start.checked_add(value_len)?;
-            let name = self.map.get(self.data..name_end)?;
-            let value = self.map.get(value_start..value_end)?;
-            Some((name, value, value_end.checked_add(1)?))
-        })();
-        match pair {
-            Some((name, value, next)) => {
-                self.left -= 1;
-                self.sizes += 8;
-                self.data = next;
-                Some((name, value))
-            }
-            None => {
-                self.left = 0;
-                None
-            }
-        }
-    }
-}
-
-fn u32_at(map: &[u8], at: usize) -> Option<usize> {
-    let bytes: [u8; 4] = map.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    usize::try_from(u32::from_le_bytes(bytes)).ok()
 }
 
 /// The metric updates a response makes, appended to `out`: per experiment that served the

@@ -28,7 +28,7 @@ pub fn sampled(m: &ShadowMetrics, sampling: Sampling) -> Vec<MetricUpdate> {
 pub fn copy_headers(
     plan: &Plan,
     cfg: &Shadow,
-    original: &[(String, Vec<u8>)],
+    original: &[u8],
     routing: &[&str],
     marker: &str,
 ) -> Vec<(String, String)> {

@@ -6,6 +6,7 @@ use super::shadow::{answered, compared, copy_headers, ended, sampled, skipped, D
 use super::{HeaderOp, MetricUpdate};
 use crate::beacon::{check_event, exposure_token, issue, Checker, Refusal, Rejection, UserLimit};
 use crate::config::Plan;
+use crate::header_map::serialise;
 use crate::mac::{self, Key};
 use crate::metrics::{Catalog, ExperimentMetrics, ShadowMetrics};
 use crate::request::{variant_of_key, Assignment, Basis, HostFault, RequestView};
@@ -449,17 +450,14 @@ fn a_copy_carries_neither_routing_nor_override_token_headers() {
     let Some(cfg) = plan.experiments[0].shadow.as_ref() else {
         unreachable!("experiment a has a shadow")
     };
-    let original: Vec<(String, Vec<u8>)> = [
+    let original = serialise(&[
         (":path", "/predict"),
         ("x-user-id", "u-1"),
         ("x-variant-a", "canary"),
         ("x-variant-b", "stable"),
         ("x-sluice-override-token", "0123456789abcdef"),
         ("x-b-token", "fedcba9876543210"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-    .collect();
+    ]);
     let copied = copy_headers(&plan, cfg, &original, &["x-variant-a"], "v1.m");
     let names: Vec<&str> = copied.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(

@@ -48,6 +48,7 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
 use super::{log, now_millis, Active, HostRequest};
 use crate::decision;
+use crate::header_map;
 use crate::mac::{self, Key};
 use crate::request::{self, RequestView};
 use crate::shadow::table::{self, Ledger, Outcome};
@@ -216,7 +217,8 @@ pub fn strip_tokens(active: &Active) {
 }
 
 /// Starts capturing a copy if this request is sampled and the caps allow; `None` otherwise.
-/// `routing_headers` are not copied, nor any override token header.
+/// `routing_headers` are not copied, nor any override token header. `request` holds the
+/// request's serialised headers once read (here, if not yet, when the copy is taken).
 pub fn start(
     active: &Active,
     experiment: usize,
@@ -224,6 +226,7 @@ pub fn start(
     method: &[u8],
     user_bucket: Option<u32>,
     routing_headers: &[&str],
+    request: &mut Option<Vec<u8>>,
 ) -> Option<Capture> {
     let cfg = config(active, experiment)?;
     let draw = || {
@@ -251,24 +254,23 @@ pub fn start(
     if sampling != Sampling::Taken {
         return None;
     }
-    let original: Vec<(String, Vec<u8>)> =
-        match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(h) => h.into_iter().collect(),
+    if request.is_none() {
+        match super::raw::header_map(MapType::HttpRequestHeaders) {
+            Ok(map) => *request = Some(map),
             Err(_) => {
                 active.count_error(experiment);
                 skip(active, experiment, variant, Skip::DispatchFailed);
                 return None;
             }
-        };
+        }
+    }
+    let original = request.as_deref().unwrap_or_default();
     let Some(key) = key(active) else {
         // A plan with a shadow always has a secret; without one no copy could be marked.
         skip(active, experiment, variant, Skip::DispatchFailed);
         return None;
     };
-    let path = original
-        .iter()
-        .find(|(k, _)| k == ":path")
-        .map_or(&[][..], |(_, v)| v.as_slice());
+    let path = header_map::find_pair(original, b":path").unwrap_or_default();
     let nonce = {
         let mut rng = active.rng.get();
         let n = rng.next_u64();
@@ -277,7 +279,7 @@ pub fn start(
     };
     let marker = shadow::marker(key, now_millis().unwrap_or(0), nonce, method, path);
     let headers =
-        decision::shadow::copy_headers(&active.plan, cfg, &original, routing_headers, &marker);
+        decision::shadow::copy_headers(&active.plan, cfg, original, routing_headers, &marker);
     let started = active
         .shadow
         .with(|t| t.start_copy(experiment, variant, headers, cfg.max_bytes_in_flight));

@@ -36,7 +36,7 @@ use super::{open_loop, LoadArgs};
 #[derive(Parser)]
 pub struct InstructionsArgs {
     /// Cases to count, from: none, noop, lua, sluice, sluice-assign, sluice-outcomes, breaker,
-    /// weighted, shadow-off, mirror, shadow (and sluice-b, breaker-b with --wasm-b).
+    /// weighted, shadow-off, mirror, shadow (and sluice-b, breaker-b, shadow-b with --wasm-b).
     #[arg(
         long,
         value_delimiter = ',',
@@ -55,8 +55,8 @@ pub struct InstructionsArgs {
     /// Measured repetitions per case (each followed by an idle dump of the same length).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// A second build of the Sluice filter, counted as cases `sluice-b` and `breaker-b` (add
-    /// them to --cases).
+    /// A second build of the Sluice filter, counted as cases `sluice-b`, `breaker-b` and
+    /// `shadow-b` (add them to --cases).
     #[arg(long)]
     wasm_b: Option<PathBuf>,
     /// Keep callgrind's files (one directory per case) here instead of a temporary directory.
@@ -86,7 +86,7 @@ const OUTCOMES_AND_PREDICTION: &str = "\"header\": \"x-sluice-variant\",
 const PREDICTION: &str = "\"names\": [\"click\", \"purchase\"]},
                                 \"prediction\": {\"header\": \"x-model-score\", \"scale\": 1000}";
 
-const CASES: [CaseSpec; 13] = [
+const CASES: [CaseSpec; 14] = [
     CaseSpec {
         name: "none",
         label: "(a) no filter",
@@ -165,6 +165,12 @@ const CASES: [CaseSpec; 13] = [
         name: "breaker-b",
         label: "(c') with the breaker, build B",
         file: "bench/envoy/proxy-breaker.yaml",
+        replace: &[],
+    },
+    CaseSpec {
+        name: "shadow-b",
+        label: "Sluice shadow 100 %, build B",
+        file: "bench/envoy/shadow-sluice.yaml",
         replace: &[],
     },
 ];
