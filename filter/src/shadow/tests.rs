@@ -54,6 +54,16 @@ fn defaults() {
 }
 
 #[test]
+fn every_eligible_request_is_copied_only_at_100_percent_of_a_shadowed_variant() {
+    let all = checked(r#"{"cluster": "shadow", "sample_percent": 100, "variants": ["canary"]}"#);
+    assert!(all.copies_all(1));
+    assert!(!all.copies_all(0), "stable is not shadowed");
+    assert!(!all.copies_all(2), "no such variant");
+    let most = checked(r#"{"cluster": "shadow", "sample_percent": 99.99}"#);
+    assert!(!most.copies_all(0) && !most.copies_all(1));
+}
+
+#[test]
 fn errors_name_the_field() {
     let cases = [
         (
