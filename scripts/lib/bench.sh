@@ -8,9 +8,9 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 
 section() { printf '\n==> %s\n' "$*" >&2; }
 
-# bench_build WASM_PACKAGES... -- BIN_PACKAGE BIN
-# Runs setup, builds the given wasm filters (release) and the driver binary (release, without
-# LTO: it only has to be fast, not small); sets BIN to the driver's path.
+# bench_build [WASM_PACKAGES...] -- BIN_PACKAGE BIN
+# Runs setup, builds the given wasm filters (release; none given, none built) and the driver
+# binary (release, without LTO: it only has to be fast, not small); sets BIN to the driver's path.
 bench_build() {
   local wasm=()
   while [[ $# -gt 0 && "$1" != "--" ]]; do wasm+=(-p "$1"); shift; done
@@ -18,8 +18,10 @@ bench_build() {
   local package="$1" bin="$2"
   section "setup"
   scripts/setup.sh
-  section "build the wasm filters (release): ${wasm[*]}"
-  cargo build "${wasm[@]}" --target wasm32-wasip1 --release
+  if [[ ${#wasm[@]} -gt 0 ]]; then
+    section "build the wasm filters (release): ${wasm[*]}"
+    cargo build "${wasm[@]}" --target wasm32-wasip1 --release
+  fi
   section "build $bin (release, without LTO)"
   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     cargo build --release -p "$package" --bin "$bin"

@@ -17,6 +17,8 @@
 //!   Envoy admin endpoints and rollouts (see [`controller`]).
 //! - `sluice-bench fanout`: push fan-out, decision → every proxy ACKed, for the ECDS file sink
 //!   and the ecdsGrpc sink with real and simulated Envoys (see [`fanout`]).
+//! - `sluice-bench decode`: decoding one Prometheus protobuf answer, the controller's
+//!   hand-written reader against a prost baseline (see [`decode`]).
 //! - `sluice-bench burst`: one request from each of N distinct users (closed loop, bounded
 //!   concurrency) and the split of the answers by a response header — what `scripts/demo.sh`
 //!   shows.
@@ -49,6 +51,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "sluice-bench/controller.rs"]
 mod controller;
+#[path = "sluice-bench/decode.rs"]
+mod decode;
 #[path = "sluice-bench/fanout.rs"]
 mod fanout;
 #[path = "sluice-bench/instructions.rs"]
@@ -86,6 +90,9 @@ enum Cmd {
     /// ecdsGrpc sink with 1 and 3 real Envoys and many simulated ones; controller memory per
     /// connected proxy.
     Fanout(fanout::FanoutArgs),
+    /// Decoding one Prometheus protobuf answer: the controller's hand-written reader against a
+    /// prost baseline, in alternating rounds.
+    Decode(decode::DecodeArgs),
     /// (internal) The simulated xDS proxies of `fanout`.
     #[command(hide = true)]
     XdsClients(fanout::ClientsArgs),
@@ -184,6 +191,8 @@ fn main() -> Result<()> {
         Cmd::Shadow(args) => current_thread()?.block_on(shadow::run(args)),
         Cmd::Controller(args) => current_thread()?.block_on(controller::run(args)),
         Cmd::Instructions(args) => current_thread()?.block_on(instructions::run(args)),
+        // No runtime: it only decodes in memory.
+        Cmd::Decode(args) => decode::run(args),
         // These build their own (multi-threaded) runtimes.
         Cmd::Fanout(args) => fanout::run(args),
         Cmd::XdsClients(args) => fanout::clients(args),

@@ -3,6 +3,9 @@
 //! `metrics.proto`), filled from a text exposition. Like Envoy 1.40, histograms carry their
 //! finite buckets, `sample_sum` and `sample_count`, without an `+Inf` bucket; fields are
 //! `optional` (proto2), so zeros are written as Envoy writes them.
+//!
+//! The same messages are the prost baseline of `sluice-bench decode` (see [`super::decode`]),
+//! which builds its answers with them and decodes them back.
 
 use std::collections::HashMap;
 
@@ -10,64 +13,75 @@ use anyhow::{Context, Result};
 use prost::Message;
 use sluice_controller::source::exposition;
 
+/// One metric family: a name, its type, and its metrics.
 #[derive(Clone, PartialEq, Message)]
-struct MetricFamily {
+pub struct MetricFamily {
     #[prost(string, tag = "1")]
-    name: String,
-    #[prost(int32, optional, tag = "3")]
-    r#type: Option<i32>,
-    #[prost(message, repeated, tag = "4")]
-    metric: Vec<Metric>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Metric {
-    #[prost(message, repeated, tag = "1")]
-    label: Vec<LabelPair>,
-    #[prost(message, optional, tag = "2")]
-    gauge: Option<Value>,
-    #[prost(message, optional, tag = "3")]
-    counter: Option<Value>,
-    #[prost(message, optional, tag = "7")]
-    histogram: Option<Histogram>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LabelPair {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
+    pub name: String,
+    /// Never written here (Envoy writes none); declared so that the prost baseline decodes
+    /// every field a `MetricFamily` may carry.
     #[prost(string, optional, tag = "2")]
-    value: Option<String>,
+    pub help: Option<String>,
+    #[prost(int32, optional, tag = "3")]
+    pub r#type: Option<i32>,
+    #[prost(message, repeated, tag = "4")]
+    pub metric: Vec<Metric>,
 }
 
-/// `Counter` and `Gauge` alike.
+/// One metric of a family: its labels and one value of the family's type.
 #[derive(Clone, PartialEq, Message)]
-struct Value {
+pub struct Metric {
+    #[prost(message, repeated, tag = "1")]
+    pub label: Vec<LabelPair>,
+    #[prost(message, optional, tag = "2")]
+    pub gauge: Option<Value>,
+    #[prost(message, optional, tag = "3")]
+    pub counter: Option<Value>,
+    /// Never written here (untyped samples are written as gauges); declared so that the prost
+    /// baseline reads an untyped value as a reader of any exposition must.
+    #[prost(message, optional, tag = "5")]
+    pub untyped: Option<Value>,
+    #[prost(message, optional, tag = "7")]
+    pub histogram: Option<Histogram>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LabelPair {
+    #[prost(string, optional, tag = "1")]
+    pub name: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
+}
+
+/// `Counter`, `Gauge` and `Untyped` alike.
+#[derive(Clone, PartialEq, Message)]
+pub struct Value {
     #[prost(double, optional, tag = "1")]
-    value: Option<f64>,
+    pub value: Option<f64>,
 }
 
 #[derive(Clone, PartialEq, Message)]
-struct Histogram {
+pub struct Histogram {
     #[prost(uint64, optional, tag = "1")]
-    sample_count: Option<u64>,
+    pub sample_count: Option<u64>,
     #[prost(double, optional, tag = "2")]
-    sample_sum: Option<f64>,
+    pub sample_sum: Option<f64>,
     #[prost(message, repeated, tag = "3")]
-    bucket: Vec<Bucket>,
+    pub bucket: Vec<Bucket>,
 }
 
 #[derive(Clone, PartialEq, Message)]
-struct Bucket {
+pub struct Bucket {
     #[prost(uint64, optional, tag = "1")]
-    cumulative_count: Option<u64>,
+    pub cumulative_count: Option<u64>,
     #[prost(double, optional, tag = "2")]
-    upper_bound: Option<f64>,
+    pub upper_bound: Option<f64>,
 }
 
-const COUNTER: i32 = 0;
-const GAUGE: i32 = 1;
-const HISTOGRAM: i32 = 4;
+/// `MetricType` values (`MetricFamily::type`).
+pub const COUNTER: i32 = 0;
+pub const GAUGE: i32 = 1;
+pub const HISTOGRAM: i32 = 4;
 
 /// An exposition held as messages, to write many times with different values.
 pub struct Template {
@@ -147,6 +161,7 @@ impl Template {
             let f = *family_at.entry(name.to_string()).or_insert_with(|| {
                 families.push(MetricFamily {
                     name: name.to_string(),
+                    help: None,
                     r#type: Some(kind),
                     metric: Vec::new(),
                 });

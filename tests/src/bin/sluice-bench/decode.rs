@@ -1,12 +1,13 @@
-//! What decoding one Prometheus protobuf answer costs the controller's hand-written reader
-//! (`source::exposition::protobuf::Reader`) against a `prost` baseline, in one process and
-//! one run, in alternating rounds. Run by `scripts/bench-decode.sh`; results and reading in
-//! docs/benchmarks.md, "Decoding the protobuf exposition".
+//! `sluice-bench decode`: what decoding one Prometheus protobuf answer costs the controller's
+//! hand-written reader (`source::exposition::protobuf::Reader`) against a `prost` baseline, in
+//! one process and one run, in alternating rounds. Run by `scripts/bench-decode.sh`; results and
+//! reading in docs/benchmarks.md, "Decoding the protobuf exposition".
 //!
 //! The answer is what an Envoy with the Sluice filter writes for `--experiments` experiments
 //! of two variants each (request, response-class, outcome, replicate-group counters; the
 //! latency and prediction histograms with Envoy's default and the filter's buckets), with
-//! the same shape as the answers the controller benchmark serves. The contestants:
+//! the same shape as the answers the controller benchmark serves, written with the messages of
+//! [`super::promproto`] that the simulated Envoys of that benchmark write. The contestants:
 //!
 //! - `reader, steady`: the controller's reader with the slots of the proxy's last answer, as
 //!   every scrape after a proxy's first is read (each sample is compared with its slot; only
@@ -19,74 +20,35 @@
 //! - `prost + series keys`: that, then each sample's series key built from its name and
 //!   labels (what a prost-based reader must at least do to hand samples on, before any
 //!   interning).
+//!
+//! It runs with `sluice-bench`'s allocator, mimalloc, as the controller does (`sluice`).
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
 use prost::Message;
 use sluice_controller::source::exposition::protobuf::Reader;
 use sluice_controller::source::series::{SeriesKey, Slots};
 
-#[derive(Clone, PartialEq, Message)]
-struct MetricFamily {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(string, optional, tag = "2")]
-    help: Option<String>,
-    #[prost(int32, optional, tag = "3")]
-    kind: Option<i32>,
-    #[prost(message, repeated, tag = "4")]
-    metric: Vec<Metric>,
-}
+use super::promproto::{
+    Bucket, Histogram, LabelPair, Metric, MetricFamily, Value, COUNTER, HISTOGRAM,
+};
 
-#[derive(Clone, PartialEq, Message)]
-struct Metric {
-    #[prost(message, repeated, tag = "1")]
-    label: Vec<LabelPair>,
-    #[prost(message, optional, tag = "2")]
-    gauge: Option<Single>,
-    #[prost(message, optional, tag = "3")]
-    counter: Option<Single>,
-    #[prost(message, optional, tag = "5")]
-    untyped: Option<Single>,
-    #[prost(message, optional, tag = "7")]
-    histogram: Option<Histogram>,
+/// Arguments of `sluice-bench decode`.
+#[derive(Parser)]
+pub struct DecodeArgs {
+    /// Experiments (of two variants each) in the answer.
+    #[arg(long, default_value_t = 10)]
+    experiments: usize,
+    /// Measured rounds; each round times every decoder once, in alternating order.
+    #[arg(long, default_value_t = 31)]
+    rounds: usize,
+    /// Answers decoded per decoder and round.
+    #[arg(long, default_value_t = 100)]
+    iterations: usize,
 }
-
-#[derive(Clone, PartialEq, Message)]
-struct LabelPair {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(string, optional, tag = "2")]
-    value: Option<String>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Single {
-    #[prost(double, optional, tag = "1")]
-    value: Option<f64>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Histogram {
-    #[prost(uint64, optional, tag = "1")]
-    sample_count: Option<u64>,
-    #[prost(double, optional, tag = "2")]
-    sample_sum: Option<f64>,
-    #[prost(message, repeated, tag = "3")]
-    bucket: Vec<Bucket>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Bucket {
-    #[prost(uint64, optional, tag = "1")]
-    cumulative_count: Option<u64>,
-    #[prost(double, optional, tag = "2")]
-    upper_bound: Option<f64>,
-}
-
-const COUNTER: i32 = 0;
-const HISTOGRAM: i32 = 4;
 
 /// Envoy's default histogram bounds (ms), which the latency histogram uses.
 const LATENCY_BOUNDS: [f64; 19] = [
@@ -94,6 +56,7 @@ const LATENCY_BOUNDS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// The labels of `variant` of `experiment`, then `extra`.
 fn labels(experiment: &str, variant: &str, extra: &[(&str, String)]) -> Vec<LabelPair> {
     let mut v = vec![
         LabelPair {
@@ -112,14 +75,17 @@ fn labels(experiment: &str, variant: &str, extra: &[(&str, String)]) -> Vec<Labe
     v
 }
 
+/// A counter metric.
 fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
     Metric {
         label: labels,
-        counter: Some(Single { value: Some(value) }),
+        counter: Some(Value { value: Some(value) }),
         ..Metric::default()
     }
 }
 
+/// A histogram metric of `n` samples over finite `bounds` (no `+Inf` bucket, as Envoy writes
+/// it), its buckets filled in a pattern that `seed` shifts.
 fn histogram(labels: Vec<LabelPair>, bounds: &[f64], n: u64, seed: u64) -> Metric {
     let mut cumulative = 0;
     let bucket = bounds
@@ -197,9 +163,9 @@ fn answer(experiments: usize, scale: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, kind, metric) in families {
         let f = MetricFamily {
-            name: Some(name.into()),
+            name: name.into(),
             help: None,
-            kind: Some(kind),
+            r#type: Some(kind),
             metric,
         };
         // Encoding into a Vec cannot run out of room.
@@ -209,7 +175,7 @@ fn answer(experiments: usize, scale: u64) -> Vec<u8> {
 }
 
 /// The reader over `body` in 16 KiB chunks (the scrape client's read buffer): samples read.
-fn read(body: &[u8], slots: &mut Slots) -> usize {
+fn read(body: &[u8], slots: &mut Slots) -> Result<usize> {
     let mut reader = Reader::new("sluice_", slots);
     let mut n = 0usize;
     let mut each = |_: &_, v: f64| {
@@ -217,38 +183,27 @@ fn read(body: &[u8], slots: &mut Slots) -> usize {
         n += 1;
     };
     for chunk in body.chunks(16 << 10) {
-        if let Err(e) = reader.feed(chunk, &mut each) {
-            eprintln!("decode: the reader failed: {e}");
-            std::process::exit(1);
-        }
+        reader.feed(chunk, &mut each).context("the reader")?;
     }
-    if let Err(e) = reader.finish(&mut each) {
-        eprintln!("decode: the reader failed: {e}");
-        std::process::exit(1);
-    }
-    n
+    reader.finish(&mut each).context("the reader")?;
+    Ok(n)
 }
 
-fn prost_decode(mut body: &[u8]) -> Vec<MetricFamily> {
+/// `body`'s metric families decoded by prost into its owned messages.
+fn prost_decode(mut body: &[u8]) -> Result<Vec<MetricFamily>> {
     let mut out = Vec::new();
     while !body.is_empty() {
-        match MetricFamily::decode_length_delimited(&mut body) {
-            Ok(f) => out.push(f),
-            Err(e) => {
-                eprintln!("decode: prost failed: {e}");
-                std::process::exit(1);
-            }
-        }
+        out.push(MetricFamily::decode_length_delimited(&mut body).context("prost")?);
     }
-    out
+    Ok(out)
 }
 
 /// Each sample's series key, as the reader's samples name them: the finite buckets (label
-/// `le`), `_sum` and `_count` for a histogram, one sample otherwise.
-fn prost_keys(body: &[u8]) -> usize {
+/// `le`), `_sum` and `_count` for a histogram, one sample otherwise: samples keyed.
+fn prost_keys(body: &[u8]) -> Result<usize> {
     let mut n = 0;
-    for f in prost_decode(body) {
-        let name = f.name.unwrap_or_default();
+    for f in prost_decode(body)? {
+        let name = f.name;
         for m in f.metric {
             let labels: Vec<(String, String)> = m
                 .label
@@ -277,40 +232,33 @@ fn prost_keys(body: &[u8]) -> usize {
             }
         }
     }
-    n
+    Ok(n)
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let experiments = arg(&args, "--experiments", 10);
-    let rounds = arg(&args, "--rounds", 31).max(1);
-    let iterations = arg(&args, "--iterations", 100).max(1);
+/// Runs the benchmark and prints the answer's size and the table.
+pub fn run(args: DecodeArgs) -> Result<()> {
+    let experiments = args.experiments;
+    let rounds = args.rounds.max(1);
+    let iterations = args.iterations.max(1);
     // Two answers with different values, as successive scrapes of one proxy are.
     let bodies = [answer(experiments, 20), answer(experiments, 21)];
     let mut warm = Slots::default();
-    let samples = read(&bodies[0], &mut warm);
-    let prost_samples = prost_keys(&bodies[0]);
-    assert_eq!(
-        samples, prost_samples,
-        "the contestants read different samples"
+    let samples = read(&bodies[0], &mut warm)?;
+    let prost_samples = prost_keys(&bodies[0])?;
+    ensure!(
+        samples == prost_samples,
+        "the contestants read different samples: the reader {samples}, prost {prost_samples}"
     );
     println!(
         "answer: {} bytes, {} metric families, {samples} samples ({experiments} experiments)",
         bodies[0].len(),
-        prost_decode(&bodies[0]).len()
+        prost_decode(&bodies[0])?.len()
     );
     let names = [
         "reader, steady",
@@ -332,16 +280,16 @@ fn main() {
                 let body = &bodies[i % 2];
                 match c {
                     0 => {
-                        black_box(read(body, &mut warm));
+                        black_box(read(body, &mut warm)?);
                     }
                     1 => {
-                        black_box(read(body, &mut Slots::default()));
+                        black_box(read(body, &mut Slots::default())?);
                     }
                     2 => {
-                        black_box(prost_decode(body));
+                        black_box(prost_decode(body)?);
                     }
                     _ => {
-                        black_box(prost_keys(body));
+                        black_box(prost_keys(body)?);
                     }
                 }
             }
@@ -369,4 +317,5 @@ fn main() {
             median(ratios),
         );
     }
+    Ok(())
 }
