@@ -4,14 +4,13 @@
 //! weight 0 and never raises again; a good canary with a breaker configured is promoted
 //! without a trip.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_filter::metrics::{BREAKER_TRIPPED, BREAKER_TRIPS};
 use sluice_tests::{
-    filter_wasm, free_port, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request,
+    filter_wasm, sluice_bin, wait_until, Envoy, EnvoyConfig, HttpClient, Reply, Request, SluiceRun,
     Traffic, Upstream,
 };
 
@@ -46,122 +45,47 @@ async fn stack(canary_error_every: u64) -> anyhow::Result<(Upstream, Upstream, E
     Ok((stable, canary, envoy))
 }
 
-struct Run {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
-    listen: u16,
-}
-
-impl Run {
-    /// A rollout of experiment `r` with `breaker` in its experiment, evaluated every
-    /// `interval`: long enough that the filter acts well before the judge could.
-    fn new(envoy: &Envoy, stages: Value, interval: &str, breaker: Value) -> anyhow::Result<Run> {
-        let dir = tempfile::tempdir()?;
-        let ecds = envoy.ecds_file("sluice.yaml")?;
-        let admin = format!("http://{}", envoy.addr(ADMIN));
-        let spec = json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "Rollout",
-            "metadata": {"name": "r"},
-            "spec": {
-                "experiment": {
-                    "name": "r",
-                    "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
-                    "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
-                    "prediction": {"header": "x-model-score"},
-                    "breaker": breaker,
-                },
-                "schedule": {"stages": stages, "bake": "4s", "warmup": "1s", "interval": interval},
-                "guardrails": {
-                    "promotion": "noBreach",
-                    "minRequests": 100,
-                    "latency": {"quantiles": [{
-                        "quantile": 0.99,
-                        "margin": {"relative": 0.9, "absolute": 0.2},
-                        "tolerance": {"relative": 0.9, "absolute": 0.2},
-                        "sloMs": 1000,
-                    }]},
-                },
-                "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
-                "sinks": [{"ecdsFile": {
-                    "path": ecds.display().to_string(),
-                    "wasm": {"filename": filter_wasm()?.display().to_string()},
-                    "proxies": [admin],
-                    "confirmWithin": "5s",
-                }}],
-            }
-        });
-        let path = dir.path().join("rollout.yaml");
-        std::fs::write(&path, serde_json::to_string_pretty(&spec)?)?;
-        Ok(Run {
-            dir,
-            spec: path,
-            listen: free_port()?,
-        })
-    }
-
-    /// `sluice run`, staying up after the rollout ends when `stay` (to be asked and watched).
-    fn start(&self, stay: bool) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("sluice.log"))?;
-        let mut c = Command::new(sluice_bin()?);
-        c.arg("run");
-        if !stay {
-            c.arg("--exit-when-done");
+/// A rollout of experiment `r` with `breaker` in its experiment, evaluated every `interval`:
+/// long enough that the filter acts well before the judge could.
+fn rollout(envoy: &Envoy, stages: Value, interval: &str, breaker: Value) -> anyhow::Result<Value> {
+    let ecds = envoy.ecds_file("sluice.yaml")?;
+    let admin = format!("http://{}", envoy.addr(ADMIN));
+    Ok(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "r"},
+        "spec": {
+            "experiment": {
+                "name": "r",
+                "unit": {"type": "user", "keys": [{"header": "x-user-id"}]},
+                "variants": [{"name": "stable", "control": true}, {"name": "canary", "weight": 0}],
+                "prediction": {"header": "x-model-score"},
+                "breaker": breaker,
+            },
+            "schedule": {"stages": stages, "bake": "4s", "warmup": "1s", "interval": interval},
+            "guardrails": {
+                "promotion": "noBreach",
+                "minRequests": 100,
+                "latency": {"quantiles": [{
+                    "quantile": 0.99,
+                    "margin": {"relative": 0.9, "absolute": 0.2},
+                    "tolerance": {"relative": 0.9, "absolute": 0.2},
+                    "sloMs": 1000,
+                }]},
+            },
+            "sources": [{"envoyAdmin": {"endpoints": [admin]}}],
+            "sinks": [{"ecdsFile": {
+                "path": ecds.display().to_string(),
+                "wasm": {"filename": filter_wasm()?.display().to_string()},
+                "proxies": [admin],
+                "confirmWithin": "5s",
+            }}],
         }
-        Ok(c.arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.listen))
-            .arg("-f")
-            .arg(&self.spec)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?)
-    }
-
-    fn state(&self) -> Value {
-        std::fs::read_to_string(self.dir.path().join("state/r.state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("state/r.audit.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn pushed_weights(&self) -> Vec<f64> {
-        self.audit()
-            .iter()
-            .filter(|r| r["record"] == "push")
-            .filter_map(|r| r["weight"].as_f64())
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.listen)
-    }
-
-    async fn get(&self, path: &str) -> Option<String> {
-        let r = HttpClient::new()
-            .get(&format!("{}{path}", self.endpoint()))
-            .await
-            .ok()?;
-        Some(r.text())
-    }
+    }))
 }
+
+/// `sluice run --exit-when-done` ends with this code when the rollout is promoted.
+const PROMOTED: i32 = 0;
 
 /// The breaker series of the canary in Envoy's admin: (trips, tripped gauge).
 async fn breaker_series(envoy: &Envoy) -> anyhow::Result<(f64, Option<f64>)> {
@@ -181,13 +105,14 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
     // traffic, long before the controller's next look (every 5 s).
     let (_stable, canary, envoy) = stack(2).await?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
-    let run = Run::new(
+    let mut run = SluiceRun::new(&rollout(
         &envoy,
         json!([10, 50, 100]),
         "5s",
         json!({"window_seconds": 10, "min_requests": 20, "max_error_rate": 0.05, "max_ratio_to_control": 3}),
-    )?;
-    let mut child = run.start(true)?;
+    )?)?;
+    // It stays up after the rollout ends, to be asked and watched.
+    run.start(&[])?;
     let rolled_back = wait_until(
         Duration::from_secs(60),
         "the rollout is rolled back and weight 0 confirmed",
@@ -197,7 +122,7 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
     )
     .await;
     if let Err(e) = rolled_back {
-        let _ = child.kill();
+        run.kill();
         anyhow::bail!("{e}\n{}\n{}", run.log(), envoy.log_tail(40));
     }
     let state = run.state();
@@ -234,8 +159,9 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
     .await?;
 
     // `sluice status` and `/metrics` say so.
+    let endpoint = format!("http://127.0.0.1:{}", run.api());
     let out = Command::new(sluice_bin()?)
-        .args(["status", "--endpoint", &run.endpoint()])
+        .args(["status", "--endpoint", &endpoint])
         .output()?;
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{status}");
@@ -243,7 +169,11 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
         status.contains("breaker: canary tripped in the data plane"),
         "{status}"
     );
-    let metrics = run.get("/metrics").await.unwrap_or_default();
+    let metrics = HttpClient::new()
+        .get(&format!("{endpoint}/metrics"))
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
     assert!(
         metrics.contains("sluice_rollout_breaker_tripped{rollout=\"r\"} 1"),
         "{metrics}"
@@ -256,8 +186,7 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
     let evaluations = looks(&run.audit());
     tokio::time::sleep(Duration::from_secs(11)).await;
     traffic.stop().await;
-    let _ = child.kill();
-    let _ = child.wait();
+    run.kill();
     assert_eq!(run.pushed_weights(), vec![10.0, 0.0], "{}", run.log());
     assert_eq!(
         canary.count(),
@@ -277,28 +206,16 @@ async fn a_breaker_trip_is_a_data_plane_rollback_that_is_never_re_raised() -> an
 async fn a_good_canary_with_a_breaker_is_promoted_without_a_trip() -> anyhow::Result<()> {
     let (_stable, _canary, envoy) = stack(0).await?;
     let traffic = Traffic::start(envoy.url(LISTENER, "/predict"));
-    let run = Run::new(
+    let mut run = SluiceRun::new(&rollout(
         &envoy,
         json!([10, 50, 100]),
         "500ms",
         json!({"window_seconds": 10, "min_requests": 20, "max_error_rate": 0.05, "max_ratio_to_control": 3}),
-    )?;
-    let mut child = run.start(false)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let exited = loop {
-        if child.try_wait()?.is_some() {
-            break true;
-        }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    )?)?;
+    run.start(&["--exit-when-done"])?;
+    let exited = run.exited(PROMOTED, Duration::from_secs(120)).await;
     traffic.stop().await;
-    if !exited {
-        let _ = child.kill();
-        anyhow::bail!("sluice run still running after 120 s\n{}", run.log());
-    }
+    exited?;
     assert_eq!(run.state()["phase"]["phase"], "promoted", "{}", run.log());
     assert_eq!(run.pushed_weights(), vec![10.0, 50.0, 100.0]);
     let (trips, tripped) = breaker_series(&envoy).await?;
